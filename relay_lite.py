@@ -1,0 +1,1121 @@
+"""relay_lite: a self-hosted webhook relay that speaks the Webhook Relay socket protocol.
+
+Webhook senders (GitHub, Stripe, Slack, CI) call a public input URL,
+``http://HOST:PORT/v1/webhooks/<input id>``. Code behind NAT connects to
+``ws://HOST:PORT/v1/socket`` on the same port, authenticates with a token's key and secret,
+subscribes to buckets and receives every webhook live, as JSON frames in the hosted service's
+schema, so the hosted service's existing clients work with nothing changed but the URL.
+
+Run it::
+
+    python relay_lite.py                        # demo: a bucket, an input and a token, printed
+    python relay_lite.py init relay.toml        # write a config with fresh ids and a token
+    python relay_lite.py --config relay.toml    # serve it until SIGINT or SIGTERM
+
+Embed it (tests, programs)::
+
+    async with relay_lite.open_relay("relay.toml", port=0) as relay:
+        print(relay.socket_url, relay.input_url("github"))
+
+or, in a nursery, ``relay = await nursery.start(relay_lite.serve_relay, config)``.
+"""
+
+import argparse
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import signal
+import sys
+import tomllib
+import types
+import typing
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as _HypercornConfig
+from hypercorn.trio.lifespan import Lifespan as _Lifespan
+from hypercorn.trio.tcp_server import TCPServer as _TCPServer
+from hypercorn.trio.worker_context import WorkerContext as _WorkerContext
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+__all__ = [
+    "BucketConfig",
+    "Config",
+    "ConfigError",
+    "InputConfig",
+    "OutputConfig",
+    "Relay",
+    "ServerConfig",
+    "TokenConfig",
+    "load_config",
+    "main",
+    "open_relay",
+    "serve_relay",
+]
+__version__ = "0.1.0"
+
+logger = logging.getLogger("relay_lite")
+
+# ============================================================================ constants and defaults
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_PING_INTERVAL = 30.0  # seconds; the old SDK gives up after 90 s of silence, the Go agent after 53 s
+DEFAULT_AUTH_TIMEOUT = 10.0  # seconds a new socket may take to authenticate
+DEFAULT_MAX_BODY_SIZE = 10 * 2**20  # 10 MiB; larger webhooks get 413
+DEFAULT_SEND_QUEUE_SIZE = 1000  # frames a socket may leave unread before it is cut off
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on shutdown
+DEFAULT_INPUT_NAME = "Default public endpoint"
+
+WEBHOOK_PREFIX = "/v1/webhooks/"
+SOCKET_PATH = "/v1/socket"
+WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+MAX_CLIENT_FRAME = 2**20  # 1 MiB; a larger client frame closes the socket with 1009
+MAX_AUTH_ATTEMPTS = 3  # failed auth frames before the socket is closed
+API_KEY_USER = "whr"  # the new SDK authenticates with this key and an API key as the secret
+
+CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_POLICY = 1008  # not authenticated, too slow
+
+_REQUEST_HEAD_LIMIT = 16 * 2**10  # 16 KiB of request head read to route a connection
+_REQUEST_HEAD_TIMEOUT = 10.0  # seconds a new connection may take to send its request head
+_CLOSE_TIMEOUT = 2.0  # seconds a closing handshake (or the frame on the wire before it) may take
+_RECEIVE_SIZE = 2**16
+
+# Ids a config leaves out are derived from names under this namespace, so they stay the same
+# across restarts. `python relay_lite.py init` writes random ones instead.
+_ID_NAMESPACE = uuid.UUID("33eac5c9-178f-4eaa-8b1a-dbfae32f7081")
+
+AUTHENTICATED_MESSAGE = "connected successfully, subscribe to buckets"
+
+# ============================================================================ errors
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be served; the message names the file, the key and the fault."""
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be acted on; the message is sent back in a status "error" frame."""
+
+
+# ============================================================================ configuration
+#
+# The TOML file maps one to one onto these frozen dataclasses: a table per class, a key per field.
+# `_build` walks the type hints, so a new key is a new field, with its type and default.
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The `[server]` table."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    send_queue_size: int = DEFAULT_SEND_QUEUE_SIZE
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    public_url: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenConfig:
+    """A `[[tokens]]` entry: a key and secret, optionally limited to some buckets (names or ids)."""
+
+    key: str
+    secret: str
+    buckets: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """A `[[buckets.inputs]]` entry: a public URL, `/v1/webhooks/<id>`."""
+
+    id: str = ""
+    name: str = DEFAULT_INPUT_NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """A `[[buckets.outputs]]` entry. Sockets get a frame for each internal, enabled output."""
+
+    name: str
+    destination: str = ""
+    internal: bool = True
+    lock_path: bool = False  # do not append the request's extra path to the destination
+    disabled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketConfig:
+    """A `[[buckets]]` entry."""
+
+    name: str
+    id: str = ""
+    inputs: tuple[InputConfig, ...] = ()
+    outputs: tuple[OutputConfig, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole relay configuration, checked: ids filled in, names unique, token scopes known."""
+
+    server: ServerConfig = ServerConfig()
+    tokens: tuple[TokenConfig, ...] = ()
+    buckets: tuple[BucketConfig, ...] = ()
+
+
+def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
+    """Return a checked Config from a TOML file path, a dict shaped like the TOML, or a Config.
+
+    Raises ConfigError with a message naming the file, the key and what is wrong.
+    """
+    if isinstance(source, Config):
+        return _checked(source)
+    if isinstance(source, Mapping):
+        return _checked(_build(Config, source, ""))
+    path = Path(source)
+    try:
+        with path.open("rb") as file:
+            raw = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return _checked(_build(Config, raw, ""))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def _build(cls: type, raw: object, where: str) -> Any:
+    """Build dataclass `cls` from a TOML table, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'the file'}: expected a table, got {_describe(raw)}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{_key_path(where, key)}: unknown key (known keys: {known})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], _key_path(where, name))
+        elif field.default is dataclasses.MISSING:
+            raise ConfigError(f"{_key_path(where, name)}: missing (it is required)")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: object, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null, so X
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array, got {_describe(value)}")
+        return tuple(_coerce(item_hint, item, f"{where}[{index}]") for index, item in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
+        raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}")
+    return value
+
+
+def _describe(value: object) -> str:
+    kind = {
+        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+        list: "an array", dict: "a table",
+    }.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} ({shown[:40]}{'...' if len(shown) > 40 else ''})" if kind != "a table" else kind
+
+
+def _key_path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _derived_id(*names: str) -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, "\x1f".join(names)))
+
+
+def _checked(config: Config) -> Config:
+    """Fill in derived ids and default inputs, then check what one table cannot check alone."""
+    server = config.server
+    _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
+    for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "shutdown_timeout"):
+        value = getattr(server, key)
+        _require(value > 0 and math.isfinite(value), f"server.{key}", f"must be positive, got {value}")
+    _require(
+        not server.public_url or server.public_url.startswith(("http://", "https://")),
+        "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
+    )
+
+    buckets = []
+    bucket_refs: dict[str, str] = {}  # name or id -> where it was first seen
+    input_ids: dict[str, str] = {}
+    for b, bucket in enumerate(config.buckets):
+        where = f"buckets[{b}]"
+        _require(bucket.name != "", f"{where}.name", "must not be empty")
+        bucket_id = bucket.id or _derived_id("bucket", bucket.name)
+        for key, ref in (("name", bucket.name), ("id", bucket_id)):
+            if ref in bucket_refs and not (key == "id" and ref == bucket.name):
+                raise ConfigError(f"{where}.{key}: {ref!r} is already used by {bucket_refs[ref]}")
+        bucket_refs.setdefault(bucket.name, f"{where}.name")
+        bucket_refs.setdefault(bucket_id, f"{where}.id")
+
+        inputs = bucket.inputs or (InputConfig(),)
+        filled_inputs = []
+        input_names: set[str] = set()
+        for i, input_ in enumerate(inputs):
+            input_where = f"{where}.inputs[{i}]"
+            _require(input_.name not in input_names, f"{input_where}.name",
+                     f"{input_.name!r} is already used in this bucket")
+            input_names.add(input_.name)
+            input_id = input_.id or _derived_id("input", bucket_id, input_.name)
+            _require("/" not in input_id and "?" not in input_id and input_id.strip() == input_id,
+                     f"{input_where}.id", f"must be a single URL path segment, got {input_id!r}")
+            if input_id in input_ids:
+                raise ConfigError(f"{input_where}.id: {input_id!r} is already used by {input_ids[input_id]}")
+            input_ids[input_id] = f"{input_where}.id"
+            if not input_.id:
+                logger.warning(
+                    "input %r of bucket %r has no id: its URL is derived from names, stable but "
+                    "guessable; give it an id (`python relay_lite.py init` writes random ones)",
+                    input_.name, bucket.name,
+                )
+            filled_inputs.append(dataclasses.replace(input_, id=input_id))
+
+        output_names: set[str] = set()
+        for o, output in enumerate(bucket.outputs):
+            _require(output.name not in output_names, f"{where}.outputs[{o}].name",
+                     f"{output.name!r} is already used in this bucket")
+            output_names.add(output.name)
+        buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs)))
+
+    keys: dict[str, str] = {}
+    for t, token in enumerate(config.tokens):
+        where = f"tokens[{t}]"
+        _require(token.key != "", f"{where}.key", "must not be empty")
+        _require(token.secret != "", f"{where}.secret", "must not be empty")
+        if token.key in keys:
+            raise ConfigError(f"{where}.key: {token.key!r} is already used by {keys[token.key]}")
+        keys[token.key] = f"{where}.key"
+        if token.buckets is not None:
+            _require(token.buckets != (), f"{where}.buckets",
+                     "is empty: name the buckets this token may see, or leave the key out for all")
+            for n, ref in enumerate(token.buckets):
+                _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
+    return dataclasses.replace(config, buckets=tuple(buckets))
+
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _demo_config(server: ServerConfig) -> Config:
+    """A bucket, an input and a token with fresh random ids, for a first run without a config."""
+    return load_config(Config(
+        server=server,
+        tokens=(TokenConfig(key=str(uuid.uuid4()), secret=secrets.token_urlsafe(24)),),
+        buckets=(BucketConfig(name="demo", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),)),),
+    ))
+
+
+def _config_template() -> str:
+    """The text `python relay_lite.py init` writes: fresh random ids and a token."""
+    return f"""\
+# relay_lite configuration. Run: python relay_lite.py --config <this file>
+
+[server]
+host = "{DEFAULT_HOST}"         # "0.0.0.0" to listen on every interface
+port = {DEFAULT_PORT}                # webhooks AND the socket, one port
+ping_interval = {DEFAULT_PING_INTERVAL:g}          # seconds between status "ping" frames
+auth_timeout = {DEFAULT_AUTH_TIMEOUT:g}           # seconds a new socket may take to authenticate
+max_body_size = {DEFAULT_MAX_BODY_SIZE}     # bytes; larger webhooks get 413
+send_queue_size = {DEFAULT_SEND_QUEUE_SIZE}       # frames a socket may leave unread before it is cut off
+# public_url = "https://relay.example.com"   # used when printing input URLs
+
+[[tokens]]
+key = "{uuid.uuid4()}"
+secret = "{secrets.token_urlsafe(24)}"
+# buckets = ["github"]      # limit this token to some buckets (names or ids)
+
+[[buckets]]
+id = "{uuid.uuid4()}"
+name = "github"
+  [[buckets.inputs]]
+  id = "{uuid.uuid4()}"    # the URL is /v1/webhooks/<id>
+  name = "{DEFAULT_INPUT_NAME}"
+  # [[buckets.outputs]]     # no outputs: every webhook reaches sockets once
+  # name = "local"
+  # destination = "http://localhost:8080"
+  # internal = true         # false = a public output: never streamed to sockets
+"""
+
+
+# ============================================================================ protocol (sans-IO)
+#
+# Client frames in, server frames out, as PROTOCOL.md describes them; no I/O here.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Auth:
+    key: str
+    secret: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subscribe:
+    buckets: tuple[str, ...]  # ids or names; empty means every bucket the token may see
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pong:
+    pass
+
+
+def parse_client_frame(message: str | bytes) -> _Auth | _Subscribe | _Pong:
+    """Parse one client frame; raise ProtocolError saying what is wrong with it."""
+    if isinstance(message, bytes):
+        raise ProtocolError("binary frames are not accepted: send JSON in a text frame")
+    try:
+        frame = json.loads(message)
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(f"frame must be a JSON object, got {_json_type(frame)}")
+    action = frame.get("action")
+    if action == "auth":
+        key, secret = frame.get("key"), frame.get("secret")
+        if not isinstance(key, str) or not isinstance(secret, str):
+            raise ProtocolError('auth needs "key" and "secret" strings')
+        return _Auth(key, secret)
+    if action == "subscribe":
+        buckets = frame.get("buckets")
+        if buckets is None:
+            return _Subscribe(())
+        if not isinstance(buckets, list) or not all(isinstance(ref, str) for ref in buckets):
+            raise ProtocolError('subscribe "buckets" must be an array of bucket names or ids')
+        return _Subscribe(tuple(dict.fromkeys(ref for ref in buckets if ref)))
+    if action == "pong":
+        return _Pong()
+    if not isinstance(action, str):
+        raise ProtocolError('frame needs an "action": "auth", "subscribe" or "pong"')
+    raise ProtocolError(f'unknown action {action[:64]!r}: expected "auth", "subscribe" or "pong"')
+
+
+def _json_type(value: object) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _encode(frame: Mapping[str, Any]) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+def status_frame(status: str, message: str) -> str:
+    """A server status frame, e.g. status_frame("ping", "ping")."""
+    return _encode({"type": "status", "status": status, "message": message})
+
+
+_AUTHENTICATED_FRAME = status_frame("authenticated", AUTHENTICATED_MESSAGE)
+_PING_FRAME = status_frame("ping", "ping")
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """One accepted HTTP request, as sockets will see it."""
+
+    method: str
+    path: str  # the extra path after the input id, "/" when none
+    query: str  # raw, without "?"
+    headers: dict[str, list[str]]  # canonical names, no Host
+    body: str  # the body as text, or base64 when body_encoding says so
+    body_encoding: str = ""  # "" for UTF-8 text, "base64" for bytes that are not UTF-8
+
+    @classmethod
+    def from_request(
+        cls, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> "Webhook":
+        grouped: dict[str, list[str]] = {}
+        for name, value in headers:
+            if name.lower() != b"host":
+                grouped.setdefault(canonical_header(name.decode("latin-1")), []).append(_text(value))
+        try:
+            text, encoding = body.decode("utf-8"), ""
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+        return cls(method.upper(), path or "/", _text(query), grouped, text, encoding)
+
+
+def canonical_header(name: str) -> str:
+    """`x-hub-signature-256` -> `X-Hub-Signature-256`, as Go's net/http canonicalises names."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """Where a bucket's webhooks go on sockets: one frame per route."""
+
+    output_name: str
+    destination: str | None  # None: the request's extra path itself (a bucket with no outputs)
+    lock_path: bool = False
+
+    def destination_for(self, path: str) -> str:
+        if self.destination is None:
+            return path
+        if self.lock_path or path == "/":
+            return self.destination
+        return self.destination.rstrip("/") + path
+
+
+def _routes(bucket: BucketConfig) -> tuple[_Route, ...]:
+    """No outputs: one frame. Otherwise one per internal, enabled output; public outputs: none."""
+    if not bucket.outputs:
+        return (_Route("", None),)
+    return tuple(
+        _Route(output.name, output.destination, output.lock_path)
+        for output in bucket.outputs
+        if output.internal and not output.disabled
+    )
+
+
+def webhook_frames(log_id: str, bucket: BucketConfig, input_: InputConfig, webhook: Webhook) -> list[str]:
+    """The frames sockets subscribed to `bucket` receive for `webhook`, each serialised once."""
+    return [_webhook_frame(log_id, bucket, input_, route, webhook) for route in _routes(bucket)]
+
+
+def _webhook_frame(log_id: str, bucket: BucketConfig, input_: InputConfig, route: _Route, webhook: Webhook) -> str:
+    frame = {
+        "type": "webhook",
+        "meta": {
+            "id": log_id,
+            "bucked_id": bucket.id,  # sic: the wire spelling the Go agent and Jenkins read
+            "bucket_id": bucket.id,  # what the old SDK and the C# client read
+            "bucket_name": bucket.name,
+            "input_id": input_.id,
+            "input_name": input_.name,
+            "output_name": route.output_name,
+            "output_destination": route.destination_for(webhook.path),
+        },
+        "headers": webhook.headers,
+        "query": webhook.query,
+        "body": webhook.body,
+        "method": webhook.method,
+    }
+    if webhook.body_encoding:
+        frame["body_encoding"] = webhook.body_encoding
+    return _encode(frame)
+
+
+# ============================================================================ store
+#
+# Buckets, inputs and tokens from the config, and who is subscribed to what. Synchronous: every
+# change happens between two checkpoints, so no lock is needed.
+
+
+class _Bucket:
+    __slots__ = ("config", "routes", "subscribers")
+
+    def __init__(self, config: BucketConfig) -> None:
+        self.config = config
+        self.routes = _routes(config)
+        self.subscribers: set[_Session] = set()
+
+
+class _Store:
+    def __init__(self, config: Config) -> None:
+        self._buckets = [_Bucket(bucket) for bucket in config.buckets]
+        self._by_ref: dict[str, _Bucket] = {}
+        for bucket in self._buckets:
+            self._by_ref[bucket.config.name] = bucket
+            self._by_ref.setdefault(bucket.config.id, bucket)
+        self._inputs = {
+            input_.id: (bucket, input_) for bucket in self._buckets for input_ in bucket.config.inputs
+        }
+        self._tokens = {token.key: token for token in config.tokens}
+        self._tokens_by_secret = {_digest(token.secret): token for token in config.tokens}
+        self._visible: dict[str, tuple[_Bucket, ...]] = {
+            token.key: tuple(self._buckets) if token.buckets is None
+            else tuple(dict.fromkeys(self._by_ref[ref] for ref in token.buckets))
+            for token in config.tokens
+        }
+
+    def authenticate(self, key: str, secret: str) -> TokenConfig | None:
+        token = self._tokens.get(key)
+        if token is None and key == API_KEY_USER:
+            token = self._tokens_by_secret.get(_digest(secret))
+        if token is not None and hmac.compare_digest(token.secret.encode(), secret.encode()):
+            return token
+        return None
+
+    def resolve(self, token: TokenConfig, refs: tuple[str, ...]) -> tuple[_Bucket, ...]:
+        """The buckets `refs` (names or ids; none: all) name, if `token` may see them all."""
+        visible = self._visible[token.key]
+        if not refs:
+            return visible
+        missing = [ref for ref in refs if self._by_ref.get(ref) not in visible]
+        if missing:
+            raise ProtocolError(f"no such bucket for this token: {', '.join(missing)[:256]}")
+        return tuple(dict.fromkeys(self._by_ref[ref] for ref in refs))
+
+    def find_input(self, input_id: str) -> tuple[_Bucket, InputConfig] | None:
+        return self._inputs.get(input_id)
+
+    def find_bucket(self, ref: str) -> BucketConfig | None:
+        bucket = self._by_ref.get(ref)
+        return bucket.config if bucket else None
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+# ============================================================================ socket session
+
+
+class _Session:
+    """One socket client: authentication, subscriptions, its outbox, and how it ends.
+
+    Its nursery holds the reader (auth under `auth_timeout`, then subscribe and pong), the pinger
+    and, in the nursery's own body, the one writer. Everything the client is sent goes through
+    the bounded outbox; a client that leaves `send_queue_size` frames unread is cut off.
+    """
+
+    def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, peer: str) -> None:
+        self._relay = relay
+        self._ws = ws
+        self.peer = peer
+        self._frames_in, self._frames_out = trio.open_memory_channel[str](relay.config.server.send_queue_size)
+        self.token: TokenConfig | None = None
+        self.buckets: set[_Bucket] = set()
+        self.close_reason: tuple[int, str] | None = None
+        self._writer = trio.CancelScope()
+        self._writing = False  # a frame is on its way to the socket
+        self.frames_sent = 0
+
+    def deliver(self, frame: str) -> None:
+        """Queue `frame` for the client, or cut the client off if it has fallen too far behind."""
+        if self.close_reason is not None:
+            return
+        try:
+            self._frames_in.send_nowait(frame)
+        except trio.WouldBlock:
+            size = self._relay.config.server.send_queue_size
+            self.close(CLOSE_POLICY, f"too slow: {size} frames waiting unread; reconnect and read faster")
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the session to end with `code` and `reason`; the first reason given wins."""
+        if self.close_reason is not None:
+            return
+        self.close_reason = (code, reason)
+        if self._writing:  # let the frame on the wire finish, so the close frame after it is clean
+            self._writer.deadline = min(self._writer.deadline, trio.current_time() + _CLOSE_TIMEOUT)
+        else:
+            self._writer.cancel()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_frames, nursery)
+                await self._send_frames()
+                nursery.cancel_scope.cancel()
+        except* trio_websocket.ConnectionClosed:
+            pass  # the client went away; nothing to tell it
+        finally:
+            for bucket in self.buckets:
+                bucket.subscribers.discard(self)
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                if not self._writing:  # else a frame was cut in two: no clean close frame can follow
+                    code, reason = self.close_reason or (1000, "")
+                    await self._ws.aclose(code, reason)
+
+    async def _send_frames(self) -> None:
+        with self._writer:
+            async for frame in self._frames_out:
+                self._writing = True
+                await self._ws.send_message(frame)
+                self._writing = False
+                self.frames_sent += 1
+                if self.close_reason is not None:
+                    break
+
+    async def _receive_frames(self, nursery: trio.Nursery) -> None:
+        server = self._relay.config.server
+        with trio.move_on_after(server.auth_timeout):
+            self.token = await self._authenticate()
+        if self.token is None:
+            self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
+            return
+        nursery.start_soon(self._send_pings, server.ping_interval)
+        while True:
+            self._handle(await self._ws.get_message())
+
+    async def _authenticate(self) -> TokenConfig | None:
+        failures = 0
+        while True:
+            message = await self._ws.get_message()
+            try:
+                frame = parse_client_frame(message)
+            except ProtocolError as error:
+                self.deliver(status_frame("error", str(error)))
+                continue
+            if isinstance(frame, _Pong):
+                continue
+            if not isinstance(frame, _Auth):
+                self.deliver(status_frame("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first'))
+                continue
+            token = self._relay._store.authenticate(frame.key, frame.secret)
+            if token is not None:
+                self.deliver(_AUTHENTICATED_FRAME)
+                return token
+            failures += 1
+            self.deliver(status_frame("unauthorized", "invalid key or secret"))
+            if failures >= MAX_AUTH_ATTEMPTS:
+                self.close(CLOSE_POLICY, f"{failures} failed authentication attempts")
+                return None
+
+    def _handle(self, message: str | bytes) -> None:
+        assert self.token is not None
+        try:
+            frame = parse_client_frame(message)
+            if isinstance(frame, _Subscribe):
+                buckets = self._relay._store.resolve(self.token, frame.buckets)
+                for bucket in buckets:
+                    bucket.subscribers.add(self)
+                self.buckets.update(buckets)
+                names = frame.buckets or [bucket.config.name for bucket in buckets]
+                self.deliver(status_frame("subscribed", "subscribed to buckets: " + ", ".join(names)))
+                logger.debug("socket %s subscribed to %s", self.peer, ", ".join(names))
+            elif isinstance(frame, _Auth):
+                if self._relay._store.authenticate(frame.key, frame.secret) is not self.token:
+                    raise ProtocolError("already authenticated with another key")
+                self.deliver(_AUTHENTICATED_FRAME)
+        except ProtocolError as error:
+            self.deliver(status_frame("error", str(error)))
+
+    async def _send_pings(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            self.deliver(_PING_FRAME)
+
+
+# ============================================================================ HTTP app (Quart-Trio)
+
+
+def _make_app(relay: "Relay") -> QuartTrio:
+    app = QuartTrio("relay_lite")
+    app.config["MAX_CONTENT_LENGTH"] = relay.config.server.max_body_size
+
+    @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
+    async def receive_webhook(_rest: str) -> Response:
+        raw_path = _text(request.scope["raw_path"])
+        input_id, slash, extra = raw_path[len(WEBHOOK_PREFIX):].partition("/")
+        found = relay._store.find_input(input_id)
+        if found is None:
+            return _plain(404, f"no input with id {input_id[:64]!r}")
+        body = await request.get_data(cache=False)  # 413 past max_body_size, before all is read
+        webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
+                                       request.scope["headers"], body)
+        relay._publish(found[0], found[1], webhook)
+        return Response(b"", 200)
+
+    @app.route(SOCKET_PATH)
+    async def socket_without_upgrade() -> Response:
+        return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
+
+    @app.errorhandler(HTTPException)
+    async def plain_error(error: HTTPException) -> Response:
+        description = error.description
+        if error.code == 413:
+            description = f"webhook bodies are limited to {relay.config.server.max_body_size} bytes"
+        return _plain(error.code or 500, description or error.name)
+
+    return app
+
+
+def _plain(status: int, message: str) -> Response:
+    return Response(message + "\n", status, content_type="text/plain; charset=utf-8")
+
+
+# ============================================================================ server: one port for both
+#
+# Every connection's request head is read first. A WebSocket upgrade for /v1/socket goes to
+# trio-websocket; anything else goes to Hypercorn's per-connection TCPServer, which serves the
+# Quart app. Both get the stream with the head replayed. Hypercorn's trio TCPServer, Lifespan and
+# WorkerContext are not public API: pyproject pins the Hypercorn versions this was tested with.
+
+
+def _is_socket_upgrade(head: bytes) -> bool:
+    """True for `GET /v1/socket[?...] HTTP/1.1` with an `Upgrade: websocket` header."""
+    request_line, _, header_block = head.partition(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return False
+    if parts[1].partition(b"?")[0].rstrip(b"/") != SOCKET_PATH.encode():
+        return False
+    for line in header_block.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
+            return True
+    return False
+
+
+async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """Read until the end of the request head, _REQUEST_HEAD_LIMIT bytes, or end of stream."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < _REQUEST_HEAD_LIMIT:
+        data = await stream.receive_some(_RECEIVE_SIZE)
+        if not data:
+            break
+        head += data
+    return head
+
+
+class _ReplayStream(trio.abc.Stream):
+    """A socket stream whose first bytes, read to route the connection, are received again."""
+
+    def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
+        self._stream = stream
+        self._head = head
+        self.socket = stream.socket  # Hypercorn reads the peer's address from it
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._head:
+            await trio.lowlevel.checkpoint()
+            size = len(self._head) if max_bytes is None else max_bytes
+            data, self._head = self._head[:size], self._head[size:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class Relay:
+    """A relay: its config, and once serving, where it listens.
+
+    Made and run by `serve_relay` or `open_relay`; `shutdown()` ends it gracefully.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.url = ""  # http://HOST:PORT once listening
+        self._store = _Store(config)
+        self._sessions: set[_Session] = set()
+        self._routing: set[trio.CancelScope] = set()  # connections still sending their request head
+        self._shutdown = trio.Event()
+        self._app = _make_app(self)
+
+    @property
+    def socket_url(self) -> str:
+        return "ws" + self.url.removeprefix("http") + SOCKET_PATH
+
+    @property
+    def public_url(self) -> str:
+        return self.config.server.public_url.rstrip("/") or self.url
+
+    def input_url(self, ref: str, *, public: bool = False) -> str:
+        """The webhook URL of an input, by input id, or of a bucket's first input, by name or id."""
+        bucket = self._store.find_bucket(ref)
+        input_id = bucket.inputs[0].id if bucket else ref
+        if self._store.find_input(input_id) is None:
+            raise KeyError(f"no input or bucket {ref!r}")
+        return (self.public_url if public else self.url) + WEBHOOK_PREFIX + input_id
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
+        self._shutdown.set()
+
+    def _publish(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> None:
+        log_id = str(uuid.uuid4())
+        frames = [_webhook_frame(log_id, bucket.config, input_, route, webhook) for route in bucket.routes]
+        for session in bucket.subscribers:
+            for frame in frames:
+                session.deliver(frame)
+        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s)", log_id, webhook.method,
+                    webhook.path, bucket.config.name, len(frames), len(bucket.subscribers))
+
+    async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
+        server = self.config.server
+        hypercorn_config = _HypercornConfig()
+        hypercorn_config.graceful_timeout = server.shutdown_timeout
+        app = ASGIWrapper(self._app)
+        context = _WorkerContext(None)
+        lifespan = _Lifespan(app, hypercorn_config, {})
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            listeners = await _listen(server.host, server.port)
+            host, port = listeners[0].socket.getsockname()[:2]
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+
+            async def handle(stream: trio.SocketStream) -> None:
+                await self._handle_connection(stream, app, hypercorn_config, context)
+
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                connections.start_soon(_accept, listeners, handle, connections, accepting)
+                task_status.started(self)
+                await self._shutdown.wait()
+
+                logger.info("shutting down: closing %d socket(s)", len(self._sessions))
+                accepting.cancel()
+                await context.terminated.set()  # Hypercorn closes idle keep-alive connections
+                for scope in self._routing:
+                    scope.cancel()
+                for session in self._sessions:
+                    session.close(CLOSE_GOING_AWAY, "server shutting down")
+                connections.cancel_scope.deadline = trio.current_time() + server.shutdown_timeout
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+    async def _handle_connection(
+        self, stream: trio.SocketStream, app: ASGIWrapper, config: _HypercornConfig, context: _WorkerContext
+    ) -> None:
+        try:
+            with trio.CancelScope() as routing:
+                self._routing.add(routing)
+                try:
+                    with trio.fail_after(_REQUEST_HEAD_TIMEOUT):
+                        head = await _read_request_head(stream)
+                finally:
+                    self._routing.discard(routing)
+            if routing.cancelled_caught or not head:
+                await stream.aclose()
+                return
+            replay = _ReplayStream(stream, head)
+            if _is_socket_upgrade(head):
+                await self._serve_socket(replay)
+            else:
+                await _TCPServer(app, config, context, {}, replay)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.aclose()  # a peer that went quiet or away before it was served
+        except Exception:
+            logger.exception("connection failed; the relay goes on")
+            await stream.aclose()
+
+    async def _serve_socket(self, stream: _ReplayStream) -> None:
+        peer = _address(stream.socket)
+        async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
+            ws = None
+            with trio.move_on_after(_REQUEST_HEAD_TIMEOUT):
+                ws_request = await trio_websocket.wrap_server_stream(
+                    nursery, stream, max_message_size=MAX_CLIENT_FRAME
+                )
+                ws = await ws_request.accept()
+            if ws is None or self._shutdown.is_set():  # a broken handshake, or too late
+                await stream.aclose()
+                return
+            session = _Session(self, ws, peer)
+            self._sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                self._sessions.discard(session)
+                await stream.aclose()
+                closed = session.close_reason or (ws.closed and (ws.closed.code, ws.closed.reason))
+                logger.info("socket %s (key %s) closed %s; %d frame(s) sent", peer,
+                            session.token.key if session.token else "-", closed, session.frames_sent)
+
+
+async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if port == 0:  # each address got its own port: keep the first, so one URL reaches everything
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    return listeners
+
+
+async def _accept(
+    listeners: list[trio.SocketListener], handler: Any, nursery: trio.Nursery, scope: trio.CancelScope
+) -> None:
+    try:
+        with scope:
+            await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
+
+
+def _address(sock: trio.socket.SocketType) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_relay(
+    config: "Config | Mapping[str, Any] | str | Path",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
+
+    Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
+    Relay once it is listening, with its real URL.
+    """
+    config = load_config(config)
+    overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    if overrides:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+    await Relay(config)._serve(task_status)
+
+
+@asynccontextmanager
+async def open_relay(
+    config: "Config | Mapping[str, Any] | str | Path", *, host: str | None = None, port: int | None = None
+) -> AsyncIterator[Relay]:
+    """``async with open_relay(config, port=0) as relay:`` a listening relay, shut down on exit."""
+    async with trio.open_nursery() as nursery:
+        relay: Relay = await nursery.start(lambda task_status: serve_relay(
+            config, host=host, port=port, task_status=task_status))
+        try:
+            yield relay
+        finally:
+            relay.shutdown()
+
+
+# ============================================================================ command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
+    parser = argparse.ArgumentParser(
+        prog="relay_lite.py",
+        description="A self-hosted webhook relay: webhooks in at /v1/webhooks/<input id>, "
+                    "streamed live to WebSocket clients at /v1/socket, one port.",
+    )
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config; without it, a demo runs")
+    parser.add_argument("--host", help="address to listen on (overrides the file)")
+    parser.add_argument("--port", type=int, help="port to listen on, 0 for any (overrides the file)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
+    init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "init":
+        return _init(Path(args.path), force=args.force)
+    try:
+        if args.config:
+            config = load_config(args.config)
+        else:
+            config = _demo_config(ServerConfig())
+        server = dataclasses.replace(
+            config.server,
+            host=config.server.host if args.host is None else args.host,
+            port=config.server.port if args.port is None else args.port,
+        )
+        config = load_config(dataclasses.replace(config, server=server))
+    except ConfigError as error:
+        print(f"relay_lite: error: {error}", file=sys.stderr)
+        return 2
+    failures: list[OSError] = []
+    try:
+        trio.run(_serve_until_signalled, config, not args.config)
+    except* OSError as group:
+        failures.extend(group.exceptions)
+    if failures:
+        print(f"relay_lite: error: cannot listen on {config.server.host}:{config.server.port}: "
+              f"{failures[0].strerror or failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _init(path: Path, *, force: bool) -> int:
+    if path.exists() and not force:
+        print(f"relay_lite: error: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    path.write_text(_config_template(), encoding="utf-8")
+    print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
+          f"Run: python relay_lite.py --config {path}")
+    return 0
+
+
+async def _serve_until_signalled(config: Config, demo: bool) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            relay: Relay = await nursery.start(serve_relay, config)
+            print(_banner(relay, demo), flush=True)
+            async for signum in signals:
+                logger.info("%s received", signal.Signals(signum).name)
+                relay.shutdown()
+                break
+
+
+def _banner(relay: Relay, demo: bool) -> str:
+    config = relay.config
+    lines = [f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)",
+             f"  socket URL: {relay.socket_url}"]
+    for bucket in config.buckets:
+        for input_ in bucket.inputs:
+            lines.append(f"  bucket {bucket.name!r}, input {input_.name!r}: {relay.input_url(input_.id, public=True)}")
+    if demo:
+        token, bucket = config.tokens[0], config.buckets[0]
+        input_url = relay.input_url(bucket.inputs[0].id)
+        lines += [
+            "",
+            "Demo mode (no --config): this bucket, input and token exist for this run only.",
+            f"  key:    {token.key}",
+            f"  secret: {token.secret}",
+            "",
+            "Send a webhook:",
+            f"  curl -X POST -H 'Content-Type: application/json' -d '{{\"hello\": \"relay\"}}' {input_url}",
+            "Receive it: connect to the socket URL, send",
+            f'  {{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
+            f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
+            "For lasting ids: python relay_lite.py init relay.toml && python relay_lite.py --config relay.toml",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

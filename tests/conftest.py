@@ -1,0 +1,116 @@
+"""Shared fixtures: a relay on port 0 and small clients that talk to it over real sockets."""
+
+import json
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+import relay_lite
+
+GITHUB_ID = "1593fe5f-45f9-45cc-ba23-675fdc7c1638"
+GITHUB_INPUT = "b90f2fe9-621d-4290-9e74-edd5b61325dd"
+KEY, SECRET = "key-1", "secret-1"
+SCOPED_KEY, SCOPED_SECRET = "scoped", "scoped-secret"
+
+
+def relay_config(**server):
+    """A config with buckets for every routing case; `server` keys override [server]."""
+    return {
+        "server": {"port": 0, **server},
+        "tokens": [
+            {"key": KEY, "secret": SECRET},
+            {"key": SCOPED_KEY, "secret": SCOPED_SECRET, "buckets": ["github"]},
+        ],
+        "buckets": [
+            {"id": GITHUB_ID, "name": "github",
+             "inputs": [{"id": GITHUB_INPUT, "name": "Default public endpoint"}]},
+            {"id": "stripe-id", "name": "stripe", "inputs": [{"id": "in-stripe", "name": "stripe in"}]},
+            {"name": "two-outputs", "inputs": [{"id": "in-two"}], "outputs": [
+                {"name": "a", "destination": "http://localhost:8080", "internal": True},
+                {"name": "b", "destination": "http://localhost:9090/base/", "internal": True},
+                {"name": "locked", "destination": "http://localhost:7070/fixed", "lock_path": True},
+                {"name": "off", "destination": "http://localhost:6060", "disabled": True},
+                {"name": "public", "destination": "https://example.com/hook", "internal": False},
+            ]},
+            {"name": "public-only", "inputs": [{"id": "in-public"}], "outputs": [
+                {"name": "p", "destination": "https://example.com/hook", "internal": False},
+            ]},
+        ],
+    }
+
+
+@pytest.fixture
+def config():
+    """Override in a test module (or parametrize) to start the relay with other settings."""
+    return relay_config()
+
+
+@pytest.fixture
+async def relay(config):
+    async with relay_lite.open_relay(config) as relay:
+        yield relay
+
+
+@pytest.fixture
+async def http(relay):
+    async with httpx.AsyncClient(base_url=relay.url, timeout=10) as client:
+        yield client
+
+
+class Client:
+    """A socket client: JSON frames out, decoded frames in, each wait capped."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def send(self, **frame) -> None:
+        await self.ws.send_message(json.dumps(frame))
+
+    async def receive(self, timeout: float = 5) -> dict:
+        with trio.fail_after(timeout):
+            return json.loads(await self.ws.get_message())
+
+    async def expect(self, status: str) -> dict:
+        frame = await self.receive()
+        assert frame["type"] == "status" and frame["status"] == status, frame
+        assert isinstance(frame["message"], str)
+        return frame
+
+    async def webhook(self) -> dict:
+        frame = await self.receive()
+        assert frame["type"] == "webhook", frame
+        return frame
+
+    async def closed(self, timeout: float = 5) -> trio_websocket.CloseReason:
+        """Read until the server closes the socket; return its close reason."""
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    await self.ws.get_message()
+                except trio_websocket.ConnectionClosed as closed:
+                    return closed.reason
+
+
+@asynccontextmanager
+async def connect(relay, **options):
+    async with trio_websocket.open_websocket_url(relay.socket_url, **options) as ws:
+        yield Client(ws)
+
+
+@asynccontextmanager
+async def subscriber(relay, buckets=None, key=KEY, secret=SECRET):
+    """A client that has authenticated and subscribed (to everything when `buckets` is None)."""
+    async with connect(relay) as client:
+        await client.send(action="auth", key=key, secret=secret)
+        await client.expect("authenticated")
+        await client.send(action="subscribe", **({} if buckets is None else {"buckets": buckets}))
+        await client.expect("subscribed")
+        yield client
+
+
+async def post(relay, input_id=GITHUB_INPUT, path="", **kwargs) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as http:
+        return await http.post(f"{relay.url}/v1/webhooks/{input_id}{path}", **kwargs)

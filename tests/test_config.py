@@ -1,0 +1,131 @@
+"""Configuration: TOML to checked, frozen dataclasses, and clear errors. No sockets."""
+
+import dataclasses
+
+import pytest
+
+import relay_lite
+from relay_lite import ConfigError, load_config
+
+MINIMAL = """
+[[tokens]]
+key = "k"
+secret = "s"
+
+[[buckets]]
+name = "github"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.server == relay_lite.ServerConfig()
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
+    assert config.server.max_body_size == 10 * 2**20
+    assert config.tokens[0].buckets is None
+    (bucket,) = config.buckets
+    (input_,) = bucket.inputs  # a bucket without inputs gets one
+    assert input_.name == "Default public endpoint"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bucket.name = "other"
+
+
+def test_absent_ids_are_stable_across_loads(tmp_path):
+    first = load_config(write(tmp_path, MINIMAL))
+    second = load_config(write(tmp_path, MINIMAL))
+    assert first.buckets[0].id and first.buckets[0].inputs[0].id
+    assert first.buckets[0].id == second.buckets[0].id
+    assert first.buckets[0].inputs[0].id == second.buckets[0].inputs[0].id
+    assert first.buckets[0].id != first.buckets[0].inputs[0].id
+
+
+def test_the_issue_example_loads(tmp_path):
+    config = load_config(write(tmp_path, """
+[server]
+host = "127.0.0.1"
+port = 8080
+ping_interval = 30
+auth_timeout = 10
+max_body_size = 10485760
+public_url = "https://relay.example.com"
+
+[[tokens]]
+key = "k"
+secret = "s"
+buckets = ["github"]
+
+[[buckets]]
+id = "1593fe5f-45f9-45cc-ba23-675fdc7c1638"
+name = "github"
+  [[buckets.inputs]]
+  id = "b90f2fe9-621d-4290-9e74-edd5b61325dd"
+  name = "Default public endpoint"
+  [[buckets.outputs]]
+  name = "local"
+  destination = "http://localhost:8080"
+  internal = true
+"""))
+    assert config.server.ping_interval == 30.0 and isinstance(config.server.ping_interval, float)
+    assert config.tokens[0].buckets == ("github",)
+    assert config.buckets[0].outputs[0] == relay_lite.OutputConfig("local", "http://localhost:8080", True)
+
+
+def test_init_template_loads_with_fresh_ids():
+    first, second = relay_lite._config_template(), relay_lite._config_template()
+    assert first != second
+    config = load_config(__import__("tomllib").loads(first))
+    assert config.buckets[0].name == "github" and len(config.tokens) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[server\nport = 1", "relay.toml: not valid TOML"),
+    ("[server]\nprot = 1", "relay.toml: server.prot: unknown key"),
+    ("[server]\nport = '8080'", "relay.toml: server.port: expected an integer, got a string ('8080')"),
+    ("[server]\nport = true", "server.port: expected an integer, got a boolean"),
+    ("[server]\nport = 70000", "server.port: must be 0 to 65535"),
+    ("[server]\nping_interval = 0", "server.ping_interval: must be positive"),
+    ("[server]\nping_interval = nan", "server.ping_interval: must be positive"),
+    ("[server]\npublic_url = 'relay.example.com'", "server.public_url: must start with http"),
+    ("server = 5", "server: expected a table, got an integer"),
+    ("[[tokens]]\nkey = 'k'", "tokens[0].secret: missing"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 's'\nbuckets = 'github'", "tokens[0].buckets: expected an array"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 's'\nbuckets = ['nope']", "tokens[0].buckets[0]: no bucket is named"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 's'\nbuckets = []", "tokens[0].buckets: is empty"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 's'\n[[tokens]]\nkey = 'k'\nsecret = 't'",
+     "tokens[1].key: 'k' is already used by tokens[0].key"),
+    ("[[buckets]]\nname = 'a'\n[[buckets]]\nname = 'a'", "buckets[1].name: 'a' is already used by buckets[0].name"),
+    ("[[buckets]]\nname = 'a'\nid = 'x'\n[[buckets]]\nname = 'b'\nid = 'x'", "buckets[1].id: 'x' is already used"),
+    ("[[buckets]]\nname = 'a'\n[[buckets]]\nname = 'b'\nid = 'a'", "buckets[1].id: 'a' is already used"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nid = 'i'\n[[buckets]]\nname = 'b'\n[[buckets.inputs]]\nid = 'i'",
+     "buckets[1].inputs[0].id: 'i' is already used by buckets[0].inputs[0].id"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nid = 'a/b'", "buckets[0].inputs[0].id: must be a single URL path"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nnmae = 'x'", "buckets[0].inputs[0].nmae: unknown key"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'o'\ninternal = 'yes'",
+     "buckets[0].outputs[0].internal: expected true or false, got a string ('yes')"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'o'\n[[buckets.outputs]]\nname = 'o'",
+     "buckets[0].outputs[1].name: 'o' is already used in this bucket"),
+    ("[[buckets]]\nid = 'x'", "buckets[0].name: missing"),
+])
+def test_errors_name_the_file_the_key_and_the_fault(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value)
+    assert str(caught.value).startswith(str(tmp_path / "relay.toml"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_dict_and_config_sources_agree(tmp_path):
+    from_file = load_config(write(tmp_path, MINIMAL))
+    from_dict = load_config({"tokens": [{"key": "k", "secret": "s"}], "buckets": [{"name": "github"}]})
+    assert from_dict == from_file
+    assert load_config(from_dict) == from_dict
