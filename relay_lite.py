@@ -93,7 +93,7 @@ CLOSE_POLICY = 1008  # not authenticated, too slow
 
 _REQUEST_HEAD_LIMIT = 16 * 2**10  # 16 KiB of request head read to route a connection
 _REQUEST_HEAD_TIMEOUT = 10.0  # seconds a new connection may take to send its request head
-_CLOSE_TIMEOUT = 2.0  # seconds a closing handshake (or the frame on the wire before it) may take
+_CLOSE_TIMEOUT = 5.0  # seconds a closing handshake (or the frame on the wire before it) may take
 _RECEIVE_SIZE = 2**16
 
 # Ids a config leaves out are derived from names under this namespace, so they stay the same
@@ -620,6 +620,7 @@ class _Session:
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
+        self._drop_queued = False
         self.frames_sent = 0
 
     def deliver(self, frame: str) -> None:
@@ -630,17 +631,24 @@ class _Session:
             self._frames_in.send_nowait(frame)
         except trio.WouldBlock:
             size = self._relay.config.server.send_queue_size
-            self.close(CLOSE_POLICY, f"too slow: {size} frames waiting unread; reconnect and read faster")
+            self.close(CLOSE_POLICY, f"too slow: {size} frames waiting unread; reconnect and read faster",
+                       drain=False)
 
-    def close(self, code: int, reason: str) -> None:
-        """Ask the session to end with `code` and `reason`; the first reason given wins."""
+    def close(self, code: int, reason: str, *, drain: bool = True) -> None:
+        """End the session with `code` and `reason`; the first reason given wins.
+
+        With `drain`, frames already queued (an error, "unauthorized") go out first; without, they
+        are dropped. Either way the writer gets _CLOSE_TIMEOUT to finish, then is cancelled.
+        """
         if self.close_reason is not None:
             return
         self.close_reason = (code, reason)
-        if self._writing:  # let the frame on the wire finish, so the close frame after it is clean
-            self._writer.deadline = min(self._writer.deadline, trio.current_time() + _CLOSE_TIMEOUT)
-        else:
-            self._writer.cancel()
+        self._frames_in.close()
+        self._writer.deadline = min(self._writer.deadline, trio.current_time() + _CLOSE_TIMEOUT)
+        if not drain:
+            self._drop_queued = True
+            if not self._writing:  # else let the frame on the wire finish: a close frame can follow it
+                self._writer.cancel()
 
     async def run(self) -> None:
         try:
@@ -659,14 +667,15 @@ class _Session:
                     await self._ws.aclose(code, reason)
 
     async def _send_frames(self) -> None:
+        """The one writer: send queued frames until close() closes the queue."""
         with self._writer:
             async for frame in self._frames_out:
+                if self._drop_queued:
+                    break
                 self._writing = True
                 await self._ws.send_message(frame)
                 self._writing = False
                 self.frames_sent += 1
-                if self.close_reason is not None:
-                    break
 
     async def _receive_frames(self, nursery: trio.Nursery) -> None:
         server = self._relay.config.server
@@ -790,14 +799,18 @@ def _is_socket_upgrade(head: bytes) -> bool:
 
 
 async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes:
-    """Read until the end of the request head, _REQUEST_HEAD_LIMIT bytes, or end of stream."""
+    """Read enough of a request to route it: its whole head only if it may be a socket upgrade."""
     head = b""
-    while b"\r\n\r\n" not in head and len(head) < _REQUEST_HEAD_LIMIT:
-        data = await stream.receive_some(_RECEIVE_SIZE)
-        if not data:
-            break
+    while data := await stream.receive_some(_RECEIVE_SIZE):
         head += data
+        if b"\r\n\r\n" in head or len(head) >= _REQUEST_HEAD_LIMIT or not _may_be_socket_request(head):
+            break
     return head
+
+
+def _may_be_socket_request(head: bytes) -> bool:
+    prefix = b"GET " + SOCKET_PATH.encode()
+    return head.startswith(prefix) or prefix.startswith(head)
 
 
 class _ReplayStream(trio.abc.Stream):

@@ -79,8 +79,8 @@ class Client:
         assert isinstance(frame["message"], str)
         return frame
 
-    async def webhook(self) -> dict:
-        frame = await self.receive()
+    async def webhook(self, timeout: float = 5) -> dict:
+        frame = await self.receive(timeout)
         assert frame["type"] == "webhook", frame
         return frame
 

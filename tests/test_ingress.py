@@ -1,0 +1,157 @@
+"""Webhook ingress over real HTTP: methods, status codes, body limits, headers, routing."""
+
+import base64
+
+import httpx
+import pytest
+import trio
+
+import relay_lite
+from conftest import GITHUB_INPUT, post, relay_config, subscriber
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_every_method_is_relayed(relay, http, method):
+    async with subscriber(relay, ["github"]) as client:
+        response = await http.request(method, f"/v1/webhooks/{GITHUB_INPUT}")
+        assert response.status_code == 200
+        assert (await client.webhook())["method"] == method
+
+
+async def test_unknown_input_is_404(relay, http):
+    async with subscriber(relay) as client:
+        response = await http.post("/v1/webhooks/no-such-input", content="x")
+        assert response.status_code == 404
+        assert "no input with id 'no-such-input'" in response.text
+        await post(relay, content="next")
+        assert (await client.webhook())["body"] == "next"  # nothing was relayed for the 404
+
+
+async def test_other_paths_are_404_and_plain_get_of_the_socket_is_426(http):
+    assert (await http.get("/")).status_code == 404
+    assert (await http.get("/v1/webhooks/")).status_code == 404
+    response = await http.get("/v1/socket")
+    assert response.status_code == 426
+    assert "WebSocket endpoint" in response.text
+
+
+@pytest.fixture
+def config():
+    return relay_config(max_body_size=1000)
+
+
+async def test_body_at_the_limit_is_accepted(relay):
+    async with subscriber(relay, ["github"]) as client:
+        assert (await post(relay, content=b"x" * 1000)).status_code == 200
+        assert len((await client.webhook())["body"]) == 1000
+
+
+async def test_body_over_the_limit_is_413(relay):
+    async with subscriber(relay, ["github"]) as client:
+        response = await post(relay, content=b"x" * 1001)
+        assert response.status_code == 413
+        assert "limited to 1000 bytes" in response.text
+        await post(relay, content="small")
+        assert (await client.webhook())["body"] == "small"
+
+
+async def test_huge_body_is_refused_without_reading_it(relay):
+    """A declared 1 GiB body is answered with 413 after a few KiB have been sent."""
+    host, port = relay.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(f"POST /v1/webhooks/{GITHUB_INPUT} HTTP/1.1\r\nHost: x\r\n"
+                          f"Content-Length: {2**30}\r\n\r\n".encode() + b"x" * 4096)
+    with trio.fail_after(5):
+        answer = await stream.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 413")
+    await stream.aclose()
+
+
+async def test_chunked_body_over_the_limit_is_413(relay):
+    async def chunks():
+        for _ in range(100):
+            yield b"y" * 100
+
+    async with httpx.AsyncClient() as http:
+        response = await http.post(relay.input_url(GITHUB_INPUT), content=chunks())
+    assert response.status_code == 413
+
+
+async def test_headers_are_canonical_lists_without_host(relay):
+    async with subscriber(relay, ["github"]) as client:
+        await post(relay, headers=[("x-hub-signature-256", "sha256=1"), ("X-Multi", "a"), ("x-multi", "b"),
+                                   ("content-type", "application/json")], content="{}")
+        headers = (await client.webhook())["headers"]
+    assert headers["X-Hub-Signature-256"] == ["sha256=1"]
+    assert headers["X-Multi"] == ["a", "b"]
+    assert headers["Content-Type"] == ["application/json"]
+    assert "Host" not in headers and "host" not in headers
+    assert all(isinstance(values, list) and all(isinstance(v, str) for v in values) for values in headers.values())
+
+
+async def test_body_is_byte_exact_and_query_raw(relay):
+    body = '{"b": 1,   "a": "caf\u00e9 \\u00e9",\n"z": [ ]}'
+    async with subscriber(relay, ["github"]) as client:
+        await post(relay, path="?a=1&b=%20x&a=2", content=body.encode())
+        frame = await client.webhook()
+        assert (frame["body"], frame["query"]) == (body, "a=1&b=%20x&a=2")
+        assert "body_encoding" not in frame
+        await post(relay, content="")
+        assert ((await client.webhook())["query"]) == ""
+
+
+async def test_body_that_is_not_utf8_arrives_base64(relay):
+    raw = bytes(range(256))
+    async with subscriber(relay, ["github"]) as client:
+        await post(relay, content=raw)
+        frame = await client.webhook()
+    assert frame["body_encoding"] == "base64"
+    assert base64.b64decode(frame["body"]) == raw
+
+
+async def test_routing_to_outputs_with_the_extra_path(relay):
+    async with subscriber(relay) as client:
+        await post(relay, input_id="in-two", path="/directory/foo")
+        frames = [await client.webhook() for _ in range(3)]
+        assert [(f["meta"]["output_name"], f["meta"]["output_destination"]) for f in frames] == [
+            ("a", "http://localhost:8080/directory/foo"),
+            ("b", "http://localhost:9090/base/directory/foo"),
+            ("locked", "http://localhost:7070/fixed"),
+        ]
+        assert len({f["meta"]["id"] for f in frames}) == 1  # one webhook, one id, a frame per output
+
+        await post(relay, input_id="in-public", content="public only")  # never reaches sockets
+        await post(relay, content="no outputs")
+        frame = await client.webhook()
+        assert (frame["body"], frame["meta"]["output_name"], frame["meta"]["output_destination"]) == (
+            "no outputs", "", "/")
+        await post(relay, path="/a/b%20c")
+        assert (await client.webhook())["meta"]["output_destination"] == "/a/b%20c"
+
+
+async def test_garbage_on_the_port_does_not_hurt(relay):
+    host, port = relay.url.removeprefix("http://").split(":")
+    for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),
+                    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000 + b"\r\n",
+                    b"NOT HTTP AT ALL\r\n\r\n"):
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(garbage)
+        with trio.fail_after(5):
+            try:
+                answer = await stream.receive_some(4096)
+            except trio.BrokenResourceError:
+                answer = b""
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
+        await stream.aclose()
+    async with subscriber(relay, ["github"]) as client:
+        await post(relay, content="alive")
+        assert (await client.webhook())["body"] == "alive"
+
+
+async def test_a_connection_that_sends_nothing_is_closed(relay, monkeypatch):
+    monkeypatch.setattr(relay_lite, "_REQUEST_HEAD_TIMEOUT", 0.2)
+    host, port = relay.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    with trio.fail_after(5):
+        assert await stream.receive_some(4096) == b""
+    await stream.aclose()
