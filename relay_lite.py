@@ -854,6 +854,8 @@ class Relay:
         self._store = _Store(config)
         self._sessions: set[_Session] = set()
         self._routing: set[trio.CancelScope] = set()  # connections still sending their request head
+        self._requests = 0  # HTTP requests in flight
+        self._quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
         self._shutdown = trio.Event()
         self._app = _make_app(self)
 
@@ -877,6 +879,17 @@ class Relay:
         """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
         self._shutdown.set()
 
+    async def _asgi(self, scope: dict, receive: Any, send: Any) -> None:
+        """The Quart app, with HTTP requests counted so a shutdown can wait for them."""
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        self._requests += 1
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._requests -= 1
+            self._quiet.unpark_all()
+
     def _publish(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> None:
         log_id = str(uuid.uuid4())
         frames = [_webhook_frame(log_id, bucket.config, input_, route, webhook) for route in bucket.routes]
@@ -890,7 +903,7 @@ class Relay:
         server = self.config.server
         hypercorn_config = _HypercornConfig()
         hypercorn_config.graceful_timeout = server.shutdown_timeout
-        app = ASGIWrapper(self._app)
+        app = ASGIWrapper(self._asgi)
         context = _WorkerContext(None)
         lifespan = _Lifespan(app, hypercorn_config, {})
         async with trio.open_nursery() as lifespan_nursery:
@@ -911,14 +924,18 @@ class Relay:
                 task_status.started(self)
                 await self._shutdown.wait()
 
-                logger.info("shutting down: closing %d socket(s)", len(self._sessions))
+                logger.info("shutting down: %d socket(s), %d request(s) in flight",
+                            len(self._sessions), self._requests)
                 accepting.cancel()
-                await context.terminated.set()  # Hypercorn closes idle keep-alive connections
+                await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
                 for scope in self._routing:
                     scope.cancel()
                 for session in self._sessions:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
-                connections.cancel_scope.deadline = trio.current_time() + server.shutdown_timeout
+                with trio.move_on_after(server.shutdown_timeout):
+                    while self._requests or self._sessions:
+                        await self._quiet.park()
+                connections.cancel_scope.cancel()  # what is left is idle, or out of time
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
 
@@ -965,6 +982,7 @@ class Relay:
                 await session.run()
             finally:
                 self._sessions.discard(session)
+                self._quiet.unpark_all()
                 await stream.aclose()
                 closed = session.close_reason or (ws.closed and (ws.closed.code, ws.closed.reason))
                 logger.info("socket %s (key %s) closed %s; %d frame(s) sent", peer,

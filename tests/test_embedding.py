@@ -1,0 +1,92 @@
+"""The embedding API: open_relay and serve_relay with every kind of config, and graceful shutdown."""
+
+import dataclasses
+
+import pytest
+import trio
+
+import relay_lite
+from conftest import GITHUB_INPUT, KEY, SECRET, post, relay_config, subscriber
+
+TOML = """
+[server]
+port = 0
+[[tokens]]
+key = "key-1"
+secret = "secret-1"
+[[buckets]]
+name = "github"
+  [[buckets.inputs]]
+  id = "b90f2fe9-621d-4290-9e74-edd5b61325dd"
+"""
+
+
+@pytest.mark.parametrize("kind", ["path", "str", "dict", "config"])
+async def test_open_relay_takes_a_path_a_dict_or_a_config(tmp_path, kind):
+    path = tmp_path / "relay.toml"
+    path.write_text(TOML)
+    source = {"path": path, "str": str(path), "dict": relay_config(),
+              "config": relay_lite.load_config(relay_config())}[kind]
+    async with relay_lite.open_relay(source) as relay:
+        assert relay.url.startswith("http://127.0.0.1:") and not relay.url.endswith(":0")
+        assert relay.socket_url == relay.url.replace("http://", "ws://") + "/v1/socket"
+        assert relay.input_url("github") == relay.input_url(GITHUB_INPUT) == f"{relay.url}/v1/webhooks/{GITHUB_INPUT}"
+        async with subscriber(relay, ["github"]) as client:
+            await post(relay, content=kind)
+            assert (await client.webhook())["body"] == kind
+
+
+async def test_serve_relay_in_a_nursery_with_overrides():
+    config = dataclasses.replace(relay_lite.load_config(relay_config()),
+                                 server=relay_lite.ServerConfig(port=9))  # overridden below
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(lambda task_status: relay_lite.serve_relay(
+            config, host="127.0.0.1", port=0, task_status=task_status))
+        assert isinstance(relay, relay_lite.Relay) and relay.config.server.port == 0
+        async with subscriber(relay, ["github"]) as client:
+            await post(relay, content="started")
+            assert (await client.webhook())["body"] == "started"
+        relay.shutdown()  # serve_relay returns, so the nursery exits
+
+
+async def test_input_url_of_an_unknown_name_raises(relay):
+    with pytest.raises(KeyError):
+        relay.input_url("nope")
+    assert relay.input_url("github", public=True) == relay.input_url("github")  # no public_url set
+
+
+async def test_public_url_is_used_for_printed_urls():
+    async with relay_lite.open_relay(relay_config(public_url="https://relay.example.com/")) as relay:
+        assert relay.input_url("github", public=True) == f"https://relay.example.com/v1/webhooks/{GITHUB_INPUT}"
+
+
+async def test_shutdown_closes_sockets_with_1001_and_answers_requests_in_flight():
+    async with relay_lite.open_relay(relay_config()) as relay:
+        host, port = relay.url.removeprefix("http://").split(":")
+        async with subscriber(relay, ["github"]) as client:
+            # a webhook whose body is still on its way when the shutdown starts
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(f"POST /v1/webhooks/{GITHUB_INPUT} HTTP/1.1\r\nHost: x\r\n"
+                                  "Content-Length: 10\r\n\r\nhello".encode())
+            await trio.testing.wait_all_tasks_blocked()
+            relay.shutdown()
+            reason = await client.closed()
+            assert (reason.code, reason.reason) == (1001, "server shutting down")
+            await stream.send_all(b"world")
+            with trio.fail_after(5):
+                answer = await stream.receive_some(4096)
+            assert answer.startswith(b"HTTP/1.1 200")
+            await stream.aclose()
+        with pytest.raises(OSError):  # no longer listening
+            await trio.open_tcp_stream(host, int(port))
+
+
+async def test_idle_keepalive_connections_do_not_hold_up_shutdown():
+    import httpx
+    with trio.fail_after(3):  # well under the 5 s shutdown deadline
+        async with relay_lite.open_relay(relay_config()) as relay:
+            http = httpx.AsyncClient()
+            assert (await http.post(relay.input_url("github"), content="x")).status_code == 200
+            async with subscriber(relay, None, KEY, SECRET):
+                pass
+    await http.aclose()
