@@ -1089,14 +1089,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"relay_lite: error: {error}", file=sys.stderr)
         return 2
-    failures: list[OSError] = []
+    failures: list[BaseException] = []
     try:
         trio.run(_serve_until_signalled, config, not args.config)
-    except* OSError as group:
-        failures.extend(group.exceptions)
+    except* OSError as group:  # nested as deep as the nurseries it crossed
+        failures.append(group)
     if failures:
+        error = failures[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
         print(f"relay_lite: error: cannot listen on {config.server.host}:{config.server.port}: "
-              f"{failures[0].strerror or failures[0]}", file=sys.stderr)
+              f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 1
     return 0
 
@@ -1145,6 +1148,7 @@ def _banner(relay: Relay, demo: bool) -> str:
             f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
             "For lasting ids: python relay_lite.py init relay.toml && python relay_lite.py --config relay.toml",
         ]
+    lines += ["", "Ctrl-C to stop."]
     return "\n".join(lines)
 
 

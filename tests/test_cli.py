@@ -1,0 +1,142 @@
+"""The command line, run as a user runs it: a subprocess of `python relay_lite.py`."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+import relay_lite
+
+SCRIPT = str(Path(relay_lite.__file__))
+
+
+def run(*args, timeout=20):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+async def start(*args):
+    """Start the server; return the process and its banner, which ends with "Ctrl-C to stop"."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    banner = b""
+    with trio.fail_after(20):
+        while b"Ctrl-C to stop" not in banner:
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"server exited: {banner!r}"
+            banner += chunk
+    return process, banner.decode()
+
+
+async def stop(process):
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(15):
+        return await process.wait()
+
+
+async def test_demo_mode_prints_what_to_use_and_relays():
+    process, banner = await start("--port", "0")
+    try:
+        url = re.search(r"listening on (http://\S+)", banner).group(1)
+        socket_url = re.search(r"socket URL: (ws://\S+)", banner).group(1)
+        key = re.search(r"key:\s+(\S+)", banner).group(1)
+        secret = re.search(r"secret:\s+(\S+)", banner).group(1)
+        curl = re.search(r"curl .*", banner).group(0)
+        input_url = curl.split()[-1]
+        assert input_url.startswith(url + "/v1/webhooks/")
+        assert socket_url == url.replace("http", "ws") + "/v1/socket"
+        async with trio_websocket.open_websocket_url(socket_url) as ws:
+            await ws.send_message(json.dumps({"action": "auth", "key": key, "secret": secret}))
+            assert json.loads(await ws.get_message())["status"] == "authenticated"
+            await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["demo"]}))
+            assert json.loads(await ws.get_message())["status"] == "subscribed"
+            async with httpx.AsyncClient() as http:  # what the printed curl command sends
+                response = await http.post(input_url, content='{"hello": "relay"}',
+                                           headers={"Content-Type": "application/json"})
+            assert response.status_code == 200
+            frame = json.loads(await ws.get_message())
+            assert frame["body"] == '{"hello": "relay"}' and frame["meta"]["bucket_name"] == "demo"
+            assert await stop(process) == 0
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason.code == 1001
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_config_file_with_port_override(tmp_path):
+    assert run("init", str(tmp_path / "relay.toml")).returncode == 0
+    process, banner = await start("--config", str(tmp_path / "relay.toml"), "--port", "0")
+    try:
+        assert "bucket 'github', input 'Default public endpoint': http://127.0.0.1:" in banner
+        assert "Demo mode" not in banner
+    finally:
+        assert await stop(process) == 0
+
+
+def test_init_writes_a_config_and_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "relay.toml"
+    result = run("init", str(path))
+    assert result.returncode == 0 and f"wrote {path}" in result.stdout
+    first = path.read_text()
+    assert relay_lite.load_config(path).buckets[0].name == "github"
+    result = run("init", str(path))
+    assert result.returncode == 2 and "exists; pass --force" in result.stderr
+    assert run("init", str(path), "--force").returncode == 0
+    assert path.read_text() != first  # fresh ids each time
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[server]\nport = 'x'", "server.port: expected an integer, got a string ('x')"),
+    ("[[buckets]]\nname = 'a'\nfoo = 1", "buckets[0].foo: unknown key"),
+    ("[server", "not valid TOML"),
+])
+def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run("--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"relay_lite: error: {path}: ")
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = run("--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_port_in_use_exits_1_with_a_message():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run("--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_main_is_callable_for_tests(capsys):
+    with pytest.raises(SystemExit) as exited:
+        relay_lite.main(["--version"])
+    assert exited.value.code == 0
+    assert relay_lite.__version__ in capsys.readouterr().out
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    root = Path(relay_lite.__file__).parent
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    test_command = re.search(r"^(python3 -m venv .*pytest.*)$", readme, re.M).group(1)
+    assert test_command in ci
+    assert re.search(r"^python3 -m venv .*relay_lite\.py$", readme, re.M)
+    assert os.access(root / ".ci" / "run", os.X_OK)

@@ -1,0 +1,130 @@
+"""Interop: the seed document's JavaScript client, on Node's `ws`, against the real relay.
+
+`ws` is installed with npm into .cache/node/ (git-ignored) on first use. ws@7 is what the seed was
+written for: it hands text frames over as strings, so the client prints each frame as JSON. ws@8,
+what `npm i ws` installs today, hands them over as Buffers, which the seed prints as bytes.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+import relay_lite
+from conftest import KEY, SECRET, post, relay_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "tests" / "node" / "client.js"
+
+
+def install_ws(major: int) -> Path:
+    """The node_modules folder holding ws@<major>, installed once per checkout."""
+    prefix = ROOT / ".cache" / "node" / f"ws{major}"
+    if not (prefix / "node_modules" / "ws" / "package.json").exists():
+        npm = shutil.which("npm")
+        assert npm, "Node.js and npm are needed for the interop tests"
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(prefix),
+                        f"ws@{major}"], check=True, timeout=300)
+    return prefix / "node_modules"
+
+
+class NodeClient:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._buffer = b""
+
+    async def wait_for(self, predicate, timeout: float = 15) -> str:
+        """Read stdout until a line satisfies `predicate`; return that line."""
+        with trio.fail_after(timeout):
+            while True:
+                while b"\n" in self._buffer:
+                    line, self._buffer = self._buffer.split(b"\n", 1)
+                    self.lines.append(line.decode())
+                    if predicate(self.lines[-1]):
+                        return self.lines[-1]
+                chunk = await self.process.stdout.receive_some()
+                assert chunk, f"client exited: {self.lines}"
+                self._buffer += chunk
+
+
+async def start_client(relay, node_modules: Path, bucket: str) -> NodeClient:
+    env = dict(os.environ, NODE_PATH=str(node_modules), RELAY_SOCKET_URL=relay.socket_url,
+               RELAY_KEY=KEY, RELAY_SECRET=SECRET, RELAY_BUCKET=bucket)
+    process = await trio.lowlevel.open_process(["node", str(CLIENT)], env=env, stdout=subprocess.PIPE)
+    return NodeClient(process)
+
+
+@pytest.fixture
+async def relay():
+    async with relay_lite.open_relay(relay_config()) as relay:
+        yield relay
+
+
+async def test_seed_client_prints_authenticated_subscribed_and_the_webhook_twice_on_one_key(relay):
+    node_modules = await trio.to_thread.run_sync(install_ws, 7)
+    clients = [await start_client(relay, node_modules, "github") for _ in range(2)]
+    try:
+        for client in clients:
+            authenticated = await client.wait_for(lambda line: '"authenticated"' in line)
+            assert authenticated == ('{"type":"status","status":"authenticated",'
+                                     '"message":"connected successfully, subscribe to buckets"}')
+            subscribed = await client.wait_for(lambda line: '"subscribed"' in line)
+            assert subscribed == '{"type":"status","status":"subscribed","message":"subscribed to buckets: github"}'
+
+        response = await post(relay, path="?foo=bar", content=b'{"hi": "there"}',
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 200
+        for client in clients:
+            frame = json.loads(await client.wait_for(lambda line: line.startswith('{"type":"webhook"')))
+            # the seed's schema
+            assert set(frame) >= {"type", "meta", "headers", "query", "body", "method"}
+            assert {"bucked_id", "bucket_name", "input_id", "input_name", "output_name",
+                    "output_destination"} <= set(frame["meta"])
+            assert frame["meta"]["bucket_name"] == "github"
+            assert (frame["body"], frame["query"], frame["method"]) == ('{"hi": "there"}', "foo=bar", "POST")
+            assert frame["headers"]["Content-Type"] == ["application/json"]
+    finally:
+        for client in clients:
+            client.process.kill()
+            await client.process.wait()
+
+
+async def test_seed_client_on_todays_ws_receives_the_webhook(relay):
+    node_modules = await trio.to_thread.run_sync(install_ws, 8)
+    client = await start_client(relay, node_modules, "github")
+    try:
+        await client.wait_for(lambda line: line.startswith("connected"))
+        with trio.fail_after(15):  # it prints Buffers; the relay's side shows it subscribed
+            while not any(session.buckets for session in relay._sessions):
+                await trio.sleep(0.02)
+        await post(relay, content="x" * 10)
+        # ws@8 prints '<Buffer 7b 22 74 79 70 65 22 3a 22 77 65 62 68 6f 6f 6b ...': '{"type":"webhook'
+        await client.wait_for(lambda line: line.startswith("<Buffer 7b 22 74 79 70 65 22 3a 22 77 65 62"))
+    finally:
+        client.process.kill()
+        await client.process.wait()
+
+
+async def test_seed_client_reconnects_after_a_restart():
+    """The seed reconnects every 3 s; a relay restarted on the same port takes it back."""
+    config = relay_config()
+    async with relay_lite.open_relay(config) as relay:
+        port = int(relay.url.rsplit(":", 1)[1])
+        client = await start_client(relay, await trio.to_thread.run_sync(install_ws, 7), "github")
+        await client.wait_for(lambda line: '"subscribed"' in line)
+    try:
+        await client.wait_for(lambda line: "socket closed, reconnecting" in line)
+        async with relay_lite.open_relay(config, port=port) as relay:
+            await client.wait_for(lambda line: '"subscribed"' in line)
+            await post(relay, content="after restart")
+            frame = json.loads(await client.wait_for(lambda line: line.startswith('{"type":"webhook"')))
+            assert frame["body"] == "after restart"
+    finally:
+        client.process.kill()
+        await client.process.wait()
