@@ -50,6 +50,7 @@ from hypercorn.trio.worker_context import WorkerContext as _WorkerContext
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from wsproto.utilities import LocalProtocolError
 
 __all__ = [
     "BucketConfig",
@@ -965,28 +966,34 @@ class Relay:
             await stream.aclose()
 
     async def _serve_socket(self, stream: _ReplayStream) -> None:
+        try:
+            async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
+                await self._run_session(nursery, stream)
+        except* LocalProtocolError:
+            # trio-websocket's reader answering a frame (an oversized one, say) that arrived after
+            # this side began to close: the socket is closing either way
+            logger.debug("socket from %s: frame after close", _address(stream.socket))
+
+    async def _run_session(self, nursery: trio.Nursery, stream: _ReplayStream) -> None:
         peer = _address(stream.socket)
-        async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-            ws = None
-            with trio.move_on_after(_REQUEST_HEAD_TIMEOUT):
-                ws_request = await trio_websocket.wrap_server_stream(
-                    nursery, stream, max_message_size=MAX_CLIENT_FRAME
-                )
-                ws = await ws_request.accept()
-            if ws is None or self._shutdown.is_set():  # a broken handshake, or too late
-                await stream.aclose()
-                return
-            session = _Session(self, ws, peer)
-            self._sessions.add(session)
-            try:
-                await session.run()
-            finally:
-                self._sessions.discard(session)
-                self._quiet.unpark_all()
-                await stream.aclose()
-                closed = session.close_reason or (ws.closed and (ws.closed.code, ws.closed.reason))
-                logger.info("socket %s (key %s) closed %s; %d frame(s) sent", peer,
-                            session.token.key if session.token else "-", closed, session.frames_sent)
+        ws = None
+        with trio.move_on_after(_REQUEST_HEAD_TIMEOUT):
+            ws_request = await trio_websocket.wrap_server_stream(nursery, stream, max_message_size=MAX_CLIENT_FRAME)
+            ws = await ws_request.accept()
+        if ws is None or self._shutdown.is_set():  # a broken handshake, or too late
+            await stream.aclose()
+            return
+        session = _Session(self, ws, peer)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+            self._quiet.unpark_all()
+            await stream.aclose()
+            closed = session.close_reason or (ws.closed and (ws.closed.code, ws.closed.reason))
+            logger.info("socket %s (key %s) closed %s; %d frame(s) sent", peer,
+                        session.token.key if session.token else "-", closed, session.frames_sent)
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:

@@ -297,3 +297,4 @@ async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
                 while len(relay._sessions) > 1:
                     await trio.sleep(0.05)
         stuck.close()
+
