@@ -851,7 +851,9 @@ class Relay:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.url = ""  # http://HOST:PORT once listening
+        self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
+        self.port = 0
+        self.url = ""  # http://HOST:PORT
         self._store = _Store(config)
         self._sessions: set[_Session] = set()
         self._routing: set[trio.CancelScope] = set()  # connections still sending their request head
@@ -911,9 +913,9 @@ class Relay:
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners = await _listen(server.host, server.port)
-            host, port = listeners[0].socket.getsockname()[:2]
-            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            host, self.port = listeners[0].socket.getsockname()[:2]
+            self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+            self.url = f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
             logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
 
             async def handle(stream: trio.SocketStream) -> None:

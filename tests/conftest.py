@@ -1,12 +1,15 @@
 """Shared fixtures: a relay on port 0 and small clients that talk to it over real sockets."""
 
 import json
+import socket
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 import trio
 import trio_websocket
+import wsproto
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 import relay_lite
 
@@ -114,3 +117,18 @@ async def subscriber(relay, buckets=None, key=KEY, secret=SECRET):
 async def post(relay, input_id=GITHUB_INPUT, path="", **kwargs) -> httpx.Response:
     async with httpx.AsyncClient(timeout=10) as http:
         return await http.post(f"{relay.url}/v1/webhooks/{input_id}{path}", **kwargs)
+
+
+async def never_reading_client(relay, buckets, receive_buffer=4096):
+    """A raw TCP client with a tiny receive buffer: it subscribes, then never reads again."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    await sock.connect((relay.host, relay.port))
+    protocol = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await sock.send(protocol.send(Request(host=relay.host, target="/v1/socket")))
+    with trio.fail_after(5):
+        while not any(isinstance(event, AcceptConnection) for event in protocol.events()):
+            protocol.receive_data(await sock.recv(4096))
+    frames = [{"action": "auth", "key": KEY, "secret": SECRET}, {"action": "subscribe", "buckets": buckets}]
+    await sock.send(b"".join(protocol.send(TextMessage(json.dumps(frame))) for frame in frames))
+    return sock

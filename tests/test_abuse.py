@@ -1,16 +1,12 @@
 """Every bad input at once, while a well-behaved client receives every webhook, in order."""
 
-import json
 import logging
-import socket
 
 import pytest
 import trio
 import trio_websocket
-import wsproto
-from wsproto.events import AcceptConnection, Request, TextMessage
 
-from conftest import KEY, SECRET, connect, post, relay_config, subscriber
+from conftest import KEY, connect, never_reading_client, post, relay_config, subscriber
 
 WEBHOOKS = 200
 
@@ -18,20 +14,6 @@ WEBHOOKS = 200
 @pytest.fixture
 def config():
     return relay_config(max_body_size=64 * 1024, auth_timeout=0.5, send_queue_size=16)
-
-
-async def raw_socket_client(relay, frames, receive_buffer=4096):
-    """A TCP client that opens a WebSocket, sends `frames` and then never reads again."""
-    host, port = relay.url.removeprefix("http://").split(":")
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    await sock.connect((host, int(port)))
-    protocol = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    await sock.send(protocol.send(Request(host=host, target="/v1/socket")))
-    while not any(isinstance(event, AcceptConnection) for event in protocol.events()):
-        protocol.receive_data(await sock.recv(4096))
-    await sock.send(b"".join(protocol.send(TextMessage(json.dumps(frame))) for frame in frames))
-    return sock
 
 
 async def bad_frames(relay):
@@ -74,9 +56,8 @@ async def huge_frame_racing_the_auth_timeout(relay):
 
 
 async def garbage_bytes(relay):
-    host, port = relay.url.removeprefix("http://").split(":")
     for garbage in (b"\x16\x03\x01" + bytes(300), b"\r\n" * 10000, b"GET /v1/socket HTTP/1.1\r\n" + b"A" * 20000):
-        stream = await trio.open_tcp_stream(host, int(port))
+        stream = await trio.open_tcp_stream(relay.host, relay.port)
         try:
             await stream.send_all(garbage)
             await stream.receive_some(1024)
@@ -93,8 +74,7 @@ async def bad_http(relay):
 
 
 async def test_bad_inputs_cost_a_good_client_nothing(relay, caplog):
-    stuck = await raw_socket_client(relay, [{"action": "auth", "key": KEY, "secret": SECRET},
-                                            {"action": "subscribe", "buckets": ["github"]}])
+    stuck = await never_reading_client(relay, ["github"])
     async with subscriber(relay, ["github"]) as good:
         received = []
 

@@ -62,10 +62,9 @@ async def test_public_url_is_used_for_printed_urls():
 
 async def test_shutdown_closes_sockets_with_1001_and_answers_requests_in_flight():
     async with relay_lite.open_relay(relay_config()) as relay:
-        host, port = relay.url.removeprefix("http://").split(":")
         async with subscriber(relay, ["github"]) as client:
             # a webhook whose body is still on its way when the shutdown starts
-            stream = await trio.open_tcp_stream(host, int(port))
+            stream = await trio.open_tcp_stream(relay.host, relay.port)
             await stream.send_all(f"POST /v1/webhooks/{GITHUB_INPUT} HTTP/1.1\r\nHost: x\r\n"
                                   "Content-Length: 10\r\n\r\nhello".encode())
             await trio.testing.wait_all_tasks_blocked()
@@ -78,7 +77,7 @@ async def test_shutdown_closes_sockets_with_1001_and_answers_requests_in_flight(
             assert answer.startswith(b"HTTP/1.1 200")
             await stream.aclose()
         with pytest.raises(OSError):  # no longer listening
-            await trio.open_tcp_stream(host, int(port))
+            await trio.open_tcp_stream(relay.host, relay.port)
 
 
 async def test_idle_keepalive_connections_do_not_hold_up_shutdown():

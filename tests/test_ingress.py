@@ -57,8 +57,7 @@ async def test_body_over_the_limit_is_413(relay):
 
 async def test_huge_body_is_refused_without_reading_it(relay):
     """A declared 1 GiB body is answered with 413 after a few KiB have been sent."""
-    host, port = relay.url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await trio.open_tcp_stream(relay.host, relay.port)
     await stream.send_all(f"POST /v1/webhooks/{GITHUB_INPUT} HTTP/1.1\r\nHost: x\r\n"
                           f"Content-Length: {2**30}\r\n\r\n".encode() + b"x" * 4096)
     with trio.fail_after(5):
@@ -130,11 +129,10 @@ async def test_routing_to_outputs_with_the_extra_path(relay):
 
 
 async def test_garbage_on_the_port_does_not_hurt(relay):
-    host, port = relay.url.removeprefix("http://").split(":")
     for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),
                     b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000 + b"\r\n",
                     b"NOT HTTP AT ALL\r\n\r\n"):
-        stream = await trio.open_tcp_stream(host, int(port))
+        stream = await trio.open_tcp_stream(relay.host, relay.port)
         await stream.send_all(garbage)
         with trio.fail_after(5):
             try:
@@ -150,8 +148,7 @@ async def test_garbage_on_the_port_does_not_hurt(relay):
 
 async def test_a_connection_that_sends_nothing_is_closed(relay, monkeypatch):
     monkeypatch.setattr(relay_lite, "_REQUEST_HEAD_TIMEOUT", 0.2)
-    host, port = relay.url.removeprefix("http://").split(":")
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await trio.open_tcp_stream(relay.host, relay.port)
     with trio.fail_after(5):
         assert await stream.receive_some(4096) == b""
     await stream.aclose()

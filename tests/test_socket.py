@@ -1,13 +1,12 @@
 """The socket endpoint against the real server on port 0, with trio-websocket clients."""
 
-import json
-
 import pytest
 import trio
-import trio_websocket
 
-from conftest import (GITHUB_ID, GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect, post,
-                      relay_config, subscriber)
+import relay_lite
+
+from conftest import (GITHUB_ID, GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect,
+                      never_reading_client, post, relay_config, subscriber)
 
 
 async def test_auth_and_subscribe_answer_with_the_hosted_strings(relay):
@@ -130,14 +129,12 @@ def quick_config():
 
 
 async def test_unauthenticated_socket_is_closed_after_auth_timeout(quick_config):
-    import relay_lite
     async with relay_lite.open_relay(quick_config) as relay, connect(relay) as client:
         reason = await client.closed()
         assert (reason.code, reason.reason) == (1008, "not authenticated within 0.3 s")
 
 
 async def test_status_pings_after_auth_and_pong_is_accepted(quick_config):
-    import relay_lite
     async with relay_lite.open_relay(quick_config) as relay, subscriber(relay, ["github"]) as client:
         ping = await client.expect("ping")
         assert isinstance(ping["message"], str) and ping["message"]
@@ -255,7 +252,6 @@ async def _post_in_step_with(relay, good, count=60, until=lambda: False):
 
 async def test_a_client_that_reads_too_slowly_is_cut_off_with_a_reason(slow_config):
     """The late reader still sees why: close code 1008 with a "too slow" reason."""
-    import relay_lite
     async with relay_lite.open_relay(slow_config) as relay:
         async with subscriber(relay, ["github"]) as good, subscriber(relay, ["github"]) as slow:
             # `slow` reads nothing meanwhile; it is cut off as soon as its queue overflows
@@ -268,25 +264,8 @@ async def test_a_client_that_reads_too_slowly_is_cut_off_with_a_reason(slow_conf
 
 async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
     """A raw TCP client with a tiny receive buffer that never reads: it is cut off and disconnected."""
-    import socket
-
-    import relay_lite
-    import wsproto
-    from wsproto.events import AcceptConnection, Request, TextMessage
-
     async with relay_lite.open_relay(slow_config) as relay:
-        host, port = relay.url.removeprefix("http://").split(":")
-        stuck = trio.socket.socket()
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await stuck.connect((host, int(port)))
-        protocol = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        await stuck.send(protocol.send(Request(host=host, target="/v1/socket")))
-        with trio.fail_after(5):
-            while not any(isinstance(event, AcceptConnection) for event in protocol.events()):
-                protocol.receive_data(await stuck.recv(4096))
-        data = protocol.send(TextMessage(json.dumps({"action": "auth", "key": KEY, "secret": SECRET})))
-        data += protocol.send(TextMessage(json.dumps({"action": "subscribe", "buckets": ["github"]})))
-        await stuck.send(data)
+        stuck = await never_reading_client(relay, ["github"])
         with trio.fail_after(5):
             while not any(session.buckets for session in relay._sessions):
                 await trio.sleep(0.01)
