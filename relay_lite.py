@@ -58,13 +58,18 @@ __all__ = [
     "ConfigError",
     "InputConfig",
     "OutputConfig",
+    "ProtocolError",
     "Relay",
     "ServerConfig",
     "TokenConfig",
+    "Webhook",
     "load_config",
     "main",
     "open_relay",
+    "parse_client_frame",
     "serve_relay",
+    "status_frame",
+    "webhook_frames",
 ]
 __version__ = "0.1.0"
 
@@ -462,7 +467,7 @@ class Webhook:
         grouped: dict[str, list[str]] = {}
         for name, value in headers:
             if name.lower() != b"host":
-                grouped.setdefault(canonical_header(name.decode("latin-1")), []).append(_text(value))
+                grouped.setdefault(_canonical_header(name.decode("latin-1")), []).append(_text(value))
         try:
             text, encoding = body.decode("utf-8"), ""
         except UnicodeDecodeError:
@@ -470,7 +475,7 @@ class Webhook:
         return cls(method.upper(), path or "/", _text(query), grouped, text, encoding)
 
 
-def canonical_header(name: str) -> str:
+def _canonical_header(name: str) -> str:
     """`x-hub-signature-256` -> `X-Hub-Signature-256`, as Go's net/http canonicalises names."""
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
@@ -509,9 +514,15 @@ def _routes(bucket: BucketConfig) -> tuple[_Route, ...]:
     )
 
 
-def webhook_frames(log_id: str, bucket: BucketConfig, input_: InputConfig, webhook: Webhook) -> list[str]:
-    """The frames sockets subscribed to `bucket` receive for `webhook`, each serialised once."""
-    return [_webhook_frame(log_id, bucket, input_, route, webhook) for route in _routes(bucket)]
+def webhook_frames(
+    log_id: str, bucket: BucketConfig, input_: InputConfig, webhook: Webhook, routes: Iterable[_Route] | None = None
+) -> list[str]:
+    """The frames sockets subscribed to `bucket` receive for `webhook`, each serialised once.
+
+    `routes` are `_routes(bucket)`, which the store computes once per bucket.
+    """
+    routes = _routes(bucket) if routes is None else routes
+    return [_webhook_frame(log_id, bucket, input_, route, webhook) for route in routes]
 
 
 def _webhook_frame(log_id: str, bucket: BucketConfig, input_: InputConfig, route: _Route, webhook: Webhook) -> str:
@@ -895,7 +906,7 @@ class Relay:
 
     def _publish(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> None:
         log_id = str(uuid.uuid4())
-        frames = [_webhook_frame(log_id, bucket.config, input_, route, webhook) for route in bucket.routes]
+        frames = webhook_frames(log_id, bucket.config, input_, webhook, bucket.routes)
         for session in bucket.subscribers:
             for frame in frames:
                 session.deliver(frame)
@@ -905,7 +916,6 @@ class Relay:
     async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
         server = self.config.server
         hypercorn_config = _HypercornConfig()
-        hypercorn_config.graceful_timeout = server.shutdown_timeout
         app = ASGIWrapper(self._asgi)
         context = _WorkerContext(None)
         lifespan = _Lifespan(app, hypercorn_config, {})

@@ -73,7 +73,7 @@ def test_status_frames_are_the_hosted_strings():
     ("etag", "Etag"),
 ])
 def test_canonical_header(name, canonical):
-    assert relay_lite.canonical_header(name) == canonical
+    assert relay_lite._canonical_header(name) == canonical
 
 
 def test_webhook_from_request_keeps_everything_but_host():
