@@ -50,6 +50,7 @@ from hypercorn.trio.worker_context import WorkerContext as _WorkerContext
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from wsproto.events import TextMessage
 from wsproto.utilities import LocalProtocolError
 
 __all__ = [
@@ -101,6 +102,8 @@ _REQUEST_HEAD_LIMIT = 16 * 2**10  # 16 KiB of request head read to route a conne
 _REQUEST_HEAD_TIMEOUT = 10.0  # seconds a new connection may take to send its request head
 _CLOSE_TIMEOUT = 5.0  # seconds a closing handshake (or the frame on the wire before it) may take
 _RECEIVE_SIZE = 2**16
+_WRITE_BATCH_FRAMES = 256  # queued frames one socket write may carry
+_WRITE_BATCH_BYTES = 2**20  # 1 MiB: a larger frame goes alone
 
 # Ids a config leaves out are derived from names under this namespace, so they stay the same
 # across restarts. `python relay_lite.py init` writes random ones instead.
@@ -679,15 +682,23 @@ class _Session:
                     await self._ws.aclose(code, reason)
 
     async def _send_frames(self) -> None:
-        """The one writer: send queued frames until close() closes the queue."""
+        """The one writer: send queued frames, all that are waiting at once, until close()."""
         with self._writer:
             async for frame in self._frames_out:
+                batch, size = [frame], len(frame)
+                while len(batch) < _WRITE_BATCH_FRAMES and size < _WRITE_BATCH_BYTES:
+                    try:
+                        frame = self._frames_out.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(frame)
+                    size += len(frame)
                 if self._drop_queued:
                     break
                 self._writing = True
-                await self._ws.send_message(frame)
+                await _send_text_frames(self._ws, batch)
                 self._writing = False
-                self.frames_sent += 1
+                self.frames_sent += len(batch)
 
     async def _receive_frames(self, nursery: trio.Nursery) -> None:
         server = self._relay.config.server
@@ -747,6 +758,25 @@ class _Session:
         while True:
             await trio.sleep(interval)
             self.deliver(_PING_FRAME)
+
+
+async def _send_text_frames(ws: trio_websocket.WebSocketConnection, frames: list[str]) -> None:
+    """`ws.send_message(frame)` for every frame, in one write.
+
+    Each send_message costs a whole trio scheduling round, even when the socket has room, and a
+    busy relay completes several webhooks in one round: a writer sending a frame a round falls
+    behind a client that reads everything. trio-websocket has no batch send, so this does what
+    send_message and _send do in trio-websocket 0.12 (pinned in pyproject), for a list.
+    """
+    if ws._close_reason:
+        raise trio_websocket.ConnectionClosed(ws._close_reason)
+    data = b"".join(ws._wsproto.send(TextMessage(data=frame)) for frame in frames)
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise trio_websocket.ConnectionClosed(ws._close_reason) from None
 
 
 # ============================================================================ HTTP app (Quart-Trio)

@@ -277,3 +277,34 @@ async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
                     await trio.sleep(0.05)
         stuck.close()
 
+
+
+@pytest.fixture
+def small_queue_config():
+    return relay_config(send_queue_size=8)
+
+
+async def test_a_client_that_reads_everything_keeps_up_with_a_burst(small_queue_config):
+    """Regression: the writer sent one frame per trio scheduling round while a busy relay
+    accepts several webhooks per round, so a client reading everything was cut off as too slow."""
+    import httpx
+
+    async with relay_lite.open_relay(small_queue_config) as relay, subscriber(relay, ["github"]) as client:
+        received = []
+
+        async def read_all():
+            while len(received) < 400:
+                received.append((await client.webhook(timeout=20))["body"])
+
+        async def send(sender: int, http: httpx.AsyncClient):
+            for n in range(20):
+                assert (await http.post(relay.input_url("github"), content=f"{sender}:{n}")).status_code == 200
+
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=20)) as http:
+            nursery.start_soon(read_all)
+            async with trio.open_nursery() as senders:
+                for sender in range(20):
+                    senders.start_soon(send, sender, http)
+        assert sorted(received) == sorted(f"{s}:{n}" for s in range(20) for n in range(20))
+        assert not any(session.close_reason for session in relay._sessions)
