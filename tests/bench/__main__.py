@@ -1,0 +1,338 @@
+"""relay_lite benchmarks: `python -m tests.bench [--quick] [--json FILE]`.
+
+Each scenario runs relay_lite (`python relay_lite.py --config ...`, a fresh process each time) and
+its load in separate processes (tests/bench/peers.py; wrk for the ingest load when it is
+installed), and, where the figure depends on the machine, a ceiling measured in the same run on the
+same machine under the same load: a bare ASGI app on Hypercorn's trio worker for HTTP, a bare
+trio-websocket server sending one pre-encoded frame to every client for sockets. The ratio to the
+ceiling is the result. It prints one table with every figure, its target and PASS or MISS.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tests.bench.peers import BUCKET, INPUT_ID, KEY, SECRET, webhook_body
+
+ROOT = Path(__file__).resolve().parents[2]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+FRAME_BYTES = 1600  # a relay frame for a 1 KiB body, headers and meta: about 1.6 KB
+
+
+def _more_files() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Process:
+    """A child process that speaks JSON lines on stdout (peers) or prints a banner (the relay)."""
+
+    def __init__(self, *args: str) -> None:
+        self.popen = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                      preexec_fn=_more_files)
+
+    def line(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.popen.stdout], [], [], remaining)[0]:
+                raise TimeoutError(f"no line matching {pattern!r} within {timeout} s: {self.popen.args}")
+            line = self.popen.stdout.readline()
+            if not line:
+                raise RuntimeError(f"process ended: {self.popen.args}")
+            if match := re.search(pattern, line):
+                return match
+
+    def event(self, name: str, timeout: float = 120) -> dict:
+        return json.loads(self.line(r'^\{"event": "%s".*' % name, timeout).group(0))
+
+    def stop(self, timeout: float = 60) -> dict:
+        self.popen.stdin.write("stop\n")
+        self.popen.stdin.flush()
+        return self.event("result", timeout)
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def end(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+class Relay(Process):
+    def __init__(self, workdir: Path, **server) -> None:
+        config = workdir / "relay.toml"
+        settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in server.items())
+        config.write_text(f'[server]\nport = 0\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
+                          f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n')
+        super().__init__(str(ROOT / "relay_lite.py"), "--config", str(config))
+        url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
+        self.host, self.port = url.group(1), int(url.group(2))
+
+
+def peer(*args) -> Process:
+    return Process("-m", "tests.bench.peers", *map(str, args))
+
+
+def subscribers(host: str, port: int, clients: int, *extra: str) -> Process:
+    process = peer("subscribers", host, port, "--clients", clients, *extra)
+    process.event("ready", timeout=300)
+    return process
+
+
+class RSSPeak:
+    """Samples a process's RSS every 50 ms in a thread, keeping the highest."""
+
+    def __init__(self, process: Process) -> None:
+        self.process, self.peak, self._stop = process, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.rss_kb())
+
+    def __enter__(self) -> "RSSPeak":
+        self.peak = self.process.rss_kb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def load(host: str, port: int, duration: float, connections: int = 20) -> dict:
+    """The ingest load: wrk when installed (one thread), else the built-in closed-loop generator."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            body = webhook_body(0, 0.0).decode()
+            script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                         'wrk.headers["Content-Type"] = "application/json"\n')
+        out = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{duration}s", "-s", script.name,
+                              f"http://{host}:{port}/v1/webhooks/{INPUT_ID}"],
+                             capture_output=True, text=True, check=True).stdout
+        os.unlink(script.name)
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        errors = int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
+        errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+        seconds = float(re.search(r"requests in ([\d.]+)s", out).group(1))
+        return {"tool": "wrk", "ok": total - errors, "errors": errors, "rate": (total - errors) / seconds}
+    process = peer("load", host, port, "--connections", connections, "--duration", duration)
+    result = process.event("result", timeout=duration + 60)
+    return {"tool": "built-in", **result}
+
+
+class Bench:
+    def __init__(self, quick: bool, workdir: Path) -> None:
+        self.quick, self.workdir, self.rows = quick, workdir, []
+
+    def row(self, scenario: str, figure: str, value, target: str, passed: bool | None, ceiling=None, ratio=None):
+        self.rows.append({"scenario": scenario, "figure": figure, "value": value, "ceiling": ceiling,
+                          "ratio": ratio, "target": target,
+                          "result": "-" if passed is None else ("PASS" if passed else "MISS")})
+        print(f"  {scenario}: {figure} = {_show(value)}" + (f" (ceiling {_show(ceiling)}, ratio {_show(ratio)})"
+              if ceiling is not None else "") + f"  [{self.rows[-1]['result']}]", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ scenarios
+
+    def startup(self) -> None:
+        relay = Relay(self.workdir)
+        try:
+            time.sleep(1.0)
+            rss = relay.rss_kb() / 1024
+        finally:
+            relay.end()
+        self.row("start-up", "RSS before traffic (MB)", round(rss, 1), "<= 60 MB", rss <= 60)
+
+    def ingest(self) -> None:
+        duration = 3 if self.quick else 10
+        ceiling = peer("http-ceiling")
+        try:
+            port = ceiling.event("ready")["port"]
+            bare = load("127.0.0.1", port, duration)
+        finally:
+            ceiling.stop()
+            ceiling.end()
+
+        plain = self._ingest_run(duration, stuck=0)
+        slow = self._ingest_run(duration, stuck=1)
+        ratio = plain["rate"] / bare["rate"]
+        delivered = plain["delivered"] >= plain["ok"]
+        self.row("ingest, 1 subscriber, 1 KiB bodies", f"webhooks/s accepted ({plain['tool']}, 20 connections)",
+                 round(plain["rate"]), ">= 0.8 of ceiling", ratio >= 0.8, round(bare["rate"]), round(ratio, 2))
+        self.row("ingest, 1 subscriber, 1 KiB bodies", "delivered / accepted",
+                 f"{plain['delivered']} / {plain['ok']}", "every webhook delivered", delivered)
+        self.row("ingest, 1 subscriber, 1 KiB bodies", "errors (non-2xx, socket)", plain["errors"], "0",
+                 plain["errors"] == 0)
+        slow_ratio = slow["rate"] / plain["rate"]
+        self.row("slow subscriber present (never reads)", "webhooks/s", round(slow["rate"]),
+                 ">= 0.95 of the run without", slow_ratio >= 0.95, round(plain["rate"]), round(slow_ratio, 2))
+        queue_mb = 1000 * FRAME_BYTES / 2**20
+        growth = (slow["peak_rss_kb"] - plain["peak_rss_kb"]) / 1024
+        self.row("slow subscriber present (never reads)", "peak server RSS (MB), without -> with",
+                 f"{plain['peak_rss_kb'] / 1024:.1f} -> {slow['peak_rss_kb'] / 1024:.1f}",
+                 f"growth <= queue ({queue_mb:.1f} MB) + 1 MB", growth <= queue_mb + 1)
+        self.row("slow subscriber present (never reads)", "slow subscriber cut off",
+                 ", ".join(slow["close_reasons"]) or "no", "too slow (1008)", bool(slow["close_reasons"]))
+        self.row("slow subscriber present (never reads)", "delivered / accepted to the good subscriber",
+                 f"{slow['delivered']} / {slow['ok']}", "every webhook delivered", slow["delivered"] >= slow["ok"])
+
+    def _ingest_run(self, duration: float, stuck: int) -> dict:
+        relay = Relay(self.workdir)
+        try:
+            subs = subscribers(relay.host, relay.port, 1)
+            stuck_subs = subscribers(relay.host, relay.port, stuck, "--stuck") if stuck else None
+            with RSSPeak(relay) as rss:
+                result = load(relay.host, relay.port, duration)
+            time.sleep(0.5)
+            result["delivered"] = subs.stop()["frames"]
+            result["peak_rss_kb"] = rss.peak
+            result["close_reasons"] = stuck_subs.stop()["close_reasons"] if stuck_subs else []
+            return result
+        finally:
+            relay.end()
+
+    def latency(self) -> None:
+        rates = (500,) if self.quick else (100, 500, 1000)
+        duration = 2 if self.quick else 5
+        for rate in rates:
+            relay = Relay(self.workdir)
+            try:
+                subs = subscribers(relay.host, relay.port, 10)
+                sent = peer("load", relay.host, relay.port, "--rate", rate, "--count", int(rate * duration),
+                            "--connections", 8).event("result", timeout=duration + 60)
+                time.sleep(0.5)
+                got = subs.stop()
+            finally:
+                relay.end()
+            ms = {key: round(value * 1000, 2) for key, value in got["latency"].items()
+                  if key in ("p50", "p99", "max") and value is not None}
+            ok = rate != 500 or (ms.get("p99", 1e9) <= 10)
+            self.row(f"latency at {rate}/s, 10 subscribers", "p50 / p99 / max (ms), request sent to frame received",
+                     f"{ms.get('p50')} / {ms.get('p99')} / {ms.get('max')}",
+                     "p99 <= 10 ms" if rate == 500 else "-", ok if rate == 500 else None)
+            self.row(f"latency at {rate}/s, 10 subscribers", "frames received / expected",
+                     f"{got['frames']} / {sent['ok'] * 10}", "all", got["frames"] == sent["ok"] * 10 and not sent["errors"])
+
+    def fanout(self) -> None:
+        for clients in ((100,) if self.quick else (100, 1000)):
+            count = 20 if self.quick else 50
+            rate = 10 if clients <= 100 else 4
+
+            relay = Relay(self.workdir)
+            try:
+                subs = subscribers(relay.host, relay.port, clients)
+                peer("load", relay.host, relay.port, "--rate", rate, "--count", count).event("result")
+                time.sleep(1)
+                got = subs.stop()
+            finally:
+                relay.end()
+
+            ceiling = peer("socket-ceiling")
+            try:
+                ports = ceiling.event("ready")
+                subs = subscribers("127.0.0.1", ports["port"], clients, "--ceiling")
+                peer("load", "127.0.0.1", ports["trigger_port"], "/", "--rate", rate, "--count", count).event("result")
+                time.sleep(1)
+                bare = subs.stop()
+            finally:
+                ceiling.stop()
+                ceiling.end()
+
+            p50, p99 = (round(got["fanout"][key] * 1000, 1) for key in ("p50", "p99"))
+            bare50, bare99 = (round(bare["fanout"][key] * 1000, 1) for key in ("p50", "p99"))
+            ratio = round(got["fanout"]["p50"] / bare["fanout"]["p50"], 2)
+            limit = 100 if clients == 1000 else None
+            self.row(f"fan-out to {clients} subscribers ({count} webhooks)",
+                     "ms until the last has it, p50 / p99", f"{p50} / {p99}",
+                     (f"p99 <= {limit} ms, " if limit else "") + "p50 <= 1.5x ceiling",
+                     ratio <= 1.5 and (limit is None or p99 <= limit), f"{bare50} / {bare99}", ratio)
+            self.row(f"fan-out to {clients} subscribers ({count} webhooks)", "webhooks not reaching everyone",
+                     got["incomplete"] + count - got["webhooks"], "0", got["incomplete"] == 0 and got["webhooks"] == count)
+
+    def idle(self) -> None:
+        window = 5 if self.quick else 35  # the full window holds at least one round of 30 s pings
+        for clients in ((1000,) if self.quick else (1000, 10000)):
+            relay = Relay(self.workdir)
+            try:
+                time.sleep(0.5)
+                before = relay.rss_kb()
+                subs = subscribers(relay.host, relay.port, clients)
+                time.sleep(2)
+                after = relay.rss_kb()
+                cpu = relay.cpu_seconds()
+                time.sleep(window)
+                busy = (relay.cpu_seconds() - cpu) / window * 100
+                got = subs.stop()
+            finally:
+                relay.end()
+            per_connection = (after - before) * 1024 / clients / 1000
+            self.row(f"idle, {clients} authenticated subscribers", "server RSS growth per connection (KB)",
+                     round(per_connection, 1), "<= 30 KB", per_connection <= 30)
+            self.row(f"idle, {clients} authenticated subscribers", f"server CPU while idle, {window} s (% of a core)",
+                     round(busy, 2), "<= 2 %" if clients == 10000 else "-", busy <= 2 if clients == 10000 else None)
+            self.row(f"idle, {clients} authenticated subscribers", "connections dropped", got["closed"], "0",
+                     got["closed"] == 0)
+
+
+def _show(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def table(rows: list[dict]) -> str:
+    columns = ["scenario", "figure", "value", "ceiling", "ratio", "target", "result"]
+    cells = [[_show(row[column]) for column in columns] for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--only", nargs="*", choices=["startup", "ingest", "latency", "fanout", "idle"])
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    machine = {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "load_tool": "wrk" if shutil.which("wrk") else "built-in", "quick": args.quick}
+    print(f"relay_lite benchmarks on {machine['cores']} cores, Python {machine['python']}, "
+          f"ingest load by {machine['load_tool']}{' (quick)' if args.quick else ''}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as workdir:
+        bench = Bench(args.quick, Path(workdir))
+        for scenario in args.only or ["startup", "ingest", "latency", "fanout", "idle"]:
+            getattr(bench, scenario)()
+    machine["seconds"] = round(time.monotonic() - started, 1)
+    print(f"\nrelay_lite benchmarks: {machine['cores']} cores, Python {machine['python']}, "
+          f"{machine['seconds']} s\n")
+    print(table(bench.rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "rows": bench.rows}, indent=2))
+    return 0 if all(row["result"] != "MISS" for row in bench.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
