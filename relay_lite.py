@@ -50,7 +50,6 @@ from hypercorn.trio.worker_context import WorkerContext as _WorkerContext
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
-from wsproto.events import TextMessage
 from wsproto.utilities import LocalProtocolError
 
 __all__ = [
@@ -71,6 +70,7 @@ __all__ = [
     "serve_relay",
     "status_frame",
     "webhook_frames",
+    "wire_frame",
 ]
 __version__ = "0.1.0"
 
@@ -104,6 +104,7 @@ _CLOSE_TIMEOUT = 5.0  # seconds a closing handshake (or the frame on the wire be
 _RECEIVE_SIZE = 2**16
 _WRITE_BATCH_FRAMES = 256  # queued frames one socket write may carry
 _WRITE_BATCH_BYTES = 2**20  # 1 MiB: a larger frame goes alone
+_PING_SLOTS = 30  # pings go out in 30 ticks per ping_interval (1 s ticks at the default 30 s)
 
 # Ids a config leaves out are derived from names under this namespace, so they stay the same
 # across restarts. `python relay_lite.py init` writes random ones instead.
@@ -448,8 +449,23 @@ def status_frame(status: str, message: str) -> str:
     return _encode({"type": "status", "status": status, "message": message})
 
 
-_AUTHENTICATED_FRAME = status_frame("authenticated", AUTHENTICATED_MESSAGE)
-_PING_FRAME = status_frame("ping", "ping")
+def wire_frame(text: str) -> bytes:
+    """`text` as a server-to-client WebSocket text frame (RFC 6455: FIN, opcode 1, unmasked).
+
+    Server frames carry no mask, so the bytes are the same for every client: a webhook is framed
+    once and the same bytes go to every subscriber.
+    """
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 2**16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+
+
+_AUTHENTICATED_FRAME = wire_frame(status_frame("authenticated", AUTHENTICATED_MESSAGE))
+_PING_FRAME = wire_frame(status_frame("ping", "ping"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,16 +636,17 @@ def _digest(secret: str) -> bytes:
 class _Session:
     """One socket client: authentication, subscriptions, its outbox, and how it ends.
 
-    Its nursery holds the reader (auth under `auth_timeout`, then subscribe and pong), the pinger
-    and, in the nursery's own body, the one writer. Everything the client is sent goes through
-    the bounded outbox; a client that leaves `send_queue_size` frames unread is cut off.
+    Its nursery holds the reader (auth under `auth_timeout`, then subscribe and pong) and, in the
+    nursery's own body, the one writer. Everything the client is sent, pings from the relay's
+    _Pinger included, goes through the bounded outbox as framed bytes; a client that leaves
+    `send_queue_size` frames unread is cut off.
     """
 
     def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, peer: str) -> None:
         self._relay = relay
         self._ws = ws
         self.peer = peer
-        self._frames_in, self._frames_out = trio.open_memory_channel[str](relay.config.server.send_queue_size)
+        self._frames_in, self._frames_out = trio.open_memory_channel[bytes](relay.config.server.send_queue_size)
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
         self.close_reason: tuple[int, str] | None = None
@@ -638,8 +655,8 @@ class _Session:
         self._drop_queued = False
         self.frames_sent = 0
 
-    def deliver(self, frame: str) -> None:
-        """Queue `frame` for the client, or cut the client off if it has fallen too far behind."""
+    def deliver(self, frame: bytes) -> None:
+        """Queue `frame` (wire_frame bytes) for the client, or cut it off if it has fallen too far behind."""
         if self.close_reason is not None:
             return
         try:
@@ -668,12 +685,13 @@ class _Session:
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive_frames, nursery)
+                nursery.start_soon(self._receive_frames)
                 await self._send_frames()
                 nursery.cancel_scope.cancel()
         except* trio_websocket.ConnectionClosed:
             pass  # the client went away; nothing to tell it
         finally:
+            self._relay._pinger.discard(self)
             for bucket in self.buckets:
                 bucket.subscribers.discard(self)
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
@@ -682,7 +700,7 @@ class _Session:
                     await self._ws.aclose(code, reason)
 
     async def _send_frames(self) -> None:
-        """The one writer: send queued frames, all that are waiting at once, until close()."""
+        """The one writer: send queued frames, all that are waiting in one write, until close()."""
         with self._writer:
             async for frame in self._frames_out:
                 batch, size = [frame], len(frame)
@@ -694,20 +712,20 @@ class _Session:
                     batch.append(frame)
                     size += len(frame)
                 if self._drop_queued:
-                    break
+                    return
                 self._writing = True
-                await _send_text_frames(self._ws, batch)
+                await _write(self._ws, b"".join(batch))
                 self._writing = False
                 self.frames_sent += len(batch)
 
-    async def _receive_frames(self, nursery: trio.Nursery) -> None:
+    async def _receive_frames(self) -> None:
         server = self._relay.config.server
         with trio.move_on_after(server.auth_timeout):
             self.token = await self._authenticate()
         if self.token is None:
             self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
             return
-        nursery.start_soon(self._send_pings, server.ping_interval)
+        self._relay._pinger.add(self)
         while True:
             self._handle(await self._ws.get_message())
 
@@ -718,19 +736,19 @@ class _Session:
             try:
                 frame = parse_client_frame(message)
             except ProtocolError as error:
-                self.deliver(status_frame("error", str(error)))
+                self._status("error", str(error))
                 continue
             if isinstance(frame, _Pong):
                 continue
             if not isinstance(frame, _Auth):
-                self.deliver(status_frame("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first'))
+                self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
             token = self._relay._store.authenticate(frame.key, frame.secret)
             if token is not None:
                 self.deliver(_AUTHENTICATED_FRAME)
                 return token
             failures += 1
-            self.deliver(status_frame("unauthorized", "invalid key or secret"))
+            self._status("unauthorized", "invalid key or secret")
             if failures >= MAX_AUTH_ATTEMPTS:
                 self.close(CLOSE_POLICY, f"{failures} failed authentication attempts")
                 return None
@@ -745,38 +763,77 @@ class _Session:
                     bucket.subscribers.add(self)
                 self.buckets.update(buckets)
                 names = frame.buckets or [bucket.config.name for bucket in buckets]
-                self.deliver(status_frame("subscribed", "subscribed to buckets: " + ", ".join(names)))
+                self._status("subscribed", "subscribed to buckets: " + ", ".join(names))
                 logger.debug("socket %s subscribed to %s", self.peer, ", ".join(names))
             elif isinstance(frame, _Auth):
                 if self._relay._store.authenticate(frame.key, frame.secret) is not self.token:
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
         except ProtocolError as error:
-            self.deliver(status_frame("error", str(error)))
+            self._status("error", str(error))
 
-    async def _send_pings(self, interval: float) -> None:
-        while True:
-            await trio.sleep(interval)
-            self.deliver(_PING_FRAME)
+    def _status(self, status: str, message: str) -> None:
+        self.deliver(wire_frame(status_frame(status, message)))
 
 
-async def _send_text_frames(ws: trio_websocket.WebSocketConnection, frames: list[str]) -> None:
-    """`ws.send_message(frame)` for every frame, in one write.
+async def _write(ws: trio_websocket.WebSocketConnection, frames: bytes) -> None:
+    """Send frames built by wire_frame on `ws`, in one write.
 
-    Each send_message costs a whole trio scheduling round, even when the socket has room, and a
-    busy relay completes several webhooks in one round: a writer sending a frame a round falls
-    behind a client that reads everything. trio-websocket has no batch send, so this does what
-    send_message and _send do in trio-websocket 0.12 (pinned in pyproject), for a list.
+    trio-websocket frames each message anew for each connection (send_message), and each
+    send_message costs a whole trio scheduling round even when the socket has room, while a busy
+    relay completes several webhooks in one round: a writer sending a frame a round falls behind
+    a client that reads everything. So the relay frames a webhook once (no extension is ever
+    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
+    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
     """
     if ws._close_reason:
         raise trio_websocket.ConnectionClosed(ws._close_reason)
-    data = b"".join(ws._wsproto.send(TextMessage(data=frame)) for frame in frames)
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
+    try:
+        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        await ws._stream.send_all(frames)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
+
+
+class _Pinger:
+    """Status pings for every authenticated socket, each `interval` seconds, from one task.
+
+    A timing wheel: a socket joins the slot that is due next when it authenticates, and each
+    tick (interval / _PING_SLOTS) pings one slot, so pings are spread evenly over the interval
+    and no socket needs a timer of its own.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self._tick = interval / _PING_SLOTS
+        self._slots: list[set[_Session]] = [set() for _ in range(_PING_SLOTS)]
+        self._due = 0  # the slot the next tick pings
+        self._slot_of: dict[_Session, int] = {}
+
+    def add(self, session: _Session) -> None:
+        slot = (self._due - 1) % _PING_SLOTS  # pinged last in the round: a full interval from now
+        self._slots[slot].add(session)
+        self._slot_of[session] = slot
+
+    def discard(self, session: _Session) -> None:
+        slot = self._slot_of.pop(session, None)
+        if slot is not None:
+            self._slots[slot].discard(session)
+
+    async def run(self) -> None:
+        next_tick = trio.current_time()
+        while True:
+            next_tick += self._tick
+            await trio.sleep_until(next_tick)
+            for session in self._slots[self._due]:
+                session.deliver(_PING_FRAME)
+            self._due = (self._due + 1) % _PING_SLOTS
 
 
 # ============================================================================ HTTP app (Quart-Trio)
@@ -897,6 +954,7 @@ class Relay:
         self.url = ""  # http://HOST:PORT
         self._store = _Store(config)
         self._sessions: set[_Session] = set()
+        self._pinger = _Pinger(config.server.ping_interval)
         self._routing: set[trio.CancelScope] = set()  # connections still sending their request head
         self._requests = 0  # HTTP requests in flight
         self._quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
@@ -936,7 +994,7 @@ class Relay:
 
     def _publish(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> None:
         log_id = str(uuid.uuid4())
-        frames = webhook_frames(log_id, bucket.config, input_, webhook, bucket.routes)
+        frames = [wire_frame(text) for text in webhook_frames(log_id, bucket.config, input_, webhook, bucket.routes)]
         for session in bucket.subscribers:
             for frame in frames:
                 session.deliver(frame)
@@ -964,6 +1022,7 @@ class Relay:
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept, listeners, handle, connections, accepting)
+                connections.start_soon(self._pinger.run)
                 task_status.started(self)
                 await self._shutdown.wait()
 

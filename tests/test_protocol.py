@@ -155,3 +155,15 @@ def test_only_public_outputs_reach_no_socket():
 ])
 def test_socket_upgrade_detection(head, upgrade):
     assert relay_lite._is_socket_upgrade(head) is upgrade
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
+def test_wire_frame_is_what_a_websocket_client_decodes(size):
+    from wsproto.frame_protocol import FrameProtocol, Opcode
+
+    text = ("\u00e9" * size)[: max(0, size - size // 3)] + "x" * (size // 3)  # some multi-byte UTF-8
+    client = FrameProtocol(client=True, extensions=[])
+    client.receive_bytes(relay_lite.wire_frame(text))
+    (frame,) = list(client.received_frames())
+    assert frame.opcode is Opcode.TEXT and frame.frame_finished and frame.message_finished
+    assert frame.payload == text
