@@ -1,5 +1,7 @@
 """The socket endpoint against the real server on port 0, with trio-websocket clients."""
 
+import socket
+
 import pytest
 import trio
 
@@ -269,6 +271,8 @@ async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
         with trio.fail_after(5):
             while not any(session.buckets for session in relay._sessions):
                 await trio.sleep(0.01)
+        (session,) = relay._sessions  # its kernel send buffer is capped (Linux reports it doubled)
+        assert session._ws._stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * 256 * 1024
 
         async with subscriber(relay, ["github"]) as good:
             await _post_in_step_with(relay, good)
