@@ -16,6 +16,7 @@ import re
 import resource
 import select
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,37 +169,48 @@ class Bench:
         self.row("start-up", "RSS before traffic (MB)", round(rss, 1), "<= 60 MB", rss <= 60)
 
     def ingest(self) -> None:
-        duration = 3 if self.quick else 10
-        ceiling = peer("http-ceiling")
-        try:
-            port = ceiling.event("ready")["port"]
-            bare = load("127.0.0.1", port, duration)
-        finally:
-            ceiling.stop()
-            ceiling.end()
+        """Rounds of: the ceiling, the relay, the relay with a never-reading subscriber, each a fresh
+        process under the same load; ratios are taken within a round and the median is reported,
+        so a slow patch of the machine weighs on both sides of a ratio alike."""
+        rounds, duration = (2, 3) if self.quick else (5, 4)
+        bare, plain, slow = [], [], []
+        for _ in range(rounds):
+            ceiling = peer("http-ceiling")
+            try:
+                bare.append(load("127.0.0.1", ceiling.event("ready")["port"], duration))
+            finally:
+                ceiling.stop()
+                ceiling.end()
+            plain.append(self._ingest_run(duration, stuck=0))
+            slow.append(self._ingest_run(duration, stuck=1))
 
-        plain = self._ingest_run(duration, stuck=0)
-        slow = self._ingest_run(duration, stuck=1)
-        ratio = plain["rate"] / bare["rate"]
-        delivered = plain["delivered"] >= plain["ok"]
-        self.row("ingest, 1 subscriber, 1 KiB bodies", f"webhooks/s accepted ({plain['tool']}, 20 connections)",
-                 round(plain["rate"]), ">= 0.8 of ceiling", ratio >= 0.8, round(bare["rate"]), round(ratio, 2))
-        self.row("ingest, 1 subscriber, 1 KiB bodies", "delivered / accepted",
-                 f"{plain['delivered']} / {plain['ok']}", "every webhook delivered", delivered)
-        self.row("ingest, 1 subscriber, 1 KiB bodies", "errors (non-2xx, socket)", plain["errors"], "0",
-                 plain["errors"] == 0)
-        slow_ratio = slow["rate"] / plain["rate"]
-        self.row("slow subscriber present (never reads)", "webhooks/s", round(slow["rate"]),
-                 ">= 0.95 of the run without", slow_ratio >= 0.95, round(plain["rate"]), round(slow_ratio, 2))
+        ratio = statistics.median(p["rate"] / b["rate"] for p, b in zip(plain, bare))
+        scenario = f"ingest, 1 subscriber, 1 KiB bodies ({rounds} rounds of {duration} s, median)"
+        self.row(scenario, f"webhooks/s accepted ({plain[0]['tool']}, 20 connections)",
+                 round(statistics.median(p["rate"] for p in plain)), ">= 0.8 of ceiling", ratio >= 0.8,
+                 round(statistics.median(b["rate"] for b in bare)), round(ratio, 2))
+        accepted, delivered = sum(p["ok"] for p in plain), sum(p["delivered"] for p in plain)
+        self.row(scenario, "delivered / accepted", f"{delivered} / {accepted}", "every webhook delivered",
+                 all(p["delivered"] >= p["ok"] for p in plain))
+        errors = sum(p["errors"] for p in plain + slow)
+        self.row(scenario, "errors (non-2xx, socket)", errors, "0", errors == 0)
+
+        scenario = f"slow subscriber present (never reads) ({rounds} rounds, median)"
+        slow_ratio = statistics.median(s["rate"] / p["rate"] for s, p in zip(slow, plain))
+        self.row(scenario, "webhooks/s", round(statistics.median(s["rate"] for s in slow)),
+                 ">= 0.95 of the run without", slow_ratio >= 0.95,
+                 round(statistics.median(p["rate"] for p in plain)), round(slow_ratio, 2))
         queue_mb = 1000 * FRAME_BYTES / 2**20
-        growth = (slow["peak_rss_kb"] - plain["peak_rss_kb"]) / 1024
-        self.row("slow subscriber present (never reads)", "peak server RSS (MB), without -> with",
-                 f"{plain['peak_rss_kb'] / 1024:.1f} -> {slow['peak_rss_kb'] / 1024:.1f}",
+        growth = max(s["peak_rss_kb"] for s in slow) / 1024 - max(p["peak_rss_kb"] for p in plain) / 1024
+        self.row(scenario, "peak server RSS (MB), without -> with",
+                 f"{max(p['peak_rss_kb'] for p in plain) / 1024:.1f} -> {max(s['peak_rss_kb'] for s in slow) / 1024:.1f}",
                  f"growth <= queue ({queue_mb:.1f} MB) + 1 MB", growth <= queue_mb + 1)
-        self.row("slow subscriber present (never reads)", "slow subscriber cut off",
-                 ", ".join(slow["close_reasons"]) or "no", "too slow (1008)", bool(slow["close_reasons"]))
-        self.row("slow subscriber present (never reads)", "delivered / accepted to the good subscriber",
-                 f"{slow['delivered']} / {slow['ok']}", "every webhook delivered", slow["delivered"] >= slow["ok"])
+        reasons = sorted({reason for run in slow for reason in run["close_reasons"]})
+        self.row(scenario, "slow subscriber cut off", "; ".join(reasons) or "no",
+                 "too slow (1008) or disconnected", all(run["close_reasons"] for run in slow))
+        accepted, delivered = sum(s["ok"] for s in slow), sum(s["delivered"] for s in slow)
+        self.row(scenario, "delivered / accepted to the good subscriber", f"{delivered} / {accepted}",
+                 "every webhook delivered", all(s["delivered"] >= s["ok"] for s in slow))
 
     def _ingest_run(self, duration: float, stuck: int) -> dict:
         relay = Relay(self.workdir)
@@ -216,26 +228,33 @@ class Bench:
             relay.end()
 
     def latency(self) -> None:
+        """Fixed rates, open loop; at the target's rate, three runs and the median of their p99s."""
         rates = (500,) if self.quick else (100, 500, 1000)
         duration = 2 if self.quick else 5
         for rate in rates:
-            relay = Relay(self.workdir)
-            try:
-                subs = subscribers(relay.host, relay.port, 10)
-                sent = peer("load", relay.host, relay.port, "--rate", rate, "--count", int(rate * duration),
-                            "--connections", 8).event("result", timeout=duration + 60)
-                time.sleep(0.5)
-                got = subs.stop()
-            finally:
-                relay.end()
-            ms = {key: round(value * 1000, 2) for key, value in got["latency"].items()
-                  if key in ("p50", "p99", "max") and value is not None}
-            ok = rate != 500 or (ms.get("p99", 1e9) <= 10)
-            self.row(f"latency at {rate}/s, 10 subscribers", "p50 / p99 / max (ms), request sent to frame received",
-                     f"{ms.get('p50')} / {ms.get('p99')} / {ms.get('max')}",
-                     "p99 <= 10 ms" if rate == 500 else "-", ok if rate == 500 else None)
-            self.row(f"latency at {rate}/s, 10 subscribers", "frames received / expected",
-                     f"{got['frames']} / {sent['ok'] * 10}", "all", got["frames"] == sent["ok"] * 10 and not sent["errors"])
+            runs = [self._latency_run(rate, duration) for _ in range(3 if rate == 500 and not self.quick else 1)]
+            run = sorted(runs, key=lambda run: run["ms"]["p99"])[len(runs) // 2]
+            ms = run["ms"]
+            scenario = f"latency at {rate}/s, 10 subscribers" + (f" (median p99 of {len(runs)} runs)" if len(runs) > 1 else "")
+            self.row(scenario, "p50 / p99 / max (ms), request sent to frame received",
+                     f"{ms['p50']} / {ms['p99']} / {ms['max']}",
+                     "p99 <= 10 ms" if rate == 500 else "-", ms["p99"] <= 10 if rate == 500 else None)
+            self.row(scenario, "frames received / expected",
+                     " ".join(f"{r['frames']} / {r['expected']}" for r in runs), "all",
+                     all(r["frames"] == r["expected"] and not r["errors"] for r in runs))
+
+    def _latency_run(self, rate: int, duration: float) -> dict:
+        relay = Relay(self.workdir)
+        try:
+            subs = subscribers(relay.host, relay.port, 10)
+            sent = peer("load", relay.host, relay.port, "--rate", rate, "--count", int(rate * duration),
+                        "--connections", 8).event("result", timeout=duration + 60)
+            time.sleep(0.5)
+            got = subs.stop()
+        finally:
+            relay.end()
+        ms = {key: round(got["latency"][key] * 1000, 2) for key in ("p50", "p99", "max")}
+        return {"ms": ms, "frames": got["frames"], "expected": sent["ok"] * 10, "errors": sent["errors"]}
 
     def fanout(self) -> None:
         for clients in ((100,) if self.quick else (100, 1000)):
@@ -298,6 +317,11 @@ class Bench:
                      got["closed"] == 0)
 
 
+def _cpu_steal() -> int:
+    """Ticks this virtual machine's CPUs waited for their host: other tenants' load."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8])
+
+
 def _show(value) -> str:
     return "-" if value is None else str(value)
 
@@ -316,7 +340,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--only", nargs="*", choices=["startup", "ingest", "latency", "fanout", "idle"])
     args = parser.parse_args(argv)
-    started = time.monotonic()
+    started, steal = time.monotonic(), _cpu_steal()
     machine = {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                "load_tool": "wrk" if shutil.which("wrk") else "built-in", "quick": args.quick}
     print(f"relay_lite benchmarks on {machine['cores']} cores, Python {machine['python']}, "
@@ -326,8 +350,10 @@ def main(argv=None) -> int:
         for scenario in args.only or ["startup", "ingest", "latency", "fanout", "idle"]:
             getattr(bench, scenario)()
     machine["seconds"] = round(time.monotonic() - started, 1)
+    machine["cpu_steal_percent"] = round((_cpu_steal() - steal) / CLOCK_TICKS / machine["seconds"]
+                                         / machine["cores"] * 100, 1)
     print(f"\nrelay_lite benchmarks: {machine['cores']} cores, Python {machine['python']}, "
-          f"{machine['seconds']} s\n")
+          f"{machine['seconds']} s, CPU stolen by the host: {machine['cpu_steal_percent']} %\n")
     print(table(bench.rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": bench.rows}, indent=2))
