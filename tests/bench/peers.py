@@ -179,7 +179,8 @@ class Subscribers:
                 nursery.start_soon(self.client, host, port, ceiling, connecting, done)
             await all_ready.wait()
             emit(event="ready", clients=self.clients)
-            await wait_for_stop()
+            while (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "count":
+                emit(event="count", frames=self.frames)
             self.stopping.set()
             if not self.stuck:
                 nursery.cancel_scope.cancel()
