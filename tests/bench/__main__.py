@@ -175,9 +175,10 @@ class Bench:
         self.row("start-up", "RSS before traffic (MB)", round(rss, 1), "<= 60 MB", rss <= 60)
 
     def ingest(self) -> None:
-        """Rounds of: the ceiling, then one relay process under the same load twice, without and
-        then with a never-reading subscriber. Ratios are taken within a round and the median is
-        reported, so a slow patch of the machine weighs on both sides of a ratio alike."""
+        """Rounds of: the ceiling, then one relay process under the same load four times, without
+        and with a never-reading subscriber (ABBA, see _ingest_runs). Ratios are taken within a
+        round and the median is reported, so a slow patch of the machine weighs on both sides of
+        a ratio alike."""
         rounds, duration = (2, 2) if self.quick else (5, 3)
         bare, plain, slow = [], [], []
         for _ in range(rounds):
