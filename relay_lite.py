@@ -1108,10 +1108,10 @@ class Relay:
                     self._sessions.discard(session)
                     self._quiet.unpark_all()
                     await stream.aclose()
-        except* LocalProtocolError:
-            # trio-websocket's reader answering a frame (an oversized one, say) that arrived after
-            # this side began to close: the socket is closing either way
-            logger.debug("socket from %s: frame after close", peer)
+        except* (LocalProtocolError, trio_websocket.ConnectionClosed):
+            # a client gone during the handshake, or trio-websocket's reader answering a frame (an
+            # oversized one, say) that arrived after this side began to close: either way it ends
+            logger.debug("socket from %s ended during its handshake or close", peer)
         if session is not None:
             logger.info("socket %s (key %s) closed %s; %d frame(s) sent", peer,
                         session.token.key if session.token else "-", session.closed(), session.frames_sent)
