@@ -114,6 +114,22 @@ async def subscriber(relay, buckets=None, key=KEY, secret=SECRET):
         yield client
 
 
+async def eventually(condition, timeout: float = 5) -> None:
+    """Wait until `condition()` holds: the relay's side of something a real socket caused."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def fail_auth(relay, attempts: int = 3) -> trio_websocket.CloseReason:
+    """Send wrong secrets, each answered "unauthorized"; return how the relay then closed."""
+    async with connect(relay) as client:
+        for _ in range(attempts):
+            await client.send(action="auth", key=KEY, secret="wrong")
+            await client.expect("unauthorized")
+        return await client.closed()
+
+
 async def post(relay, input_id=GITHUB_INPUT, path="", **kwargs) -> httpx.Response:
     async with httpx.AsyncClient(timeout=10) as http:
         return await http.post(f"{relay.url}/v1/webhooks/{input_id}{path}", **kwargs)

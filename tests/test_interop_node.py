@@ -15,7 +15,7 @@ import pytest
 import trio
 
 import relay_lite
-from conftest import KEY, SECRET, post, relay_config
+from conftest import KEY, SECRET, eventually, post, relay_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "node" / "client.js"
@@ -100,9 +100,8 @@ async def test_seed_client_on_todays_ws_receives_the_webhook(relay):
     client = await start_client(relay, node_modules, "github")
     try:
         await client.wait_for(lambda line: line.startswith("connected"))
-        with trio.fail_after(15):  # it prints Buffers; the relay's side shows it subscribed
-            while not any(session.buckets for session in relay._sessions):
-                await trio.sleep(0.02)
+        # it prints Buffers; the relay's side shows it subscribed
+        await eventually(lambda: any(session.buckets for session in relay._sessions), timeout=15)
         await post(relay, content="x" * 10)
         # ws@8 prints '<Buffer 7b 22 74 79 70 65 22 3a 22 77 65 62 68 6f 6f 6b ...': '{"type":"webhook'
         await client.wait_for(lambda line: line.startswith("<Buffer 7b 22 74 79 70 65 22 3a 22 77 65 62"))

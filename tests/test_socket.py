@@ -7,8 +7,8 @@ import trio
 
 import relay_lite
 
-from conftest import (GITHUB_ID, GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect,
-                      never_reading_client, post, relay_config, subscriber)
+from conftest import (GITHUB_ID, GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect, eventually,
+                      fail_auth, never_reading_client, post, relay_config, subscriber)
 
 
 async def test_auth_and_subscribe_answer_with_the_hosted_strings(relay):
@@ -117,12 +117,8 @@ async def test_bad_secret_is_unauthorized_then_a_good_one_works(relay):
 
 
 async def test_three_failed_auths_close_the_socket(relay):
-    async with connect(relay) as client:
-        for _ in range(3):
-            await client.send(action="auth", key=KEY, secret="wrong")
-            await client.expect("unauthorized")
-        reason = await client.closed()
-        assert (reason.code, reason.reason) == (1008, "3 failed authentication attempts")
+    reason = await fail_auth(relay)
+    assert (reason.code, reason.reason) == (1008, "3 failed authentication attempts")
 
 
 @pytest.fixture
@@ -225,9 +221,7 @@ async def test_client_disconnect_unsubscribes(relay):
         await post(relay, content="x")
         assert (await client.webhook())["body"] == "x"
     bucket = relay._store._by_ref["github"]
-    with trio.fail_after(5):
-        while bucket.subscribers:
-            await trio.sleep(0.01)
+    await eventually(lambda: not bucket.subscribers)
     assert not relay._sessions
 
 
@@ -268,17 +262,13 @@ async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
     """A raw TCP client with a tiny receive buffer that never reads: it is cut off and disconnected."""
     async with relay_lite.open_relay(slow_config) as relay:
         stuck = await never_reading_client(relay, ["github"])
-        with trio.fail_after(5):
-            while not any(session.buckets for session in relay._sessions):
-                await trio.sleep(0.01)
+        await eventually(lambda: any(session.buckets for session in relay._sessions))
         (session,) = relay._sessions  # its kernel send buffer is capped (Linux reports it doubled)
         assert session._ws._stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * 256 * 1024
 
         async with subscriber(relay, ["github"]) as good:
             await _post_in_step_with(relay, good)
-            with trio.fail_after(10):  # the stuck one is gone from the server
-                while len(relay._sessions) > 1:
-                    await trio.sleep(0.05)
+            await eventually(lambda: len(relay._sessions) == 1, timeout=10)  # the stuck one is gone
         stuck.close()
 
 
