@@ -193,26 +193,42 @@ class Subscribers:
 # ---------------------------------------------------------------------------- an HTTP load generator
 
 
-class HTTPConnection:
-    def __init__(self, stream: trio.SocketStream, host: str, path: str) -> None:
+class HTTPMessages:
+    """HTTP/1.1 messages (requests or responses) read off a stream: a head, then a
+    Content-Length body. Enough for this benchmark's own peers, nothing more."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     "Content-Length: {size}\r\n\r\n")
         self.buffer = b""
 
-    async def post(self, body: bytes) -> int:
-        await self.stream.send_all(self.head.format(size=len(body)).encode() + body)
+    async def next(self) -> tuple[bytes, bytes] | None:
+        """The next message's head and body, or None when the peer closed between messages."""
         while b"\r\n\r\n" not in self.buffer:
             data = await self.stream.receive_some(65536)
             if not data:
-                raise ConnectionError("server closed the connection")
+                return None
             self.buffer += data
         head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
         length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
         while len(self.buffer) < length:
             self.buffer += await self.stream.receive_some(65536)
-        self.buffer = self.buffer[length:]
-        return int(head[9:12])
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return head, body
+
+
+class HTTPConnection:
+    def __init__(self, stream: trio.SocketStream, host: str, path: str) -> None:
+        self.stream = stream
+        self.head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     "Content-Length: {size}\r\n\r\n")
+        self.responses = HTTPMessages(stream)
+
+    async def post(self, body: bytes) -> int:
+        await self.stream.send_all(self.head.format(size=len(body)).encode() + body)
+        response = await self.responses.next()
+        if response is None:
+            raise ConnectionError("server closed the connection")
+        return int(response[0][9:12])
 
 
 async def closed_loop(host: str, port: int, path: str, connections: int, duration: float) -> None:
@@ -316,18 +332,9 @@ async def socket_ceiling() -> None:
             clients.discard(ws)
 
     async def trigger(stream) -> None:  # a minimal HTTP/1.1 server: each POST is one webhook
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buffer += data
-            head, buffer = buffer.split(b"\r\n\r\n", 1)
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(buffer) < length:
-                buffer += await stream.receive_some(65536)
-            body, buffer = buffer[:length], buffer[length:]
+        requests = HTTPMessages(stream)
+        while request := await requests.next():
+            _, body = request
             frame = json.dumps({"type": "webhook", "meta": {"id": "x" * 36, "bucked_id": "b" * 36,
                                 "bucket_id": "b" * 36, "bucket_name": BUCKET, "input_id": INPUT_ID,
                                 "input_name": "Default public endpoint", "output_name": "",
