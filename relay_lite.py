@@ -22,23 +22,29 @@ or, in a nursery, ``relay = await nursery.start(relay_lite.serve_relay, config)`
 
 import argparse
 import base64
+import bisect
 import dataclasses
 import functools
 import gc
 import hashlib
+import heapq
 import hmac
+import itertools
 import json
 import logging
 import math
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
+import time
 import tomllib
 import types
 import typing
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +70,8 @@ __all__ = [
     "ProtocolError",
     "Relay",
     "ServerConfig",
+    "StorageConfig",
+    "StorageError",
     "TokenConfig",
     "Webhook",
     "load_config",
@@ -72,7 +80,6 @@ __all__ = [
     "parse_client_frame",
     "serve_relay",
     "status_frame",
-    "webhook_frames",
     "wire_frame",
 ]
 __version__ = "0.1.0"
@@ -89,14 +96,23 @@ DEFAULT_MAX_BODY_SIZE = 10 * 2**20  # 10 MiB; larger webhooks get 413
 DEFAULT_SEND_QUEUE_SIZE = 1000  # frames a socket may leave unread before it is cut off
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on shutdown
 DEFAULT_INPUT_NAME = "Default public endpoint"
+DEFAULT_HISTORY_SIZE = 1000  # log entries a bucket keeps for resume and the logs API
+DEFAULT_HISTORY_TTL = 86400.0  # seconds a bucket keeps a log entry (a day)
+DEFAULT_HISTORY_BYTES = 64 * 2**20  # 64 MiB of bodies a bucket keeps, about
+DEFAULT_RESPONSE_TIMEOUT = 10.0  # seconds an answer to a webhook is accepted (and a held sender waits)
+ANY_OUTPUT = "anyOutput"  # response_from_output: the first answer from any output
 
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
+LOGS_PATH = "/v1/logs"
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 MAX_CLIENT_FRAME = 2**20  # 1 MiB; a larger client frame closes the socket with 1009
 MAX_AUTH_ATTEMPTS = 3  # failed auth frames before the socket is closed
 API_KEY_USER = "whr"  # the new SDK authenticates with this key and an API key as the secret
+
+# A log entry's status; the JS SDK numbers them in this order (0 preparing ... 5 rejected)
+LOG_STATUSES = ("preparing", "sent", "failed", "stalled", "received", "rejected")
 
 CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_POLICY = 1008  # not authenticated, too slow
@@ -110,6 +126,13 @@ _WRITE_BATCH_BYTES = 2**20  # 1 MiB: a larger frame goes alone
 _SOCKET_SEND_BUFFER = 256 * 2**10  # kernel send buffer of a WebSocket connection; see _serve_socket
 _PING_SLOTS = 30  # pings go out in 30 ticks per ping_interval (1 s ticks at the default 30 s)
 _GC_THRESHOLD = 10_000  # allocations between young collections in the CLI; Python's default is 700
+_ENTRY_OVERHEAD = 512  # bytes a log entry counts against history_bytes besides its body
+_HISTORY_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl
+_LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
+_LOGS_MAX_LIMIT = 1000
+# headers of an answer that describe its connection, not its content: Hypercorn writes its own
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+                         "upgrade", "proxy-connection"})
 
 # Ids a config leaves out are derived from names under this namespace, so they stay the same
 # across restarts. `python relay_lite.py init` writes random ones instead.
@@ -146,6 +169,16 @@ class ServerConfig:
     send_queue_size: int = DEFAULT_SEND_QUEUE_SIZE
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     public_url: str = ""
+    history_size: int = DEFAULT_HISTORY_SIZE  # defaults for every bucket's log; see BucketConfig
+    history_ttl: float = DEFAULT_HISTORY_TTL
+    history_bytes: int = DEFAULT_HISTORY_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    """The `[storage]` table: with a `path`, the webhook log is kept in that SQLite file."""
+
+    path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +192,20 @@ class TokenConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-    """A `[[buckets.inputs]]` entry: a public URL, `/v1/webhooks/<id>`."""
+    """A `[[buckets.inputs]]` entry: a public URL, `/v1/webhooks/<id>`, and how it answers senders.
+
+    Senders get `status_code`, `body` and `headers`. With `response_from_output` (an output's name,
+    or "anyOutput"), the sender waits up to `response_timeout` for a socket client to answer
+    through `PUT /v1/logs/<id>` and gets that answer; the static one is the fallback.
+    """
 
     id: str = ""
     name: str = DEFAULT_INPUT_NAME
+    status_code: int = 200
+    body: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    response_from_output: str = ""
+    response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +227,9 @@ class BucketConfig:
     id: str = ""
     inputs: tuple[InputConfig, ...] = ()
     outputs: tuple[OutputConfig, ...] = ()
+    history_size: int | None = None  # None: the [server] value
+    history_ttl: float | None = None
+    history_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +237,7 @@ class Config:
     """A whole relay configuration, checked: ids filled in, names unique, token scopes known."""
 
     server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
     tokens: tuple[TokenConfig, ...] = ()
     buckets: tuple[BucketConfig, ...] = ()
 
@@ -232,7 +279,7 @@ def _build(cls: type, raw: object, where: str) -> Any:
     for name, field in fields.items():
         if name in raw:
             values[name] = _coerce(hints[name], raw[name], _key_path(where, name))
-        elif field.default is dataclasses.MISSING:
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_key_path(where, name)}: missing (it is required)")
     return cls(**values)
 
@@ -242,6 +289,11 @@ def _coerce(hint: Any, value: object, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null, so X
         (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         origin = typing.get_origin(hint)
+    if origin is dict:
+        value_hint = typing.get_args(hint)[1]
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {_describe(value)}")
+        return {key: _coerce(value_hint, item, _key_path(where, key)) for key, item in value.items()}
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if not isinstance(value, list):
@@ -278,9 +330,9 @@ def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = config.server
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
-    for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "shutdown_timeout"):
-        value = getattr(server, key)
-        _require(value > 0 and math.isfinite(value), f"server.{key}", f"must be positive, got {value}")
+    for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "shutdown_timeout",
+                *_HISTORY_KEYS):
+        _require_positive(getattr(server, key), f"server.{key}")
     _require(
         not server.public_url or server.public_url.startswith(("http://", "https://")),
         "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
@@ -299,6 +351,15 @@ def _checked(config: Config) -> Config:
         bucket_refs.setdefault(bucket.name, f"{where}.name")
         bucket_refs.setdefault(bucket_id, f"{where}.id")
 
+        history = {}
+        for key in _HISTORY_KEYS:
+            value = getattr(bucket, key)
+            if value is None:
+                value = getattr(server, key)
+            _require_positive(value, f"{where}.{key}")
+            history[key] = value
+        routes = _routes(bucket)
+
         inputs = bucket.inputs or (InputConfig(),)
         filled_inputs = []
         input_names: set[str] = set()
@@ -313,6 +374,7 @@ def _checked(config: Config) -> Config:
             if input_id in input_ids:
                 raise ConfigError(f"{input_where}.id: {input_id!r} is already used by {input_ids[input_id]}")
             input_ids[input_id] = f"{input_where}.id"
+            _check_answer(input_, input_where, routes)
             if not input_.id:
                 logger.warning(
                     "input %r of bucket %r has no id: its URL is derived from names, stable but "
@@ -326,7 +388,7 @@ def _checked(config: Config) -> Config:
             _require(output.name not in output_names, f"{where}.outputs[{o}].name",
                      f"{output.name!r} is already used in this bucket")
             output_names.add(output.name)
-        buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs)))
+        buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs), **history))
 
     keys: dict[str, str] = {}
     for t, token in enumerate(config.tokens):
@@ -344,9 +406,36 @@ def _checked(config: Config) -> Config:
     return dataclasses.replace(config, buckets=tuple(buckets))
 
 
+_HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
+
+
+def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]") -> None:
+    """An input's answer to senders: a real status, headers HTTP can carry, an output that answers."""
+    _require(100 <= input_.status_code <= 599, f"{where}.status_code", f"must be 100 to 599, got {input_.status_code}")
+    for name, value in input_.headers.items():
+        _require(name.isascii() and name.isprintable() and ":" not in name and " " not in name and name != "",
+                 f"{where}.headers", f"{name!r} is not a header name")
+        _require(value.isprintable(), f"{where}.headers.{name}", "must be printable text on one line")
+    _require_positive(input_.response_timeout, f"{where}.response_timeout")
+    wanted = input_.response_from_output
+    if wanted:
+        answering = [route.output_name for route in routes]
+        if wanted == ANY_OUTPUT:
+            _require(bool(answering), f"{where}.response_from_output",
+                     "the bucket has no output sockets receive, so none can answer")
+        else:
+            _require(wanted in answering, f"{where}.response_from_output",
+                     f"{wanted!r} is not an output sockets receive (internal, enabled): "
+                     f"expected {ANY_OUTPUT!r} or one of {answering}")
+
+
 def _require(condition: bool, where: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{where}: {message}")
+
+
+def _require_positive(value: float, where: str) -> None:
+    _require(value > 0 and math.isfinite(value), where, f"must be positive, got {value}")
 
 
 def _demo_config(server: ServerConfig) -> Config:
@@ -404,6 +493,7 @@ class _Auth:
 @dataclasses.dataclass(frozen=True)
 class _Subscribe:
     buckets: tuple[str, ...]  # ids or names; empty means every bucket the token may see
+    since: str | None = None  # resume after this log id (a meta.id), in canonical form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,16 +519,29 @@ def parse_client_frame(message: str | bytes) -> _Auth | _Subscribe | _Pong:
         return _Auth(key, secret)
     if action == "subscribe":
         buckets = frame.get("buckets")
+        since = _log_id(frame.get("since"))
         if buckets is None:
-            return _Subscribe(())
+            return _Subscribe((), since)
         if not isinstance(buckets, list) or not all(isinstance(ref, str) for ref in buckets):
             raise ProtocolError('subscribe "buckets" must be an array of bucket names or ids')
-        return _Subscribe(tuple(dict.fromkeys(ref for ref in buckets if ref)))
+        return _Subscribe(tuple(dict.fromkeys(ref for ref in buckets if ref)), since)
     if action == "pong":
         return _Pong()
     if not isinstance(action, str):
         raise ProtocolError('frame needs an "action": "auth", "subscribe" or "pong"')
     raise ProtocolError(f'unknown action {action[:64]!r}: expected "auth", "subscribe" or "pong"')
+
+
+def _log_id(since: object) -> str | None:
+    """A subscribe frame's resume point: a log id as the relay writes it, or None when absent."""
+    if since is None or since == "":
+        return None
+    try:
+        if not isinstance(since, str):
+            raise ValueError
+        return str(uuid.UUID(since))
+    except ValueError:
+        raise ProtocolError('"since" must be the meta.id of the last webhook you processed') from None
 
 
 def _json_type(value: object) -> str:
@@ -543,38 +646,172 @@ def _routes(bucket: BucketConfig) -> tuple[_Route, ...]:
     )
 
 
-def webhook_frames(
-    log_id: str, bucket: BucketConfig, input_: InputConfig, webhook: Webhook, routes: Iterable[_Route] | None = None
-) -> list[str]:
-    """The frames sockets subscribed to `bucket` receive for `webhook`, each serialised once.
+class _Entry:
+    """A log entry: one webhook as one output's sockets get it (one entry in a bucket without outputs).
 
-    `routes` are `_routes(bucket)`, which the store computes once per bucket.
+    Its id is the frame's meta.id; the answer a client PUTs to /v1/logs/<id> is recorded on it.
     """
-    routes = _routes(bucket) if routes is None else routes
-    return [_webhook_frame(log_id, bucket, input_, route, webhook) for route in routes]
+
+    __slots__ = ("id", "bucket", "input_id", "input_name", "output_name", "destination", "webhook",
+                 "received_at", "status", "answer", "hold", "size")
+
+    def __init__(self, log_id: str, bucket: BucketConfig, input_id: str, input_name: str, output_name: str,
+                 destination: str, webhook: Webhook, received_at: float, status: str = "received",
+                 answer: "_Answer | None" = None) -> None:
+        self.id = log_id
+        self.bucket = bucket
+        self.input_id = input_id
+        self.input_name = input_name
+        self.output_name = output_name
+        self.destination = destination
+        self.webhook = webhook
+        self.received_at = received_at  # unix time
+        self.status = status  # one of LOG_STATUSES
+        self.answer = answer
+        self.hold: _Hold | None = None  # the sender waiting for this entry's answer, if one is
+        self.size = _ENTRY_OVERHEAD + len(webhook.body)  # what it counts against history_bytes
+
+    def frame(self) -> str:
+        """The socket frame, in the hosted service's schema."""
+        webhook = self.webhook
+        frame = {
+            "type": "webhook",
+            "meta": {
+                "id": self.id,
+                "bucked_id": self.bucket.id,  # sic: the wire spelling the Go agent and Jenkins read
+                "bucket_id": self.bucket.id,  # what the old SDK and the C# client read
+                "bucket_name": self.bucket.name,
+                "input_id": self.input_id,
+                "input_name": self.input_name,
+                "output_name": self.output_name,
+                "output_destination": self.destination,
+            },
+            "headers": webhook.headers,
+            "query": webhook.query,
+            "body": webhook.body,
+            "method": webhook.method,
+        }
+        if webhook.body_encoding:
+            frame["body_encoding"] = webhook.body_encoding
+        return _encode(frame)
+
+    def as_log(self) -> dict[str, Any]:
+        """The entry as the logs API shows it: the hosted service's log fields, and a few of ours."""
+        webhook, answer = self.webhook, self.answer
+        return {
+            "id": self.id,
+            "bucket_id": self.bucket.id,
+            "bucket_name": self.bucket.name,
+            "input_id": self.input_id,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "output_destination": self.destination,
+            "internal": True,
+            "created_at": int(self.received_at),
+            "updated_at": int(answer.at if answer else self.received_at),
+            "received_at": self.received_at,
+            "status": self.status,
+            "status_code": answer.status_code if answer else 0,
+            "response_body": base64.b64encode(answer.body).decode("ascii") if answer else "",
+            "response_headers": answer.headers if answer else {},
+            "duration_ms": round((answer.at - self.received_at) * 1000) if answer else 0,
+            "retries": 0,
+            "method": webhook.method,
+            "extra_path": webhook.path,
+            "raw_query": webhook.query,
+            "headers": webhook.headers,
+            "body": webhook.body,
+            "body_encoding": webhook.body_encoding,
+        }
 
 
-def _webhook_frame(log_id: str, bucket: BucketConfig, input_: InputConfig, route: _Route, webhook: Webhook) -> str:
-    frame = {
-        "type": "webhook",
-        "meta": {
-            "id": log_id,
-            "bucked_id": bucket.id,  # sic: the wire spelling the Go agent and Jenkins read
-            "bucket_id": bucket.id,  # what the old SDK and the C# client read
-            "bucket_name": bucket.name,
-            "input_id": input_.id,
-            "input_name": input_.name,
-            "output_name": route.output_name,
-            "output_destination": route.destination_for(webhook.path),
-        },
-        "headers": webhook.headers,
-        "query": webhook.query,
-        "body": webhook.body,
-        "method": webhook.method,
-    }
-    if webhook.body_encoding:
-        frame["body_encoding"] = webhook.body_encoding
-    return _encode(frame)
+def _entries(log_ids: Iterable[str], bucket: BucketConfig, input_: InputConfig, webhook: Webhook,
+             routes: Iterable[_Route], received_at: float) -> list[_Entry]:
+    """The log entries (and so the socket frames) of `webhook`: one per route, with its id."""
+    return [_Entry(log_id, bucket, input_.id, input_.name, route.output_name, route.destination_for(webhook.path),
+                   webhook, received_at)
+            for log_id, route in zip(log_ids, routes)]
+
+
+class _LogIds:
+    """Log ids: UUIDv7 (RFC 9562), a millisecond timestamp, a counter and random bits.
+
+    Each id is greater than the one before, even within a millisecond or if the clock steps back,
+    so ids sort in arrival order, as numbers and as strings: resuming after an id means sending
+    the greater ones.
+    """
+
+    def __init__(self, after: str = "") -> None:
+        self._last = uuid.UUID(after).int if after else 0
+
+    @property
+    def last(self) -> str:
+        return str(uuid.UUID(int=self._last)) if self._last else ""
+
+    def next(self) -> str:
+        millis = time.time_ns() // 1_000_000
+        last_millis, counter = self._last >> 80, (self._last >> 64) & 0xFFF
+        if millis <= last_millis:
+            millis, counter = (last_millis, counter + 1) if counter < 0xFFF else (last_millis + 1, 0)
+        else:
+            counter = 0
+        self._last = millis << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | secrets.randbits(62)
+        return str(uuid.UUID(int=self._last))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    """A response to a webhook, as a client reported it with PUT /v1/logs/<id>."""
+
+    status_code: int  # 0: none (the client reported a status only)
+    headers: dict[str, list[str]]
+    body: bytes
+    at: float  # unix time it was given
+
+
+def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
+    """A PUT /v1/logs/<id> body: the answer and the log status; ProtocolError says what is wrong.
+
+    Clients differ: the Go agent sends null for what it leaves out and the body as base64, the
+    JS SDK may send the body as an array of bytes and the status as a number, Jenkins sends
+    header values as strings. All are accepted.
+    """
+    if not isinstance(data, dict):
+        raise ProtocolError(f"the body must be a JSON object, got {_json_type(data)}")
+    status_code = data.get("status_code") or 0
+    if not isinstance(status_code, int) or isinstance(status_code, bool) or not (
+            status_code == 0 or 100 <= status_code <= 599):
+        raise ProtocolError('"status_code" must be an HTTP status, 100 to 599')
+    body = data.get("response_body") or b""
+    if isinstance(body, str):
+        try:
+            body = base64.b64decode(body, validate=True)
+        except ValueError:
+            raise ProtocolError('"response_body" must be base64') from None
+    elif isinstance(body, list) and all(isinstance(byte, int) and 0 <= byte <= 255 for byte in body):
+        body = bytes(body)
+    elif body != b"":
+        raise ProtocolError('"response_body" must be base64 (or an array of bytes)')
+    headers: dict[str, list[str]] = {}
+    raw_headers = data.get("response_headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise ProtocolError('"response_headers" must be an object of names to values')
+    for name, values in raw_headers.items():
+        values = [values] if isinstance(values, str) else values
+        if not (isinstance(values, list) and all(isinstance(value, str) and value.isprintable() for value in values)
+                and name and name.isascii() and name.isprintable() and ":" not in name and " " not in name):
+            raise ProtocolError(f"response header {name[:64]!r} must be a name with a string or strings")
+        headers[name] = values
+    status = data.get("status")
+    if isinstance(status, int) and not isinstance(status, bool) and 0 <= status < len(LOG_STATUSES):
+        status = LOG_STATUSES[status]
+    elif status in (None, ""):
+        if not status_code:
+            raise ProtocolError('nothing to record: give a "status_code" or a "status"')
+        status = "sent"
+    elif status not in LOG_STATUSES:
+        raise ProtocolError(f'"status" must be one of {", ".join(LOG_STATUSES)}')
+    return _Answer(status_code, headers, body, now), status
 
 
 # ============================================================================ store
@@ -584,12 +821,15 @@ def _webhook_frame(log_id: str, bucket: BucketConfig, input_: InputConfig, route
 
 
 class _Bucket:
-    __slots__ = ("config", "routes", "subscribers")
+    __slots__ = ("config", "routes", "subscribers", "history", "history_bytes", "trimmed")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
         self.routes = _routes(config)
         self.subscribers: set[_Session] = set()
+        self.history: deque[_Entry] = deque()  # its log, oldest first; see _Log
+        self.history_bytes = 0
+        self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some
 
 
 class _Store:
@@ -628,6 +868,13 @@ class _Store:
             raise ProtocolError(f"no such bucket for this token: {', '.join(missing)[:256]}")
         return tuple(dict.fromkeys(self._by_ref[ref] for ref in refs))
 
+    def visible(self, token: TokenConfig) -> tuple[_Bucket, ...]:
+        return self._visible[token.key]
+
+    @property
+    def buckets(self) -> list[_Bucket]:
+        return self._buckets
+
     def find_input(self, input_id: str) -> tuple[_Bucket, InputConfig] | None:
         return self._inputs.get(input_id)
 
@@ -635,9 +882,85 @@ class _Store:
         bucket = self._by_ref.get(ref)
         return bucket.config if bucket else None
 
+    def bucket_of(self, entry: _Entry) -> _Bucket:
+        return self._by_ref[entry.bucket.id]
+
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
+
+
+def _entry_id(entry: _Entry) -> str:
+    return entry.id
+
+
+class _Log:
+    """The webhook log: each bucket's history of entries, in arrival (and so id) order.
+
+    A history is bounded by its bucket's history_size, history_ttl and history_bytes; the oldest
+    entries go first, and the bucket's `trimmed` mark moves past them, so a client resuming from
+    an id before the mark is told it may have missed some. With storage, this is the database's
+    content, loaded at start, and the database is trimmed the same way (see `on_trim`).
+    """
+
+    def __init__(self, after: str = "") -> None:
+        self.ids = _LogIds(after)
+        self._entries: dict[str, _Entry] = {}
+        self.on_trim: Callable[[_Bucket], None] = lambda bucket: None
+
+    def get(self, log_id: str) -> _Entry | None:
+        return self._entries.get(log_id)
+
+    def record(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> list[_Entry]:
+        """New entries for `webhook`, with ids, not yet in the history (see `add`)."""
+        ids = [self.ids.next() for _ in bucket.routes]
+        return _entries(ids, bucket.config, input_, webhook, bucket.routes, time.time())
+
+    def add(self, bucket: _Bucket, entries: Iterable[_Entry]) -> None:
+        for entry in entries:
+            bucket.history.append(entry)
+            bucket.history_bytes += entry.size
+            self._entries[entry.id] = entry
+        config = bucket.config
+        assert config.history_size is not None and config.history_bytes is not None
+        history, dropped = bucket.history, None
+        while len(history) > config.history_size or (bucket.history_bytes > config.history_bytes and len(history) > 1):
+            dropped = self._drop_oldest(bucket)  # the newest entry stays, however large
+        if dropped is not None:
+            self._trimmed(bucket, dropped)
+
+    def expire(self, buckets: Iterable[_Bucket], now: float) -> None:
+        """Drop entries older than their bucket's history_ttl."""
+        for bucket in buckets:
+            assert bucket.config.history_ttl is not None
+            oldest, history, dropped = now - bucket.config.history_ttl, bucket.history, None
+            while history and history[0].received_at < oldest:
+                dropped = self._drop_oldest(bucket)
+            if dropped is not None:
+                self._trimmed(bucket, dropped)
+
+    def _drop_oldest(self, bucket: _Bucket) -> _Entry:
+        entry = bucket.history.popleft()
+        bucket.history_bytes -= entry.size
+        del self._entries[entry.id]
+        return entry
+
+    def _trimmed(self, bucket: _Bucket, last: _Entry) -> None:
+        bucket.trimmed = max(bucket.trimmed, last.id)
+        self.on_trim(bucket)
+
+    def after(self, buckets: Iterable[_Bucket], cursor: str, limit: int) -> list[_Entry]:
+        """Up to `limit` entries of `buckets` with ids after `cursor`, oldest first."""
+        streams: list[Iterator[_Entry]] = []
+        for bucket in buckets:
+            start = bisect.bisect_right(bucket.history, cursor, key=_entry_id)
+            streams.append(itertools.islice(bucket.history, start, None))
+        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_entry_id)
+        return list(itertools.islice(merged, limit))
+
+    def newest(self, buckets: Iterable[_Bucket]) -> Iterator[_Entry]:
+        """Every entry of `buckets`, newest first."""
+        return heapq.merge(*(reversed(bucket.history) for bucket in buckets), key=_entry_id, reverse=True)
 
 
 # ============================================================================ socket session
@@ -663,6 +986,7 @@ class _Session:
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
         self._drop_queued = False
+        self._replay: _Replay | None = None  # a resume in progress
         self.frames_sent = 0
 
     def deliver(self, frame: bytes) -> None:
@@ -720,6 +1044,8 @@ class _Session:
                         await _write(self._ws, b"".join(batch))
                         self._writing = False
                         self.frames_sent += len(batch)
+                        if self._replay is not None:
+                            self._resume()
                 nursery.cancel_scope.cancel()
         except* trio_websocket.ConnectionClosed:
             pass  # the client went away; nothing to tell it
@@ -772,13 +1098,7 @@ class _Session:
         try:
             frame = parse_client_frame(message)
             if isinstance(frame, _Subscribe):
-                buckets = self._relay._store.resolve(self.token, frame.buckets)
-                for bucket in buckets:
-                    bucket.subscribers.add(self)
-                self.buckets.update(buckets)
-                names = frame.buckets or [bucket.config.name for bucket in buckets]
-                self._status("subscribed", "subscribed to buckets: " + ", ".join(names))
-                logger.debug("socket %s subscribed to %s", self.peer, ", ".join(names))
+                self._subscribe(frame)
             elif isinstance(frame, _Auth):
                 if self._relay._store.authenticate(frame.key, frame.secret) is not self.token:
                     raise ProtocolError("already authenticated with another key")
@@ -786,8 +1106,79 @@ class _Session:
         except ProtocolError as error:
             self._status("error", str(error))
 
+    def _subscribe(self, frame: _Subscribe) -> None:
+        log = self._relay._log
+        buckets = self._relay._store.resolve(self.token, frame.buckets)
+        if frame.since is not None:
+            if self._replay is not None:
+                raise ProtocolError('a resume is already running: subscribe with "since" again once '
+                                    'the "resumed" status has arrived')
+            if frame.since > log.ids.last:
+                raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook logged here")
+        new = [bucket for bucket in buckets if bucket not in self.buckets]  # the others are already served
+        self.buckets.update(new)
+        names = frame.buckets or [bucket.config.name for bucket in buckets]
+        self._status("subscribed", "subscribed to buckets: " + ", ".join(names))
+        logger.debug("socket %s subscribed to %s%s", self.peer, ", ".join(names),
+                     f" since {frame.since}" if frame.since else "")
+        if frame.since is None:
+            for bucket in new:
+                bucket.subscribers.add(self)
+        else:
+            self._replay = _Replay(tuple(new), frame.since, frame.since)
+            self._resume()
+
+    def _resume(self) -> None:
+        """Queue more of the history a resume asked for, or, once it is all sent, go live.
+
+        Called at subscribe and after each write while a resume runs. History frames take at most
+        half the outbox, so pings and live frames of other buckets still fit. Once no entry is left
+        after the cursor, the session joins its buckets' subscribers in the same step: the next
+        webhook reaches it live, none is missed and none comes twice.
+        """
+        replay, log = self._replay, self._relay._log
+        assert replay is not None
+        if self.close_reason is not None:
+            return
+        stats = self._frames_in.statistics()
+        room = max(stats.max_buffer_size // 2, 1) - stats.current_buffer_used
+        if room <= 0:
+            return
+        for bucket in replay.buckets:
+            if bucket.trimmed > replay.cursor and replay.gaps.get(bucket) != bucket.trimmed:
+                replay.gaps[bucket] = bucket.trimmed
+                config = bucket.config
+                self._status("history_gap", (
+                    f"bucket {config.name} no longer holds every webhook after {replay.cursor}: those up to "
+                    f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
+                    f"sending those it still holds"))
+                room -= 1
+        entries = log.after(replay.buckets, replay.cursor, max(room, 1))
+        for entry in entries:
+            self.deliver(wire_frame(entry.frame()))
+            self._relay._sent(entry)
+        if entries:
+            replay.cursor = entries[-1].id
+            replay.sent += len(entries)
+        if len(entries) < max(room, 1):  # caught up: live from here
+            for bucket in replay.buckets:
+                bucket.subscribers.add(self)
+            self._replay = None
+            self._status("resumed", f"sent {replay.sent} webhook(s) after {replay.since}; now live")
+
     def _status(self, status: str, message: str) -> None:
         self.deliver(wire_frame(status_frame(status, message)))
+
+
+@dataclasses.dataclass
+class _Replay:
+    """A resume in progress: the buckets it covers and the last id sent."""
+
+    buckets: tuple[_Bucket, ...]
+    since: str
+    cursor: str  # the last id sent, since at first
+    sent: int = 0
+    gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
 
 
 async def _write(ws: trio_websocket.WebSocketConnection, frames: bytes) -> None:
@@ -850,6 +1241,166 @@ class _Pinger:
             self._due = (self._due + 1) % _PING_SLOTS
 
 
+# ============================================================================ storage (SQLite)
+#
+# With `[storage] path`, the log lives in SQLite too. One task writes: it gathers what the event
+# loop asked for (new entries, changed statuses and answers, trims) into one transaction, runs
+# it in a thread, and only then publishes the new entries, so a sender's 2xx, and a socket's
+# frame, come after the webhook is on disk. Everything is read at start, into the _Log.
+
+
+class StorageError(Exception):
+    """The log's database cannot be opened or written."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+    id TEXT PRIMARY KEY,  -- UUIDv7: sorts in arrival order
+    bucket_id TEXT NOT NULL, input_id TEXT NOT NULL, input_name TEXT NOT NULL,
+    output_name TEXT NOT NULL, output_destination TEXT NOT NULL, received_at REAL NOT NULL,
+    method TEXT NOT NULL, path TEXT NOT NULL, query TEXT NOT NULL, headers TEXT NOT NULL,
+    body TEXT NOT NULL, body_encoding TEXT NOT NULL, status TEXT NOT NULL,
+    status_code INTEGER, response_headers TEXT, response_body BLOB, answered_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS logs_by_bucket ON logs (bucket_id, id);
+CREATE TABLE IF NOT EXISTS buckets (id TEXT PRIMARY KEY, trimmed TEXT NOT NULL) WITHOUT ROWID;
+"""
+_INSERT = "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPDATE = ("UPDATE logs SET status = ?, status_code = ?, response_headers = ?, response_body = ?, answered_at = ? "
+           "WHERE id = ?")
+
+
+class _Batch:
+    """What one transaction carries; callers wait for it to commit."""
+
+    def __init__(self) -> None:
+        self.inserts: list[tuple[_Bucket, list[_Entry]]] = []
+        self.updates: dict[str, _Entry] = {}
+        self.trims: dict[str, str] = {}  # bucket id -> delete its entries up to this id
+        self.committed = trio.Event()
+        self.error: BaseException | None = None
+
+
+class _Storage:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._batch = _Batch()
+        self._work = trio.Event()
+        self._closing = False
+        self.stopped = trio.Event()
+
+    def open(self) -> tuple[str, dict[str, str], list[tuple]]:
+        """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every row.
+
+        Blocking: run it in a thread.
+        """
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")  # a commit is on disk, not only handed to the OS
+            db.executescript(_SCHEMA)
+            trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
+            rows = db.execute("SELECT * FROM logs ORDER BY id").fetchall()
+        except (sqlite3.Error, OSError) as error:
+            raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
+        self._db = db
+        last = rows[-1][0] if rows else ""  # ids sort as strings
+        return max([last, *trimmed.values()]), trimmed, rows
+
+    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        self._batch.inserts.append((bucket, entries))
+        self._work.set()
+
+    def update(self, entry: _Entry) -> None:
+        self._batch.updates[entry.id] = entry
+        self._work.set()
+
+    def trim(self, bucket: _Bucket) -> None:
+        self._batch.trims[bucket.config.id] = bucket.trimmed
+        self._work.set()
+
+    async def committed(self) -> None:
+        """Wait until what was asked for so far is committed; raise StorageError if it failed."""
+        batch = self._batch
+        self._work.set()
+        await batch.committed.wait()
+        if batch.error is not None:
+            raise StorageError(f"the webhook log could not be written: {batch.error}")
+
+    def close(self) -> None:
+        """Stop once what was asked for so far is written."""
+        self._closing = True
+        self._work.set()
+
+    async def run(self, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
+        """Commit batches until close(); `publish` is called for inserted entries once committed."""
+        try:
+            while not self._closing or self._batch.inserts or self._batch.updates or self._batch.trims:
+                await self._work.wait()
+                self._work = trio.Event()
+                batch, self._batch = self._batch, _Batch()
+                inserts = [_row(entry) for _, entries in batch.inserts for entry in entries]
+                updates = [_update_row(entry) for entry in batch.updates.values()]
+                trims = list(batch.trims.items())
+                try:
+                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims)
+                except (sqlite3.Error, OSError) as error:
+                    batch.error = error
+                    logger.error("webhook log not written to %s: %s (%d new, %d changed entries)",
+                                 self.path, error, len(inserts), len(updates))
+                else:
+                    for bucket, entries in batch.inserts:
+                        publish(bucket, entries)
+                batch.committed.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._db is not None:
+                    await trio.to_thread.run_sync(self._db.close)
+                    self._db = None
+                self.stopped.set()
+
+    def _commit(self, inserts: list[tuple], updates: list[tuple], trims: list[tuple[str, str]]) -> None:
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(_INSERT, inserts)
+            db.executemany(_UPDATE, updates)
+            for bucket_id, trimmed in trims:
+                db.execute("DELETE FROM logs WHERE bucket_id = ? AND id <= ?", (bucket_id, trimmed))
+                db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?)", (bucket_id, trimmed))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _row(entry: _Entry) -> tuple:
+    webhook = entry.webhook
+    return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
+            entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
+            webhook.body, webhook.body_encoding, *_update_row(entry)[:-1])
+
+
+def _update_row(entry: _Entry) -> tuple:
+    answer = entry.answer
+    if answer is None:
+        return entry.status, None, None, None, None, entry.id
+    return entry.status, answer.status_code, _encode(answer.headers), answer.body, answer.at, entry.id
+
+
+def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
+    (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
+     body, body_encoding, status, status_code, response_headers, response_body, answered_at) = row
+    answer = None
+    if answered_at is not None:
+        answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at)
+    webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding)
+    return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
+                  status, answer)
+
+
 # ============================================================================ HTTP app (Quart-Trio)
 
 
@@ -867,8 +1418,79 @@ def _make_app(relay: "Relay") -> QuartTrio:
         body = await request.get_data(cache=False)  # 413 past max_body_size, before all is read
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                        request.scope["headers"], body)
-        relay._publish(found[0], found[1], webhook)
-        return Response(b"", 200)
+        bucket, input_ = found
+        entries = relay._log.record(bucket, input_, webhook)
+        hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
+        for entry in entries:
+            entry.hold = hold
+        try:
+            await relay._accept(bucket, entries)
+        except StorageError as error:
+            return _plain(503, f"{error}; try again")
+        if hold is not None:
+            answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
+            if answer is not None:
+                headers = [(name, value) for name, values in answer.headers.items()
+                           if name.lower() not in _HOP_BY_HOP for value in values]
+                return Response(answer.body, answer.status_code, headers)
+        return Response(input_.body, input_.status_code, input_.headers)
+
+    @app.route(LOGS_PATH, methods=["GET"])
+    async def list_logs() -> Response:
+        token = relay._api_token(request.headers.get("Authorization", ""))
+        if token is None:
+            return _unauthorized()
+        args = request.args
+        try:
+            buckets = relay._store.resolve(token, tuple(filter(None, [args.get("bucket", "")])))
+        except ProtocolError as error:
+            return _json_error(404, str(error))
+        try:
+            status = args.get("status") or None
+            if status is not None and status not in LOG_STATUSES:
+                raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)}")
+            limit = _int_arg(args, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
+            offset = _int_arg(args, "offset", 0, 0, 2**31)
+        except ProtocolError as error:
+            return _json_error(400, str(error))
+        matching = [entry for entry in relay._log.newest(buckets) if status is None or entry.status == status]
+        page = [entry.as_log() for entry in matching[offset:offset + limit]]
+        return _json(200, {"data": page, "total": len(matching), "limit": limit, "offset": offset})
+
+    @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
+    async def one_log(log_id: str) -> Response:
+        token = relay._api_token(request.headers.get("Authorization", ""))
+        if token is None:
+            return _unauthorized()
+        try:
+            entry = relay._log.get(str(uuid.UUID(log_id)))
+        except ValueError:
+            entry = None
+        if entry is None:
+            return _json_error(404, f"no webhook log {log_id[:64]!r}: not an id this relay gave, or no longer kept "
+                                    "(see history_size and history_ttl)")
+        if relay._store.bucket_of(entry) not in relay._store.visible(token):
+            return _json_error(403, f"log {entry.id} belongs to a bucket this token may not see")
+        if request.method == "GET":
+            return _json(200, entry.as_log())
+        try:
+            data = json.loads(await request.get_data(cache=False))
+        except (ValueError, RecursionError):
+            return _json_error(400, "the body must be JSON: "
+                                    '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}')
+        try:
+            answer, status = _parse_answer(data, time.time())
+        except ProtocolError as error:
+            return _json_error(400, str(error))
+        refusal = relay._answer(entry, answer, status)
+        if refusal is not None:
+            return _json_error(409, refusal)
+        if relay._storage is not None:
+            try:
+                await relay._storage.committed()
+            except StorageError as error:
+                return _json_error(503, f"{error}; the answer was passed on but not stored")
+        return _json(200, entry.as_log())
 
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
@@ -886,6 +1508,46 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
 def _plain(status: int, message: str) -> Response:
     return Response(message + "\n", status, content_type="text/plain; charset=utf-8")
+
+
+def _json(status: int, document: Mapping[str, Any]) -> Response:
+    return Response(_encode(document), status, content_type="application/json")
+
+
+def _json_error(status: int, message: str) -> Response:
+    return _json(status, {"error": message})
+
+
+def _unauthorized() -> Response:
+    response = _json_error(401, "authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
+    response.headers["WWW-Authenticate"] = 'Basic realm="relay_lite"'
+    return response
+
+
+def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = args.get(name) or ""
+    if raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ProtocolError(f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+class _Hold:
+    """A webhook's sender, held until a socket client answers it (an input's response_from_output)."""
+
+    __slots__ = ("output", "answer", "answered", "open")
+
+    def __init__(self, output: str) -> None:
+        self.output = output  # the output whose answer counts, or ANY_OUTPUT
+        self.answer: _Answer | None = None
+        self.answered = trio.Event()  # set by the answer, or by a shutdown
+        self.open = True  # False once the sender has been answered
+
+    def offer(self, entry: _Entry, answer: _Answer) -> None:
+        if self.open and self.answer is None and answer.status_code and self.output in (ANY_OUTPUT, entry.output_name):
+            self.answer = answer
+            self.answered.set()
 
 
 # ============================================================================ server: one port for both
@@ -973,6 +1635,9 @@ class Relay:
         self.port = 0
         self.url = ""  # http://HOST:PORT
         self._store = _Store(config)
+        self._log = _Log()  # replaced by the one loaded from storage, if any, in _serve
+        self._storage = _Storage(config.storage.path) if config.storage.path else None
+        self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
         self._pinger = _Pinger(config.server.ping_interval)
         self._routing: set[trio.CancelScope] = set()  # connections still sending their request head
@@ -1012,15 +1677,118 @@ class Relay:
             self._requests -= 1
             self._quiet.unpark_all()
 
-    def _publish(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> None:
-        log_id = str(uuid.uuid4())
-        texts = webhook_frames(log_id, bucket.config, input_, webhook, bucket.routes)
-        frames = [wire_frame(text) for text in texts]  # framed once, for every subscriber
-        for session in bucket.subscribers:
-            for frame in frames:
+    async def _accept(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        """Log new entries and send them to subscribers; with storage, only once they are stored."""
+        if self._storage is None:
+            self._publish(bucket, entries)
+        elif entries:
+            self._storage.insert(bucket, entries)
+            await self._storage.committed()  # the storage task publishes them, in id order
+
+    def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        if not entries:
+            return
+        self._log.add(bucket, entries)
+        for entry in entries:
+            frame = wire_frame(entry.frame())  # framed once, for every subscriber
+            for session in bucket.subscribers:
                 session.deliver(frame)
-        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s)", log_id, webhook.method,
-                    webhook.path, bucket.config.name, len(frames), len(bucket.subscribers))
+            if bucket.subscribers:
+                self._sent(entry)
+        webhook = entries[0].webhook
+        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s)", entries[0].id, webhook.method,
+                    webhook.path, bucket.config.name, len(entries), len(bucket.subscribers))
+
+    def _sent(self, entry: _Entry) -> None:
+        if entry.status == "received":
+            entry.status = "sent"
+            if self._storage is not None:
+                self._storage.update(entry)
+
+    async def _wait_for_answer(self, hold: _Hold, entries: list[_Entry], timeout: float) -> _Answer | None:
+        """Hold the sender until a client answers, for `timeout` seconds at most."""
+        self._holds.add(hold)
+        try:
+            with trio.move_on_after(timeout):
+                await hold.answered.wait()
+        finally:
+            hold.open = False
+            self._holds.discard(hold)
+        if hold.answer is None:
+            for entry in entries:
+                if entry.answer is None:
+                    entry.status = "stalled"  # nobody answered in time: the sender got the fallback
+                    if self._storage is not None:
+                        self._storage.update(entry)
+        return hold.answer
+
+    def _answer(self, entry: _Entry, answer: _Answer, status: str) -> str | None:
+        """Record a client's answer to `entry`, and pass it to a waiting sender; or say why not."""
+        if entry.answer is not None:
+            return f"log {entry.id} was already answered; the first answer counts"
+        found = self._store.find_input(entry.input_id)
+        timeout = found[1].response_timeout if found else DEFAULT_RESPONSE_TIMEOUT
+        hold = entry.hold
+        if hold is not None and not hold.open:
+            return f"too late: the sender got the input's own answer after waiting {timeout:g} s"
+        if hold is None and answer.at - entry.received_at > timeout:
+            return f"too late: answers are accepted within {timeout:g} s of the webhook"
+        entry.answer, entry.status = answer, status
+        if hold is not None:
+            hold.offer(entry, answer)
+        if self._storage is not None:
+            self._storage.update(entry)
+        logger.info("answer to webhook %s: %s (%s)", entry.id, answer.status_code or "-", status)
+        return None
+
+    def _api_token(self, authorization: str) -> TokenConfig | None:
+        """The token of a logs API request: HTTP Basic key:secret, or Bearer <secret>."""
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return self._store.authenticate(API_KEY_USER, credentials.strip())
+        if scheme.lower() == "basic":
+            try:
+                key, _, secret = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+            except ValueError:
+                return None
+            return self._store.authenticate(key, secret)
+        return None
+
+    async def _load_log(self) -> None:
+        """Start the log: from storage, or empty. A resume from before it is told it may miss some."""
+        if self._storage is None:
+            start = self._log.ids.next()
+            for bucket in self._store.buckets:
+                bucket.trimmed = start
+            return
+        last, trimmed, rows = await trio.to_thread.run_sync(self._storage.open)
+        self._log = log = _Log(last)
+        log.on_trim = self._storage.trim
+        start = log.ids.next()
+        for bucket in self._store.buckets:
+            bucket.trimmed = trimmed.get(bucket.config.id, start)
+            if bucket.config.id not in trimmed:
+                self._storage.trim(bucket)  # remember where its log starts
+        by_bucket: dict[str, list[_Entry]] = {}
+        unknown = 0
+        for row in rows:
+            bucket_config = self._store.find_bucket(row[1])
+            if bucket_config is None or bucket_config.id != row[1]:
+                unknown += 1
+                continue
+            by_bucket.setdefault(bucket_config.id, []).append(_entry_from_row(row, bucket_config))
+        for bucket in self._store.buckets:
+            log.add(bucket, by_bucket.get(bucket.config.id, []))
+        log.expire(self._store.buckets, time.time())
+        logger.info("webhook log %s: %d entries loaded", self._storage.path, len(rows) - unknown)
+        if unknown:
+            logger.warning("webhook log %s: %d entries belong to buckets no longer configured; they stay "
+                           "in the file, unused", self._storage.path, unknown)
+
+    async def _expire_history(self) -> None:
+        while True:
+            await trio.sleep(_HISTORY_SWEEP_INTERVAL)
+            self._log.expire(self._store.buckets, time.time())
 
     async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
         server = self.config.server
@@ -1028,7 +1796,10 @@ class Relay:
         app = ASGIWrapper(self._asgi)
         context = _WorkerContext(None)
         lifespan = _Lifespan(app, hypercorn_config, {})
+        await self._load_log()
         async with trio.open_nursery() as lifespan_nursery:
+            if self._storage is not None:  # outlives the connections, to store what they asked for
+                lifespan_nursery.start_soon(self._storage.run, self._publish)
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners = await _listen(server.host, server.port)
@@ -1042,6 +1813,7 @@ class Relay:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept, listeners, handle, connections, accepting)
                 connections.start_soon(self._pinger.run)
+                connections.start_soon(self._expire_history)
                 task_status.started(self)
                 await self._shutdown.wait()
 
@@ -1053,10 +1825,15 @@ class Relay:
                     scope.cancel()
                 for session in self._sessions:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
+                for hold in self._holds:
+                    hold.answered.set()  # no answer will come now: senders get the input's own answer
                 with trio.move_on_after(server.shutdown_timeout):
                     while self._requests or self._sessions:
                         await self._quiet.park()
                 connections.cancel_scope.cancel()  # what is left is idle, or out of time
+            if self._storage is not None:
+                self._storage.close()
+                await self._storage.stopped.wait()
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
 
@@ -1219,18 +1996,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _tune_gc()
     failures: list[BaseException] = []
+    storage_failures: list[BaseException] = []
     try:
         trio.run(_serve_until_signalled, config, not args.config)
+    except* StorageError as group:
+        storage_failures.append(group)
     except* OSError as group:  # nested as deep as the nurseries it crossed
         failures.append(group)
+    if storage_failures:
+        print(f"relay_lite: error: {_innermost(storage_failures[0])}", file=sys.stderr)
+        return 2
     if failures:
-        error = failures[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
+        error = _innermost(failures[0])
         print(f"relay_lite: error: cannot listen on {config.server.host}:{config.server.port}: "
               f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _innermost(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _tune_gc() -> None:

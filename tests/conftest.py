@@ -87,6 +87,13 @@ class Client:
         assert frame["type"] == "webhook", frame
         return frame
 
+    async def receive_or_close(self) -> dict | None:
+        """The next frame, or None once the socket has closed."""
+        try:
+            return json.loads(await self.ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            return None
+
     async def closed(self, timeout: float = 5) -> trio_websocket.CloseReason:
         """Read until the server closes the socket; return its close reason."""
         with trio.fail_after(timeout):
@@ -104,12 +111,15 @@ async def connect(relay, **options):
 
 
 @asynccontextmanager
-async def subscriber(relay, buckets=None, key=KEY, secret=SECRET):
-    """A client that has authenticated and subscribed (to everything when `buckets` is None)."""
+async def subscriber(relay, buckets=None, key=KEY, secret=SECRET, **subscribe):
+    """A client that has authenticated and subscribed (to everything when `buckets` is None).
+
+    `relay` is a Relay, or anything with its `socket_url`.
+    """
     async with connect(relay) as client:
         await client.send(action="auth", key=key, secret=secret)
         await client.expect("authenticated")
-        await client.send(action="subscribe", **({} if buckets is None else {"buckets": buckets}))
+        await client.send(action="subscribe", **({} if buckets is None else {"buckets": buckets}), **subscribe)
         await client.expect("subscribed")
         yield client
 

@@ -111,6 +111,23 @@ def test_init_template_loads_with_fresh_ids():
     ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'o'\n[[buckets.outputs]]\nname = 'o'",
      "buckets[0].outputs[1].name: 'o' is already used in this bucket"),
     ("[[buckets]]\nid = 'x'", "buckets[0].name: missing"),
+    ("[server]\nhistory_size = 0", "server.history_size: must be positive, got 0"),
+    ("[[buckets]]\nname = 'a'\nhistory_ttl = -1", "buckets[0].history_ttl: must be positive, got -1"),
+    ("[storage]\nfile = 'x.db'", "storage.file: unknown key (known keys: path)"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nstatus_code = 700", "buckets[0].inputs[0].status_code: must be 100"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = 'x'", "buckets[0].inputs[0].headers: expected a table"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = {X = 1}",
+     "buckets[0].inputs[0].headers.X: expected a string, got an integer (1)"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = {'X Y' = 'v'}",
+     "buckets[0].inputs[0].headers: 'X Y' is not a header name"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = {X = \"a\\nb\"}",
+     "buckets[0].inputs[0].headers.X: must be printable text on one line"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nresponse_from_output = 'p'\n"
+     "[[buckets.outputs]]\nname = 'p'\ninternal = false",
+     "buckets[0].inputs[0].response_from_output: 'p' is not an output sockets receive (internal, enabled)"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nresponse_from_output = 'anyOutput'\n"
+     "[[buckets.outputs]]\nname = 'p'\ndisabled = true",
+     "buckets[0].inputs[0].response_from_output: the bucket has no output sockets receive, so none can answer"),
 ])
 def test_errors_name_the_file_the_key_and_the_fault(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
@@ -129,3 +146,32 @@ def test_dict_and_config_sources_agree(tmp_path):
     from_dict = load_config({"tokens": [{"key": "k", "secret": "s"}], "buckets": [{"name": "github"}]})
     assert from_dict == from_file
     assert load_config(from_dict) == from_dict
+
+
+def test_history_bounds_default_from_server_and_are_set_per_bucket(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + """
+[[buckets]]
+name = "busy"
+history_size = 50000
+history_ttl = 3600
+"""))
+    github, busy = config.buckets
+    assert (github.history_size, github.history_ttl, github.history_bytes) == (1000, 86400.0, 64 * 2**20)
+    assert (busy.history_size, busy.history_ttl, busy.history_bytes) == (50000, 3600.0, 64 * 2**20)
+    assert config.storage.path == ""
+
+
+def test_inputs_answer_options(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + """
+[[buckets.inputs]]
+name = "slack"
+status_code = 202
+body = "working on it"
+headers = { "Content-Type" = "text/plain" }
+response_from_output = "anyOutput"
+response_timeout = 3
+"""))
+    input_ = config.buckets[0].inputs[0]
+    assert (input_.status_code, input_.body, input_.headers) == (202, "working on it", {"Content-Type": "text/plain"})
+    assert (input_.response_from_output, input_.response_timeout) == ("anyOutput", 3.0)
+    assert relay_lite.InputConfig().headers == {} and relay_lite.InputConfig().status_code == 200

@@ -104,10 +104,17 @@ def _bucket(outputs=()):
     return config.buckets[0]
 
 
+def _frames(bucket, webhook):
+    """The frames of `webhook`: one per route of `bucket`, ids log-1, log-2, ..."""
+    routes = relay_lite._routes(bucket)
+    ids = [f"log-{n}" for n in range(1, len(routes) + 1)]
+    return [entry.frame() for entry in relay_lite._entries(ids, bucket, bucket.inputs[0], webhook, routes, 0.0)]
+
+
 def test_webhook_frame_schema():
     bucket = _bucket()
     webhook = Webhook.from_request("POST", "", b"q=1", [(b"content-type", b"text/plain")], b"hello")
-    (frame,) = relay_lite.webhook_frames("log-1", bucket, bucket.inputs[0], webhook)
+    (frame,) = _frames(bucket, webhook)
     assert json.loads(frame) == {
         "type": "webhook",
         "meta": {"id": "log-1", "bucked_id": "bid", "bucket_id": "bid", "bucket_name": "b", "input_id": "iid",
@@ -129,18 +136,18 @@ def test_frames_per_output():
         {"name": "public", "destination": "https://z", "internal": False},
     ])
     webhook = Webhook.from_request("GET", "/directory/foo", b"", [], b"")
-    frames = [json.loads(f) for f in relay_lite.webhook_frames("id", bucket, bucket.inputs[0], webhook)]
-    assert [(f["meta"]["output_name"], f["meta"]["output_destination"]) for f in frames] == [
-        ("a", "http://localhost:8080/directory/foo"),
-        ("b", "http://localhost:9090/base/directory/foo"),
-        ("locked", "http://x/fixed"),
+    frames = [json.loads(f) for f in _frames(bucket, webhook)]
+    assert [(f["meta"]["id"], f["meta"]["output_name"], f["meta"]["output_destination"]) for f in frames] == [
+        ("log-1", "a", "http://localhost:8080/directory/foo"),
+        ("log-2", "b", "http://localhost:9090/base/directory/foo"),
+        ("log-3", "locked", "http://x/fixed"),
     ]
 
 
 def test_only_public_outputs_reach_no_socket():
     bucket = _bucket([{"name": "p", "destination": "https://z", "internal": False}])
     webhook = Webhook.from_request("GET", "", b"", [], b"")
-    assert relay_lite.webhook_frames("id", bucket, bucket.inputs[0], webhook) == []
+    assert _frames(bucket, webhook) == []
 
 
 @pytest.mark.parametrize("head, upgrade", [
@@ -167,3 +174,45 @@ def test_wire_frame_is_what_a_websocket_client_decodes(size):
     (frame,) = list(client.received_frames())
     assert frame.opcode is Opcode.TEXT and frame.frame_finished and frame.message_finished
     assert frame.payload == text
+
+
+# ---------------------------------------------------------------------------- log ids, resume, answers
+
+
+def test_log_ids_are_uuid7_and_increase_within_a_millisecond_and_when_the_clock_steps_back(monkeypatch):
+    import uuid
+
+    now = [1_790_000_000_000 * 1_000_000]
+    monkeypatch.setattr(relay_lite.time, "time_ns", lambda: now[0])
+    ids = relay_lite._LogIds()
+    made = [ids.next() for _ in range(5000)]  # more than the 4096 a millisecond's counter holds
+    now[0] -= 60 * 10**9  # the clock steps back a minute
+    made += [ids.next() for _ in range(3)]
+    assert made == sorted(set(made))
+    assert {uuid.UUID(log_id).version for log_id in made} == {7}
+    assert ids.last == made[-1]
+    assert relay_lite._LogIds(made[-1]).next() > made[-1]  # a log loaded from storage goes on after it
+
+
+def test_subscribe_with_a_resume_point():
+    frame = parse_client_frame('{"action":"subscribe","buckets":["b"],"since":"0190A000-0000-7000-8000-00000000000A"}')
+    assert frame.since == "0190a000-0000-7000-8000-00000000000a"  # compared as log ids are written
+    assert parse_client_frame('{"action":"subscribe","since":""}').since is None
+    assert parse_client_frame('{"action":"subscribe"}').since is None
+    for since in ('"x"', "1", "[]"):
+        with pytest.raises(ProtocolError, match='"since" must be the meta.id'):
+            parse_client_frame('{"action":"subscribe","since":%s}' % since)
+
+
+def test_answers_in_every_client_shape():
+    answer, status = relay_lite._parse_answer(
+        {"status_code": 200, "response_body": "aGk=", "response_headers": {"A": ["1", "2"], "B": "3"}}, 5.0)
+    assert (answer.status_code, answer.body, answer.headers, answer.at, status) == (
+        200, b"hi", {"A": ["1", "2"], "B": ["3"]}, 5.0, "sent")
+    answer, status = relay_lite._parse_answer({"response_body": [104, 105], "status": 2}, 0)
+    assert (answer.status_code, answer.body, status) == (0, b"hi", "failed")
+    for bad in ({"status_code": True}, {"status_code": 200, "response_body": [256]},
+                {"status_code": 200, "response_headers": ["A"]}, {"status_code": 200, "response_headers": {"A": "x\ny"}},
+                {"status": 6}):
+        with pytest.raises(ProtocolError):
+            relay_lite._parse_answer(bad, 0)

@@ -1,0 +1,209 @@
+"""Resume: a client that subscribes with "since" gets every later webhook, in order, then live ones."""
+
+import httpx
+import pytest
+import trio
+
+import relay_lite
+
+from conftest import GITHUB_INPUT, KEY, SECRET, connect, eventually, post, relay_config, subscriber
+
+
+async def post_many(relay, bodies, input_id=GITHUB_INPUT):
+    async with httpx.AsyncClient(timeout=10) as http:
+        for body in bodies:
+            response = await http.post(f"{relay.url}/v1/webhooks/{input_id}", content=body)
+            assert response.status_code == 200
+
+
+async def last_seen(relay, body="before"):
+    """The meta.id of a webhook a client processed before it went away."""
+    async with subscriber(relay, ["github"]) as client:
+        await post(relay, content=body)
+        return (await client.webhook())["meta"]["id"]
+
+
+async def resume(client, since, buckets=("github",)):
+    await client.send(action="auth", key=KEY, secret=SECRET)
+    await client.expect("authenticated")
+    await client.send(action="subscribe", buckets=list(buckets), since=since)
+    await client.expect("subscribed")
+
+
+async def receive_until_resumed(client, timeout=20):
+    """The webhooks a resume sends, up to its "resumed" status."""
+    frames = []
+    with trio.fail_after(timeout):
+        while (frame := await client.receive()).get("type") == "webhook":
+            frames.append(frame)
+    assert frame["status"] == "resumed", frame
+    return frames
+
+
+def assert_in_id_order(frames):
+    ids = [frame["meta"]["id"] for frame in frames]
+    assert ids == sorted(set(ids)), "ids out of order, or one twice"
+
+
+async def test_a_client_that_missed_1000_webhooks_gets_them_all_in_order_then_live(relay):
+    since = await last_seen(relay)
+    missed = [f"missed {n}" for n in range(1000)]
+    await post_many(relay, missed)
+    async with connect(relay) as client:
+        await resume(client, since)
+        frames = await receive_until_resumed(client)
+        assert [frame["body"] for frame in frames] == missed
+        assert_in_id_order(frames)
+        await post(relay, content="live")
+        live = await client.webhook()
+        assert live["body"] == "live" and live["meta"]["id"] > frames[-1]["meta"]["id"]
+
+
+async def test_webhooks_arriving_during_a_resume_come_once_and_in_order(relay):
+    """The resume and live delivery meet without a gap or a duplicate."""
+    since = await last_seen(relay)
+    await post_many(relay, [f"old {n}" for n in range(300)])
+    during = [f"during {n}" for n in range(200)]
+    async with connect(relay) as client, trio.open_nursery() as nursery:
+        await client.send(action="auth", key=KEY, secret=SECRET)
+        await client.expect("authenticated")
+        nursery.start_soon(post_many, relay, during)
+        await client.send(action="subscribe", buckets=["github"], since=since)
+        await client.expect("subscribed")
+        frames = []
+        with trio.fail_after(20):
+            while len(frames) < 500:
+                frame = await client.receive()
+                if frame["type"] == "webhook":
+                    frames.append(frame)
+                else:
+                    assert frame["status"] == "resumed"
+    assert [frame["body"] for frame in frames] == [f"old {n}" for n in range(300)] + during
+    assert_in_id_order(frames)
+
+
+async def test_resuming_several_buckets_merges_them_in_arrival_order(relay):
+    since = await last_seen(relay)
+    expected = []
+    for n in range(20):
+        input_id, body = (GITHUB_INPUT, f"github {n}") if n % 3 else ("in-stripe", f"stripe {n}")
+        await post_many(relay, [body], input_id)
+        expected.append(body)
+    async with connect(relay) as client:
+        await resume(client, since, ["github", "stripe"])
+        frames = await receive_until_resumed(client)
+    assert [frame["body"] for frame in frames] == expected
+    assert_in_id_order(frames)
+
+
+async def test_a_resume_from_the_newest_webhook_sends_nothing_then_live(relay):
+    since = await last_seen(relay)
+    async with connect(relay) as client:
+        await resume(client, since)
+        assert await receive_until_resumed(client) == []
+        await post(relay, content="live")
+        assert (await client.webhook())["body"] == "live"
+
+
+@pytest.fixture
+def short_history_config():
+    config = relay_config()
+    config["buckets"][0]["history_size"] = 5
+    return config
+
+
+async def test_a_resume_point_older_than_the_history_is_told_so_before_what_is_left(short_history_config):
+    async with relay_lite.open_relay(short_history_config) as relay:
+        since = await last_seen(relay)
+        await post_many(relay, [str(n) for n in range(10)])
+        async with connect(relay) as client:
+            await resume(client, since)
+            notice = await client.expect("history_gap")
+            assert "bucket github no longer holds every webhook after " + since in notice["message"]
+            assert "it keeps 5 webhooks" in notice["message"]
+            frames = await receive_until_resumed(client)
+        assert [frame["body"] for frame in frames] == ["5", "6", "7", "8", "9"]
+
+
+async def test_a_resume_point_from_before_a_restart_without_storage_is_told_so(config):
+    async with relay_lite.open_relay(config) as relay:
+        since = await last_seen(relay)
+    async with relay_lite.open_relay(config) as relay:
+        await post(relay, content="after the restart")
+        async with connect(relay) as client:
+            await resume(client, since)
+            await client.expect("history_gap")
+            frames = await receive_until_resumed(client)
+    assert [frame["body"] for frame in frames] == ["after the restart"]
+
+
+@pytest.fixture
+def slow_config():
+    return relay_config(send_queue_size=4)
+
+
+async def test_a_client_cut_off_as_too_slow_resumes_and_loses_nothing(slow_config):
+    big = "x" * 256 * 1024  # a few dozen fill any socket buffer
+    bodies = [big + f"{n:04}" for n in range(60)]
+    async with relay_lite.open_relay(slow_config) as relay:
+        async with subscriber(relay, ["github"]) as slow:
+            await post_many(relay, bodies)  # it reads nothing meanwhile, and is cut off
+            received = []
+            with trio.fail_after(10):
+                while (frame := await slow.receive_or_close()) is not None:
+                    if frame["type"] == "webhook":
+                        received.append(frame)
+            assert slow.ws.closed.code in (1008, 1006)  # 1006: the frame on the wire was cut in two
+        assert 0 < len(received) < len(bodies)
+        async with connect(relay) as client:
+            await resume(client, received[-1]["meta"]["id"])
+            received += await receive_until_resumed(client)
+    assert [frame["body"][-4:] for frame in received] == [f"{n:04}" for n in range(60)]
+    assert_in_id_order(received)
+
+
+@pytest.mark.parametrize("since, error", [
+    ("not-an-id", '"since" must be the meta.id of the last webhook you processed'),
+    (42, '"since" must be the meta.id of the last webhook you processed'),
+    ("ffffffff-ffff-7fff-bfff-ffffffffffff", "unknown resume point ffffffff-ffff-7fff-bfff-ffffffffffff: "
+                                             "newer than any webhook logged here"),
+])
+async def test_a_bad_resume_point_is_an_error_and_subscribes_nothing(relay, since, error):
+    async with connect(relay) as client:
+        await client.send(action="auth", key=KEY, secret=SECRET)
+        await client.expect("authenticated")
+        await client.send(action="subscribe", buckets=["github"], since=since)
+        assert (await client.expect("error"))["message"] == error
+        await client.send(action="subscribe", buckets=["github"])  # the socket stays usable
+        await client.expect("subscribed")
+        await post(relay, content="live")
+        assert (await client.webhook())["body"] == "live"
+
+
+async def test_a_second_resume_while_one_runs_is_refused(relay):
+    since = await last_seen(relay)
+    await post_many(relay, [str(n) for n in range(900)])  # more than one refill of the outbox (500)
+    async with connect(relay) as client:
+        await client.send(action="auth", key=KEY, secret=SECRET)
+        await client.expect("authenticated")
+        await client.send(action="subscribe", buckets=["github"], since=since)
+        await client.send(action="subscribe", buckets=["stripe"], since=since)
+        await client.expect("subscribed")
+        frames, errors = [], []
+        with trio.fail_after(20):
+            while (frame := await client.receive())["type"] != "status" or frame["status"] != "resumed":
+                (frames if frame["type"] == "webhook" else errors).append(frame)
+    assert [frame["body"] for frame in frames] == [str(n) for n in range(900)]
+    assert [frame["message"] for frame in errors] == [
+        'a resume is already running: subscribe with "since" again once the "resumed" status has arrived']
+
+
+async def test_resumed_webhooks_are_logged_as_sent(relay):
+    since = await last_seen(relay)
+    await post(relay, content="missed")
+    (entry,) = relay._log.after(relay._store.buckets[:1], since, 10)
+    assert entry.status == "received"
+    async with connect(relay) as client:
+        await resume(client, since)
+        await receive_until_resumed(client)
+    await eventually(lambda: entry.status == "sent")

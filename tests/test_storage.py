@@ -1,0 +1,135 @@
+"""Durable storage: with [storage], what was accepted survives a restart, and a kill -9."""
+
+import re
+import sqlite3
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import trio
+
+import relay_lite
+
+from conftest import KEY, SECRET, connect, post, relay_config, subscriber
+from test_cli import run, start, stop
+from test_resume import assert_in_id_order, last_seen, post_many, receive_until_resumed, resume
+
+
+@pytest.fixture
+def config(tmp_path):
+    config = relay_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    return config
+
+
+async def test_a_restart_loses_nothing_and_a_client_resumes_across_it(config):
+    async with relay_lite.open_relay(config) as relay:
+        since = await last_seen(relay)
+        await post_many(relay, [f"missed {n}" for n in range(50)])
+    async with relay_lite.open_relay(config) as relay:
+        await post(relay, content="after the restart")
+        async with connect(relay) as client:
+            await resume(client, since)
+            frames = await receive_until_resumed(client)  # no history_gap notice: nothing was lost
+            await post(relay, content="live")
+            assert (await client.webhook())["body"] == "live"
+    assert [frame["body"] for frame in frames] == [f"missed {n}" for n in range(50)] + ["after the restart"]
+    assert_in_id_order(frames)
+
+
+async def test_statuses_and_answers_survive_a_restart(config):
+    async with relay_lite.open_relay(config) as relay:
+        async with subscriber(relay, ["github"]) as client:
+            await post(relay, content="answered")
+            answered = (await client.webhook())["meta"]["id"]
+        await post(relay, content="never delivered")
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            answer = {"status_code": 204, "response_headers": {"X-A": "b"}, "status": "failed"}
+            assert (await http.put(f"/v1/logs/{answered}", json=answer)).status_code == 200
+    async with relay_lite.open_relay(config) as relay:
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            logs = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
+    assert [(log["body"], log["status"], log["status_code"]) for log in logs] == [
+        ("never delivered", "received", 0), ("answered", "failed", 204)]
+    assert logs[1]["response_headers"] == {"X-A": ["b"]}
+
+
+async def test_retention_bounds_the_file_too(config):
+    config["buckets"][0]["history_size"] = 5
+    async with relay_lite.open_relay(config) as relay:
+        await post_many(relay, [str(n) for n in range(12)])
+    with sqlite3.connect(config["storage"]["path"]) as db:
+        assert [body for (body,) in db.execute("SELECT body FROM logs ORDER BY id")] == [str(n) for n in range(7, 12)]
+
+
+async def test_a_failed_write_answers_503_and_delivers_nothing(config):
+    async with relay_lite.open_relay(config) as relay, subscriber(relay, ["github"]) as client:
+        commit = relay._storage._commit
+
+        def failing_commit(*args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        relay._storage._commit = failing_commit
+        response = await post(relay, content="lost?")
+        assert response.status_code == 503
+        assert response.text == "the webhook log could not be written: disk I/O error; try again\n"
+        relay._storage._commit = commit
+        assert (await post(relay, content="stored")).status_code == 200
+        assert (await client.webhook())["body"] == "stored"  # never the one that was refused
+
+
+async def test_kill_9_after_acceptance_loses_nothing(tmp_path):
+    """Webhooks accepted (2xx) while no client listened are still there after kill -9 and a restart."""
+    path = tmp_path / "relay.toml"
+    assert run("init", str(path)).returncode == 0
+    text = path.read_text() + f'\n[storage]\npath = "{tmp_path / "relay.db"}"\n'
+    path.write_text(text)
+    key = re.search(r'key = "(\S+)"', text).group(1)
+    secret = re.search(r'secret = "(\S+)"', text).group(1)
+
+    async def serve():
+        process, banner = await start("--config", str(path), "--port", "0")
+        url = re.search(r"listening on (http://\S+)", banner).group(1)
+        return process, url, re.search(r"input 'Default public endpoint': (\S+)", banner).group(1)
+
+    process, url, input_url = await serve()
+    try:
+        async with subscriber(SimpleNamespace(socket_url=socket_url(url)), key=key, secret=secret) as client:
+            async with httpx.AsyncClient() as http:
+                assert (await http.post(input_url, content="seen")).status_code == 200
+            since = (await client.webhook())["meta"]["id"]
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=10)) as http:
+            async def send(n):
+                assert (await http.post(input_url, content=f"accepted {n}")).status_code == 200
+            async with trio.open_nursery() as nursery:
+                for n in range(200):
+                    nursery.start_soon(send, n)
+        process.kill()  # SIGKILL, the moment the last sender has its 200
+        await process.wait()
+
+        process, url, input_url = await serve()
+        async with subscriber(SimpleNamespace(socket_url=socket_url(url)), key=key, secret=secret,
+                              since=since) as client:
+            frames = await receive_until_resumed(client)
+        assert sorted(frame["body"] for frame in frames) == sorted(f"accepted {n}" for n in range(200))
+        assert_in_id_order(frames)
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def socket_url(url):
+    return url.replace("http", "ws", 1) + "/v1/socket"
+
+
+def test_a_database_that_cannot_be_opened_exits_2_with_a_message(tmp_path):
+    path = tmp_path / "relay.toml"
+    assert run("init", str(path)).returncode == 0
+    path.write_text(path.read_text() + f'\n[storage]\npath = "{tmp_path / "missing" / "relay.db"}"\n')
+    result = run("--config", str(path), "--port", "0")
+    assert result.returncode == 2
+    assert "relay_lite: error: storage.path: cannot use" in result.stderr
+    assert "unable to open database file" in result.stderr
+    assert "Traceback" not in result.stderr
