@@ -955,8 +955,7 @@ class _Log:
         for bucket in buckets:
             start = bisect.bisect_right(bucket.history, cursor, key=_entry_id)
             streams.append(itertools.islice(bucket.history, start, None))
-        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=_entry_id)
-        return list(itertools.islice(merged, limit))
+        return list(itertools.islice(heapq.merge(*streams, key=_entry_id), limit))
 
     def newest(self, buckets: Iterable[_Bucket]) -> Iterator[_Entry]:
         """Every entry of `buckets`, newest first."""

@@ -207,3 +207,16 @@ async def test_resumed_webhooks_are_logged_as_sent(relay):
         await resume(client, since)
         await receive_until_resumed(client)
     await eventually(lambda: entry.status == "sent")
+
+
+async def test_a_resume_of_buckets_already_live_changes_nothing(relay):
+    """The bucket is served live already: no history is sent again, and nothing comes twice."""
+    since = await last_seen(relay)
+    async with subscriber(relay, ["github"]) as client:
+        await client.send(action="subscribe", buckets=["github"], since=since)
+        await client.expect("subscribed")
+        assert await receive_until_resumed(client) == []
+        await post(relay, content="live")
+        assert (await client.webhook())["body"] == "live"  # once: it was live all along
+        await post(relay, content="next")
+        assert (await client.webhook())["body"] == "next"
