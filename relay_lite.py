@@ -460,6 +460,11 @@ auth_timeout = {DEFAULT_AUTH_TIMEOUT:g}           # seconds a new socket may tak
 max_body_size = {DEFAULT_MAX_BODY_SIZE}     # bytes; larger webhooks get 413
 send_queue_size = {DEFAULT_SEND_QUEUE_SIZE}       # frames a socket may leave unread before it is cut off
 # public_url = "https://relay.example.com"   # used when printing input URLs
+history_size = {DEFAULT_HISTORY_SIZE}          # webhooks each bucket keeps for clients that resume...
+history_ttl = {DEFAULT_HISTORY_TTL:g}          # ...for at most this many seconds
+
+# [storage]                  # keep the webhook log in SQLite: a restart loses nothing
+# path = "relay.db"
 
 [[tokens]]
 key = "{uuid.uuid4()}"
@@ -472,6 +477,8 @@ name = "github"
   [[buckets.inputs]]
   id = "{uuid.uuid4()}"    # the URL is /v1/webhooks/<id>
   name = "{DEFAULT_INPUT_NAME}"
+  # status_code = 200       # what senders get back
+  # response_from_output = "anyOutput"   # or: hold senders until a socket client answers
   # [[buckets.outputs]]     # no outputs: every webhook reaches sockets once
   # name = "local"
   # destination = "http://localhost:8080"
