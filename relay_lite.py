@@ -1158,15 +1158,14 @@ class _Session:
                     f"bucket {config.name} no longer holds every webhook after {replay.cursor}: those up to "
                     f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
                     f"sending those it still holds"))
-                room -= 1
-        entries = log.after(replay.buckets, replay.cursor, max(room, 1))
+        entries = log.after(replay.buckets, replay.cursor, room)
         for entry in entries:
             self.deliver(wire_frame(entry.frame()))
             self._relay._sent(entry)
         if entries:
             replay.cursor = entries[-1].id
             replay.sent += len(entries)
-        if len(entries) < max(room, 1):  # caught up: live from here
+        if len(entries) < room:  # caught up: live from here
             for bucket in replay.buckets:
                 bucket.subscribers.add(self)
             self._replay = None
