@@ -89,11 +89,16 @@ class Process:
 
 
 class Relay(Process):
-    def __init__(self, workdir: Path, **server) -> None:
+    def __init__(self, workdir: Path, storage: bool = False, **server) -> None:
+        """A relay serving the bench bucket; with `storage`, its log in a new SQLite file."""
         config = workdir / "relay.toml"
         settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in server.items())
+        database = workdir / "relay.db"
+        for stale in workdir.glob("relay.db*"):
+            stale.unlink()
         config.write_text(f'[server]\nport = 0\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
-                          f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n')
+                          f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n'
+                          + (f'[storage]\npath = "{database}"\n' if storage else ""))
         super().__init__(str(ROOT / "relay_lite.py"), "--config", str(config))
         url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
         self.host, self.port = url.group(1), int(url.group(2))
@@ -262,8 +267,8 @@ class Bench:
                      " ".join(f"{r['frames']} / {r['expected']}" for r in runs), "all",
                      all(r["frames"] == r["expected"] and not r["errors"] for r in runs))
 
-    def _latency_run(self, rate: int, duration: float) -> dict:
-        relay = Relay(self.workdir)
+    def _latency_run(self, rate: int, duration: float, **relay_options) -> dict:
+        relay = Relay(self.workdir, **relay_options)
         try:
             subs = subscribers(relay.host, relay.port, 10)
             sent = peer("load", relay.host, relay.port, "--rate", rate, "--count", int(rate * duration),
@@ -317,6 +322,78 @@ class Bench:
             ceiling.end()
         return got, bare
 
+    def history(self) -> None:
+        """What the webhook log costs. Ingest with the smallest history (one entry), the default
+        in-memory one, and SQLite storage, in rounds run A B C C B A, each against the first in
+        its round; latency at 100/s with and without storage; the memory a full history holds; and
+        how fast a resume replays it."""
+        rounds, duration = (1, 2) if self.quick else (3, 3)
+        configs = {"history_size = 1": {"history_size": 1}, "in memory (default)": {},
+                   "SQLite storage": {"storage": True}}
+        rates: dict[str, list[float]] = {name: [] for name in configs}
+        lost = 0
+        for _ in range(rounds):
+            runs: dict[str, list[float]] = {name: [] for name in configs}
+            for name in [*configs, *reversed(configs)]:
+                result = self._history_ingest(duration, **configs[name])
+                runs[name].append(result["rate"])
+                lost += max(result["ok"] - result["delivered"], 0)  # wrk leaves out responses it did not wait for
+            for name in configs:
+                rates[name].append(statistics.fmean(runs[name]))
+        scenario = f"history and storage: ingest, 1 subscriber ({rounds} rounds of A B C C B A, {duration} s)"
+        base = rates["history_size = 1"]
+        for name in configs:
+            ratio = statistics.median(rate / first for rate, first in zip(rates[name], base))
+            self.row(scenario, f"webhooks/s, {name}", round(statistics.median(rates[name])),
+                     "-", None, round(statistics.median(base)), round(ratio, 2))
+        self.row(scenario, "accepted but not delivered", lost, "0", lost == 0)
+
+        count = 500 if self.quick else 1000
+        for name, options in (("in memory", {}), ("SQLite storage", {"storage": True})):
+            run = self._latency_run(100, count / 100, **options)
+            ms = run["ms"]
+            self.row(f"history and storage: latency at 100/s, 10 subscribers, {name}",
+                     "p50 / p99 / max (ms), request sent to frame received", f"{ms['p50']} / {ms['p99']} / {ms['max']}",
+                     "all frames", run["frames"] == run["expected"] and not run["errors"])
+
+        size = 2000 if self.quick else 10000
+        relay = Relay(self.workdir, history_size=size)
+        try:
+            time.sleep(0.5)
+            before = relay.rss_kb()
+            accepted = 0
+            while accepted < size * 1.1:
+                accepted += load(relay.host, relay.port, 2)["ok"]
+            held = relay.rss_kb() - before
+            resumer = subscribers(relay.host, relay.port, 1, "--since", "00000000-0000-0000-0000-000000000000")
+            deadline = time.monotonic() + 120
+            while resumer.stop_count() < size and time.monotonic() < deadline:
+                time.sleep(0.2)
+            got = resumer.stop()
+        finally:
+            relay.end()
+        scenario = f"history and storage: a full in-memory history of {size} webhooks (1 KiB bodies)"
+        self.row(scenario, "server RSS per logged webhook (KB)", round(held * 1024 / size / 1000, 2),
+                 "-", None)
+        seconds = got["resumed_after"]
+        self.row(scenario, "resume from before it: webhooks replayed, seconds until live",
+                 f"{got['frames']} in {seconds:.2f} s ({got['frames'] / seconds:.0f}/s)" if seconds else "not resumed",
+                 f"all {size}", got["frames"] == size and bool(seconds))
+
+    def _history_ingest(self, duration: float, **relay_options) -> dict:
+        relay = Relay(self.workdir, **relay_options)
+        try:
+            subs = subscribers(relay.host, relay.port, 1)
+            load(relay.host, relay.port, 1)  # warm-up: a fresh process's first second is slower
+            frames_before = subs.stop_count()
+            result = load(relay.host, relay.port, duration)
+            time.sleep(0.5)
+            result["delivered"] = subs.stop_count() - frames_before
+            subs.stop()
+        finally:
+            relay.end()
+        return result
+
     def idle(self) -> None:
         window = 5 if self.quick else 35  # the full window holds at least one round of 30 s pings
         for clients in ((1000,) if self.quick else (1000, 10000)):
@@ -367,11 +444,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--only", nargs="*", choices=["startup", "ingest", "latency", "fanout", "idle"])
+    parser.add_argument("--only", nargs="*", choices=SCENARIOS)
     args = parser.parse_args(argv)
     started, steal = time.monotonic(), _cpu_steal()
     machine = {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
@@ -380,7 +460,7 @@ def main(argv=None) -> int:
           f"ingest load by {machine['load_tool']}{' (quick)' if args.quick else ''}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as workdir:
         bench = Bench(args.quick, Path(workdir))
-        for scenario in args.only or ["startup", "ingest", "latency", "fanout", "idle"]:
+        for scenario in args.only or SCENARIOS:
             getattr(bench, scenario)()
     machine["seconds"] = round(time.monotonic() - started, 1)
     machine["cpu_steal_percent"] = round((_cpu_steal() - steal) / CLOCK_TICKS / machine["seconds"]

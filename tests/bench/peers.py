@@ -97,9 +97,11 @@ class FrameReader:
 class Subscribers:
     """N socket clients subscribed to the bench bucket, recording when each webhook arrives."""
 
-    def __init__(self, clients: int, stuck: bool = False) -> None:
+    def __init__(self, clients: int, stuck: bool = False, since: str | None = None) -> None:
         self.clients = clients
         self.stuck = stuck  # subscribe, then never read
+        self.since = since  # resume from this log id
+        self.subscribed = self.resumed = 0.0  # when the last client was subscribed, and was resumed
         self.stopping = trio.Event()
         self.frames = 0
         self.latencies: list[float] = []  # receive time - send time, every frame
@@ -132,14 +134,19 @@ class Subscribers:
             assert head.startswith(b"HTTP/1.1 101"), head[:100]
             reader = FrameReader()
             reader.feed(head.split(b"\r\n\r\n", 1)[1])
+            subscribe = {"action": "subscribe", "buckets": [BUCKET], **({"since": self.since} if self.since else {})}
             await stream.send_all(client_frame({"action": "auth", "key": KEY, "secret": SECRET})
-                                  + client_frame({"action": "subscribe", "buckets": [BUCKET]}))
+                                  + client_frame(subscribe))
+            pending = []
             if not ceiling:  # the relay answers authenticated, then subscribed
                 statuses = 0
                 while statuses < 2:
-                    for opcode, payload in reader.feed(await stream.receive_some(65536)):
+                    pending = reader.feed(await stream.receive_some(65536))
+                    while pending and statuses < 2:
+                        opcode, payload = pending.pop(0)
                         assert b'"status":"error"' not in payload and b"unauthorized" not in payload, payload
                         statuses += 1
+                self.subscribed = time.monotonic()
         done()
         if self.stuck:  # read nothing until told to stop, then see how the server left it
             await self.stopping.wait()
@@ -152,17 +159,20 @@ class Subscribers:
                 self.closed.append("disconnected")
             return
         while True:
+            now = time.monotonic()
+            for opcode, payload in pending:
+                if opcode == 1:
+                    self.on_frame(payload, now)
+                    if payload.startswith(b'{"type":"status","status":"resumed"'):
+                        self.resumed = now
+                elif opcode == 8:
+                    self.closed.append(payload[2:].decode(errors="replace"))
+                    return
             data = await stream.receive_some(65536)
             if not data:
                 self.closed.append("eof")
                 return
-            now = time.monotonic()
-            for opcode, payload in reader.feed(data):
-                if opcode == 1:
-                    self.on_frame(payload, now)
-                elif opcode == 8:
-                    self.closed.append(payload[2:].decode(errors="replace"))
-                    return
+            pending = reader.feed(data)
 
     async def run(self, host: str, port: int, ceiling: bool) -> None:
         connecting = trio.CapacityLimiter(200)
@@ -187,7 +197,8 @@ class Subscribers:
         complete = [arrival[2] - arrival[1] for arrival in self.arrivals.values() if arrival[0] >= self.clients]
         emit(event="result", frames=self.frames, webhooks=len(self.arrivals), closed=len(self.closed),
              close_reasons=sorted(set(self.closed))[:5], latency=percentiles(self.latencies),
-             fanout=percentiles(complete), incomplete=len(self.arrivals) - len(complete))
+             fanout=percentiles(complete), incomplete=len(self.arrivals) - len(complete),
+             resumed_after=self.resumed - self.subscribed if self.resumed else None)
 
 
 # ---------------------------------------------------------------------------- an HTTP load generator
@@ -366,13 +377,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--ceiling", action="store_true")
     parser.add_argument("--stuck", action="store_true", help="subscribe, then never read")
+    parser.add_argument("--since", help="subscribe with this resume point")
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--duration", type=float)
     parser.add_argument("--rate", type=float)
     parser.add_argument("--count", type=int)
     args = parser.parse_args()
     if args.role == "subscribers":
-        trio.run(Subscribers(args.clients, args.stuck).run, args.host, args.port, args.ceiling)
+        trio.run(Subscribers(args.clients, args.stuck, args.since).run, args.host, args.port, args.ceiling)
     elif args.role == "load" and args.rate:
         trio.run(open_loop, args.host, args.port, args.path, args.connections, args.rate, args.count)
     elif args.role == "load":
