@@ -526,7 +526,11 @@ def parse_client_frame(message: str | bytes) -> _Auth | _Subscribe | _Pong:
         return _Auth(key, secret)
     if action == "subscribe":
         buckets = frame.get("buckets")
-        since = _log_id(frame.get("since"))
+        since = frame.get("since")
+        if since is None or since == "":
+            since = None
+        elif (since := _canonical_log_id(since)) is None:
+            raise ProtocolError('"since" must be the meta.id of the last webhook you processed')
         if buckets is None:
             return _Subscribe((), since)
         if not isinstance(buckets, list) or not all(isinstance(ref, str) for ref in buckets):
@@ -539,16 +543,12 @@ def parse_client_frame(message: str | bytes) -> _Auth | _Subscribe | _Pong:
     raise ProtocolError(f'unknown action {action[:64]!r}: expected "auth", "subscribe" or "pong"')
 
 
-def _log_id(since: object) -> str | None:
-    """A subscribe frame's resume point: a log id as the relay writes it, or None when absent."""
-    if since is None or since == "":
-        return None
+def _canonical_log_id(text: object) -> str | None:
+    """`text` written as the relay writes log ids (a lower-case UUID), or None if it is not one."""
     try:
-        if not isinstance(since, str):
-            raise ValueError
-        return str(uuid.UUID(since))
+        return str(uuid.UUID(text)) if isinstance(text, str) else None
     except ValueError:
-        raise ProtocolError('"since" must be the meta.id of the last webhook you processed') from None
+        return None
 
 
 def _json_type(value: object) -> str:
@@ -928,33 +928,27 @@ class _Log:
             bucket.history.append(entry)
             bucket.history_bytes += entry.size
             self._entries[entry.id] = entry
-        config = bucket.config
-        assert config.history_size is not None and config.history_bytes is not None
-        history, dropped = bucket.history, None
-        while len(history) > config.history_size or (bucket.history_bytes > config.history_bytes and len(history) > 1):
-            dropped = self._drop_oldest(bucket)  # the newest entry stays, however large
-        if dropped is not None:
-            self._trimmed(bucket, dropped)
+        self._trim(bucket, time.time())
 
     def expire(self, buckets: Iterable[_Bucket], now: float) -> None:
         """Drop entries older than their bucket's history_ttl."""
         for bucket in buckets:
-            assert bucket.config.history_ttl is not None
-            oldest, history, dropped = now - bucket.config.history_ttl, bucket.history, None
-            while history and history[0].received_at < oldest:
-                dropped = self._drop_oldest(bucket)
-            if dropped is not None:
-                self._trimmed(bucket, dropped)
+            self._trim(bucket, now)
 
-    def _drop_oldest(self, bucket: _Bucket) -> _Entry:
-        entry = bucket.history.popleft()
-        bucket.history_bytes -= entry.size
-        del self._entries[entry.id]
-        return entry
-
-    def _trimmed(self, bucket: _Bucket, last: _Entry) -> None:
-        bucket.trimmed = max(bucket.trimmed, last.id)
-        self.on_trim(bucket)
+    def _trim(self, bucket: _Bucket, now: float) -> None:
+        """Drop the oldest entries while the history is over a bound (history_bytes never drops
+        the newest entry, however large)."""
+        config, history, dropped = bucket.config, bucket.history, None
+        assert config.history_size and config.history_ttl and config.history_bytes  # filled in by _checked
+        oldest = now - config.history_ttl
+        while history and (len(history) > config.history_size or history[0].received_at < oldest
+                           or (bucket.history_bytes > config.history_bytes and len(history) > 1)):
+            dropped = history.popleft()
+            bucket.history_bytes -= dropped.size
+            del self._entries[dropped.id]
+        if dropped is not None:
+            bucket.trimmed = max(bucket.trimmed, dropped.id)
+            self.on_trim(bucket)
 
     def after(self, buckets: Iterable[_Bucket], cursor: str, limit: int) -> list[_Entry]:
         """Up to `limit` entries of `buckets` with ids after `cursor`, oldest first."""
@@ -1287,6 +1281,9 @@ class _Batch:
 
 
 class _Storage:
+    """The log's SQLite file. `insert`, `update` and `trim` ask for writes; `run` makes them, a
+    transaction at a time; `committed()` waits for what was asked so far."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -1304,6 +1301,7 @@ class _Storage:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")  # a commit is on disk, not only handed to the OS
+            db.execute("PRAGMA busy_timeout = 5000")  # someone reading the file with sqlite3 may lock it a while
             db.executescript(_SCHEMA)
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
             rows = db.execute("SELECT * FROM logs ORDER BY id").fetchall()
@@ -1429,7 +1427,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         for entry in entries:
             entry.hold = hold
         try:
-            await relay._accept(bucket, entries)
+            await relay._accept(bucket, webhook, entries)
         except StorageError as error:
             return _plain(503, f"{error}; try again")
         if hold is not None:
@@ -1446,8 +1444,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if token is None:
             return _unauthorized()
         args = request.args
+        ref = args.get("bucket", "")
         try:
-            buckets = relay._store.resolve(token, tuple(filter(None, [args.get("bucket", "")])))
+            buckets = relay._store.resolve(token, (ref,) if ref else ())
         except ProtocolError as error:
             return _json_error(404, str(error))
         try:
@@ -1467,10 +1466,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         token = relay._api_token(request.headers.get("Authorization", ""))
         if token is None:
             return _unauthorized()
-        try:
-            entry = relay._log.get(str(uuid.UUID(log_id)))
-        except ValueError:
-            entry = None
+        entry = relay._log.get(_canonical_log_id(log_id) or "")
         if entry is None:
             return _json_error(404, f"no webhook log {log_id[:64]!r}: not an id this relay gave, or no longer kept "
                                     "(see history_size and history_ttl)")
@@ -1682,17 +1678,18 @@ class Relay:
             self._requests -= 1
             self._quiet.unpark_all()
 
-    async def _accept(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+    async def _accept(self, bucket: _Bucket, webhook: Webhook, entries: list[_Entry]) -> None:
         """Log new entries and send them to subscribers; with storage, only once they are stored."""
-        if self._storage is None:
+        if not entries:
+            logger.info("webhook %s %s -> bucket %s: only public outputs, so no socket gets it", webhook.method,
+                        webhook.path, bucket.config.name)
+        elif self._storage is None:
             self._publish(bucket, entries)
-        elif entries:
+        else:
             self._storage.insert(bucket, entries)
             await self._storage.committed()  # the storage task publishes them, in id order
 
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        if not entries:
-            return
         self._log.add(bucket, entries)
         for entry in entries:
             frame = wire_frame(entry.frame())  # framed once, for every subscriber
@@ -1783,8 +1780,7 @@ class Relay:
                 continue
             by_bucket.setdefault(bucket_config.id, []).append(_entry_from_row(row, bucket_config))
         for bucket in self._store.buckets:
-            log.add(bucket, by_bucket.get(bucket.config.id, []))
-        log.expire(self._store.buckets, time.time())
+            log.add(bucket, by_bucket.get(bucket.config.id, []))  # within today's bounds
         logger.info("webhook log %s: %d entries loaded", self._storage.path, len(rows) - unknown)
         if unknown:
             logger.warning("webhook log %s: %d entries belong to buckets no longer configured; they stay "
