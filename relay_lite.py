@@ -1132,7 +1132,8 @@ class _Session:
         """Queue more of the history a resume asked for, or, once it is all sent, go live.
 
         Called at subscribe and after each write while a resume runs. History frames take at most
-        half the outbox, so pings and live frames of other buckets still fit. Once no entry is left
+        half the outbox, so pings and live frames of other buckets still fit, and about one write's
+        bytes (_WRITE_BATCH_BYTES), so a resume of large webhooks holds little. Once no entry is left
         after the cursor, the session joins its buckets' subscribers in the same step: the next
         webhook reaches it live, none is missed and none comes twice.
         """
@@ -1153,12 +1154,15 @@ class _Session:
                     f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
                     f"sending those it still holds"))
         entries = log.after(replay.buckets, replay.cursor, room)
+        queued = 0
         for entry in entries:
-            self.deliver(wire_frame(entry.frame()))
+            frame = wire_frame(entry.frame())  # this session's own bytes, unlike live frames: keep them few
+            self.deliver(frame)
             self._relay._sent(entry)
-        if entries:
-            replay.cursor = entries[-1].id
-            replay.sent += len(entries)
+            replay.cursor, replay.sent = entry.id, replay.sent + 1
+            queued += len(frame)
+            if queued >= _WRITE_BATCH_BYTES:  # a write's worth; more after it
+                return
         if len(entries) < room:  # caught up: live from here
             for bucket in replay.buckets:
                 bucket.subscribers.add(self)

@@ -220,3 +220,27 @@ async def test_a_resume_of_buckets_already_live_changes_nothing(relay):
         assert (await client.webhook())["body"] == "live"  # once: it was live all along
         await post(relay, content="next")
         assert (await client.webhook())["body"] == "next"
+
+
+async def test_a_resume_of_large_webhooks_queues_about_one_write_at_a_time(relay):
+    """History frames are built for one session alone: a resume queues about 1 MiB of them at a
+    time, not half the outbox (500 frames of up to max_body_size)."""
+    since = await last_seen(relay)
+    big = "x" * 256 * 1024
+    await post_many(relay, [big + f"{n:02}" for n in range(20)])
+    async with connect(relay) as client:
+        await client.send(action="auth", key=KEY, secret=SECRET)
+        await client.expect("authenticated")
+        (session,) = relay._sessions
+        queued, deliver = [], session.deliver
+
+        def counting_deliver(frame):
+            deliver(frame)
+            queued.append(session._frames_in.statistics().current_buffer_used)
+
+        session.deliver = counting_deliver
+        await client.send(action="subscribe", buckets=["github"], since=since)
+        await client.expect("subscribed")
+        frames = await receive_until_resumed(client)
+    assert [frame["body"][-2:] for frame in frames] == [f"{n:02}" for n in range(20)]
+    assert max(queued) <= 1 + 4  # "subscribed", and 4 frames of 256 KiB
