@@ -1505,7 +1505,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def plain_error(error: HTTPException) -> Response:
         description = error.description
         if error.code == 413:
-            description = f"webhook bodies are limited to {relay.config.server.max_body_size} bytes"
+            description = f"request bodies are limited to {relay.config.server.max_body_size} bytes (max_body_size)"
         return _plain(error.code or 500, description or error.name)
 
     return app

@@ -2,11 +2,12 @@
 
 import logging
 
+import httpx
 import pytest
 import trio
 import trio_websocket
 
-from conftest import connect, eventually, fail_auth, never_reading_client, post, relay_config, subscriber
+from conftest import KEY, SECRET, connect, eventually, fail_auth, never_reading_client, post, relay_config, subscriber
 
 WEBHOOKS = 200
 
@@ -69,6 +70,21 @@ async def bad_http(relay):
         assert (await post(relay, input_id="nope", content=b"x")).status_code == 404
 
 
+async def bad_resumes_and_logs_api_calls(relay):
+    async with subscriber(relay, ["stripe"]) as client:
+        for since in ("garbage", 7, "ffffffff-ffff-7fff-bfff-ffffffffffff"):
+            await client.send(action="subscribe", buckets=["stripe"], since=since)
+            await client.expect("error")
+    async with httpx.AsyncClient(base_url=relay.url, timeout=10) as http:
+        for _ in range(5):
+            assert (await http.get("/v1/logs")).status_code == 401
+            assert (await http.get("/v1/logs", headers={"Authorization": "Basic !!!"})).status_code == 401
+            assert (await http.get("/v1/logs", auth=(KEY, SECRET), params={"limit": "x"})).status_code == 400
+            log_path = "/v1/logs/0190a000-0000-7000-8000-000000000000"
+            assert (await http.put(log_path, auth=(KEY, SECRET), content=b"\xff")).status_code == 404
+            assert (await http.put(log_path, auth=(KEY, SECRET), content=b"x" * (64 * 1024 + 1))).status_code in (404, 413)
+
+
 async def test_bad_inputs_cost_a_good_client_nothing(relay, caplog):
     stuck = await never_reading_client(relay, ["github"])
     async with subscriber(relay, ["github"]) as good:
@@ -82,7 +98,7 @@ async def test_bad_inputs_cost_a_good_client_nothing(relay, caplog):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_all)
                 for attack in (bad_frames, bad_secrets, silent_socket, huge_frame, huge_frame_racing_the_auth_timeout,
-                               garbage_bytes, bad_http):
+                               garbage_bytes, bad_http, bad_resumes_and_logs_api_calls):
                     nursery.start_soon(attack, relay)
                 for n in range(WEBHOOKS):
                     body = f"{n:04}" + "." * 4096  # 4 KiB each: the stuck client's buffers fill
