@@ -60,9 +60,19 @@ async def start_client(relay, node_modules: Path, bucket: str) -> NodeClient:
     return NodeClient(process)
 
 
-@pytest.fixture
-async def relay():
-    async with relay_lite.open_relay(relay_config()) as relay:
+def with_every_extension(tmp_path):
+    """The log on disk, and the github input holding senders for an answer the seed never gives."""
+    config = relay_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    config["buckets"][0]["inputs"][0].update(response_from_output="anyOutput", response_timeout=0.5)
+    return config
+
+
+@pytest.fixture(params=["plain", "every extension"])
+async def relay(request, tmp_path):
+    """Unmodified clients work the same whether or not the relay's extensions are in use."""
+    config = relay_config() if request.param == "plain" else with_every_extension(tmp_path)
+    async with relay_lite.open_relay(config) as relay:
         yield relay
 
 
