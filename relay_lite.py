@@ -413,8 +413,7 @@ def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]")
     """An input's answer to senders: a real status, headers HTTP can carry, an output that answers."""
     _require(100 <= input_.status_code <= 599, f"{where}.status_code", f"must be 100 to 599, got {input_.status_code}")
     for name, value in input_.headers.items():
-        _require(name.isascii() and name.isprintable() and ":" not in name and " " not in name and name != "",
-                 f"{where}.headers", f"{name!r} is not a header name")
+        _require(_is_header_name(name), f"{where}.headers", f"{name!r} is not a header name")
         _require(value.isprintable(), f"{where}.headers.{name}", "must be printable text on one line")
     _require_positive(input_.response_timeout, f"{where}.response_timeout")
     wanted = input_.response_from_output
@@ -427,6 +426,10 @@ def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]")
             _require(wanted in answering, f"{where}.response_from_output",
                      f"{wanted!r} is not an output sockets receive (internal, enabled): "
                      f"expected {ANY_OUTPUT!r} or one of {answering}")
+
+
+def _is_header_name(name: str) -> bool:
+    return name != "" and name.isascii() and name.isprintable() and ":" not in name and " " not in name
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -806,7 +809,7 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
     for name, values in raw_headers.items():
         values = [values] if isinstance(values, str) else values
         if not (isinstance(values, list) and all(isinstance(value, str) and value.isprintable() for value in values)
-                and name and name.isascii() and name.isprintable() and ":" not in name and " " not in name):
+                and _is_header_name(name)):
             raise ProtocolError(f"response header {name[:64]!r} must be a name with a string or strings")
         headers[name] = values
     status = data.get("status")
