@@ -1497,7 +1497,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
             try:
                 await relay._storage.committed()
             except StorageError as error:
-                return _json_error(503, f"{error}; the answer was passed on but not stored")
+                return _json_error(503, f"{error}; the answer is recorded in memory only")
         return _json(200, entry.as_log())
 
     @app.route(SOCKET_PATH)
@@ -1536,7 +1536,7 @@ def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: i
     raw = args.get(name) or ""
     if raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
         raise ProtocolError(f"{name} must be a whole number from {low} to {high}")
     return int(raw)
 

@@ -87,6 +87,8 @@ async def test_a_token_sees_only_the_logs_of_its_buckets(relay):
     ({"status": "lost"}, "status must be one of preparing, sent, failed, stalled, received, rejected"),
     ({"limit": "0"}, "limit must be a whole number from 1 to 1000"),
     ({"limit": "many"}, "limit must be a whole number from 1 to 1000"),
+    ({"limit": "²"}, "limit must be a whole number from 1 to 1000"),  # a digit to str.isdigit, not to int()
+    ({"offset": "9" * 5000}, "offset must be a whole number from 0 to 2147483648"),
     ({"offset": "-1"}, "offset must be a whole number from 0 to 2147483648"),
 ])
 async def test_bad_list_parameters_are_400_with_a_reason(relay, params, error):
