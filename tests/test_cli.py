@@ -24,9 +24,12 @@ def run(*args, timeout=20):
 
 
 async def start(*args):
-    """Start the server; return the process and its banner, which ends with "Ctrl-C to stop"."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Start the server; return the process and its banner, which ends with "Ctrl-C to stop".
+
+    Its log goes to this process's stderr, which pytest captures: a pipe nobody read would fill
+    up (64 KiB, a few hundred webhooks' INFO lines) and stall the server.
+    """
+    process = await trio.lowlevel.open_process([sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE)
     banner = b""
     with trio.fail_after(20):
         while b"Ctrl-C to stop" not in banner:

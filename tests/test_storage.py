@@ -89,8 +89,7 @@ async def test_kill_9_after_acceptance_loses_nothing(tmp_path):
     secret = re.search(r'secret = "(\S+)"', text).group(1)
 
     async def serve():
-        # warnings only: a line per webhook would fill the stderr pipe start() never reads
-        process, banner = await start("--config", str(path), "--port", "0", "--log-level", "warning")
+        process, banner = await start("--config", str(path), "--port", "0")
         url = re.search(r"listening on (http://\S+)", banner).group(1)
         return process, url, re.search(r"input 'Default public endpoint': (\S+)", banner).group(1)
 
