@@ -151,6 +151,10 @@ class ProtocolError(Exception):
     """A client frame that cannot be acted on; the message is sent back in a status "error" frame."""
 
 
+class StorageError(Exception):
+    """The webhook log's database cannot be opened or written."""
+
+
 # ============================================================================ configuration
 #
 # The TOML file maps one to one onto these frozen dataclasses: a table per class, a key per field.
@@ -870,7 +874,7 @@ class _Store:
 
     def resolve(self, token: TokenConfig, refs: tuple[str, ...]) -> tuple[_Bucket, ...]:
         """The buckets `refs` (names or ids; none: all) name, if `token` may see them all."""
-        visible = self._visible[token.key]
+        visible = self.visible(token)
         if not refs:
             return visible
         missing = [ref for ref in refs if self._by_ref.get(ref) not in visible]
@@ -1253,10 +1257,6 @@ class _Pinger:
 # loop asked for (new entries, changed statuses and answers, trims) into one transaction, runs
 # it in a thread, and only then publishes the new entries, so a sender's 2xx, and a socket's
 # frame, come after the webhook is on disk. Everything is read at start, into the _Log.
-
-
-class StorageError(Exception):
-    """The log's database cannot be opened or written."""
 
 
 _SCHEMA = """
