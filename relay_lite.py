@@ -6,6 +6,11 @@ Webhook senders (GitHub, Stripe, Slack, CI) call a public input URL,
 subscribes to buckets and receives every webhook live, as JSON frames in the hosted service's
 schema, so the hosted service's existing clients work with nothing changed but the URL.
 
+Nothing is lost: every webhook is logged per bucket (optionally in SQLite, before its sender
+gets a 2xx), a client that was away subscribes with ``"since": <the last meta.id it processed>``
+and gets the rest in order, and the logs API (``/v1/logs``) shows the log and takes clients'
+answers, which inputs with ``response_from_output`` hand back to the webhook's sender.
+
 Run it::
 
     python relay_lite.py                        # demo: a bucket, an input and a token, printed
