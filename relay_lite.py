@@ -99,6 +99,7 @@ DEFAULT_PING_INTERVAL = 30.0  # seconds; the old SDK gives up after 90 s of sile
 DEFAULT_AUTH_TIMEOUT = 10.0  # seconds a new socket may take to authenticate
 DEFAULT_MAX_BODY_SIZE = 10 * 2**20  # 10 MiB; larger webhooks get 413
 DEFAULT_SEND_QUEUE_SIZE = 1000  # frames a socket may leave unread before it is cut off
+DEFAULT_SEND_QUEUE_BYTES = 64 * 2**20  # 64 MiB of frames, likewise (one frame always fits)
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on shutdown
 DEFAULT_INPUT_NAME = "Default public endpoint"
 DEFAULT_HISTORY_SIZE = 1000  # log entries a bucket keeps for resume and the logs API
@@ -176,6 +177,7 @@ class ServerConfig:
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     send_queue_size: int = DEFAULT_SEND_QUEUE_SIZE
+    send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     public_url: str = ""
     history_size: int = DEFAULT_HISTORY_SIZE  # defaults for every bucket's log; see BucketConfig
@@ -339,8 +341,8 @@ def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = config.server
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
-    for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "shutdown_timeout",
-                *_HISTORY_KEYS):
+    for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "send_queue_bytes",
+                "shutdown_timeout", *_HISTORY_KEYS):
         _require_positive(getattr(server, key), f"server.{key}")
     _require(
         not server.public_url or server.public_url.startswith(("http://", "https://")),
@@ -470,7 +472,8 @@ port = {DEFAULT_PORT}                # webhooks AND the socket, one port
 ping_interval = {DEFAULT_PING_INTERVAL:g}          # seconds between status "ping" frames
 auth_timeout = {DEFAULT_AUTH_TIMEOUT:g}           # seconds a new socket may take to authenticate
 max_body_size = {DEFAULT_MAX_BODY_SIZE}     # bytes; larger webhooks get 413
-send_queue_size = {DEFAULT_SEND_QUEUE_SIZE}       # frames a socket may leave unread before it is cut off
+send_queue_size = {DEFAULT_SEND_QUEUE_SIZE}       # frames a socket may leave unread before it is cut off...
+send_queue_bytes = {DEFAULT_SEND_QUEUE_BYTES}  # ...or bytes of them (it can resume: see "since")
 # public_url = "https://relay.example.com"   # used when printing input URLs
 history_size = {DEFAULT_HISTORY_SIZE}          # webhooks each bucket keeps for clients that resume...
 history_ttl = {DEFAULT_HISTORY_TTL:g}          # ...for at most this many seconds
@@ -984,7 +987,7 @@ class _Session:
     Its nursery holds the reader (auth under `auth_timeout`, then subscribe and pong) and, in the
     nursery's own body, the one writer. Everything the client is sent, pings from the relay's
     _Pinger included, goes through the bounded outbox as framed bytes; a client that leaves
-    `send_queue_size` frames unread is cut off.
+    `send_queue_size` frames, or `send_queue_bytes` of them, unread is cut off.
     """
 
     def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, peer: str) -> None:
@@ -992,6 +995,7 @@ class _Session:
         self._ws = ws
         self.peer = peer
         self._frames_in, self._frames_out = trio.open_memory_channel[bytes](relay.config.server.send_queue_size)
+        self._queued_bytes = 0  # in the outbox: frames are shared, but a stuck client holds them
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
         self.close_reason: tuple[int, str] | None = None
@@ -1005,12 +1009,19 @@ class _Session:
         """Queue `frame` (wire_frame bytes) for the client, or cut it off if it has fallen too far behind."""
         if self.close_reason is not None:
             return
+        server = self._relay.config.server
+        if self._queued_bytes and self._queued_bytes + len(frame) > server.send_queue_bytes:
+            self._cut_off(f"over {server.send_queue_bytes} bytes")
+            return
         try:
             self._frames_in.send_nowait(frame)
         except trio.WouldBlock:
-            size = self._relay.config.server.send_queue_size
-            self.close(CLOSE_POLICY, f"too slow: {size} frames waiting unread; reconnect and read faster",
-                       drain=False)
+            self._cut_off(f"{server.send_queue_size} frames")
+            return
+        self._queued_bytes += len(frame)
+
+    def _cut_off(self, backlog: str) -> None:
+        self.close(CLOSE_POLICY, f"too slow: {backlog} waiting unread; reconnect and read faster", drain=False)
 
     def closed(self) -> tuple[int, str | None] | None:
         """How the socket ended: the reason close() was given, else the client's close frame."""
@@ -1050,6 +1061,7 @@ class _Session:
                                 break
                             batch.append(frame)
                             size += len(frame)
+                        self._queued_bytes -= size
                         if self._drop_queued:
                             break
                         self._writing = True

@@ -258,6 +258,20 @@ async def test_a_client_that_reads_too_slowly_is_cut_off_with_a_reason(slow_conf
             assert reason.reason.startswith("too slow: 4 frames waiting unread")
 
 
+async def test_a_client_that_leaves_too_many_bytes_unread_is_cut_off_before_its_frame_count_is_reached():
+    """Frames are shared, but a stuck client holds on to them: 1,000 frames of large webhooks
+    would be gigabytes, so send_queue_bytes bounds the outbox too."""
+    async with relay_lite.open_relay(relay_config(send_queue_bytes=2**20)) as relay:
+        async with subscriber(relay, ["github"]) as good, subscriber(relay, ["github"]) as slow:
+            cut = lambda: any(session.close_reason for session in relay._sessions)
+            assert await _post_in_step_with(relay, good, until=cut) < 60  # far from 1,000 frames
+            (session,) = [session for session in relay._sessions if session.close_reason]
+            assert session._queued_bytes <= 2**20
+            reason = await slow.closed(timeout=10)
+            assert reason.code == 1008
+            assert reason.reason == "too slow: over 1048576 bytes waiting unread; reconnect and read faster"
+
+
 async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
     """A raw TCP client with a tiny receive buffer that never reads: it is cut off and disconnected."""
     async with relay_lite.open_relay(slow_config) as relay:
