@@ -112,6 +112,7 @@ def test_init_template_loads_with_fresh_ids():
      "buckets[0].outputs[1].name: 'o' is already used in this bucket"),
     ("[[buckets]]\nid = 'x'", "buckets[0].name: missing"),
     ("[server]\nhistory_size = 0", "server.history_size: must be positive, got 0"),
+    ("[server]\nsend_queue_bytes = 0", "server.send_queue_bytes: must be positive, got 0"),
     ("[[buckets]]\nname = 'a'\nhistory_ttl = -1", "buckets[0].history_ttl: must be positive, got -1"),
     ("[storage]\nfile = 'x.db'", "storage.file: unknown key (known keys: path)"),
     ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nstatus_code = 700", "buckets[0].inputs[0].status_code: must be 100"),
