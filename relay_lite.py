@@ -1156,8 +1156,8 @@ class _Session:
         """Queue more of the history a resume asked for, or, once it is all sent, go live.
 
         Called at subscribe and after each write while a resume runs. History frames take at most
-        half the outbox, so pings and live frames of other buckets still fit, and about one write's
-        bytes (_WRITE_BATCH_BYTES), so a resume of large webhooks holds little. Once no entry is left
+        half the outbox, so pings and live frames of other buckets still fit, and the outbox holds
+        about one write's bytes (_WRITE_BATCH_BYTES) at most, so a resume of large webhooks holds little. Once no entry is left
         after the cursor, the session joins its buckets' subscribers in the same step: the next
         webhook reaches it live, none is missed and none comes twice.
         """
@@ -1167,8 +1167,8 @@ class _Session:
             return
         stats = self._frames_in.statistics()
         room = max(stats.max_buffer_size // 2, 1) - stats.current_buffer_used
-        if room <= 0:
-            return
+        if room <= 0 or self._queued_bytes >= _WRITE_BATCH_BYTES:
+            return  # the outbox holds enough: the writer calls again after its next write
         for bucket in replay.buckets:
             if bucket.trimmed > replay.cursor and replay.gaps.get(bucket) != bucket.trimmed:
                 replay.gaps[bucket] = bucket.trimmed
@@ -1178,14 +1178,11 @@ class _Session:
                     f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
                     f"sending those it still holds"))
         entries = log.after(replay.buckets, replay.cursor, room)
-        queued = 0
         for entry in entries:
-            frame = wire_frame(entry.frame())  # this session's own bytes, unlike live frames: keep them few
-            self.deliver(frame)
+            self.deliver(wire_frame(entry.frame()))  # this session's own bytes, unlike live frames: keep them few
             self._relay._sent(entry)
             replay.cursor, replay.sent = entry.id, replay.sent + 1
-            queued += len(frame)
-            if queued >= _WRITE_BATCH_BYTES:  # a write's worth; more after it
+            if self._queued_bytes >= _WRITE_BATCH_BYTES:  # a write's worth queued; more after it
                 return
         if len(entries) < room:  # caught up: live from here
             for bucket in replay.buckets:
@@ -1728,8 +1725,12 @@ class Relay:
     def _sent(self, entry: _Entry) -> None:
         if entry.status == "received":
             entry.status = "sent"
-            if self._storage is not None:
-                self._storage.update(entry)
+            self._changed(entry)
+
+    def _changed(self, entry: _Entry) -> None:
+        """An entry's status or answer changed: with storage, write it."""
+        if self._storage is not None:
+            self._storage.update(entry)
 
     async def _wait_for_answer(self, hold: _Hold, entries: list[_Entry], timeout: float) -> _Answer | None:
         """Hold the sender until a client answers, for `timeout` seconds at most."""
@@ -1744,8 +1745,7 @@ class Relay:
             for entry in entries:
                 if entry.answer is None:
                     entry.status = "stalled"  # nobody answered in time: the sender got the fallback
-                    if self._storage is not None:
-                        self._storage.update(entry)
+                    self._changed(entry)
         return hold.answer
 
     def _answer(self, entry: _Entry, answer: _Answer, status: str) -> str | None:
@@ -1762,8 +1762,7 @@ class Relay:
         entry.answer, entry.status = answer, status
         if hold is not None:
             hold.offer(entry, answer)
-        if self._storage is not None:
-            self._storage.update(entry)
+        self._changed(entry)
         logger.info("answer to webhook %s: %s (%s)", entry.id, answer.status_code or "-", status)
         return None
 
