@@ -1156,8 +1156,9 @@ class _Session:
         """Queue more of the history a resume asked for, or, once it is all sent, go live.
 
         Called at subscribe and after each write while a resume runs. History frames take at most
-        half the outbox, so pings and live frames of other buckets still fit, and the outbox holds
-        about one write's bytes (_WRITE_BATCH_BYTES) at most, so a resume of large webhooks holds little. Once no entry is left
+        half the outbox, so pings and live frames of other buckets still fit, and at most one write's
+        bytes (_WRITE_BATCH_BYTES) or half of send_queue_bytes, so a resume of large webhooks holds
+        little and never trips the outbox's own bound (a frame larger than that goes alone). Once no entry is left
         after the cursor, the session joins its buckets' subscribers in the same step: the next
         webhook reaches it live, none is missed and none comes twice.
         """
@@ -1167,7 +1168,8 @@ class _Session:
             return
         stats = self._frames_in.statistics()
         room = max(stats.max_buffer_size // 2, 1) - stats.current_buffer_used
-        if room <= 0 or self._queued_bytes >= _WRITE_BATCH_BYTES:
+        most = min(_WRITE_BATCH_BYTES, self._relay.config.server.send_queue_bytes // 2)
+        if room <= 0 or self._queued_bytes >= most:
             return  # the outbox holds enough: the writer calls again after its next write
         for bucket in replay.buckets:
             if bucket.trimmed > replay.cursor and replay.gaps.get(bucket) != bucket.trimmed:
@@ -1179,11 +1181,12 @@ class _Session:
                     f"sending those it still holds"))
         entries = log.after(replay.buckets, replay.cursor, room)
         for entry in entries:
-            self.deliver(wire_frame(entry.frame()))  # this session's own bytes, unlike live frames: keep them few
+            frame = wire_frame(entry.frame())  # this session's own bytes, unlike live frames: keep them few
+            if self._queued_bytes and self._queued_bytes + len(frame) > most:
+                return  # enough queued; this one goes after the next write
+            self.deliver(frame)
             self._relay._sent(entry)
             replay.cursor, replay.sent = entry.id, replay.sent + 1
-            if self._queued_bytes >= _WRITE_BATCH_BYTES:  # a write's worth queued; more after it
-                return
         if len(entries) < room:  # caught up: live from here
             for bucket in replay.buckets:
                 bucket.subscribers.add(self)

@@ -244,3 +244,15 @@ async def test_a_resume_of_large_webhooks_queues_about_one_write_at_a_time(relay
         frames = await receive_until_resumed(client)
     assert [frame["body"][-2:] for frame in frames] == [f"{n:02}" for n in range(20)]
     assert max(queued) <= 1 + 4  # "subscribed", and 4 frames of 256 KiB
+
+
+async def test_a_resume_stays_within_a_small_send_queue_bytes():
+    """Regression: a refill queued up to 1 MiB of history whatever send_queue_bytes was, so with
+    512 KiB the resuming client cut itself off as too slow."""
+    async with relay_lite.open_relay(relay_config(send_queue_bytes=512 * 1024)) as relay:
+        since = await last_seen(relay)
+        await post_many(relay, ["x" * 200 * 1024 + f"{n:02}" for n in range(10)])
+        async with connect(relay) as client:
+            await resume(client, since)
+            frames = await receive_until_resumed(client)
+    assert [frame["body"][-2:] for frame in frames] == [f"{n:02}" for n in range(10)]
