@@ -34,10 +34,12 @@ import gc
 import hashlib
 import heapq
 import hmac
+import importlib.metadata
 import itertools
 import json
 import logging
 import math
+import re
 import secrets
 import signal
 import socket
@@ -54,7 +56,43 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import trio
+# The libraries whose internals relay_lite (or quart-trio) drives, and the minor versions tested,
+# as pyproject.toml pins them (with the reasons). Checked before they are imported, so that an
+# unsupported one fails with one line naming it, not a traceback from inside another library.
+_DEPENDENCIES: dict[str, tuple[str, str]] = {  # name: (lowest supported, first unsupported)
+    "trio-websocket": ("0.12", "0.13"),
+    "hypercorn": ("0.18", "0.19"),
+    "quart": ("0.22", "0.23") if sys.version_info < (3, 13) else ("0.23", "0.24"),
+    "quart-trio": ("0.12", "0.13") if sys.version_info < (3, 13) else ("0.13", "0.14"),
+}
+
+
+def _unsupported_dependency() -> str | None:
+    """What makes the installed libraries unusable, in one line, or None."""
+    python = "Python {}.{}".format(*sys.version_info)
+    for name, (low, high) in _DEPENDENCIES.items():
+        wanted = f"{name}>={low},<{high}"
+        try:
+            found = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return f"relay_lite needs {wanted} on {python}, and {name} is not installed: pip install '{wanted}'"
+        if not _release(low) <= _release(found) < _release(high):
+            return f"relay_lite supports {wanted} on {python}, not {name} {found}: pip install '{wanted}'"
+    return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers a version starts with: "0.13.0rc1" -> (0, 13, 0)."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
+
+
+if (_problem := _unsupported_dependency()) is not None:
+    if __name__ == "__main__":
+        sys.exit(f"relay_lite: error: {_problem}")
+    raise ImportError(_problem)
+
+import trio  # noqa: E402 (after the version check above)
 import trio_websocket
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as _HypercornConfig
