@@ -99,9 +99,13 @@ async def test_kill_9_after_acceptance_loses_nothing(tmp_path):
             async with httpx.AsyncClient() as http:
                 assert (await http.post(input_url, content="seen")).status_code == 200
             since = (await client.webhook())["meta"]["id"]
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=10)) as http:
+        # Ten at a time, each holding a pooled connection: 1,000 requests queued on httpx's pool
+        # of ten waited past its 5 s pool timeout on a busy machine (PoolTimeout, 3 runs of 3).
+        senders = trio.CapacityLimiter(10)
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=10), timeout=30) as http:
             async def send(n):
-                assert (await http.post(input_url, content=f"accepted {n}")).status_code == 200
+                async with senders:
+                    assert (await http.post(input_url, content=f"accepted {n}")).status_code == 200
             async with trio.open_nursery() as nursery:
                 for n in range(1000):
                     nursery.start_soon(send, n)
