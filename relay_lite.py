@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -144,6 +145,15 @@ DEFAULT_HISTORY_SIZE = 1000  # log entries a bucket keeps for resume and the log
 DEFAULT_HISTORY_TTL = 86400.0  # seconds a bucket keeps a log entry (a day)
 DEFAULT_HISTORY_BYTES = 64 * 2**20  # 64 MiB of bodies a bucket keeps, about
 DEFAULT_RESPONSE_TIMEOUT = 10.0  # seconds an answer to a webhook is accepted (and a held sender waits)
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a request's head and body may take to arrive, together
+DEFAULT_IDLE_TIMEOUT = 5.0  # seconds a kept-alive HTTP connection may wait for its next request
+DEFAULT_SEND_TIMEOUT = 30.0  # seconds a socket may leave the relay's writes unread before it is cut off
+DEFAULT_MAX_HEADER_BYTES = 16 * 2**10  # a request's head (line and headers); larger ones get 431
+DEFAULT_MAX_HEADERS = 100  # headers a request may carry; more get 431
+DEFAULT_AUTH_FAILURES_PER_MINUTE = 10  # failed authentications an address may make (a burst, then a
+# steady rate); past them, its attempts are refused unchecked
+MIN_SECRET_LENGTH = 16
+_SCRYPT_N = 2**14  # hash-secret's scrypt cost: 16 MiB and 40 ms a check here, about 0.4 s on a Raspberry Pi 3
 ANY_OUTPUT = "anyOutput"  # response_from_output: the first answer from any output
 
 WEBHOOK_PREFIX = "/v1/webhooks/"
@@ -221,6 +231,15 @@ class ServerConfig:
     history_size: int = DEFAULT_HISTORY_SIZE  # defaults for every bucket's log; see BucketConfig
     history_ttl: float = DEFAULT_HISTORY_TTL
     history_bytes: int = DEFAULT_HISTORY_BYTES
+    # Bounds on what one client can make the relay hold (README, "Security")
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    max_connections: int | None = None  # None: the open-file limit, less what the relay needs besides
+    max_pending_per_ip: int | None = None  # None: an eighth of max_connections
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
+    auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +251,15 @@ class StorageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenConfig:
-    """A `[[tokens]]` entry: a key and secret, optionally limited to some buckets (names or ids)."""
+    """A `[[tokens]]` entry: a key and secret, optionally limited to some buckets (names or ids).
+
+    The secret may be given as `secret_hash` instead (`python relay_lite.py hash-secret`), so the
+    config file does not hold it.
+    """
 
     key: str
-    secret: str
+    secret: str = ""
+    secret_hash: str = ""  # scrypt:N:r:p$salt$hex, as werkzeug.security writes it
     buckets: tuple[str, ...] | None = None
 
 
@@ -380,8 +404,15 @@ def _checked(config: Config) -> Config:
     server = config.server
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
     for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "send_queue_bytes",
-                "shutdown_timeout", *_HISTORY_KEYS):
+                "shutdown_timeout", "request_timeout", "idle_timeout", "send_timeout", "max_header_bytes",
+                "max_headers", "auth_failures_per_minute", *_HISTORY_KEYS):
         _require_positive(getattr(server, key), f"server.{key}")
+    max_connections = _default_max_connections() if server.max_connections is None else server.max_connections
+    _require_positive(max_connections, "server.max_connections")
+    max_pending = max(max_connections // 8, 1) if server.max_pending_per_ip is None else server.max_pending_per_ip
+    _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
+             f"must be 1 to max_connections ({max_connections}), got {max_pending}")
+    server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
     _require(
         not server.public_url or server.public_url.startswith(("http://", "https://")),
         "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
@@ -440,22 +471,54 @@ def _checked(config: Config) -> Config:
         buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs), **history))
 
     keys: dict[str, str] = {}
+    secrets_seen: dict[str, str] = {}
     for t, token in enumerate(config.tokens):
         where = f"tokens[{t}]"
         _require(token.key != "", f"{where}.key", "must not be empty")
-        _require(token.secret != "", f"{where}.secret", "must not be empty")
         if token.key in keys:
             raise ConfigError(f"{where}.key: {token.key!r} is already used by {keys[token.key]}")
         keys[token.key] = f"{where}.key"
+        if token.secret and token.secret_hash:
+            raise ConfigError(f"{where}: give secret or secret_hash, not both")
+        if token.secret_hash:
+            _parse_secret_hash(token.secret_hash, f"{where}.secret_hash")
+        else:
+            _check_secret(token.secret, f"{where}.secret")
+        secret = token.secret or token.secret_hash
+        if secret in secrets_seen:  # Bearer <secret> and the key "whr" find a token by its secret alone
+            raise ConfigError(f"{where}.secret: the same as {secrets_seen[secret]}'s; give each token its own")
+        secrets_seen[secret] = where
         if token.buckets is not None:
             _require(token.buckets != (), f"{where}.buckets",
                      "is empty: name the buckets this token may see, or leave the key out for all")
             for n, ref in enumerate(token.buckets):
                 _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
-    return dataclasses.replace(config, buckets=tuple(buckets))
+    return dataclasses.replace(config, server=server, buckets=tuple(buckets))
 
 
 _HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
+_RESERVED_FILES = 64  # open files the relay needs besides connections: listeners, storage, logs, trio's own
+_PLACEHOLDERS = ("...", "\u2026", "changeme", "change-me", "change_me", "your-secret", "your_secret", "placeholder")
+
+
+def _default_max_connections() -> int:
+    """What the open-file limit (`ulimit -n`, systemd's LimitNOFILE) leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 2**20
+    return max(soft - _RESERVED_FILES, 16)
+
+
+def _check_secret(secret: str, where: str) -> None:
+    """A secret must be hard to guess: long, varied, and not text copied from an example."""
+    how = ("make one with `python relay_lite.py init` or "
+           "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
+    _require(secret != "", where, f"missing (give secret or secret_hash); {how}")
+    _require(len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8, where,
+             f"too easy to guess: use at least {MIN_SECRET_LENGTH} varied characters; {how}")
+    lowered = secret.lower()
+    _require(not any(text in lowered for text in _PLACEHOLDERS) and not (secret[0] == "<" and secret[-1] == ">"),
+             where, f"looks like a placeholder from an example; {how}")
 
 
 def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]") -> None:
@@ -475,6 +538,50 @@ def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]")
             _require(wanted in answering, f"{where}.response_from_output",
                      f"{wanted!r} is not an output sockets receive (internal, enabled): "
                      f"expected {ANY_OUTPUT!r} or one of {answering}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _SecretHash:
+    """A token's `secret_hash`: scrypt:N:r:p$salt$hex, the format werkzeug.security writes, so a
+    hash made by `python relay_lite.py hash-secret` or by werkzeug's generate_password_hash works."""
+
+    n: int
+    r: int
+    p: int
+    salt: str
+    digest: bytes
+
+    def matches(self, secret: str) -> bool:
+        """Blocking, and slow on purpose (tens of milliseconds): call it in a thread."""
+        computed = hashlib.scrypt(secret.encode("utf-8", "surrogatepass"), salt=self.salt.encode(), n=self.n,
+                                  r=self.r, p=self.p, maxmem=132 * self.n * self.r * self.p, dklen=len(self.digest))
+        return hmac.compare_digest(computed, self.digest)
+
+    def __str__(self) -> str:
+        return f"scrypt:{self.n}:{self.r}:{self.p}${self.salt}${self.digest.hex()}"
+
+    @classmethod
+    def of(cls, secret: str, n: int = _SCRYPT_N) -> "_SecretHash":
+        salt = secrets.token_urlsafe(12)
+        digest = hashlib.scrypt(secret.encode(), salt=salt.encode(), n=n, r=8, p=1, maxmem=132 * n * 8, dklen=64)
+        return cls(n, 8, 1, salt, digest)
+
+
+def _parse_secret_hash(text: str, where: str) -> _SecretHash:
+    try:
+        method, salt, digest = text.split("$")
+        name, n, r, p = method.split(":")
+        parsed = _SecretHash(int(n), int(r), int(p), salt, bytes.fromhex(digest))
+    except ValueError:
+        raise ConfigError(f"{where}: must be scrypt:N:r:p$salt$hex, as `python relay_lite.py hash-secret` "
+                          "prints it") from None
+    _require(name == "scrypt", where, f"only scrypt hashes are supported, got {name[:20]!r}")
+    _require(2**10 <= parsed.n <= 2**20 and parsed.n & (parsed.n - 1) == 0, where,
+             f"N must be a power of 2 from 1024 to 1048576, got {parsed.n}")
+    _require(1 <= parsed.r <= 32 and 1 <= parsed.p <= 16 and 128 * parsed.n * parsed.r * parsed.p <= 2**28, where,
+             "r must be 1 to 32 and p 1 to 16, and 128 * N * r * p bytes at most 256 MiB")
+    _require(salt != "" and len(parsed.digest) >= 16, where, "needs a salt and a hash of at least 16 bytes")
+    return parsed
 
 
 def _is_header_name(name: str) -> bool:

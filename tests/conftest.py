@@ -15,8 +15,8 @@ import relay_lite
 
 GITHUB_ID = "1593fe5f-45f9-45cc-ba23-675fdc7c1638"
 GITHUB_INPUT = "b90f2fe9-621d-4290-9e74-edd5b61325dd"
-KEY, SECRET = "key-1", "secret-1"
-SCOPED_KEY, SCOPED_SECRET = "scoped", "scoped-secret"
+KEY, SECRET = "key-1", "secret-one-0123456789"
+SCOPED_KEY, SCOPED_SECRET = "scoped", "scoped-secret-0123456789"
 
 
 def relay_config(**server):

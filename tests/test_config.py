@@ -1,6 +1,9 @@
 """Configuration: TOML to checked, frozen dataclasses, and clear errors. No sockets."""
 
 import dataclasses
+import resource
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +13,7 @@ from relay_lite import ConfigError, load_config
 MINIMAL = """
 [[tokens]]
 key = "k"
-secret = "s"
+secret = "secret-s-0123456789"
 
 [[buckets]]
 name = "github"
@@ -25,7 +28,8 @@ def write(tmp_path, text):
 
 def test_defaults(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
-    assert config.server == relay_lite.ServerConfig()
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert config.server == relay_lite.ServerConfig(max_connections=files - 64, max_pending_per_ip=(files - 64) // 8)
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
     assert config.server.max_body_size == 10 * 2**20
     assert config.tokens[0].buckets is None
@@ -57,7 +61,7 @@ public_url = "https://relay.example.com"
 
 [[tokens]]
 key = "k"
-secret = "s"
+secret = "secret-s-0123456789"
 buckets = ["github"]
 
 [[buckets]]
@@ -94,10 +98,10 @@ def test_init_template_loads_with_fresh_ids():
     ("[server]\npublic_url = 'relay.example.com'", "server.public_url: must start with http"),
     ("server = 5", "server: expected a table, got an integer"),
     ("[[tokens]]\nkey = 'k'", "tokens[0].secret: missing"),
-    ("[[tokens]]\nkey = 'k'\nsecret = 's'\nbuckets = 'github'", "tokens[0].buckets: expected an array"),
-    ("[[tokens]]\nkey = 'k'\nsecret = 's'\nbuckets = ['nope']", "tokens[0].buckets[0]: no bucket is named"),
-    ("[[tokens]]\nkey = 'k'\nsecret = 's'\nbuckets = []", "tokens[0].buckets: is empty"),
-    ("[[tokens]]\nkey = 'k'\nsecret = 's'\n[[tokens]]\nkey = 'k'\nsecret = 't'",
+    ("[[tokens]]\nkey = 'k'\nsecret = 'secret-s-0123456789'\nbuckets = 'github'", "tokens[0].buckets: expected an array"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 'secret-s-0123456789'\nbuckets = ['nope']", "tokens[0].buckets[0]: no bucket is named"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 'secret-s-0123456789'\nbuckets = []", "tokens[0].buckets: is empty"),
+    ("[[tokens]]\nkey = 'k'\nsecret = 'secret-s-0123456789'\n[[tokens]]\nkey = 'k'\nsecret = 'secret-t-0123456789'",
      "tokens[1].key: 'k' is already used by tokens[0].key"),
     ("[[buckets]]\nname = 'a'\n[[buckets]]\nname = 'a'", "buckets[1].name: 'a' is already used by buckets[0].name"),
     ("[[buckets]]\nname = 'a'\nid = 'x'\n[[buckets]]\nname = 'b'\nid = 'x'", "buckets[1].id: 'x' is already used"),
@@ -144,7 +148,7 @@ def test_missing_file(tmp_path):
 
 def test_dict_and_config_sources_agree(tmp_path):
     from_file = load_config(write(tmp_path, MINIMAL))
-    from_dict = load_config({"tokens": [{"key": "k", "secret": "s"}], "buckets": [{"name": "github"}]})
+    from_dict = load_config({"tokens": [{"key": "k", "secret": "secret-s-0123456789"}], "buckets": [{"name": "github"}]})
     assert from_dict == from_file
     assert load_config(from_dict) == from_dict
 
@@ -176,3 +180,67 @@ response_timeout = 3
     assert (input_.status_code, input_.body, input_.headers) == (202, "working on it", {"Content-Type": "text/plain"})
     assert (input_.response_from_output, input_.response_timeout) == ("anyOutput", 3.0)
     assert relay_lite.InputConfig().headers == {} and relay_lite.InputConfig().status_code == 200
+
+
+@pytest.mark.parametrize("secret, complaint", [
+    ("...", "too easy to guess"),  # the README's placeholder
+    ("s", "too easy to guess"),
+    ("0123456789abcde", "too easy to guess"),  # 15 characters
+    ("aaaaaaaaaaaaaaaaaaaaaaaa", "too easy to guess"),
+    ("abababababababababab12", "too easy to guess"),
+    ("please-change-me-0123456789", "looks like a placeholder"),
+    ("<your-relay-token-secret>", "looks like a placeholder"),
+    ("a-long-secret-and-then...", "looks like a placeholder"),
+])
+def test_weak_and_placeholder_secrets_are_refused(tmp_path, secret, complaint):
+    """Issue 9, finding 7: a one-character secret, or the README's placeholder, was accepted."""
+    with pytest.raises(ConfigError) as caught:
+        load_config({"tokens": [{"key": "k", "secret": secret}]})
+    assert str(caught.value).startswith("tokens[0].secret: ") and complaint in str(caught.value)
+    assert "python relay_lite.py init" in str(caught.value)
+
+
+def test_two_tokens_may_not_share_a_secret():
+    """Issue 9, finding 7: Bearer <secret> silently picked one of two tokens with the same secret."""
+    with pytest.raises(ConfigError, match=r"tokens\[1\].secret: the same as tokens\[0\]'s; give each token its own"):
+        load_config({"tokens": [{"key": "a", "secret": "shared-0123456789"}, {"key": "b", "secret": "shared-0123456789"}]})
+
+
+def test_a_secret_hash_replaces_the_secret():
+    hashed = str(relay_lite._SecretHash.of("hashed-secret-0123456789", n=2**10))
+    config = load_config({"tokens": [{"key": "k", "secret_hash": hashed}]})
+    assert config.tokens[0].secret == "" and config.tokens[0].secret_hash == hashed
+
+
+@pytest.mark.parametrize("token, complaint", [
+    ({"secret": "secret-s-0123456789", "secret_hash": "x"}, "tokens[0]: give secret or secret_hash, not both"),
+    ({}, "tokens[0].secret: missing (give secret or secret_hash)"),
+    ({"secret_hash": "pbkdf2:sha256:600000$salt$00"}, "tokens[0].secret_hash: must be scrypt:N:r:p$salt$hex"),
+    ({"secret_hash": "argon2:1:1:1$salt$" + "00" * 32}, "only scrypt hashes are supported"),
+    ({"secret_hash": "scrypt:1000:8:1$salt$" + "00" * 32}, "N must be a power of 2"),
+    ({"secret_hash": "scrypt:1048576:32:1$salt$" + "00" * 32}, "at most 256 MiB"),
+    ({"secret_hash": "scrypt:16384:8:1$$" + "00" * 32}, "needs a salt"),
+])
+def test_bad_secret_hashes_say_why(token, complaint):
+    with pytest.raises(ConfigError) as caught:
+        load_config({"tokens": [{"key": "k", **token}]})
+    assert complaint in str(caught.value)
+
+
+def test_connection_bounds_default_from_the_open_file_limit():
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)); import relay_lite; "
+            "server = relay_lite.load_config({}).server; print(server.max_connections, server.max_pending_per_ip)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["960", "120"], result.stderr
+
+
+@pytest.mark.parametrize("server, complaint", [
+    ({"max_connections": 0}, "server.max_connections: must be positive"),
+    ({"max_connections": 10, "max_pending_per_ip": 11}, "server.max_pending_per_ip: must be 1 to max_connections (10)"),
+    ({"request_timeout": 0}, "server.request_timeout: must be positive"),
+    ({"max_headers": -1}, "server.max_headers: must be positive"),
+])
+def test_bad_bounds_are_refused(server, complaint):
+    with pytest.raises(ConfigError) as caught:
+        load_config({"server": server})
+    assert complaint in str(caught.value)

@@ -13,7 +13,7 @@ TOML = """
 port = 0
 [[tokens]]
 key = "key-1"
-secret = "secret-1"
+secret = "secret-one-0123456789"
 [[buckets]]
 name = "github"
   [[buckets.inputs]]
