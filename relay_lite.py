@@ -1433,6 +1433,8 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_by_bucket ON logs (bucket_id, id);
 CREATE TABLE IF NOT EXISTS buckets (id TEXT PRIMARY KEY, trimmed TEXT NOT NULL) WITHOUT ROWID;
 """
+_WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
+_WAL_BYTES = 2**20  # and cut it back to this size after a checkpoint (SQLite's default: never)
 _INSERT = "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _UPDATE = ("UPDATE logs SET status = ?, status_code = ?, response_headers = ?, response_body = ?, answered_at = ? "
            "WHERE id = ?")
@@ -1471,6 +1473,12 @@ class _Storage:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")  # a commit is on disk, not only handed to the OS
             db.execute("PRAGMA busy_timeout = 5000")  # someone reading the file with sqlite3 may lock it a while
+            # A checkpoint needs room in the file for what the WAL holds, and by default the WAL
+            # keeps its largest size: on a small disk that filled up, a 4 MiB WAL that could not be
+            # checkpointed kept every write failing after room was freed. Checkpoint often, give
+            # the room back.
+            db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
             db.executescript(_SCHEMA)
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
             rows = db.execute("SELECT * FROM logs ORDER BY id").fetchall()
@@ -1521,6 +1529,10 @@ class _Storage:
                     batch.error = error
                     logger.error("webhook log not written to %s: %s (%d new, %d changed entries)",
                                  self.path, error, len(inserts), len(updates))
+                    if not self._closing:  # new entries were refused (their senders got 503); changes
+                        # to kept ones and trims go with the next transaction, unless newer ones replace them
+                        self._batch.updates = {**batch.updates, **self._batch.updates}
+                        self._batch.trims = {**batch.trims, **self._batch.trims}
                 else:
                     for bucket, entries in batch.inserts:
                         publish(bucket, entries)
@@ -1544,7 +1556,8 @@ class _Storage:
                 db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?)", (bucket_id, trimmed))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLITE_FULL, _IOERR and _NOMEM may have rolled it back already,
+                db.execute("ROLLBACK")  # and a failed ROLLBACK's error would hide the real one
             raise
 
 

@@ -78,6 +78,25 @@ async def test_a_failed_write_answers_503_and_delivers_nothing(config):
         assert (await client.webhook())["body"] == "stored"  # never the one that was refused
 
 
+async def test_a_change_that_failed_to_be_written_goes_with_the_next_write(config):
+    async with relay_lite.open_relay(config) as relay, subscriber(relay, ["github"]) as client:
+        await post(relay, content="answered")
+        answered = (await client.webhook())["meta"]["id"]
+        commit = relay._storage._commit
+
+        def failing_commit(*args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        relay._storage._commit = failing_commit
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            response = await http.put(f"/v1/logs/{answered}", json={"status_code": 201, "status": "failed"})
+        assert response.status_code == 503 and "recorded in memory only" in response.text
+        relay._storage._commit = commit
+        assert (await post(relay, content="next")).status_code == 200
+    with sqlite3.connect(config["storage"]["path"]) as db:
+        assert db.execute("SELECT status, status_code FROM logs WHERE id = ?", (answered,)).fetchone() == ("failed", 201)
+
+
 async def test_kill_9_after_acceptance_loses_nothing(tmp_path):
     """1,000 webhooks accepted (2xx) while no client listened are all there after a kill -9 the
     moment the last was accepted, and a restart."""
