@@ -209,6 +209,40 @@ class StorageError(Exception):
     """The webhook log's database cannot be opened or written."""
 
 
+# ============================================================================ log lines
+#
+# Whatever a client controls reaches the log only through _shown, and what a stranger can make
+# the relay say over and over only through _Throttle: an SD card must not fill with log.
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """User-controlled `text` fit for a log line or a message: at most `limit` characters of it,
+    anything unprintable escaped (a terminal's escape sequences, newlines, lone surrogates)."""
+    shown = repr(text[:limit])[1:-1]
+    return shown + f"... ({len(text) - limit} more)" if len(text) > limit else shown
+
+
+class _Throttle:
+    """Warnings a stranger could repeat at will: the first of a kind is logged, then at most one
+    each `interval`, saying how many like it were held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next: dict[str, float] = {}  # kind -> when the next may be logged; kinds are the relay's own
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        self._next[kind] = now + self._interval
+        held = self._held.pop(kind, 0)
+        if held:
+            message += f" ({held} more like it in the {self._interval:g} s before)"
+        logger.warning(message, *args)
+
+
 # ============================================================================ configuration
 #
 # The TOML file maps one to one onto these frozen dataclasses: a table per class, a key per field.
@@ -1021,7 +1055,7 @@ class _Store:
         token = self._tokens.get(key)
         if token is None and key == API_KEY_USER:
             token = self._tokens_by_secret.get(_digest(secret))
-        if token is not None and hmac.compare_digest(token.secret.encode(), secret.encode()):
+        if token is not None and hmac.compare_digest(token.secret.encode(), _utf8(secret)):
             return token
         return None
 
@@ -1032,7 +1066,7 @@ class _Store:
             return visible
         missing = [ref for ref in refs if self._by_ref.get(ref) not in visible]
         if missing:
-            raise ProtocolError(f"no such bucket for this token: {', '.join(missing)[:256]}")
+            raise ProtocolError(f"no such bucket for this token: {_shown(', '.join(missing), 256)}")
         return tuple(dict.fromkeys(self._by_ref[ref] for ref in refs))
 
     def visible(self, token: TokenConfig) -> tuple[_Bucket, ...]:
@@ -1054,7 +1088,12 @@ class _Store:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
+    return hashlib.sha256(_utf8(secret)).digest()
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, lone surrogates too (JSON's "\\ud800" makes one): they never match a secret."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _entry_id(entry: _Entry) -> str:
@@ -1282,8 +1321,9 @@ class _Session:
             if self._replay is not None:
                 raise ProtocolError('a resume is already running: subscribe with "since" again once '
                                     'the "resumed" status has arrived')
-            if frame.since > log.ids.last:
-                raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook logged here")
+            newest = max(max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets)
+            if frame.since > newest:  # only these buckets: others' traffic is none of this token's business
+                raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook of these buckets")
         new = [bucket for bucket in buckets if bucket not in self.buckets]  # the others are already served
         self.buckets.update(new)
         names = frame.buckets or [bucket.config.name for bucket in buckets]
@@ -1864,7 +1904,7 @@ class Relay:
         """Log new entries and send them to subscribers; with storage, only once they are stored."""
         if not entries:
             logger.info("webhook %s %s -> bucket %s: only public outputs, so no socket gets it", webhook.method,
-                        webhook.path, bucket.config.name)
+                        _shown(webhook.path), bucket.config.name)
         elif self._storage is None:
             self._publish(bucket, entries)
         else:
@@ -1881,7 +1921,7 @@ class Relay:
                 self._sent(entry)
         webhook = entries[0].webhook
         logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s)", entries[0].id, webhook.method,
-                    webhook.path, bucket.config.name, len(entries), len(bucket.subscribers))
+                    _shown(webhook.path), bucket.config.name, len(entries), len(bucket.subscribers))
 
     def _sent(self, entry: _Entry) -> None:
         if entry.status == "received":

@@ -166,7 +166,7 @@ async def test_a_client_cut_off_as_too_slow_resumes_and_loses_nothing(slow_confi
     ("not-an-id", '"since" must be the meta.id of the last webhook you processed'),
     (42, '"since" must be the meta.id of the last webhook you processed'),
     ("ffffffff-ffff-7fff-bfff-ffffffffffff", "unknown resume point ffffffff-ffff-7fff-bfff-ffffffffffff: "
-                                             "newer than any webhook logged here"),
+                                             "newer than any webhook of these buckets"),
 ])
 async def test_a_bad_resume_point_is_an_error_and_subscribes_nothing(relay, since, error):
     async with connect(relay) as client:
