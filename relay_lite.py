@@ -29,12 +29,14 @@ import argparse
 import base64
 import bisect
 import dataclasses
+import errno
 import functools
 import gc
 import hashlib
 import heapq
 import hmac
 import importlib.metadata
+import ipaddress
 import itertools
 import json
 import logging
@@ -52,7 +54,7 @@ import types
 import typing
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,10 @@ from hypercorn.trio.worker_context import WorkerContext as _WorkerContext
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from wsproto import ConnectionState as _WSState
+from wsproto import WSConnection as _WSConnection
+from wsproto.connection import ConnectionType as _WSConnectionType
+from wsproto.events import CloseConnection as _CloseConnection
 from wsproto.utilities import LocalProtocolError
 
 __all__ = [
@@ -172,21 +178,29 @@ CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_POLICY = 1008  # not authenticated, too slow
 
 _REQUEST_HEAD_LIMIT = 16 * 2**10  # 16 KiB of request head read to route a connection
-_REQUEST_HEAD_TIMEOUT = 10.0  # seconds a new connection may take to send its request head
 _CLOSE_TIMEOUT = 5.0  # seconds a closing handshake (or the frame on the wire before it) may take
 _RECEIVE_SIZE = 2**16
+_LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
+# so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
+_GRACE = 1.0  # seconds past a deadline that Quart's 408 and Hypercorn's keep-alive timer get first
+_ACCEPT_RETRY = 0.1  # seconds between tries to accept while out of file descriptors
+_ACCEPT_CAPACITY_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _WRITE_BATCH_FRAMES = 256  # queued frames one socket write may carry
 _WRITE_BATCH_BYTES = 2**20  # 1 MiB: a larger frame goes alone
 _SOCKET_SEND_BUFFER = 256 * 2**10  # kernel send buffer of a WebSocket connection; see _serve_socket
 _PING_SLOTS = 30  # pings go out in 30 ticks per ping_interval (1 s ticks at the default 30 s)
 _GC_THRESHOLD = 10_000  # allocations between young collections in the CLI; Python's default is 700
-_ENTRY_OVERHEAD = 512  # bytes a log entry counts against history_bytes besides its body
+# What a log entry counts against history_bytes: these plus the size of every string it holds.
+# Measured with tracemalloc: a header value held about 170 bytes more than its text.
+_ENTRY_OVERHEAD = 512  # the entry, its webhook and answer objects
+_HEADER_OVERHEAD = 120  # a header's name and its list of values
+_VALUE_OVERHEAD = 60  # each value
 _HISTORY_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
-# headers of an answer that describe its connection, not its content: Hypercorn writes its own
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
-                         "upgrade", "proxy-connection"})
+# headers of an answer that describe its connection, not its content, and Date: Hypercorn writes its own
+_SERVERS_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+                              "upgrade", "proxy-connection", "date"})
 
 # Ids a config leaves out are derived from names under this namespace, so they stay the same
 # across restarts. `python relay_lite.py init` writes random ones instead.
@@ -557,7 +571,9 @@ def _check_secret(secret: str, where: str) -> None:
 
 def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]") -> None:
     """An input's answer to senders: a real status, headers HTTP can carry, an output that answers."""
-    _require(100 <= input_.status_code <= 599, f"{where}.status_code", f"must be 100 to 599, got {input_.status_code}")
+    _require(200 <= input_.status_code <= 599, f"{where}.status_code", f"must be 200 to 599, got {input_.status_code}")
+    _require(not input_.body or input_.status_code not in _BODILESS_STATUSES, f"{where}.body",
+             f"must be empty with status_code {input_.status_code}: HTTP sends no body with it")
     for name, value in input_.headers.items():
         _require(_is_header_name(name), f"{where}.headers", f"{name!r} is not a header name")
         _require(value.isprintable(), f"{where}.headers.{name}", "must be printable text on one line")
@@ -619,7 +635,13 @@ def _parse_secret_hash(text: str, where: str) -> _SecretHash:
 
 
 def _is_header_name(name: str) -> bool:
-    return name != "" and name.isascii() and name.isprintable() and ":" not in name and " " not in name
+    """An RFC 9110 token: what HTTP allows as a field name."""
+    return _HEADER_NAME.fullmatch(name) is not None
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BODILESS_STATUSES = (204, 304)
+_BODY_DEADLINE = "relay_lite.body_deadline"  # in a request's ASGI scope: when its body must be in
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -806,6 +828,17 @@ class Webhook:
             text, encoding = base64.b64encode(body).decode("ascii"), "base64"
         return cls(method.upper(), path or "/", _text(query), grouped, text, encoding)
 
+    @functools.cached_property
+    def size(self) -> int:
+        """About the bytes of memory it holds (a str of one emoji among ASCII holds 4 bytes a character)."""
+        return (sys.getsizeof(self.body) + sys.getsizeof(self.path) + sys.getsizeof(self.query)
+                + _headers_size(self.headers))
+
+
+def _headers_size(headers: Mapping[str, list[str]]) -> int:
+    return sum(_HEADER_OVERHEAD + len(name) + sum(_VALUE_OVERHEAD + len(value) for value in values)
+               for name, values in headers.items())
+
 
 @functools.lru_cache(maxsize=1024)  # senders send the same few names over and over
 def _canonical_header(name: str) -> str:
@@ -870,7 +903,7 @@ class _Entry:
         self.status = status  # one of LOG_STATUSES
         self.answer = answer
         self.hold: _Hold | None = None  # the sender waiting for this entry's answer, if one is
-        self.size = _ENTRY_OVERHEAD + len(webhook.body)  # what it counts against history_bytes
+        self.size = _ENTRY_OVERHEAD + webhook.size + (answer.size if answer else 0)  # against history_bytes
 
     def frame(self) -> str:
         """The socket frame, in the hosted service's schema."""
@@ -969,6 +1002,10 @@ class _Answer:
     body: bytes
     at: float  # unix time it was given
 
+    @property
+    def size(self) -> int:
+        return len(self.body) + _headers_size(self.headers)
+
 
 def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
     """A PUT /v1/logs/<id> body: the answer and the log status; ProtocolError says what is wrong.
@@ -981,8 +1018,8 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
         raise ProtocolError(f"the body must be a JSON object, got {_json_type(data)}")
     status_code = data.get("status_code") or 0
     if not isinstance(status_code, int) or isinstance(status_code, bool) or not (
-            status_code == 0 or 100 <= status_code <= 599):
-        raise ProtocolError('"status_code" must be an HTTP status, 100 to 599')
+            status_code == 0 or 200 <= status_code <= 599):
+        raise ProtocolError('"status_code" must be an HTTP status, 200 to 599')
     body = data.get("response_body") or b""
     if isinstance(body, str):
         try:
@@ -993,6 +1030,8 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
         body = bytes(body)
     elif body != b"":
         raise ProtocolError('"response_body" must be base64 (or an array of bytes)')
+    if body and status_code in _BODILESS_STATUSES:
+        raise ProtocolError(f'"response_body" must be empty: a {status_code} answer has no body')
     headers: dict[str, list[str]] = {}
     raw_headers = data.get("response_headers") or {}
     if not isinstance(raw_headers, dict):
@@ -1001,7 +1040,7 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
         values = [values] if isinstance(values, str) else values
         if not (isinstance(values, list) and all(isinstance(value, str) and value.isprintable() for value in values)
                 and _is_header_name(name)):
-            raise ProtocolError(f"response header {name[:64]!r} must be a name with a string or strings")
+            raise ProtocolError(f"response header '{_shown(name, 64)}' must be a name with a string or strings")
         headers[name] = values
     status = data.get("status")
     if isinstance(status, int) and not isinstance(status, bool) and 0 <= status < len(LOG_STATUSES):
@@ -1129,6 +1168,14 @@ class _Log:
             self._entries[entry.id] = entry
         self._trim(bucket, time.time())
 
+    def answered(self, bucket: _Bucket, entry: _Entry, answer: _Answer) -> None:
+        """Record `answer` on `entry`; it counts against history_bytes too."""
+        entry.answer = answer
+        entry.size += answer.size
+        if entry.id in self._entries:  # else trimmed already
+            bucket.history_bytes += answer.size
+            self._trim(bucket, time.time())
+
     def expire(self, buckets: Iterable[_Bucket], now: float) -> None:
         """Drop entries older than their bucket's history_ttl."""
         for bucket in buckets:
@@ -1174,10 +1221,11 @@ class _Session:
     `send_queue_size` frames, or `send_queue_bytes` of them, unread is cut off.
     """
 
-    def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, peer: str) -> None:
+    def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, connection: "_Connection") -> None:
         self._relay = relay
         self._ws = ws
-        self.peer = peer
+        self._connection = connection
+        self.peer = connection.peer
         self._frames_in, self._frames_out = trio.open_memory_channel[bytes](relay.config.server.send_queue_size)
         self._queued_bytes = 0  # in the outbox: frames are shared, but a stuck client holds them
         self.token: TokenConfig | None = None
@@ -1273,6 +1321,7 @@ class _Session:
         if self.token is None:
             self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
             return
+        self._relay._authenticated(self._connection)
         self._relay._pinger.add(self)
         while True:
             self._handle(await self._ws.get_message())
@@ -1391,6 +1440,36 @@ class _Replay:
     cursor: str  # the last id sent, since at first
     sent: int = 0
     gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
+
+
+class _WebSocket(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
+
+    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
+    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
+    0.12 then ends the TCP connection without a close frame, and the client never learns why.
+    Overrides a private method of trio-websocket, pinned in pyproject.
+    """
+
+    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
+        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
+            await super()._handle_close_connection_event(event)
+            return
+        try:
+            await self._send(_CloseConnection(code=event.code, reason=event.reason))
+        except trio_websocket.ConnectionClosed:
+            pass  # gone already
+        await self._close_web_socket(event.code, event.reason or None)
+        self._close_handshake.set()
+        await self._close_stream()
+
+
+async def _accept_websocket(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
+    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
+    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_CLIENT_FRAME)
+    nursery.start_soon(ws._reader_task)
+    request = await ws._get_request()
+    return typing.cast(_WebSocket, await request.accept())
 
 
 async def _write(ws: trio_websocket.WebSocketConnection, frames: bytes) -> None:
@@ -1655,10 +1734,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if hold is not None:
             answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
-                headers = [(name, value) for name, values in answer.headers.items()
-                           if name.lower() not in _HOP_BY_HOP for value in values]
-                return Response(answer.body, answer.status_code, headers)
-        return Response(input_.body, input_.status_code, input_.headers)
+                return _answer_response(answer.status_code, answer.body, answer.headers.items())
+        return _answer_response(input_.status_code, input_.body, ((name, [value]) for name, value in input_.headers.items()))
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
@@ -1715,6 +1792,14 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 return _json_error(503, f"{error}; the answer is recorded in memory only")
         return _json(200, entry.as_log())
 
+    @app.before_request
+    async def bound_body_time() -> None:
+        """A request's body must be in by its deadline (request_timeout, head and body together):
+        then Quart answers 408, and the connection closes."""
+        deadline = request.scope.get(_BODY_DEADLINE)
+        if deadline is not None:
+            request.body_timeout = max(deadline - trio.current_time(), 0.0)
+
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
@@ -1727,6 +1812,38 @@ def _make_app(relay: "Relay") -> QuartTrio:
         return _plain(error.code or 500, description or error.name)
 
     return app
+
+
+def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] | None:
+    """Why the relay will not serve this request at all (a status and a reason), or None.
+
+    Checked before the app sees it: the bounds on a request head, and RFC 9112's rule that a
+    request with both Transfer-Encoding and Content-Length is an attempt at request smuggling
+    when a proxy in front reads the other one (h11 lets Transfer-Encoding win).
+    """
+    headers = scope["headers"]
+    if len(headers) > server.max_headers:
+        return 431, f"a request may carry at most {server.max_headers} headers (max_headers)"
+    size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(name) + len(value) for name, value in headers)
+    if size > server.max_header_bytes:
+        return 431, f"a request head may take at most {server.max_header_bytes} bytes (max_header_bytes)"
+    names = {name.lower() for name, _ in headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return 400, "Transfer-Encoding and Content-Length together are refused (RFC 9112, section 6.1)"
+    return None
+
+
+async def _refuse(send: Callable[[dict], Awaitable[None]], status: int, message: str) -> None:
+    """Answer with `status` and close the connection: what else it sends is not read."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": message.encode() + b"\n"})
+
+
+def _answer_response(status: int, body: str | bytes, headers: Iterable[tuple[str, list[str]]]) -> Response:
+    """The answer a webhook's sender gets: an input's own, or a client's, less what Hypercorn writes."""
+    return Response(body, status, [(name, value) for name, values in headers
+                                   if name.lower() not in _SERVERS_HEADERS for value in values])
 
 
 def _plain(status: int, message: str) -> Response:
@@ -1773,6 +1890,151 @@ class _Hold:
             self.answered.set()
 
 
+# ============================================================================ connections
+#
+# Every TCP connection, from accept to close, is a _Connection: the relay knows who it is from,
+# whether it is pending, and the one deadline that ends it, whatever state the library serving it
+# (Hypercorn, trio-websocket) has left it in. _Connections holds them all and keeps the bounds a
+# stranger could otherwise exhaust: file descriptors and the memory behind them.
+
+
+class _Connection:
+    """One connection: its peer, its deadline (a cancel scope around all of its serving), and
+    whether it is pending: neither an authenticated socket nor a request being answered."""
+
+    __slots__ = ("stream", "address", "peer", "scope", "head_start", "pending", "answering", "is_closing")
+
+    def __init__(self, stream: trio.SocketStream, address: str, peer: str, deadline: float) -> None:
+        self.stream = stream
+        self.address = address  # what max_pending_per_ip counts by: an IPv4 address or an IPv6 /64
+        self.peer = peer  # host:port, for log lines
+        self.scope = trio.CancelScope(deadline=deadline)
+        self.head_start = trio.current_time()  # when its next request's head began, at the latest
+        self.pending = False
+        self.answering = False  # the app is answering an HTTP request on it
+        self.is_closing = False
+
+    def end_by(self, deadline: float) -> None:
+        """From now on, serve it until `deadline` at most (a closing connection keeps its own)."""
+        if not self.is_closing:
+            self.scope.deadline = deadline
+
+    def closing(self) -> None:
+        """Its library closed it: end what the relay sends, once the answer being written is
+        whole, and give the peer _LINGER seconds to read it and leave. (Hypercorn closes at
+        once when a pipelined request follows an answer that said "Connection: close".)"""
+        if not self.answering:
+            _shut_down(self.stream)
+        if not self.is_closing:
+            self.is_closing = True
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + _LINGER)
+
+    def answered(self) -> None:
+        self.answering = False
+        if self.is_closing:
+            _shut_down(self.stream)
+
+
+class _Connections:
+    """Every open connection, within max_connections and max_pending_per_ip.
+
+    Pending connections (idle keep-alive ones, requests still arriving, sockets not yet
+    authenticated) cost a stranger nothing to open and hold, so one address may hold only
+    max_pending_per_ip of them, and at max_connections a new connection takes the place of the
+    oldest pending one. Authenticated sockets do not count: 10,000 clients behind one NAT work.
+    """
+
+    def __init__(self, server: ServerConfig, throttle: _Throttle) -> None:
+        assert server.max_connections and server.max_pending_per_ip  # filled in by _checked
+        self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
+        self._timeout = server.request_timeout
+        self.count = 0
+        self._pending: dict[_Connection, None] = {}  # oldest first
+        self._pending_by_address: dict[str, int] = {}
+        self._throttle = throttle
+
+    def open(self, stream: trio.SocketStream) -> _Connection | None:
+        """A newly accepted connection, or None if it must be refused."""
+        peer, address = _peer(stream.socket)
+        if self._pending_by_address.get(address, 0) >= self._most_pending:
+            self._throttle.warning("pending", "refused connections from %s: it holds %d pending (max_pending_per_ip)",
+                                   address, self._most_pending)
+            return None
+        if self.count >= self._most:
+            if not self._pending:
+                self._throttle.warning("full", "refused connections: %d open, none pending (max_connections)",
+                                       self.count)
+                return None
+            oldest = next(iter(self._pending))
+            self.busy(oldest)  # no longer counted as pending: the next one to make room is another
+            oldest.scope.cancel()
+            self._throttle.warning("evicted", "closed the oldest pending connection, from %s, to make room for "
+                                   "another (max_connections: %d)", oldest.peer, self._most)
+        connection = _Connection(stream, address, peer, trio.current_time() + self._timeout)
+        self.count += 1
+        self.idle(connection)
+        return connection
+
+    def closed(self, connection: _Connection) -> None:
+        self.count -= 1
+        self.busy(connection)
+
+    def busy(self, connection: _Connection) -> None:
+        """It is being answered, or authenticated: not pending."""
+        if connection.pending:
+            connection.pending = False
+            del self._pending[connection]
+            left = self._pending_by_address[connection.address] - 1
+            if left:
+                self._pending_by_address[connection.address] = left
+            else:
+                del self._pending_by_address[connection.address]
+
+    def idle(self, connection: _Connection) -> None:
+        """It waits for its peer: pending."""
+        if not connection.pending:
+            connection.pending = True
+            self._pending[connection] = None
+            self._pending_by_address[connection.address] = self._pending_by_address.get(connection.address, 0) + 1
+
+    def close_pending(self) -> None:
+        """Close every pending connection now (a shutdown: no request is being answered on them)."""
+        for connection in self._pending:
+            connection.scope.cancel()
+
+
+def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
+    """A connection's peer as host:port, and the address connections are counted by: an IPv4
+    address, or an IPv6 /64, the share of a network one host is usually given."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?", "?"
+    if ":" not in host:
+        return f"{host}:{port}", host
+    address = ipaddress.IPv6Address(host.partition("%")[0])
+    key = str(address.ipv4_mapped or ipaddress.IPv6Network((address, 64), strict=False))
+    return f"[{host}]:{port}", key
+
+
+async def _accept_loop(listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                       nursery: trio.Nursery, throttle: _Throttle) -> None:
+    """Accept connections for `handler`, in `nursery`, until cancelled. Out of file descriptors
+    or memory, wait a little and try again, with one rate-limited warning, no traceback (trio's
+    serve_listeners logs a traceback at ERROR each time)."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as error:
+            if error.errno not in _ACCEPT_CAPACITY_ERRORS:
+                raise
+            throttle.warning("accept", "cannot accept connections: %s; is max_connections above what "
+                             "`ulimit -n` allows?", error.strerror or error)
+            await trio.sleep(_ACCEPT_RETRY)
+        else:
+            nursery.start_soon(handler, stream)
+
+
 # ============================================================================ server: one port for both
 #
 # Every connection's request head is read first. A WebSocket upgrade for /v1/socket goes to
@@ -1811,17 +2073,27 @@ def _may_be_socket_request(head: bytes) -> bool:
     return head.startswith(prefix) or prefix.startswith(head)
 
 
-class _ReplayStream(trio.abc.Stream):
-    """A socket stream whose first bytes, read to route the connection, are received again.
+class _ConnectionStream(trio.abc.Stream):
+    """A connection's socket stream, as Hypercorn and trio-websocket use it.
 
-    Once they have been, reads go straight to the socket stream's own method (an instance
-    attribute shadows this class's), as writes always do: no extra coroutine frame per call, on
-    a connection that may stay open for days.
+    Its first bytes, read to route the connection, are received again. Once they have been,
+    reads go straight to the socket stream's own method (an instance attribute shadows this
+    class's), as writes always do: no extra coroutine frame per call, on a connection that may
+    stay open for days.
+
+    Closing it is a half-close, done at once even in a task being cancelled: the peer sees the
+    end of what the relay sent, and the connection lingers (see _Connection.closing) so that a
+    request the relay answered before reading it all does not reset the answer away. Hypercorn
+    0.18 closes a connection from inside the app's send call after an early answer (a 404
+    before the body); quart-trio cancels that task at that moment, trio's send_eof checkpoints
+    before it shuts the socket down, so the close was cancelled and the connection stayed open
+    for good, in CLOSE-WAIT once its peer left.
     """
 
-    def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
+    def __init__(self, stream: trio.SocketStream, head: bytes, connection: "_Connection") -> None:
         self._stream = stream
         self._head = head
+        self._connection = connection
         self.socket = stream.socket  # Hypercorn reads the peer's address from it
         self.send_all = stream.send_all  # type: ignore[method-assign]
 
@@ -1840,10 +2112,21 @@ class _ReplayStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        self._connection.closing()
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._connection.closing()
+        await trio.lowlevel.checkpoint()
+
+
+def _shut_down(stream: trio.SocketStream) -> None:
+    """End what the relay sends on `stream` (a FIN): synchronous, so no cancellation can skip it."""
+    if not stream.socket.did_shutdown_SHUT_WR:
+        try:
+            stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already
 
 
 class Relay:
@@ -1863,7 +2146,13 @@ class Relay:
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
         self._pinger = _Pinger(config.server.ping_interval)
-        self._routing: set[trio.CancelScope] = set()  # connections still sending their request head
+        self._throttle = _Throttle()  # warnings a stranger could repeat at will
+        self._connections = _Connections(config.server, self._throttle)
+        # what a request may take once its head is in: its body, then the relay's answer, which may
+        # hold the sender for an input's response_timeout
+        self._answer_time = config.server.request_timeout + max(
+            (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
+             if input_.response_from_output), default=0.0)
         self._requests = 0  # HTTP requests in flight
         self._quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
         self._shutdown = trio.Event()
@@ -1889,16 +2178,31 @@ class Relay:
         """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
         self._shutdown.set()
 
-    async def _asgi(self, scope: dict, receive: Any, send: Any) -> None:
-        """The Quart app, with HTTP requests counted so a shutdown can wait for them."""
+    async def _asgi(self, connection: _Connection, scope: dict, receive: Any, send: Any) -> None:
+        """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
+        and timed: its head and body within request_timeout (Quart answers 408), its answer
+        within its own time after that, and the next request's head within idle_timeout."""
         if scope["type"] != "http":
             return await self._app(scope, receive, send)
+        server = self.config.server
         self._requests += 1
+        self._connections.busy(connection)
+        connection.answering = True
+        scope[_BODY_DEADLINE] = connection.head_start + server.request_timeout
+        connection.end_by(scope[_BODY_DEADLINE] + self._answer_time + _GRACE)
         try:
-            await self._app(scope, receive, send)
+            refusal = _refusal(scope, server)
+            if refusal is None:
+                await self._app(scope, receive, send)
+            else:
+                await _refuse(send, *refusal)
         finally:
             self._requests -= 1
             self._quiet.unpark_all()
+            connection.answered()
+            self._connections.idle(connection)
+            connection.head_start = trio.current_time()
+            connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
 
     async def _accept(self, bucket: _Bucket, webhook: Webhook, entries: list[_Entry]) -> None:
         """Log new entries and send them to subscribers; with storage, only once they are stored."""
@@ -1960,7 +2264,8 @@ class Relay:
             return f"too late: the sender got the input's own answer after waiting {timeout:g} s"
         if hold is None and answer.at - entry.received_at > timeout:
             return f"too late: answers are accepted within {timeout:g} s of the webhook"
-        entry.answer, entry.status = answer, status
+        entry.status = status
+        self._log.answered(self._store.bucket_of(entry), entry, answer)
         if hold is not None:
             hold.offer(entry, answer)
         self._changed(entry)
@@ -2018,9 +2323,11 @@ class Relay:
     async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
         server = self.config.server
         hypercorn_config = _HypercornConfig()
-        app = ASGIWrapper(self._asgi)
+        hypercorn_config.include_server_header = False  # no version banner, and a client's answer may set one
+        hypercorn_config.keep_alive_timeout = server.idle_timeout
+        hypercorn_config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
         context = _WorkerContext(None)
-        lifespan = _Lifespan(app, hypercorn_config, {})
+        lifespan = _Lifespan(ASGIWrapper(functools.partial(self._asgi, None)), hypercorn_config, {})
         await self._load_log()
         async with trio.open_nursery() as lifespan_nursery:
             if self._storage is not None:  # outlives the connections, to store what they asked for
@@ -2033,10 +2340,10 @@ class Relay:
             self.url = f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
             logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
 
-            handle = functools.partial(self._handle_connection, app=app, config=hypercorn_config, context=context)
+            handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                connections.start_soon(_accept, listeners, handle, connections, accepting)
+                connections.start_soon(_accept, listeners, handle, connections, accepting, self._throttle)
                 connections.start_soon(self._pinger.run)
                 connections.start_soon(self._expire_history)
                 task_status.started(self)
@@ -2046,8 +2353,7 @@ class Relay:
                             len(self._sessions), self._requests)
                 accepting.cancel()
                 await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
-                for scope in self._routing:
-                    scope.cancel()
+                self._connections.close_pending()
                 for session in self._sessions:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
                 for hold in self._holds:
@@ -2063,46 +2369,51 @@ class Relay:
             lifespan_nursery.cancel_scope.cancel()
 
     async def _handle_connection(
-        self, stream: trio.SocketStream, *, app: ASGIWrapper, config: _HypercornConfig, context: _WorkerContext
+        self, stream: trio.SocketStream, *, config: _HypercornConfig, context: _WorkerContext
     ) -> None:
-        try:
-            with trio.CancelScope() as routing:
-                self._routing.add(routing)
-                try:
-                    with trio.fail_after(_REQUEST_HEAD_TIMEOUT):
-                        head = await _read_request_head(stream)
-                finally:
-                    self._routing.discard(routing)
-            if routing.cancelled_caught or not head:
-                await stream.aclose()
-                return
-            replay = _ReplayStream(stream, head)
-            if _is_socket_upgrade(head):
-                await self._serve_socket(replay)
-            else:
-                await _TCPServer(app, config, context, {}, replay)
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await stream.aclose()  # a peer that went quiet or away before it was served
-        except Exception:
-            logger.exception("connection failed; the relay goes on")
+        connection = self._connections.open(stream)
+        if connection is None:
             await stream.aclose()
+            return
+        try:
+            with connection.scope:  # every phase has a deadline; see _Connection.end_by
+                head = await _read_request_head(stream)
+                if not head:
+                    return
+                replay = _ConnectionStream(stream, head, connection)
+                if _is_socket_upgrade(head):
+                    await self._serve_socket(replay, connection)
+                else:
+                    app = ASGIWrapper(functools.partial(self._asgi, connection))
+                    await _TCPServer(app, config, context, {}, replay)
+            if not connection.scope.cancelled_caught:
+                _shut_down(stream)
+                with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
+                    while await stream.receive_some(_RECEIVE_SIZE):
+                        pass  # what the peer still sends: dropped, while it reads the relay's last words
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # a peer that went away
+        except Exception:
+            logger.exception("connection from %s failed; the relay goes on", connection.peer)
+        finally:
+            self._connections.closed(connection)
+            await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
 
-    async def _serve_socket(self, stream: _ReplayStream) -> None:
-        peer = _address(stream.socket)
+    async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
+        peer = connection.peer
         session = None
         try:
             async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-                with trio.move_on_after(_REQUEST_HEAD_TIMEOUT):
-                    ws_request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, max_message_size=MAX_CLIENT_FRAME)
-                    session = _Session(self, await ws_request.accept(), peer)
-                if session is None or self._shutdown.is_set():  # a broken handshake, or too late
+                session = _Session(self, await _accept_websocket(nursery, stream), connection)
+                if self._shutdown.is_set():  # too late
                     await stream.aclose()
                     return
                 # Linux grows a socket's send buffer up to 4 MB: a client that never reads would
                 # hold that much kernel memory and take seconds of deliveries before its outbox
                 # fills and it is cut off. 256 KiB still carries 100 Mbit/s at 20 ms round trips.
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
+                # authenticated in time, or closed (see _Session): the deadline is a backstop
+                connection.end_by(trio.current_time() + self.config.server.auth_timeout + _CLOSE_TIMEOUT + _GRACE)
                 self._sessions.add(session)
                 try:
                     await session.run()
@@ -2114,9 +2425,15 @@ class Relay:
             # a client gone during the handshake, or trio-websocket's reader answering a frame (an
             # oversized one, say) that arrived after this side began to close: either way it ends
             logger.debug("socket from %s ended during its handshake or close", peer)
-        if session is not None:
-            logger.info("socket %s (key %s) closed %s; %d frame(s) sent", peer,
-                        session.token.key if session.token else "-", session.closed(), session.frames_sent)
+        if session is not None:  # one line per client; one per stranger's attempt only when debugging
+            logger.log(logging.INFO if session.token else logging.DEBUG, "socket %s (key %s) closed %s; %d frame(s) sent",
+                       peer, session.token.key if session.token else "-", _shown(str(session.closed())),
+                       session.frames_sent)
+
+    def _authenticated(self, connection: _Connection) -> None:
+        """A socket authenticated: it is a client, no longer pending, and needs no deadline."""
+        self._connections.busy(connection)
+        connection.end_by(math.inf)
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:
@@ -2128,24 +2445,17 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
     return listeners
 
 
-async def _accept(
-    listeners: list[trio.SocketListener], handler: Any, nursery: trio.Nursery, scope: trio.CancelScope
-) -> None:
+async def _accept(listeners: list[trio.SocketListener], handler: Callable[[trio.SocketStream], Awaitable[None]],
+                  nursery: trio.Nursery, scope: trio.CancelScope, throttle: _Throttle) -> None:
     try:
         with scope:
-            await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept_loop, listener, handler, nursery, throttle)
     finally:
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
-
-
-def _address(sock: trio.socket.SocketType) -> str:
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve_relay(
@@ -2273,14 +2583,24 @@ def _init(path: Path, *, force: bool) -> int:
 
 
 async def _serve_until_signalled(config: Config, demo: bool) -> None:
+    """Serve until SIGINT or SIGTERM: the first stops gracefully, a second stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            relay: Relay = await nursery.start(serve_relay, config)
+
+            async def serve(task_status: trio.TaskStatus[Relay]) -> None:
+                await serve_relay(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # shut down: stop listening for signals
+
+            relay: Relay = await nursery.start(serve)
             print(_banner(relay, demo), flush=True)
             async for signum in signals:
-                logger.info("%s received", signal.Signals(signum).name)
-                relay.shutdown()
-                break
+                name = signal.Signals(signum).name
+                if relay._shutdown.is_set():
+                    logger.warning("%s again: stopping now, without waiting for requests and sockets", name)
+                    nursery.cancel_scope.cancel()
+                else:
+                    logger.info("%s received: shutting down (send it again to stop at once)", name)
+                    relay.shutdown()
 
 
 def _banner(relay: Relay, demo: bool) -> str:

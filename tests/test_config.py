@@ -119,7 +119,7 @@ def test_init_template_loads_with_fresh_ids():
     ("[server]\nsend_queue_bytes = 0", "server.send_queue_bytes: must be positive, got 0"),
     ("[[buckets]]\nname = 'a'\nhistory_ttl = -1", "buckets[0].history_ttl: must be positive, got -1"),
     ("[storage]\nfile = 'x.db'", "storage.file: unknown key (known keys: path)"),
-    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nstatus_code = 700", "buckets[0].inputs[0].status_code: must be 100"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nstatus_code = 700", "buckets[0].inputs[0].status_code: must be 200"),
     ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = 'x'", "buckets[0].inputs[0].headers: expected a table"),
     ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = {X = 1}",
      "buckets[0].inputs[0].headers.X: expected a string, got an integer (1)"),

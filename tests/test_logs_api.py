@@ -218,7 +218,7 @@ async def test_a_static_answer_and_late_answers_to_inputs_that_do_not_hold(relay
 @pytest.mark.parametrize("body, error", [
     (b"not json", "the body must be JSON"),
     (b"[]", "the body must be a JSON object, got an array"),
-    (b'{"status_code": 99}', '"status_code" must be an HTTP status, 100 to 599'),
+    (b'{"status_code": 99}', '"status_code" must be an HTTP status, 200 to 599'),
     (b'{"status_code": 200, "response_body": "not base64!"}', '"response_body" must be base64'),
     (b'{"status_code": 200, "response_headers": {"X": 1}}', "response header 'X' must be a name with a string"),
     (b'{"status": "lost"}', '"status" must be one of preparing, sent, failed, stalled, received, rejected'),
