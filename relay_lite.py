@@ -822,11 +822,10 @@ class Webhook:
         for name, value in headers:
             if name.lower() != b"host":
                 grouped.setdefault(_canonical_header(name.decode("latin-1")), []).append(_text(value))
-        try:
-            text, encoding = body.decode("utf-8"), ""
-        except UnicodeDecodeError:
-            text, encoding = base64.b64encode(body).decode("ascii"), "base64"
-        return cls(method.upper(), path or "/", _text(query), grouped, text, encoding)
+        text = _body_text(body)
+        if text is None:
+            return cls(method.upper(), path or "/", _text(query), grouped, base64.b64encode(body).decode("ascii"), "base64")
+        return cls(method.upper(), path or "/", _text(query), grouped, text)
 
     @functools.cached_property
     def size(self) -> int:
@@ -838,6 +837,25 @@ class Webhook:
 def _headers_size(headers: Mapping[str, list[str]]) -> int:
     return sum(_HEADER_OVERHEAD + len(name) + sum(_VALUE_OVERHEAD + len(value) for value in values)
                for name, values in headers.items())
+
+
+def _body_text(body: bytes) -> str | None:
+    """`body` as text, if it is UTF-8 that a JSON frame carries in at most twice its size; else
+    None, and it goes base64 (4/3 of its size). JSON writes most control characters in six
+    (\\u0001): a body of them made frames six times its size, and cut healthy clients off."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    controls = body.translate(None, _NOT_CONTROL)
+    if controls:
+        short = sum(controls.count(char) for char in b"\b\t\n\f\r")  # \n and the like: two characters
+        if body.count(b'"') + body.count(b"\\") + short + 5 * (len(controls) - short) > len(body):
+            return None
+    return text
+
+
+_NOT_CONTROL = bytes(range(0x20, 0x100))
 
 
 @functools.lru_cache(maxsize=1024)  # senders send the same few names over and over

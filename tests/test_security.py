@@ -453,3 +453,26 @@ async def test_3_at_max_connections_a_new_connection_replaces_the_oldest_pending
         assert [still_open(stream) for stream in idle[1:]] == [True] * 28  # only that one (request_timeout: 1 s)
         for stream in idle:
             await stream.aclose()
+
+
+# -------------------------------------------------------------------------- 4: frame size
+
+
+@pytest.mark.parametrize("body, encoding", [
+    (b"\x01" * 10_000, "base64"),  # each would be \u0001 in JSON: six times its size
+    (b"a\x00" * 5_000, "base64"),
+    (b'{"text": "a \\"quoted\\" line\\n"}' * 300, ""),  # JSON: text, however many quotes and newlines
+    ('"'.encode() * 10_000, ""),  # twice its size at worst
+    ("caf\u00e9 \u2603\n\t".encode() * 1000, ""),
+])
+async def test_4_no_frame_is_more_than_twice_its_webhooks_size(relay, body, encoding):
+    """Four 10 MiB bodies of \\x01 made 60 MiB frames each, cut a healthy subscriber off as too
+    slow and took the relay's memory to 400 MB."""
+    async with subscriber(relay, ["github"]) as client:
+        await post(relay, content=body)
+        message = await client.ws.get_message()
+    frame = json.loads(message)
+    assert frame.get("body_encoding", "") == encoding
+    sent = base64.b64decode(frame["body"]) if encoding else frame["body"].encode()
+    assert sent == body
+    assert len(message.encode()) <= 2 * len(body) + 1000
