@@ -32,6 +32,7 @@ import dataclasses
 import errno
 import functools
 import gc
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -198,6 +199,7 @@ _VALUE_OVERHEAD = 60  # each value
 _HISTORY_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
+_TRACKED_ADDRESSES = 10_000  # addresses whose failed authentications are remembered, the latest
 # headers of an answer that describe its connection, not its content, and Date: Hypercorn writes its own
 _SERVERS_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
                               "upgrade", "proxy-connection", "date"})
@@ -1100,21 +1102,11 @@ class _Store:
         self._inputs = {
             input_.id: (bucket, input_) for bucket in self._buckets for input_ in bucket.config.inputs
         }
-        self._tokens = {token.key: token for token in config.tokens}
-        self._tokens_by_secret = {_digest(token.secret): token for token in config.tokens}
         self._visible: dict[str, tuple[_Bucket, ...]] = {
             token.key: tuple(self._buckets) if token.buckets is None
             else tuple(dict.fromkeys(self._by_ref[ref] for ref in token.buckets))
             for token in config.tokens
         }
-
-    def authenticate(self, key: str, secret: str) -> TokenConfig | None:
-        token = self._tokens.get(key)
-        if token is None and key == API_KEY_USER:
-            token = self._tokens_by_secret.get(_digest(secret))
-        if token is not None and hmac.compare_digest(token.secret.encode(), _utf8(secret)):
-            return token
-        return None
 
     def resolve(self, token: TokenConfig, refs: tuple[str, ...]) -> tuple[_Bucket, ...]:
         """The buckets `refs` (names or ids; none: all) name, if `token` may see them all."""
@@ -1225,6 +1217,92 @@ class _Log:
     def newest(self, buckets: Iterable[_Bucket]) -> Iterator[_Entry]:
         """Every entry of `buckets`, newest first."""
         return heapq.merge(*(reversed(bucket.history) for bucket in buckets), key=_entry_id, reverse=True)
+
+
+# ============================================================================ credentials
+#
+# Who a key and secret belong to, and how often an address may be wrong about it.
+
+
+class _Credentials:
+    """Tokens' secrets, checked in constant time, and secret hashes, checked with scrypt in a
+    worker thread, one at a time (16 MiB and tens of milliseconds each): a secret proven right
+    is remembered, so a client pays that once. Failed attempts are limited per address (an
+    IPv6 /64 counts as one): a burst of auth_failures_per_minute, then that many a minute; past
+    them, the address's attempts are refused unchecked, and other addresses are not affected.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._by_key = {token.key: token for token in config.tokens}
+        self._by_secret = {_digest(token.secret): token for token in config.tokens if token.secret}
+        self._hashes = {token.key: _parse_secret_hash(token.secret_hash, f"tokens {token.key!r}")
+                        for token in config.tokens if token.secret_hash}
+        self._proven: set[bytes] = set()  # digests of (key, secret) pairs that matched a hash
+        self._hashing = trio.CapacityLimiter(1)
+        per_minute = config.server.auth_failures_per_minute
+        self._burst, self._refill = float(per_minute), per_minute / 60.0  # failures forgiven a second
+        self._failures: dict[str, tuple[float, float]] = {}  # address -> (failures allowed, at); oldest first
+
+    def refused_for(self, address: str) -> float:
+        """Seconds until `address` may try again; 0 if it may now."""
+        allowed = self._allowed(address, time.monotonic())
+        return 0.0 if allowed >= 1 else (1 - allowed) / self._refill
+
+    async def check(self, address: str, key: str, secret: str) -> TokenConfig | None:
+        """The token `key` and `secret` name, or None; a failure counts against `address`.
+
+        The key "whr" (the new SDK) or a Bearer secret names a token by its secret alone."""
+        if key == API_KEY_USER and key not in self._by_key:
+            token = await self._by_secret_alone(secret)
+        else:
+            token = self._by_key.get(key)
+            if token is not None and not await self._matches(token, secret):
+                token = None
+        if token is None:
+            now = time.monotonic()
+            allowed = self._allowed(address, now) - 1
+            self._failures.pop(address, None)  # re-inserted last: the dict stays oldest first
+            self._failures[address] = (allowed, now)
+            if len(self._failures) > _TRACKED_ADDRESSES:
+                del self._failures[next(iter(self._failures))]
+        return token
+
+    def _allowed(self, address: str, now: float) -> float:
+        allowed, at = self._failures.get(address, (self._burst, now))
+        return min(self._burst, allowed + (now - at) * self._refill)
+
+    async def _by_secret_alone(self, secret: str) -> TokenConfig | None:
+        token = self._by_secret.get(_digest(secret))
+        if token is not None:
+            return token if await self._matches(token, secret) else None
+        for key in self._hashes:
+            if await self._matches(self._by_key[key], secret):
+                return self._by_key[key]
+        return None
+
+    async def _matches(self, token: TokenConfig, secret: str) -> bool:
+        if token.secret:
+            return hmac.compare_digest(token.secret.encode(), _utf8(secret))
+        proof = hashlib.sha256(token.key.encode() + b"\0" + _utf8(secret)).digest()
+        if proof in self._proven:
+            return True
+        async with self._hashing:
+            matches = await trio.to_thread.run_sync(self._hashes[token.key].matches, secret)
+        if matches:
+            self._proven.add(proof)
+        return matches
+
+
+def _address_key(host: str) -> str:
+    """What connections and failed authentications are counted by: an IPv4 address, or an IPv6
+    /64, the share of a network one host is usually given."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    return str(address.ipv4_mapped or ipaddress.IPv6Network((address, 64), strict=False))
 
 
 # ============================================================================ socket session
@@ -1342,7 +1420,7 @@ class _Session:
         self._relay._authenticated(self._connection)
         self._relay._pinger.add(self)
         while True:
-            self._handle(await self._ws.get_message())
+            await self._handle(await self._ws.get_message())
 
     async def _authenticate(self) -> TokenConfig | None:
         failures = 0
@@ -1358,24 +1436,35 @@ class _Session:
             if not isinstance(frame, _Auth):
                 self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
-            token = self._relay._store.authenticate(frame.key, frame.secret)
+            credentials, address = self._relay._credentials, self._connection.address
+            wait = credentials.refused_for(address)
+            if wait:
+                self._status("unauthorized", f"too many failed authentications from {address}: "
+                                             f"try again in {math.ceil(wait)} s")
+                self.close(CLOSE_POLICY, "too many failed authentications from this address")
+                return None
+            token = await credentials.check(address, frame.key, frame.secret)
             if token is not None:
                 self.deliver(_AUTHENTICATED_FRAME)
                 return token
+            self._relay._throttle.warning("auth", "failed authentication from %s (key %s)", self.peer,
+                                          _shown(frame.key, 64))
             failures += 1
             self._status("unauthorized", "invalid key or secret")
             if failures >= MAX_AUTH_ATTEMPTS:
                 self.close(CLOSE_POLICY, f"{failures} failed authentication attempts")
                 return None
 
-    def _handle(self, message: str | bytes) -> None:
+    async def _handle(self, message: str | bytes) -> None:
         assert self.token is not None
         try:
             frame = parse_client_frame(message)
             if isinstance(frame, _Subscribe):
                 self._subscribe(frame)
             elif isinstance(frame, _Auth):
-                if self._relay._store.authenticate(frame.key, frame.secret) is not self.token:
+                if frame.key != self.token.key or (
+                        await self._relay._credentials.check(self._connection.address, frame.key, frame.secret)
+                        is not self.token):
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
         except ProtocolError as error:
@@ -1757,9 +1846,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
-        token = relay._api_token(request.headers.get("Authorization", ""))
-        if token is None:
-            return _unauthorized()
+        token = await relay._api_token()
+        if isinstance(token, Response):
+            return token
         args = request.args
         ref = args.get("bucket", "")
         try:
@@ -1780,9 +1869,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
-        token = relay._api_token(request.headers.get("Authorization", ""))
-        if token is None:
-            return _unauthorized()
+        token = await relay._api_token()
+        if isinstance(token, Response):
+            return token
         entry = relay._log.get(_canonical_log_id(log_id) or "")
         if entry is None:
             return _json_error(404, f"no webhook log {log_id[:64]!r}: not an id this relay gave, or no longer kept "
@@ -1874,12 +1963,6 @@ def _json(status: int, document: Mapping[str, Any]) -> Response:
 
 def _json_error(status: int, message: str) -> Response:
     return _json(status, {"error": message})
-
-
-def _unauthorized() -> Response:
-    response = _json_error(401, "authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
-    response.headers["WWW-Authenticate"] = 'Basic realm="relay_lite"'
-    return response
 
 
 def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -2022,17 +2105,12 @@ class _Connections:
 
 
 def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
-    """A connection's peer as host:port, and the address connections are counted by: an IPv4
-    address, or an IPv6 /64, the share of a network one host is usually given."""
+    """A connection's peer as host:port, and the address it is counted by (see _address_key)."""
     try:
         host, port = sock.getpeername()[:2]
     except OSError:
         return "?", "?"
-    if ":" not in host:
-        return f"{host}:{port}", host
-    address = ipaddress.IPv6Address(host.partition("%")[0])
-    key = str(address.ipv4_mapped or ipaddress.IPv6Network((address, 64), strict=False))
-    return f"[{host}]:{port}", key
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), _address_key(host)
 
 
 async def _accept_loop(listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]],
@@ -2159,6 +2237,7 @@ class Relay:
         self.port = 0
         self.url = ""  # http://HOST:PORT
         self._store = _Store(config)
+        self._credentials = _Credentials(config)
         self._log = _Log()  # replaced by the one loaded from storage, if any, in _serve
         self._storage = _Storage(config.storage.path) if config.storage.path else None
         self._holds: set[_Hold] = set()  # senders waiting for an answer
@@ -2290,18 +2369,33 @@ class Relay:
         logger.info("answer to webhook %s: %s (%s)", entry.id, answer.status_code or "-", status)
         return None
 
-    def _api_token(self, authorization: str) -> TokenConfig | None:
-        """The token of a logs API request: HTTP Basic key:secret, or Bearer <secret>."""
-        scheme, _, credentials = authorization.strip().partition(" ")
+    async def _api_token(self) -> TokenConfig | Response:
+        """The token of the logs API request being served (HTTP Basic key:secret, or Bearer
+        <secret>), or the answer for a request without one: 401, or 429."""
+        address = _address_key((request.scope.get("client") or ("?",))[0])
+        wait = self._credentials.refused_for(address)
+        if wait:
+            response = _json_error(429, f"too many failed authentications from {address}: "
+                                        f"try again in {math.ceil(wait)} s")
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        key, secret = "", ""
         if scheme.lower() == "bearer":
-            return self._store.authenticate(API_KEY_USER, credentials.strip())
-        if scheme.lower() == "basic":
+            key, secret = API_KEY_USER, credentials.strip()
+        elif scheme.lower() == "basic":
             try:
                 key, _, secret = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
             except ValueError:
-                return None
-            return self._store.authenticate(key, secret)
-        return None
+                pass
+        token = await self._credentials.check(address, key, secret) if key else None
+        if token is None:
+            if key:
+                self._throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
+            response = _json_error(401, "authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
+            response.headers["WWW-Authenticate"] = 'Basic realm="relay_lite"'
+            return response
+        return token
 
     async def _load_log(self) -> None:
         """Start the log: from storage, or empty. A resume from before it is told it may miss some."""
@@ -2528,11 +2622,15 @@ def main(argv: list[str] | None = None) -> int:
     init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
     init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    commands.add_parser("hash-secret", help="read a token's secret on standard input (none: make one), "
+                                            "print the secret_hash that may replace it in the config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "init":
         return _init(Path(args.path), force=args.force)
+    if args.command == "hash-secret":
+        return _hash_secret()
     try:
         if args.config:
             config = load_config(args.config)
@@ -2597,6 +2695,26 @@ def _init(path: Path, *, force: bool) -> int:
     path.write_text(_config_template(), encoding="utf-8")
     print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
           f"Run: python relay_lite.py --config {path}")
+    return 0
+
+
+def _hash_secret() -> int:
+    """`python relay_lite.py hash-secret`: a secret from standard input, or a new one, hashed."""
+    if sys.stdin.isatty():
+        secret = getpass.getpass("secret (Enter alone makes a new one): ")
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    made = not secret
+    if made:
+        secret = secrets.token_urlsafe(24)
+    try:
+        _check_secret(secret, "the secret")
+    except ConfigError as error:
+        print(f"relay_lite: error: {error}", file=sys.stderr)
+        return 2
+    if made:
+        print(f"# the token's secret, for its clients (the config keeps only its hash): {secret}")
+    print(f'secret_hash = "{_SecretHash.of(secret)}"')
     return 0
 
 

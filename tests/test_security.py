@@ -476,3 +476,88 @@ async def test_4_no_frame_is_more_than_twice_its_webhooks_size(relay, body, enco
     sent = base64.b64decode(frame["body"]) if encoding else frame["body"].encode()
     assert sent == body
     assert len(message.encode()) <= 2 * len(body) + 1000
+
+
+# -------------------------------------------------------------------------- 7: guessing secrets
+
+
+@pytest.fixture
+def guarded_config():
+    config = relay_config(auth_failures_per_minute=5)
+    hashed = str(relay_lite._SecretHash.of("hashed-secret-0123456789", n=2**10))
+    config["tokens"].append({"key": "hashed", "secret_hash": hashed})
+    return config
+
+
+async def auth_over_socket(relay, key, secret, source="127.0.0.1") -> dict:
+    """Authenticate on a fresh socket from `source`; the relay's answer (a status frame)."""
+    stream, protocol = await raw_socket_from(relay, source)
+    await stream.send_all(protocol.send(wsproto.events.TextMessage(json.dumps(
+        {"action": "auth", "key": key, "secret": secret}))))
+    with trio.fail_after(5):
+        while True:
+            protocol.receive_data(await stream.receive_some(4096))
+            for event in protocol.events():
+                if isinstance(event, wsproto.events.TextMessage):
+                    await stream.aclose()
+                    return json.loads(event.data)
+
+
+async def raw_socket_from(relay, source):
+    stream = await tcp_from(relay, source)
+    protocol = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(protocol.send(Request(host=relay.host, target="/v1/socket")))
+    with trio.fail_after(5):
+        while not any(isinstance(event, AcceptConnection) for event in protocol.events()):
+            protocol.receive_data(await stream.receive_some(4096))
+    return stream, protocol
+
+
+async def test_7_failed_authentication_is_limited_per_address(guarded_config):
+    """About 350 guesses a second per HTTP connection, and 540 over sockets, were allowed."""
+    async with relay_lite.open_relay(guarded_config) as relay:
+        for _ in range(5):  # the burst: each checked, each wrong
+            assert (await auth_over_socket(relay, KEY, "wrong-guess"))["status"] == "unauthorized"
+        refused = await auth_over_socket(relay, KEY, SECRET)  # now even the right secret is not checked
+        assert refused["status"] == "unauthorized" and "too many failed authentications" in refused["message"]
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            response = await http.get("/v1/logs")
+        assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
+        # another address is not locked out, on the socket or the API
+        assert (await auth_over_socket(relay, KEY, SECRET, source="127.0.0.2"))["status"] == "authenticated"
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET), transport=transport) as http:
+            assert (await http.get("/v1/logs")).status_code == 200
+            for _ in range(5):
+                assert (await http.get("/v1/logs", auth=(KEY, "wrong-guess"))).status_code == 401
+            assert (await http.get("/v1/logs")).status_code == 429
+
+
+async def test_7_a_secret_hash_authenticates_like_a_secret(guarded_config):
+    async with relay_lite.open_relay(guarded_config) as relay:
+        assert (await auth_over_socket(relay, "hashed", "hashed-secret-0123456789"))["status"] == "authenticated"
+        assert (await auth_over_socket(relay, "whr", "hashed-secret-0123456789"))["status"] == "authenticated"
+        assert (await auth_over_socket(relay, "hashed", "not-the-secret-012345"))["status"] == "unauthorized"
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            assert (await http.get("/v1/logs", auth=("hashed", "hashed-secret-0123456789"))).status_code == 200
+            bearer = {"Authorization": "Bearer hashed-secret-0123456789"}
+            assert (await http.get("/v1/logs", headers=bearer)).status_code == 200
+        assert len(relay._credentials._proven) == 1  # scrypt ran once for the right secret, then remembered
+
+
+def test_7_hash_secret_prints_a_hash_of_the_secret_given_or_of_a_new_one():
+    from test_cli import SCRIPT
+    import sys
+    import subprocess
+    given = subprocess.run([sys.executable, SCRIPT, "hash-secret"], input="my-own-secret-0123456789\n",
+                           capture_output=True, text=True, timeout=60)
+    (line,) = given.stdout.splitlines()
+    hashed = relay_lite._parse_secret_hash(line.removeprefix('secret_hash = "').removesuffix('"'), "x")
+    assert hashed.matches("my-own-secret-0123456789") and not hashed.matches("my-own-secret-012345678")
+    made = subprocess.run([sys.executable, SCRIPT, "hash-secret"], input="", capture_output=True, text=True, timeout=60)
+    secret = made.stdout.splitlines()[0].rsplit(" ", 1)[1]
+    assert relay_lite.load_config({"tokens": [{"key": "k", "secret_hash": made.stdout.splitlines()[1].split('"')[1]}]})
+    assert relay_lite._parse_secret_hash(made.stdout.splitlines()[1].split('"')[1], "x").matches(secret)
+    weak = subprocess.run([sys.executable, SCRIPT, "hash-secret"], input="short\n", capture_output=True, text=True,
+                          timeout=60)
+    assert weak.returncode == 2 and "too easy to guess" in weak.stderr
