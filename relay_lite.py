@@ -188,6 +188,7 @@ _ACCEPT_RETRY = 0.1  # seconds between tries to accept while out of file descrip
 _ACCEPT_CAPACITY_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _WRITE_BATCH_FRAMES = 256  # queued frames one socket write may carry
 _WRITE_BATCH_BYTES = 2**20  # 1 MiB: a larger frame goes alone
+_JOIN_BELOW = 64 * 2**10  # frames smaller than this are joined into one write; larger ones are not copied
 _SOCKET_SEND_BUFFER = 256 * 2**10  # kernel send buffer of a WebSocket connection; see _serve_socket
 _PING_SLOTS = 30  # pings go out in 30 ticks per ping_interval (1 s ticks at the default 30 s)
 _GC_THRESHOLD = 10_000  # allocations between young collections in the CLI; Python's default is 700
@@ -199,6 +200,7 @@ _VALUE_OVERHEAD = 60  # each value
 _HISTORY_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
+_FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
 _TRACKED_ADDRESSES = 10_000  # addresses whose failed authentications are remembered, the latest
 # headers of an answer that describe its connection, not its content, and Date: Hypercorn writes its own
 _SERVERS_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
@@ -1156,12 +1158,28 @@ class _Log:
     entries go first, and the bucket's `trimmed` mark moves past them, so a client resuming from
     an id before the mark is told it may have missed some. With storage, this is the database's
     content, loaded at start, and the database is trimmed the same way (see `on_trim`).
+
+    The wire frames of the entries sent last are kept a while (_FRAME_CACHE_BYTES), so clients
+    resuming from the same point share one copy of each.
     """
 
     def __init__(self, after: str = "") -> None:
         self.ids = _LogIds(after)
         self._entries: dict[str, _Entry] = {}
         self.on_trim: Callable[[_Bucket], None] = lambda bucket: None
+        self._frames: dict[str, bytes] = {}  # entry id -> its wire frame, least recently used first
+        self._frames_bytes = 0
+
+    def frame(self, entry: _Entry) -> bytes:
+        """`entry` as the bytes of a WebSocket frame, built once while it is in use."""
+        frame = self._frames.pop(entry.id, None)
+        if frame is None:
+            frame = wire_frame(entry.frame())
+            self._frames_bytes += len(frame)
+            while self._frames and self._frames_bytes > _FRAME_CACHE_BYTES:
+                self._frames_bytes -= len(self._frames.pop(next(iter(self._frames))))
+        self._frames[entry.id] = frame  # the most recently used, last
+        return frame
 
     def get(self, log_id: str) -> _Entry | None:
         return self._entries.get(log_id)
@@ -1339,17 +1357,17 @@ class _Session:
             return
         server = self._relay.config.server
         if self._queued_bytes and self._queued_bytes + len(frame) > server.send_queue_bytes:
-            self._cut_off(f"over {server.send_queue_bytes} bytes")
+            self._cut_off(f"over {server.send_queue_bytes} bytes waiting unread")
             return
         try:
             self._frames_in.send_nowait(frame)
         except trio.WouldBlock:
-            self._cut_off(f"{server.send_queue_size} frames")
+            self._cut_off(f"{server.send_queue_size} frames waiting unread")
             return
         self._queued_bytes += len(frame)
 
-    def _cut_off(self, backlog: str) -> None:
-        self.close(CLOSE_POLICY, f"too slow: {backlog} waiting unread; reconnect and read faster", drain=False)
+    def _cut_off(self, why: str) -> None:
+        self.close(CLOSE_POLICY, f"too slow: {why}; reconnect and read faster", drain=False)
 
     def closed(self) -> tuple[int, str | None] | None:
         """How the socket ended: the reason close() was given, else the client's close frame."""
@@ -1393,7 +1411,12 @@ class _Session:
                         if self._drop_queued:
                             break
                         self._writing = True
-                        await _write(self._ws, b"".join(batch))
+                        try:
+                            await _write(self._ws, batch, self._relay.config.server.send_timeout)
+                        except trio.TooSlowError:
+                            timeout = self._relay.config.server.send_timeout
+                            self._cut_off(f"nothing read for {timeout:g} s")
+                            break
                         self._writing = False
                         self.frames_sent += len(batch)
                         if self._replay is not None:
@@ -1522,7 +1545,7 @@ class _Session:
                     f"sending those it still holds"))
         entries = log.after(replay.buckets, replay.cursor, room)
         for entry in entries:
-            frame = wire_frame(entry.frame())  # this session's own bytes, unlike live frames: keep them few
+            frame = log.frame(entry)  # shared with other sessions resuming from here
             if self._queued_bytes and self._queued_bytes + len(frame) > most:
                 return  # enough queued; this one goes after the next write
             self.deliver(frame)
@@ -1579,8 +1602,10 @@ async def _accept_websocket(nursery: trio.Nursery, stream: trio.abc.Stream) -> _
     return typing.cast(_WebSocket, await request.accept())
 
 
-async def _write(ws: trio_websocket.WebSocketConnection, frames: bytes) -> None:
-    """Send frames built by wire_frame on `ws`, in one write.
+async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], timeout: float) -> None:
+    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
+    they are (they may be shared with other sockets: no copy). TooSlowError if the client reads
+    nothing for `timeout` seconds (no _SOCKET_SEND_BUFFER's worth goes out in that time).
 
     trio-websocket frames each message anew for each connection (send_message), and each
     send_message costs a whole trio scheduling round even when the socket has room, while a busy
@@ -1597,12 +1622,30 @@ async def _write(ws: trio_websocket.WebSocketConnection, frames: bytes) -> None:
     except trio.WouldBlock:
         await lock.acquire()
     try:
-        await ws._stream.send_all(frames)
+        small: list[bytes] = []
+        for frame in frames:
+            if len(frame) < _JOIN_BELOW:
+                small.append(frame)
+                continue
+            if small:
+                await _send(ws._stream, b"".join(small), timeout)
+                small = []
+            await _send(ws._stream, frame, timeout)
+        if small:
+            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
     finally:
         lock.release()
+
+
+async def _send(stream: trio.abc.SendStream, data: bytes, timeout: float) -> None:
+    """`stream.send_all(data)`, a send buffer's worth at a time, each within `timeout`."""
+    view = memoryview(data)
+    for start in range(0, len(data), _SOCKET_SEND_BUFFER):
+        with trio.fail_after(timeout):
+            await stream.send_all(view[start:start + _SOCKET_SEND_BUFFER])
 
 
 class _Pinger:
@@ -2315,7 +2358,7 @@ class Relay:
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         self._log.add(bucket, entries)
         for entry in entries:
-            frame = wire_frame(entry.frame())  # framed once, for every subscriber
+            frame = self._log.frame(entry)  # framed once, for every subscriber (and for resumes)
             for session in bucket.subscribers:
                 session.deliver(frame)
             if bucket.subscribers:
@@ -2487,6 +2530,9 @@ class Relay:
         if connection is None:
             await stream.aclose()
             return
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
+            # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.server.send_timeout * 1000))
         try:
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
                 head = await _read_request_head(stream)

@@ -145,7 +145,7 @@ async def post(relay, input_id=GITHUB_INPUT, path="", **kwargs) -> httpx.Respons
         return await http.post(f"{relay.url}/v1/webhooks/{input_id}{path}", **kwargs)
 
 
-async def never_reading_client(relay, buckets, receive_buffer=4096):
+async def never_reading_client(relay, buckets, receive_buffer=4096, **subscribe):
     """A raw TCP client with a tiny receive buffer: it subscribes, then never reads again."""
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
@@ -155,6 +155,6 @@ async def never_reading_client(relay, buckets, receive_buffer=4096):
     with trio.fail_after(5):
         while not any(isinstance(event, AcceptConnection) for event in protocol.events()):
             protocol.receive_data(await sock.recv(4096))
-    frames = [{"action": "auth", "key": KEY, "secret": SECRET}, {"action": "subscribe", "buckets": buckets}]
+    frames = [{"action": "auth", "key": KEY, "secret": SECRET}, {"action": "subscribe", "buckets": buckets, **subscribe}]
     await sock.send(b"".join(protocol.send(TextMessage(json.dumps(frame))) for frame in frames))
     return sock

@@ -10,6 +10,7 @@ import logging
 import signal
 import socket
 import time
+import tracemalloc
 
 import httpx
 import pytest
@@ -19,7 +20,9 @@ from wsproto.events import AcceptConnection, CloseConnection, Request
 
 import relay_lite
 
-from conftest import KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect, post, relay_config, subscriber
+from conftest import (KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect, eventually, never_reading_client, post,
+                      relay_config, subscriber)
+from test_resume import last_seen
 from test_cli import start
 
 
@@ -561,3 +564,38 @@ def test_7_hash_secret_prints_a_hash_of_the_secret_given_or_of_a_new_one():
     weak = subprocess.run([sys.executable, SCRIPT, "hash-secret"], input="short\n", capture_output=True, text=True,
                           timeout=60)
     assert weak.returncode == 2 and "too easy to guess" in weak.stderr
+
+
+# -------------------------------------------------------------------------- 10: sockets that never read
+
+
+async def test_10_a_socket_that_reads_nothing_is_cut_off_by_time_too():
+    """A socket that never read was cut off only once 1,000 frames (or 64 MiB) waited for it."""
+    async with relay_lite.open_relay(relay_config(send_timeout=1)) as relay, subscriber(relay, ["github"]) as good:
+        stuck = await never_reading_client(relay, ["github"])
+        await eventually(lambda: len(relay._sessions) == 2)
+        for n in range(40):  # 1.3 MB: the kernel's buffers fill, the outbox holds the rest (40 frames)
+            assert (await post(relay, content=f"{n:02}" + "x" * 32_000)).status_code == 200
+            assert (await good.webhook())["body"][:2] == f"{n:02}"
+        await eventually(lambda: len(relay._sessions) == 1, timeout=10)
+        stuck.close()
+
+
+async def test_10_resuming_sockets_share_their_frames(tmp_path):
+    """Resume frames were built per session: 20 never-reading resuming sessions held 1.2 GB."""
+    async with relay_lite.open_relay(relay_config()) as relay:
+        since = await last_seen(relay)
+        for n in range(20):
+            assert (await post(relay, content=f"{n:02}" + "x" * 500_000)).status_code == 200
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            stuck = [await never_reading_client(relay, ["github"], since=since) for _ in range(20)]
+            await eventually(lambda: len(relay._sessions) == 20 and all(
+                session._queued_bytes or session._writing for session in relay._sessions))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 8_000_000, held  # two frames (1 MB) shared by all, not two of their own each
+        for sock in stuck:
+            sock.close()
