@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import re
+import reprlib
 import resource
 import secrets
 import signal
@@ -53,6 +54,7 @@ import time
 import tomllib
 import types
 import typing
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -382,8 +384,8 @@ def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
             raw = tomllib.load(file)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, a 5,000-digit number, [[[[...
+        raise ConfigError(f"{path}: not valid TOML: {_shown(str(error), 200)}") from None
     try:
         return _checked(_build(Config, raw, ""))
     except ConfigError as error:
@@ -396,6 +398,8 @@ def _build(cls: type, raw: object, where: str) -> Any:
         raise ConfigError(f"{where or 'the file'}: expected a table, got {_describe(raw)}")
     fields = {field.name: field for field in dataclasses.fields(cls)}
     for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where or 'the file'}: keys must be strings, got {_describe(key)}")
         if key not in fields:
             known = ", ".join(fields)
             raise ConfigError(f"{_key_path(where, key)}: unknown key (known keys: {known})")
@@ -418,7 +422,8 @@ def _coerce(hint: Any, value: object, where: str) -> Any:
         value_hint = typing.get_args(hint)[1]
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a table, got {_describe(value)}")
-        return {key: _coerce(value_hint, item, _key_path(where, key)) for key, item in value.items()}
+        return {_coerce(str, key, f"{where} (a key)"): _coerce(value_hint, item, _key_path(where, str(key)))
+                for key, item in value.items()}
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if not isinstance(value, list):
@@ -426,12 +431,24 @@ def _coerce(hint: Any, value: object, where: str) -> Any:
         return tuple(_coerce(item_hint, item, f"{where}[{index}]") for index, item in enumerate(value))
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise ConfigError(f"{where}: {_describe(value)} is out of range (TOML integers are 64-bit)")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
         raise ConfigError(f"{where}: expected {expected}, got {_describe(value)}")
+    if isinstance(value, str) and not _is_unicode(value):
+        raise ConfigError(f"{where}: not valid Unicode (a lone surrogate), got {_describe(value)}")
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe(value: object) -> str:
@@ -439,12 +456,23 @@ def _describe(value: object) -> str:
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
         list: "an array", dict: "a table",
     }.get(type(value), type(value).__name__)
-    shown = repr(value)
-    return f"{kind} ({shown[:40]}{'...' if len(shown) > 40 else ''})" if kind != "a table" else kind
+    if kind == "a table":
+        return kind
+    if isinstance(value, int) and abs(value) >= 10**40:  # its repr might be refused (over 4,300 digits)
+        return f"{kind} ({value.bit_length()} bits)"
+    return f"{kind} ({_shown(_REPR.repr(value), 40)})"
+
+
+_REPR = reprlib.Repr()  # what _describe shows of a value: a little of it, however large or deep
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
 
 
 def _key_path(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+    shown = key if _BARE_KEY.fullmatch(key) else f'"{_shown(key, 40)}"'  # as TOML would quote it
+    return f"{where}.{shown}" if where else shown
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _derived_id(*names: str) -> str:
@@ -1622,6 +1650,8 @@ async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], ti
     except trio.WouldBlock:
         await lock.acquire()
     try:
+        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
+            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
         small: list[bytes] = []
         for frame in frames:
             if len(frame) < _JOIN_BELOW:
@@ -1865,6 +1895,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
     @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
     async def receive_webhook(_rest: str) -> Response:
         raw_path = _text(request.scope["raw_path"])
+        if not raw_path.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
+            raw_path = urllib.parse.urlsplit(raw_path).path
         input_id, slash, extra = raw_path[len(WEBHOOK_PREFIX):].partition("/")
         found = relay._store.find_input(input_id)
         if found is None:
