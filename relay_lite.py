@@ -111,7 +111,9 @@ from werkzeug.exceptions import HTTPException
 from wsproto import ConnectionState as _WSState
 from wsproto import WSConnection as _WSConnection
 from wsproto.connection import ConnectionType as _WSConnectionType
+from wsproto.events import BytesMessage as _BytesMessage
 from wsproto.events import CloseConnection as _CloseConnection
+from wsproto.events import TextMessage as _TextMessage
 from wsproto.utilities import LocalProtocolError
 
 __all__ = [
@@ -172,6 +174,7 @@ WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 MAX_CLIENT_FRAME = 2**20  # 1 MiB; a larger client frame closes the socket with 1009
 MAX_AUTH_ATTEMPTS = 3  # failed auth frames before the socket is closed
+MAX_FRAMES_BEFORE_AUTH = 20  # client frames a socket may send before it authenticates
 API_KEY_USER = "whr"  # the new SDK authenticates with this key and an API key as the secret
 
 # A log entry's status; the JS SDK numbers them in this order (0 preparing ... 5 rejected)
@@ -203,6 +206,9 @@ _HISTORY_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past his
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
 _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
+_FRAGMENT_COST = 64  # what a client message's fragment counts against MAX_CLIENT_FRAME besides its text
+_HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; past that, attempts are refused
+_LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
 _TRACKED_ADDRESSES = 10_000  # addresses whose failed authentications are remembered, the latest
 # headers of an answer that describe its connection, not its content, and Date: Hypercorn writes its own
 _SERVERS_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
@@ -674,6 +680,7 @@ def _is_header_name(name: str) -> bool:
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BODILESS_STATUSES = (204, 304)
 _BODY_DEADLINE = "relay_lite.body_deadline"  # in a request's ASGI scope: when its body must be in
+_HTTP2_PREFACE = b"PRI * HTTP/2.0"
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -1289,40 +1296,46 @@ class _Credentials:
         self._burst, self._refill = float(per_minute), per_minute / 60.0  # failures forgiven a second
         self._failures: dict[str, tuple[float, float]] = {}  # address -> (failures allowed, at); oldest first
 
-    def refused_for(self, address: str) -> float:
-        """Seconds until `address` may try again; 0 if it may now."""
-        allowed = self._allowed(address, time.monotonic())
-        return 0.0 if allowed >= 1 else (1 - allowed) / self._refill
-
     async def check(self, address: str, key: str, secret: str) -> TokenConfig | None:
-        """The token `key` and `secret` name, or None; a failure counts against `address`.
+        """The token `key` and `secret` name, or None if they name none. The key "whr" (the new
+        SDK) or a Bearer secret names a token by its secret alone.
 
-        The key "whr" (the new SDK) or a Bearer secret names a token by its secret alone."""
+        Raise _TooManyFailures if `address` may not try now. Each attempt is charged to its
+        address before it is checked and refunded if it was right, so attempts made at once
+        cannot outrun the limit while slow checks run."""
+        wait = self._charge(address, 1.0)
+        if wait:
+            raise _TooManyFailures(f"too many failed authentications from {address}: try again in "
+                                   f"{math.ceil(wait)} s", wait)
         if key == API_KEY_USER and key not in self._by_key:
             token = await self._by_secret_alone(secret)
         else:
             token = self._by_key.get(key)
             if token is not None and not await self._matches(token, secret):
                 token = None
-        if token is None:
-            now = time.monotonic()
-            allowed = self._allowed(address, now) - 1
-            self._failures.pop(address, None)  # re-inserted last: the dict stays oldest first
-            self._failures[address] = (allowed, now)
-            if len(self._failures) > _TRACKED_ADDRESSES:
-                del self._failures[next(iter(self._failures))]
+        if token is not None:
+            self._charge(address, -1.0)
         return token
 
-    def _allowed(self, address: str, now: float) -> float:
-        allowed, at = self._failures.get(address, (self._burst, now))
-        return min(self._burst, allowed + (now - at) * self._refill)
+    def _charge(self, address: str, failures: float) -> float:
+        """Count `failures` against `address` (negative: forgive them); or, if it has none left
+        to spend, the seconds until it has."""
+        now = time.monotonic()
+        allowed, at = self._failures.pop(address, (self._burst, now))  # re-inserted last: oldest first
+        allowed = min(self._burst, allowed + (now - at) * self._refill)
+        wait = (1 - allowed) / self._refill if failures > 0 and allowed < 1 else 0.0
+        self._failures[address] = (allowed if wait else min(self._burst, allowed - failures), now)
+        if len(self._failures) > _TRACKED_ADDRESSES:
+            del self._failures[next(iter(self._failures))]
+        return wait
 
     async def _by_secret_alone(self, secret: str) -> TokenConfig | None:
-        token = self._by_secret.get(_digest(secret))
+        token = self._by_secret.get(_digest(secret))  # a plain secret, or a hashed one proven before
         if token is not None:
             return token if await self._matches(token, secret) else None
         for key in self._hashes:
             if await self._matches(self._by_key[key], secret):
+                self._by_secret[_digest(secret)] = self._by_key[key]
                 return self._by_key[key]
         return None
 
@@ -1332,11 +1345,21 @@ class _Credentials:
         proof = hashlib.sha256(token.key.encode() + b"\0" + _utf8(secret)).digest()
         if proof in self._proven:
             return True
+        if self._hashing.statistics().tasks_waiting >= _HASHES_WAITING:
+            raise _TooManyFailures("too many authentications waiting to be checked: try again in a second", 1.0)
         async with self._hashing:
             matches = await trio.to_thread.run_sync(self._hashes[token.key].matches, secret)
         if matches:
             self._proven.add(proof)
         return matches
+
+
+class _TooManyFailures(Exception):
+    """An address may not try to authenticate now: it failed too often (or too many wait)."""
+
+    def __init__(self, message: str, wait: float) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 def _address_key(host: str) -> str:
@@ -1401,7 +1424,7 @@ class _Session:
         """How the socket ended: the reason close() was given, else the client's close frame."""
         if self.close_reason:
             return self.close_reason
-        return (self._ws.closed.code, self._ws.closed.reason) if self._ws.closed else None
+        return (int(self._ws.closed.code), self._ws.closed.reason) if self._ws.closed else None
 
     def close(self, code: int, reason: str, *, drain: bool = True) -> None:
         """End the session with `code` and `reason`; the first reason given wins.
@@ -1475,7 +1498,7 @@ class _Session:
 
     async def _authenticate(self) -> TokenConfig | None:
         failures = 0
-        while True:
+        for _ in range(MAX_FRAMES_BEFORE_AUTH):
             message = await self._ws.get_message()
             try:
                 frame = parse_client_frame(message)
@@ -1487,14 +1510,12 @@ class _Session:
             if not isinstance(frame, _Auth):
                 self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
-            credentials, address = self._relay._credentials, self._connection.address
-            wait = credentials.refused_for(address)
-            if wait:
-                self._status("unauthorized", f"too many failed authentications from {address}: "
-                                             f"try again in {math.ceil(wait)} s")
+            try:
+                token = await self._relay._credentials.check(self._connection.address, frame.key, frame.secret)
+            except _TooManyFailures as error:
+                self._status("unauthorized", str(error))
                 self.close(CLOSE_POLICY, "too many failed authentications from this address")
                 return None
-            token = await credentials.check(address, frame.key, frame.secret)
             if token is not None:
                 self.deliver(_AUTHENTICATED_FRAME)
                 return token
@@ -1505,6 +1526,8 @@ class _Session:
             if failures >= MAX_AUTH_ATTEMPTS:
                 self.close(CLOSE_POLICY, f"{failures} failed authentication attempts")
                 return None
+        self.close(CLOSE_POLICY, f"{MAX_FRAMES_BEFORE_AUTH} frames without authenticating")
+        return None
 
     async def _handle(self, message: str | bytes) -> None:
         assert self.token is not None
@@ -1518,7 +1541,7 @@ class _Session:
                         is not self.token):
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
-        except ProtocolError as error:
+        except (ProtocolError, _TooManyFailures) as error:
             self._status("error", str(error))
 
     def _subscribe(self, frame: _Subscribe) -> None:
@@ -1600,6 +1623,9 @@ class _Replay:
     gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
 
 
+_MessageEvent = _BytesMessage | _TextMessage
+
+
 class _WebSocket(trio_websocket.WebSocketConnection):
     """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
 
@@ -1608,6 +1634,13 @@ class _WebSocket(trio_websocket.WebSocketConnection):
     0.12 then ends the TCP connection without a close frame, and the client never learns why.
     Overrides a private method of trio-websocket, pinned in pyproject.
     """
+
+    async def _handle_message_event(self, event: _MessageEvent) -> None:
+        """A message's fragments count what their objects hold, not only their text: one
+        million one-character fragments held 82 MiB within a 1 MiB max_message_size."""
+        if self._message_parts or not event.message_finished:
+            self._message_size += _FRAGMENT_COST
+        await super()._handle_message_event(event)
 
     async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
         if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
@@ -1939,7 +1972,13 @@ def _make_app(relay: "Relay") -> QuartTrio:
         except ProtocolError as error:
             return _json_error(400, str(error))
         matching = [entry for entry in relay._log.newest(buckets) if status is None or entry.status == status]
-        page = [entry.as_log() for entry in matching[offset:offset + limit]]
+        page, size = [], 0
+        for entry in matching[offset:offset + limit]:  # a page stops short of `limit` at _LOGS_PAGE_BYTES,
+            if page and size + entry.size > _LOGS_PAGE_BYTES:  # and its "limit" says how many it holds
+                limit = len(page)
+                break
+            page.append(entry.as_log())
+            size += entry.size
         return _json(200, {"data": page, "total": len(matching), "limit": limit, "offset": offset})
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
@@ -2116,8 +2155,11 @@ class _Connections:
 
     Pending connections (idle keep-alive ones, requests still arriving, sockets not yet
     authenticated) cost a stranger nothing to open and hold, so one address may hold only
-    max_pending_per_ip of them, and at max_connections a new connection takes the place of the
-    oldest pending one. Authenticated sockets do not count: 10,000 clients behind one NAT work.
+    max_pending_per_ip of them. At max_connections, a new connection takes the place of the
+    oldest pending one of the address that holds the most, if that is more than its own would
+    then hold; else it is refused. So an address with few connections (a webhook sender, a
+    client reconnecting) gets in while others hold many, and those others cannot churn each
+    other's connections. Authenticated sockets never count: 10,000 clients behind one NAT work.
     """
 
     def __init__(self, server: ServerConfig, throttle: _Throttle) -> None:
@@ -2125,27 +2167,29 @@ class _Connections:
         self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
         self._timeout = server.request_timeout
         self.count = 0
-        self._pending: dict[_Connection, None] = {}  # oldest first
-        self._pending_by_address: dict[str, int] = {}
+        self._pending: dict[str, dict[_Connection, None]] = {}  # address -> its pending ones, oldest first
         self._throttle = throttle
 
     def open(self, stream: trio.SocketStream) -> _Connection | None:
         """A newly accepted connection, or None if it must be refused."""
         peer, address = _peer(stream.socket)
-        if self._pending_by_address.get(address, 0) >= self._most_pending:
+        held = len(self._pending.get(address, ()))
+        if held >= self._most_pending:
             self._throttle.warning("pending", "refused connections from %s: it holds %d pending (max_pending_per_ip)",
-                                   address, self._most_pending)
+                                   address, held)
             return None
         if self.count >= self._most:
-            if not self._pending:
-                self._throttle.warning("full", "refused connections: %d open, none pending (max_connections)",
-                                       self.count)
+            crowd = max(self._pending.values(), key=len, default={})  # scanned only at the cap
+            if len(crowd) <= held + 1:
+                self._throttle.warning("full", "refused connections: %d open (max_connections), none to close for "
+                                       "them", self.count)
                 return None
-            oldest = next(iter(self._pending))
-            self.busy(oldest)  # no longer counted as pending: the next one to make room is another
+            oldest = next(iter(crowd))
+            self.busy(oldest)  # no longer pending: the next one to make room is another
             oldest.scope.cancel()
-            self._throttle.warning("evicted", "closed the oldest pending connection, from %s, to make room for "
-                                   "another (max_connections: %d)", oldest.peer, self._most)
+            self._throttle.warning("evicted", "closed a pending connection from %s, which held %d, to make room "
+                                   "for one from %s (max_connections: %d)", oldest.address, len(crowd) + 1,
+                                   address, self._most)
         connection = _Connection(stream, address, peer, trio.current_time() + self._timeout)
         self.count += 1
         self.idle(connection)
@@ -2159,24 +2203,23 @@ class _Connections:
         """It is being answered, or authenticated: not pending."""
         if connection.pending:
             connection.pending = False
-            del self._pending[connection]
-            left = self._pending_by_address[connection.address] - 1
-            if left:
-                self._pending_by_address[connection.address] = left
-            else:
-                del self._pending_by_address[connection.address]
+            held = self._pending[connection.address]
+            del held[connection]
+            if not held:
+                del self._pending[connection.address]
 
     def idle(self, connection: _Connection) -> None:
         """It waits for its peer: pending."""
         if not connection.pending:
             connection.pending = True
-            self._pending[connection] = None
-            self._pending_by_address[connection.address] = self._pending_by_address.get(connection.address, 0) + 1
+            self._pending.setdefault(connection.address, {})[connection] = None
 
-    def close_pending(self) -> None:
-        """Close every pending connection now (a shutdown: no request is being answered on them)."""
-        for connection in self._pending:
-            connection.scope.cancel()
+    def close_idle(self) -> None:
+        """Close every pending connection with no request on it now (a shutdown)."""
+        for held in self._pending.values():
+            for connection in held:
+                if not connection.answering:
+                    connection.scope.cancel()
 
 
 def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
@@ -2356,16 +2399,28 @@ class Relay:
         within its own time after that, and the next request's head within idle_timeout."""
         if scope["type"] != "http":
             return await self._app(scope, receive, send)
+        if scope["http_version"] not in ("1.0", "1.1"):
+            # HTTP/2 (after an h2c upgrade, which Hypercorn grants by itself) multiplexes requests
+            # that the deadlines here cannot follow, and Hypercorn takes its bodies in without
+            # pushing back: 8 connections held 2.9 GB. Senders and clients speak HTTP/1.1.
+            connection.scope.cancel()
+            return
         server = self.config.server
         self._requests += 1
-        self._connections.busy(connection)
         connection.answering = True
         scope[_BODY_DEADLINE] = connection.head_start + server.request_timeout
         connection.end_by(scope[_BODY_DEADLINE] + self._answer_time + _GRACE)
+
+        async def receive_body() -> dict:
+            message = await receive()
+            if not message.get("more_body"):  # all of it is in: a request being answered, not pending
+                self._connections.busy(connection)
+            return message
+
         try:
             refusal = _refusal(scope, server)
             if refusal is None:
-                await self._app(scope, receive, send)
+                await self._app(scope, receive_body, send)
             else:
                 await _refuse(send, *refusal)
         finally:
@@ -2448,12 +2503,6 @@ class Relay:
         """The token of the logs API request being served (HTTP Basic key:secret, or Bearer
         <secret>), or the answer for a request without one: 401, or 429."""
         address = _address_key((request.scope.get("client") or ("?",))[0])
-        wait = self._credentials.refused_for(address)
-        if wait:
-            response = _json_error(429, f"too many failed authentications from {address}: "
-                                        f"try again in {math.ceil(wait)} s")
-            response.headers["Retry-After"] = str(math.ceil(wait))
-            return response
         scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
         key, secret = "", ""
         if scheme.lower() == "bearer":
@@ -2463,7 +2512,12 @@ class Relay:
                 key, _, secret = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
             except ValueError:
                 pass
-        token = await self._credentials.check(address, key, secret) if key else None
+        try:
+            token = await self._credentials.check(address, key, secret) if key else None
+        except _TooManyFailures as error:
+            response = _json_error(429, str(error))
+            response.headers["Retry-After"] = str(math.ceil(error.wait))
+            return response
         if token is None:
             if key:
                 self._throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
@@ -2540,7 +2594,7 @@ class Relay:
                             len(self._sessions), self._requests)
                 accepting.cancel()
                 await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
-                self._connections.close_pending()
+                self._connections.close_idle()
                 for session in self._sessions:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
                 for hold in self._holds:
@@ -2568,8 +2622,8 @@ class Relay:
         try:
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
                 head = await _read_request_head(stream)
-                if not head:
-                    return
+                if not head or head.startswith(_HTTP2_PREFACE):
+                    return  # HTTP/1.1 only: see _asgi
                 replay = _ConnectionStream(stream, head, connection)
                 if _is_socket_upgrade(head):
                     await self._serve_socket(replay, connection)
@@ -2590,13 +2644,11 @@ class Relay:
             await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
 
     async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
-        peer = connection.peer
-        session = None
         try:
             async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
                 session = _Session(self, await _accept_websocket(nursery, stream), connection)
                 if self._shutdown.is_set():  # too late
-                    await stream.aclose()
+                    nursery.cancel_scope.cancel()
                     return
                 # Linux grows a socket's send buffer up to 4 MB: a client that never reads would
                 # hold that much kernel memory and take seconds of deliveries before its outbox
@@ -2610,15 +2662,16 @@ class Relay:
                 finally:
                     self._sessions.discard(session)
                     self._quiet.unpark_all()
-                    await stream.aclose()
+                    nursery.cancel_scope.cancel()  # trio-websocket's reader: what comes now is lingering
+                    # one line per client; one per stranger's attempt only when debugging
+                    logger.log(logging.INFO if session.token else logging.DEBUG,
+                               "socket %s (key %s) closed %s; %d frame(s) sent", connection.peer,
+                               session.token.key if session.token else "-", _shown(str(session.closed())),
+                               session.frames_sent)
         except* (LocalProtocolError, trio_websocket.ConnectionClosed):
             # a client gone during the handshake, or trio-websocket's reader answering a frame (an
             # oversized one, say) that arrived after this side began to close: either way it ends
-            logger.debug("socket from %s ended during its handshake or close", peer)
-        if session is not None:  # one line per client; one per stranger's attempt only when debugging
-            logger.log(logging.INFO if session.token else logging.DEBUG, "socket %s (key %s) closed %s; %d frame(s) sent",
-                       peer, session.token.key if session.token else "-", _shown(str(session.closed())),
-                       session.frames_sent)
+            logger.debug("socket from %s ended during its handshake or close", connection.peer)
 
     def _authenticated(self, connection: _Connection) -> None:
         """A socket authenticated: it is a client, no longer pending, and needs no deadline."""

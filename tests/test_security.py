@@ -15,6 +15,7 @@ import tracemalloc
 import httpx
 import pytest
 import trio
+import trio_websocket
 import wsproto
 from wsproto.events import AcceptConnection, CloseConnection, Request
 
@@ -599,3 +600,75 @@ async def test_10_resuming_sockets_share_their_frames(tmp_path):
         assert held < 8_000_000, held  # two frames (1 MB) shared by all, not two of their own each
         for sock in stuck:
             sock.close()
+
+
+# -------------------------------------------------------------------------- found by attacking it afterwards
+
+
+async def test_http2_is_not_served(relay):
+    """Hypercorn speaks HTTP/2 after a PRI preface or an h2c upgrade, taking bodies in without
+    pushing back: eight connections held 2.9 GB. Webhook senders and clients speak HTTP/1.1."""
+    preface = await tcp_from(relay)
+    await preface.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(100))
+    assert await closed_by_relay(preface, timeout=5) == b""
+    upgrade = await tcp_from(relay)
+    await upgrade.send_all(b"GET /v1/logs HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                           b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    answer = await closed_by_relay(upgrade, timeout=5)
+    assert b"HTTP/1.1 200" not in answer and b"HTTP/1.1 401" not in answer  # no request was served over h2
+    await eventually(lambda: relay._requests == 0 and relay._connections.count == 0)
+
+
+async def test_7_attempts_made_at_once_cannot_outrun_the_limit(guarded_config):
+    """100 wrong Bearer secrets sent at once from one address were all checked (scrypt each,
+    5.8 s of it): the limit was consulted before the slow check and charged after it."""
+    async with relay_lite.open_relay(guarded_config) as relay:
+        statuses = []
+        async with httpx.AsyncClient(base_url=relay.url, limits=httpx.Limits(max_connections=40)) as http:
+            async def guess(n):
+                response = await http.get("/v1/logs", headers={"Authorization": f"Bearer wrong-guess-{n:04}"})
+                statuses.append(response.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(40):
+                    nursery.start_soon(guess, n)
+        assert statuses.count(401) == 5 and statuses.count(429) == 35, statuses
+
+
+async def test_a_message_in_many_fragments_counts_what_they_hold(relay):
+    """One million one-character fragments held 82 MiB within a 1 MiB max_message_size."""
+    stream, protocol = await raw_socket_from(relay, "127.0.0.1")
+    fragments = [bytes((0x01, 0x81)) + b"\0\0\0\0["]  # a text frame, not final, masked with zeros: "["
+    fragments += [bytes((0x00, 0x81)) + b"\0\0\0\0 "] * 20_000  # continuations: " " each
+    close = None
+    with trio.fail_after(10):
+        try:
+            await stream.send_all(b"".join(fragments))
+        except trio.BrokenResourceError:
+            pass
+        while close is None and (data := await stream.receive_some(4096)):
+            protocol.receive_data(data)
+            close = next((event for event in protocol.events() if isinstance(event, CloseConnection)), None)
+    assert close is not None and close.code == 1009
+
+
+async def test_a_socket_may_send_only_a_few_frames_before_it_authenticates(relay):
+    async with connect(relay) as client:
+        try:
+            for _ in range(25):
+                await client.send(action="pong")
+        except trio_websocket.ConnectionClosed:
+            pass
+        closed = await client.closed()
+    assert closed.code == 1008 and "frames without authenticating" in closed.reason
+
+
+async def test_a_logs_page_is_bounded_in_bytes(relay):
+    """GET /v1/logs?limit=1000 over 1 MB webhooks built 65 MB per request, and stalled the relay."""
+    for n in range(12):
+        assert (await post(relay, content=f"{n:02}" + "x" * 1_000_000)).status_code == 200
+    async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET), timeout=10) as http:
+        response = await http.get("/v1/logs", params={"bucket": "github", "limit": 1000})
+    page = response.json()
+    assert 4 <= len(page["data"]) < 12 and page["limit"] == len(page["data"]) and page["total"] == 12
+    assert len(response.content) < 12_000_000
