@@ -202,7 +202,7 @@ _GC_THRESHOLD = 10_000  # allocations between young collections in the CLI; Pyth
 _ENTRY_OVERHEAD = 512  # the entry, its webhook and answer objects
 _HEADER_OVERHEAD = 120  # a header's name and its list of values
 _VALUE_OVERHEAD = 60  # each value
-_HISTORY_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl
+_SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl and stalled writes
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
 _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
@@ -852,6 +852,12 @@ class Webhook:
     headers: dict[str, list[str]]  # canonical names, no Host
     body: str  # the body as text, or base64 when body_encoding says so
     body_encoding: str = ""  # "" for UTF-8 text, "base64" for bytes that are not UTF-8
+    size: int = dataclasses.field(init=False, compare=False)  # about the bytes of memory it holds
+
+    def __post_init__(self) -> None:
+        # sys.getsizeof: a str of one emoji among ASCII holds 4 bytes a character
+        object.__setattr__(self, "size", sys.getsizeof(self.body) + sys.getsizeof(self.path)
+                           + sys.getsizeof(self.query) + _headers_size(self.headers))
 
     @classmethod
     def from_request(
@@ -866,16 +872,14 @@ class Webhook:
             return cls(method.upper(), path or "/", _text(query), grouped, base64.b64encode(body).decode("ascii"), "base64")
         return cls(method.upper(), path or "/", _text(query), grouped, text)
 
-    @functools.cached_property
-    def size(self) -> int:
-        """About the bytes of memory it holds (a str of one emoji among ASCII holds 4 bytes a character)."""
-        return (sys.getsizeof(self.body) + sys.getsizeof(self.path) + sys.getsizeof(self.query)
-                + _headers_size(self.headers))
-
 
 def _headers_size(headers: Mapping[str, list[str]]) -> int:
-    return sum(_HEADER_OVERHEAD + len(name) + sum(_VALUE_OVERHEAD + len(value) for value in values)
-               for name, values in headers.items())
+    size = 0
+    for name, values in headers.items():  # loops, not nested sum()s: this runs for every webhook
+        size += _HEADER_OVERHEAD + len(name)
+        for value in values:
+            size += _VALUE_OVERHEAD + len(value)
+    return size
 
 
 def _body_text(body: bytes) -> str | None:
@@ -1398,6 +1402,7 @@ class _Session:
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
+        self.progress_at = 0.0  # when the write under way last got a send buffer's worth out
         self._drop_queued = False
         self._replay: _Replay | None = None  # a resume in progress
         self.frames_sent = 0
@@ -1419,6 +1424,15 @@ class _Session:
 
     def _cut_off(self, why: str) -> None:
         self.close(CLOSE_POLICY, f"too slow: {why}; reconnect and read faster", drain=False)
+
+    def stalled(self, timeout: float) -> None:
+        """Its write got nothing out for `timeout` seconds: cut it off now, mid-frame (no close
+        frame can follow half a frame)."""
+        self._cut_off(f"nothing read for {timeout:g} s")
+        self._writer.cancel()
+
+    def _progressed(self) -> None:
+        self.progress_at = trio.current_time()
 
     def closed(self) -> tuple[int, str | None] | None:
         """How the socket ended: the reason close() was given, else the client's close frame."""
@@ -1462,12 +1476,10 @@ class _Session:
                         if self._drop_queued:
                             break
                         self._writing = True
-                        try:
-                            await _write(self._ws, batch, self._relay.config.server.send_timeout)
-                        except trio.TooSlowError:
-                            timeout = self._relay.config.server.send_timeout
-                            self._cut_off(f"nothing read for {timeout:g} s")
-                            break
+                        self.progress_at = trio.current_time()
+                        self._relay._writing.add(self)  # see Relay._sweep: a write may not stall
+                        await _write(self._ws, batch, self._progressed)
+                        self._relay._writing.discard(self)
                         self._writing = False
                         self.frames_sent += len(batch)
                         if self._replay is not None:
@@ -1477,6 +1489,7 @@ class _Session:
             pass  # the client went away; nothing to tell it
         finally:
             self._relay._pinger.discard(self)
+            self._relay._writing.discard(self)
             for bucket in self.buckets:
                 bucket.subscribers.discard(self)
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
@@ -1663,10 +1676,10 @@ async def _accept_websocket(nursery: trio.Nursery, stream: trio.abc.Stream) -> _
     return typing.cast(_WebSocket, await request.accept())
 
 
-async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], timeout: float) -> None:
+async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
     """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
-    they are (they may be shared with other sockets: no copy). TooSlowError if the client reads
-    nothing for `timeout` seconds (no _SOCKET_SEND_BUFFER's worth goes out in that time).
+    they are (they may be shared with other sockets: no copy), a send buffer's worth at a time,
+    calling `progressed` after each (see Relay._sweep).
 
     trio-websocket frames each message anew for each connection (send_message), and each
     send_message costs a whole trio scheduling round even when the socket has room, while a busy
@@ -1691,24 +1704,19 @@ async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], ti
                 small.append(frame)
                 continue
             if small:
-                await _send(ws._stream, b"".join(small), timeout)
+                await ws._stream.send_all(b"".join(small))
                 small = []
-            await _send(ws._stream, frame, timeout)
+            view = memoryview(frame)
+            for start in range(0, len(frame), _SOCKET_SEND_BUFFER):
+                await ws._stream.send_all(view[start:start + _SOCKET_SEND_BUFFER])
+                progressed()
         if small:
-            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), timeout)
+            await ws._stream.send_all(small[0] if len(small) == 1 else b"".join(small))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
     finally:
         lock.release()
-
-
-async def _send(stream: trio.abc.SendStream, data: bytes, timeout: float) -> None:
-    """`stream.send_all(data)`, a send buffer's worth at a time, each within `timeout`."""
-    view = memoryview(data)
-    for start in range(0, len(data), _SOCKET_SEND_BUFFER):
-        with trio.fail_after(timeout):
-            await stream.send_all(view[start:start + _SOCKET_SEND_BUFFER])
 
 
 class _Pinger:
@@ -1925,6 +1933,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
     app = QuartTrio("relay_lite")
     app.config["MAX_CONTENT_LENGTH"] = relay.config.server.max_body_size
 
+    own_answers = {input_.id: (input_.body, input_.status_code, _answer_headers(
+        (name, [value]) for name, value in input_.headers.items()))
+        for bucket in relay.config.buckets for input_ in bucket.inputs}  # each input's own, built once
+
     @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
     async def receive_webhook(_rest: str) -> Response:
         raw_path = _text(request.scope["raw_path"])
@@ -1934,7 +1946,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         found = relay._store.find_input(input_id)
         if found is None:
             return _plain(404, f"no input with id {input_id[:64]!r}")
-        body = await request.get_data(cache=False)  # 413 past max_body_size, before all is read
+        body = await _request_body()
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                        request.scope["headers"], body)
         bucket, input_ = found
@@ -1949,8 +1961,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if hold is not None:
             answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
-                return _answer_response(answer.status_code, answer.body, answer.headers.items())
-        return _answer_response(input_.status_code, input_.body, ((name, [value]) for name, value in input_.headers.items()))
+                return Response(answer.body, answer.status_code, _answer_headers(answer.headers.items()))
+        return Response(*own_answers[input_.id])
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
@@ -1995,7 +2007,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if request.method == "GET":
             return _json(200, entry.as_log())
         try:
-            data = json.loads(await request.get_data(cache=False))
+            data = json.loads(await _request_body())
         except (ValueError, RecursionError):
             return _json_error(400, "the body must be JSON: "
                                     '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}')
@@ -2013,14 +2025,6 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 return _json_error(503, f"{error}; the answer is recorded in memory only")
         return _json(200, entry.as_log())
 
-    @app.before_request
-    async def bound_body_time() -> None:
-        """A request's body must be in by its deadline (request_timeout, head and body together):
-        then Quart answers 408, and the connection closes."""
-        deadline = request.scope.get(_BODY_DEADLINE)
-        if deadline is not None:
-            request.body_timeout = max(deadline - trio.current_time(), 0.0)
-
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
@@ -2035,6 +2039,15 @@ def _make_app(relay: "Relay") -> QuartTrio:
     return app
 
 
+async def _request_body() -> bytes:
+    """The body of the request being served. Quart answers 413 past max_body_size, before all of
+    it is read, and 408 past the request's deadline (request_timeout, head and body together)."""
+    deadline = request.scope.get(_BODY_DEADLINE)
+    if deadline is not None:
+        request.body_timeout = max(deadline - trio.current_time(), 0.0)
+    return await request.get_data(cache=False)
+
+
 def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] | None:
     """Why the relay will not serve this request at all (a status and a reason), or None.
 
@@ -2045,11 +2058,14 @@ def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] 
     headers = scope["headers"]
     if len(headers) > server.max_headers:
         return 431, f"a request may carry at most {server.max_headers} headers (max_headers)"
-    size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(name) + len(value) for name, value in headers)
+    size, framings = len(scope["raw_path"]) + len(scope["query_string"]), 0
+    for name, value in headers:  # h11 gives names in lower case
+        size += len(name) + len(value)
+        if name == b"transfer-encoding" or name == b"content-length":
+            framings |= 1 if name == b"content-length" else 2
     if size > server.max_header_bytes:
         return 431, f"a request head may take at most {server.max_header_bytes} bytes (max_header_bytes)"
-    names = {name.lower() for name, _ in headers}
-    if b"transfer-encoding" in names and b"content-length" in names:
+    if framings == 3:
         return 400, "Transfer-Encoding and Content-Length together are refused (RFC 9112, section 6.1)"
     return None
 
@@ -2061,10 +2077,10 @@ async def _refuse(send: Callable[[dict], Awaitable[None]], status: int, message:
     await send({"type": "http.response.body", "body": message.encode() + b"\n"})
 
 
-def _answer_response(status: int, body: str | bytes, headers: Iterable[tuple[str, list[str]]]) -> Response:
-    """The answer a webhook's sender gets: an input's own, or a client's, less what Hypercorn writes."""
-    return Response(body, status, [(name, value) for name, values in headers
-                                   if name.lower() not in _SERVERS_HEADERS for value in values])
+def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str, str]]:
+    """The headers of an answer a webhook's sender gets (an input's own, or a client's), less
+    what Hypercorn writes itself."""
+    return [(name, value) for name, values in headers if name.lower() not in _SERVERS_HEADERS for value in values]
 
 
 def _plain(status: int, message: str) -> Response:
@@ -2360,6 +2376,7 @@ class Relay:
         self._storage = _Storage(config.storage.path) if config.storage.path else None
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
+        self._writing: set[_Session] = set()  # sockets with a write under way
         self._pinger = _Pinger(config.server.ping_interval)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
         self._connections = _Connections(config.server, self._throttle)
@@ -2445,7 +2462,7 @@ class Relay:
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         self._log.add(bucket, entries)
         for entry in entries:
-            frame = self._log.frame(entry)  # framed once, for every subscriber (and for resumes)
+            frame = wire_frame(entry.frame())  # framed once, for every subscriber
             for session in bucket.subscribers:
                 session.deliver(frame)
             if bucket.subscribers:
@@ -2556,10 +2573,16 @@ class Relay:
             logger.warning("webhook log %s: %d entries belong to buckets no longer configured; they stay "
                            "in the file, unused", self._storage.path, unknown)
 
-    async def _expire_history(self) -> None:
+    async def _sweep(self) -> None:
+        """Once a second: drop log entries past their history_ttl, and cut off sockets whose
+        writes got nothing out for send_timeout (one timer for all, not a cancel scope per write)."""
+        timeout = self.config.server.send_timeout
         while True:
-            await trio.sleep(_HISTORY_SWEEP_INTERVAL)
+            await trio.sleep(_SWEEP_INTERVAL)
             self._log.expire(self._store.buckets, time.time())
+            stalled_since = trio.current_time() - timeout
+            for session in [session for session in self._writing if session.progress_at < stalled_since]:
+                session.stalled(timeout)
 
     async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
         server = self.config.server
@@ -2586,7 +2609,7 @@ class Relay:
                 accepting = trio.CancelScope()
                 connections.start_soon(_accept, listeners, handle, connections, accepting, self._throttle)
                 connections.start_soon(self._pinger.run)
-                connections.start_soon(self._expire_history)
+                connections.start_soon(self._sweep)
                 task_status.started(self)
                 await self._shutdown.wait()
 

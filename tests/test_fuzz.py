@@ -36,6 +36,7 @@ from h11._headers import normalize_and_validate
 from hypercorn.utils import build_and_validate_headers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from quart import Response
 from quart.utils import encode_headers
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 from wsproto.frame_protocol import FrameProtocol, Opcode
@@ -405,7 +406,7 @@ answers = st.one_of(
 def hypercorn_could_send(status_code: int, body: bytes, headers: dict[str, list[str]]) -> None:
     """What the held sender's answer goes through: Quart's Response and header encoding, then
     Hypercorn's header check, then h11's."""
-    response = relay_lite._answer_response(status_code, body, headers.items())
+    response = Response(body, status_code, relay_lite._answer_headers(headers.items()))
     raw = build_and_validate_headers(encode_headers(response.headers))
     normalize_and_validate(raw)
     h11.Response(status_code=status_code, headers=raw)

@@ -89,8 +89,9 @@ class Process:
 
 
 class Relay(Process):
-    def __init__(self, workdir: Path, storage: bool = False, **server) -> None:
-        """A relay serving the bench bucket; with `storage`, its log in a new SQLite file."""
+    def __init__(self, workdir: Path, storage: bool = False, script: Path = ROOT / "relay_lite.py", **server) -> None:
+        """A relay serving the bench bucket; with `storage`, its log in a new SQLite file; `script`
+        another relay_lite.py to run (see --baseline)."""
         config = workdir / "relay.toml"
         settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in server.items())
         database = workdir / "relay.db"
@@ -99,7 +100,7 @@ class Relay(Process):
         config.write_text(f'[server]\nport = 0\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
                           f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n'
                           + (f'[storage]\npath = "{database}"\n' if storage else ""))
-        super().__init__(str(ROOT / "relay_lite.py"), "--config", str(config))
+        super().__init__(str(script), "--config", str(config))
         url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
         self.host, self.port = url.group(1), int(url.group(2))
 
@@ -158,8 +159,8 @@ def load(host: str, port: int, duration: float, connections: int = 20) -> dict:
 
 
 class Bench:
-    def __init__(self, quick: bool, workdir: Path) -> None:
-        self.quick, self.workdir, self.rows = quick, workdir, []
+    def __init__(self, quick: bool, workdir: Path, against: Path | None = None) -> None:
+        self.quick, self.workdir, self.rows, self.against = quick, workdir, [], against
 
     def row(self, scenario: str, figure: str, value, target: str, passed: bool | None, ceiling=None, ratio=None):
         self.rows.append({"scenario": scenario, "figure": figure, "value": value, "ceiling": ceiling,
@@ -380,6 +381,33 @@ class Bench:
                  f"{got['frames']} in {seconds:.2f} s ({got['frames'] / seconds:.0f}/s)" if seconds else "not resumed",
                  f"all {size}", got["frames"] == size and bool(seconds))
 
+    def baseline(self) -> None:
+        """This code against another relay_lite.py (--baseline FILE, e.g. one from before a change:
+        `git show COMMIT:relay_lite.py > before.py`): ingest with one subscriber, in rounds run
+        A B B A, a fresh process each run, each round's ratio taken within it."""
+        if self.against is None:
+            print("  baseline: skipped (no --baseline FILE)", file=sys.stderr)
+            return
+        rounds, duration = (2, 2) if self.quick else (4, 3)
+        rates: dict[str, list[float]] = {"this code": [], "baseline": []}
+        lost = 0
+        for _ in range(rounds):
+            runs: dict[str, list[float]] = {name: [] for name in rates}
+            for name in ("this code", "baseline", "baseline", "this code"):
+                script = ROOT / "relay_lite.py" if name == "this code" else self.against
+                result = self._history_ingest(duration, script=script)
+                runs[name].append(result["rate"])
+                lost += max(result["ok"] - result["delivered"], 0) if name == "this code" else 0
+            for name in rates:
+                rates[name].append(statistics.fmean(runs[name]))
+        ratios = [this / base for this, base in zip(rates["this code"], rates["baseline"])]
+        scenario = f"against {self.against.name}: ingest, 1 subscriber ({rounds} rounds of A B B A, {duration} s)"
+        self.row(scenario, "webhooks/s, this code (ratio: median of the rounds' ratios; range)",
+                 round(statistics.median(rates["this code"])), "-", None,
+                 round(statistics.median(rates["baseline"])),
+                 f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        self.row(scenario, "accepted but not delivered (this code)", lost, "0", lost == 0)
+
     def _history_ingest(self, duration: float, **relay_options) -> dict:
         relay = Relay(self.workdir, **relay_options)
         try:
@@ -444,7 +472,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history"]
+SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history", "baseline"]
 
 
 def main(argv=None) -> int:
@@ -452,6 +480,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--only", nargs="*", choices=SCENARIOS)
+    parser.add_argument("--baseline", metavar="FILE", type=Path,
+                        help="another relay_lite.py to compare ingest against (the baseline scenario)")
     args = parser.parse_args(argv)
     started, steal = time.monotonic(), _cpu_steal()
     machine = {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
@@ -459,7 +489,7 @@ def main(argv=None) -> int:
     print(f"relay_lite benchmarks on {machine['cores']} cores, Python {machine['python']}, "
           f"ingest load by {machine['load_tool']}{' (quick)' if args.quick else ''}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as workdir:
-        bench = Bench(args.quick, Path(workdir))
+        bench = Bench(args.quick, Path(workdir), args.baseline and args.baseline.resolve())
         for scenario in args.only or SCENARIOS:
             getattr(bench, scenario)()
     machine["seconds"] = round(time.monotonic() - started, 1)

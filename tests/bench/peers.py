@@ -20,7 +20,7 @@ import time
 
 import trio
 
-BUCKET, KEY, SECRET = "bench", "bench-key", "bench-secret"
+BUCKET, KEY, SECRET = "bench", "bench-key", "bench-secret-0123456789"
 INPUT_ID = "bench-input"
 BODY_SIZE = 1024
 
