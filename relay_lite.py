@@ -436,7 +436,7 @@ def _coerce(hint: Any, value: object, where: str) -> Any:
             raise ConfigError(f"{where}: expected an array, got {_describe(value)}")
         return tuple(_coerce(item_hint, item, f"{where}[{index}]") for index, item in enumerate(value))
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return _build(typing.cast(type, hint), value, where)
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
         raise ConfigError(f"{where}: {_describe(value)} is out of range (TOML integers are 64-bit)")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -1558,13 +1558,14 @@ class _Session:
             self._status("error", str(error))
 
     def _subscribe(self, frame: _Subscribe) -> None:
-        log = self._relay._log
+        assert self.token is not None
         buckets = self._relay._store.resolve(self.token, frame.buckets)
         if frame.since is not None:
             if self._replay is not None:
                 raise ProtocolError('a resume is already running: subscribe with "since" again once '
                                     'the "resumed" status has arrived')
-            newest = max(max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets)
+            newest = max((max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets),
+                         default="")
             if frame.since > newest:  # only these buckets: others' traffic is none of this token's business
                 raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook of these buckets")
         new = [bucket for bucket in buckets if bucket not in self.buckets]  # the others are already served
@@ -1607,7 +1608,7 @@ class _Session:
                     f"bucket {config.name} no longer holds every webhook after {replay.cursor}: those up to "
                     f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
                     f"sending those it still holds"))
-        entries = log.after(replay.buckets, replay.cursor, room)
+        entries = log.after(replay.buckets, replay.cursor, int(room))
         for entry in entries:
             frame = log.frame(entry)  # shared with other sessions resuming from here
             if self._queued_bytes and self._queued_bytes + len(frame) > most:
@@ -1961,8 +1962,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if hold is not None:
             answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
-                return Response(answer.body, answer.status_code, _answer_headers(answer.headers.items()))
-        return Response(*own_answers[input_.id])
+                headers = _answer_headers(answer.headers.items())
+                return Response(answer.body, answer.status_code, headers)  # type: ignore[arg-type]  # pairs are fine
+        own_body, own_status, own_headers = own_answers[input_.id]
+        return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
@@ -1984,7 +1987,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         except ProtocolError as error:
             return _json_error(400, str(error))
         matching = [entry for entry in relay._log.newest(buckets) if status is None or entry.status == status]
-        page, size = [], 0
+        page: list[dict[str, Any]] = []
+        size = 0
         for entry in matching[offset:offset + limit]:  # a page stops short of `limit` at _LOGS_PAGE_BYTES,
             if page and size + entry.size > _LOGS_PAGE_BYTES:  # and its "limit" says how many it holds
                 limit = len(page)
@@ -2042,10 +2046,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
 async def _request_body() -> bytes:
     """The body of the request being served. Quart answers 413 past max_body_size, before all of
     it is read, and 408 past the request's deadline (request_timeout, head and body together)."""
-    deadline = request.scope.get(_BODY_DEADLINE)
+    deadline = typing.cast(float | None, request.scope.get(_BODY_DEADLINE))
     if deadline is not None:
-        request.body_timeout = max(deadline - trio.current_time(), 0.0)
-    return await request.get_data(cache=False)
+        request.body_timeout = max(deadline - trio.current_time(), 0.0)  # type: ignore[assignment]  # seconds
+    return typing.cast(bytes, await request.get_data(cache=False, as_text=False))
 
 
 def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] | None:
@@ -2410,12 +2414,13 @@ class Relay:
         """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
         self._shutdown.set()
 
-    async def _asgi(self, connection: _Connection, scope: dict, receive: Any, send: Any) -> None:
+    async def _asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
         """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
         and timed: its head and body within request_timeout (Quart answers 408), its answer
         within its own time after that, and the next request's head within idle_timeout."""
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # the lifespan (no connection), or a WebSocket Hypercorn upgraded
             return await self._app(scope, receive, send)
+        assert connection is not None
         if scope["http_version"] not in ("1.0", "1.1"):
             # HTTP/2 (after an h2c upgrade, which Hypercorn grants by itself) multiplexes requests
             # that the deadlines here cannot follow, and Hypercorn takes its bodies in without
@@ -2428,7 +2433,7 @@ class Relay:
         scope[_BODY_DEADLINE] = connection.head_start + server.request_timeout
         connection.end_by(scope[_BODY_DEADLINE] + self._answer_time + _GRACE)
 
-        async def receive_body() -> dict:
+        async def receive_body() -> Any:
             message = await receive()
             if not message.get("more_body"):  # all of it is in: a request being answered, not pending
                 self._connections.busy(connection)
@@ -2652,7 +2657,7 @@ class Relay:
                     await self._serve_socket(replay, connection)
                 else:
                     app = ASGIWrapper(functools.partial(self._asgi, connection))
-                    await _TCPServer(app, config, context, {}, replay)
+                    await _TCPServer(app, config, context, {}, replay)  # type: ignore[arg-type]  # any Stream
             if not connection.scope.cancelled_caught:
                 _shut_down(stream)
                 with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
@@ -2737,7 +2742,7 @@ async def serve_relay(
     Relay once it is listening, with its real URL.
     """
     config = load_config(config)
-    overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     if overrides:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
     await Relay(config)._serve(task_status)
@@ -2812,9 +2817,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay_lite: error: {_innermost(storage_failures[0])}", file=sys.stderr)
         return 2
     if failures:
-        error = _innermost(failures[0])
+        failure = _innermost(failures[0])
         print(f"relay_lite: error: cannot listen on {config.server.host}:{config.server.port}: "
-              f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
+              f"{getattr(failure, 'strerror', None) or failure}", file=sys.stderr)
         return 1
     return 0
 

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio_websocket
 
-from test_cli import SCRIPT
+from test_cli import start
 
 ATTACKERS = str(Path(__file__).with_name("attackers.py"))
 
@@ -59,18 +59,9 @@ def lower_file_limit():
 async def start_relay(tmp_path):
     config = tmp_path / "relay.toml"
     config.write_text(CONFIG)
-    log = (tmp_path / "relay.log").open("wb")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-u", SCRIPT, "--config", str(config)], stdout=subprocess.PIPE, stderr=log,
-        preexec_fn=lower_file_limit)
-    banner = b""
-    with trio.fail_after(20):
-        while b"Ctrl-C to stop" not in banner:
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"relay exited: {banner!r}"
-            banner += chunk
-    port = int(re.search(rb"listening on http://127\.0\.0\.1:(\d+)", banner).group(1))
-    return process, port
+    with (tmp_path / "relay.log").open("wb") as log:
+        process, banner = await start("--config", str(config), stderr=log, preexec_fn=lower_file_limit)
+    return process, int(re.search(r"listening on http://127\.0\.0\.1:(\d+)", banner).group(1))
 
 
 @pytest.mark.timeout(180)

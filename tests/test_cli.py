@@ -23,13 +23,15 @@ def run(*args, timeout=20):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout)
 
 
-async def start(*args):
+async def start(*args, **options):
     """Start the server; return the process and its banner, which ends with "Ctrl-C to stop".
 
-    Its log goes to this process's stderr, which pytest captures: a pipe nobody read would fill
-    up (64 KiB, a few hundred webhooks' INFO lines) and stall the server.
+    Its log goes to this process's stderr, which pytest captures (a pipe nobody read would fill
+    up, 64 KiB, a few hundred webhooks' INFO lines, and stall the server), unless `options`
+    (for subprocess.Popen) say otherwise.
     """
-    process = await trio.lowlevel.open_process([sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE)
+    process = await trio.lowlevel.open_process([sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE,
+                                               **options)
     banner = b""
     with trio.fail_after(20):
         while b"Ctrl-C to stop" not in banner:

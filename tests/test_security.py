@@ -53,9 +53,9 @@ async def raw_exchange(relay, data: bytes, *, timeout: float = 5) -> bytes:
     return received
 
 
-async def open_raw_socket(relay):
-    """A WebSocket client on wsproto, for frames no real client library would send."""
-    stream = await trio.open_tcp_stream(relay.host, relay.port)
+async def open_raw_socket(relay, source: str = "127.0.0.1"):
+    """A WebSocket client on wsproto, for frames no real client library would send, from `source`."""
+    stream = await tcp_from(relay, source)
     protocol = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     await stream.send_all(protocol.send(Request(host=relay.host, target="/v1/socket")))
     with trio.fail_after(5):
@@ -495,7 +495,7 @@ def guarded_config():
 
 async def auth_over_socket(relay, key, secret, source="127.0.0.1") -> dict:
     """Authenticate on a fresh socket from `source`; the relay's answer (a status frame)."""
-    stream, protocol = await raw_socket_from(relay, source)
+    stream, protocol = await open_raw_socket(relay, source)
     await stream.send_all(protocol.send(wsproto.events.TextMessage(json.dumps(
         {"action": "auth", "key": key, "secret": secret}))))
     with trio.fail_after(5):
@@ -505,16 +505,6 @@ async def auth_over_socket(relay, key, secret, source="127.0.0.1") -> dict:
                 if isinstance(event, wsproto.events.TextMessage):
                     await stream.aclose()
                     return json.loads(event.data)
-
-
-async def raw_socket_from(relay, source):
-    stream = await tcp_from(relay, source)
-    protocol = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    await stream.send_all(protocol.send(Request(host=relay.host, target="/v1/socket")))
-    with trio.fail_after(5):
-        while not any(isinstance(event, AcceptConnection) for event in protocol.events()):
-            protocol.receive_data(await stream.receive_some(4096))
-    return stream, protocol
 
 
 async def test_7_failed_authentication_is_limited_per_address(guarded_config):
@@ -637,7 +627,7 @@ async def test_7_attempts_made_at_once_cannot_outrun_the_limit(guarded_config):
 
 async def test_a_message_in_many_fragments_counts_what_they_hold(relay):
     """One million one-character fragments held 82 MiB within a 1 MiB max_message_size."""
-    stream, protocol = await raw_socket_from(relay, "127.0.0.1")
+    stream, protocol = await open_raw_socket(relay)
     fragments = [bytes((0x01, 0x81)) + b"\0\0\0\0["]  # a text frame, not final, masked with zeros: "["
     fragments += [bytes((0x00, 0x81)) + b"\0\0\0\0 "] * 20_000  # continuations: " " each
     close = None
