@@ -108,6 +108,12 @@ from hypercorn.trio.worker_context import WorkerContext as _WorkerContext
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+
+try:  # Quart 0.23 raises it when a client left before its answer, and quart-trio 0.13 lets it out
+    from quart.wrappers.base import ClientDisconnectedError as _ClientLeft  # type: ignore[attr-defined]
+except ImportError:  # Quart 0.22 (Python 3.11 and 3.12) has none
+    class _ClientLeft(Exception):  # type: ignore[no-redef]
+        pass
 from wsproto import ConnectionState as _WSState
 from wsproto import WSConnection as _WSConnection
 from wsproto.connection import ConnectionType as _WSConnectionType
@@ -154,7 +160,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on sh
 DEFAULT_INPUT_NAME = "Default public endpoint"
 DEFAULT_HISTORY_SIZE = 1000  # log entries a bucket keeps for resume and the logs API
 DEFAULT_HISTORY_TTL = 86400.0  # seconds a bucket keeps a log entry (a day)
-DEFAULT_HISTORY_BYTES = 64 * 2**20  # 64 MiB of bodies a bucket keeps, about
+DEFAULT_HISTORY_BYTES = 64 * 2**20  # 64 MiB of memory a bucket's log may hold, about
 DEFAULT_RESPONSE_TIMEOUT = 10.0  # seconds an answer to a webhook is accepted (and a held sender waits)
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds a request's head and body may take to arrive, together
 DEFAULT_IDLE_TIMEOUT = 5.0  # seconds a kept-alive HTTP connection may wait for its next request
@@ -2442,7 +2448,10 @@ class Relay:
         try:
             refusal = _refusal(scope, server)
             if refusal is None:
-                await self._app(scope, receive_body, send)
+                try:
+                    await self._app(scope, receive_body, send)
+                except* _ClientLeft:
+                    pass  # before its answer: nothing to tell it
             else:
                 await _refuse(send, *refusal)
         finally:
@@ -2644,10 +2653,10 @@ class Relay:
         if connection is None:
             await stream.aclose()
             return
-        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
-            # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.server.send_timeout * 1000))
         try:
+            if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
+                # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.server.send_timeout * 1000))
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
                 head = await _read_request_head(stream)
                 if not head or head.startswith(_HTTP2_PREFACE):

@@ -662,3 +662,4 @@ async def test_a_logs_page_is_bounded_in_bytes(relay):
     page = response.json()
     assert 4 <= len(page["data"]) < 12 and page["limit"] == len(page["data"]) and page["total"] == 12
     assert len(response.content) < 12_000_000
+
