@@ -67,6 +67,7 @@ from typing import Any
 # unsupported one fails with one line naming it, not a traceback from inside another library.
 _DEPENDENCIES: dict[str, tuple[str, str]] = {  # name: (lowest supported, first unsupported)
     "trio-websocket": ("0.12", "0.13"),
+    "wsproto": ("1.2", "2"),  # _WebSocket relies on how it reports a frame it cannot parse
     "hypercorn": ("0.18", "0.19"),
     "quart": ("0.22", "0.23") if sys.version_info < (3, 13) else ("0.23", "0.24"),
     "quart-trio": ("0.12", "0.13") if sys.version_info < (3, 13) else ("0.13", "0.14"),
@@ -178,7 +179,8 @@ SOCKET_PATH = "/v1/socket"
 LOGS_PATH = "/v1/logs"
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-MAX_CLIENT_FRAME = 2**20  # 1 MiB; a larger client frame closes the socket with 1009
+MAX_CLIENT_FRAME = 2**20  # 1 MiB of memory a client message may hold; more closes the socket with 1009
+MAX_FRAME_BEFORE_AUTH = 64 * 2**10  # the same before it authenticates (an auth frame needs under 1 KiB)
 MAX_AUTH_ATTEMPTS = 3  # failed auth frames before the socket is closed
 MAX_FRAMES_BEFORE_AUTH = 20  # client frames a socket may send before it authenticates
 API_KEY_USER = "whr"  # the new SDK authenticates with this key and an API key as the secret
@@ -188,10 +190,14 @@ LOG_STATUSES = ("preparing", "sent", "failed", "stalled", "received", "rejected"
 
 CLOSE_GOING_AWAY = 1001  # server shutting down
 CLOSE_POLICY = 1008  # not authenticated, too slow
+_CLOSE_TRY_AGAIN = 1013  # the relay is full
 
-_REQUEST_HEAD_LIMIT = 16 * 2**10  # 16 KiB of request head read to route a connection
 _CLOSE_TIMEOUT = 5.0  # seconds a closing handshake (or the frame on the wire before it) may take
+_CLOSE_AT_ONCE = 0.5  # seconds a close frame may take to go out when its handshake is not waited for
 _RECEIVE_SIZE = 2**16
+_BODY_DEADLINE = "relay_lite.body_deadline"  # in a request's ASGI scope: when its body must be in
+_CONNECTION = "relay_lite.connection"  # in a request's ASGI scope: its _Connection
+_HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
 # so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
 _GRACE = 1.0  # seconds past a deadline that Quart's 408 and Hypercorn's keep-alive timer get first
@@ -200,6 +206,7 @@ _ACCEPT_CAPACITY_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 _WRITE_BATCH_FRAMES = 256  # queued frames one socket write may carry
 _WRITE_BATCH_BYTES = 2**20  # 1 MiB: a larger frame goes alone
 _JOIN_BELOW = 64 * 2**10  # frames smaller than this are joined into one write; larger ones are not copied
+_WRITE_STEP = 64 * 2**10  # a write goes out this much at a time: a client must take this much per send_timeout
 _SOCKET_SEND_BUFFER = 256 * 2**10  # kernel send buffer of a WebSocket connection; see _serve_socket
 _PING_SLOTS = 30  # pings go out in 30 ticks per ping_interval (1 s ticks at the default 30 s)
 _GC_THRESHOLD = 10_000  # allocations between young collections in the CLI; Python's default is 700
@@ -212,7 +219,6 @@ _SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
 _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
-_FRAGMENT_COST = 64  # what a client message's fragment counts against MAX_CLIENT_FRAME besides its text
 _HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; past that, attempts are refused
 _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
 _TRACKED_ADDRESSES = 10_000  # addresses whose failed authentications are remembered, the latest
@@ -271,7 +277,7 @@ class _Throttle:
         self._next[kind] = now + self._interval
         held = self._held.pop(kind, 0)
         if held:
-            message += f" ({held} more like it in the {self._interval:g} s before)"
+            message += f" ({held} more like it since the last such line)"
         logger.warning(message, *args)
 
 
@@ -301,8 +307,8 @@ class ServerConfig:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     send_timeout: float = DEFAULT_SEND_TIMEOUT
-    max_connections: int | None = None  # None: the open-file limit, less what the relay needs besides
-    max_pending_per_ip: int | None = None  # None: an eighth of max_connections
+    max_connections: int | None = None  # None: the open-file limit less 64, 20,000 at most
+    max_pending_per_ip: int | None = None  # None: an eighth of max_connections, 256 at most
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
     auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE
@@ -501,7 +507,8 @@ def _checked(config: Config) -> Config:
         _require_positive(getattr(server, key), f"server.{key}")
     max_connections = _default_max_connections() if server.max_connections is None else server.max_connections
     _require_positive(max_connections, "server.max_connections")
-    max_pending = max(max_connections // 8, 1) if server.max_pending_per_ip is None else server.max_pending_per_ip
+    max_pending = (min(max(max_connections // 8, 1), _MOST_PENDING_PER_IP) if server.max_pending_per_ip is None
+                   else server.max_pending_per_ip)
     _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
              f"must be 1 to max_connections ({max_connections}), got {max_pending}")
     server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
@@ -590,15 +597,18 @@ def _checked(config: Config) -> Config:
 
 _HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
 _RESERVED_FILES = 64  # open files the relay needs besides connections: listeners, storage, logs, trio's own
+_MOST_CONNECTIONS = 20_000  # the default max_connections at most: about 600 MB of idle sockets
+_MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
 _PLACEHOLDERS = ("...", "\u2026", "changeme", "change-me", "change_me", "your-secret", "your_secret", "placeholder")
 
 
 def _default_max_connections() -> int:
-    """What the open-file limit (`ulimit -n`, systemd's LimitNOFILE) leaves room for."""
+    """What the open-file limit (`ulimit -n`, systemd's LimitNOFILE) leaves room for, up to
+    _MOST_CONNECTIONS (containers often allow a million open files; memory would not)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 2**20
-    return max(soft - _RESERVED_FILES, 16)
+    return min(max(soft - _RESERVED_FILES, 16), _MOST_CONNECTIONS)
 
 
 def _check_secret(secret: str, where: str) -> None:
@@ -685,8 +695,6 @@ def _is_header_name(name: str) -> bool:
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BODILESS_STATUSES = (204, 304)
-_BODY_DEADLINE = "relay_lite.body_deadline"  # in a request's ASGI scope: when its body must be in
-_HTTP2_PREFACE = b"PRI * HTTP/2.0"
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -1313,38 +1321,47 @@ class _Credentials:
         Raise _TooManyFailures if `address` may not try now. Each attempt is charged to its
         address before it is checked and refunded if it was right, so attempts made at once
         cannot outrun the limit while slow checks run."""
-        wait = self._charge(address, 1.0)
-        if wait:
-            raise _TooManyFailures(f"too many failed authentications from {address}: try again in "
-                                   f"{math.ceil(wait)} s", wait)
-        if key == API_KEY_USER and key not in self._by_key:
-            token = await self._by_secret_alone(secret)
-        else:
-            token = self._by_key.get(key)
-            if token is not None and not await self._matches(token, secret):
-                token = None
+        self._charge(address)
+        try:
+            if key == API_KEY_USER and key not in self._by_key:
+                token = await self._by_secret_alone(address, secret)
+            else:
+                token = self._by_key.get(key)
+                if token is not None and not await self._matches(token, secret):
+                    token = None
+        except _HashingBusy:
+            self._charge(address, -1.0)  # not its failure
+            raise
         if token is not None:
             self._charge(address, -1.0)
         return token
 
-    def _charge(self, address: str, failures: float) -> float:
-        """Count `failures` against `address` (negative: forgive them); or, if it has none left
-        to spend, the seconds until it has."""
+    def _charge(self, address: str, failures: float = 1.0) -> None:
+        """Count `failures` against `address` (negative: forgive them); raise _TooManyFailures,
+        counting nothing, if it has none left to spend."""
         now = time.monotonic()
         allowed, at = self._failures.pop(address, (self._burst, now))  # re-inserted last: oldest first
         allowed = min(self._burst, allowed + (now - at) * self._refill)
-        wait = (1 - allowed) / self._refill if failures > 0 and allowed < 1 else 0.0
-        self._failures[address] = (allowed if wait else min(self._burst, allowed - failures), now)
-        if len(self._failures) > _TRACKED_ADDRESSES:
-            del self._failures[next(iter(self._failures))]
-        return wait
+        if failures > 0 and allowed < 1:
+            self._failures[address] = (allowed, now)
+            wait = (1 - allowed) / self._refill
+            raise _TooManyFailures(f"too many failed authentications from {address}: try again in "
+                                   f"{math.ceil(wait)} s", wait)
+        allowed = min(self._burst, allowed - failures)
+        if allowed < self._burst:  # an address with its whole allowance is not remembered
+            self._failures[address] = (allowed, now)
+            if len(self._failures) > _TRACKED_ADDRESSES:
+                del self._failures[next(iter(self._failures))]
 
-    async def _by_secret_alone(self, secret: str) -> TokenConfig | None:
+    async def _by_secret_alone(self, address: str, secret: str) -> TokenConfig | None:
         token = self._by_secret.get(_digest(secret))  # a plain secret, or a hashed one proven before
         if token is not None:
             return token if await self._matches(token, secret) else None
-        for key in self._hashes:
+        for n, key in enumerate(self._hashes):  # each hash checked costs the address a failure
+            if n:
+                self._charge(address)
             if await self._matches(self._by_key[key], secret):
+                self._charge(address, -float(n))
                 self._by_secret[_digest(secret)] = self._by_key[key]
                 return self._by_key[key]
         return None
@@ -1356,7 +1373,7 @@ class _Credentials:
         if proof in self._proven:
             return True
         if self._hashing.statistics().tasks_waiting >= _HASHES_WAITING:
-            raise _TooManyFailures("too many authentications waiting to be checked: try again in a second", 1.0)
+            raise _HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
         async with self._hashing:
             matches = await trio.to_thread.run_sync(self._hashes[token.key].matches, secret)
         if matches:
@@ -1365,11 +1382,15 @@ class _Credentials:
 
 
 class _TooManyFailures(Exception):
-    """An address may not try to authenticate now: it failed too often (or too many wait)."""
+    """An address may not try to authenticate now: it failed too often."""
 
     def __init__(self, message: str, wait: float) -> None:
         super().__init__(message)
         self.wait = wait
+
+
+class _HashingBusy(_TooManyFailures):
+    """No attempt may be checked now: too many wait for the secret hashes' one thread."""
 
 
 def _address_key(host: str) -> str:
@@ -1408,7 +1429,7 @@ class _Session:
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
-        self.progress_at = 0.0  # when the write under way last got a send buffer's worth out
+        self.progress_at = 0.0  # when the write under way began, or last got _WRITE_STEP bytes out
         self._drop_queued = False
         self._replay: _Replay | None = None  # a resume in progress
         self.frames_sent = 0
@@ -1431,9 +1452,17 @@ class _Session:
     def _cut_off(self, why: str) -> None:
         self.close(CLOSE_POLICY, f"too slow: {why}; reconnect and read faster", drain=False)
 
+    @property
+    def connection(self) -> "_Connection":
+        return self._connection
+
+    def allow_frames(self, size: int) -> None:
+        """Let the client send messages of up to `size` bytes (see _WebSocket)."""
+        self._ws._max_message_size = size
+
     def stalled(self, timeout: float) -> None:
-        """Its write got nothing out for `timeout` seconds: cut it off now, mid-frame (no close
-        frame can follow half a frame)."""
+        """Its write got no _WRITE_STEP out for `timeout` seconds: cut it off now, mid-frame (no
+        close frame can follow half a frame)."""
         self._cut_off(f"nothing read for {timeout:g} s")
         self._writer.cancel()
 
@@ -1483,9 +1512,9 @@ class _Session:
                             break
                         self._writing = True
                         self.progress_at = trio.current_time()
-                        self._relay._writing.add(self)  # see Relay._sweep: a write may not stall
+                        self._relay._sockets_writing.add(self)  # see Relay._sweep: a write may not stall
                         await _write(self._ws, batch, self._progressed)
-                        self._relay._writing.discard(self)
+                        self._relay._sockets_writing.discard(self)
                         self._writing = False
                         self.frames_sent += len(batch)
                         if self._replay is not None:
@@ -1495,13 +1524,18 @@ class _Session:
             pass  # the client went away; nothing to tell it
         finally:
             self._relay._pinger.discard(self)
-            self._relay._writing.discard(self)
+            self._relay._sockets_writing.discard(self)
             for bucket in self.buckets:
                 bucket.subscribers.discard(self)
-            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-                if not self._writing:  # else a frame was cut in two: no clean close frame can follow
-                    code, reason = self.close_reason or (1000, "")
-                    await self._ws.aclose(code, reason)
+            with trio.CancelScope(shield=True):
+                if self._writing:
+                    pass  # a frame was cut in two: no clean close frame can follow
+                elif self._connection.scope.cancel_called:  # ended from outside: trio-websocket's
+                    with trio.move_on_after(_CLOSE_AT_ONCE):  # reader is gone, no answer will be read
+                        await _close_at_once(self._ws, *(self.close_reason or self._connection.ended_by))
+                else:
+                    with trio.move_on_after(_CLOSE_TIMEOUT):
+                        await self._ws.aclose(*(self.close_reason or (1000, "")))
 
     async def _receive_frames(self) -> None:
         server = self._relay.config.server
@@ -1510,7 +1544,7 @@ class _Session:
         if self.token is None:
             self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
             return
-        self._relay._authenticated(self._connection)
+        self._relay._authenticated(self)
         self._relay._pinger.add(self)
         while True:
             await self._handle(await self._ws.get_message())
@@ -1531,6 +1565,10 @@ class _Session:
                 continue
             try:
                 token = await self._relay._credentials.check(self._connection.address, frame.key, frame.secret)
+            except _HashingBusy as error:
+                self._status("unauthorized", str(error))
+                self.close(_CLOSE_TRY_AGAIN, "busy; try again later")
+                return None
             except _TooManyFailures as error:
                 self._status("unauthorized", str(error))
                 self.close(CLOSE_POLICY, "too many failed authentications from this address")
@@ -1555,9 +1593,8 @@ class _Session:
             if isinstance(frame, _Subscribe):
                 self._subscribe(frame)
             elif isinstance(frame, _Auth):
-                if frame.key != self.token.key or (
-                        await self._relay._credentials.check(self._connection.address, frame.key, frame.secret)
-                        is not self.token):
+                if await self._relay._credentials.check(self._connection.address, frame.key,
+                                                        frame.secret) is not self.token:
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
         except (ProtocolError, _TooManyFailures) as error:
@@ -1656,10 +1693,10 @@ class _WebSocket(trio_websocket.WebSocketConnection):
     """
 
     async def _handle_message_event(self, event: _MessageEvent) -> None:
-        """A message's fragments count what their objects hold, not only their text: one
-        million one-character fragments held 82 MiB within a 1 MiB max_message_size."""
-        if self._message_parts or not event.message_finished:
-            self._message_size += _FRAGMENT_COST
+        """A message's parts count the memory they hold, not their length: one million
+        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
+        holds 4 bytes a character."""
+        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
         await super()._handle_message_event(event)
 
     async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
@@ -1675,18 +1712,36 @@ class _WebSocket(trio_websocket.WebSocketConnection):
         await self._close_stream()
 
 
-async def _accept_websocket(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
+async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
     """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
-    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_CLIENT_FRAME)
+    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
     nursery.start_soon(ws._reader_task)
     request = await ws._get_request()
     return typing.cast(_WebSocket, await request.accept())
 
 
+async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
+    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
+    if len(data) <= _WRITE_STEP:
+        await stream.send_all(data)
+    else:
+        view = memoryview(data)
+        for start in range(0, len(data), _WRITE_STEP):
+            await stream.send_all(view[start:start + _WRITE_STEP])
+            progressed()
+
+
+async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
+    peer's close frame, which nobody reads once the connection has been ended."""
+    if ws._wsproto.state == _WSState.OPEN:
+        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
+
+
 async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
     """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
-    they are (they may be shared with other sockets: no copy), a send buffer's worth at a time,
-    calling `progressed` after each (see Relay._sweep).
+    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
+    calling `progressed` after each (see Relay._sweep: no step may take send_timeout).
 
     trio-websocket frames each message anew for each connection (send_message), and each
     send_message costs a whole trio scheduling round even when the socket has room, while a busy
@@ -1711,14 +1766,11 @@ async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], pr
                 small.append(frame)
                 continue
             if small:
-                await ws._stream.send_all(b"".join(small))
+                await _send(ws._stream, b"".join(small), progressed)
                 small = []
-            view = memoryview(frame)
-            for start in range(0, len(frame), _SOCKET_SEND_BUFFER):
-                await ws._stream.send_all(view[start:start + _SOCKET_SEND_BUFFER])
-                progressed()
+            await _send(ws._stream, frame, progressed)
         if small:
-            await ws._stream.send_all(small[0] if len(small) == 1 else b"".join(small))
+            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
@@ -1965,7 +2017,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
             await relay._accept(bucket, webhook, entries)
         except StorageError as error:
             return _plain(503, f"{error}; try again")
-        if hold is not None:
+        if hold is not None:  # a held sender counts as pending: anyone may post to a holding input
+            relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
             answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
                 headers = _answer_headers(answer.headers.items())
@@ -2143,7 +2196,8 @@ class _Connection:
     """One connection: its peer, its deadline (a cancel scope around all of its serving), and
     whether it is pending: neither an authenticated socket nor a request being answered."""
 
-    __slots__ = ("stream", "address", "peer", "scope", "head_start", "pending", "answering", "is_closing")
+    __slots__ = ("stream", "address", "peer", "scope", "head_start", "pending", "requests", "is_closing",
+                 "ended_by", "http")
 
     def __init__(self, stream: trio.SocketStream, address: str, peer: str, deadline: float) -> None:
         self.stream = stream
@@ -2152,35 +2206,50 @@ class _Connection:
         self.scope = trio.CancelScope(deadline=deadline)
         self.head_start = trio.current_time()  # when its next request's head began, at the latest
         self.pending = False
-        self.answering = False  # the app is answering an HTTP request on it
+        self.requests = 0  # HTTP requests the app is answering on it (Hypercorn may start the next first)
         self.is_closing = False
+        self.ended_by: tuple[int, str] = (CLOSE_POLICY, "out of time")  # what a socket is told when it ends
+        self.http = False  # served by Hypercorn (else a socket, or not yet routed)
 
     def end_by(self, deadline: float) -> None:
         """From now on, serve it until `deadline` at most (a closing connection keeps its own)."""
         if not self.is_closing:
             self.scope.deadline = deadline
 
+    def end(self, code: int, reason: str) -> None:
+        """End it now, whatever it is doing: a socket is told `code` and `reason`; an HTTP
+        connection's socket is shut down, which also ends a write Hypercorn shields."""
+        self.ended_by = (code, reason)
+        self.scope.cancel()
+        if self.http:
+            try:
+                self.stream.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # gone already
+
     def closing(self) -> None:
         """Its library closed it: end what the relay sends, once the answer being written is
         whole, and give the peer _LINGER seconds to read it and leave. (Hypercorn closes at
         once when a pipelined request follows an answer that said "Connection: close".)"""
-        if not self.answering:
+        if not self.requests:
             _shut_down(self.stream)
         if not self.is_closing:
             self.is_closing = True
             self.scope.deadline = min(self.scope.deadline, trio.current_time() + _LINGER)
 
     def answered(self) -> None:
-        self.answering = False
-        if self.is_closing:
+        """An HTTP request on it has had its answer; its last one may let a close go ahead."""
+        self.requests -= 1
+        if self.is_closing and not self.requests:
             _shut_down(self.stream)
 
 
 class _Connections:
     """Every open connection, within max_connections and max_pending_per_ip.
 
-    Pending connections (idle keep-alive ones, requests still arriving, sockets not yet
-    authenticated) cost a stranger nothing to open and hold, so one address may hold only
+    Pending connections (idle keep-alive ones, requests still arriving or holding their sender
+    for a client's answer, sockets not yet authenticated) cost a stranger nothing to open and
+    hold, so one address may hold only
     max_pending_per_ip of them. At max_connections, a new connection takes the place of the
     oldest pending one of the address that holds the most, if that is more than its own would
     then hold; else it is refused. So an address with few connections (a webhook sender, a
@@ -2193,6 +2262,7 @@ class _Connections:
         self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
         self._timeout = server.request_timeout
         self.count = 0
+        self._open: set[_Connection] = set()
         self._pending: dict[str, dict[_Connection, None]] = {}  # address -> its pending ones, oldest first
         self._throttle = throttle
 
@@ -2212,17 +2282,19 @@ class _Connections:
                 return None
             oldest = next(iter(crowd))
             self.busy(oldest)  # no longer pending: the next one to make room is another
-            oldest.scope.cancel()
+            oldest.end(_CLOSE_TRY_AGAIN, "too many connections; try again later")
             self._throttle.warning("evicted", "closed a pending connection from %s, which held %d, to make room "
                                    "for one from %s (max_connections: %d)", oldest.address, len(crowd) + 1,
                                    address, self._most)
         connection = _Connection(stream, address, peer, trio.current_time() + self._timeout)
         self.count += 1
+        self._open.add(connection)
         self.idle(connection)
         return connection
 
     def closed(self, connection: _Connection) -> None:
         self.count -= 1
+        self._open.discard(connection)
         self.busy(connection)
 
     def busy(self, connection: _Connection) -> None:
@@ -2240,12 +2312,17 @@ class _Connections:
             connection.pending = True
             self._pending.setdefault(connection.address, {})[connection] = None
 
-    def close_idle(self) -> None:
-        """Close every pending connection with no request on it now (a shutdown)."""
+    def end_idle(self) -> None:
+        """End every pending connection with no request on it now (a shutdown)."""
         for held in self._pending.values():
-            for connection in held:
-                if not connection.answering:
-                    connection.scope.cancel()
+            for connection in list(held):
+                if not connection.requests:
+                    connection.end(CLOSE_GOING_AWAY, "server shutting down")
+
+    def end_all(self) -> None:
+        """End every connection now (a shutdown that ran out of time)."""
+        for connection in list(self._open):
+            connection.end(CLOSE_GOING_AWAY, "server shutting down")
 
 
 def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
@@ -2298,12 +2375,13 @@ def _is_socket_upgrade(head: bytes) -> bool:
     return False
 
 
-async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes:
-    """Read enough of a request to route it: its whole head only if it may be a socket upgrade."""
+async def _read_request_head(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
+    """Read enough of a request to route it: its whole head (up to `limit` bytes) only if it may
+    be a socket upgrade."""
     head = b""
     while data := await stream.receive_some(_RECEIVE_SIZE):
         head += data
-        if b"\r\n\r\n" in head or len(head) >= _REQUEST_HEAD_LIMIT or not _may_be_socket_request(head):
+        if b"\r\n\r\n" in head or len(head) >= limit or not _may_be_socket_request(head):
             break
     return head
 
@@ -2330,12 +2408,13 @@ class _ConnectionStream(trio.abc.Stream):
     for good, in CLOSE-WAIT once its peer left.
     """
 
-    def __init__(self, stream: trio.SocketStream, head: bytes, connection: "_Connection") -> None:
+    def __init__(self, stream: trio.SocketStream, head: bytes, connection: "_Connection", *, http: bool) -> None:
         self._stream = stream
         self._head = head
         self._connection = connection
         self.socket = stream.socket  # Hypercorn reads the peer's address from it
-        self.send_all = stream.send_all  # type: ignore[method-assign]
+        if not http:  # Hypercorn writes under a shielded cancel scope: its writes keep the method below
+            self.send_all = stream.send_all  # type: ignore[method-assign]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()
@@ -2345,8 +2424,13 @@ class _ConnectionStream(trio.abc.Stream):
             self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
         return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
-        await self._stream.send_all(data)
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """A write within the connection's deadline, even under Hypercorn's shield: a peer that
+        reads a segment now and then would otherwise hold its connection past every deadline."""
+        with trio.move_on_at(self._connection.scope.deadline):
+            await self._stream.send_all(data)
+            return
+        raise trio.BrokenResourceError("the connection's time ran out while writing to it")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -2386,12 +2470,12 @@ class Relay:
         self._storage = _Storage(config.storage.path) if config.storage.path else None
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
-        self._writing: set[_Session] = set()  # sockets with a write under way
+        self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
         self._connections = _Connections(config.server, self._throttle)
-        # what a request may take once its head is in: its body, then the relay's answer, which may
-        # hold the sender for an input's response_timeout
+        # what the relay may take to answer once a request's body is in: request_timeout, and the
+        # longest an input may hold its sender for a client's answer
         self._answer_time = config.server.request_timeout + max(
             (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
              if input_.response_from_output), default=0.0)
@@ -2435,7 +2519,8 @@ class Relay:
             return
         server = self.config.server
         self._requests += 1
-        connection.answering = True
+        connection.requests += 1
+        scope[_CONNECTION] = connection
         scope[_BODY_DEADLINE] = connection.head_start + server.request_timeout
         connection.end_by(scope[_BODY_DEADLINE] + self._answer_time + _GRACE)
 
@@ -2458,9 +2543,10 @@ class Relay:
             self._requests -= 1
             self._quiet.unpark_all()
             connection.answered()
-            self._connections.idle(connection)
-            connection.head_start = trio.current_time()
-            connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
+            if not connection.requests:  # else Hypercorn started the next one: its own times hold
+                self._connections.idle(connection)
+                connection.head_start = trio.current_time()
+                connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
 
     async def _accept(self, bucket: _Bucket, webhook: Webhook, entries: list[_Entry]) -> None:
         """Log new entries and send them to subscribers; with storage, only once they are stored."""
@@ -2545,8 +2631,8 @@ class Relay:
                 pass
         try:
             token = await self._credentials.check(address, key, secret) if key else None
-        except _TooManyFailures as error:
-            response = _json_error(429, str(error))
+        except _TooManyFailures as error:  # or _HashingBusy
+            response = _json_error(503 if isinstance(error, _HashingBusy) else 429, str(error))
             response.headers["Retry-After"] = str(math.ceil(error.wait))
             return response
         if token is None:
@@ -2589,13 +2675,14 @@ class Relay:
 
     async def _sweep(self) -> None:
         """Once a second: drop log entries past their history_ttl, and cut off sockets whose
-        writes got nothing out for send_timeout (one timer for all, not a cancel scope per write)."""
+        writes got no _WRITE_STEP out for send_timeout (one timer for all, not a cancel scope per
+        write)."""
         timeout = self.config.server.send_timeout
         while True:
             await trio.sleep(_SWEEP_INTERVAL)
             self._log.expire(self._store.buckets, time.time())
             stalled_since = trio.current_time() - timeout
-            for session in [session for session in self._writing if session.progress_at < stalled_since]:
+            for session in [session for session in self._sockets_writing if session.progress_at < stalled_since]:
                 session.stalled(timeout)
 
     async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
@@ -2621,7 +2708,7 @@ class Relay:
             handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
-                connections.start_soon(_accept, listeners, handle, connections, accepting, self._throttle)
+                connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, self._throttle)
                 connections.start_soon(self._pinger.run)
                 connections.start_soon(self._sweep)
                 task_status.started(self)
@@ -2631,7 +2718,7 @@ class Relay:
                             len(self._sessions), self._requests)
                 accepting.cancel()
                 await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
-                self._connections.close_idle()
+                self._connections.end_idle()
                 for session in self._sessions:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
                 for hold in self._holds:
@@ -2639,7 +2726,8 @@ class Relay:
                 with trio.move_on_after(server.shutdown_timeout):
                     while self._requests or self._sessions:
                         await self._quiet.park()
-                connections.cancel_scope.cancel()  # what is left is idle, or out of time
+                self._connections.end_all()  # what is left is idle, or out of time
+                connections.cancel_scope.cancel()
             if self._storage is not None:
                 self._storage.close()
                 await self._storage.stopped.wait()
@@ -2656,26 +2744,28 @@ class Relay:
         try:
             if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
                 # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
-                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.config.server.send_timeout * 1000))
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                  min(int(self.config.server.send_timeout * 1000), 2**31 - 1))  # a C int of ms
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
-                head = await _read_request_head(stream)
+                head = await _read_request_head(stream, self.config.server.max_header_bytes)
                 if not head or head.startswith(_HTTP2_PREFACE):
                     return  # HTTP/1.1 only: see _asgi
-                replay = _ConnectionStream(stream, head, connection)
                 if _is_socket_upgrade(head):
-                    await self._serve_socket(replay, connection)
+                    await self._serve_socket(_ConnectionStream(stream, head, connection, http=False), connection)
                 else:
+                    connection.http = True
                     app = ASGIWrapper(functools.partial(self._asgi, connection))
-                    await _TCPServer(app, config, context, {}, replay)  # type: ignore[arg-type]  # any Stream
+                    await _TCPServer(app, config, context, {}, _ConnectionStream(  # type: ignore[arg-type]
+                        stream, head, connection, http=True))
             if not connection.scope.cancelled_caught:
                 _shut_down(stream)
                 with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
                     while await stream.receive_some(_RECEIVE_SIZE):
                         pass  # what the peer still sends: dropped, while it reads the relay's last words
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # a peer that went away
-        except Exception:
-            logger.exception("connection from %s failed; the relay goes on", connection.peer)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # a peer that went away, also from inside a nursery of the libraries serving it
+        except* Exception as failure:
+            logger.error("connection from %s failed; the relay goes on", connection.peer, exc_info=failure)
         finally:
             self._connections.closed(connection)
             await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
@@ -2683,7 +2773,7 @@ class Relay:
     async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
         try:
             async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-                session = _Session(self, await _accept_websocket(nursery, stream), connection)
+                session = _Session(self, await _websocket_handshake(nursery, stream), connection)
                 if self._shutdown.is_set():  # too late
                     nursery.cancel_scope.cancel()
                     return
@@ -2710,10 +2800,12 @@ class Relay:
             # oversized one, say) that arrived after this side began to close: either way it ends
             logger.debug("socket from %s ended during its handshake or close", connection.peer)
 
-    def _authenticated(self, connection: _Connection) -> None:
-        """A socket authenticated: it is a client, no longer pending, and needs no deadline."""
-        self._connections.busy(connection)
-        connection.end_by(math.inf)
+    def _authenticated(self, session: _Session) -> None:
+        """A socket authenticated: it is a client, no longer pending, needs no deadline, and may
+        send larger frames."""
+        self._connections.busy(session.connection)
+        session.connection.end_by(math.inf)
+        session.allow_frames(MAX_CLIENT_FRAME)
 
 
 async def _listen(host: str, port: int) -> list[trio.SocketListener]:
@@ -2725,7 +2817,7 @@ async def _listen(host: str, port: int) -> list[trio.SocketListener]:
     return listeners
 
 
-async def _accept(listeners: list[trio.SocketListener], handler: Callable[[trio.SocketStream], Awaitable[None]],
+async def _serve_listeners(listeners: list[trio.SocketListener], handler: Callable[[trio.SocketStream], Awaitable[None]],
                   nursery: trio.Nursery, scope: trio.CancelScope, throttle: _Throttle) -> None:
     try:
         with scope:

@@ -246,7 +246,7 @@ def test_5_repeated_warnings_are_rate_limited(caplog, monkeypatch):
     throttle.warning("other", "another kind")
     assert [record.getMessage() for record in caplog.records] == [
         "refused a connection from 10.0.0.1",
-        "refused a connection from 10.0.0.2 (499 more like it in the 10 s before)",
+        "refused a connection from 10.0.0.2 (499 more like it since the last such line)",
         "another kind"]
 
 
@@ -663,3 +663,150 @@ async def test_a_logs_page_is_bounded_in_bytes(relay):
     assert 4 <= len(page["data"]) < 12 and page["limit"] == len(page["data"]) and page["total"] == 12
     assert len(response.content) < 12_000_000
 
+
+
+# -------------------------------------------------------------------------- found by reviewing the change
+
+
+async def test_a_peer_that_never_reads_its_answers_cannot_outlast_the_deadlines():
+    """Hypercorn writes under a shielded cancel scope: 1,700 pipelined requests whose answers
+    were never read kept their connection past every deadline, and a shutdown waited for them."""
+    config = relay_config(request_timeout=1, idle_timeout=0.5, send_timeout=300, shutdown_timeout=1)
+    started = trio.current_time()
+    async with relay_lite.open_relay(config) as relay:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.bind(("127.0.0.2", 0))
+        await sock.connect((relay.host, relay.port))
+        await sock.send(b"GET /v1/socket HTTP/1.1\r\nHost: x\r\n\r\n" * 1700)  # 426 answers, never read
+        await eventually(lambda: relay._connections.count == 0, timeout=8)
+        stuck = trio.socket.socket()  # and another, when the relay shuts down
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stuck.connect((relay.host, relay.port))
+        await stuck.send(b"GET /v1/socket HTTP/1.1\r\nHost: x\r\n\r\n" * 1700)
+        await trio.sleep(0.3)
+        started = trio.current_time()
+    assert trio.current_time() - started < 4  # shutdown_timeout 1 s, then everything ends
+    sock.close()
+    stuck.close()
+
+
+async def test_an_unauthenticated_socket_may_send_only_small_messages():
+    """A stranger's unfinished message of 900,000 emoji held 4 MiB before authenticating: the
+    limit counted characters, and applied as to a client."""
+    async with relay_lite.open_relay(relay_config()) as relay:
+        close = await close_frame_after(relay, bytes((0x01, 0xFF)) + (200_000).to_bytes(8, "big") + b"\0\0\0\0"
+                                        + "\U0001F600".encode() * 50_000)
+        assert close is not None and close.code == 1009
+        async with subscriber(relay, ["github"]) as client:  # once authenticated, 1 MiB as before
+            await client.send(action="subscribe", buckets=["github"], pad="x" * 500_000)
+            await client.expect("subscribed")
+
+
+async def test_a_request_started_before_the_last_one_ended_keeps_its_own_times(config):
+    """On a kept-alive connection Hypercorn starts the next request inside the previous one's
+    send: that one's end then set the idle deadline, and cut the next, held for its answer."""
+    config["server"]["idle_timeout"] = 0.5
+    config["buckets"][0]["inputs"][1]["response_timeout"] = 4  # "in-held"
+    async with relay_lite.open_relay(config) as relay:
+        for pipelined in (False, True, True):
+            stream = await tcp_from(relay)
+            first = b"GET /v1/socket HTTP/1.1\r\nHost: x\r\n\r\n"
+            held = b"POST /v1/webhooks/in-held HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+            if pipelined:
+                await stream.send_all(first + held)
+            else:
+                await stream.send_all(first)
+                await stream.receive_some(65536)
+                await stream.send_all(held)
+            answer = await closed_by_relay(stream, timeout=10)
+            assert answer.count(b"HTTP/1.1 200 ") == 1, answer  # the held one got its (fallback) answer
+            await stream.aclose()
+
+
+async def test_an_evicted_socket_is_told_why_at_once():
+    """A socket ended from outside waited 5 s for a close handshake nobody could read, keeping
+    its file descriptor, and was told 1000."""
+    async with relay_lite.open_relay(relay_config(max_connections=4, max_pending_per_ip=4)) as relay:
+        sockets = [await open_raw_socket(relay, "127.0.0.2") for _ in range(4)]  # not authenticated: pending
+        started = trio.current_time()
+        assert (await post(relay, content="makes room")).status_code == 200
+        stream, protocol = sockets[0]
+        close = None
+        with trio.fail_after(5):
+            while close is None and (data := await stream.receive_some(4096)):
+                protocol.receive_data(data)
+                close = next((event for event in protocol.events() if isinstance(event, CloseConnection)), None)
+        assert close is not None and close.code == 1013
+        await eventually(lambda: relay._connections.count == 3, timeout=2)
+        assert trio.current_time() - started < 2
+        for stream, _ in sockets:
+            await stream.aclose()
+
+
+async def test_held_senders_count_against_their_address(config):
+    """Held webhooks were not pending: one address holding senders filled max_connections."""
+    config["server"].update(max_connections=10, max_pending_per_ip=2)
+    config["buckets"][0]["inputs"][1]["response_timeout"] = 3  # "in-held"
+    async with relay_lite.open_relay(config) as relay:
+        async def hold():
+            stream = await tcp_from(relay, "127.0.0.2")
+            await stream.send_all(b"POST /v1/webhooks/in-held HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            return stream
+
+        held = []
+        for n in range(4):  # one at a time: each held, or refused, before the next
+            held.append(await hold())
+            await eventually(lambda: len(relay._holds) == n + 1 or not still_open(held[-1]))
+        assert len(relay._holds) == 2
+        assert [still_open(stream) for stream in held] == [True, True, False, False]
+        assert (await post(relay, content="another address")).status_code == 200
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_a_secret_alone_checked_against_many_hashes_costs_one_failure_each(guarded_config):
+    """Key "whr" with a wrong secret ran scrypt once per hashed token, for one failure."""
+    guarded_config["tokens"] += [{"key": f"hashed-{n}", "secret_hash": str(relay_lite._SecretHash.of(
+        f"hashed-secret-{n}-0123456789", n=2**10))} for n in range(4)]  # five hashed tokens in all
+    async with relay_lite.open_relay(guarded_config) as relay:  # 5 failures an address
+        assert (await auth_over_socket(relay, "whr", "a-wrong-guess-0123456789"))["status"] == "unauthorized"
+        refused = await auth_over_socket(relay, "whr", "hashed-secret-0123456789")
+        assert "too many failed authentications" in refused["message"]
+
+
+async def test_a_client_reading_slowly_but_steadily_is_not_cut_off():
+    """Small frames were joined into writes of up to 1 MiB, timed as one: a client reading 160
+    KiB/s was cut off as having read nothing for send_timeout."""
+    async with relay_lite.open_relay(relay_config(send_timeout=2)) as relay:
+        sock = await never_reading_client(relay, ["github"], receive_buffer=8192)
+        await eventually(lambda: len(relay._sessions) == 1)
+
+        async def read_slowly():  # 8 KiB every 50 ms, from the start
+            read = 0
+            while read < 20 * 60_000:
+                data = await sock.recv(8192)
+                assert data, "cut off"
+                read += len(data)
+                await trio.sleep(0.05)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_slowly)
+                for n in range(20):  # 1.2 MB queued at once: writes of up to 1 MiB, joined
+                    assert (await post(relay, content=f"{n:02}" + "x" * 60_000)).status_code == 200
+        assert len(relay._sessions) == 1
+        sock.close()
+
+
+async def test_a_send_timeout_of_years_is_served():
+    """TCP_USER_TIMEOUT is a C int of milliseconds: send_timeout = 1e9 made every connection fail."""
+    async with relay_lite.open_relay(relay_config(send_timeout=1e9)) as relay:
+        assert (await post(relay, content="x")).status_code == 200
+
+
+async def test_a_second_auth_frame_with_the_api_key_user_is_authenticated_again(relay):
+    async with connect(relay) as client:
+        for _ in range(2):
+            await client.send(action="auth", key="whr", secret=SECRET)
+            await client.expect("authenticated")
