@@ -1697,7 +1697,21 @@ class _WebSocket(trio_websocket.WebSocketConnection):
         one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
         holds 4 bytes a character."""
         self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
-        await super()._handle_message_event(event)
+        try:
+            await super()._handle_message_event(event)
+        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
+            self._reader_running = False  # go out, and nothing more the peer sends matters
+            self._close_handshake.set()
+
+    async def _send(self, event: Any) -> None:
+        """A close frame, once wsproto has made it, goes out even if the task sending it is being
+        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
+        peer got no close frame at all."""
+        if isinstance(event, _CloseConnection):
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
+                await super()._send(event)
+        else:
+            await super()._send(event)
 
     async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
         if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
