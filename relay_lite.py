@@ -29,6 +29,7 @@ import argparse
 import base64
 import bisect
 import dataclasses
+import email.utils
 import errno
 import functools
 import gc
@@ -36,12 +37,14 @@ import getpass
 import hashlib
 import heapq
 import hmac
+import http.cookiejar
 import importlib.metadata
 import ipaddress
 import itertools
 import json
 import logging
 import math
+import random
 import re
 import reprlib
 import resource
@@ -49,6 +52,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import time
 import tomllib
@@ -99,7 +103,8 @@ if (_problem := _unsupported_dependency()) is not None:
         sys.exit(f"relay_lite: error: {_problem}")
     raise ImportError(_problem)
 
-import trio  # noqa: E402 (after the version check above)
+import httpx  # noqa: E402 (after the version check above)
+import trio
 import trio_websocket
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as _HypercornConfig
@@ -173,6 +178,9 @@ DEFAULT_AUTH_FAILURES_PER_MINUTE = 10  # failed authentications an address may m
 MIN_SECRET_LENGTH = 16
 _SCRYPT_N = 2**14  # hash-secret's scrypt cost: 16 MiB and 40 ms a check here, about 0.4 s on a Raspberry Pi 3
 ANY_OUTPUT = "anyOutput"  # response_from_output: the first answer from any output
+DEFAULT_DELIVERY_TIMEOUT = 30.0  # seconds a delivery attempt may take, the destination's answer read
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds it may take to connect
+DEFAULT_RETRIES = 5  # attempts after the first: backoff from 1 s, doubling to 60 s at most, with jitter
 
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
@@ -221,6 +229,9 @@ _LOGS_MAX_LIMIT = 1000
 _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
 _HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; past that, attempts are refused
 _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
+_DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log, and a held sender)
+_FORWARD_BATCH = 64  # log entries a forwarder takes up at a time
+_BACKOFF_FIRST, _BACKOFF_MOST = 1.0, 60.0  # seconds before the first retry, and before any
 _TRACKED_ADDRESSES = 10_000  # addresses whose failed authentications are remembered, the latest
 # headers of an answer that describe its connection, not its content, and Date: Hypercorn writes its own
 _SERVERS_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
@@ -355,13 +366,21 @@ class InputConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
-    """A `[[buckets.outputs]]` entry. Sockets get a frame for each internal, enabled output."""
+    """A `[[buckets.outputs]]` entry. Sockets get a frame for each internal, enabled output, and
+    an agent (`relay_lite.py forward`) delivers it; the relay delivers to each public one itself.
+    """
 
     name: str
     destination: str = ""
     internal: bool = True
     lock_path: bool = False  # do not append the request's extra path to the destination
     disabled: bool = False
+    headers: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)  # replace the request's
+    # How the relay delivers to a public output (see "delivery"):
+    timeout: float = DEFAULT_DELIVERY_TIMEOUT  # seconds an attempt may take, its answer read
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    retries: int = DEFAULT_RETRIES  # attempts after the first, for failures worth another
+    concurrency: int = 1  # requests in flight at once; with one, webhooks arrive in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,6 +586,7 @@ def _checked(config: Config) -> Config:
             _require(output.name not in output_names, f"{where}.outputs[{o}].name",
                      f"{output.name!r} is already used in this bucket")
             output_names.add(output.name)
+            _check_output(output, f"{where}.outputs[{o}]")
         buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs), **history))
 
     keys: dict[str, str] = {}
@@ -623,25 +643,41 @@ def _check_secret(secret: str, where: str) -> None:
              where, f"looks like a placeholder from an example; {how}")
 
 
+def _check_output(output: OutputConfig, where: str) -> None:
+    """An output's headers, and what the relay needs to deliver to a public one."""
+    _check_headers(output.headers, f"{where}.headers")
+    for key in ("timeout", "connect_timeout"):
+        _require_positive(getattr(output, key), f"{where}.{key}")
+    _require(0 <= output.retries <= 100, f"{where}.retries", f"must be 0 to 100, got {output.retries}")
+    _require(1 <= output.concurrency <= 64, f"{where}.concurrency", f"must be 1 to 64, got {output.concurrency}")
+    if not output.internal and not output.disabled:
+        _require(output.destination.startswith(("http://", "https://")), f"{where}.destination",
+                 f"a public output is delivered to by the relay: give an http:// or https:// URL, "
+                 f"got {output.destination!r}")
+
+
+def _check_headers(headers: Mapping[str, str], where: str) -> None:
+    for name, value in headers.items():
+        _require(_is_header_name(name), where, f"{name!r} is not a header name")
+        _require(value.isprintable(), f"{where}.{name}", "must be printable text on one line")
+
+
 def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]") -> None:
     """An input's answer to senders: a real status, headers HTTP can carry, an output that answers."""
     _require(200 <= input_.status_code <= 599, f"{where}.status_code", f"must be 200 to 599, got {input_.status_code}")
     _require(not input_.body or input_.status_code not in _BODILESS_STATUSES, f"{where}.body",
              f"must be empty with status_code {input_.status_code}: HTTP sends no body with it")
-    for name, value in input_.headers.items():
-        _require(_is_header_name(name), f"{where}.headers", f"{name!r} is not a header name")
-        _require(value.isprintable(), f"{where}.headers.{name}", "must be printable text on one line")
+    _check_headers(input_.headers, f"{where}.headers")
     _require_positive(input_.response_timeout, f"{where}.response_timeout")
     wanted = input_.response_from_output
     if wanted:
         answering = [route.output_name for route in routes]
         if wanted == ANY_OUTPUT:
             _require(bool(answering), f"{where}.response_from_output",
-                     "the bucket has no output sockets receive, so none can answer")
+                     "the bucket has no enabled output, so none can answer")
         else:
             _require(wanted in answering, f"{where}.response_from_output",
-                     f"{wanted!r} is not an output sockets receive (internal, enabled): "
-                     f"expected {ANY_OUTPUT!r} or one of {answering}")
+                     f"{wanted!r} is not an enabled output: expected {ANY_OUTPUT!r} or one of {answering}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -866,6 +902,7 @@ class Webhook:
     headers: dict[str, list[str]]  # canonical names, no Host
     body: str  # the body as text, or base64 when body_encoding says so
     body_encoding: str = ""  # "" for UTF-8 text, "base64" for bytes that are not UTF-8
+    sender: str = ""  # the sender's address (for X-Forwarded-For and the logs API's ip_address)
     size: int = dataclasses.field(init=False, compare=False)  # about the bytes of memory it holds
 
     def __post_init__(self) -> None:
@@ -875,7 +912,8 @@ class Webhook:
 
     @classmethod
     def from_request(
-        cls, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes
+        cls, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+        sender: str = "",
     ) -> "Webhook":
         grouped: dict[str, list[str]] = {}
         for name, value in headers:
@@ -883,8 +921,14 @@ class Webhook:
                 grouped.setdefault(_canonical_header(name.decode("latin-1")), []).append(_text(value))
         text = _body_text(body)
         if text is None:
-            return cls(method.upper(), path or "/", _text(query), grouped, base64.b64encode(body).decode("ascii"), "base64")
-        return cls(method.upper(), path or "/", _text(query), grouped, text)
+            return cls(method.upper(), path or "/", _text(query), grouped, base64.b64encode(body).decode("ascii"),
+                       "base64", sender)
+        return cls(method.upper(), path or "/", _text(query), grouped, text, "", sender)
+
+    @property
+    def body_bytes(self) -> bytes:
+        """The body as the sender sent it."""
+        return base64.b64decode(self.body) if self.body_encoding else self.body.encode()
 
 
 def _headers_size(headers: Mapping[str, list[str]]) -> int:
@@ -930,11 +974,23 @@ def _text(raw: bytes) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Route:
-    """Where a bucket's webhooks go on sockets: one frame per route."""
+    """Where a bucket's webhooks go: one log entry per route, a socket frame for each internal one."""
 
     output_name: str
     destination: str | None  # None: the request's extra path itself (a bucket with no outputs)
     lock_path: bool = False
+    internal: bool = True  # else the relay delivers it (a public output)
+    headers: tuple[tuple[str, str], ...] = ()  # the output's, replacing the request's of those names
+
+    def webhook_for(self, webhook: "Webhook") -> "Webhook":
+        """`webhook` as this route carries it: with the output's headers in place of its own."""
+        if not self.headers:
+            return webhook
+        replaced = {_canonical_header(name) for name, _ in self.headers}
+        headers = {name: values for name, values in webhook.headers.items() if name not in replaced}
+        for name, value in self.headers:
+            headers.setdefault(_canonical_header(name), []).append(value)
+        return dataclasses.replace(webhook, headers=headers)
 
     def destination_for(self, path: str) -> str:
         if self.destination is None:
@@ -945,34 +1001,36 @@ class _Route:
 
 
 def _routes(bucket: BucketConfig) -> tuple[_Route, ...]:
-    """No outputs: one frame. Otherwise one per internal, enabled output; public outputs: none."""
+    """No outputs: one route, for sockets. Otherwise one per enabled output."""
     if not bucket.outputs:
         return (_Route("", None),)
     return tuple(
-        _Route(output.name, output.destination, output.lock_path)
+        _Route(output.name, output.destination, output.lock_path, output.internal, tuple(output.headers.items()))
         for output in bucket.outputs
-        if output.internal and not output.disabled
+        if not output.disabled
     )
 
 
 class _Entry:
-    """A log entry: one webhook as one output's sockets get it (one entry in a bucket without outputs).
+    """A log entry: one webhook for one output (one entry in a bucket without outputs).
 
-    Its id is the frame's meta.id; the answer a client PUTs to /v1/logs/<id> is recorded on it.
+    Its id is the frame's meta.id; the answer a client PUTs to /v1/logs/<id>, or the relay's own
+    delivery's outcome for a public output, is recorded on it.
     """
 
-    __slots__ = ("id", "bucket", "input_id", "input_name", "output_name", "destination", "webhook",
+    __slots__ = ("id", "bucket", "input_id", "input_name", "output_name", "destination", "internal", "webhook",
                  "received_at", "status", "answer", "hold", "size")
 
     def __init__(self, log_id: str, bucket: BucketConfig, input_id: str, input_name: str, output_name: str,
                  destination: str, webhook: Webhook, received_at: float, status: str = "received",
-                 answer: "_Answer | None" = None) -> None:
+                 answer: "_Answer | None" = None, internal: bool = True) -> None:
         self.id = log_id
         self.bucket = bucket
         self.input_id = input_id
         self.input_name = input_name
         self.output_name = output_name
         self.destination = destination
+        self.internal = internal  # sockets get it; else the relay delivers it
         self.webhook = webhook
         self.received_at = received_at  # unix time
         self.status = status  # one of LOG_STATUSES
@@ -1015,7 +1073,7 @@ class _Entry:
             "input_name": self.input_name,
             "output_name": self.output_name,
             "output_destination": self.destination,
-            "internal": True,
+            "internal": self.internal,
             "created_at": int(self.received_at),
             "updated_at": int(answer.at if answer else self.received_at),
             "received_at": self.received_at,
@@ -1024,7 +1082,8 @@ class _Entry:
             "response_body": base64.b64encode(answer.body).decode("ascii") if answer else "",
             "response_headers": answer.headers if answer else {},
             "duration_ms": round((answer.at - self.received_at) * 1000) if answer else 0,
-            "retries": 0,
+            "retries": answer.retries if answer else 0,
+            "ip_address": webhook.sender,
             "method": webhook.method,
             "extra_path": webhook.path,
             "raw_query": webhook.query,
@@ -1038,7 +1097,7 @@ def _entries(log_ids: Iterable[str], bucket: BucketConfig, input_: InputConfig, 
              routes: Iterable[_Route], received_at: float) -> list[_Entry]:
     """The log entries (and so the socket frames) of `webhook`: one per route, with its id."""
     return [_Entry(log_id, bucket, input_.id, input_.name, route.output_name, route.destination_for(webhook.path),
-                   webhook, received_at)
+                   route.webhook_for(webhook), received_at, internal=route.internal)
             for log_id, route in zip(log_ids, routes)]
 
 
@@ -1076,6 +1135,7 @@ class _Answer:
     headers: dict[str, list[str]]
     body: bytes
     at: float  # unix time it was given
+    retries: int = 0  # attempts after the first it took (the relay's own deliveries)
 
     @property
     def size(self) -> int:
@@ -1136,12 +1196,13 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
 
 
 class _Bucket:
-    __slots__ = ("config", "routes", "subscribers", "history", "history_bytes", "trimmed")
+    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
         self.routes = _routes(config)
         self.subscribers: set[_Session] = set()
+        self.forwarders: list[_Forwarder] = []  # one per public output, delivering its entries
         self.history: deque[_Entry] = deque()  # its log, oldest first; see _Log
         self.history_bytes = 0
         self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some
@@ -1277,12 +1338,14 @@ class _Log:
             bucket.trimmed = max(bucket.trimmed, dropped.id)
             self.on_trim(bucket)
 
-    def after(self, buckets: Iterable[_Bucket], cursor: str, limit: int) -> list[_Entry]:
-        """Up to `limit` entries of `buckets` with ids after `cursor`, oldest first."""
+    def after(self, buckets: Iterable[_Bucket], cursor: str, limit: int,
+              keep: Callable[[_Entry], bool] = lambda entry: entry.internal) -> list[_Entry]:
+        """Up to `limit` entries of `buckets` with ids after `cursor`, oldest first: those sockets
+        get, or those `keep` says."""
         streams: list[Iterator[_Entry]] = []
         for bucket in buckets:
             start = bisect.bisect_right(bucket.history, cursor, key=_entry_id)
-            streams.append(itertools.islice(bucket.history, start, None))
+            streams.append(filter(keep, itertools.islice(bucket.history, start, None)))
         return list(itertools.islice(heapq.merge(*streams, key=_entry_id), limit))
 
     def newest(self, buckets: Iterable[_Bucket]) -> Iterator[_Entry]:
@@ -1846,11 +1909,19 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_by_bucket ON logs (bucket_id, id);
 CREATE TABLE IF NOT EXISTS buckets (id TEXT PRIMARY KEY, trimmed TEXT NOT NULL) WITHOUT ROWID;
 """
+# What each schema version adds to the one before; PRAGMA user_version says which a file has.
+_MIGRATIONS = (
+    "ALTER TABLE logs ADD COLUMN sender TEXT NOT NULL DEFAULT '';"  # 1: sender, retries
+    "ALTER TABLE logs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;",
+)
+_COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
+            "method", "path", "query", "headers", "body", "body_encoding", "sender",
+            "status", "status_code", "response_headers", "response_body", "answered_at", "retries")
+_UPDATED = _COLUMNS[_COLUMNS.index("status"):]
 _WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
 _WAL_BYTES = 2**20  # and cut it back to this size after a checkpoint (SQLite's default: never)
-_INSERT = "INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_UPDATE = ("UPDATE logs SET status = ?, status_code = ?, response_headers = ?, response_body = ?, answered_at = ? "
-           "WHERE id = ?")
+_INSERT = f"INSERT INTO logs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+_UPDATE = f"UPDATE logs SET {', '.join(f'{column} = ?' for column in _UPDATED)} WHERE id = ?"
 
 
 class _Batch:
@@ -1893,9 +1964,14 @@ class _Storage:
             db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
             db.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
             db.executescript(_SCHEMA)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            _require(version <= len(_MIGRATIONS), "storage.path",
+                     f"{self.path!r} was written by a newer relay_lite (schema {version})")
+            for migration in _MIGRATIONS[version:]:
+                db.executescript(f"BEGIN; {migration} PRAGMA user_version = {len(_MIGRATIONS)}; COMMIT;")
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
-            rows = db.execute("SELECT * FROM logs ORDER BY id").fetchall()
-        except (sqlite3.Error, OSError) as error:
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
+        except (sqlite3.Error, OSError, ConfigError) as error:
             raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
         self._db = db
         last = rows[-1][0] if rows else ""  # ids sort as strings
@@ -1975,28 +2051,241 @@ class _Storage:
 
 
 def _row(entry: _Entry) -> tuple:
+    """An entry as a row of _COLUMNS."""
     webhook = entry.webhook
     return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
             entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
-            webhook.body, webhook.body_encoding, *_update_row(entry)[:-1])
+            webhook.body, webhook.body_encoding, webhook.sender, *_update_row(entry)[:-1])
 
 
 def _update_row(entry: _Entry) -> tuple:
+    """What can change of an entry, as _UPDATED and then its id."""
     answer = entry.answer
     if answer is None:
-        return entry.status, None, None, None, None, entry.id
-    return entry.status, answer.status_code, _encode(answer.headers), answer.body, answer.at, entry.id
+        return entry.status, None, None, None, None, 0, entry.id
+    return (entry.status, answer.status_code, _encode(answer.headers), answer.body, answer.at, answer.retries,
+            entry.id)
 
 
 def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
     (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
-     body, body_encoding, status, status_code, response_headers, response_body, answered_at) = row
+     body, body_encoding, sender, status, status_code, response_headers, response_body, answered_at, retries) = row
     answer = None
     if answered_at is not None:
-        answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at)
-    webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding)
+        answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at, retries)
+    webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding, sender)
+    output = next((output for output in bucket.outputs if output.name == output_name), None)
     return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
-                  status, answer)
+                  status, answer, internal=output is None or output.internal)
+
+
+# ============================================================================ delivery
+#
+# One engine turns a logged webhook into an HTTP request to a destination, tries again what is
+# worth another try, and gives back the outcome. The relay delivers its public outputs with it
+# (_Forwarder); the agent, `relay_lite.py forward`, delivers internal ones to an app behind NAT.
+# Building the request and judging an answer are pure functions; only _deliver does I/O.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A delivery's HTTP request."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]  # every value, in order
+    body: bytes
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers as sent: a value that is not ASCII goes as UTF-8, as most senders sent it
+        (one that was not UTF-8 was logged as Latin-1, and goes as the UTF-8 of that)."""
+        return [(name.encode("ascii"), value.encode("utf-8")) for name, value in self.headers]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Delivery:
+    """How to deliver: an output's timeouts and retries."""
+
+    timeout: float = DEFAULT_DELIVERY_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+
+    @classmethod
+    def of(cls, output: OutputConfig) -> "_Delivery":
+        return cls(output.timeout, output.connect_timeout, output.retries)
+
+
+def _outbound(webhook: Webhook, destination: str, forwarded_for: str = "") -> _Request:
+    """The request that delivers `webhook` to `destination` (a URL, the extra path appended as
+    its route says): the sender's method; the raw query after the destination's own; every
+    header with all its values, in order, but those that describe the sender's connection (the
+    destination's Host and framing are its own); the body byte-exact, so signatures verify.
+    `forwarded_for`, the sender's address, is added to X-Forwarded-For."""
+    url = destination
+    if webhook.query:
+        url += ("&" if urllib.parse.urlsplit(destination).query else "?") + webhook.query
+    connection_headers = {token.strip().lower() for values in (webhook.headers.get("Connection") or [])
+                          for token in values.split(",")}
+    headers = [(name, value) for name, values in webhook.headers.items()
+               if not _is_connection_header(name, connection_headers) for value in values]
+    if forwarded_for:
+        prior = ", ".join(webhook.headers.get("X-Forwarded-For", []))
+        headers = [(name, value) for name, value in headers if name != "X-Forwarded-For"]
+        headers.append(("X-Forwarded-For", f"{prior}, {forwarded_for}" if prior else forwarded_for))
+    return _Request(webhook.method, url, headers, webhook.body_bytes)
+
+
+def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
+    lowered = name.lower()
+    return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
+
+
+_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                                 "trailer", "upgrade"})
+
+
+def _worth_retrying(status_code: int) -> bool:
+    """An answer another try may change: a timeout, too early, too many, a server's trouble."""
+    return status_code in (408, 425, 429) or (status_code >= 500 and status_code != 501)
+
+
+def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
+    """Seconds before try `retry` (1 for the first retry): what the destination's Retry-After
+    says (seconds, or an HTTP date), else 1 s doubling to _BACKOFF_MOST; `jitter` (0 to 1)
+    spreads retries that would otherwise come at once."""
+    if retry_after:
+        try:
+            delay = float(retry_after)
+        except ValueError:
+            try:
+                delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError):
+                delay = -1.0
+        if 0 <= delay <= _BACKOFF_MOST:
+            return delay
+    return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
+
+
+async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _Delivery) -> _Answer:
+    """Deliver `request` with `client`, trying again what is worth it; the last answer, with
+    status_code 0 and the error as its body when none came. Its `retries` says how many more
+    tries it took."""
+    retry = 0
+    while True:
+        retry_after = None
+        try:
+            with trio.fail_after(delivery.timeout):
+                response = await client.send(httpx.Request(request.method, request.url, headers=request.raw_headers,
+                                                           content=request.body), stream=True)
+                try:
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk[:_DELIVERY_BODY_KEPT - len(body)]  # the rest is read, and dropped
+                finally:
+                    await response.aclose()
+            headers: dict[str, list[str]] = {}
+            for name, value in response.headers.multi_items():
+                headers.setdefault(_canonical_header(name), []).append(value)
+            answer = _Answer(response.status_code, headers, bytes(body), time.time(), retry)
+            if not _worth_retrying(response.status_code):
+                return answer
+            retry_after = response.headers.get("Retry-After")
+        except (httpx.HTTPError, trio.TooSlowError, OSError) as error:
+            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time(), retry)
+            if isinstance(error, (httpx.UnsupportedProtocol, httpx.InvalidURL)) or _refused_certificate(error):
+                return answer
+        if retry >= delivery.retries:
+            return answer
+        retry += 1
+        await trio.sleep(_retry_delay(retry, retry_after, random.random()))
+
+
+def _delivery_error(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "no answer in time"
+    cause = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {_shown(str(error) or str(cause or ''), 200)}"
+
+
+def _refused_certificate(error: BaseException) -> bool:
+    """A TLS certificate the destination's name did not verify against: no retry will fix it."""
+    while error is not None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return True
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return False
+
+
+def _http_client(*, verify: bool | str = True) -> "httpx.AsyncClient":
+    """An HTTP client for deliveries: proxies (HTTP(S)_PROXY, NO_PROXY) and CA bundles
+    (SSL_CERT_FILE) from the environment, no redirects followed, no cookies kept."""
+    context: ssl.SSLContext | bool = verify if isinstance(verify, bool) else ssl.create_default_context(cafile=verify)
+    return httpx.AsyncClient(verify=context, trust_env=True, follow_redirects=False,
+                             timeout=httpx.Timeout(None), cookies=_NoCookies())
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: destinations' cookies are not the relay's to send back."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+class _Forwarder:
+    """The relay's deliveries to one public output: every log entry of its bucket for that output,
+    in order (or `concurrency` at a time), each once its webhook is stored. The pending work is the
+    log itself: entries still "received" are due, so a slow or dead destination costs nothing but
+    the history it keeps, and with storage a restart, or a kill -9, delivers what was pending."""
+
+    def __init__(self, relay: "Relay", bucket: _Bucket, output: OutputConfig) -> None:
+        self._relay = relay
+        self._bucket = bucket
+        self._output = output
+        self._delivery = _Delivery.of(output)
+        self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        """New entries were logged."""
+        self._wakeup.set()
+
+    def _due(self, entry: _Entry) -> bool:
+        return entry.output_name == self._output.name and not entry.internal
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        cursor, gap_told = "", ""
+        in_flight = trio.Semaphore(self._output.concurrency)
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._wakeup = trio.Event()  # before looking: a webhook logged meanwhile wakes it again
+                if self._bucket.trimmed > cursor and cursor and self._bucket.trimmed != gap_told:
+                    gap_told = self._bucket.trimmed
+                    logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
+                                   "could be delivered (see history_size)", self._output.name,
+                                   self._bucket.config.name, gap_told)
+                entries = self._relay._log.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
+                if not entries:
+                    await self._wakeup.wait()
+                    continue
+                for entry in entries:
+                    cursor = entry.id
+                    if entry.status == "received":  # else delivered before a restart
+                        await in_flight.acquire()
+                        nursery.start_soon(self._deliver, client, entry, in_flight)
+
+    async def _deliver(self, client: httpx.AsyncClient, entry: _Entry, in_flight: trio.Semaphore) -> None:
+        try:
+            request = _outbound(entry.webhook, entry.destination, forwarded_for=entry.webhook.sender)
+            answer = await _deliver(client, request, self._delivery)
+        except Exception as error:  # a bug, but not one that may stop the relay or this output
+            logger.error("delivering webhook %s to %s failed", entry.id, _shown(entry.destination), exc_info=True)
+            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
+        finally:
+            in_flight.release()
+        self._relay._delivered(entry, answer)
 
 
 # ============================================================================ HTTP app (Quart-Trio)
@@ -2021,7 +2310,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
             return _plain(404, f"no input with id {input_id[:64]!r}")
         body = await _request_body()
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
-                                       request.scope["headers"], body)
+                                       request.scope["headers"], body, (request.scope.get("client") or ("",))[0])
         bucket, input_ = found
         entries = relay._log.record(bucket, input_, webhook)
         hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
@@ -2482,6 +2771,9 @@ class Relay:
         self.url = ""  # http://HOST:PORT
         self._store = _Store(config)
         self._credentials = _Credentials(config)
+        for bucket in self._store.buckets:
+            bucket.forwarders = [_Forwarder(self, bucket, output) for output in bucket.config.outputs
+                                 if not output.internal and not output.disabled]
         self._log = _Log()  # replaced by the one loaded from storage, if any, in _serve
         self._storage = _Storage(config.storage.path) if config.storage.path else None
         self._holds: set[_Hold] = set()  # senders waiting for an answer
@@ -2567,7 +2859,7 @@ class Relay:
     async def _accept(self, bucket: _Bucket, webhook: Webhook, entries: list[_Entry]) -> None:
         """Log new entries and send them to subscribers; with storage, only once they are stored."""
         if not entries:
-            logger.info("webhook %s %s -> bucket %s: only public outputs, so no socket gets it", webhook.method,
+            logger.info("webhook %s %s -> bucket %s: every output is disabled, so nothing gets it", webhook.method,
                         _shown(webhook.path), bucket.config.name)
         elif self._storage is None:
             self._publish(bucket, entries)
@@ -2577,15 +2869,23 @@ class Relay:
 
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         self._log.add(bucket, entries)
+        frames = 0
         for entry in entries:
+            if not entry.internal:
+                continue  # the relay delivers it: see _Forwarder
+            frames += 1
             frame = wire_frame(entry.frame())  # framed once, for every subscriber
             for session in bucket.subscribers:
                 session.deliver(frame)
             if bucket.subscribers:
                 self._sent(entry)
+        if frames < len(entries):
+            for forwarder in bucket.forwarders:
+                forwarder.wake()
         webhook = entries[0].webhook
-        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s)", entries[0].id, webhook.method,
-                    _shown(webhook.path), bucket.config.name, len(entries), len(bucket.subscribers))
+        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s), %d to deliver", entries[0].id,
+                    webhook.method, _shown(webhook.path), bucket.config.name, frames, len(bucket.subscribers),
+                    len(entries) - frames)
 
     def _sent(self, entry: _Entry) -> None:
         if entry.status == "received":
@@ -2631,6 +2931,17 @@ class Relay:
         self._changed(entry)
         logger.info("answer to webhook %s: %s (%s)", entry.id, answer.status_code or "-", status)
         return None
+
+    def _delivered(self, entry: _Entry, answer: _Answer) -> None:
+        """The relay's own delivery to a public output ended: its outcome goes in the log, and to
+        a sender held for that output's answer."""
+        entry.status = "sent" if 200 <= answer.status_code < 400 else "failed"
+        self._log.answered(self._store.bucket_of(entry), entry, answer)
+        if entry.hold is not None:
+            entry.hold.offer(entry, answer)
+        self._changed(entry)
+        logger.info("delivered webhook %s to %s: %s after %d retries", entry.id, _shown(entry.destination),
+                    answer.status_code or _shown(answer.body.decode(errors="replace")), answer.retries)
 
     async def _api_token(self) -> TokenConfig | Response:
         """The token of the logs API request being served (HTTP Basic key:secret, or Bearer
@@ -2728,6 +3039,10 @@ class Relay:
                 connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, self._throttle)
                 connections.start_soon(self._pinger.run)
                 connections.start_soon(self._sweep)
+                forwarders = [forwarder for bucket in self._store.buckets for forwarder in bucket.forwarders]
+                client = _http_client() if forwarders else None
+                for forwarder in forwarders:
+                    connections.start_soon(forwarder.run, typing.cast(httpx.AsyncClient, client))
                 task_status.started(self)
                 await self._shutdown.wait()
 
@@ -2744,7 +3059,10 @@ class Relay:
                     while self._requests or self._sessions:
                         await self._quiet.park()
                 self._connections.end_all()  # what is left is idle, or out of time
-                connections.cancel_scope.cancel()
+                connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
+            if client is not None:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
             if self._storage is not None:
                 self._storage.close()
                 await self._storage.stopped.wait()

@@ -36,10 +36,10 @@ def relay_config(**server):
                 {"name": "b", "destination": "http://localhost:9090/base/", "internal": True},
                 {"name": "locked", "destination": "http://localhost:7070/fixed", "lock_path": True},
                 {"name": "off", "destination": "http://localhost:6060", "disabled": True},
-                {"name": "public", "destination": "https://example.com/hook", "internal": False},
+                {"name": "public", "destination": "http://127.0.0.1:9/hook", "internal": False, "retries": 0},
             ]},
             {"name": "public-only", "inputs": [{"id": "in-public"}], "outputs": [
-                {"name": "p", "destination": "https://example.com/hook", "internal": False},
+                {"name": "p", "destination": "http://127.0.0.1:9/hook", "internal": False, "retries": 0},
             ]},
         ],
     }

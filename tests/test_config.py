@@ -129,11 +129,17 @@ def test_init_template_loads_with_fresh_ids():
     ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nheaders = {X = \"a\\nb\"}",
      "buckets[0].inputs[0].headers.X: must be printable text on one line"),
     ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nresponse_from_output = 'p'\n"
-     "[[buckets.outputs]]\nname = 'p'\ninternal = false",
-     "buckets[0].inputs[0].response_from_output: 'p' is not an output sockets receive (internal, enabled)"),
+     "[[buckets.outputs]]\nname = 'p'\ndisabled = true",
+     "buckets[0].inputs[0].response_from_output: 'p' is not an enabled output"),
     ("[[buckets]]\nname = 'a'\n[[buckets.inputs]]\nresponse_from_output = 'anyOutput'\n"
      "[[buckets.outputs]]\nname = 'p'\ndisabled = true",
-     "buckets[0].inputs[0].response_from_output: the bucket has no output sockets receive, so none can answer"),
+     "buckets[0].inputs[0].response_from_output: the bucket has no enabled output, so none can answer"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'p'\ninternal = false\ndestination = 'localhost'",
+     "buckets[0].outputs[0].destination: a public output is delivered to by the relay: give an http:// or https://"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'p'\nretries = 101", "outputs[0].retries: must be 0 to 100"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'p'\nconcurrency = 0", "outputs[0].concurrency: must be 1"),
+    ("[[buckets]]\nname = 'a'\n[[buckets.outputs]]\nname = 'p'\nheaders = {'X Y' = 'v'}",
+     "buckets[0].outputs[0].headers: 'X Y' is not a header name"),
 ])
 def test_errors_name_the_file_the_key_and_the_fault(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
