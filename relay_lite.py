@@ -29,6 +29,7 @@ import argparse
 import base64
 import bisect
 import dataclasses
+import datetime
 import email.utils
 import errno
 import functools
@@ -44,6 +45,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
 import reprlib
@@ -232,6 +234,15 @@ _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it sto
 _DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log, and a held sender)
 _FORWARD_BATCH = 64  # log entries a forwarder takes up at a time
 _BACKOFF_FIRST, _BACKOFF_MOST = 1.0, 60.0  # seconds before the first retry, and before any
+_RECONNECT_FIRST, _RECONNECT_MOST = 1.0, 30.0  # seconds the agent waits to reconnect, at first and at most
+_AGENT_CONNECT_TIMEOUT = 10.0  # seconds the agent's socket may take to connect, authenticate and subscribe
+_AGENT_MAX_FRAME = 2**27  # 128 MiB: the largest frame the agent takes (a relay's max_body_size, as JSON)
+_AGENT_QUEUE_BYTES = 32 * 2**20  # webhooks the agent holds for the app; past this it pauses the socket
+_AGENT_STOP_GRACE = 10.0  # seconds a delivery in flight, and the reports, get to finish when the agent stops
+_AGENT_REPORTERS = 4  # PUT /v1/logs/<id> requests the agent has in flight at most...
+_AGENT_REPORTS_QUEUED = 64  # ...and outcomes waiting for one
+_AGENT_REPORT_TIMEOUT = 10.0  # seconds a report may take
+_MOST_CONCURRENCY = 64  # deliveries an output, or the agent, may have in flight
 _TRACKED_ADDRESSES = 10_000  # addresses whose failed authentications are remembered, the latest
 # headers of an answer that describe its connection, not its content, and Date: Hypercorn writes its own
 _SERVERS_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
@@ -256,6 +267,11 @@ class ProtocolError(Exception):
 
 class StorageError(Exception):
     """The webhook log's database cannot be opened or written."""
+
+
+class AgentError(Exception):
+    """The forward agent cannot go on: the relay refused its key or a bucket, or its state file is
+    not its own. The message says which, in one line."""
 
 
 # ============================================================================ log lines
@@ -649,7 +665,8 @@ def _check_output(output: OutputConfig, where: str) -> None:
     for key in ("timeout", "connect_timeout"):
         _require_positive(getattr(output, key), f"{where}.{key}")
     _require(0 <= output.retries <= 100, f"{where}.retries", f"must be 0 to 100, got {output.retries}")
-    _require(1 <= output.concurrency <= 64, f"{where}.concurrency", f"must be 1 to 64, got {output.concurrency}")
+    _require(1 <= output.concurrency <= _MOST_CONCURRENCY, f"{where}.concurrency",
+             f"must be 1 to {_MOST_CONCURRENCY}, got {output.concurrency}")
     if not output.internal and not output.disabled:
         _require(output.destination.startswith(("http://", "https://")), f"{where}.destination",
                  f"a public output is delivered to by the relay: give an http:// or https:// URL, "
@@ -817,12 +834,7 @@ def parse_client_frame(message: str | bytes) -> _Auth | _Subscribe | _Pong:
     """Parse one client frame; raise ProtocolError saying what is wrong with it."""
     if isinstance(message, bytes):
         raise ProtocolError("binary frames are not accepted: send JSON in a text frame")
-    try:
-        frame = json.loads(message)
-    except (ValueError, RecursionError):
-        raise ProtocolError("frame is not valid JSON") from None
-    if not isinstance(frame, dict):
-        raise ProtocolError(f"frame must be a JSON object, got {_json_type(frame)}")
+    frame = _json_object(message)
     action = frame.get("action")
     if action == "auth":
         key, secret = frame.get("key"), frame.get("secret")
@@ -854,6 +866,17 @@ def _canonical_log_id(text: object) -> str | None:
         return str(uuid.UUID(text)) if isinstance(text, str) else None
     except ValueError:
         return None
+
+
+def _json_object(message: str | bytes) -> dict[str, Any]:
+    """A frame's JSON object; ProtocolError when it is not one."""
+    try:
+        frame = json.loads(message)
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(f"frame must be a JSON object, got {_json_type(frame)}")
+    return frame
 
 
 def _json_type(value: object) -> str:
@@ -1177,6 +1200,9 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
                 and _is_header_name(name)):
             raise ProtocolError(f"response header '{_shown(name, 64)}' must be a name with a string or strings")
         headers[name] = values
+    retries = data.get("retries") or 0  # the hosted Log's field: how many more attempts it took
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 2**31:
+        raise ProtocolError('"retries" must be a count')
     status = data.get("status")
     if isinstance(status, int) and not isinstance(status, bool) and 0 <= status < len(LOG_STATUSES):
         status = LOG_STATUSES[status]
@@ -1186,7 +1212,79 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
         status = "sent"
     elif status not in LOG_STATUSES:
         raise ProtocolError(f'"status" must be one of {", ".join(LOG_STATUSES)}')
-    return _Answer(status_code, headers, body, now), status
+    return _Answer(status_code, headers, body, now, retries), status
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _StatusFrame:
+    status: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _WebhookFrame:
+    """A webhook as a socket client receives it."""
+
+    id: str  # meta.id: its log entry, where its outcome is reported
+    bucket: str  # meta.bucket_name
+    output_destination: str
+    webhook: Webhook
+
+    @property
+    def size(self) -> int:
+        return self.webhook.size
+
+
+def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
+    """Parse one frame a relay sent a client (the forward agent reads them); raise ProtocolError
+    saying what is wrong with it. A webhook's method and headers must be ones HTTP can carry."""
+    frame = _json_object(message)
+    kind = frame.get("type")
+    if kind == "status":
+        status, text = frame.get("status"), frame.get("message")
+        if not isinstance(status, str):
+            raise ProtocolError('a status frame needs a "status" string')
+        return _StatusFrame(status, text if isinstance(text, str) else "")
+    if kind != "webhook":
+        raise ProtocolError(f"unknown frame type {_shown(str(kind), 64)!r}")
+    meta = frame.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str) or not meta["id"]:
+        raise ProtocolError('a webhook frame needs "meta" with an "id"')
+    method, query, body = frame.get("method"), frame.get("query") or "", frame.get("body") or ""
+    encoding = frame.get("body_encoding") or ""
+    if not isinstance(method, str) or not _is_header_name(method):
+        raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"method\" must be an HTTP method")
+    if not isinstance(query, str) or not isinstance(body, str) or encoding not in ("", "base64"):
+        raise ProtocolError(f'webhook {_shown(meta["id"], 64)}: "query" and "body" must be strings, '
+                            '"body_encoding" "base64" or none')
+    if encoding:
+        try:
+            base64.b64decode(body, validate=True)
+        except ValueError:
+            raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: its body is not base64") from None
+    headers: dict[str, list[str]] = {}
+    raw_headers = frame.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"headers\" must map names to values")
+    for name, values in raw_headers.items():
+        values = [values] if isinstance(values, str) else values
+        if not (_is_header_name(name) and isinstance(values, list)
+                and all(isinstance(value, str) and _is_header_value(value) for value in values)):
+            raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: header '{_shown(name, 64)}' is not one HTTP "
+                                "can carry")
+        headers[name] = values
+    texts = {key: value for key, value in meta.items() if isinstance(value, str)}
+    return _WebhookFrame(meta["id"], texts.get("bucket_name") or texts.get("bucked_id") or texts.get("bucket_id", ""),
+                         texts.get("output_destination", ""), Webhook(method.upper(), "/", query, headers, body, encoding))
+
+
+def _is_header_value(value: str) -> bool:
+    """A value HTTP can carry: no control characters (tab inside it aside), no space around it."""
+    return _HEADER_VALUE.fullmatch(value) is not None
+
+
+_HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
 
 
 # ============================================================================ store
@@ -2193,12 +2291,15 @@ async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _De
             retry_after = response.headers.get("Retry-After")
         except (httpx.HTTPError, trio.TooSlowError, OSError) as error:
             answer = _Answer(0, {}, _delivery_error(error).encode(), time.time(), retry)
-            if isinstance(error, (httpx.UnsupportedProtocol, httpx.InvalidURL)) or _refused_certificate(error):
+            if isinstance(error, _UNSENDABLE) or _refused_certificate(error):
                 return answer
         if retry >= delivery.retries:
             return answer
         retry += 1
         await trio.sleep(_retry_delay(retry, retry_after, random.random()))
+
+
+_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
 
 
 def _delivery_error(error: BaseException) -> str:
@@ -3198,6 +3299,442 @@ async def open_relay(
             relay.shutdown()
 
 
+# ============================================================================ agent
+#
+# `python relay_lite.py forward` brings webhooks to an app behind NAT. It is a socket client of
+# the relay (this one, or the hosted service: it speaks only the protocol PROTOCOL.md describes)
+# and delivers each webhook with the engine above, in order. A checkpoint file names the last
+# webhook whose outcome is final, and every one before it; a reconnect or a restart subscribes
+# with "since" it, so nothing is lost. Each outcome goes back with PUT /v1/logs/<id>, as the
+# hosted agent reports it, so a sender held by response_from_output gets the app's answer.
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """What `relay_lite.py forward` was told."""
+
+    relay: str  # the relay's base URL, http(s)://host:port; its socket is at /v1/socket
+    key: str
+    secret: str
+    buckets: tuple[str, ...] = ()  # names or ids; none: every bucket the token may see
+    to: str = ""  # the app's URL, each webhook's path appended; "": each one's output_destination
+    state: Path | None = None  # the checkpoint file; None: one per relay and bucket set, under ~/.local/state
+    concurrency: int = 1  # deliveries in flight; above 1, order is not kept
+    verify: bool | str = True  # the app's TLS certificate: checked, not (--insecure), or against a CA file
+    delivery: _Delivery = _Delivery()
+    ping_timeout: float = 2.5 * DEFAULT_PING_INTERVAL  # seconds without a frame that mean a dead connection
+    lines: str = "text"  # a line per webhook on standard output: "text", "json" or "quiet"
+
+
+def _relay_urls(relay: str) -> tuple[str, str]:
+    """The relay's base URL (for the logs API) and socket URL, from either of them."""
+    split = urllib.parse.urlsplit(relay)
+    scheme = {"ws": "http", "wss": "https"}.get(split.scheme, split.scheme)
+    if scheme not in ("http", "https") or not split.hostname:
+        raise AgentError(f"--relay {_shown(relay)}: give the relay's URL, http(s)://host:port")
+    path = split.path.rstrip("/")
+    if path.endswith(SOCKET_PATH):
+        path = path[:-len(SOCKET_PATH)]
+    base = urllib.parse.urlunsplit((scheme, split.netloc, path, "", ""))
+    return base, base.replace("http", "ws", 1) + SOCKET_PATH
+
+
+def _agent_destination(output_destination: str, to: str) -> str | None:
+    """Where the agent delivers a webhook: `to` followed by the path of its output_destination
+    (for a bucket without outputs, that is the path the sender put after the input's URL); or,
+    without `to`, the output_destination itself. None when that is no URL to deliver to."""
+    split = urllib.parse.urlsplit(output_destination)
+    is_url = split.scheme in ("http", "https") and bool(split.hostname)
+    if not to:
+        return output_destination if is_url else None
+    path = urllib.parse.urlunsplit(("", "", split.path, split.query, "")) if is_url else output_destination
+    if path in ("", "/"):
+        return to
+    return to.rstrip("/") + (path if path.startswith("/") else "/" + path)
+
+
+def _default_state(relay: str, buckets: Iterable[str]) -> Path:
+    """The checkpoint file of an agent of `relay` for `buckets`: one per relay and bucket set."""
+    home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(json.dumps([relay, sorted(buckets)]).encode()).hexdigest()[:16]
+    return home / "relay_lite" / f"forward-{digest}.json"
+
+
+class _Checkpoint:
+    """The last webhook whose outcome is final, with every one taken before it: a low-water mark,
+    so with deliveries in parallel a restart goes back to the oldest one unfinished (at least
+    once). Saved by replacing the file (a temporary one written, synced and renamed over it),
+    so a crash leaves the old checkpoint or the new one, never half of one."""
+
+    def __init__(self, path: Path, relay: str, buckets: tuple[str, ...], last: str = "") -> None:
+        self.path = path
+        self.last = last  # every webhook up to this one, in the order they came, is done
+        self._relay, self._buckets = relay, buckets
+        self._taken: deque[str] = deque()  # the ids taken after `last`, in order...
+        self._done: set[str] = set()  # ...and those of them done
+        self._saved = last
+        self._changed = trio.Event()
+        self._throttle = _Throttle(60.0)
+
+    @classmethod
+    def load(cls, path: Path, relay: str, buckets: tuple[str, ...]) -> "_Checkpoint":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(path, relay, buckets)
+        except OSError as error:
+            raise AgentError(f"cannot read the state file {path}: {error.strerror or error}") from None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("last", ""), str):
+            raise AgentError(f"the state file {path} is not one relay_lite forward wrote; move it away")
+        if data.get("relay") != relay:
+            raise AgentError(f"the state file {path} belongs to the relay {_shown(str(data.get('relay')))}; "
+                             "give this one its own --state")
+        return cls(path, relay, buckets, data.get("last", ""))
+
+    def took(self, log_id: str) -> None:
+        self._taken.append(log_id)
+
+    def done(self, log_id: str) -> None:
+        self._done.add(log_id)
+        while self._taken and self._taken[0] in self._done:
+            self.last = self._taken.popleft()
+            self._done.discard(self.last)
+            self._changed.set()
+
+    async def keep_saved(self) -> None:
+        """Save each new checkpoint, one write at a time (those that come meanwhile, together)."""
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            await trio.to_thread.run_sync(self.save)
+
+    def save(self) -> None:
+        last = self.last
+        if last == self._saved:
+            return
+        data = {"relay": self._relay, "buckets": list(self._buckets), "last": last,
+                "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(data, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself
+            finally:
+                os.close(directory)
+        except OSError as error:  # delivery goes on: a restart would deliver some webhooks again
+            self._throttle.warning("state", "cannot save the checkpoint in %s: %s", self.path,
+                                   error.strerror or error)
+            return
+        self._saved = last
+
+
+class _Agent:
+    """The forward agent: one socket to the relay at a time, reconnecting for as long as it runs;
+    `concurrency` workers delivering what it brings, in the order it came; the checkpoint, and a
+    report of each outcome to the relay."""
+
+    def __init__(self, config: AgentConfig, checkpoint: _Checkpoint, out: typing.TextIO = sys.stdout) -> None:
+        self.config = config
+        self._base, self._socket_url = _relay_urls(config.relay)
+        self._checkpoint = checkpoint
+        self._out = out
+        self._taken, self._queue = trio.open_memory_channel[_WebhookFrame](math.inf)
+        self._queued_bytes = 0
+        self._room = trio.Event()  # set when the queue has room again after it was full
+        self._taken_up_to = checkpoint.last  # the newest webhook taken: a reconnect resumes after it
+        self._resumes = False  # the relay resumed with "since" (relay_lite does; the hosted service does not)
+        self._reports, self._to_report = trio.open_memory_channel[tuple[str, _Answer]](_AGENT_REPORTS_QUEUED)
+        self._delivering: set[trio.CancelScope] = set()
+        self._socket_scope = trio.CancelScope()
+        self._stopping = False
+        self._subscribed = False  # the connection of the moment got as far as subscribing
+        self._throttle = _Throttle(60.0)
+
+    def stop(self) -> None:
+        """Stop taking webhooks; those being delivered get _AGENT_STOP_GRACE to finish."""
+        self._stopping = True
+        self._socket_scope.cancel()
+        for scope in self._delivering:
+            scope.deadline = min(scope.deadline, trio.current_time() + _AGENT_STOP_GRACE)
+
+    async def run(self) -> None:
+        """Forward until stop(); raise AgentError if the relay refuses the key or a bucket."""
+        try:
+            async with _http_client(verify=self.config.verify) as app, \
+                    httpx.AsyncClient(base_url=self._base, auth=(self.config.key, self.config.secret),
+                                      timeout=_AGENT_REPORT_TIMEOUT, trust_env=True) as relay, \
+                    trio.open_nursery() as nursery:
+                nursery.start_soon(self._checkpoint.keep_saved)
+                async with trio.open_nursery() as reporting:
+                    for _ in range(_AGENT_REPORTERS):
+                        reporting.start_soon(self._report, relay)
+                    async with trio.open_nursery() as workers:
+                        for _ in range(self.config.concurrency):
+                            workers.start_soon(self._work, app)
+                        with self._socket_scope:
+                            await self._connect_forever(relay)
+                        workers.cancel_scope.cancel()  # those waiting for a webhook; the others are shielded
+                    await self._reports.aclose()  # the reporters end once what is queued is sent...
+                    reporting.cancel_scope.deadline = trio.current_time() + _AGENT_STOP_GRACE  # ...or in time
+                nursery.cancel_scope.cancel()
+        finally:
+            self._checkpoint.save()
+
+    # ---------------------------------------------------------------- the socket
+
+    async def _connect_forever(self, relay: httpx.AsyncClient) -> None:
+        failures = 0
+        while True:
+            if not self._taken_up_to:
+                await self._start_after_newest(relay)
+            logger.info("connecting to %s", self._socket_url)
+            self._subscribed = False
+            try:
+                reason = await self._session()
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                    trio.BrokenResourceError, trio.TooSlowError) as error:
+                reason = _connection_error(error)
+            if reason == _PAUSED:
+                await self._room.wait()
+                continue
+            failures = 0 if self._subscribed else failures + 1
+            delay = min(_RECONNECT_FIRST * 2 ** failures, _RECONNECT_MOST) * (0.5 + random.random() / 2)
+            logger.warning("%s; retrying in %.0f s", reason, delay)
+            await trio.sleep(delay)
+
+    async def _session(self) -> str:
+        """One connection, until it ends: why it did (or it raises)."""
+        reason = ""
+        with trio.CancelScope() as dropped:
+            async with trio_websocket.open_websocket_url(self._socket_url, max_message_size=_AGENT_MAX_FRAME,
+                                                         connect_timeout=_AGENT_CONNECT_TIMEOUT,
+                                                         disconnect_timeout=_CLOSE_TIMEOUT) as ws:
+                await ws.send_message(_encode({"action": "auth", "key": self.config.key,
+                                               "secret": self.config.secret}))
+                await self._expect(ws, "authenticated")
+                since = self._taken_up_to
+                await ws.send_message(self._subscribe_frame(since))
+                reply = await self._expect(ws, "subscribed", since=since)
+                self._subscribed = True
+                logger.info("%s%s", reply.message, f", resuming after {since}" if since else "")
+                while not reason:
+                    with trio.move_on_after(self.config.ping_timeout) as silent:
+                        reason = await self._receive(ws)
+                    if silent.cancelled_caught:
+                        reason = f"disconnected: no frame for {self.config.ping_timeout:g} s"
+                        dropped.cancel()  # no closing handshake on a dead connection: it is dropped
+                if reason == _PAUSED:
+                    await ws.aclose(CLOSE_GOING_AWAY, "catching up")
+                    logger.info("the app is %d webhooks behind; the relay keeps the rest until it catches up",
+                                self._queue.statistics().current_buffer_used)
+        return reason
+
+    async def _receive(self, ws: trio_websocket.WebSocketConnection) -> str:
+        """Take the next frame; _PAUSED if the socket should pause for the app to catch up."""
+        frame = self._parse(await ws.get_message())
+        if isinstance(frame, _WebhookFrame):
+            return _PAUSED if self._take(frame) else ""
+        if frame is not None:
+            await self._on_status(ws, frame)
+        return ""
+
+    async def _start_after_newest(self, relay: httpx.AsyncClient) -> None:
+        """Without a checkpoint, begin after the newest webhook the buckets hold now (the logs
+        API says which): a reconnect before the first webhook then resumes after it, and loses
+        none sent meanwhile. Buckets that never had a webhook have no such point: their first
+        webhook makes one."""
+        newest = ""
+        for bucket in self.config.buckets or ("",):
+            try:
+                response = await relay.get(LOGS_PATH, params={"limit": 1, **({"bucket": bucket} if bucket else {})})
+                logs = response.json()["data"] if response.status_code == 200 else []
+                newest = max([newest, *(log["id"] for log in logs[:1] if isinstance(log["id"], str))])
+            except (httpx.HTTPError, ValueError, TypeError, KeyError):
+                return  # the socket will say what is wrong
+        if newest:
+            self._taken_up_to = self._checkpoint.last = newest
+            self._checkpoint.save()
+            logger.info("forwarding the webhooks after %s, the newest the relay holds", newest)
+
+    def _subscribe_frame(self, since: str) -> str:
+        frame: dict[str, Any] = {"action": "subscribe", "buckets": list(self.config.buckets)}
+        if since:
+            frame["since"] = since
+        return _encode(frame)
+
+    async def _expect(self, ws: trio_websocket.WebSocketConnection, status: str, since: str = "") -> _StatusFrame:
+        """The next status frame, which must be `status` (pings answered on the way); raise
+        AgentError if the relay refused what the agent asked."""
+        with trio.fail_after(_AGENT_CONNECT_TIMEOUT):
+            while True:
+                frame = self._parse(await ws.get_message())
+                if not isinstance(frame, _StatusFrame):
+                    continue  # a webhook can only come once subscribed
+                if frame.status == "ping":
+                    await ws.send_message(_PONG)
+                elif frame.status == status:
+                    return frame
+                elif frame.status == "unauthorized":
+                    raise AgentError(f"the relay refused the key {_shown(self.config.key)}: {_shown(frame.message, 200)}")
+                elif frame.status == "error" and since and frame.message.startswith("unknown resume point"):
+                    logger.warning("the relay does not know the last webhook delivered (%s): it lost its log, or "
+                                   "this state file is another relay's; going on with what comes now", since)
+                    self._taken_up_to = since = ""
+                    await ws.send_message(self._subscribe_frame(""))
+                elif frame.status == "error":
+                    raise AgentError(f"the relay refused the subscription: {_shown(frame.message, 200)}")
+
+    def _parse(self, message: str | bytes) -> _StatusFrame | _WebhookFrame | None:
+        try:
+            return parse_server_frame(message)
+        except ProtocolError as error:
+            self._throttle.warning("frame", "a frame from the relay was skipped: %s", error)
+            return None
+
+    async def _on_status(self, ws: trio_websocket.WebSocketConnection, frame: _StatusFrame) -> None:
+        if frame.status == "ping":
+            await ws.send_message(_PONG)
+        elif frame.status == "resumed":
+            self._resumes = True
+            logger.info("resumed: %s", frame.message)
+        elif frame.status in ("history_gap", "error"):
+            logger.warning("the relay says: %s", _shown(frame.message, 300))
+
+    def _take(self, frame: _WebhookFrame) -> bool:
+        """Queue `frame` for the workers; True if the queue is full and the socket should pause."""
+        if self._resumes and frame.id <= self._taken_up_to:
+            return False  # taken before a reconnect: ids grow, and the resume repeated it
+        self._taken_up_to = frame.id
+        self._checkpoint.took(frame.id)
+        self._queued_bytes += frame.size
+        self._taken.send_nowait(frame)
+        if self._queued_bytes < _AGENT_QUEUE_BYTES:
+            return False
+        if self._resumes:
+            self._room = trio.Event()
+            return True
+        self._throttle.warning("behind", "the app is %d webhooks (%d MiB) behind; holding them",
+                               self._queue.statistics().current_buffer_used, self._queued_bytes // 2**20)
+        return False
+
+    # ---------------------------------------------------------------- deliveries
+
+    async def _work(self, app: httpx.AsyncClient) -> None:
+        async for frame in self._queue:
+            self._queued_bytes -= frame.size
+            if self._queued_bytes < _AGENT_QUEUE_BYTES // 2:
+                self._room.set()
+            if self._stopping:
+                return  # not begun: it comes again after a restart
+            with trio.CancelScope(shield=True) as delivering:  # a stop lets it finish, for a while
+                self._delivering.add(delivering)
+                try:
+                    await self._deliver(app, frame)
+                finally:
+                    self._delivering.discard(delivering)
+            if delivering.cancelled_caught:  # stopped: it comes again after a restart
+                return
+
+    async def _deliver(self, app: httpx.AsyncClient, frame: _WebhookFrame) -> None:
+        destination = _agent_destination(frame.output_destination, self.config.to)
+        started = time.time()
+        if destination is None:
+            answer = _Answer(0, {}, f"no URL to deliver to: output_destination is {frame.output_destination!r}; "
+                                    "run the agent with --to URL".encode(), started)
+        else:
+            answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
+        self._checkpoint.done(frame.id)
+        self._print(frame, destination, answer, started)
+        await self._reports.send((frame.id, answer))
+
+    def _print(self, frame: _WebhookFrame, destination: str | None, answer: _Answer, started: float) -> None:
+        if self.config.lines == "quiet":
+            return
+        split = urllib.parse.urlsplit(destination or frame.output_destination)
+        target = split.path + ("?" + split.query if split.query else "")
+        milliseconds = round((answer.at - started) * 1000)
+        error = "" if answer.status_code else answer.body.decode(errors="replace")
+        attempts = answer.retries + 1
+        if self.config.lines == "json":
+            line = _encode({"time": _iso_time(answer.at), "id": frame.id, "bucket": frame.bucket,
+                            "method": frame.webhook.method, "url": destination, "status_code": answer.status_code,
+                            "status": _outcome(answer), "duration_ms": milliseconds, "attempts": attempts,
+                            **({"error": error} if error else {})})
+        else:
+            outcome = str(answer.status_code) if answer.status_code else f"failed: {_shown(error, 200)}"
+            line = (f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {outcome} "
+                    f"{milliseconds} ms" + (f" ({attempts} attempts)" if attempts > 1 else ""))
+        print(line, file=self._out, flush=True)
+
+    async def _report(self, relay: httpx.AsyncClient) -> None:
+        """Report outcomes with PUT /v1/logs/<id>, as the hosted agent does."""
+        async for log_id, answer in self._to_report:
+            body = {"status_code": answer.status_code, "status": _outcome(answer), "retries": answer.retries,
+                    "response_body": base64.b64encode(answer.body).decode("ascii"),
+                    "response_headers": answer.headers}
+            try:
+                response = await relay.put(f"{LOGS_PATH}/{log_id}", json=body)
+            except httpx.HTTPError as error:
+                self._throttle.warning("report", "cannot report the outcome of %s to the relay: %s", log_id,
+                                       _delivery_error(error))
+                continue
+            if response.status_code in (404, 409):  # forgotten, or past the time answers are taken: no matter
+                logger.debug("outcome of %s not recorded: %s", log_id, _shown(response.text, 200))
+            elif response.is_error:
+                self._throttle.warning("report", "the relay refused the outcome of %s: %s %s", log_id,
+                                       response.status_code, _shown(response.text, 200))
+
+
+def _outcome(answer: _Answer) -> str:
+    """The log status a delivery's answer gives: a 2xx or 3xx is "sent"."""
+    return "sent" if 200 <= answer.status_code < 400 else "failed"
+
+
+def _iso_time(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at).astimezone().isoformat(timespec="seconds")
+
+
+def _connection_error(error: BaseException) -> str:
+    """Why the agent's connection to the relay ended, or never began, in a few words."""
+    if isinstance(error, trio_websocket.ConnectionClosed):
+        reason = error.reason
+        if reason is None or reason.code == 1006:
+            return "disconnected: the connection was lost"
+        return f"disconnected: closed by the relay ({reason.code}{': ' + _shown(reason.reason) if reason.reason else ''})"
+    if isinstance(error, trio_websocket.ConnectionRejected):
+        return f"cannot connect: the relay answered {error.status_code} to the WebSocket upgrade"
+    if isinstance(error, trio.TooSlowError):
+        return "cannot connect: no answer in time"
+    while getattr(error, "strerror", None) is None:  # down to the OS's own words, if there are some
+        inner = error.exceptions[0] if isinstance(error, BaseExceptionGroup) else error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    return f"cannot connect: {getattr(error, 'strerror', None) or error or type(error).__name__}"
+
+
+_PONG = _encode({"action": "pong"})
+_PAUSED = "paused"
+
+
+async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the forward agent until it is stopped (`agent.stop()`, for the agent task_status gives);
+    raise AgentError when it cannot go on."""
+    base, _ = _relay_urls(config.relay)
+    checkpoint = _Checkpoint.load(config.state or _default_state(base, config.buckets), base, config.buckets)
+    agent = _Agent(config, checkpoint)
+    task_status.started(agent)
+    await agent.run()
+
+
 # ============================================================================ command line
 
 
@@ -3219,13 +3756,24 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("hash-secret", help="read a token's secret on standard input (none: make one), "
                                             "print the secret_hash that may replace it in the config")
+    _forward_arguments(commands.add_parser(
+        "forward", help="deliver a relay's webhooks to an app, from behind NAT",
+        description="Deliver the webhooks of a relay's buckets to an app: in order, each once its "
+                    "predecessor's outcome is final, resuming after a reconnect or a restart where it stopped, "
+                    "and reporting each outcome to the relay (a sender held by response_from_output gets "
+                    "the app's answer). Key and secret come from RELAY_KEY and RELAY_SECRET, or --key and "
+                    "--secret. HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE apply to the app's requests."))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "debug":  # a line per request: the relay and the agent say what matters themselves
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     if args.command == "init":
         return _init(Path(args.path), force=args.force)
     if args.command == "hash-secret":
         return _hash_secret()
+    if args.command == "forward":
+        return _forward(args)
     try:
         if args.config:
             config = load_config(args.config)
@@ -3313,25 +3861,103 @@ def _hash_secret() -> int:
     return 0
 
 
+def _forward_arguments(forward: argparse.ArgumentParser) -> None:
+    forward.add_argument("--relay", required=True, metavar="URL", help="the relay, http(s)://host:port")
+    forward.add_argument("--bucket", "-b", action="append", default=[], metavar="NAME",
+                         help="a bucket to forward, by name or id; repeat for more (none: every bucket the "
+                              "token may see)")
+    forward.add_argument("--to", metavar="URL", default="",
+                         help="the app: each webhook goes to URL followed by the path the sender added "
+                              "after the input's URL (without --to: to each webhook's output destination)")
+    forward.add_argument("--key", default=os.environ.get("RELAY_KEY", ""), help="the token's key (env RELAY_KEY)")
+    forward.add_argument("--secret", default=os.environ.get("RELAY_SECRET", ""),
+                         help="the token's secret (env RELAY_SECRET, which other users cannot see)")
+    forward.add_argument("--state", metavar="FILE", type=Path,
+                         help="the checkpoint file (default: one per relay and bucket set, in "
+                              "$XDG_STATE_HOME/relay_lite or ~/.local/state/relay_lite)")
+    forward.add_argument("--concurrency", type=int, default=1, metavar="N",
+                         help="deliveries in flight (default 1, which keeps order)")
+    forward.add_argument("--timeout", type=float, default=DEFAULT_DELIVERY_TIMEOUT, metavar="SECONDS",
+                         help=f"a delivery attempt's time, the answer read (default {DEFAULT_DELIVERY_TIMEOUT:g})")
+    forward.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                         help=f"attempts after the first for a connection error, 408, 425, 429 or 5xx "
+                              f"(default {DEFAULT_RETRIES})")
+    forward.add_argument("--insecure", action="store_true", help="do not check the app's TLS certificate")
+    forward.add_argument("--cacert", metavar="FILE", help="check the app's TLS certificate against this CA file")
+    forward.add_argument("--ping-timeout", type=float, default=2.5 * DEFAULT_PING_INTERVAL, metavar="SECONDS",
+                         help="seconds without a frame from the relay that mean the connection is dead "
+                              f"(default {2.5 * DEFAULT_PING_INTERVAL:g})")
+    lines = forward.add_mutually_exclusive_group()
+    lines.add_argument("--quiet", "-q", action="store_true", help="no line per webhook")
+    lines.add_argument("--json", action="store_true", help="a JSON object per webhook")
+
+
+def _forward(args: argparse.Namespace) -> int:
+    """`python relay_lite.py forward --relay URL ...`: exit 0 when stopped, 1 when the relay
+    refused, 2 for what it was told."""
+    try:
+        _relay_urls(args.relay)
+        if not args.key or not args.secret:
+            raise AgentError("give the token's key and secret: RELAY_KEY and RELAY_SECRET, or --key and --secret")
+        to = urllib.parse.urlsplit(args.to)
+        if args.to and (to.scheme not in ("http", "https") or not to.hostname):
+            raise AgentError(f"--to {_shown(args.to)}: give the app's URL, http(s)://host:port/path")
+        if not 1 <= args.concurrency <= _MOST_CONCURRENCY:
+            raise AgentError(f"--concurrency must be 1 to {_MOST_CONCURRENCY}")
+        if not (args.timeout > 0 and args.ping_timeout > 0 and 0 <= args.retries <= 100):
+            raise AgentError("--timeout and --ping-timeout must be above 0, --retries 0 to 100")
+        if args.cacert and not Path(args.cacert).is_file():
+            raise AgentError(f"--cacert {args.cacert}: no such file")
+    except AgentError as error:
+        print(f"relay_lite: error: {error}", file=sys.stderr)
+        return 2
+    config = AgentConfig(
+        relay=args.relay, key=args.key, secret=args.secret, buckets=tuple(args.bucket), to=args.to,
+        state=args.state, concurrency=args.concurrency, verify=False if args.insecure else args.cacert or True,
+        delivery=_Delivery(args.timeout, min(args.timeout, DEFAULT_CONNECT_TIMEOUT), args.retries),
+        ping_timeout=args.ping_timeout, lines="quiet" if args.quiet else "json" if args.json else "text")
+    refusals: list[BaseException] = []
+    try:
+        trio.run(_until_signalled, functools.partial(forward, config), _Agent.stop)
+    except* AgentError as group:
+        refusals.append(group)
+    if refusals:
+        print(f"relay_lite: error: {_innermost(refusals[0])}", file=sys.stderr)
+        return 1
+    return 0
+
+
 async def _serve_until_signalled(config: Config, demo: bool) -> None:
     """Serve until SIGINT or SIGTERM: the first stops gracefully, a second stops at once."""
+    await _until_signalled(functools.partial(serve_relay, config), Relay.shutdown,
+                           lambda relay: print(_banner(relay, demo), flush=True))
+
+
+async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[Any], None],
+                           started: Callable[[Any], None] = lambda _: None) -> None:
+    """Run `run` until it returns; it is started with nursery.start, and what it reports is given
+    to `started`. The first SIGINT or SIGTERM asks it to stop (calls `stop` with that), a second
+    stops it at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def serve(task_status: trio.TaskStatus[Relay]) -> None:
-                await serve_relay(config, task_status=task_status)
-                nursery.cancel_scope.cancel()  # shut down: stop listening for signals
+            async def until_done(task_status: trio.TaskStatus[Any]) -> None:
+                await run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop listening for signals
 
-            relay: Relay = await nursery.start(serve)
-            print(_banner(relay, demo), flush=True)
+            running = await nursery.start(until_done)
+            started(running)
+            stopping = False
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if relay._shutdown.is_set():
-                    logger.warning("%s again: stopping now, without waiting for requests and sockets", name)
+                if stopping:
+                    logger.warning("%s again: stopping now, without waiting for what is in flight", name)
                     nursery.cancel_scope.cancel()
                 else:
-                    logger.info("%s received: shutting down (send it again to stop at once)", name)
-                    relay.shutdown()
+                    logger.info("%s received: stopping once what is in flight is done (send it again to stop "
+                                "at once)", name)
+                    stop(running)
+                    stopping = True
 
 
 def _banner(relay: Relay, demo: bool) -> str:

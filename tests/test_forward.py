@@ -1,0 +1,636 @@
+"""The forward agent (issue 10): `python relay_lite.py forward` brings webhooks to an app behind
+NAT. Run as a user runs it, a process, against a relay (in this process, or a process too) and a
+local app that records every request as it arrived."""
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h11
+import httpx
+import pytest
+import trio
+from hypothesis import given, settings, strategies as st
+
+import relay_lite
+
+from app_server import Answer, running_app
+from conftest import GITHUB_INPUT, KEY, SECRET, eventually, post, relay_config
+from test_cli import SCRIPT, start, stop
+
+
+# ---------------------------------------------------------------------------- the agent, as a process
+
+
+class Agent:
+    """`relay_lite.py forward` in a process; what it prints goes to files the test reads."""
+
+    def __init__(self, tmp_path: Path, relay_url: str, *args: str, key: str = KEY, secret: str = SECRET,
+                 state: Path | None = None) -> None:
+        self.args = ["--relay", relay_url, "--state", str(state or tmp_path / "agent-state.json"), *args]
+        self.env = {**os.environ, "RELAY_KEY": key, "RELAY_SECRET": secret}
+        self.out_path, self.err_path = tmp_path / "agent.out", tmp_path / "agent.err"
+        self.process: trio.Process | None = None
+
+    async def start(self) -> "Agent":
+        with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
+            self.process = await trio.lowlevel.open_process(
+                [sys.executable, "-u", SCRIPT, "forward", *self.args], stdout=out, stderr=err, env=self.env)
+        return self
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out_path.read_text().splitlines()
+
+    async def said(self, text: str, times: int = 1, timeout: float = 20) -> None:
+        await eventually(lambda: self.err.count(text) >= times, timeout)
+
+    async def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            return await self.process.wait()
+
+    async def kill(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+
+
+@asynccontextmanager
+async def running_agent(tmp_path, relay_url, *args, **options):
+    agent = await Agent(tmp_path, relay_url, *args, **options).start()
+    try:
+        await agent.said("subscribed to buckets")
+        yield agent
+    finally:
+        if agent.process.returncode is None:
+            await agent.kill()
+        print(f"agent's log:\n{agent.err}")  # shown if the test fails
+        assert "Traceback" not in agent.err, agent.err
+
+
+def state_of(agent: Agent) -> dict:
+    return json.loads(Path(agent.args[3]).read_text())
+
+
+def first_seen(received) -> list[bytes]:
+    return list(dict.fromkeys(request.body for request in received))
+
+
+async def log_of(url, log_id, *, settled=True):
+    async with httpx.AsyncClient(base_url=url, auth=(KEY, SECRET)) as http:
+        with trio.fail_after(30):
+            while True:
+                log = (await http.get(f"/v1/logs/{log_id}")).json()
+                if log["status"] != "received" or not settled:
+                    return log
+                await trio.sleep(0.05)
+
+
+async def newest_log_id(url, bucket):
+    async with httpx.AsyncClient(base_url=url, auth=(KEY, SECRET)) as http:
+        return (await http.get("/v1/logs", params={"bucket": bucket, "limit": 1})).json()["data"][0]["id"]
+
+
+# ---------------------------------------------------------------------------- end to end, every process real
+
+
+def relay_toml(app_url: str, storage: Path | None = None) -> str:
+    """A relay with a bucket for the agent (no outputs) and one the relay delivers itself."""
+    return f"""
+[server]
+port = 0
+[[tokens]]
+key = "{KEY}"
+secret = "{SECRET}"
+[[buckets]]
+name = "agent"
+[[buckets.inputs]]
+id = "in-agent"
+[[buckets]]
+name = "public"
+[[buckets.inputs]]
+id = "in-public"
+[[buckets.outputs]]
+name = "app"
+destination = "{app_url}/public"
+internal = false
+""" + (f'[storage]\npath = "{storage}"\n' if storage else "")
+
+
+SIGNING_SECRET = b"github-webhook-secret"
+BODIES = [  # (method, content type, body)
+    ("POST", "application/json", b'{"action" :  "opened",\n\t"n":[ 1 ,2 ],"e":"\\u00e9\xc3\xa9"}  \r\n'),
+    ("PUT", "application/octet-stream", bytes(range(256)) * 64),  # binary: base64 in the frame
+    ("PATCH", "application/x-www-form-urlencoded", b"payload=%7B%22a%22%3A1%7D&x=%20y+z"),
+    ("POST", "application/octet-stream", os.urandom(5 * 2**20)),  # 5 MiB
+]
+
+
+async def send_signed(http, input_url, method, content_type, body):
+    """A GitHub-style webhook: signed, multi-valued headers; the headers as the app should get
+    them: each name's values in order, names in the order they first came (a frame maps names to
+    lists of values, as the hosted service's does)."""
+    signature = "sha256=" + hmac.new(SIGNING_SECRET, body, hashlib.sha256).hexdigest()
+    request = http.build_request(method, input_url + "/gh/event?x=1&y=%2F&y=2", content=body, headers=[
+        ("X-Hub-Signature-256", signature), ("X-Multi", "first"), ("Content-Type", content_type),
+        ("X-Multi", "second"), ("X-GitHub-Event", "push")])
+    assert (await http.send(request)).status_code == 200
+    grouped = {}
+    for name, value in request.headers.raw:
+        if name.lower() not in (b"host", b"content-length", b"connection"):
+            grouped.setdefault(relay_lite._canonical_header(name.decode()), []).append(value.decode())
+    return [(name, value) for name, values in grouped.items() for value in values]
+
+
+def assert_delivered_as_sent(request, method, body, headers, path, app):
+    assert (request.method, request.target, request.body) == (method, path + "/gh/event?x=1&y=%2F&y=2", body)
+    assert request.header("Host") == [app.url.removeprefix("http://")]  # the app's own
+    assert request.header("Content-Length") == [str(len(body))]
+    expected = "sha256=" + hmac.new(SIGNING_SECRET, request.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(request.header("X-Hub-Signature-256")[0], expected)  # the signature verifies
+    assert [(name, value) for name, value in request.headers  # every header value, in order, and no others
+            if name.lower() not in ("host", "content-length", "x-forwarded-for")] == headers
+
+
+@pytest.mark.timeout(120)
+async def test_a_webhook_reaches_the_app_unchanged_through_the_agent_and_through_a_public_output(tmp_path):
+    async with running_app() as app:
+        config = tmp_path / "relay.toml"
+        config.write_text(relay_toml(app.url))
+        relay, banner = await start("--config", str(config))
+        try:
+            url = banner.split("listening on ")[1].split()[0]
+            async with running_agent(tmp_path, url, "--bucket", "agent", "--to", app.url + "/agent"):
+                sent = []
+                async with httpx.AsyncClient(timeout=30) as http:
+                    for method, content_type, body in BODIES:
+                        for input_id in ("in-agent", "in-public"):
+                            headers = await send_signed(http, f"{url}/v1/webhooks/{input_id}", method, content_type,
+                                                        body)
+                            sent.append((input_id, method, body, headers))
+                received = await app.wait_for(len(sent), timeout=60)
+            assert await stop(relay) == 0
+        finally:
+            if relay.returncode is None:
+                relay.kill()
+    by_path = {"in-agent": [r for r in received if r.target.startswith("/agent/")],
+               "in-public": [r for r in received if r.target.startswith("/public/")]}
+    assert [len(requests) for requests in by_path.values()] == [len(BODIES), len(BODIES)]
+    for input_id, method, body, headers in sent:
+        request = by_path[input_id].pop(0)
+        assert_delivered_as_sent(request, method, body, headers, "/agent" if input_id == "in-agent" else "/public",
+                                 app)
+        if input_id == "in-public":
+            assert request.header("X-Forwarded-For") == ["127.0.0.1"]  # the relay adds the sender's address
+        else:
+            assert request.header("X-Forwarded-For") == []  # the agent knows none
+
+
+# ---------------------------------------------------------------------------- answers, retries, the log
+
+
+def routes_config(app_url):
+    config = relay_config()
+    config["buckets"].append({"name": "routes", "inputs": [{"id": "in-routes"}], "outputs": [
+        {"name": "app", "destination": app_url + "/via-output", "internal": True},
+        {"name": "dead", "destination": "http://127.0.0.1:9/dead", "internal": True}]})
+    return config
+
+
+async def test_without_to_each_webhook_goes_to_its_output_with_retries_and_the_outcome_in_the_log(tmp_path):
+    """503 with Retry-After: 1 is tried again after about a second; 400 is not tried again; an
+    unreachable output is tried again, then shown failed in the log, with its retries."""
+    answers = iter([Answer(503, [("Retry-After", "1")], b"busy"), Answer(201, [("X-App", "yes")], b"made"),
+                    Answer(400, [], b"bad")])
+    async with running_app() as app, relay_lite.open_relay(routes_config(app.url)) as relay:
+        app.answer = lambda request: next(answers)
+        async with running_agent(tmp_path, relay.url, "--bucket", "routes", "--retries", "1") as agent:
+            await post(relay, input_id="in-routes", path="/first", content="one")
+            await post(relay, input_id="in-routes", content="two")
+            received = await app.wait_for(3, timeout=20)
+            await eventually(lambda: len(agent.lines) == 4, timeout=20)
+            async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+                logs = (await http.get("/v1/logs", params={"bucket": "routes"})).json()["data"]
+            outcomes = {(log["body"], log["output_name"]): await log_of(relay.url, log["id"]) for log in logs}
+    assert [(request.target, request.body) for request in received] == [
+        ("/via-output/first", b"one"), ("/via-output/first", b"one"), ("/via-output", b"two")]
+    assert 0.9 <= received[1].at - received[0].at <= 5  # Retry-After: 1
+    made, dead = outcomes["one", "app"], outcomes["one", "dead"]
+    assert (made["status"], made["status_code"], made["retries"]) == ("sent", 201, 1)
+    assert base64.b64decode(made["response_body"]) == b"made" and made["response_headers"]["X-App"] == ["yes"]
+    assert (dead["status"], dead["status_code"], dead["retries"]) == ("failed", 0, 1)
+    assert b"Connect" in base64.b64decode(dead["response_body"])  # why, in the log
+    refused = outcomes["two", "app"]
+    assert (refused["status"], refused["status_code"], refused["retries"]) == ("failed", 400, 0)
+    lines = " | ".join(agent.lines)
+    assert "POST /via-output/first 201" in lines and "(2 attempts)" in lines and "POST /via-output 400" in lines
+    assert "POST /dead failed: ConnectError" in lines
+
+
+async def test_a_sender_held_for_the_agents_output_gets_the_apps_answer(tmp_path):
+    config = routes_config("http://unused.invalid")
+    config["buckets"][-1]["inputs"][0].update(response_from_output="app", status_code=202, body="fallback")
+    async with running_app() as app, relay_lite.open_relay(config) as relay:
+        app.answer = lambda request: Answer(201, [("Content-Type", "application/json"), ("X-App", "agent")],
+                                            b'{"deployed": true}')
+        async with running_agent(tmp_path, relay.url, "--bucket", "routes", "--to", app.url, "--retries", "0"):
+            response = await post(relay, input_id="in-routes", content="/deploy")
+    assert (response.status_code, response.content) == (201, b'{"deployed": true}')
+    assert response.headers["X-App"] == "agent" and response.headers["Content-Type"] == "application/json"
+
+
+async def test_a_wrong_secret_exits_1_within_seconds_with_the_reason_in_one_line(tmp_path):
+    async with relay_lite.open_relay(relay_config()) as relay:
+        agent = await Agent(tmp_path, relay.url, "--bucket", "github", "--to", "http://127.0.0.1:9",
+                            secret="not-the-secret-0123").start()
+        started = time.monotonic()
+        with trio.fail_after(15):
+            assert await agent.process.wait() == 1
+    assert time.monotonic() - started < 10
+    errors = [line for line in agent.err.splitlines() if "error" in line]
+    assert errors == ["relay_lite: error: the relay refused the key key-1: invalid key or secret"]
+    assert "Traceback" not in agent.err
+
+
+async def test_an_unknown_bucket_exits_1_and_a_bad_argument_exits_2(tmp_path):
+    async with relay_lite.open_relay(relay_config()) as relay:
+        agent = await Agent(tmp_path, relay.url, "--bucket", "nope", "--to", "http://127.0.0.1:9").start()
+        with trio.fail_after(15):
+            assert await agent.process.wait() == 1
+    assert agent.err.splitlines()[-1] == "relay_lite: error: the relay refused the subscription: no such bucket " \
+                                         "for this token: nope"
+    bad = await Agent(tmp_path, "ftp://relay", "--to", "http://127.0.0.1:9").start()
+    with trio.fail_after(15):
+        assert await bad.process.wait() == 2
+    assert bad.err.splitlines()[-1] == "relay_lite: error: --relay ftp://relay: give the relay's URL, http(s)://host:port"
+
+
+async def test_sigterm_lets_the_delivery_in_flight_finish_and_saves_the_checkpoint(tmp_path):
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+        app.answer = lambda request: Answer(200, [], b"", delay=1.5 if request.body == b"slow" else 0)
+        async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url) as agent:
+            await post(relay, content="slow")
+            await app.wait_for(1)
+            assert await agent.stop() == 0  # once the app answered
+            assert len(agent.lines) == 1 and " 200 " in agent.lines[0]
+            assert state_of(agent)["last"] == await newest_log_id(relay.url, "github")
+        await post(relay, content="after")
+        async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url):
+            await app.wait_for(2)
+            await post(relay, content="live")
+            received = await app.wait_for(3)
+    assert [request.body for request in received] == [b"slow", b"after", b"live"]  # none twice
+
+
+async def test_a_fresh_agent_loses_nothing_sent_while_it_first_reconnects(tmp_path):
+    """With no checkpoint yet, the agent begins after the newest webhook the relay holds: a
+    webhook sent while its first connection is down still comes after the reconnect."""
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay, TcpProxy(relay.port) as proxy:
+        await post(relay, content="before the agent")
+        async with running_agent(tmp_path, proxy.url, "--bucket", "github", "--to", app.url) as agent:
+            proxy.cut()
+            await post(relay, content="while cut")
+            await agent.said("subscribed to buckets", times=2)
+            received = await app.wait_for(1)
+    assert [request.body for request in received] == [b"while cut"]
+
+
+# ---------------------------------------------------------------------------- faults, 500 webhooks each
+
+
+class TcpProxy:
+    """A TCP proxy between the agent and the relay that the test can cut, or freeze."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.url = ""
+        self._connections: set[trio.CancelScope] = set()
+        self.frozen: set[trio.CancelScope] = set()
+
+    async def __aenter__(self) -> "TcpProxy":
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        listeners = await self._nursery.start(trio.serve_tcp, self._serve, 0)
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info):
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_manager.__aexit__(*exc_info)
+
+    def cut(self) -> int:
+        """Drop every connection now (the agent sees them reset); return how many there were."""
+        connections = list(self._connections)
+        for scope in connections:
+            scope.cancel()
+        return len(connections)
+
+    def freeze(self) -> None:
+        """Let nothing more through the connections there are now, and keep them open."""
+        self.frozen.update(self._connections)
+
+    async def _serve(self, downstream: trio.SocketStream) -> None:
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+        except OSError:
+            await downstream.aclose()
+            return
+        with trio.CancelScope() as scope:
+            self._connections.add(scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, downstream, upstream, scope)
+                    nursery.start_soon(self._pump, upstream, downstream, scope)
+            finally:
+                self._connections.discard(scope)
+        for stream in (downstream, upstream):  # a reset, as a NAT box or a dead link gives
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            await trio.aclose_forcefully(stream)
+
+    async def _pump(self, source, target, scope) -> None:
+        try:
+            while data := await source.receive_some(2**16):
+                if scope in self.frozen:
+                    await trio.sleep_forever()
+                await target.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+async def send_numbered(url, input_id, count, between=None):
+    """Post `count` webhooks, bodies 0, 1, ..., one after another; `between(n)` runs after the
+    nth is accepted (a 2xx)."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        for n in range(count):
+            response = await http.post(f"{url}/v1/webhooks/{input_id}", content=str(n).encode())
+            assert response.status_code == 200, response.text
+            if between is not None:
+                await between(n)
+
+
+def report(capsys, fault, received, count):
+    duplicates = len(received) - len({request.body for request in received})
+    with capsys.disabled():
+        print(f"\n  {fault}: {count} webhooks, {len(received)} deliveries, {duplicates} duplicate(s)")
+    return duplicates
+
+
+@pytest.mark.timeout(120)
+async def test_the_agents_connection_cut_mid_stream_loses_nothing(tmp_path, capsys):
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay, TcpProxy(relay.port) as proxy:
+        async with running_agent(tmp_path, proxy.url, "--bucket", "github", "--to", app.url) as agent:
+            cuts = 0
+
+            async def cut_sometimes(n):
+                nonlocal cuts
+                if n % 100 == 50:
+                    await app.wait_for(n - 10)  # frames on their way, some in the proxy
+                    cuts += proxy.cut()
+
+            await send_numbered(relay.url, GITHUB_INPUT, 500, cut_sometimes)
+            received = list(await app.wait_for(500, timeout=60))
+            await trio.sleep(0.5)  # the moment a duplicate would come
+            received = list(app.received)
+            await agent.said("resumed", times=1)
+    assert cuts >= 5 and agent.err.count("disconnected") >= 5
+    assert first_seen(received) == [str(n).encode() for n in range(500)]  # every one, in order
+    assert report(capsys, "connection cut 5 times", received, 500) == 0
+
+
+@pytest.mark.timeout(150)
+async def test_the_relay_killed_and_restarted_loses_nothing(tmp_path, capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "relay.toml"
+    async with running_app() as app:
+        app.answer = lambda request: Answer(delay=0.002)  # the agent falls behind the senders
+        config.write_text(relay_toml(app.url, storage=tmp_path / "relay.db").replace("port = 0", f"port = {port}"))
+        relay, _ = await start("--config", str(config))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with running_agent(tmp_path, url, "--bucket", "agent", "--to", app.url) as agent:
+
+                async def kill_and_restart(n):
+                    nonlocal relay
+                    if n == 249:
+                        relay.kill()  # SIGKILL, deliveries and reports in flight
+                        await relay.wait()
+                        relay, _ = await start("--config", str(config))
+
+                await send_numbered(url, "in-agent", 500, kill_and_restart)
+                received = list(await app.wait_for(500, timeout=90))
+                await trio.sleep(0.5)  # the moment a duplicate would come
+                received = list(app.received)
+                assert agent.err.count("subscribed to buckets") >= 2
+            assert await stop(relay) == 0
+        finally:
+            if relay.returncode is None:
+                relay.kill()
+    assert first_seen(received) == [str(n).encode() for n in range(500)]
+    assert report(capsys, "relay kill -9", received, 500) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_the_agent_killed_and_restarted_loses_nothing(tmp_path, capsys):
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+        app.answer = lambda request: Answer(delay=0.002)
+        agent = await Agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url).start()
+        try:
+            await agent.said("subscribed to buckets")
+
+            async def kill_and_restart(n):
+                if n == 249:
+                    await agent.kill()  # SIGKILL, a delivery in flight
+                elif n == 299:
+                    await agent.start()
+
+            await send_numbered(relay.url, GITHUB_INPUT, 500, kill_and_restart)
+            received = list(await app.wait_for(500, timeout=60))
+            await trio.sleep(0.5)
+            received = list(app.received)
+        finally:
+            await agent.kill()
+    assert first_seen(received) == [str(n).encode() for n in range(500)]
+    duplicates = report(capsys, "agent kill -9", received, 500)
+    assert duplicates <= 1  # at least once: the one delivered, and not yet checkpointed, when killed
+    assert "Traceback" not in agent.err
+
+
+async def test_a_silent_dead_connection_is_noticed_and_replaced(tmp_path):
+    """A connection that stops carrying anything (a NAT box forgot it) is given up after
+    --ping-timeout without a frame, and what was sent meanwhile comes on the next."""
+    async with running_app() as app, relay_lite.open_relay(relay_config(ping_interval=0.2)) as relay, \
+            TcpProxy(relay.port) as proxy:
+        async with running_agent(tmp_path, proxy.url, "--bucket", "github", "--to", app.url,
+                                 "--ping-timeout", "1") as agent:
+            await post(relay, content="first")
+            await app.wait_for(1)
+            proxy.freeze()
+            await post(relay, content="while frozen")
+            await agent.said("disconnected: no frame for 1 s", timeout=10)
+            received = await app.wait_for(2)
+    assert [request.body for request in received] == [b"first", b"while frozen"]
+
+
+# ---------------------------------------------------------------------------- the agent in this process
+
+
+@asynccontextmanager
+async def agent_here(relay, to, state, **options):
+    config = relay_lite.AgentConfig(relay=relay.url, key=KEY, secret=SECRET, buckets=("github",), to=to,
+                                    state=state, lines="quiet", **options)
+    async with trio.open_nursery() as nursery:
+        agent = await nursery.start(relay_lite.forward, config)
+        try:
+            yield agent
+        finally:
+            agent.stop()
+
+
+async def test_an_app_slower_than_the_senders_pauses_the_socket_and_loses_nothing(tmp_path, monkeypatch, caplog):
+    """The agent holds a bounded amount for the app: past it, it closes the socket and resumes
+    from the relay's log once the app has caught up."""
+    monkeypatch.setattr(relay_lite, "_AGENT_QUEUE_BYTES", 5_000)  # about five webhooks
+    caplog.set_level(logging.INFO, logger="relay_lite")
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+        app.answer = lambda request: Answer(delay=0.02)
+        await post(relay, content="seen before")
+        state = tmp_path / "state.json"
+        state.write_text(json.dumps({"relay": relay.url, "last": await newest_log_id(relay.url, "github")}))
+        async with agent_here(relay, app.url, state):
+            await send_numbered(relay.url, GITHUB_INPUT, 300)
+            received = await app.wait_for(300, timeout=60)
+    assert [request.body for request in received] == [str(n).encode() for n in range(300)]
+    assert any("behind; the relay keeps the rest" in record.message for record in caplog.records)
+
+
+async def test_with_concurrency_deliveries_overlap_and_the_checkpoint_is_the_oldest_unfinished(tmp_path):
+    state = tmp_path / "state.json"
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+        app.answer = lambda request: Answer(delay=3 if request.body == b"0" else 0)
+        await post(relay, content="seen before")
+        before = await newest_log_id(relay.url, "github")
+        async with agent_here(relay, app.url, state, concurrency=4):
+            await eventually(lambda: state.exists() and json.loads(state.read_text())["last"] == before)
+            await send_numbered(relay.url, GITHUB_INPUT, 4)
+            newest = await newest_log_id(relay.url, "github")
+            async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+                async def reported():
+                    logs = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
+                    return {log["body"] for log in logs if log["status_code"] == 200}
+                with trio.fail_after(10):
+                    while await reported() != {"1", "2", "3"}:  # all three answered while 0 is in flight
+                        await trio.sleep(0.05)
+            assert json.loads(state.read_text())["last"] == before  # 0, the oldest, is not done
+            await eventually(lambda: json.loads(state.read_text())["last"] == newest, timeout=10)
+        received = app.received
+    assert sorted(request.body for request in received) == [b"0", b"1", b"2", b"3"]
+
+
+# ---------------------------------------------------------------------------- pieces, sans I/O
+
+
+@pytest.mark.parametrize("output_destination, to, url", [
+    ("/", "http://app:3000/hooks", "http://app:3000/hooks"),  # a bucket without outputs
+    ("/github/push", "http://app:3000/hooks/", "http://app:3000/hooks/github/push"),
+    ("http://localhost:8080/base/gh?k=1", "http://app:3000", "http://app:3000/base/gh?k=1"),
+    ("http://localhost:8080/base/gh", "", "http://localhost:8080/base/gh"),  # each to its own output
+    ("/github", "", None),  # nowhere: no outputs, and no --to
+    ("ftp://x/y", "", None),
+])
+def test_where_the_agent_delivers(output_destination, to, url):
+    assert relay_lite._agent_destination(output_destination, to) == url
+
+
+@pytest.mark.parametrize("given_url, base, socket_url", [
+    ("http://relay:8080", "http://relay:8080", "ws://relay:8080/v1/socket"),
+    ("https://relay.example.com/", "https://relay.example.com", "wss://relay.example.com/v1/socket"),
+    ("wss://relay.example.com/v1/socket", "https://relay.example.com", "wss://relay.example.com/v1/socket"),
+    ("http://host/prefix", "http://host/prefix", "ws://host/prefix/v1/socket"),
+])
+def test_the_relays_urls(given_url, base, socket_url):
+    assert relay_lite._relay_urls(given_url) == (base, socket_url)
+
+
+def test_the_checkpoint_is_a_low_water_mark_saved_whole(tmp_path):
+    path = tmp_path / "deep" / "state.json"
+    checkpoint = relay_lite._Checkpoint(path, "http://relay", ("github",))
+    for log_id in "abcd":
+        checkpoint.took(log_id)
+    checkpoint.done("b")
+    assert checkpoint.last == ""  # a is not done
+    checkpoint.done("a")
+    assert checkpoint.last == "b"
+    checkpoint.done("d")
+    checkpoint.save()
+    assert json.loads(path.read_text())["last"] == "b" and list(path.parent.iterdir()) == [path]  # no temporary left
+    assert relay_lite._Checkpoint.load(path, "http://relay", ("github",)).last == "b"
+    with pytest.raises(relay_lite.AgentError, match="belongs to the relay http://relay"):
+        relay_lite._Checkpoint.load(path, "http://other", ("github",))
+    path.write_text("{half")
+    with pytest.raises(relay_lite.AgentError, match="is not one relay_lite forward wrote"):
+        relay_lite._Checkpoint.load(path, "http://relay", ("github",))
+
+
+def test_a_frame_the_relay_sends_is_read_back_as_the_webhook_it_carries():
+    bucket = relay_lite.BucketConfig(name="github", id="b-id")
+    sent = relay_lite.Webhook.from_request("PUT", "/x", b"a=1", [(b"X-Multi", b"1"), (b"X-Multi", b"2")],
+                                           bytes(range(256)))
+    entry = relay_lite._Entry("log-1", bucket, "in", "input", "out", "http://app/x", sent, 0.0)
+    frame = relay_lite.parse_server_frame(entry.frame())
+    assert (frame.id, frame.bucket, frame.output_destination) == ("log-1", "github", "http://app/x")
+    assert frame.webhook.body_bytes == bytes(range(256)) and frame.webhook.headers == {"X-Multi": ["1", "2"]}
+    assert (frame.webhook.method, frame.webhook.query) == ("PUT", "a=1")
+
+
+@pytest.mark.parametrize("frame, error", [
+    ('{"type":"webhook","meta":{}}', 'needs "meta" with an "id"'),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET /"}', "must be an HTTP method"),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","headers":{"X":["a\\r\\nY: b"]}}', "is not one HTTP"),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","headers":{"X Y":"a"}}', "is not one HTTP"),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","body":"%%","body_encoding":"base64"}', "not base64"),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","body":1}', '"body" must be strings'),
+    ('[1]', "must be a JSON object"),
+    ('{"type":"other"}', "unknown frame type"),
+])
+def test_a_frame_no_request_could_carry_is_refused(frame, error):
+    with pytest.raises(relay_lite.ProtocolError, match=error):
+        relay_lite.parse_server_frame(frame)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                       max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"type": st.sampled_from(["webhook", "status", "x"])}, optional={
+    "meta": st.fixed_dictionaries({}, optional={"id": json_values, "bucket_name": json_values,
+                                                "output_destination": json_values}),
+    "method": json_values, "headers": json_values, "query": json_values, "body": json_values,
+    "body_encoding": json_values, "status": json_values, "message": json_values}))
+def test_any_frame_is_parsed_or_refused_with_a_reason(frame):
+    try:
+        parsed = relay_lite.parse_server_frame(json.dumps(frame))
+    except relay_lite.ProtocolError:
+        return
+    if isinstance(parsed, relay_lite._WebhookFrame):  # then it is a request HTTP can carry
+        request = relay_lite._outbound(parsed.webhook, "http://app/")
+        httpx.Request(request.method, request.url, headers=request.raw_headers, content=request.body)
+        h11.Connection(h11.CLIENT).send(h11.Request(method=request.method, target="/",
+                                                    headers=[("Host", "app"), *request.raw_headers]))
