@@ -3364,7 +3364,9 @@ class _Checkpoint:
     """The last webhook whose outcome is final, with every one taken before it: a low-water mark,
     so with deliveries in parallel a restart goes back to the oldest one unfinished (at least
     once). Saved by replacing the file (a temporary one written, synced and renamed over it),
-    so a crash leaves the old checkpoint or the new one, never half of one."""
+    so a crash leaves the old checkpoint or the new one, never half of one. A worker waits for
+    the save that holds its webhook before it takes the next, so a crash repeats at most the
+    webhook each worker had delivered, never a run of them."""
 
     def __init__(self, path: Path, relay: str, buckets: tuple[str, ...], last: str = "") -> None:
         self.path = path
@@ -3374,6 +3376,8 @@ class _Checkpoint:
         self._done: set[str] = set()  # ...and those of them done
         self._saved = last
         self._changed = trio.Event()
+        self._version = self._saved_version = 0  # advances of `last`: made, and saved (or tried)
+        self._flushed = trio.Event()  # set, and replaced, after each save
         self._throttle = _Throttle(60.0)
 
     @classmethod
@@ -3396,19 +3400,36 @@ class _Checkpoint:
     def took(self, log_id: str) -> None:
         self._taken.append(log_id)
 
-    def done(self, log_id: str) -> None:
+    def done(self, log_id: str) -> int:
+        """Record an outcome; return the version of the checkpoint that holds it (0: none will
+        until a webhook taken before it is done too, so a crash would repeat it anyway)."""
         self._done.add(log_id)
+        advanced = False
         while self._taken and self._taken[0] in self._done:
             self.last = self._taken.popleft()
             self._done.discard(self.last)
-            self._changed.set()
+            advanced = True
+        if not advanced:
+            return 0
+        self._version += 1
+        self._changed.set()
+        return self._version
+
+    async def saved(self, version: int) -> None:
+        """Wait until the checkpoint of `version` has been saved (or its save failed, and said so)."""
+        while self._saved_version < version:
+            await self._flushed.wait()
 
     async def keep_saved(self) -> None:
         """Save each new checkpoint, one write at a time (those that come meanwhile, together)."""
         while True:
             await self._changed.wait()
             self._changed = trio.Event()
+            version = self._version
             await trio.to_thread.run_sync(self.save)
+            self._saved_version = version
+            self._flushed.set()
+            self._flushed = trio.Event()
 
     def save(self) -> None:
         last = self.last
@@ -3651,9 +3672,10 @@ class _Agent:
                                     "run the agent with --to URL".encode(), started)
         else:
             answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
-        self._checkpoint.done(frame.id)
+        version = self._checkpoint.done(frame.id)
         self._print(frame, destination, answer, started)
         await self._reports.send((frame.id, answer))
+        await self._checkpoint.saved(version)  # before the next: a crash repeats this one at most
 
     def _print(self, frame: _WebhookFrame, destination: str | None, answer: _Answer, started: float) -> None:
         if self.config.lines == "quiet":

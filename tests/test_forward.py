@@ -19,6 +19,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings, strategies as st
 
 import relay_lite
@@ -585,6 +586,29 @@ def test_the_checkpoint_is_a_low_water_mark_saved_whole(tmp_path):
     path.write_text("{half")
     with pytest.raises(relay_lite.AgentError, match="is not one relay_lite forward wrote"):
         relay_lite._Checkpoint.load(path, "http://relay", ("github",))
+
+
+async def test_a_worker_waits_for_the_save_that_holds_its_webhook(tmp_path):
+    """So that a crash repeats at most the webhook each worker had delivered."""
+    path = tmp_path / "state.json"
+    checkpoint = relay_lite._Checkpoint(path, "http://relay", ("github",))
+    for log_id in "abc":
+        checkpoint.took(log_id)
+    assert checkpoint.done("b") == 0  # a is not done: no save will hold b before a
+    waited = []
+
+    async def worker(version):
+        await checkpoint.saved(version)
+        waited.append(json.loads(path.read_text())["last"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker, checkpoint.done("a"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert waited == [] and not path.exists()  # nothing has saved it yet
+        nursery.start_soon(checkpoint.keep_saved)
+        await eventually(lambda: waited, 10)
+        assert waited == ["b"]
+        nursery.cancel_scope.cancel()
 
 
 def test_a_frame_the_relay_sends_is_read_back_as_the_webhook_it_carries():
