@@ -803,8 +803,8 @@ name = "github"
   # response_from_output = "anyOutput"   # or: hold senders until a socket client answers
   # [[buckets.outputs]]     # no outputs: every webhook reaches sockets once
   # name = "local"
-  # destination = "http://localhost:8080"
-  # internal = true         # false = a public output: never streamed to sockets
+  # destination = "http://localhost:3000"
+  # internal = true         # an agent (relay_lite.py forward) delivers it; false: the relay does
 """
 
 
@@ -4003,6 +4003,9 @@ def _banner(relay: Relay, demo: bool) -> str:
             "Receive it: connect to the socket URL, send",
             f'  {{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
             f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
+            "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
+            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} python relay_lite.py forward "
+            f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
             "For lasting ids: python relay_lite.py init relay.toml && python relay_lite.py --config relay.toml",
         ]
     lines += ["", "Ctrl-C to stop."]

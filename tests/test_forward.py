@@ -8,8 +8,11 @@ import hmac
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -198,6 +201,41 @@ async def test_a_webhook_reaches_the_app_unchanged_through_the_agent_and_through
             assert request.header("X-Forwarded-For") == ["127.0.0.1"]  # the relay adds the sender's address
         else:
             assert request.header("X-Forwarded-For") == []  # the agent knows none
+
+
+async def test_the_demos_printed_forward_command_works_as_printed(tmp_path):
+    async with running_app() as app:
+        relay, banner = await start("--port", "0")
+        try:
+            command = next(line.strip() for line in banner.splitlines() if line.strip().startswith("RELAY_KEY="))
+            assert " relay_lite.py forward " in command and command.endswith(" --to http://localhost:3000")
+            words = shlex.split(command.replace("http://localhost:3000", app.url))  # the test's app, not 3000
+            env = dict(word.split("=", 1) for word in words[:2])
+            assert list(env) == ["RELAY_KEY", "RELAY_SECRET"] and words[2:4] == ["python", "relay_lite.py"]
+            with open(tmp_path / "agent.err", "wb") as err:
+                agent = await trio.lowlevel.open_process(
+                    [sys.executable, "-u", SCRIPT, *words[4:]], stdout=subprocess.DEVNULL, stderr=err,
+                    env={**os.environ, **env, "XDG_STATE_HOME": str(tmp_path)})
+            try:
+                await eventually(lambda: "subscribed to buckets: demo" in (tmp_path / "agent.err").read_text(), 20)
+                curl = re.search(r"curl .*", banner).group(0)
+                async with httpx.AsyncClient() as http:  # what the printed curl command sends
+                    response = await http.post(curl.split()[-1], content=b'{"hello": "relay"}',
+                                               headers={"Content-Type": "application/json"})
+                assert response.status_code == 200
+                [request] = await app.wait_for(1)
+                assert (request.method, request.target, request.body) == ("POST", "/", b'{"hello": "relay"}')
+                agent.send_signal(signal.SIGTERM)
+                with trio.fail_after(20):
+                    assert await agent.wait() == 0
+            finally:
+                if agent.returncode is None:
+                    agent.kill()
+            assert [path.name for path in (tmp_path / "relay_lite").iterdir()][0].startswith("forward-")
+            assert await stop(relay) == 0
+        finally:
+            if relay.returncode is None:
+                relay.kill()
 
 
 # ---------------------------------------------------------------------------- answers, retries, the log
