@@ -16,6 +16,7 @@ import re
 import resource
 import select
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -89,16 +90,17 @@ class Process:
 
 
 class Relay(Process):
-    def __init__(self, workdir: Path, storage: bool = False, script: Path = ROOT / "relay_lite.py", **server) -> None:
+    def __init__(self, workdir: Path, storage: bool = False, script: Path = ROOT / "relay_lite.py",
+                 outputs: str = "", **server) -> None:
         """A relay serving the bench bucket; with `storage`, its log in a new SQLite file; `script`
-        another relay_lite.py to run (see --baseline)."""
+        another relay_lite.py to run (see --baseline); `outputs` the bucket's [[buckets.outputs]]."""
         config = workdir / "relay.toml"
         settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in server.items())
         database = workdir / "relay.db"
         for stale in workdir.glob("relay.db*"):
             stale.unlink()
         config.write_text(f'[server]\nport = 0\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
-                          f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n'
+                          f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n{outputs}'
                           + (f'[storage]\npath = "{database}"\n' if storage else ""))
         super().__init__(str(script), "--config", str(config))
         url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
@@ -413,14 +415,143 @@ class Bench:
         try:
             subs = subscribers(relay.host, relay.port, 1)
             load(relay.host, relay.port, 1)  # warm-up: a fresh process's first second is slower
-            frames_before = subs.stop_count()
+            frames_before, cpu_before = subs.stop_count(), relay.cpu_seconds()
             result = load(relay.host, relay.port, duration)
+            result["cpu_ms"] = (relay.cpu_seconds() - cpu_before) * 1000 / max(result["ok"], 1)
             time.sleep(0.5)
             result["delivered"] = subs.stop_count() - frames_before
             subs.stop()
         finally:
             relay.end()
         return result
+
+    def forward(self) -> None:
+        """Webhooks/s from senders to an app behind the relay: through a socket subscriber (the
+        relay alone: what the agent could at best keep up with), through `relay_lite.py forward`
+        one request at a time (the default, in order), and with --concurrency 8. Each run: a fresh
+        relay, app and consumer; the load for a while; the rate is the webhooks accepted over the
+        time until the last of them reached the consumer. Rounds run A B C C B A; each round's
+        ratios are taken within it."""
+        rounds, duration = (1, 2) if self.quick else (2, 3)
+        consumers = {"socket subscriber": None, "agent": 1, "agent --concurrency 8": 8}
+        rates: dict[str, list[float]] = {name: [] for name in consumers}
+        cpu: dict[str, list[str]] = {name: [] for name in consumers}
+        missing = 0
+        for _ in range(rounds):
+            runs: dict[str, list[float]] = {name: [] for name in consumers}
+            for name in [*consumers, *reversed(consumers)]:
+                result = self._forward_run(duration, consumers[name])
+                runs[name].append(result["rate"])
+                cpu[name].append(f"{result['relay_ms']:.2f}" + (f" + {result['agent_ms']:.2f}" if result["agent_ms"] else ""))
+                missing += result["missing"]
+            for name in consumers:
+                rates[name].append(statistics.fmean(runs[name]))
+        scenario = f"forward to an app, 1 KiB bodies ({rounds} rounds of A B C C B A, {duration} s of load)"
+        base = rates["socket subscriber"]
+        for name in consumers:
+            ratios = [rate / first for rate, first in zip(rates[name], base)]
+            self.row(scenario, f"webhooks/s delivered, {name}", round(statistics.median(rates[name])), "-", None,
+                     round(statistics.median(base)),
+                     f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        for name in consumers:
+            self.row(scenario, f"CPU ms per webhook, relay (+ agent), each run, {name}", "; ".join(cpu[name]), "-", None)
+        # (Duplicates are counted by tests/test_forward.py's fault tests: wrk sends one body, and
+        # does not count the answers it did not wait for at the end.)
+        self.row(scenario, "accepted but not delivered", missing, "0", missing == 0)
+
+    def _forward_run(self, duration: float, concurrency: int | None) -> dict:
+        """One run of `forward`: concurrency None for a socket subscriber, else the agent's."""
+        app = peer("app")
+        consumer = None
+        try:
+            app_url = f"http://127.0.0.1:{app.event('ready')['port']}/hooks"
+            relay = Relay(self.workdir, outputs=_output("app", app_url))
+            try:
+                if concurrency is None:
+                    consumer = subscribers(relay.host, relay.port, 1)
+                    count = consumer.stop_count
+                else:
+                    state = self.workdir / "forward.json"
+                    state.unlink(missing_ok=True)
+                    consumer = Process(str(ROOT / "relay_lite.py"), "forward", "--relay",
+                                       f"http://{relay.host}:{relay.port}", "--bucket", BUCKET, "--key", KEY,
+                                       "--secret", SECRET, "--state", str(state), "--concurrency",
+                                       str(concurrency), "--quiet")
+
+                    def count() -> int:
+                        app.popen.stdin.write("count\n")
+                        app.popen.stdin.flush()
+                        return app.event("count")["requests"]
+
+                    # The agent starts after the newest webhook it finds logged: send one until
+                    # one arrives, so it is subscribed before the load starts.
+                    while count() == 0:
+                        peer("load", relay.host, relay.port, "--rate", 1, "--count", 1).event("result")
+                        time.sleep(0.2)
+                warm = load(relay.host, relay.port, 1)  # a fresh process's first second is slower
+                _until(lambda: count() >= warm["ok"], 120)
+                before, relay_cpu = count(), relay.cpu_seconds()
+                agent_cpu = consumer.cpu_seconds() if concurrency else 0.0
+                started = time.monotonic()
+                result = load(relay.host, relay.port, duration)
+                arrived = _until(lambda: count() - before >= result["ok"], 300)
+                finished = time.monotonic()
+                delivered = count() - before
+                relay_cpu = relay.cpu_seconds() - relay_cpu
+                agent_cpu = consumer.cpu_seconds() - agent_cpu if concurrency else None
+            finally:
+                if consumer is not None:
+                    consumer.end()
+                relay.end()
+        finally:
+            app.end()
+        ok = max(result["ok"], 1)
+        return {"rate": result["ok"] / (finished - started), "missing": 0 if arrived else result["ok"] - delivered,
+                "relay_ms": relay_cpu * 1000 / ok, "agent_ms": agent_cpu * 1000 / ok if agent_cpu is not None else None}
+
+    def dead_output(self) -> None:
+        """What a public output whose destination is dead costs ingest: the relay alone, with one
+        to a port that refuses connections, with one to a port that never accepts them (each
+        attempt waits out its connect timeout); rounds A B C C B A, one subscriber each run. The
+        relay's CPU time per webhook is steadier than its rate on a shared machine."""
+        rounds, duration = (1, 2) if self.quick else (4, 3)
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)  # the backlog fills; later connections are never accepted
+        refused = socket.socket()
+        refused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        try:
+            internal = _output("app", "http://localhost:3000/")  # so that the subscriber gets frames
+            dead = "http://127.0.0.1:{}/"
+            configs = {"no public output": internal,
+                       "a public output refusing connections":
+                           internal + _output("dead", dead.format(refused.getsockname()[1]), public=True),
+                       "a public output never accepting them":
+                           internal + _output("dead", dead.format(silent.getsockname()[1]), public=True)}
+            figures: dict[str, dict[str, list[float]]] = {"rate": {name: [] for name in configs},
+                                                          "cpu_ms": {name: [] for name in configs}}
+            lost = 0
+            for _ in range(rounds):
+                runs: dict[str, list[dict]] = {name: [] for name in configs}
+                for name in [*configs, *reversed(configs)]:
+                    result = self._history_ingest(duration, outputs=configs[name])
+                    runs[name].append(result)
+                    lost += max(result["ok"] - result["delivered"], 0)
+                for figure, by_name in figures.items():
+                    for name in configs:
+                        by_name[name].append(statistics.fmean(run[figure] for run in runs[name]))
+        finally:
+            silent.close()
+            refused.close()
+        scenario = f"a dead public destination: ingest, 1 subscriber ({rounds} rounds of A B C C B A, {duration} s)"
+        for figure, label, digits in (("rate", "webhooks/s", 0), ("cpu_ms", "relay CPU ms per webhook", 3)):
+            base = figures[figure]["no public output"]
+            for name in configs:
+                ratios = [value / first for value, first in zip(figures[figure][name], base)]
+                self.row(scenario, f"{label}, {name}", round(statistics.median(figures[figure][name]), digits or None),
+                         "-", None, round(statistics.median(base), digits or None),
+                         f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        self.row(scenario, "accepted but not delivered to the subscriber", lost, "0", lost == 0)
 
     def idle(self) -> None:
         window = 5 if self.quick else 35  # the full window holds at least one round of 30 s pings
@@ -445,6 +576,21 @@ class Bench:
                      round(busy, 2), "<= 2 %" if clients == 10000 else "-", busy <= 2 if clients == 10000 else None)
             self.row(f"idle, {clients} authenticated subscribers", "connections dropped", got["closed"], "0",
                      got["closed"] == 0)
+
+
+def _output(name: str, destination: str, public: bool = False) -> str:
+    return (f'[[buckets.outputs]]\nname = "{name}"\ndestination = "{destination}"\n'
+            + ('internal = false\nconnect_timeout = 2\n' if public else ''))
+
+
+def _until(condition, timeout: float) -> bool:
+    """Polls `condition` every 50 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _combined(runs: list[dict]) -> dict:
@@ -472,7 +618,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history", "baseline"]
+SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history", "forward", "dead_output", "baseline"]
 
 
 def main(argv=None) -> int:

@@ -4,9 +4,11 @@
     python -m tests.bench.peers load HOST PORT PATH (--duration S --connections C | --rate R --count N)
     python -m tests.bench.peers http-ceiling
     python -m tests.bench.peers socket-ceiling
+    python -m tests.bench.peers app
 
 Each prints JSON lines on stdout: {"event": "ready", ...} once it is set up, then, after a line
-"stop" on stdin (subscribers, ceilings) or when its load is done, {"event": "result", ...}.
+"stop" on stdin (subscribers, ceilings, app) or when its load is done, {"event": "result", ...}.
+Subscribers and the app also answer a line "count" with {"event": "count", ...}.
 Times are time.monotonic(), one clock for every process on the machine.
 """
 
@@ -220,7 +222,8 @@ class HTTPMessages:
                 return None
             self.buffer += data
         head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        length = int(length.group(1)) if length else 0
         while len(self.buffer) < length:
             self.buffer += await self.stream.receive_some(65536)
         body, self.buffer = self.buffer[:length], self.buffer[length:]
@@ -368,9 +371,32 @@ async def socket_ceiling() -> None:
     emit(event="result")
 
 
+# ---------------------------------------------------------------------------- an app behind the relay
+
+
+async def app() -> None:
+    """The app webhooks are forwarded to: answers each request 200 at once, and counts them."""
+    requests, last = 0, None
+
+    async def serve(stream) -> None:
+        nonlocal requests, last
+        messages = HTTPMessages(stream)
+        while await messages.next():
+            requests, last = requests + 1, time.monotonic()
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, serve, 0)
+        emit(event="ready", port=listeners[0].socket.getsockname()[1])
+        while (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "count":
+            emit(event="count", requests=requests, last=last)
+        nursery.cancel_scope.cancel()
+    emit(event="result", requests=requests)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["subscribers", "load", "http-ceiling", "socket-ceiling"])
+    parser.add_argument("role", choices=["subscribers", "load", "http-ceiling", "socket-ceiling", "app"])
     parser.add_argument("host", nargs="?")
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("path", nargs="?", default=f"/v1/webhooks/{INPUT_ID}")
@@ -391,6 +417,8 @@ def main() -> None:
         trio.run(closed_loop, args.host, args.port, args.path, args.connections, args.duration)
     elif args.role == "http-ceiling":
         trio.run(http_ceiling)
+    elif args.role == "app":
+        trio.run(app)
     else:
         trio.run(socket_ceiling)
 
