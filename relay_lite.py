@@ -105,6 +105,7 @@ if (_problem := _unsupported_dependency()) is not None:
         sys.exit(f"relay_lite: error: {_problem}")
     raise ImportError(_problem)
 
+import h11
 import httpx  # noqa: E402 (after the version check above)
 import trio
 import trio_websocket
@@ -126,6 +127,7 @@ from wsproto import ConnectionState as _WSState
 from wsproto import WSConnection as _WSConnection
 from wsproto.connection import ConnectionType as _WSConnectionType
 from wsproto.events import BytesMessage as _BytesMessage
+from wsproto.utilities import ProtocolError as _WSProtocolError
 from wsproto.events import CloseConnection as _CloseConnection
 from wsproto.events import TextMessage as _TextMessage
 from wsproto.utilities import LocalProtocolError
@@ -187,6 +189,7 @@ DEFAULT_RETRIES = 5  # attempts after the first: backoff from 1 s, doubling to 6
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
 LOGS_PATH = "/v1/logs"
+NIL_LOG_ID = "00000000-0000-0000-0000-000000000000"  # a resume point before every webhook
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 MAX_CLIENT_FRAME = 2**20  # 1 MiB of memory a client message may hold; more closes the socket with 1009
@@ -234,6 +237,7 @@ _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it sto
 _DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log, and a held sender)
 _FORWARD_BATCH = 64  # log entries a forwarder takes up at a time
 _BACKOFF_FIRST, _BACKOFF_MOST = 1.0, 60.0  # seconds before the first retry, and before any
+_RETRY_AFTER_MOST = 600.0  # seconds of a destination's Retry-After honoured at most
 _RECONNECT_FIRST, _RECONNECT_MOST = 1.0, 30.0  # seconds the agent waits to reconnect, at first and at most
 _AGENT_CONNECT_TIMEOUT = 10.0  # seconds the agent's socket may take to connect, authenticate and subscribe
 _AGENT_MAX_FRAME = 2**27  # 128 MiB: the largest frame the agent takes (a relay's max_body_size, as JSON)
@@ -1249,14 +1253,15 @@ def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
     if kind != "webhook":
         raise ProtocolError(f"unknown frame type {_shown(str(kind), 64)!r}")
     meta = frame.get("meta")
-    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str) or not meta["id"]:
-        raise ProtocolError('a webhook frame needs "meta" with an "id"')
+    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str) or not _FRAME_ID.fullmatch(meta["id"]):
+        raise ProtocolError('a webhook frame needs "meta" with an "id" (letters, digits, "-", "_", ".", ":")')
     method, query, body = frame.get("method"), frame.get("query") or "", frame.get("body") or ""
     encoding = frame.get("body_encoding") or ""
     if not isinstance(method, str) or not _is_header_name(method):
         raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"method\" must be an HTTP method")
-    if not isinstance(query, str) or not isinstance(body, str) or encoding not in ("", "base64"):
-        raise ProtocolError(f'webhook {_shown(meta["id"], 64)}: "query" and "body" must be strings, '
+    if not (isinstance(query, str) and isinstance(body, str) and _is_unicode(query) and _is_unicode(body)
+            and encoding in ("", "base64")):
+        raise ProtocolError(f'webhook {_shown(meta["id"], 64)}: "query" and "body" must be Unicode strings, '
                             '"body_encoding" "base64" or none')
     if encoding:
         try:
@@ -1270,13 +1275,17 @@ def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
     for name, values in raw_headers.items():
         values = [values] if isinstance(values, str) else values
         if not (_is_header_name(name) and isinstance(values, list)
-                and all(isinstance(value, str) and _is_header_value(value) for value in values)):
+                and all(isinstance(value, str) and _is_header_value(value) and _is_unicode(value)
+                        for value in values)):
             raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: header '{_shown(name, 64)}' is not one HTTP "
                                 "can carry")
         headers[name] = values
     texts = {key: value for key, value in meta.items() if isinstance(value, str)}
     return _WebhookFrame(meta["id"], texts.get("bucket_name") or texts.get("bucked_id") or texts.get("bucket_id", ""),
                          texts.get("output_destination", ""), Webhook(method.upper(), "/", query, headers, body, encoding))
+
+
+_FRAME_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a relay's log id, which goes into a URL path
 
 
 def _is_header_value(value: str) -> bool:
@@ -1770,7 +1779,8 @@ class _Session:
                                     'the "resumed" status has arrived')
             newest = max((max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets),
                          default="")
-            if frame.since > newest:  # only these buckets: others' traffic is none of this token's business
+            # Only these buckets: others' traffic is none of this token's business.
+            if frame.since > newest and frame.since != NIL_LOG_ID:
                 raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook of these buckets")
         new = [bucket for bucket in buckets if bucket not in self.buckets]  # the others are already served
         self.buckets.update(new)
@@ -2231,7 +2241,25 @@ def _outbound(webhook: Webhook, destination: str, forwarded_for: str = "") -> _R
         prior = ", ".join(webhook.headers.get("X-Forwarded-For", []))
         headers = [(name, value) for name, value in headers if name != "X-Forwarded-For"]
         headers.append(("X-Forwarded-For", f"{prior}, {forwarded_for}" if prior else forwarded_for))
-    return _Request(webhook.method, url, headers, webhook.body_bytes)
+    return _Request(webhook.method, _quoted_target(url), headers, webhook.body_bytes)
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(urllib.parse.unquote(segment) in (".", "..") for segment in path.split("/"))
+
+
+def _quoted_target(url: str) -> str:
+    """`url` with what may not stand in a URL's path and query percent-encoded (a sender's raw
+    `"`, `<`, `#`, space or control character), as httpx would encode it, and the rest, escapes
+    included, left as the sender sent it; so the destination's target is the sender's wherever
+    a URL can carry it."""
+    scheme, separator, rest = url.partition("://")
+    ends = [index for index in (rest.find("/"), rest.find("?")) if index >= 0]
+    start = min(ends, default=len(rest))
+    return scheme + separator + rest[:start] + urllib.parse.quote(rest[start:], safe=_URL_SAFE)
+
+
+_URL_SAFE = "/?:@!$&'()*+,;=%"  # with the unreserved characters, which quote() never encodes
 
 
 def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
@@ -2260,8 +2288,8 @@ def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
                 delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
             except (TypeError, ValueError):
                 delay = -1.0
-        if 0 <= delay <= _BACKOFF_MOST:
-            return delay
+        if delay >= 0:
+            return min(delay, _RETRY_AFTER_MOST)
     return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
 
 
@@ -2270,17 +2298,24 @@ async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _De
     status_code 0 and the error as its body when none came. Its `retries` says how many more
     tries it took."""
     retry = 0
+    timeouts = httpx.Timeout(None, connect=delivery.connect_timeout).as_dict()
     while True:
         retry_after = None
         try:
-            with trio.fail_after(delivery.timeout):
+            deadline = trio.current_time() + delivery.timeout
+            with trio.fail_at(deadline):
                 response = await client.send(httpx.Request(request.method, request.url, headers=request.raw_headers,
-                                                           content=request.body), stream=True)
-                try:
-                    body = bytearray()
+                                                           content=request.body, extensions={"timeout": timeouts}),
+                                             stream=True)
+            body = bytearray()
+            try:  # the status has come, and decides: an answer slow to end is kept as far as it came
+                with trio.move_on_at(deadline):
                     async for chunk in response.aiter_raw():
                         body += chunk[:_DELIVERY_BODY_KEPT - len(body)]  # the rest is read, and dropped
-                finally:
+            except httpx.HTTPError:
+                pass  # the connection broke while the answer's body came: what came is the answer
+            finally:
+                with trio.CancelScope(shield=True):
                     await response.aclose()
             headers: dict[str, list[str]] = {}
             for name, value in response.headers.multi_items():
@@ -2289,7 +2324,7 @@ async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _De
             if not _worth_retrying(response.status_code):
                 return answer
             retry_after = response.headers.get("Retry-After")
-        except (httpx.HTTPError, trio.TooSlowError, OSError) as error:
+        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError, OSError) as error:
             answer = _Answer(0, {}, _delivery_error(error).encode(), time.time(), retry)
             if isinstance(error, _UNSENDABLE) or _refused_certificate(error):
                 return answer
@@ -2409,6 +2444,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         found = relay._store.find_input(input_id)
         if found is None:
             return _plain(404, f"no input with id {input_id[:64]!r}")
+        if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
+            return _plain(400, "the path after the input's URL must not have . or .. segments")
         body = await _request_body()
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                        request.scope["headers"], body, (request.scope.get("client") or ("",))[0])
@@ -3348,6 +3385,8 @@ def _agent_destination(output_destination: str, to: str) -> str | None:
     if not to:
         return output_destination if is_url else None
     path = urllib.parse.urlunsplit(("", "", split.path, split.query, "")) if is_url else output_destination
+    if _has_dot_segment(path.partition("?")[0]):  # it would climb out of `to`
+        return None
     if path in ("", "/"):
         return to
     return to.rstrip("/") + (path if path.startswith("/") else "/" + path)
@@ -3395,7 +3434,17 @@ class _Checkpoint:
         if data.get("relay") != relay:
             raise AgentError(f"the state file {path} belongs to the relay {_shown(str(data.get('relay')))}; "
                              "give this one its own --state")
+        if not isinstance(data.get("buckets"), list) or sorted(map(str, data["buckets"])) != sorted(buckets):
+            raise AgentError(f"the state file {path} belongs to the buckets {_shown(str(data.get('buckets')))}; "
+                             "give these their own --state")
         return cls(path, relay, buckets, data.get("last", ""))
+
+    def start_at(self, log_id: str) -> int:
+        """Begin after `log_id`; return the version of the checkpoint that holds it."""
+        self.last = log_id
+        self._version += 1
+        self._changed.set()
+        return self._version
 
     def took(self, log_id: str) -> None:
         self._taken.append(log_id)
@@ -3501,7 +3550,10 @@ class _Agent:
                         for _ in range(self.config.concurrency):
                             workers.start_soon(self._work, app)
                         with self._socket_scope:
-                            await self._connect_forever(relay)
+                            try:
+                                await self._connect_forever(relay)
+                            finally:  # however it ends, what is in flight gets its time, no more
+                                self.stop()
                         workers.cancel_scope.cancel()  # those waiting for a webhook; the others are shielded
                     await self._reports.aclose()  # the reporters end once what is queued is sent...
                     reporting.cancel_scope.deadline = trio.current_time() + _AGENT_STOP_GRACE  # ...or in time
@@ -3520,8 +3572,8 @@ class _Agent:
             self._subscribed = False
             try:
                 reason = await self._session()
-            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
-                    trio.BrokenResourceError, trio.TooSlowError) as error:
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, _Refused,
+                    trio.BrokenResourceError, trio.TooSlowError, _WSProtocolError, h11.ProtocolError) as error:
                 reason = _connection_error(error)
             if reason == _PAUSED:
                 await self._room.wait()
@@ -3547,6 +3599,8 @@ class _Agent:
                 self._subscribed = True
                 logger.info("%s%s", reply.message, f", resuming after {since}" if since else "")
                 while not reason:
+                    while self._queued_bytes >= _AGENT_QUEUE_BYTES:  # and the relay cannot be asked to
+                        await self._room.wait()  # pause: it waits, or cuts this socket off and it resumes
                     with trio.move_on_after(self.config.ping_timeout) as silent:
                         reason = await self._receive(ws)
                     if silent.cancelled_caught:
@@ -3569,9 +3623,9 @@ class _Agent:
 
     async def _start_after_newest(self, relay: httpx.AsyncClient) -> None:
         """Without a checkpoint, begin after the newest webhook the buckets hold now (the logs
-        API says which): a reconnect before the first webhook then resumes after it, and loses
-        none sent meanwhile. Buckets that never had a webhook have no such point: their first
-        webhook makes one."""
+        API says which), or before every one if they hold none: the first subscribe, and any
+        after it, resume from there, and lose none sent meanwhile. Saved before it subscribes,
+        so a crash before the first webhook loses nothing either."""
         newest = ""
         for bucket in self.config.buckets or ("",):
             try:
@@ -3580,10 +3634,12 @@ class _Agent:
                 newest = max([newest, *(log["id"] for log in logs[:1] if isinstance(log["id"], str))])
             except (httpx.HTTPError, ValueError, TypeError, KeyError):
                 return  # the socket will say what is wrong
+        self._taken_up_to = newest or NIL_LOG_ID
+        await self._checkpoint.saved(self._checkpoint.start_at(self._taken_up_to))
         if newest:
-            self._taken_up_to = self._checkpoint.last = newest
-            self._checkpoint.save()
             logger.info("forwarding the webhooks after %s, the newest the relay holds", newest)
+        else:
+            logger.info("forwarding every webhook from now on: the relay holds none of these buckets yet")
 
     def _subscribe_frame(self, since: str) -> str:
         frame: dict[str, Any] = {"action": "subscribe", "buckets": list(self.config.buckets)}
@@ -3603,13 +3659,17 @@ class _Agent:
                     await ws.send_message(_PONG)
                 elif frame.status == status:
                     return frame
+                elif frame.status == "unauthorized" and "try again" in frame.message:  # too many failures here
+                    raise _Refused(f"refused for now: {_shown(frame.message, 200)}")
                 elif frame.status == "unauthorized":
                     raise AgentError(f"the relay refused the key {_shown(self.config.key)}: {_shown(frame.message, 200)}")
                 elif frame.status == "error" and since and frame.message.startswith("unknown resume point"):
-                    logger.warning("the relay does not know the last webhook delivered (%s): it lost its log, or "
-                                   "this state file is another relay's; going on with what comes now", since)
-                    self._taken_up_to = since = ""
-                    await ws.send_message(self._subscribe_frame(""))
+                    if since != NIL_LOG_ID:
+                        logger.warning("the relay does not know the last webhook delivered (%s): it lost its log; "
+                                       "going on with every webhook it holds", since)
+                    since = "" if since == NIL_LOG_ID else NIL_LOG_ID  # "" for a relay that knows no nil id
+                    self._taken_up_to = since
+                    await ws.send_message(self._subscribe_frame(since))
                 elif frame.status == "error":
                     raise AgentError(f"the relay refused the subscription: {_shown(frame.message, 200)}")
 
@@ -3639,10 +3699,10 @@ class _Agent:
         self._taken.send_nowait(frame)
         if self._queued_bytes < _AGENT_QUEUE_BYTES:
             return False
+        self._room = trio.Event()
         if self._resumes:
-            self._room = trio.Event()
             return True
-        self._throttle.warning("behind", "the app is %d webhooks (%d MiB) behind; holding them",
+        self._throttle.warning("behind", "the app is %d webhooks (%d MiB) behind; reading from the relay waits",
                                self._queue.statistics().current_buffer_used, self._queued_bytes // 2**20)
         return False
 
@@ -3671,7 +3731,11 @@ class _Agent:
             answer = _Answer(0, {}, f"no URL to deliver to: output_destination is {frame.output_destination!r}; "
                                     "run the agent with --to URL".encode(), started)
         else:
-            answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
+            try:
+                answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
+            except Exception as error:  # a bug, but not one that may stop the agent, or repeat at each restart
+                logger.error("delivering webhook %s to %s failed", frame.id, _shown(destination), exc_info=True)
+                answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
         version = self._checkpoint.done(frame.id)
         self._print(frame, destination, answer, started)
         await self._reports.send((frame.id, answer))
@@ -3715,6 +3779,10 @@ class _Agent:
                                        response.status_code, _shown(response.text, 200))
 
 
+class _Refused(Exception):
+    """The relay refused the agent for now (too many failed authentications from its address)."""
+
+
 def _outcome(answer: _Answer) -> str:
     """The log status a delivery's answer gives: a 2xx or 3xx is "sent"."""
     return "sent" if 200 <= answer.status_code < 400 else "failed"
@@ -3735,6 +3803,10 @@ def _connection_error(error: BaseException) -> str:
         return f"cannot connect: the relay answered {error.status_code} to the WebSocket upgrade"
     if isinstance(error, trio.TooSlowError):
         return "cannot connect: no answer in time"
+    if isinstance(error, _Refused):
+        return f"cannot connect: {error}"
+    if isinstance(error, (_WSProtocolError, h11.ProtocolError)):
+        return f"cannot connect: not a WebSocket answer ({_shown(str(error), 100)})"
     while getattr(error, "strerror", None) is None:  # down to the OS's own words, if there are some
         inner = error.exceptions[0] if isinstance(error, BaseExceptionGroup) else error.__cause__ or error.__context__
         if inner is None:

@@ -2,8 +2,10 @@
 its outcome, and the relay delivering its public outputs with it, to a real local app."""
 
 import base64
+import functools
 import hashlib
 import hmac
+import socket
 
 import httpx
 import pytest
@@ -68,7 +70,68 @@ def test_retry_delays_honour_retry_after_else_back_off_with_jitter():
     assert relay_lite._retry_delay(1, None, 1.0) == 1.0 and relay_lite._retry_delay(1, None, 0.0) == 0.5
     assert relay_lite._retry_delay(3, "soon", 1.0) == 4.0  # not a number or a date: backoff
     assert relay_lite._retry_delay(20, None, 1.0) == 60.0  # capped
-    assert relay_lite._retry_delay(2, "3600", 1.0) == 2.0  # further off than the cap: backoff instead
+    assert relay_lite._retry_delay(2, "120", 1.0) == 120.0  # honoured past the backoff's cap...
+    assert relay_lite._retry_delay(2, "3600", 1.0) == 600.0  # ...up to ten minutes
+
+
+@pytest.mark.parametrize("query, url", [
+    (b'x="<>"&y=%41', "http://app/x?x=%22%3C%3E%22&y=%41"),  # what a URL cannot carry is encoded, escapes kept
+    (b"a=1#not-a-fragment", "http://app/x?a=1%23not-a-fragment"),
+    (b"q=\x01 a", "http://app/x?q=%01%20a"),
+])
+def test_a_query_no_url_could_carry_as_sent_goes_as_its_encoding(query, url):
+    request = relay_lite._outbound(webhook(query=query), "http://app/x")
+    assert request.url == url and str(httpx.URL(request.url)) == url  # httpx sends it as it is
+
+
+async def test_an_answer_slow_to_end_is_the_outcome_not_a_reason_to_try_again():
+    """Its status has come: trying again would deliver the webhook twice."""
+    requests = []
+
+    async def slow_body(stream):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        requests.append(data)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await trio.sleep(5)  # the rest never comes in time
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, slow_body, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with relay_lite._http_client() as client:
+            request = relay_lite._outbound(webhook(), f"http://127.0.0.1:{port}/")
+            with trio.fail_after(10):
+                answer = await relay_lite._deliver(client, request, relay_lite._Delivery(timeout=1, retries=2))
+        nursery.cancel_scope.cancel()
+    assert (answer.status_code, answer.body, answer.retries, len(requests)) == (200, b"hello", 0, 1)
+
+
+async def test_connecting_has_its_own_timeout():
+    """A destination that never accepts costs connect_timeout a try, not the whole timeout."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        address = full.getsockname()
+        fillers = []
+        for _ in range(3):  # fill the accept queue, so that the next connection waits for good
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(address)
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        try:
+            async with relay_lite._http_client() as client:
+                request = relay_lite._outbound(webhook(), f"http://127.0.0.1:{address[1]}/")
+                with trio.fail_after(15):
+                    answer = await relay_lite._deliver(
+                        client, request, relay_lite._Delivery(timeout=60, connect_timeout=0.5, retries=0))
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert answer.status_code == 0 and answer.body.startswith(b"ConnectTimeout")
 
 
 # ---------------------------------------------------------------------------- public outputs, delivered by the relay

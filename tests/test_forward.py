@@ -3,6 +3,8 @@ NAT. Run as a user runs it, a process, against a relay (in this process, or a pr
 local app that records every request as it arrived."""
 
 import base64
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -23,6 +25,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 from hypothesis import given, settings, strategies as st
 
 import relay_lite
@@ -530,8 +533,8 @@ async def test_a_silent_dead_connection_is_noticed_and_replaced(tmp_path):
 
 
 @asynccontextmanager
-async def agent_here(relay, to, state, **options):
-    config = relay_lite.AgentConfig(relay=relay.url, key=KEY, secret=SECRET, buckets=("github",), to=to,
+async def agent_here(relay, to, state, buckets=("github",), **options):
+    config = relay_lite.AgentConfig(relay=relay.url, key=KEY, secret=SECRET, buckets=buckets, to=to,
                                     state=state, lines="quiet", **options)
     async with trio.open_nursery() as nursery:
         agent = await nursery.start(relay_lite.forward, config)
@@ -550,7 +553,7 @@ async def test_an_app_slower_than_the_senders_pauses_the_socket_and_loses_nothin
         app.answer = lambda request: Answer(delay=0.02)
         await post(relay, content="seen before")
         state = tmp_path / "state.json"
-        state.write_text(json.dumps({"relay": relay.url, "last": await newest_log_id(relay.url, "github")}))
+        state.write_text(json.dumps({"relay": relay.url, "buckets": ["github"], "last": await newest_log_id(relay.url, "github")}))
         async with agent_here(relay, app.url, state):
             await send_numbered(relay.url, GITHUB_INPUT, 300)
             received = await app.wait_for(300, timeout=60)
@@ -581,6 +584,171 @@ async def test_with_concurrency_deliveries_overlap_and_the_checkpoint_is_the_old
     assert sorted(request.body for request in received) == [b"0", b"1", b"2", b"3"]
 
 
+async def test_an_agent_begun_on_an_empty_bucket_loses_nothing_sent_while_it_was_away(tmp_path, caplog):
+    """Its start point is "before every webhook", saved before it subscribes."""
+    caplog.set_level(logging.INFO, logger="relay_lite")
+    state = tmp_path / "state.json"
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+        async with agent_here(relay, app.url, state, buckets=("stripe",)) as agent:
+            await eventually(lambda: agent._subscribed)
+        assert any("the relay holds none of these buckets yet" in record.message for record in caplog.records)
+        for n in range(3):
+            assert (await post(relay, input_id="in-stripe", content=f"away {n}")).status_code == 200
+        async with agent_here(relay, app.url, state, buckets=("stripe",)):
+            received = await app.wait_for(3)
+    assert [request.body for request in received] == [b"away 0", b"away 1", b"away 2"]
+
+
+class FakeRelay:
+    """A relay that follows a script, one per connection: `scripts` are async functions given the
+    WebSocket once the agent has sent its auth frame (the frames it sends are in `received`)."""
+
+    def __init__(self, *scripts) -> None:
+        self.scripts = list(scripts)
+        self.received: list[dict] = []
+        self.url = ""
+
+    async def handler(self, request) -> None:
+        ws = await request.accept()
+        try:
+            self.received.append(json.loads(await ws.get_message()))
+            await self.scripts.pop(0)(self, ws)
+            await ws.aclose()
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async def next_frame(self, ws) -> dict:
+        while True:
+            frame = json.loads(await ws.get_message())
+            self.received.append(frame)
+            if frame.get("action") != "pong":
+                return frame
+
+    async def serve(self, nursery) -> "FakeRelay":
+        server = await nursery.start(trio_websocket.serve_websocket, self.handler, "127.0.0.1", 0, None)
+        self.url = f"http://127.0.0.1:{server.port}"
+        return self
+
+
+def status(name, message=""):
+    return json.dumps({"type": "status", "status": name, "message": message})
+
+
+def webhook_frame(log_id, body, **meta):
+    return json.dumps({"type": "webhook", "meta": {"id": log_id, "bucket_name": "github", "output_destination": "/",
+                                                   **meta}, "headers": {}, "query": "", "body": body,
+                       "method": "POST"})
+
+
+async def subscribed(relay, ws):
+    await ws.send_message(status("authenticated"))
+    await relay.next_frame(ws)
+    await ws.send_message(status("subscribed", "subscribed to buckets: github"))
+
+
+def fake_agent_config(relay, app, tmp_path, **options):
+    return relay_lite.AgentConfig(relay=relay.url, key=KEY, secret=SECRET, buckets=("github",), to=app.url,
+                                  state=tmp_path / "state.json", lines="quiet", **options)
+
+
+async def test_a_refusal_for_now_is_waited_out_not_final(tmp_path, monkeypatch):
+    """A relay refuses every client of an address for a while after many failed authentications
+    there (a shared NAT, a proxy): the agent tries again later instead of giving up."""
+    monkeypatch.setattr(relay_lite, "_RECONNECT_FIRST", 0.05)
+
+    async def locked_out(relay, ws):
+        await ws.send_message(status("unauthorized", "too many failed authentications from 127.0.0.1: try again "
+                                                     "in 1 s"))
+
+    async def welcome(relay, ws):
+        await subscribed(relay, ws)
+        await ws.send_message(webhook_frame("id-1", "after the lockout"))
+        await trio.sleep_forever()
+
+    async with running_app() as app, trio.open_nursery() as nursery:
+        relay = await FakeRelay(locked_out, welcome).serve(nursery)
+        agent = await nursery.start(relay_lite.forward, fake_agent_config(relay, app, tmp_path))
+        [request] = await app.wait_for(1)
+        agent.stop()
+        nursery.cancel_scope.cancel()
+    assert request.body == b"after the lockout"
+
+
+async def test_a_final_refusal_ends_the_agent_in_seconds_even_with_a_delivery_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setattr(relay_lite, "_RECONNECT_FIRST", 0.05)
+    monkeypatch.setattr(relay_lite, "_AGENT_STOP_GRACE", 0.5)
+
+    async def one_webhook_then_gone(relay, ws):
+        await subscribed(relay, ws)
+        await ws.send_message(webhook_frame("id-1", "slow to deliver"))
+
+    async def refused(relay, ws):
+        await ws.send_message(status("unauthorized", "invalid key or secret"))
+
+    async with running_app() as app:
+        app.answer = lambda request: Answer(delay=60)
+        with pytest.raises(relay_lite.AgentError, match="invalid key or secret"), trio.fail_after(10):
+            try:
+                async with trio.open_nursery() as nursery:
+                    relay = await FakeRelay(one_webhook_then_gone, refused).serve(nursery)
+                    await nursery.start(relay_lite.forward, fake_agent_config(relay, app, tmp_path))
+            except* relay_lite.AgentError as group:
+                raise relay_lite._innermost(group) from None
+
+
+async def test_a_relay_that_cannot_pause_is_read_no_faster_than_the_app_takes_webhooks(tmp_path, monkeypatch):
+    """Without a resume (the hosted service has none, and a replay has not yet said "resumed"),
+    the agent stops reading the socket while it holds its bound: its memory stays bounded."""
+    monkeypatch.setattr(relay_lite, "_AGENT_QUEUE_BYTES", 5_000)
+    most = 0
+    take = relay_lite._Agent._take
+
+    def measured_take(agent, frame):
+        nonlocal most
+        paused = take(agent, frame)
+        most = max(most, agent._queued_bytes)
+        return paused
+
+    monkeypatch.setattr(relay_lite._Agent, "_take", measured_take)
+
+    async def flood(relay, ws):
+        await subscribed(relay, ws)
+        for n in range(200):
+            await ws.send_message(webhook_frame(f"id-{n:03}", str(n) + " " * 1000))
+        await trio.sleep_forever()
+
+    async with running_app() as app, trio.open_nursery() as nursery:
+        app.answer = lambda request: Answer(delay=0.005)
+        relay = await FakeRelay(flood).serve(nursery)
+        agent = await nursery.start(relay_lite.forward, fake_agent_config(relay, app, tmp_path))
+        received = await app.wait_for(200, timeout=60)
+        agent.stop()
+        nursery.cancel_scope.cancel()
+    assert [request.body.strip() for request in received] == [str(n).encode() for n in range(200)]
+    assert most <= 5_000 + 1_100  # the bound, and the frame that reached it
+
+
+async def test_a_relay_that_does_not_speak_websocket_is_a_connection_error_not_a_crash(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(relay_lite, "_RECONNECT_FIRST", 0.05)
+    caplog.set_level(logging.INFO, logger="relay_lite")
+
+    async def garbage(stream):
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.receive_some()
+            await stream.send_all(b"garbage\r\n\r\n")
+        await stream.aclose()
+
+    async with running_app() as app, trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, garbage, 0, host="127.0.0.1"))
+        relay = FakeRelay()
+        relay.url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+        agent = await nursery.start(relay_lite.forward, fake_agent_config(relay, app, tmp_path))
+        await eventually(lambda: sum("cannot connect" in record.message for record in caplog.records) >= 3)
+        agent.stop()
+        nursery.cancel_scope.cancel()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+
+
 # ---------------------------------------------------------------------------- pieces, sans I/O
 
 
@@ -591,6 +759,8 @@ async def test_with_concurrency_deliveries_overlap_and_the_checkpoint_is_the_old
     ("http://localhost:8080/base/gh", "", "http://localhost:8080/base/gh"),  # each to its own output
     ("/github", "", None),  # nowhere: no outputs, and no --to
     ("ftp://x/y", "", None),
+    ("/a/../admin", "http://app:3000/hooks", None),  # it would climb out of --to (the hosted relay may send it)
+    ("http://localhost:8080/hooks/%2E%2E/admin", "http://app:3000", None),
 ])
 def test_where_the_agent_delivers(output_destination, to, url):
     assert relay_lite._agent_destination(output_destination, to) == url
@@ -621,6 +791,8 @@ def test_the_checkpoint_is_a_low_water_mark_saved_whole(tmp_path):
     assert relay_lite._Checkpoint.load(path, "http://relay", ("github",)).last == "b"
     with pytest.raises(relay_lite.AgentError, match="belongs to the relay http://relay"):
         relay_lite._Checkpoint.load(path, "http://other", ("github",))
+    with pytest.raises(relay_lite.AgentError, match=r"belongs to the buckets \['github'\]"):
+        relay_lite._Checkpoint.load(path, "http://relay", ("github", "stripe"))
     path.write_text("{half")
     with pytest.raises(relay_lite.AgentError, match="is not one relay_lite forward wrote"):
         relay_lite._Checkpoint.load(path, "http://relay", ("github",))
@@ -666,7 +838,12 @@ def test_a_frame_the_relay_sends_is_read_back_as_the_webhook_it_carries():
     ('{"type":"webhook","meta":{"id":"1"},"method":"GET","headers":{"X":["a\\r\\nY: b"]}}', "is not one HTTP"),
     ('{"type":"webhook","meta":{"id":"1"},"method":"GET","headers":{"X Y":"a"}}', "is not one HTTP"),
     ('{"type":"webhook","meta":{"id":"1"},"method":"GET","body":"%%","body_encoding":"base64"}', "not base64"),
-    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","body":1}', '"body" must be strings'),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","body":1}', '"body" must be Unicode strings'),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","body":"\\ud800"}', '"body" must be Unicode strings'),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","query":"\\udcff"}', '"body" must be Unicode strings'),
+    ('{"type":"webhook","meta":{"id":"1"},"method":"GET","headers":{"X":"\\udcff"}}', "is not one HTTP"),
+    ('{"type":"webhook","meta":{"id":"../admin"},"method":"GET"}', 'needs "meta" with an "id"'),
+    ('{"type":"webhook","meta":{"id":"\\ud800"},"method":"GET"}', 'needs "meta" with an "id"'),
     ('[1]', "must be a JSON object"),
     ('{"type":"other"}', "unknown frame type"),
 ])

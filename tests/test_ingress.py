@@ -131,6 +131,24 @@ async def test_routing_to_outputs_with_the_extra_path(relay):
         assert (await client.webhook())["meta"]["output_destination"] == "/a/b%20c"
 
 
+@pytest.mark.parametrize("path", ["/a/../admin", "/..", "/./x", "/a/%2e%2E/b", "/a/%2E"])
+async def test_a_path_with_dot_segments_is_refused(relay, path):
+    """A client that joins the path to its destination (httpx, the Go agent) would climb out of it."""
+    stream = await trio.open_tcp_stream(relay.host, relay.port)  # httpx would remove the dots before sending
+    await stream.send_all(f"POST /v1/webhooks/{GITHUB_INPUT}{path} HTTP/1.1\r\nHost: relay\r\n"
+                          "Content-Length: 2\r\n\r\n{}".encode())
+    answer = b""
+    with trio.fail_after(5):
+        while not answer.endswith(b"segments\n") and (chunk := await stream.receive_some(4096)):
+            answer += chunk
+    await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 400") and answer.endswith(b"must not have . or .. segments\n")
+    async with subscriber(relay, ["github"]) as client:  # and nothing was relayed
+        assert (await post(relay, path="/a/..b/.c./...", content="dots inside names are fine")).status_code == 200
+        frame = await client.webhook()
+    assert frame["body"] == "dots inside names are fine"
+
+
 async def test_garbage_on_the_port_does_not_hurt(relay):
     for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),
                     b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000 + b"\r\n",
