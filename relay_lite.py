@@ -236,6 +236,8 @@ _HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; pas
 _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
 _DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log, and a held sender)
 _FORWARD_BATCH = 64  # log entries a forwarder takes up at a time
+_REJECTED_KEPT = 50  # webhooks refused by a signature check each bucket keeps for the logs API...
+_REJECTED_BODY_KEPT = 16 * 2**10  # ...with this much of each body
 _BACKOFF_FIRST, _BACKOFF_MOST = 1.0, 60.0  # seconds before the first retry, and before any
 _RETRY_AFTER_MOST = 600.0  # seconds of a destination's Retry-After honoured at most
 _RECONNECT_FIRST, _RECONNECT_MOST = 1.0, 30.0  # seconds the agent waits to reconnect, at first and at most
@@ -367,6 +369,20 @@ class TokenConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    """An input's `verify` table: how its sender proves that a webhook is its own (see
+    check_signature). Any one of `secrets` may match, so a secret can be rotated without a gap."""
+
+    scheme: str  # one of SIGNATURE_SCHEMES
+    secrets: tuple[str, ...] = ()  # "user:password" for basic, the token for bearer
+    tolerance: float = 300.0  # seconds a signed timestamp may be off (stripe, slack, standard-webhooks)
+    header: str = ""  # hmac: the header that carries the signature...
+    algorithm: str = "sha256"  # ...made with sha1, sha256 or sha512...
+    encoding: str = "hex"  # ...written as hex or base64...
+    prefix: str = ""  # ...after this text ("sha256=", say)
+
+
+@dataclasses.dataclass(frozen=True)
 class InputConfig:
     """A `[[buckets.inputs]]` entry: a public URL, `/v1/webhooks/<id>`, and how it answers senders.
 
@@ -382,6 +398,7 @@ class InputConfig:
     headers: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
     response_from_output: str = ""
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
+    verify: VerifyConfig | None = None  # a signature check; a webhook that fails it gets 401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -593,6 +610,8 @@ def _checked(config: Config) -> Config:
                 raise ConfigError(f"{input_where}.id: {input_id!r} is already used by {input_ids[input_id]}")
             input_ids[input_id] = f"{input_where}.id"
             _check_answer(input_, input_where, routes)
+            if input_.verify is not None:
+                _check_verify(input_.verify, f"{input_where}.verify")
             if not input_.id:
                 logger.warning(
                     "input %r of bucket %r has no id: its URL is derived from names, stable but "
@@ -661,6 +680,29 @@ def _check_secret(secret: str, where: str) -> None:
     lowered = secret.lower()
     _require(not any(text in lowered for text in _PLACEHOLDERS) and not (secret[0] == "<" and secret[-1] == ">"),
              where, f"looks like a placeholder from an example; {how}")
+
+
+def _check_verify(verify: VerifyConfig, where: str) -> None:
+    _require(verify.scheme in SIGNATURE_SCHEMES, f"{where}.scheme",
+             f"must be one of {', '.join(SIGNATURE_SCHEMES)}, got {_shown(verify.scheme, 40)!r}")
+    _require(bool(verify.secrets) and all(verify.secrets), f"{where}.secrets", "must list one secret or more")
+    _require(verify.tolerance > 0, f"{where}.tolerance", f"must be above 0, got {verify.tolerance:g}")
+    generic = {"header": "", "algorithm": "sha256", "encoding": "hex", "prefix": ""}
+    if verify.scheme != "hmac":
+        for key, default in generic.items():
+            _require(getattr(verify, key) == default, f"{where}.{key}", 'is for scheme "hmac" only')
+    else:
+        _require(_is_header_name(verify.header), f"{where}.header", "must name the header with the signature")
+        _require(verify.algorithm in ("sha1", "sha256", "sha512"), f"{where}.algorithm",
+                 f"must be sha1, sha256 or sha512, got {_shown(verify.algorithm, 40)!r}")
+        _require(verify.encoding in ("hex", "base64"), f"{where}.encoding",
+                 f"must be hex or base64, got {_shown(verify.encoding, 40)!r}")
+    for n, secret in enumerate(verify.secrets):
+        if verify.scheme == "basic":
+            _require(":" in secret, f"{where}.secrets[{n}]", 'must be "user:password"')
+        if verify.scheme == "standard-webhooks":
+            _require(_webhook_key(secret) is not None, f"{where}.secrets[{n}]",
+                     'must be base64, as the sender gives it ("whsec_..." included)')
 
 
 def _check_output(output: OutputConfig, where: str) -> None:
@@ -805,6 +847,7 @@ name = "github"
   name = "{DEFAULT_INPUT_NAME}"
   # status_code = 200       # what senders get back
   # response_from_output = "anyOutput"   # or: hold senders until a socket client answers
+  # verify = {{ scheme = "github", secrets = ["the webhook's secret"] }}   # relay only signed webhooks
   # [[buckets.outputs]]     # no outputs: every webhook reaches sockets once
   # name = "local"
   # destination = "http://localhost:3000"
@@ -1296,6 +1339,173 @@ def _is_header_value(value: str) -> bool:
 _HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
 
 
+# ---------------------------------------------------------------------------- signatures
+#
+# An input with `verify` relays only webhooks whose signature one of its secrets made. Each scheme
+# is the sender's own (GitHub, Stripe, Slack, Shopify, Standard Webhooks and Svix), plus a
+# configurable HMAC and HTTP Basic or Bearer for senders that only do that. Every comparison is
+# constant-time (hmac.compare_digest), and every secret is tried, matched or not.
+
+SIGNATURE_SCHEMES = ("github", "stripe", "slack", "shopify", "standard-webhooks", "hmac", "basic", "bearer")
+
+
+def check_signature(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes, now: float) -> str:
+    """Why `body` with `headers` does not prove it came from the sender `verify` names, in a few
+    words; "" when it does. `now` is the time signed timestamps are held against."""
+    check = _SIGNATURE_CHECKS[verify.scheme]
+    return check(verify, _HeaderLookup(headers), body, now)
+
+
+class _HeaderLookup:
+    """A request's headers by name, any case: the first value of each."""
+
+    def __init__(self, headers: Mapping[str, list[str]]) -> None:
+        self._first = {name.lower(): values[0] for name, values in headers.items() if values}
+
+    def get(self, *names: str) -> tuple[str, str]:
+        """The first of `names` present, and its value; ("", "") when none is."""
+        for name in names:
+            value = self._first.get(name.lower())
+            if value is not None:
+                return name, value
+        return "", ""
+
+
+def _hmac_of(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
+    return hmac.new(key, message, algorithm).digest()
+
+
+def _matches(given: Iterable[str], expected: Iterable[bytes]) -> bool:
+    """Whether any of `given` equals any of `expected`, every pair compared in constant time."""
+    matched = False
+    expected = list(expected)
+    for candidate in given:
+        for value in expected:
+            matched |= hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), value)
+    return matched
+
+
+def _timestamp_problem(text: str, verify: VerifyConfig, now: float, header: str) -> str:
+    try:
+        stamp = int(text)
+    except ValueError:
+        return f"{header} is not a Unix time"
+    if abs(now - stamp) > verify.tolerance:
+        return f"{header} is {abs(now - stamp):.0f} s off (tolerance {verify.tolerance:g} s): a replay, or a clock"
+    return ""
+
+
+def _check_github(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    name, value = headers.get("X-Hub-Signature-256")
+    if not name:
+        return "X-Hub-Signature-256 is missing"
+    expected = (b"sha256=" + _hmac_of(secret.encode(), body).hex().encode() for secret in verify.secrets)
+    return "" if _matches([value], expected) else "X-Hub-Signature-256 does not match"
+
+
+def _check_stripe(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    name, value = headers.get("Stripe-Signature")
+    if not name:
+        return "Stripe-Signature is missing"
+    fields: dict[str, list[str]] = {}
+    for item in value.split(","):
+        key, _, field = item.strip().partition("=")
+        fields.setdefault(key, []).append(field)
+    if len(fields.get("t", [])) != 1 or not fields.get("v1"):
+        return "Stripe-Signature needs one t= and a v1="
+    stamp = fields["t"][0]
+    if problem := _timestamp_problem(stamp, verify, now, "Stripe-Signature's t="):
+        return problem
+    signed = stamp.encode() + b"." + body
+    expected = (_hmac_of(secret.encode(), signed).hex().encode() for secret in verify.secrets)
+    return "" if _matches(fields["v1"], expected) else "Stripe-Signature does not match"
+
+
+def _check_slack(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    stamp_name, stamp = headers.get("X-Slack-Request-Timestamp")
+    name, value = headers.get("X-Slack-Signature")
+    if not (stamp_name and name):
+        return "X-Slack-Signature or X-Slack-Request-Timestamp is missing"
+    if problem := _timestamp_problem(stamp, verify, now, "X-Slack-Request-Timestamp"):
+        return problem
+    signed = b"v0:" + stamp.encode() + b":" + body
+    expected = (b"v0=" + _hmac_of(secret.encode(), signed).hex().encode() for secret in verify.secrets)
+    return "" if _matches([value], expected) else "X-Slack-Signature does not match"
+
+
+def _check_shopify(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    name, value = headers.get("X-Shopify-Hmac-Sha256")
+    if not name:
+        return "X-Shopify-Hmac-Sha256 is missing"
+    expected = (base64.b64encode(_hmac_of(secret.encode(), body)) for secret in verify.secrets)
+    return "" if _matches([value], expected) else "X-Shopify-Hmac-Sha256 does not match"
+
+
+def _check_standard_webhooks(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    """Standard Webhooks (standardwebhooks.com), which Svix sends with its own header names."""
+    id_name, message_id = headers.get("webhook-id", "svix-id")
+    stamp_name, stamp = headers.get("webhook-timestamp", "svix-timestamp")
+    name, value = headers.get("webhook-signature", "svix-signature")
+    if not (id_name and stamp_name and name):
+        return "webhook-id, webhook-timestamp or webhook-signature is missing"
+    if problem := _timestamp_problem(stamp, verify, now, stamp_name):
+        return problem
+    given = [signature[3:] for signature in value.split(" ") if signature.startswith("v1,")]
+    signed = f"{message_id}.{stamp}.".encode("utf-8", "surrogateescape") + body
+    keys = [key for key in map(_webhook_key, verify.secrets) if key is not None]
+    expected = (base64.b64encode(_hmac_of(key, signed)) for key in keys)
+    return "" if _matches(given, expected) else f"{name} does not match"
+
+
+def _webhook_key(secret: str) -> bytes | None:
+    """A Standard Webhooks secret's key: the base64 after "whsec_"."""
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True) or None
+    except ValueError:
+        return None
+
+
+def _check_hmac(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    name, value = headers.get(verify.header)
+    if not name:
+        return f"{verify.header} is missing"
+    prefix = verify.prefix.encode()
+
+    def signature(secret: str) -> bytes:
+        digest = _hmac_of(secret.encode(), body, verify.algorithm)
+        return prefix + (digest.hex().encode() if verify.encoding == "hex" else base64.b64encode(digest))
+
+    expected = map(signature, verify.secrets)
+    return "" if _matches([value], expected) else f"{verify.header} does not match"
+
+
+def _check_basic(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    name, value = headers.get("Authorization")
+    scheme, _, credentials = value.partition(" ")
+    if not name or scheme.lower() != "basic":
+        return "Authorization: Basic is missing"
+    try:
+        given = base64.b64decode(credentials.strip(), validate=True).decode("utf-8", "surrogateescape")
+    except ValueError:
+        return "Authorization: Basic is not base64"
+    return "" if _matches([given], (secret.encode() for secret in verify.secrets)) else "wrong user or password"
+
+
+def _check_bearer(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    name, value = headers.get("Authorization")
+    scheme, _, token = value.partition(" ")
+    if not name or scheme.lower() != "bearer":
+        return "Authorization: Bearer is missing"
+    return "" if _matches([token.strip()], (secret.encode() for secret in verify.secrets)) else "wrong token"
+
+
+_SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float], str]] = {
+    "github": _check_github, "stripe": _check_stripe, "slack": _check_slack, "shopify": _check_shopify,
+    "standard-webhooks": _check_standard_webhooks, "hmac": _check_hmac, "basic": _check_basic,
+    "bearer": _check_bearer,
+}
+
+
 # ============================================================================ store
 #
 # Buckets, inputs and tokens from the config, and who is subscribed to what. Synchronous: every
@@ -1303,7 +1513,7 @@ _HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
 
 
 class _Bucket:
-    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed")
+    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "rejected")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
@@ -1313,6 +1523,7 @@ class _Bucket:
         self.history: deque[_Entry] = deque()  # its log, oldest first; see _Log
         self.history_bytes = 0
         self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some
+        self.rejected: deque[_Entry] = deque()  # the last webhooks refused by a signature check; see _Log
 
 
 class _Store:
@@ -1417,6 +1628,20 @@ class _Log:
             self._entries[entry.id] = entry
         self._trim(bucket, time.time())
 
+    def reject(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook, reason: str) -> _Entry:
+        """Keep a webhook its input's signature check refused, for the logs API (status
+        "rejected", its 401 as the answer): the last _REJECTED_KEPT of each bucket, in a list of
+        their own, so a stranger's forgeries never push an accepted webhook out of the history.
+        No socket or output sees them, and storage does not keep them."""
+        entry = _Entry(self.ids.next(), bucket.config, input_.id, input_.name, "", "", webhook, time.time(),
+                       status="rejected", internal=False)
+        entry.answer = _Answer(401, {}, f"signature check failed: {reason}".encode(), entry.received_at)
+        bucket.rejected.append(entry)
+        self._entries[entry.id] = entry
+        while len(bucket.rejected) > _REJECTED_KEPT:
+            del self._entries[bucket.rejected.popleft().id]
+        return entry
+
     def answered(self, bucket: _Bucket, entry: _Entry, answer: _Answer) -> None:
         """Record `answer` on `entry`; it counts against history_bytes too."""
         entry.answer = answer
@@ -1429,6 +1654,8 @@ class _Log:
         """Drop entries older than their bucket's history_ttl."""
         for bucket in buckets:
             self._trim(bucket, now)
+            while bucket.rejected and bucket.rejected[0].received_at < now - (bucket.config.history_ttl or 0):
+                del self._entries[bucket.rejected.popleft().id]
 
     def _trim(self, bucket: _Bucket, now: float) -> None:
         """Drop the oldest entries while the history is over a bound (history_bytes never drops
@@ -1457,7 +1684,8 @@ class _Log:
 
     def newest(self, buckets: Iterable[_Bucket]) -> Iterator[_Entry]:
         """Every entry of `buckets`, newest first."""
-        return heapq.merge(*(reversed(bucket.history) for bucket in buckets), key=_entry_id, reverse=True)
+        return heapq.merge(*(reversed(bucket.history) for bucket in buckets),
+                           *(reversed(bucket.rejected) for bucket in buckets), key=_entry_id, reverse=True)
 
 
 # ============================================================================ credentials
@@ -2450,6 +2678,15 @@ def _make_app(relay: "Relay") -> QuartTrio:
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                        request.scope["headers"], body, (request.scope.get("client") or ("",))[0])
         bucket, input_ = found
+        if input_.verify is not None and (problem := check_signature(input_.verify, webhook.headers, body,
+                                                                     time.time())):
+            relay._throttle.warning(f"verify {input_.id}", "input %r of bucket %r refused a webhook from %s: %s",
+                                    input_.name, bucket.config.name, webhook.sender, problem)
+            if len(body) > _REJECTED_BODY_KEPT:
+                webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
+                                               request.scope["headers"], body[:_REJECTED_BODY_KEPT], webhook.sender)
+            relay._log.reject(bucket, input_, webhook, problem)
+            return _plain(401, f"signature check failed: {problem}")
         entries = relay._log.record(bucket, input_, webhook)
         hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
         for entry in entries:
@@ -2510,6 +2747,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
             return _json_error(403, f"log {entry.id} belongs to a bucket this token may not see")
         if request.method == "GET":
             return _json(200, entry.as_log())
+        if entry.status == "rejected":
+            return _json_error(409, f"log {entry.id} is a webhook its input refused: it takes no answer")
         try:
             data = json.loads(await _request_body())
         except (ValueError, RecursionError):
