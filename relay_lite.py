@@ -189,6 +189,7 @@ DEFAULT_RETRIES = 5  # attempts after the first: backoff from 1 s, doubling to 6
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
 LOGS_PATH = "/v1/logs"
+HEALTH_PATH, READY_PATH = "/healthz", "/readyz"
 NIL_LOG_ID = "00000000-0000-0000-0000-000000000000"  # a resume point before every webhook
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -2281,6 +2282,7 @@ class _Storage:
         self._batch = _Batch()
         self._work = trio.Event()
         self._closing = False
+        self.failing = ""  # why the last transaction that wrote something failed; "" once one succeeds
         self.stopped = trio.Event()
 
     def open(self) -> tuple[str, dict[str, str], list[tuple]]:
@@ -2352,6 +2354,7 @@ class _Storage:
                     await trio.to_thread.run_sync(self._commit, inserts, updates, trims)
                 except (sqlite3.Error, OSError) as error:
                     batch.error = error
+                    self.failing = _shown(str(error), 200)
                     logger.error("webhook log not written to %s: %s (%d new, %d changed entries)",
                                  self.path, error, len(inserts), len(updates))
                     if not self._closing:  # new entries were refused (their senders got 503); changes
@@ -2359,6 +2362,8 @@ class _Storage:
                         self._batch.updates = {**batch.updates, **self._batch.updates}
                         self._batch.trims = {**batch.trims, **self._batch.trims}
                 else:
+                    if inserts or updates or trims:  # an empty transaction proves nothing
+                        self.failing = ""
                     for bucket, entries in batch.inserts:
                         publish(bucket, entries)
                 batch.committed.set()
@@ -2767,6 +2772,21 @@ def _make_app(relay: "Relay") -> QuartTrio:
             except StorageError as error:
                 return _json_error(503, f"{error}; the answer is recorded in memory only")
         return _json(200, entry.as_log())
+
+    @app.route(HEALTH_PATH, methods=["GET", "HEAD"])
+    async def healthz() -> Response:
+        """The process serves: for a supervisor's liveness check. Never a webhook."""
+        return _plain(200, "ok")
+
+    @app.route(READY_PATH, methods=["GET", "HEAD"])
+    async def readyz() -> Response:
+        """Ready for traffic: listening and not shutting down, and the webhook log writable when
+        it is stored. For a balancer's readiness check. Never a webhook."""
+        if relay._shutdown.is_set():
+            return _plain(503, "shutting down")
+        if relay._storage is not None and relay._storage.failing:
+            return _plain(503, f"the webhook log cannot be written: {relay._storage.failing}")
+        return _plain(200, "ready")
 
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
@@ -4087,6 +4107,10 @@ def main(argv: list[str] | None = None) -> int:
     init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
     init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    check = commands.add_parser("check", help="check a config file, as a start or a reload would: exit 0 if it "
+                                              "is good, 2 with its error if not")
+    check.add_argument("--config", "-c", metavar="FILE", dest="check_config", help="the file (or give --config "
+                                                                                    "before the command)")
     commands.add_parser("hash-secret", help="read a token's secret on standard input (none: make one), "
                                             "print the secret_hash that may replace it in the config")
     _forward_arguments(commands.add_parser(
@@ -4105,6 +4129,8 @@ def main(argv: list[str] | None = None) -> int:
         return _init(Path(args.path), force=args.force)
     if args.command == "hash-secret":
         return _hash_secret()
+    if args.command == "check":
+        return _check(args.check_config or args.config)
     if args.command == "forward":
         return _forward(args)
     try:
@@ -4138,6 +4164,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay_lite: error: cannot listen on {config.server.host}:{config.server.port}: "
               f"{getattr(failure, 'strerror', None) or failure}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check(path: str | None) -> int:
+    """`python relay_lite.py check --config FILE`."""
+    if not path:
+        print("relay_lite: error: check needs --config FILE", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        print(f"relay_lite: error: {error}", file=sys.stderr)
+        return 2
+    inputs = sum(len(bucket.inputs) for bucket in config.buckets)
+    outputs = sum(len(bucket.outputs) for bucket in config.buckets)
+    print(f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
+          f"{len(config.tokens)} token(s)")
     return 0
 
 

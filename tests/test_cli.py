@@ -116,6 +116,20 @@ def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path, text, expe
     assert "Traceback" not in result.stderr
 
 
+def test_check_says_whether_a_config_is_good_as_a_start_would(tmp_path):
+    config = tmp_path / "relay.toml"
+    assert run("init", str(config)).returncode == 0
+    for args in (("check", "--config", str(config)), ("--config", str(config), "check")):
+        good = run(*args)
+        assert (good.returncode, good.stdout) == (0, f"{config}: good: 1 bucket(s), 1 input(s), 0 output(s), "
+                                                     "1 token(s)\n")
+    config.write_text(config.read_text().replace('name = "github"', 'name = ""'))
+    bad = run("check", "--config", str(config))
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr.strip().splitlines()[-1] == f"relay_lite: error: {config}: buckets[0].name: must not be empty"
+    assert run("check").returncode == 2
+
+
 def test_missing_config_file_exits_2(tmp_path):
     result = run("--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr

@@ -61,7 +61,7 @@ async def fill_free_and_post(config, small_disk):
     """Fill the disk, free the filler, post again; return what the relay answered, and the bodies stored."""
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * 2**20)
-    answers = {"full": [], "freed": []}
+    answers = {"full": [], "freed": [], "ready": []}
     async with relay_lite.open_relay(config) as relay:
         async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
             for n in range(2000):
@@ -73,10 +73,12 @@ async def fill_free_and_post(config, small_disk):
                 pytest.fail("the disk never filled up")
             response = await http.post(f"/v1/webhooks/{INPUT}", content=f"still full {BODY}")
             answers["full"].append(("still full", response.status_code, response.text))
+            answers["ready"].append((await http.get("/readyz")).status_code)
             os.unlink(filler)  # 1 MiB free again; the ten posts below need 200 KB of it
             for n in range(10):
                 response = await http.post(f"/v1/webhooks/{INPUT}", content=f"after {n} {BODY}")
                 answers["freed"].append((f"after {n}", response.status_code, response.text))
+            answers["ready"].append((await http.get("/readyz")).status_code)
         wal = os.path.getsize(config["storage"]["path"] + "-wal")
     with sqlite3.connect(config["storage"]["path"]) as db:
         stored = [body.split(" x")[0] for (body,) in db.execute("SELECT body FROM logs")]
@@ -97,5 +99,6 @@ async def test_a_full_disk_answers_503_with_the_real_error_and_writes_nothing_of
 async def test_the_relay_recovers_once_room_is_freed_and_the_wal_stays_small(config, small_disk):
     answers, stored, wal = await fill_free_and_post(config, small_disk)
     assert [status for _, status, _ in answers["freed"]] == [200] * 10, answers["freed"]
+    assert answers["ready"] == [503, 200]  # /readyz said so while the disk was full
     assert {f"after {n}" for n in range(10)} <= set(stored)
     assert wal <= 2 * 2**20  # the WAL, while the relay still ran, was cut back to its bound

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 import relay_lite
-from conftest import GITHUB_INPUT, post, relay_config, subscriber
+from conftest import GITHUB_INPUT, KEY, SECRET, post, relay_config, subscriber
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
@@ -147,6 +147,28 @@ async def test_a_path_with_dot_segments_is_refused(relay, path):
         assert (await post(relay, path="/a/..b/.c./...", content="dots inside names are fine")).status_code == 200
         frame = await client.webhook()
     assert frame["body"] == "dots inside names are fine"
+
+
+async def test_health_and_readiness_answer_and_are_no_webhooks(relay, http):
+    for path, text in (("/healthz", "ok\n"), ("/readyz", "ready\n")):
+        response = await http.get(relay.url + path)
+        assert (response.status_code, response.text) == (200, text)
+        assert (await http.head(relay.url + path)).status_code == 200
+    async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as api:
+        assert (await api.get("/v1/logs")).json()["total"] == 0
+
+
+async def test_readiness_fails_while_the_webhook_log_cannot_be_written(tmp_path):
+    config = relay_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    async with relay_lite.open_relay(config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        await relay._storage.committed()  # what it writes at start is written
+        relay._storage.failing = "database or disk is full"  # what a failed transaction leaves; see test_disk_full
+        response = await http.get("/readyz")
+        assert (response.status_code, response.text) == (503, "the webhook log cannot be written: database or "
+                                                              "disk is full\n")
+        assert (await post(relay, content="written")).status_code == 200  # a write that succeeds clears it
+        assert (await http.get("/readyz")).status_code == 200
 
 
 async def test_garbage_on_the_port_does_not_hurt(relay):
