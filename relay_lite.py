@@ -40,6 +40,7 @@ import heapq
 import hmac
 import http.cookiejar
 import importlib.metadata
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -62,7 +63,7 @@ import types
 import typing
 import urllib.parse
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -189,7 +190,7 @@ DEFAULT_RETRIES = 5  # attempts after the first: backoff from 1 s, doubling to 6
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
 LOGS_PATH = "/v1/logs"
-HEALTH_PATH, READY_PATH = "/healthz", "/readyz"
+HEALTH_PATH, READY_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
 NIL_LOG_ID = "00000000-0000-0000-0000-000000000000"  # a resume point before every webhook
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -356,6 +357,15 @@ class StorageConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """The `[metrics]` table: GET /metrics, in the Prometheus text format, when enabled (it needs
+    `pip install 'relay-lite[metrics]'`); with a `token`, only for `Authorization: Bearer <token>`."""
+
+    enabled: bool = False
+    token: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenConfig:
     """A `[[tokens]]` entry: a key and secret, optionally limited to some buckets (names or ids).
 
@@ -440,6 +450,7 @@ class Config:
 
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tokens: tuple[TokenConfig, ...] = ()
     buckets: tuple[BucketConfig, ...] = ()
 
@@ -652,6 +663,10 @@ def _checked(config: Config) -> Config:
                      "is empty: name the buckets this token may see, or leave the key out for all")
             for n, ref in enumerate(token.buckets):
                 _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
+    if config.metrics.token:
+        _check_secret(config.metrics.token, "metrics.token")
+    _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
+             "metrics.enabled", "needs the Prometheus client: pip install 'relay-lite[metrics]'")
     return dataclasses.replace(config, server=server, buckets=tuple(buckets))
 
 
@@ -1689,6 +1704,120 @@ class _Log:
                            *(reversed(bucket.rejected) for bucket in buckets), key=_entry_id, reverse=True)
 
 
+# ============================================================================ metrics
+#
+# Counts kept as plain numbers wherever things happen (a dict increment: cheap enough to keep
+# always), and gauges read from the relay when /metrics is asked; the Prometheus client only
+# writes the text, and is imported only then. Labels come from the config or a fixed set, never
+# from a request.
+
+
+class _Histogram:
+    """Durations in seconds, counted into fixed buckets, as Prometheus histograms are."""
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative counts by upper bound, "+Inf" last."""
+        return list(zip([*map(str, self.BOUNDS), "+Inf"], itertools.accumulate(self.counts)))
+
+
+class _Metrics:
+    """The relay's counts since it started."""
+
+    def __init__(self) -> None:
+        self.received: Counter[str] = Counter()  # accepted webhooks, by bucket name
+        self.rejected: Counter[str] = Counter()  # refused ones, by _REJECTIONS
+        self.frames: Counter[str] = Counter()  # webhook frames queued to sockets, by bucket
+        self.cutoffs: Counter[str] = Counter()  # sockets the relay closed, by reason
+        self.auth_failures: Counter[str] = Counter()  # by kind: socket, api, metrics, locked_out
+        self.deliveries: Counter[tuple[str, str, str]] = Counter()  # bucket, output, outcome
+        self.delivery_seconds = _Histogram()  # a public output's delivery, retries included
+        self.ingest_seconds = _Histogram()  # a webhook's request, from its head to its acceptance
+
+
+_REJECTIONS = ("signature", "too_large", "unknown_input", "bad_path", "storage")
+
+
+def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
+    """The relay's metrics in the Prometheus text format, and its content type."""
+    import prometheus_client
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    metrics, buckets = relay.metrics, relay._store.buckets
+
+    class Collector(prometheus_client.registry.Collector):
+        def collect(self) -> Iterator[Any]:
+            family: Any = CounterMetricFamily("relay_lite_webhooks_received", "Webhooks accepted", labels=["bucket"])
+            for bucket in buckets:
+                family.add_metric([bucket.config.name], metrics.received[bucket.config.name])
+            yield family
+            family = CounterMetricFamily("relay_lite_webhooks_rejected", "Webhooks refused", labels=["reason"])
+            for reason in _REJECTIONS:
+                family.add_metric([reason], metrics.rejected[reason])
+            yield family
+            family = CounterMetricFamily("relay_lite_frames_sent", "Webhook frames queued to sockets",
+                                         labels=["bucket"])
+            for bucket in buckets:
+                family.add_metric([bucket.config.name], metrics.frames[bucket.config.name])
+            yield family
+            family = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
+            authenticated = sum(session.token is not None for session in relay._sessions)
+            family.add_metric(["connecting"], len(relay._sessions) - authenticated)
+            family.add_metric(["authenticated"], authenticated)
+            yield family
+            family = CounterMetricFamily("relay_lite_socket_cutoffs", "Sockets the relay closed",
+                                         labels=["reason"])
+            for reason in _CUTOFFS:
+                family.add_metric([reason], metrics.cutoffs[reason])
+            yield family
+            family = CounterMetricFamily("relay_lite_auth_failures", "Failed authentications", labels=["kind"])
+            for kind in ("socket", "api", "metrics", "locked_out"):
+                family.add_metric([kind], metrics.auth_failures[kind])
+            yield family
+            entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
+                                        labels=["bucket"])
+            size = GaugeMetricFamily("relay_lite_history_bytes", "Webhook log bytes kept", labels=["bucket"])
+            for bucket in buckets:
+                entries.add_metric([bucket.config.name], len(bucket.history))
+                size.add_metric([bucket.config.name], bucket.history_bytes)
+            yield entries
+            yield size
+            family = CounterMetricFamily("relay_lite_deliveries", "Deliveries to public outputs, ended",
+                                         labels=["bucket", "output", "outcome"])
+            for bucket in buckets:
+                for output in bucket.config.outputs:
+                    if not output.internal:
+                        for outcome in ("sent", "failed"):
+                            family.add_metric([bucket.config.name, output.name, outcome],
+                                              metrics.deliveries[bucket.config.name, output.name, outcome])
+            yield family
+            for name, text, histogram in (
+                    ("relay_lite_delivery_duration_seconds", "A public output's delivery, retries included",
+                     metrics.delivery_seconds),
+                    ("relay_lite_ingest_duration_seconds", "A webhook's request, from its head to its acceptance",
+                     metrics.ingest_seconds)):
+                yield HistogramMetricFamily(name, text, buckets=histogram.buckets(), sum_value=histogram.sum)
+            family = GaugeMetricFamily("relay_lite_build_info", "The relay_lite version", labels=["version"])
+            family.add_metric([__version__], 1)
+            yield family
+
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(Collector())
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+
+
+_CUTOFFS = ("too_slow", "send_timeout", "auth_timeout", "auth_failures", "busy", "no_auth")
+
+
 # ============================================================================ credentials
 #
 # Who a key and secret belong to, and how often an address may be wrong about it.
@@ -1734,6 +1863,15 @@ class _Credentials:
         if token is not None:
             self._charge(address, -1.0)
         return token
+
+    def check_other(self, address: str, given: str, expected: str) -> bool:
+        """Whether `given` is `expected`, a secret that is no token's (the metrics token), checked
+        in constant time and limited per address as tokens' secrets are."""
+        self._charge(address)
+        if hmac.compare_digest(_utf8(given), _utf8(expected)):
+            self._charge(address, -1.0)
+            return True
+        return False
 
     def _charge(self, address: str, failures: float = 1.0) -> None:
         """Count `failures` against `address` (negative: forgive them); raise _TooManyFailures,
@@ -1839,16 +1977,17 @@ class _Session:
             return
         server = self._relay.config.server
         if self._queued_bytes and self._queued_bytes + len(frame) > server.send_queue_bytes:
-            self._cut_off(f"over {server.send_queue_bytes} bytes waiting unread")
+            self._cut_off("too_slow", f"over {server.send_queue_bytes} bytes waiting unread")
             return
         try:
             self._frames_in.send_nowait(frame)
         except trio.WouldBlock:
-            self._cut_off(f"{server.send_queue_size} frames waiting unread")
+            self._cut_off("too_slow", f"{server.send_queue_size} frames waiting unread")
             return
         self._queued_bytes += len(frame)
 
-    def _cut_off(self, why: str) -> None:
+    def _cut_off(self, kind: str, why: str) -> None:
+        self._relay.metrics.cutoffs[kind] += 1
         self.close(CLOSE_POLICY, f"too slow: {why}; reconnect and read faster", drain=False)
 
     @property
@@ -1862,7 +2001,7 @@ class _Session:
     def stalled(self, timeout: float) -> None:
         """Its write got no _WRITE_STEP out for `timeout` seconds: cut it off now, mid-frame (no
         close frame can follow half a frame)."""
-        self._cut_off(f"nothing read for {timeout:g} s")
+        self._cut_off("send_timeout", f"nothing read for {timeout:g} s")
         self._writer.cancel()
 
     def _progressed(self) -> None:
@@ -1941,6 +2080,8 @@ class _Session:
         with trio.move_on_after(server.auth_timeout):
             self.token = await self._authenticate()
         if self.token is None:
+            if self.close_reason is None:
+                self._relay.metrics.cutoffs["auth_timeout"] += 1
             self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
             return
         self._relay._authenticated(self)
@@ -1966,10 +2107,13 @@ class _Session:
                 token = await self._relay._credentials.check(self._connection.address, frame.key, frame.secret)
             except _HashingBusy as error:
                 self._status("unauthorized", str(error))
+                self._relay.metrics.cutoffs["busy"] += 1
                 self.close(_CLOSE_TRY_AGAIN, "busy; try again later")
                 return None
             except _TooManyFailures as error:
                 self._status("unauthorized", str(error))
+                self._relay.metrics.auth_failures["locked_out"] += 1
+                self._relay.metrics.cutoffs["auth_failures"] += 1
                 self.close(CLOSE_POLICY, "too many failed authentications from this address")
                 return None
             if token is not None:
@@ -1978,10 +2122,13 @@ class _Session:
             self._relay._throttle.warning("auth", "failed authentication from %s (key %s)", self.peer,
                                           _shown(frame.key, 64))
             failures += 1
+            self._relay.metrics.auth_failures["socket"] += 1
             self._status("unauthorized", "invalid key or secret")
             if failures >= MAX_AUTH_ATTEMPTS:
+                self._relay.metrics.cutoffs["auth_failures"] += 1
                 self.close(CLOSE_POLICY, f"{failures} failed authentication attempts")
                 return None
+        self._relay.metrics.cutoffs["no_auth"] += 1
         self.close(CLOSE_POLICY, f"{MAX_FRAMES_BEFORE_AUTH} frames without authenticating")
         return None
 
@@ -2057,6 +2204,7 @@ class _Session:
             if self._queued_bytes and self._queued_bytes + len(frame) > most:
                 return  # enough queued; this one goes after the next write
             self.deliver(frame)
+            self._relay.metrics.frames[entry.bucket.name] += 1
             self._relay._sent(entry)
             replay.cursor, replay.sent = entry.id, replay.sent + 1
         if len(entries) < room:  # caught up: live from here
@@ -2646,9 +2794,11 @@ class _Forwarder:
                         nursery.start_soon(self._deliver, client, entry, in_flight)
 
     async def _deliver(self, client: httpx.AsyncClient, entry: _Entry, in_flight: trio.Semaphore) -> None:
+        started = trio.current_time()
         try:
             request = _outbound(entry.webhook, entry.destination, forwarded_for=entry.webhook.sender)
             answer = await _deliver(client, request, self._delivery)
+            self._relay.metrics.delivery_seconds.observe(trio.current_time() - started)
         except Exception as error:  # a bug, but not one that may stop the relay or this output
             logger.error("delivering webhook %s to %s failed", entry.id, _shown(entry.destination), exc_info=True)
             answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
@@ -2670,14 +2820,17 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
     async def receive_webhook(_rest: str) -> Response:
+        started = time.monotonic()
         raw_path = _text(request.scope["raw_path"])
         if not raw_path.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
             raw_path = urllib.parse.urlsplit(raw_path).path
         input_id, slash, extra = raw_path[len(WEBHOOK_PREFIX):].partition("/")
         found = relay._store.find_input(input_id)
         if found is None:
+            relay.metrics.rejected["unknown_input"] += 1
             return _plain(404, f"no input with id {input_id[:64]!r}")
         if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
+            relay.metrics.rejected["bad_path"] += 1
             return _plain(400, "the path after the input's URL must not have . or .. segments")
         body = await _request_body()
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
@@ -2691,6 +2844,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                                request.scope["headers"], body[:_REJECTED_BODY_KEPT], webhook.sender)
             relay._log.reject(bucket, input_, webhook, problem)
+            relay.metrics.rejected["signature"] += 1
             return _plain(401, f"signature check failed: {problem}")
         entries = relay._log.record(bucket, input_, webhook)
         hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
@@ -2699,7 +2853,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
         try:
             await relay._accept(bucket, webhook, entries)
         except StorageError as error:
+            relay.metrics.rejected["storage"] += 1
             return _plain(503, f"{error}; try again")
+        relay.metrics.received[bucket.config.name] += 1
+        relay.metrics.ingest_seconds.observe(time.monotonic() - started)
         if hold is not None:  # a held sender counts as pending: anyone may post to a holding input
             relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
             answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
@@ -2788,6 +2945,30 @@ def _make_app(relay: "Relay") -> QuartTrio:
             return _plain(503, f"the webhook log cannot be written: {relay._storage.failing}")
         return _plain(200, "ready")
 
+    if relay.config.metrics.enabled:
+
+        @app.route(METRICS_PATH, methods=["GET"])
+        async def metrics() -> Response:
+            expected = relay.config.metrics.token
+            if expected:
+                address = _address_key((request.scope.get("client") or ("?",))[0])
+                scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+                try:
+                    right = scheme.lower() == "bearer" and relay._credentials.check_other(address, given.strip(),
+                                                                                          expected)
+                except _TooManyFailures as error:
+                    relay.metrics.auth_failures["locked_out"] += 1
+                    response = _plain(429, str(error))
+                    response.headers["Retry-After"] = str(math.ceil(error.wait))
+                    return response
+                if not right:
+                    relay.metrics.auth_failures["metrics"] += 1
+                    response = _plain(401, "the metrics need Authorization: Bearer <[metrics] token>")
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="relay_lite metrics"'
+                    return response
+            text, content_type = _metrics_text(relay)
+            return Response(text, 200, content_type=content_type)
+
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
@@ -2797,6 +2978,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         description = error.description
         if error.code == 413:
             description = f"request bodies are limited to {relay.config.server.max_body_size} bytes (max_body_size)"
+            if request.path.startswith(WEBHOOK_PREFIX):
+                relay.metrics.rejected["too_large"] += 1
         return _plain(error.code or 500, description or error.name)
 
     return app
@@ -3175,6 +3358,7 @@ class Relay:
         self._storage = _Storage(config.storage.path) if config.storage.path else None
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
+        self.metrics = _Metrics()
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
@@ -3274,6 +3458,7 @@ class Relay:
             frame = wire_frame(entry.frame())  # framed once, for every subscriber
             for session in bucket.subscribers:
                 session.deliver(frame)
+            self.metrics.frames[bucket.config.name] += len(bucket.subscribers)
             if bucket.subscribers:
                 self._sent(entry)
         if frames < len(entries):
@@ -3333,6 +3518,7 @@ class Relay:
         """The relay's own delivery to a public output ended: its outcome goes in the log, and to
         a sender held for that output's answer."""
         entry.status = "sent" if 200 <= answer.status_code < 400 else "failed"
+        self.metrics.deliveries[entry.bucket.name, entry.output_name, entry.status] += 1
         self._log.answered(self._store.bucket_of(entry), entry, answer)
         if entry.hold is not None:
             entry.hold.offer(entry, answer)
@@ -3356,11 +3542,14 @@ class Relay:
         try:
             token = await self._credentials.check(address, key, secret) if key else None
         except _TooManyFailures as error:  # or _HashingBusy
+            if not isinstance(error, _HashingBusy):
+                self.metrics.auth_failures["locked_out"] += 1
             response = _json_error(503 if isinstance(error, _HashingBusy) else 429, str(error))
             response.headers["Retry-After"] = str(math.ceil(error.wait))
             return response
         if token is None:
             if key:
+                self.metrics.auth_failures["api"] += 1
                 self._throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
             response = _json_error(401, "authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
             response.headers["WWW-Authenticate"] = 'Basic realm="relay_lite"'
