@@ -4291,6 +4291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to listen on (overrides the file)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (overrides the file)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line: time, level, logger, message (and exception)")
     parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
@@ -4310,7 +4312,10 @@ def main(argv: list[str] | None = None) -> int:
                     "the app's answer). Key and secret come from RELAY_KEY and RELAY_SECRET, or --key and "
                     "--secret. HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE apply to the app's requests."))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLines() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.log_level != "debug":  # a line per request: the relay and the agent say what matters themselves
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -4354,6 +4359,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{getattr(failure, 'strerror', None) or failure}", file=sys.stderr)
         return 1
     return 0
+
+
+class _JsonLines(logging.Formatter):
+    """A log record as one JSON object on one line, for a log collector: "time" (RFC 3339, UTC,
+    milliseconds), "level" (lower case), "logger", "message", and "exception" when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                    timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 def _check(path: str | None) -> int:

@@ -130,6 +130,23 @@ def test_check_says_whether_a_config_is_good_as_a_start_would(tmp_path):
     assert run("check").returncode == 2
 
 
+async def test_log_format_json_writes_one_object_per_line(tmp_path):
+    err = tmp_path / "stderr"
+    with open(err, "wb") as file:
+        process, banner = await start("--log-format", "json", "--port", "0", stderr=file)
+    try:
+        curl = re.search(r"curl .*", banner).group(0)
+        async with httpx.AsyncClient() as http:
+            assert (await http.post(curl.split()[-1], content="line\nbreak \u2603")).status_code == 200
+    finally:
+        assert await stop(process) == 0
+    lines = [json.loads(line) for line in err.read_text().splitlines()]
+    assert lines and all(set(line) == {"time", "level", "logger", "message"} for line in lines)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
+    assert any(line["message"].startswith("webhook ") and line["level"] == "info" for line in lines)
+    assert lines[-1]["message"].startswith("shutting down")
+
+
 def test_missing_config_file_exits_2(tmp_path):
     result = run("--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
