@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import relay_lite
 
 from app_server import running_app
-from conftest import GITHUB_INPUT, KEY, SECRET, eventually, post, relay_config, subscriber
+from conftest import KEY, eventually, post, relay_config, subscriber
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 
