@@ -347,6 +347,9 @@ class ServerConfig:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
     auth_failures_per_minute: int = DEFAULT_AUTH_FAILURES_PER_MINUTE
+    # TLS on the one port (https and wss): a PEM certificate chain and its key
+    certfile: str = ""
+    keyfile: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,6 +583,14 @@ def _checked(config: Config) -> Config:
     _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
              f"must be 1 to max_connections ({max_connections}), got {max_pending}")
     server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
+    _require(bool(server.certfile) == bool(server.keyfile), "server.certfile" if server.keyfile else "server.keyfile",
+             "TLS needs both certfile and keyfile")
+    if server.certfile:
+        try:
+            _tls_context(server)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
+                              f"{getattr(error, 'strerror', None) or error}") from None
     _require(
         not server.public_url or server.public_url.startswith(("http://", "https://")),
         "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
@@ -3299,19 +3310,20 @@ class _ConnectionStream(trio.abc.Stream):
     for good, in CLOSE-WAIT once its peer left.
     """
 
-    def __init__(self, stream: trio.SocketStream, head: bytes, connection: "_Connection") -> None:
-        self._stream = stream
+    def __init__(self, stream: trio.abc.Stream, head: bytes, connection: "_Connection",
+                 raw: trio.SocketStream) -> None:
+        self._stream = stream  # the socket stream, or the TLS stream over it
         self._head = head
         self._connection = connection
-        self.socket = stream.socket  # Hypercorn reads the peer's address from it
-        self.send_all = stream.send_all  # type: ignore[method-assign]
+        self.socket = raw.socket  # Hypercorn reads the peer's address from it
+        self.send_all = stream.send_all  # type: ignore[method-assign, assignment]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()
         size = len(self._head) if max_bytes is None else max_bytes
         data, self._head = self._head[:size], self._head[size:]
         if not self._head:
-            self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
+            self.receive_some = self._stream.receive_some  # type: ignore[method-assign, assignment]
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
@@ -3327,6 +3339,35 @@ class _ConnectionStream(trio.abc.Stream):
     async def aclose(self) -> None:
         self._connection.closing()
         await trio.lowlevel.checkpoint()
+
+
+class _TLSConnectionStream(_ConnectionStream):
+    """A connection's TLS stream, its handshake done, as Hypercorn tells one: it then gives the
+    app "https" as the scheme."""
+
+    def __init__(self, stream: trio.SSLStream, head: bytes, connection: "_Connection",
+                 raw: trio.SocketStream) -> None:
+        super().__init__(stream, head, connection, raw)
+        self.transport_stream = raw
+
+    async def do_handshake(self) -> None:
+        await trio.lowlevel.checkpoint()  # done already
+
+    def selected_alpn_protocol(self) -> str:
+        return "http/1.1"
+
+
+def _tls_context(server: ServerConfig) -> ssl.SSLContext:
+    """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.certfile, server.keyfile)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+_TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
+_PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                      b"Content-Length: 45\r\n\r\nthis port speaks TLS: use https:// or wss://\n")
 
 
 def _shut_down(stream: trio.SocketStream) -> None:
@@ -3348,7 +3389,8 @@ class Relay:
         self.config = config
         self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
         self.port = 0
-        self.url = ""  # http://HOST:PORT
+        self.url = ""  # http://HOST:PORT, or https://
+        self._tls = _tls_context(config.server) if config.server.certfile else None
         self._store = _Store(config)
         self._credentials = _Credentials(config)
         for bucket in self._store.buckets:
@@ -3616,7 +3658,8 @@ class Relay:
             listeners = await _listen(server.host, server.port)
             host, self.port = listeners[0].socket.getsockname()[:2]
             self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-            self.url = f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
+            scheme = "https" if self._tls else "http"
+            self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
             logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
 
             handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
@@ -3668,10 +3711,18 @@ class Relay:
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                   min(int(self.config.server.send_timeout * 1000), 2**31 - 1))  # a C int of ms
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
-                head = await _read_request_head(stream, self.config.server.max_header_bytes)
+                messages: trio.abc.Stream = stream
+                if self._tls is not None:
+                    tls = await self._tls_handshake(stream, connection)
+                    if tls is None:
+                        return
+                    messages = tls
+                head = await _read_request_head(messages, self.config.server.max_header_bytes)
                 if not head or head.startswith(_HTTP2_PREFACE):
                     return  # HTTP/1.1 only: see _asgi
-                replay = _ConnectionStream(stream, head, connection)
+                replay = (_TLSConnectionStream(messages, head, connection, stream)
+                          if isinstance(messages, trio.SSLStream) else
+                          _ConnectionStream(messages, head, connection, stream))
                 if _is_socket_upgrade(head):
                     await self._serve_socket(replay, connection)
                 else:
@@ -3690,6 +3741,26 @@ class Relay:
         finally:
             self._connections.closed(connection)
             await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
+
+    async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
+        """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP
+        (which gets a 400 saying to use https)."""
+        assert self._tls is not None
+        first = await stream.receive_some(_RECEIVE_SIZE)
+        if not first:
+            return None
+        if first[0] != _TLS_HANDSHAKE_RECORD:
+            if first[:1].isalpha():  # a request line: http:// on a TLS port
+                await stream.send_all(_PLAIN_HTTP_ON_TLS)
+            return None
+        tls = trio.SSLStream(_ConnectionStream(stream, first, connection, stream), self._tls, server_side=True,
+                             https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as error:  # not TLS after all, or a certificate the client refused
+            logger.debug("TLS handshake with %s failed: %s", connection.peer, error.__cause__ or error)
+            return None
+        return tls
 
     async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
         try:

@@ -1,0 +1,100 @@
+"""TLS on the one port (issue 11): https for webhooks and the logs API, wss for sockets, with a
+certificate made in the test (trustme); plain http on the TLS port gets a clear 400."""
+
+import json
+import logging
+import ssl
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+import trustme
+
+import relay_lite
+
+from conftest import GITHUB_INPUT, KEY, SECRET, relay_config
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_config(ca, tmp_path):
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return relay_config(certfile=str(certfile), keyfile=str(keyfile))
+
+
+@pytest.fixture
+def client_tls(ca):
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_webhooks_sockets_and_the_logs_api_over_tls(tls_config, client_tls):
+    async with relay_lite.open_relay(tls_config) as relay:
+        assert relay.url.startswith("https://127.0.0.1:") and relay.socket_url.startswith("wss://")
+        async with trio_websocket.open_websocket_url(relay.socket_url, ssl_context=client_tls) as ws:
+            await ws.send_message(json.dumps({"action": "auth", "key": KEY, "secret": SECRET}))
+            assert json.loads(await ws.get_message())["status"] == "authenticated"
+            await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["github"]}))
+            assert json.loads(await ws.get_message())["status"] == "subscribed"
+            async with httpx.AsyncClient(base_url=relay.url, verify=client_tls, auth=(KEY, SECRET)) as http:
+                sent = await http.post(f"/v1/webhooks/{GITHUB_INPUT}/x?y=1", content=b'{"over": "tls"}')
+                frame = json.loads(await ws.get_message())
+                logs = (await http.get("/v1/logs", params={"bucket": "github"})).json()
+    assert sent.status_code == 200
+    assert (frame["body"], frame["query"], frame["meta"]["output_destination"]) == ('{"over": "tls"}', "y=1", "/x")
+    assert logs["total"] == 1
+
+
+async def test_plain_http_on_the_tls_port_gets_a_clear_400_not_a_hang(tls_config, client_tls):
+    async with relay_lite.open_relay(tls_config) as relay:
+        plain = relay.url.replace("https://", "http://")
+        async with httpx.AsyncClient() as http:
+            with trio.fail_after(5):
+                response = await http.post(f"{plain}/v1/webhooks/{GITHUB_INPUT}", content=b"{}")
+        assert (response.status_code, response.text) == (400, "this port speaks TLS: use https:// or wss://\n")
+        with trio.fail_after(5):  # a WebSocket client too: refused at once
+            with pytest.raises(trio_websocket.HandshakeError):
+                async with trio_websocket.open_websocket_url(relay.socket_url.replace("wss://", "ws://")):
+                    pass
+        async with httpx.AsyncClient(verify=client_tls) as http:  # and the relay goes on
+            assert (await http.post(f"{relay.url}/v1/webhooks/{GITHUB_INPUT}", content=b"{}")).status_code == 200
+
+
+async def test_a_client_that_refuses_the_certificate_or_sends_garbage_costs_nothing(tls_config, client_tls, caplog):
+    async with relay_lite.open_relay(tls_config) as relay:
+        async with httpx.AsyncClient() as untrusting:  # the system's CAs: trustme's is not among them
+            with pytest.raises(httpx.ConnectError):
+                await untrusting.get(f"{relay.url}/healthz")
+        for garbage in (b"\x16\x03\x01\x00\x05hello", b"\x00" * 100):
+            stream = await trio.open_tcp_stream(relay.host, relay.port)
+            await stream.send_all(garbage)
+            with trio.fail_after(10):
+                try:
+                    while await stream.receive_some():
+                        pass
+                except trio.BrokenResourceError:
+                    pass  # a reset: as good as a close
+            await stream.aclose()
+        async with httpx.AsyncClient(verify=client_tls) as http:
+            assert (await http.get(f"{relay.url}/healthz")).status_code == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("server, error", [
+    ({"certfile": "cert.pem"}, "server.keyfile: TLS needs both certfile and keyfile"),
+    ({"keyfile": "key.pem"}, "server.certfile: TLS needs both certfile and keyfile"),
+    ({"certfile": "/nonexistent/cert.pem", "keyfile": "/nonexistent/key.pem"},
+     "server.certfile: cannot load /nonexistent/cert.pem with /nonexistent/key.pem: No such file"),
+])
+def test_tls_settings_that_cannot_work_are_refused_at_start(server, error):
+    with pytest.raises(relay_lite.ConfigError, match=error):
+        relay_lite.load_config(relay_config(**server))
