@@ -350,6 +350,8 @@ class ServerConfig:
     # TLS on the one port (https and wss): a PEM certificate chain and its key
     certfile: str = ""
     keyfile: str = ""
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -583,6 +585,9 @@ def _checked(config: Config) -> Config:
     _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
              f"must be 1 to max_connections ({max_connections}), got {max_pending}")
     server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
+    for n, proxy in enumerate(server.trusted_proxies):
+        _require(_network(proxy) is not None, f"server.trusted_proxies[{n}]",
+                 f"must be an IP address or network, got {_shown(proxy, 60)!r}")
     _require(bool(server.certfile) == bool(server.keyfile), "server.certfile" if server.keyfile else "server.keyfile",
              "TLS needs both certfile and keyfile")
     if server.certfile:
@@ -1366,6 +1371,54 @@ def _is_header_value(value: str) -> bool:
 _HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
 
 
+def client_address(peer: str, forwarded_for: Iterable[str], trusted: Iterable["_IPNetwork"]) -> str:
+    """The address a request came from: its peer's, or, when the peer is a trusted proxy, the
+    nearest address in its X-Forwarded-For values that is not a trusted proxy too (each proxy
+    appends the address it was reached from, so the ones to its right are the trusted ones').
+    An entry that is not an address stops the walk at the proxy that wrote it."""
+    trusted = tuple(trusted)
+    nearest = peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    for hop in [peer, *reversed(hops)]:
+        address = _ip(hop)
+        if address is None:
+            return nearest
+        nearest = str(address)
+        if not any(address in network for network in trusted):
+            return nearest
+    return nearest
+
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.removeprefix("[").removesuffix("]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _network(text: str) -> "_IPNetwork | None":
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+def _head_values(head: bytes, name: bytes) -> list[str]:
+    """The values of header `name` (lower case) in a request's raw head."""
+    values = []
+    for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        key, colon, value = line.partition(b":")
+        if colon and key.strip().lower() == name:
+            values.append(value.strip().decode("latin-1"))
+    return values
+
+
 # ---------------------------------------------------------------------------- signatures
 #
 # An input with `verify` relays only webhooks whose signature one of its secrets made. Each scheme
@@ -2115,7 +2168,7 @@ class _Session:
                 self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
             try:
-                token = await self._relay._credentials.check(self._connection.address, frame.key, frame.secret)
+                token = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
             except _HashingBusy as error:
                 self._status("unauthorized", str(error))
                 self._relay.metrics.cutoffs["busy"] += 1
@@ -2150,7 +2203,7 @@ class _Session:
             if isinstance(frame, _Subscribe):
                 self._subscribe(frame)
             elif isinstance(frame, _Auth):
-                if await self._relay._credentials.check(self._connection.address, frame.key,
+                if await self._relay._credentials.check(self._connection.client, frame.key,
                                                         frame.secret) is not self.token:
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
@@ -2631,8 +2684,10 @@ def _outbound(webhook: Webhook, destination: str, forwarded_for: str = "") -> _R
                if not _is_connection_header(name, connection_headers) for value in values]
     if forwarded_for:
         prior = ", ".join(webhook.headers.get("X-Forwarded-For", []))
+        if prior.rpartition(",")[2].strip() != forwarded_for:  # else a trusted proxy added the sender already
+            prior = f"{prior}, {forwarded_for}" if prior else forwarded_for
         headers = [(name, value) for name, value in headers if name != "X-Forwarded-For"]
-        headers.append(("X-Forwarded-For", f"{prior}, {forwarded_for}" if prior else forwarded_for))
+        headers.append(("X-Forwarded-For", prior))
     return _Request(webhook.method, _quoted_target(url), headers, webhook.body_bytes)
 
 
@@ -2845,7 +2900,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
             return _plain(400, "the path after the input's URL must not have . or .. segments")
         body = await _request_body()
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
-                                       request.scope["headers"], body, (request.scope.get("client") or ("",))[0])
+                                       request.scope["headers"], body, relay._client())
         bucket, input_ = found
         if input_.verify is not None and (problem := check_signature(input_.verify, webhook.headers, body,
                                                                      time.time())):
@@ -2962,7 +3017,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         async def metrics() -> Response:
             expected = relay.config.metrics.token
             if expected:
-                address = _address_key((request.scope.get("client") or ("?",))[0])
+                address = _address_key(relay._client())
                 scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
                 try:
                     right = scheme.lower() == "bearer" and relay._credentials.check_other(address, given.strip(),
@@ -3090,13 +3145,14 @@ class _Connection:
     """One connection: its peer, its deadline (a cancel scope around all of its serving), and
     whether it is pending: neither an authenticated socket nor a request being answered."""
 
-    __slots__ = ("stream", "address", "peer", "scope", "head_start", "pending", "requests", "is_closing",
+    __slots__ = ("stream", "address", "peer", "client", "scope", "head_start", "pending", "requests", "is_closing",
                  "ended_by", "http")
 
     def __init__(self, stream: trio.SocketStream, address: str, peer: str, deadline: float) -> None:
         self.stream = stream
         self.address = address  # what max_pending_per_ip counts by: an IPv4 address or an IPv6 /64
         self.peer = peer  # host:port, for log lines
+        self.client = address  # what failed authentications count by: `address`, or behind a trusted proxy its client's
         self.scope = trio.CancelScope(deadline=deadline)
         self.head_start = trio.current_time()  # when its next request's head began, at the latest
         self.pending = False
@@ -3391,6 +3447,7 @@ class Relay:
         self.port = 0
         self.url = ""  # http://HOST:PORT, or https://
         self._tls = _tls_context(config.server) if config.server.certfile else None
+        self._trusted = tuple(network for network in map(_network, config.server.trusted_proxies) if network)
         self._store = _Store(config)
         self._credentials = _Credentials(config)
         for bucket in self._store.buckets:
@@ -3568,10 +3625,16 @@ class Relay:
         logger.info("delivered webhook %s to %s: %s after %d retries", entry.id, _shown(entry.destination),
                     answer.status_code or _shown(answer.body.decode(errors="replace")), answer.retries)
 
+    def _client(self) -> str:
+        """The address the HTTP request being served came from (see trusted_proxies)."""
+        peer = (request.scope.get("client") or ("",))[0]
+        return client_address(peer, request.headers.getlist("X-Forwarded-For"), self._trusted) if self._trusted \
+            else peer
+
     async def _api_token(self) -> TokenConfig | Response:
         """The token of the logs API request being served (HTTP Basic key:secret, or Bearer
         <secret>), or the answer for a request without one: 401, or 429."""
-        address = _address_key((request.scope.get("client") or ("?",))[0])
+        address = _address_key(self._client())
         scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
         key, secret = "", ""
         if scheme.lower() == "bearer":
@@ -3724,6 +3787,10 @@ class Relay:
                           if isinstance(messages, trio.SSLStream) else
                           _ConnectionStream(messages, head, connection, stream))
                 if _is_socket_upgrade(head):
+                    if self._trusted:
+                        peer = (stream.socket.getpeername() or ("",))[0]
+                        connection.client = _address_key(client_address(
+                            peer, _head_values(head, b"x-forwarded-for"), self._trusted))
                     await self._serve_socket(replay, connection)
                 else:
                     connection.http = True

@@ -1,13 +1,23 @@
 """The README's recipes for running relay_lite for real (issue 11), tried as far as this machine
 allows."""
 
+import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
+import trio_websocket
+from hypothesis import given, strategies as st
+
+import relay_lite
+from conftest import GITHUB_INPUT, KEY, SECRET, relay_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,3 +39,133 @@ def test_the_systemd_unit_passes_systemd_analyze_verify_without_a_warning(tmp_pa
     path.write_text(unit.replace("/opt/relay_lite/.venv/bin/relay-lite", str(console_script)))
     verified = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+
+
+# ---------------------------------------------------------------------------- behind a reverse proxy
+
+LOOPBACK = [relay_lite._network("127.0.0.0/8")]
+
+
+@pytest.mark.parametrize("peer, forwarded, trusted, client", [
+    ("127.0.0.1", ["203.0.113.7"], LOOPBACK, "203.0.113.7"),  # one proxy
+    ("127.0.0.1", ["198.51.100.1, 203.0.113.7"], LOOPBACK, "203.0.113.7"),  # the client's own claim is not taken
+    ("127.0.0.1", ["203.0.113.7", "10.0.0.2"], LOOPBACK + [relay_lite._network("10.0.0.0/8")], "203.0.113.7"),
+    ("192.0.2.1", ["203.0.113.7"], LOOPBACK, "192.0.2.1"),  # not a trusted proxy: its header means nothing
+    ("127.0.0.1", [], LOOPBACK, "127.0.0.1"),
+    ("127.0.0.1", ["not-an-address"], LOOPBACK, "127.0.0.1"),  # a proxy that wrote garbage is as far as it goes
+    ("127.0.0.1", ["[2001:db8::1]"], LOOPBACK, "2001:db8::1"),
+    ("::ffff:127.0.0.1", ["203.0.113.7"], LOOPBACK, "203.0.113.7"),
+    ("127.0.0.1", ["127.0.0.2"], LOOPBACK, "127.0.0.2"),  # every hop trusted: the farthest
+])
+def test_the_client_is_the_nearest_untrusted_address(peer, forwarded, trusted, client):
+    assert relay_lite.client_address(peer, forwarded, trusted) == client
+
+
+@given(forwarded=st.lists(st.text(max_size=40), max_size=4))
+def test_any_forwarded_for_gives_the_peer_or_an_address(forwarded):
+    client = relay_lite.client_address("127.0.0.1", forwarded, LOOPBACK)
+    assert client == "127.0.0.1" or relay_lite._ip(client) is not None
+
+
+def test_a_trusted_proxy_that_is_no_address_is_refused():
+    with pytest.raises(relay_lite.ConfigError, match=r"server.trusted_proxies\[1\]: must be an IP address"):
+        relay_lite.load_config(relay_config(trusted_proxies=["10.0.0.0/8", "proxy.example"]))
+
+
+async def test_behind_a_trusted_proxy_the_sender_and_the_lockout_are_the_clients():
+    async with relay_lite.open_relay(relay_config(trusted_proxies=["127.0.0.1"])) as relay:
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            sent = await http.post(f"/v1/webhooks/{GITHUB_INPUT}", content="hi",
+                                   headers={"X-Forwarded-For": "203.0.113.7"})
+            log = (await http.get("/v1/logs", auth=(KEY, SECRET), headers={"X-Forwarded-For": "203.0.113.8"})).json()
+            guesses = [(await http.get("/v1/logs", auth=(KEY, "wrong"),
+                                       headers={"X-Forwarded-For": "198.51.100.1"})).status_code for _ in range(12)]
+            other = await http.get("/v1/logs", auth=(KEY, SECRET), headers={"X-Forwarded-For": "198.51.100.2"})
+        headers = [(b"X-Forwarded-For", b"198.51.100.1")]
+        async with trio_websocket.open_websocket_url(relay.socket_url, extra_headers=headers) as locked:
+            await locked.send_message('{"action":"auth","key":"%s","secret":"%s"}' % (KEY, SECRET))
+            locked_out = json.loads(await locked.get_message())
+    assert sent.status_code == 200 and log["data"][0]["ip_address"] == "203.0.113.7"
+    assert guesses[-1] == 429 and other.status_code == 200  # one client's guesses lock out that client only
+    assert locked_out["status"] == "unauthorized" and "try again" in locked_out["message"]
+
+
+async def test_without_trusted_proxies_forwarded_for_is_only_a_header():
+    async with relay_lite.open_relay(relay_config()) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        await http.post(f"/v1/webhooks/{GITHUB_INPUT}", content="hi", headers={"X-Forwarded-For": "203.0.113.7"})
+        log = (await http.get("/v1/logs", auth=(KEY, SECRET))).json()["data"][0]
+    assert log["ip_address"] == "127.0.0.1" and log["headers"]["X-Forwarded-For"] == ["203.0.113.7"]
+
+
+@pytest.fixture
+def nginx_conf(tmp_path):
+    """The README's nginx block, as written but for its ports and certificate, in a config that
+    runs nginx in the foreground with everything under tmp_path; returns (write(relay_port), ca)."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (.ci/run installs Debian's package)")
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    site = readme_block("### Behind nginx or Caddy", "nginx")
+
+    def write(relay_port: int, port: int) -> Path:
+        block = (site.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+                 .replace("/etc/letsencrypt/live/relay.example.com/fullchain.pem", str(tmp_path / "cert.pem"))
+                 .replace("/etc/letsencrypt/live/relay.example.com/privkey.pem", str(tmp_path / "key.pem"))
+                 .replace("proxy_pass http://127.0.0.1:8080;", f"proxy_pass http://127.0.0.1:{relay_port};"))
+        assert block != site and f":{relay_port}" in block
+        temp = "\n".join(f"{kind}_temp_path {tmp_path}/{kind};" for kind in ("client_body", "proxy", "fastcgi",
+                                                                             "uwsgi", "scgi"))
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(f"daemon off;\nmaster_process off;\npid {tmp_path}/nginx.pid;\nerror_log stderr warn;\n"
+                        f"events {{ worker_connections 64; }}\nhttp {{\naccess_log off;\n{temp}\n{block}\n}}\n")
+        return conf
+
+    return write, ca
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_the_nginx_recipe_carries_webhooks_and_sockets_and_the_clients_address(nginx_conf, tmp_path):
+    write, ca = nginx_conf
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    async with relay_lite.open_relay(relay_config(trusted_proxies=["127.0.0.1"])) as relay:
+        port = free_port()
+        conf = write(relay.port, port)
+        with open(tmp_path / "nginx.err", "wb") as err:
+            nginx = await trio.lowlevel.open_process(["nginx", "-p", str(tmp_path), "-c", str(conf)], stderr=err)
+        try:
+            proxied = f"https://127.0.0.1:{port}"
+            async with httpx.AsyncClient(verify=client_tls) as http:
+                with trio.fail_after(10):
+                    while True:  # until nginx listens
+                        try:
+                            await http.get(f"{proxied}/healthz")
+                            break
+                        except httpx.ConnectError:
+                            await trio.sleep(0.05)
+                async with trio_websocket.open_websocket_url(f"wss://127.0.0.1:{port}/v1/socket",
+                                                             ssl_context=client_tls) as ws:
+                    await ws.send_message(json.dumps({"action": "auth", "key": KEY, "secret": SECRET}))
+                    assert json.loads(await ws.get_message())["status"] == "authenticated"
+                    await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["github"]}))
+                    assert json.loads(await ws.get_message())["status"] == "subscribed"
+                    sent = await http.post(f"{proxied}/v1/webhooks/{GITHUB_INPUT}/path?q=1", content=b'{"via": "nginx"}',
+                                           headers={"X-Forwarded-For": "203.0.113.9"})
+                    with trio.fail_after(10):
+                        frame = json.loads(await ws.get_message())
+                log = (await http.get(f"{proxied}/v1/logs", auth=(KEY, SECRET))).json()["data"][0]
+        finally:
+            nginx.kill()
+            await nginx.wait()
+    assert sent.status_code == 200
+    assert (frame["body"], frame["query"], frame["meta"]["output_destination"]) == ('{"via": "nginx"}', "q=1", "/path")
+    assert log["ip_address"] == "203.0.113.9"  # nginx appended 127.0.0.1, which the relay trusts
+    assert frame["headers"]["X-Forwarded-For"] == ["203.0.113.9, 127.0.0.1"]
