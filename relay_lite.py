@@ -1818,35 +1818,29 @@ def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
 
     metrics, buckets = relay.metrics, relay._store.buckets
 
+    names = [bucket.config.name for bucket in buckets]
+
+    def counter(name: str, text: str, label: str, keys: Iterable[str], counts: Counter[str]) -> Any:
+        family = CounterMetricFamily(name, text, labels=[label])
+        for key in keys:
+            family.add_metric([key], counts[key])
+        return family
+
     class Collector(prometheus_client.registry.Collector):
         def collect(self) -> Iterator[Any]:
-            family: Any = CounterMetricFamily("relay_lite_webhooks_received", "Webhooks accepted", labels=["bucket"])
-            for bucket in buckets:
-                family.add_metric([bucket.config.name], metrics.received[bucket.config.name])
-            yield family
-            family = CounterMetricFamily("relay_lite_webhooks_rejected", "Webhooks refused", labels=["reason"])
-            for reason in _REJECTIONS:
-                family.add_metric([reason], metrics.rejected[reason])
-            yield family
-            family = CounterMetricFamily("relay_lite_frames_sent", "Webhook frames queued to sockets",
-                                         labels=["bucket"])
-            for bucket in buckets:
-                family.add_metric([bucket.config.name], metrics.frames[bucket.config.name])
-            yield family
-            family = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
+            yield counter("relay_lite_webhooks_received", "Webhooks accepted", "bucket", names, metrics.received)
+            yield counter("relay_lite_webhooks_rejected", "Webhooks refused", "reason", _REJECTIONS, metrics.rejected)
+            yield counter("relay_lite_frames_sent", "Webhook frames queued to sockets", "bucket", names,
+                          metrics.frames)
+            yield counter("relay_lite_socket_cutoffs", "Sockets the relay closed", "reason", _CUTOFFS,
+                          metrics.cutoffs)
+            yield counter("relay_lite_auth_failures", "Failed authentications", "kind", _AUTH_FAILURES,
+                          metrics.auth_failures)
+            sockets = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
             authenticated = sum(session.token is not None for session in relay._sessions)
-            family.add_metric(["connecting"], len(relay._sessions) - authenticated)
-            family.add_metric(["authenticated"], authenticated)
-            yield family
-            family = CounterMetricFamily("relay_lite_socket_cutoffs", "Sockets the relay closed",
-                                         labels=["reason"])
-            for reason in _CUTOFFS:
-                family.add_metric([reason], metrics.cutoffs[reason])
-            yield family
-            family = CounterMetricFamily("relay_lite_auth_failures", "Failed authentications", labels=["kind"])
-            for kind in ("socket", "api", "metrics", "locked_out"):
-                family.add_metric([kind], metrics.auth_failures[kind])
-            yield family
+            sockets.add_metric(["connecting"], len(relay._sessions) - authenticated)
+            sockets.add_metric(["authenticated"], authenticated)
+            yield sockets
             entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
                                         labels=["bucket"])
             size = GaugeMetricFamily("relay_lite_history_bytes", "Webhook log bytes kept", labels=["bucket"])
@@ -1855,24 +1849,24 @@ def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
                 size.add_metric([bucket.config.name], bucket.history_bytes)
             yield entries
             yield size
-            family = CounterMetricFamily("relay_lite_deliveries", "Deliveries to public outputs, ended",
-                                         labels=["bucket", "output", "outcome"])
+            deliveries = CounterMetricFamily("relay_lite_deliveries", "Deliveries to public outputs, ended",
+                                             labels=["bucket", "output", "outcome"])
             for bucket in buckets:
                 for output in bucket.config.outputs:
                     if not output.internal:
                         for outcome in ("sent", "failed"):
-                            family.add_metric([bucket.config.name, output.name, outcome],
-                                              metrics.deliveries[bucket.config.name, output.name, outcome])
-            yield family
+                            deliveries.add_metric([bucket.config.name, output.name, outcome],
+                                                  metrics.deliveries[bucket.config.name, output.name, outcome])
+            yield deliveries
             for name, text, histogram in (
                     ("relay_lite_delivery_duration_seconds", "A public output's delivery, retries included",
                      metrics.delivery_seconds),
                     ("relay_lite_ingest_duration_seconds", "A webhook's request, from its head to its acceptance",
                      metrics.ingest_seconds)):
                 yield HistogramMetricFamily(name, text, buckets=histogram.buckets(), sum_value=histogram.sum)
-            family = GaugeMetricFamily("relay_lite_build_info", "The relay_lite version", labels=["version"])
-            family.add_metric([__version__], 1)
-            yield family
+            build = GaugeMetricFamily("relay_lite_build_info", "The relay_lite version", labels=["version"])
+            build.add_metric([__version__], 1)
+            yield build
 
     registry = prometheus_client.CollectorRegistry()
     registry.register(Collector())
@@ -1880,6 +1874,7 @@ def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
 
 
 _CUTOFFS = ("too_slow", "send_timeout", "auth_timeout", "auth_failures", "busy", "no_auth")
+_AUTH_FAILURES = ("socket", "api", "metrics", "locked_out")
 
 
 # ============================================================================ credentials
