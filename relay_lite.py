@@ -240,6 +240,7 @@ _DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log
 _FORWARD_BATCH = 64  # log entries a forwarder takes up at a time
 _REJECTED_KEPT = 50  # webhooks refused by a signature check each bucket keeps for the logs API...
 _REJECTED_BODY_KEPT = 16 * 2**10  # ...with this much of each body
+_NONCES_KEPT = 10_000  # signatures (with timestamps) each input remembers, to refuse replays
 _BACKOFF_FIRST, _BACKOFF_MOST = 1.0, 60.0  # seconds before the first retry, and before any
 _RETRY_AFTER_MOST = 600.0  # seconds of a destination's Retry-After honoured at most
 _RECONNECT_FIRST, _RECONNECT_MOST = 1.0, 30.0  # seconds the agent waits to reconnect, at first and at most
@@ -593,7 +594,7 @@ def _checked(config: Config) -> Config:
     if server.certfile:
         try:
             _tls_context(server)
-        except (OSError, ssl.SSLError) as error:
+        except (OSError, ssl.SSLError, ConfigError) as error:
             raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
                               f"{getattr(error, 'strerror', None) or error}") from None
     _require(
@@ -681,6 +682,9 @@ def _checked(config: Config) -> Config:
                 _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
     if config.metrics.token:
         _check_secret(config.metrics.token, "metrics.token")
+    elif config.metrics.enabled and server.host not in ("127.0.0.1", "::1", "localhost"):
+        logger.warning("metrics are enabled without a token on %s: anyone who reaches it reads them, bucket "
+                       "and output names included ([metrics] token)", server.host)
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
              "metrics.enabled", "needs the Prometheus client: pip install 'relay-lite[metrics]'")
     return dataclasses.replace(config, server=server, buckets=tuple(buckets))
@@ -1466,13 +1470,54 @@ def _matches(given: Iterable[str], expected: Iterable[bytes]) -> bool:
 
 
 def _timestamp_problem(text: str, verify: VerifyConfig, now: float, header: str) -> str:
-    try:
-        stamp = int(text)
-    except ValueError:
+    if not (text.isascii() and text.isdigit() and len(text) <= 12):  # 12 digits: the year 33658
         return f"{header} is not a Unix time"
+    stamp = int(text)
     if abs(now - stamp) > verify.tolerance:
         return f"{header} is {abs(now - stamp):.0f} s off (tolerance {verify.tolerance:g} s): a replay, or a clock"
     return ""
+
+
+def signature_nonce(verify: VerifyConfig, headers: Mapping[str, list[str]]) -> tuple[str, int] | None:
+    """For a scheme whose signature covers a timestamp, what tells a webhook from a replay of
+    it (the signature, or Standard Webhooks' message id), and that timestamp; None for the
+    others, which a replay passes. Only for a webhook whose signature passed."""
+    lookup = _HeaderLookup(headers)
+    if verify.scheme == "stripe":
+        value = lookup.get("Stripe-Signature")[1]
+        stamp = next((item.strip()[2:] for item in value.split(",") if item.strip().startswith("t=")), "")
+    elif verify.scheme == "slack":
+        value, stamp = lookup.get("X-Slack-Signature")[1], lookup.get("X-Slack-Request-Timestamp")[1]
+    elif verify.scheme == "standard-webhooks":
+        value = lookup.get("webhook-id", "svix-id")[1]
+        stamp = lookup.get("webhook-timestamp", "svix-timestamp")[1]
+    else:
+        return None
+    return (value, int(stamp)) if stamp.isascii() and stamp.isdigit() and len(stamp) <= 12 else None
+
+
+class _Replays:
+    """Nonces (see signature_nonce) of the webhooks an input accepted, each until its timestamp
+    is past the tolerance, when the signature check refuses a replay anyway; the newest
+    _NONCES_KEPT of each input, so a flood of signed webhooks costs bounded memory."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, dict[str, float]] = {}  # input id -> nonce -> until when, oldest first
+
+    def replayed(self, input_id: str, nonce: str, now: float) -> bool:
+        """Whether a webhook with `nonce` was accepted before."""
+        seen = self._seen.get(input_id, {})
+        while seen and next(iter(seen.values())) < now:
+            del seen[next(iter(seen))]
+        return nonce in seen
+
+    def accepted(self, input_id: str, nonce: str, until: float) -> None:
+        """Remember `nonce` until `until`: only once accepted, so that a retry of one the relay
+        could not take (a 503) is taken."""
+        seen = self._seen.setdefault(input_id, {})
+        seen[nonce] = until
+        if len(seen) > _NONCES_KEPT:
+            del seen[next(iter(seen))]
 
 
 def _check_github(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
@@ -1808,7 +1853,7 @@ class _Metrics:
         self.ingest_seconds = _Histogram()  # a webhook's request, from its head to its acceptance
 
 
-_REJECTIONS = ("signature", "too_large", "unknown_input", "bad_path", "storage")
+_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage")
 
 
 def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
@@ -2907,6 +2952,14 @@ def _make_app(relay: "Relay") -> QuartTrio:
             relay._log.reject(bucket, input_, webhook, problem)
             relay.metrics.rejected["signature"] += 1
             return _plain(401, f"signature check failed: {problem}")
+        nonce = signature_nonce(input_.verify, webhook.headers) if input_.verify is not None else None
+        if nonce is not None:
+            if relay._replays.replayed(input_.id, nonce[0], time.time()):
+                relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
+                                        "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
+                relay.metrics.rejected["replay"] += 1
+                own_body, own_status, own_headers = own_answers[input_.id]  # as the first time: nothing to retry
+                return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # pairs are fine
         entries = relay._log.record(bucket, input_, webhook)
         hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
         for entry in entries:
@@ -2918,6 +2971,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
             return _plain(503, f"{error}; try again")
         relay.metrics.received[bucket.config.name] += 1
         relay.metrics.ingest_seconds.observe(time.monotonic() - started)
+        if nonce is not None:
+            relay._replays.accepted(input_.id, nonce[0], nonce[1] + typing.cast(VerifyConfig, input_.verify).tolerance)
         if hold is not None:  # a held sender counts as pending: anyone may post to a holding input
             relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
             answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
@@ -3002,8 +3057,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         it is stored. For a balancer's readiness check. Never a webhook."""
         if relay._shutdown.is_set():
             return _plain(503, "shutting down")
-        if relay._storage is not None and relay._storage.failing:
-            return _plain(503, f"the webhook log cannot be written: {relay._storage.failing}")
+        if relay._storage is not None and relay._storage.failing:  # why is in the relay's log, not for strangers
+            return _plain(503, "the webhook log cannot be written")
         return _plain(200, "ready")
 
     if relay.config.metrics.enabled:
@@ -3411,9 +3466,14 @@ class _TLSConnectionStream(_ConnectionStream):
 def _tls_context(server: ServerConfig) -> ssl.SSLContext:
     """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server.certfile, server.keyfile)
+    context.load_cert_chain(server.certfile, server.keyfile, password=_no_password)
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load, rather than ask for its passphrase on a terminal."""
+    raise ConfigError("the key is encrypted: give it unencrypted, readable by the relay's user only")
 
 
 _TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
@@ -3453,6 +3513,7 @@ class Relay:
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
         self.metrics = _Metrics()
+        self._replays = _Replays()
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
@@ -3766,31 +3827,11 @@ class Relay:
         try:
             if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
                 # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
+                # (a little after send_timeout, so that the relay's own cut-off, which says why, comes first)
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                  min(int(self.config.server.send_timeout * 1000), 2**31 - 1))  # a C int of ms
+                                  min(int((self.config.server.send_timeout + 5) * 1000), 2**31 - 1))  # a C int of ms
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
-                messages: trio.abc.Stream = stream
-                if self._tls is not None:
-                    tls = await self._tls_handshake(stream, connection)
-                    if tls is None:
-                        return
-                    messages = tls
-                head = await _read_request_head(messages, self.config.server.max_header_bytes)
-                if not head or head.startswith(_HTTP2_PREFACE):
-                    return  # HTTP/1.1 only: see _asgi
-                replay = (_TLSConnectionStream(messages, head, connection, stream)
-                          if isinstance(messages, trio.SSLStream) else
-                          _ConnectionStream(messages, head, connection, stream))
-                if _is_socket_upgrade(head):
-                    if self._trusted:
-                        peer = (stream.socket.getpeername() or ("",))[0]
-                        connection.client = _address_key(client_address(
-                            peer, _head_values(head, b"x-forwarded-for"), self._trusted))
-                    await self._serve_socket(replay, connection)
-                else:
-                    connection.http = True
-                    app = ASGIWrapper(functools.partial(self._asgi, connection))
-                    await _TCPServer(app, config, context, {}, replay)  # type: ignore[arg-type]  # any Stream
+                await self._route(stream, connection, config, context)
             if not connection.scope.cancelled_caught:
                 _shut_down(stream)
                 with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
@@ -3803,6 +3844,32 @@ class Relay:
         finally:
             self._connections.closed(connection)
             await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
+
+    async def _route(self, stream: trio.SocketStream, connection: _Connection, config: _HypercornConfig,
+                     context: _WorkerContext) -> None:
+        """Serve a connection: its TLS handshake, if the relay has TLS; then, by its first
+        request's head, a socket (trio-websocket) or HTTP (Hypercorn)."""
+        messages: trio.abc.Stream = stream
+        if self._tls is not None:
+            tls = await self._tls_handshake(stream, connection)
+            if tls is None:
+                return
+            messages = tls
+        head = await _read_request_head(messages, self.config.server.max_header_bytes)
+        if not head or head.startswith(_HTTP2_PREFACE):
+            return  # HTTP/1.1 only: see _asgi
+        replay = (_TLSConnectionStream(messages, head, connection, stream) if isinstance(messages, trio.SSLStream)
+                  else _ConnectionStream(messages, head, connection, stream))
+        if _is_socket_upgrade(head):
+            if self._trusted:
+                peer = (stream.socket.getpeername() or ("",))[0]
+                connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
+                                                                self._trusted))
+            await self._serve_socket(replay, connection)
+        else:
+            connection.http = True
+            app = ASGIWrapper(functools.partial(self._asgi, connection))
+            await _TCPServer(app, config, context, {}, replay)  # type: ignore[arg-type]  # any Stream
 
     async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
         """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP

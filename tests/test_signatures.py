@@ -206,3 +206,39 @@ async def test_forgeries_never_push_an_accepted_webhook_out_of_the_history():
     assert [log["status"] for log in logs["data"]].count("rejected") == 50
     assert logs["data"][-1]["body"] == "signed"  # the oldest, and still there
     assert {len(log["body"]) for log in logs["data"][:-1]} == {16 * 1024}
+
+
+@pytest.mark.parametrize("scheme, headers", [
+    ("stripe", {"Stripe-Signature": "t=" + "9" * 400 + ",v1=00"}),
+    ("slack", {"X-Slack-Request-Timestamp": "9" * 400, "X-Slack-Signature": "v0=00"}),
+    ("standard-webhooks", {"webhook-id": "m", "webhook-timestamp": "9" * 400, "webhook-signature": "v1,AA=="}),
+    ("slack", {"X-Slack-Request-Timestamp": "\u0661\u0662", "X-Slack-Signature": "v0=00"}),  # Arabic-Indic digits
+])
+def test_a_timestamp_that_is_no_unix_time_is_refused_not_a_crash(scheme, headers):
+    assert "is not a Unix time" in check(scheme, headers)
+
+
+async def test_a_replay_of_a_timestamped_webhook_is_answered_but_not_relayed_again():
+    """Within the tolerance a captured webhook would pass its check: each input remembers the
+    signatures (Standard Webhooks: the message ids) it accepted, until they are stale anyway."""
+    config = relay_config()
+    config["buckets"][1]["inputs"][0]["verify"] = {"scheme": "stripe", "secrets": ["whsec_stripe_one"]}
+    config["buckets"][0]["inputs"][0]["verify"] = {"scheme": "standard-webhooks", "secrets": [WHSEC]}
+    _, _, stripe = SCHEMES["stripe"]
+    _, _, standard = SCHEMES["standard-webhooks"]
+    now = time.time()
+    async with relay_lite.open_relay(config) as relay:
+        signed = stripe("whsec_stripe_one", BODY, now)
+        answers = [(await post(relay, input_id="in-stripe", content=BODY, headers=signed)).status_code
+                   for _ in range(3)]
+        fresh = stripe("whsec_stripe_one", BODY, now + 1)  # the sender's own retry: signed afresh
+        answers.append((await post(relay, input_id="in-stripe", content=BODY, headers=fresh)).status_code)
+        first = standard(WHSEC, BODY, now)
+        svix = {name.replace("webhook-", "svix-"): value for name, value in first.items()}
+        again = [(await post(relay, content=BODY, headers=headers)).status_code for headers in (first, svix)]
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            stripe_logs = (await http.get("/v1/logs", params={"bucket": "stripe"})).json()["total"]
+            standard_logs = (await http.get("/v1/logs", params={"bucket": "github"})).json()["total"]
+        replays = relay.metrics.rejected["replay"]
+    assert answers == [200, 200, 200, 200] and again == [200, 200]  # a replayer learns nothing
+    assert (stripe_logs, standard_logs, replays) == (2, 1, 3)

@@ -4,6 +4,7 @@ certificate made in the test (trustme); plain http on the TLS port gets a clear 
 import json
 import logging
 import ssl
+import subprocess
 
 import httpx
 import pytest
@@ -98,3 +99,12 @@ async def test_a_client_that_refuses_the_certificate_or_sends_garbage_costs_noth
 def test_tls_settings_that_cannot_work_are_refused_at_start(server, error):
     with pytest.raises(relay_lite.ConfigError, match=error):
         relay_lite.load_config(relay_config(**server))
+
+
+def test_an_encrypted_key_is_refused_in_one_line_not_asked_for(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-passout", "pass:secret-passphrase"],
+                   check=True, capture_output=True, timeout=60)
+    with pytest.raises(relay_lite.ConfigError, match="the key is encrypted: give it unencrypted"):
+        relay_lite.load_config(relay_config(certfile=str(cert), keyfile=str(key)))
