@@ -1652,8 +1652,14 @@ class _Bucket:
 
 
 class _Store:
-    def __init__(self, config: Config) -> None:
-        self._buckets = [_Bucket(bucket) for bucket in config.buckets]
+    def __init__(self, config: Config, kept: Mapping[str, _Bucket] = {}) -> None:
+        """The buckets of `config`; those in `kept` (by id: a reload) keep their log, subscribers
+        and forwarders, and take their new config."""
+        self._buckets = []
+        for bucket_config in config.buckets:
+            bucket = kept.get(bucket_config.id) or _Bucket(bucket_config)
+            bucket.config, bucket.routes = bucket_config, _routes(bucket_config)
+            self._buckets.append(bucket)
         self._by_ref: dict[str, _Bucket] = {}
         for bucket in self._buckets:
             self._by_ref[bucket.config.name] = bucket
@@ -1766,6 +1772,14 @@ class _Log:
         while len(bucket.rejected) > _REJECTED_KEPT:
             del self._entries[bucket.rejected.popleft().id]
         return entry
+
+    def forget(self, bucket: _Bucket) -> None:
+        """Drop the whole log of a bucket the config no longer has."""
+        for entry in itertools.chain(bucket.history, bucket.rejected):
+            self._entries.pop(entry.id, None)
+        bucket.history.clear()
+        bucket.rejected.clear()
+        bucket.history_bytes = 0
 
     def answered(self, bucket: _Bucket, entry: _Entry, answer: _Answer) -> None:
         """Record `answer` on `entry`; it counts against history_bytes too."""
@@ -1967,6 +1981,10 @@ class _Credentials:
         if token is not None:
             self._charge(address, -1.0)
         return token
+
+    def carry_failures(self, before: "_Credentials") -> None:
+        """Keep the failed attempts counted before a reload: a reload is no amnesty."""
+        self._failures = before._failures
 
     def check_other(self, address: str, given: str, expected: str) -> bool:
         """Whether `given` is `expected`, a secret that is no token's (the metrics token), checked
@@ -2316,6 +2334,13 @@ class _Session:
                 bucket.subscribers.add(self)
             self._replay = None
             self._status("resumed", f"sent {replay.sent} webhook(s) after {replay.since}; now live")
+
+    def unsubscribe(self, bucket: _Bucket, why: str) -> None:
+        """Stop sending `bucket`'s webhooks (a reload removed it), and say so."""
+        bucket.subscribers.discard(self)
+        if bucket in self.buckets:
+            self.buckets.discard(bucket)
+            self._status("unsubscribed", why)
 
     def _status(self, status: str, message: str) -> None:
         self.deliver(wire_frame(status_frame(status, message)))
@@ -2870,6 +2895,11 @@ class _Forwarder:
         self._output = output
         self._delivery = _Delivery.of(output)
         self._wakeup = trio.Event()
+        self.scope = trio.CancelScope()  # cancelled when a reload removes or changes its output
+
+    @property
+    def output(self) -> OutputConfig:
+        return self._output
 
     def wake(self) -> None:
         """New entries were logged."""
@@ -2879,6 +2909,10 @@ class _Forwarder:
         return entry.output_name == self._output.name and not entry.internal
 
     async def run(self, client: httpx.AsyncClient) -> None:
+        with self.scope:
+            await self._run(client)
+
+    async def _run(self, client: httpx.AsyncClient) -> None:
         cursor, gap_told = "", ""
         in_flight = trio.Semaphore(self._output.concurrency)
         async with trio.open_nursery() as nursery:
@@ -2916,13 +2950,39 @@ class _Forwarder:
 # ============================================================================ HTTP app (Quart-Trio)
 
 
+def _answer_time(config: Config) -> float:
+    """What the relay may take to answer once a request's body is in: request_timeout, and the
+    longest an input may hold its sender for a client's answer."""
+    return config.server.request_timeout + max(
+        (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
+         if input_.response_from_output), default=0.0)
+
+
+def _reloadable(old: Config, new: Config) -> None:
+    """Raise ConfigError if going from `old` to `new` needs a restart."""
+    for key in (field.name for field in dataclasses.fields(ServerConfig)):
+        if key not in _RELOADABLE_SERVER_KEYS and getattr(old.server, key) != getattr(new.server, key):
+            raise ConfigError(f"server.{key}: changing it needs a restart, not a reload")
+    if old.storage != new.storage:
+        raise ConfigError("storage.path: changing it needs a restart, not a reload")
+    if old.metrics.enabled != new.metrics.enabled:
+        raise ConfigError("metrics.enabled: changing it needs a restart, not a reload")
+
+
+_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "history_size",
+                                     "history_ttl", "history_bytes"})
+
+
+def _own_answers(config: Config) -> dict[str, tuple[str, int, list[tuple[str, str]]]]:
+    """Each input's own answer to its senders, built once (and again at a reload)."""
+    return {input_.id: (input_.body, input_.status_code, _answer_headers(
+        (name, [value]) for name, value in input_.headers.items()))
+        for bucket in config.buckets for input_ in bucket.inputs}
+
+
 def _make_app(relay: "Relay") -> QuartTrio:
     app = QuartTrio("relay_lite")
     app.config["MAX_CONTENT_LENGTH"] = relay.config.server.max_body_size
-
-    own_answers = {input_.id: (input_.body, input_.status_code, _answer_headers(
-        (name, [value]) for name, value in input_.headers.items()))
-        for bucket in relay.config.buckets for input_ in bucket.inputs}  # each input's own, built once
 
     @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
     async def receive_webhook(_rest: str) -> Response:
@@ -2958,7 +3018,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
                                         "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
                 relay.metrics.rejected["replay"] += 1
-                own_body, own_status, own_headers = own_answers[input_.id]  # as the first time: nothing to retry
+                own_body, own_status, own_headers = relay._own_answers[input_.id]  # as the first time: nothing to retry
                 return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # pairs are fine
         entries = relay._log.record(bucket, input_, webhook)
         hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
@@ -2979,7 +3039,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
             if answer is not None:
                 headers = _answer_headers(answer.headers.items())
                 return Response(answer.body, answer.status_code, headers)  # type: ignore[arg-type]  # pairs are fine
-        own_body, own_status, own_headers = own_answers[input_.id]
+        own_body, own_status, own_headers = relay._own_answers[input_.id]
         return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]
 
     @app.route(LOGS_PATH, methods=["GET"])
@@ -3514,15 +3574,13 @@ class Relay:
         self._sessions: set[_Session] = set()
         self.metrics = _Metrics()
         self._replays = _Replays()
+        self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
+        self._own_answers = _own_answers(config)
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
         self._connections = _Connections(config.server, self._throttle)
-        # what the relay may take to answer once a request's body is in: request_timeout, and the
-        # longest an input may hold its sender for a client's answer
-        self._answer_time = config.server.request_timeout + max(
-            (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
-             if input_.response_from_output), default=0.0)
+        self._answer_time = _answer_time(config)
         self._requests = 0  # HTTP requests in flight
         self._quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
         self._shutdown = trio.Event()
@@ -3547,6 +3605,63 @@ class Relay:
     def shutdown(self) -> None:
         """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
         self._shutdown.set()
+
+    def reload(self, source: "Config | Mapping[str, Any] | str | Path") -> None:
+        """Apply a changed config (a file, as load_config takes), without dropping a connection
+        or losing a webhook: new and changed buckets, inputs, outputs, tokens and TLS files take
+        effect; sockets of a token that is gone or changed close with 1008 and a reason; a removed
+        bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
+        changing nothing, if the config is not good, or changes what only a restart can."""
+        new = load_config(source)
+        _reloadable(self.config, new)
+        tls = _tls_context(new.server) if new.server.certfile else None
+        old = {bucket.config.id: bucket for bucket in self._store.buckets}
+        store = _Store(new, kept={bucket.id: old[bucket.id] for bucket in new.buckets if bucket.id in old})
+        credentials = _Credentials(new)
+        credentials.carry_failures(self._credentials)
+
+        tokens = {token.key: token for token in new.tokens}
+        for session in list(self._sessions):
+            if session.token is None:
+                continue
+            token = tokens.get(session.token.key)
+            if token is None:
+                session.close(CLOSE_POLICY, "this token was removed from the relay's config")
+            elif token != session.token:
+                session.close(CLOSE_POLICY, "this token changed in the relay's config: connect again")
+            else:
+                session.token = token
+        kept = {bucket.config.id for bucket in store.buckets}
+        for bucket_id, bucket in old.items():
+            if bucket_id not in kept:
+                for session in list(bucket.subscribers) + [s for s in self._sessions if bucket in s.buckets]:
+                    session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
+                for forwarder in bucket.forwarders:
+                    forwarder.scope.cancel()
+                self._log.forget(bucket)
+        for bucket in store.buckets:
+            wanted = {output.name: output for output in bucket.config.outputs
+                      if not output.internal and not output.disabled}
+            forwarders = []
+            for forwarder in bucket.forwarders:
+                if wanted.get(forwarder.output.name) == forwarder.output:
+                    forwarders.append(forwarder)
+                    del wanted[forwarder.output.name]
+                else:
+                    forwarder.scope.cancel()  # a delivery under way is made again by its successor
+            for output in wanted.values():
+                forwarder = _Forwarder(self, bucket, output)
+                forwarders.append(forwarder)
+                if self._forwarding is not None:
+                    self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
+            bucket.forwarders = forwarders
+
+        self.config, self._store, self._credentials, self._tls = new, store, credentials, tls
+        self._trusted = tuple(network for network in map(_network, new.server.trusted_proxies) if network)
+        self._own_answers = _own_answers(new)
+        self._answer_time = _answer_time(new)
+        logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
+                    sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
 
     async def _asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
         """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
@@ -3787,10 +3902,10 @@ class Relay:
                 connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, self._throttle)
                 connections.start_soon(self._pinger.run)
                 connections.start_soon(self._sweep)
-                forwarders = [forwarder for bucket in self._store.buckets for forwarder in bucket.forwarders]
-                client = _http_client() if forwarders else None
-                for forwarder in forwarders:
-                    connections.start_soon(forwarder.run, typing.cast(httpx.AsyncClient, client))
+                self._forwarding = connections, _http_client()
+                for bucket in self._store.buckets:
+                    for forwarder in bucket.forwarders:
+                        connections.start_soon(forwarder.run, self._forwarding[1])
                 task_status.started(self)
                 await self._shutdown.wait()
 
@@ -3808,9 +3923,9 @@ class Relay:
                         await self._quiet.park()
                 self._connections.end_all()  # what is left is idle, or out of time
                 connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
-            if client is not None:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
+            with trio.CancelScope(shield=True):
+                await self._forwarding[1].aclose()
+            self._forwarding = None
             if self._storage is not None:
                 self._storage.close()
                 await self._storage.stopped.wait()
@@ -4528,24 +4643,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "forward":
         return _forward(args)
     try:
-        if args.config:
-            config = load_config(args.config)
-        else:
-            config = _demo_config(ServerConfig())
-        server = dataclasses.replace(
-            config.server,
-            host=config.server.host if args.host is None else args.host,
-            port=config.server.port if args.port is None else args.port,
-        )
-        config = load_config(dataclasses.replace(config, server=server))
+        config = _with_overrides(load_config(args.config) if args.config else _demo_config(ServerConfig()), args)
     except ConfigError as error:
         print(f"relay_lite: error: {error}", file=sys.stderr)
         return 2
+    reload = (lambda: _with_overrides(load_config(args.config), args)) if args.config else None
     _tune_gc()
     failures: list[BaseException] = []
     storage_failures: list[BaseException] = []
     try:
-        trio.run(_serve_until_signalled, config, not args.config)
+        trio.run(_serve_until_signalled, config, reload)
     except* StorageError as group:
         storage_failures.append(group)
     except* OSError as group:  # nested as deep as the nurseries it crossed
@@ -4710,18 +4817,38 @@ def _forward(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signalled(config: Config, demo: bool) -> None:
-    """Serve until SIGINT or SIGTERM: the first stops gracefully, a second stops at once."""
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """`config` with the command line's --host and --port in place of the file's."""
+    server = dataclasses.replace(config.server, host=config.server.host if args.host is None else args.host,
+                                 port=config.server.port if args.port is None else args.port)
+    return load_config(dataclasses.replace(config, server=server))
+
+
+async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | None) -> None:
+    """Serve until SIGINT or SIGTERM: the first stops gracefully, a second stops at once. SIGHUP
+    reloads the config file (`reload` reads it; None in the demo, which has none)."""
+
+    def hang_up(relay: Relay) -> None:
+        if reload is None:
+            logger.warning("SIGHUP: the demo has no config file to reload")
+            return
+        try:
+            relay.reload(reload())
+        except ConfigError as error:
+            logger.error("reload refused, the config in force stays: %s", error)
+
     await _until_signalled(functools.partial(serve_relay, config), Relay.shutdown,
-                           lambda relay: print(_banner(relay, demo), flush=True))
+                           lambda relay: print(_banner(relay, reload is None), flush=True), hang_up)
 
 
 async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[Any], None],
-                           started: Callable[[Any], None] = lambda _: None) -> None:
+                           started: Callable[[Any], None] = lambda _: None,
+                           hang_up: Callable[[Any], None] | None = None) -> None:
     """Run `run` until it returns; it is started with nursery.start, and what it reports is given
     to `started`. The first SIGINT or SIGTERM asks it to stop (calls `stop` with that), a second
-    stops it at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    stops it at once; SIGHUP calls `hang_up`, if given."""
+    wanted = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hang_up is not None else ())
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
 
             async def until_done(task_status: trio.TaskStatus[Any]) -> None:
@@ -4733,7 +4860,11 @@ async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[
             stopping = False
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if stopping:
+                if signum == signal.SIGHUP:
+                    if not stopping and hang_up is not None:
+                        logger.info("SIGHUP received: reloading the config")
+                        hang_up(running)
+                elif stopping:
                     logger.warning("%s again: stopping now, without waiting for what is in flight", name)
                     nursery.cancel_scope.cancel()
                 else:
