@@ -2,6 +2,7 @@
 allows."""
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -169,3 +170,47 @@ async def test_the_nginx_recipe_carries_webhooks_and_sockets_and_the_clients_add
     assert (frame["body"], frame["query"], frame["meta"]["output_destination"]) == ('{"via": "nginx"}', "q=1", "/path")
     assert log["ip_address"] == "203.0.113.9"  # nginx appended 127.0.0.1, which the relay trusts
     assert frame["headers"]["X-Forwarded-For"] == ["203.0.113.9, 127.0.0.1"]
+
+
+async def test_the_caddy_recipe_carries_webhooks_and_sockets(tmp_path):
+    if shutil.which("caddy") is None:
+        pytest.skip("caddy is not installed (.ci/run installs Debian's package)")
+    site = readme_block("Caddy (Debian's package)", "caddy")
+    async with relay_lite.open_relay(relay_config(trusted_proxies=["127.0.0.1"])) as relay:
+        port = free_port()
+        block = site.replace("relay.example.com", f"http://127.0.0.1:{port}").replace(
+            "reverse_proxy 127.0.0.1:8080", f"reverse_proxy 127.0.0.1:{relay.port}")
+        assert block != site
+        caddyfile = tmp_path / "Caddyfile"
+        caddyfile.write_text("{\n    admin off\n}\n" + block)
+        env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+               "HOME": str(tmp_path)}
+        with open(tmp_path / "caddy.err", "wb") as err:
+            caddy = await trio.lowlevel.open_process(["caddy", "run", "--config", str(caddyfile), "--adapter",
+                                                      "caddyfile"], stdout=err, stderr=err, env=env)
+        try:
+            proxied = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient() as http:
+                with trio.fail_after(20):
+                    while True:  # until caddy listens
+                        try:
+                            if (await http.get(f"{proxied}/healthz")).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            pass
+                        await trio.sleep(0.1)
+                async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/v1/socket") as ws:
+                    await ws.send_message(json.dumps({"action": "auth", "key": KEY, "secret": SECRET}))
+                    assert json.loads(await ws.get_message())["status"] == "authenticated"
+                    await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["github"]}))
+                    assert json.loads(await ws.get_message())["status"] == "subscribed"
+                    sent = await http.post(f"{proxied}/v1/webhooks/{GITHUB_INPUT}/path?q=1", content=b'{"via": "caddy"}',
+                                           headers={"X-Forwarded-For": "203.0.113.9"})
+                    with trio.fail_after(10):
+                        frame = json.loads(await ws.get_message())
+        finally:
+            caddy.kill()
+            await caddy.wait()
+    assert sent.status_code == 200
+    assert (frame["body"], frame["query"], frame["meta"]["output_destination"]) == ('{"via": "caddy"}', "q=1", "/path")
+    assert frame["headers"]["X-Forwarded-For"] == ["127.0.0.1"]  # Caddy replaced what the client claimed

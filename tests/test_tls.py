@@ -108,3 +108,23 @@ def test_an_encrypted_key_is_refused_in_one_line_not_asked_for(tmp_path):
                    check=True, capture_output=True, timeout=60)
     with pytest.raises(relay_lite.ConfigError, match="the key is encrypted: give it unencrypted"):
         relay_lite.load_config(relay_config(certfile=str(cert), keyfile=str(key)))
+
+
+async def test_a_reload_puts_new_certificates_in_force_for_new_connections(tls_config, client_tls, tmp_path):
+    renewed_ca = trustme.CA()
+    cert = renewed_ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "renewed-cert.pem", tmp_path / "renewed-key.pem"
+    certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    renewed_tls = ssl.create_default_context()
+    renewed_ca.configure_trust(renewed_tls)
+    async with relay_lite.open_relay(tls_config) as relay:
+        async with httpx.AsyncClient(verify=client_tls) as old:
+            assert (await old.get(f"{relay.url}/healthz")).status_code == 200
+        relay.reload({**tls_config, "server": {**tls_config["server"], "certfile": str(certfile),
+                                               "keyfile": str(keyfile)}})
+        async with httpx.AsyncClient(verify=renewed_tls) as renewed:
+            assert (await renewed.get(f"{relay.url}/healthz")).status_code == 200
+        async with httpx.AsyncClient(verify=client_tls) as old:
+            with pytest.raises(httpx.ConnectError):  # the old certificate is no longer served
+                await old.get(f"{relay.url}/healthz")
