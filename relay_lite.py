@@ -718,17 +718,22 @@ def _check_secret(secret: str, where: str) -> None:
              where, f"looks like a placeholder from an example; {how}")
 
 
+_SCHEME_KEYS = {"header": ("hmac", "token"), "algorithm": ("hmac",), "encoding": ("hmac",), "prefix": ("hmac",)}  # and
+# the schemes that take them
+
+
 def _check_verify(verify: VerifyConfig, where: str) -> None:
     _require(verify.scheme in SIGNATURE_SCHEMES, f"{where}.scheme",
              f"must be one of {', '.join(SIGNATURE_SCHEMES)}, got {_shown(verify.scheme, 40)!r}")
     _require(bool(verify.secrets) and all(verify.secrets), f"{where}.secrets", "must list one secret or more")
     _require(verify.tolerance > 0, f"{where}.tolerance", f"must be above 0, got {verify.tolerance:g}")
-    generic = {"header": "", "algorithm": "sha256", "encoding": "hex", "prefix": ""}
-    if verify.scheme != "hmac":
-        for key, default in generic.items():
-            _require(getattr(verify, key) == default, f"{where}.{key}", 'is for scheme "hmac" only')
-    else:
+    for key, schemes in _SCHEME_KEYS.items():
+        if verify.scheme not in schemes:
+            named = " or ".join(f'"{scheme}"' for scheme in schemes)
+            _require(getattr(verify, key) == getattr(VerifyConfig, key), f"{where}.{key}", f"is for scheme {named} only")
+    if verify.scheme in _SCHEME_KEYS["header"]:
         _require(_is_header_name(verify.header), f"{where}.header", "must name the header with the signature")
+    if verify.scheme == "hmac":
         _require(verify.algorithm in ("sha1", "sha256", "sha512"), f"{where}.algorithm",
                  f"must be sha1, sha256 or sha512, got {_shown(verify.algorithm, 40)!r}")
         _require(verify.encoding in ("hex", "base64"), f"{where}.encoding",
@@ -1430,7 +1435,7 @@ def _head_values(head: bytes, name: bytes) -> list[str]:
 # configurable HMAC and HTTP Basic or Bearer for senders that only do that. Every comparison is
 # constant-time (hmac.compare_digest), and every secret is tried, matched or not.
 
-SIGNATURE_SCHEMES = ("github", "stripe", "slack", "shopify", "standard-webhooks", "hmac", "basic", "bearer")
+SIGNATURE_SCHEMES = ("github", "stripe", "slack", "shopify", "standard-webhooks", "hmac", "basic", "bearer", "token")
 
 
 def check_signature(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes, now: float) -> str:
@@ -1624,10 +1629,18 @@ def _check_bearer(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now
     return "" if _matches([token.strip()], (secret.encode() for secret in verify.secrets)) else "wrong token"
 
 
+def _check_token(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+    """A secret sent as it is in a header of its own, as GitLab sends X-Gitlab-Token."""
+    name, value = headers.get(verify.header)
+    if not name:
+        return f"{verify.header} is missing"
+    return "" if _matches([value], (secret.encode() for secret in verify.secrets)) else f"wrong {verify.header}"
+
+
 _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float], str]] = {
     "github": _check_github, "stripe": _check_stripe, "slack": _check_slack, "shopify": _check_shopify,
     "standard-webhooks": _check_standard_webhooks, "hmac": _check_hmac, "basic": _check_basic,
-    "bearer": _check_bearer,
+    "bearer": _check_bearer, "token": _check_token,
 }
 
 

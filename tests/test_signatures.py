@@ -56,6 +56,8 @@ SCHEMES = {
               lambda secret, body, now: {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}),
     "bearer": ({}, ("bearer-token-one", "bearer-token-two"),
                lambda secret, body, now: {"Authorization": f"Bearer {secret}"}),
+    "token": ({"header": "X-Gitlab-Token"}, ("gitlab-token-one", "gitlab-token-two"),  # GitLab's
+              lambda secret, body, now: {"X-Gitlab-Token": secret}),
 }
 TIMED = {"stripe", "slack", "standard-webhooks"}
 
@@ -97,7 +99,7 @@ def test_a_missing_signature_fails_and_says_what_is_missing(scheme):
     assert "missing" in check(scheme, {"Content-Type": "application/json"})
 
 
-@pytest.mark.parametrize("scheme", [scheme for scheme in SCHEMES if scheme not in ("basic", "bearer")])
+@pytest.mark.parametrize("scheme", [scheme for scheme in SCHEMES if scheme not in ("basic", "bearer", "token")])
 def test_the_body_changed_by_one_byte_fails(scheme):
     _, (secret, _), sign = SCHEMES[scheme]
     headers = sign(secret, BODY, time.time())
@@ -132,7 +134,7 @@ def test_generic_hmac_in_hex_with_sha512():
        headers=st.dictionaries(st.sampled_from(["X-Hub-Signature-256", "Stripe-Signature", "X-Slack-Signature",
                                                 "X-Slack-Request-Timestamp", "X-Shopify-Hmac-Sha256", "webhook-id",
                                                 "webhook-timestamp", "webhook-signature", "X-Signature",
-                                                "Authorization"]),
+                                                "Authorization", "X-Gitlab-Token"]),
                                st.lists(st.text(max_size=80), min_size=1, max_size=2)),
        body=st.binary(max_size=64))
 def test_any_headers_are_checked_without_an_error(scheme, headers, body):
@@ -144,7 +146,9 @@ def test_any_headers_are_checked_without_an_error(scheme, headers, body):
     ({"scheme": "gitlab", "secrets": ["x"]}, "scheme: must be one of github, stripe"),
     ({"scheme": "github"}, "secrets: must list one secret or more"),
     ({"scheme": "github", "secrets": [""]}, "secrets: must list one secret or more"),
-    ({"scheme": "github", "secrets": ["x"], "header": "X-Sig"}, 'header: is for scheme "hmac" only'),
+    ({"scheme": "github", "secrets": ["x"], "header": "X-Sig"}, 'header: is for scheme "hmac" or "token" only'),
+    ({"scheme": "token", "secrets": ["x"], "prefix": "v1="}, 'prefix: is for scheme "hmac" only'),
+    ({"scheme": "token", "secrets": ["x"]}, "header: must name the header"),
     ({"scheme": "hmac", "secrets": ["x"]}, "header: must name the header"),
     ({"scheme": "hmac", "secrets": ["x"], "header": "X-Sig", "algorithm": "md5"}, "algorithm: must be sha1"),
     ({"scheme": "hmac", "secrets": ["x"], "header": "X-Sig", "encoding": "base32"}, "encoding: must be hex"),
