@@ -98,6 +98,30 @@ async def test_without_trusted_proxies_forwarded_for_is_only_a_header():
     assert log["ip_address"] == "127.0.0.1" and log["headers"]["X-Forwarded-For"] == ["203.0.113.7"]
 
 
+async def webhook_through(proxied: str, via: str, tls: ssl.SSLContext | None = None) -> tuple[httpx.Response, dict]:
+    """Once the proxy at `proxied` answers: a subscriber through it, a webhook sent through it
+    (its body names `via`, its X-Forwarded-For claims 203.0.113.9); the answer, and the frame."""
+    async with httpx.AsyncClient(verify=tls or True) as http:
+        with trio.fail_after(20):
+            while True:  # until the proxy listens, and reaches the relay
+                try:
+                    if (await http.get(f"{proxied}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.05)
+        async with trio_websocket.open_websocket_url(proxied.replace("http", "ws", 1) + "/v1/socket",
+                                                     ssl_context=tls) as ws:
+            await ws.send_message(json.dumps({"action": "auth", "key": KEY, "secret": SECRET}))
+            assert json.loads(await ws.get_message())["status"] == "authenticated"
+            await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["github"]}))
+            assert json.loads(await ws.get_message())["status"] == "subscribed"
+            sent = await http.post(f"{proxied}/v1/webhooks/{GITHUB_INPUT}/path?q=1",
+                                   content=json.dumps({"via": via}).encode(), headers={"X-Forwarded-For": "203.0.113.9"})
+            with trio.fail_after(10):
+                return sent, json.loads(await ws.get_message())
+
+
 @pytest.fixture
 def nginx_conf(tmp_path):
     """The README's nginx block, as written but for its ports and certificate, in a config that
@@ -144,24 +168,8 @@ async def test_the_nginx_recipe_carries_webhooks_and_sockets_and_the_clients_add
             nginx = await trio.lowlevel.open_process(["nginx", "-p", str(tmp_path), "-c", str(conf)], stderr=err)
         try:
             proxied = f"https://127.0.0.1:{port}"
+            sent, frame = await webhook_through(proxied, "nginx", client_tls)
             async with httpx.AsyncClient(verify=client_tls) as http:
-                with trio.fail_after(10):
-                    while True:  # until nginx listens
-                        try:
-                            await http.get(f"{proxied}/healthz")
-                            break
-                        except httpx.ConnectError:
-                            await trio.sleep(0.05)
-                async with trio_websocket.open_websocket_url(f"wss://127.0.0.1:{port}/v1/socket",
-                                                             ssl_context=client_tls) as ws:
-                    await ws.send_message(json.dumps({"action": "auth", "key": KEY, "secret": SECRET}))
-                    assert json.loads(await ws.get_message())["status"] == "authenticated"
-                    await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["github"]}))
-                    assert json.loads(await ws.get_message())["status"] == "subscribed"
-                    sent = await http.post(f"{proxied}/v1/webhooks/{GITHUB_INPUT}/path?q=1", content=b'{"via": "nginx"}',
-                                           headers={"X-Forwarded-For": "203.0.113.9"})
-                    with trio.fail_after(10):
-                        frame = json.loads(await ws.get_message())
                 log = (await http.get(f"{proxied}/v1/logs", auth=(KEY, SECRET))).json()["data"][0]
         finally:
             nginx.kill()
@@ -189,25 +197,7 @@ async def test_the_caddy_recipe_carries_webhooks_and_sockets(tmp_path):
             caddy = await trio.lowlevel.open_process(["caddy", "run", "--config", str(caddyfile), "--adapter",
                                                       "caddyfile"], stdout=err, stderr=err, env=env)
         try:
-            proxied = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient() as http:
-                with trio.fail_after(20):
-                    while True:  # until caddy listens
-                        try:
-                            if (await http.get(f"{proxied}/healthz")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            pass
-                        await trio.sleep(0.1)
-                async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/v1/socket") as ws:
-                    await ws.send_message(json.dumps({"action": "auth", "key": KEY, "secret": SECRET}))
-                    assert json.loads(await ws.get_message())["status"] == "authenticated"
-                    await ws.send_message(json.dumps({"action": "subscribe", "buckets": ["github"]}))
-                    assert json.loads(await ws.get_message())["status"] == "subscribed"
-                    sent = await http.post(f"{proxied}/v1/webhooks/{GITHUB_INPUT}/path?q=1", content=b'{"via": "caddy"}',
-                                           headers={"X-Forwarded-For": "203.0.113.9"})
-                    with trio.fail_after(10):
-                        frame = json.loads(await ws.get_message())
+            sent, frame = await webhook_through(f"http://127.0.0.1:{port}", "caddy")
         finally:
             caddy.kill()
             await caddy.wait()
