@@ -3630,6 +3630,9 @@ class Relay:
         tls = _tls_context(new.server) if new.server.certfile else None
         old = {bucket.config.id: bucket for bucket in self._store.buckets}
         store = _Store(new, kept={bucket.id: old[bucket.id] for bucket in new.buckets if bucket.id in old})
+        for bucket in store.buckets:
+            if bucket.config.id not in old:  # as at start: a resume from before now may have missed some
+                bucket.trimmed = self._log.ids.next()
         credentials = _Credentials(new)
         credentials.carry_failures(self._credentials)
 
