@@ -1668,18 +1668,15 @@ class _Store:
     def __init__(self, config: Config, kept: Mapping[str, _Bucket] = {}) -> None:
         """The buckets of `config`; those in `kept` (by id: a reload) keep their log, subscribers
         and forwarders, and take their new config."""
-        self._buckets = []
-        for bucket_config in config.buckets:
-            bucket = kept.get(bucket_config.id) or _Bucket(bucket_config)
-            bucket.config, bucket.routes = bucket_config, _routes(bucket_config)
-            self._buckets.append(bucket)
+        pairs = [(kept.get(bucket_config.id) or _Bucket(bucket_config), bucket_config)
+                 for bucket_config in config.buckets]
+        self._buckets = [bucket for bucket, _ in pairs]
+        self._adopt = [(bucket, bucket_config) for bucket, bucket_config in pairs if bucket.config is not bucket_config]
         self._by_ref: dict[str, _Bucket] = {}
-        for bucket in self._buckets:
-            self._by_ref[bucket.config.name] = bucket
-            self._by_ref.setdefault(bucket.config.id, bucket)
-        self._inputs = {
-            input_.id: (bucket, input_) for bucket in self._buckets for input_ in bucket.config.inputs
-        }
+        for bucket, bucket_config in pairs:
+            self._by_ref[bucket_config.name] = bucket
+            self._by_ref.setdefault(bucket_config.id, bucket)
+        self._inputs = {input_.id: (bucket, input_) for bucket, bucket_config in pairs for input_ in bucket_config.inputs}
         self._visible: dict[str, tuple[_Bucket, ...]] = {
             token.key: tuple(self._buckets) if token.buckets is None
             else tuple(dict.fromkeys(self._by_ref[ref] for ref in token.buckets))
@@ -1696,8 +1693,17 @@ class _Store:
             raise ProtocolError(f"no such bucket for this token: {_shown(', '.join(missing), 256)}")
         return tuple(dict.fromkeys(self._by_ref[ref] for ref in refs))
 
+    def adopt(self) -> None:
+        """Give kept buckets their new config (a reload, once nothing can fail any more)."""
+        for bucket, bucket_config in self._adopt:
+            bucket.config, bucket.routes = bucket_config, _routes(bucket_config)
+
     def visible(self, token: TokenConfig) -> tuple[_Bucket, ...]:
-        return self._visible[token.key]
+        return self._visible.get(token.key, ())  # none for a token a reload removed
+
+    def has(self, bucket: _Bucket) -> bool:
+        """Whether `bucket` is one of these (not one a reload removed)."""
+        return self._by_ref.get(bucket.config.id) is bucket
 
     @property
     def buckets(self) -> list[_Bucket]:
@@ -1710,8 +1716,8 @@ class _Store:
         bucket = self._by_ref.get(ref)
         return bucket.config if bucket else None
 
-    def bucket_of(self, entry: _Entry) -> _Bucket:
-        return self._by_ref[entry.bucket.id]
+    def bucket_of(self, entry: _Entry) -> _Bucket | None:
+        return self._by_ref.get(entry.bucket.id)
 
 
 def _digest(secret: str) -> bytes:
@@ -1794,11 +1800,11 @@ class _Log:
         bucket.rejected.clear()
         bucket.history_bytes = 0
 
-    def answered(self, bucket: _Bucket, entry: _Entry, answer: _Answer) -> None:
+    def answered(self, bucket: _Bucket | None, entry: _Entry, answer: _Answer) -> None:
         """Record `answer` on `entry`; it counts against history_bytes too."""
         entry.answer = answer
         entry.size += answer.size
-        if entry.id in self._entries:  # else trimmed already
+        if bucket is not None and entry.id in self._entries:  # else trimmed already, or its bucket removed
             bucket.history_bytes += answer.size
             self._trim(bucket, time.time())
 
@@ -2239,7 +2245,8 @@ class _Session:
                 self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
             try:
-                token = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
+                token = self._relay._current_token(await self._relay._credentials.check(
+                    self._connection.client, frame.key, frame.secret))
             except _HashingBusy as error:
                 self._status("unauthorized", str(error))
                 self._relay.metrics.cutoffs["busy"] += 1
@@ -2351,6 +2358,8 @@ class _Session:
     def unsubscribe(self, bucket: _Bucket, why: str) -> None:
         """Stop sending `bucket`'s webhooks (a reload removed it), and say so."""
         bucket.subscribers.discard(self)
+        if self._replay is not None and bucket in self._replay.buckets:  # else it would join at the end
+            self._replay.buckets = tuple(other for other in self._replay.buckets if other is not bucket)
         if bucket in self.buckets:
             self.buckets.discard(bucket)
             self._status("unsubscribed", why)
@@ -2976,6 +2985,8 @@ def _reloadable(old: Config, new: Config) -> None:
     for key in (field.name for field in dataclasses.fields(ServerConfig)):
         if key not in _RELOADABLE_SERVER_KEYS and getattr(old.server, key) != getattr(new.server, key):
             raise ConfigError(f"server.{key}: changing it needs a restart, not a reload")
+    if bool(old.server.certfile) != bool(new.server.certfile):
+        raise ConfigError("server.certfile: turning TLS on or off needs a restart, not a reload")
     if old.storage != new.storage:
         raise ConfigError("storage.path: changing it needs a restart, not a reload")
     if old.metrics.enabled != new.metrics.enabled:
@@ -3008,6 +3019,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if found is None:
             relay.metrics.rejected["unknown_input"] += 1
             return _plain(404, f"no input with id {input_id[:64]!r}")
+        own_body, own_status, own_headers = relay._own_answers[input_id]  # as it is now: a reload may come
         if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
             relay.metrics.rejected["bad_path"] += 1
             return _plain(400, "the path after the input's URL must not have . or .. segments")
@@ -3031,8 +3043,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
                                         "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
                 relay.metrics.rejected["replay"] += 1
-                own_body, own_status, own_headers = relay._own_answers[input_.id]  # as the first time: nothing to retry
-                return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # pairs are fine
+                return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # as the first time
         entries = relay._log.record(bucket, input_, webhook)
         hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
         for entry in entries:
@@ -3052,7 +3063,6 @@ def _make_app(relay: "Relay") -> QuartTrio:
             if answer is not None:
                 headers = _answer_headers(answer.headers.items())
                 return Response(answer.body, answer.status_code, headers)  # type: ignore[arg-type]  # pairs are fine
-        own_body, own_status, own_headers = relay._own_answers[input_.id]
         return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]
 
     @app.route(LOGS_PATH, methods=["GET"])
@@ -3588,6 +3598,7 @@ class Relay:
         self.metrics = _Metrics()
         self._replays = _Replays()
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
+        self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
         self._own_answers = _own_answers(config)
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
@@ -3626,8 +3637,14 @@ class Relay:
         bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
         changing nothing, if the config is not good, or changes what only a restart can."""
         new = load_config(source)
+        if self._overrides:  # what serve_relay was given stays in force
+            new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
         _reloadable(self.config, new)
-        tls = _tls_context(new.server) if new.server.certfile else None
+        try:
+            tls = _tls_context(new.server) if new.server.certfile else None
+        except (OSError, ssl.SSLError, ConfigError) as error:  # changed on disk since it was checked
+            raise ConfigError(f"server.certfile: cannot load {new.server.certfile}: "
+                              f"{getattr(error, 'strerror', None) or error}") from None
         old = {bucket.config.id: bucket for bucket in self._store.buckets}
         store = _Store(new, kept={bucket.id: old[bucket.id] for bucket in new.buckets if bucket.id in old})
         for bucket in store.buckets:
@@ -3635,6 +3652,7 @@ class Relay:
                 bucket.trimmed = self._log.ids.next()
         credentials = _Credentials(new)
         credentials.carry_failures(self._credentials)
+        store.adopt()  # from here on nothing fails
 
         tokens = {token.key: token for token in new.tokens}
         for session in list(self._sessions):
@@ -3735,6 +3753,8 @@ class Relay:
             await self._storage.committed()  # the storage task publishes them, in id order
 
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
+            return
         self._log.add(bucket, entries)
         frames = 0
         for entry in entries:
@@ -3776,7 +3796,7 @@ class Relay:
             self._holds.discard(hold)
         if hold.answer is None:
             for entry in entries:
-                if entry.answer is None:
+                if entry.answer is None and entry.internal:  # a public output's delivery goes on
                     entry.status = "stalled"  # nobody answered in time: the sender got the fallback
                     self._changed(entry)
         return hold.answer
@@ -3812,6 +3832,11 @@ class Relay:
         logger.info("delivered webhook %s to %s: %s after %d retries", entry.id, _shown(entry.destination),
                     answer.status_code or _shown(answer.body.decode(errors="replace")), answer.retries)
 
+    def _current_token(self, token: TokenConfig | None) -> TokenConfig | None:
+        """`token`, as the config in force has it: None if a reload removed or changed it while
+        its secret was being checked."""
+        return next((current for current in self.config.tokens if current == token), None)
+
     def _client(self) -> str:
         """The address the HTTP request being served came from (see trusted_proxies)."""
         peer = (request.scope.get("client") or ("",))[0]
@@ -3832,7 +3857,7 @@ class Relay:
             except ValueError:
                 pass
         try:
-            token = await self._credentials.check(address, key, secret) if key else None
+            token = self._current_token(await self._credentials.check(address, key, secret)) if key else None
         except _TooManyFailures as error:  # or _HashingBusy
             if not isinstance(error, _HashingBusy):
                 self.metrics.auth_failures["locked_out"] += 1
@@ -3939,9 +3964,9 @@ class Relay:
                         await self._quiet.park()
                 self._connections.end_all()  # what is left is idle, or out of time
                 connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
+            client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
             with trio.CancelScope(shield=True):
-                await self._forwarding[1].aclose()
-            self._forwarding = None
+                await client.aclose()
             if self._storage is not None:
                 self._storage.close()
                 await self._storage.stopped.wait()
@@ -4098,7 +4123,9 @@ async def serve_relay(
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     if overrides:
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
-    await Relay(config)._serve(task_status)
+    relay = Relay(config)
+    relay._overrides = overrides
+    await relay._serve(task_status)
 
 
 @asynccontextmanager
@@ -4665,6 +4692,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reload = (lambda: _with_overrides(load_config(args.config), args)) if args.config else None
     _tune_gc()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay listens for it: a reload too soon is no kill
     failures: list[BaseException] = []
     storage_failures: list[BaseException] = []
     try:
@@ -4852,6 +4880,8 @@ async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | 
             relay.reload(reload())
         except ConfigError as error:
             logger.error("reload refused, the config in force stays: %s", error)
+        except Exception:  # a bug; the relay goes on with the config in force
+            logger.error("reload failed, the config in force stays", exc_info=True)
 
     await _until_signalled(functools.partial(serve_relay, config), Relay.shutdown,
                            lambda relay: print(_banner(relay, reload is None), flush=True), hang_up)
@@ -4877,7 +4907,9 @@ async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
-                    if not stopping and hang_up is not None:
+                    if stopping:
+                        logger.info("SIGHUP received while stopping: not reloading")
+                    elif hang_up is not None:
                         logger.info("SIGHUP received: reloading the config")
                         hang_up(running)
                 elif stopping:

@@ -2,6 +2,7 @@
 embedded (relay.reload) and by SIGHUP to the command line's relay; a bad file changes nothing."""
 
 import copy
+import dataclasses
 import signal
 
 import httpx
@@ -11,7 +12,7 @@ import trio
 import relay_lite
 
 from app_server import running_app
-from conftest import GITHUB_INPUT, SCOPED_KEY, SCOPED_SECRET, eventually, post, relay_config, subscriber
+from conftest import GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, eventually, post, relay_config, subscriber
 from test_cli import start, stop
 
 
@@ -110,3 +111,39 @@ async def test_sighup_reloads_the_file_and_a_bad_file_is_refused_in_one_line(tmp
         assert await stop(process) == 0
     refusal = next(line for line in err.read_text().splitlines() if "reload refused" in line)
     assert "not valid TOML" in refusal and "Traceback" not in err.read_text()
+
+
+async def test_a_sender_held_by_an_input_a_reload_removes_gets_its_answer_not_a_500():
+    config = relay_config()
+    config["buckets"][1]["inputs"][0].update(response_from_output="anyOutput", response_timeout=1,
+                                             status_code=202, body="taken")
+    async with relay_lite.open_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=10) as http:
+        async with trio.open_nursery() as nursery:
+            answers = []
+
+            async def held():
+                answers.append(await http.post("/v1/webhooks/in-stripe", content="held"))
+
+            nursery.start_soon(held)
+            await eventually(lambda: relay._holds, 5)
+            without_stripe = relay_config()
+            without_stripe["buckets"] = [bucket for bucket in without_stripe["buckets"] if bucket["name"] != "stripe"]
+            relay.reload(without_stripe)
+        logs = await http.get("/v1/logs", auth=(KEY, SECRET))
+    assert (answers[0].status_code, answers[0].text) == (202, "taken")  # the input's own answer, as it was
+    assert logs.status_code == 200 and all(log["bucket_name"] != "stripe" for log in logs.json()["data"])
+
+
+def test_turning_tls_on_or_off_needs_a_restart():
+    plain = relay_lite.load_config(relay_config())
+    with_tls = dataclasses.replace(plain, server=dataclasses.replace(plain.server, certfile="c.pem", keyfile="k.pem"))
+    with pytest.raises(relay_lite.ConfigError, match="server.certfile: turning TLS on or off needs a restart"):
+        relay_lite._reloadable(plain, with_tls)
+
+
+async def test_an_embedded_relay_given_a_port_reloads_its_config_with_that_port_still():
+    async with relay_lite.open_relay(relay_config(port=18080), port=0) as relay:
+        changed = relay_config(port=18080)
+        changed["buckets"].append({"name": "gitlab", "inputs": [{"id": "in-gitlab"}]})
+        relay.reload(changed)  # the file says 18080, as it did: the override (0) stays in force
+        assert (await post(relay, input_id="in-gitlab", content="x")).status_code == 200
