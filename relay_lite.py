@@ -190,6 +190,7 @@ DEFAULT_RETRIES = 5  # attempts after the first: backoff from 1 s, doubling to 6
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
 LOGS_PATH = "/v1/logs"
+BUCKETS_PATH = "/v1/buckets"
 HEALTH_PATH, READY_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
 NIL_LOG_ID = "00000000-0000-0000-0000-000000000000"  # a resume point before every webhook
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -975,7 +976,7 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.d
 # arguments would build a new encoder for every frame
 
 
-def _encode(frame: Mapping[str, Any]) -> str:
+def _encode(frame: Mapping[str, Any] | list[Any]) -> str:
     return _ENCODER.encode(frame)
 
 
@@ -3172,6 +3173,36 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def socket_without_upgrade() -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
 
+    @app.route(BUCKETS_PATH, methods=["GET"])
+    async def list_buckets() -> Response:
+        token = await relay._api_token()
+        if isinstance(token, Response):
+            return token
+        return _json_list([_bucket_json(bucket.config, relay._loaded_at) for bucket in relay._store.visible(token)])
+
+    @app.route(BUCKETS_PATH + "/<ref>", methods=["GET"])
+    @app.route(BUCKETS_PATH + "/<ref>/<part>", methods=["GET"])
+    async def one_bucket(ref: str, part: str = "") -> Response:
+        token = await relay._api_token()
+        if isinstance(token, Response):
+            return token
+        try:
+            [bucket] = relay._store.resolve(token, (ref,))
+        except ProtocolError:
+            return _json_error(404, f"no bucket {_shown(ref, 64)!r} for this token")
+        document = _bucket_json(bucket.config, relay._loaded_at)
+        if part in ("inputs", "outputs"):
+            return _json_list(document[part])
+        if part:
+            return _json_error(404, f"relay_lite does not serve {_shown(request.path, 100)}")
+        return _json(200, document)
+
+    @app.route(BUCKETS_PATH, methods=["POST", "PUT", "PATCH", "DELETE"])
+    @app.route(BUCKETS_PATH + "/<path:_rest>", methods=["POST", "PUT", "PATCH", "DELETE"])
+    async def change_bucket(_rest: str = "") -> Response:
+        return _json_error(405, "buckets, inputs and outputs come from the relay's config file: edit it, "
+                                "then reload (SIGHUP)")
+
     @app.errorhandler(HTTPException)
     async def plain_error(error: HTTPException) -> Response:
         description = error.description
@@ -3179,6 +3210,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
             description = f"request bodies are limited to {relay.config.server.max_body_size} bytes (max_body_size)"
             if request.path.startswith(WEBHOOK_PREFIX):
                 relay.metrics.rejected["too_large"] += 1
+        if request.path.startswith("/v1/") and not request.path.startswith((WEBHOOK_PREFIX, SOCKET_PATH)):
+            if error.code == 404:  # the hosted API's clients read JSON errors, 404s included
+                description = f"relay_lite does not serve {_shown(request.path, 100)} (see its README)"
+            return _json_error(error.code or 500, description or error.name)
         return _plain(error.code or 500, description or error.name)
 
     return app
@@ -3238,6 +3273,31 @@ def _json(status: int, document: Mapping[str, Any]) -> Response:
 
 def _json_error(status: int, message: str) -> Response:
     return _json(status, {"error": message})
+
+
+def _json_list(items: list[Any]) -> Response:
+    return Response(_encode(items), 200, content_type="application/json")
+
+
+def _bucket_json(bucket: BucketConfig, at: float) -> dict[str, Any]:
+    """A bucket as the hosted API shows one, with its inputs and outputs (read-only here: they
+    come from the config; `created_at` and `updated_at` say when it was loaded)."""
+    stamp = int(at)
+    return {
+        "id": bucket.id, "name": bucket.name, "description": "", "created_at": stamp, "updated_at": stamp,
+        "stream": True, "ephemeral": False,
+        "inputs": [{"id": input_.id, "name": input_.name, "bucket_id": bucket.id, "description": "",
+                    "status_code": input_.status_code,
+                    "headers": {name: [value] for name, value in input_.headers.items()},
+                    "body": list(input_.body.encode()), "response_from_output": input_.response_from_output,
+                    "created_at": stamp, "updated_at": stamp}
+                   for input_ in bucket.inputs],
+        "outputs": [{"id": _derived_id("output", bucket.id, output.name), "name": output.name, "bucket_id": bucket.id,
+                     "destination": output.destination, "internal": output.internal, "lock_path": output.lock_path,
+                     "disabled": output.disabled, "headers": {name: [value] for name, value in output.headers.items()},
+                     "description": "", "created_at": stamp, "updated_at": stamp}
+                    for output in bucket.outputs],
+    }
 
 
 def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -3599,6 +3659,7 @@ class Relay:
         self._replays = _Replays()
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
+        self._loaded_at = time.time()  # when the config in force was loaded: the buckets API's created_at
         self._own_answers = _own_answers(config)
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
@@ -3694,6 +3755,7 @@ class Relay:
         self._trusted = tuple(network for network in map(_network, new.server.trusted_proxies) if network)
         self._own_answers = _own_answers(new)
         self._answer_time = _answer_time(new)
+        self._loaded_at = time.time()
         logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
                     sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
 
