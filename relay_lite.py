@@ -592,12 +592,7 @@ def _checked(config: Config) -> Config:
                  f"must be an IP address or network, got {_shown(proxy, 60)!r}")
     _require(bool(server.certfile) == bool(server.keyfile), "server.certfile" if server.keyfile else "server.keyfile",
              "TLS needs both certfile and keyfile")
-    if server.certfile:
-        try:
-            _tls_context(server)
-        except (OSError, ssl.SSLError, ConfigError) as error:
-            raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
-                              f"{getattr(error, 'strerror', None) or error}") from None
+    _tls_for(server)
     _require(
         not server.public_url or server.public_url.startswith(("http://", "https://")),
         "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
@@ -1475,10 +1470,15 @@ def _matches(given: Iterable[str], expected: Iterable[bytes]) -> bool:
     return matched
 
 
+def _unix_time(text: str) -> int | None:
+    """A signed timestamp: ASCII digits, 12 at most (the year 33658), so no int is too large."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
+
+
 def _timestamp_problem(text: str, verify: VerifyConfig, now: float, header: str) -> str:
-    if not (text.isascii() and text.isdigit() and len(text) <= 12):  # 12 digits: the year 33658
+    stamp = _unix_time(text)
+    if stamp is None:
         return f"{header} is not a Unix time"
-    stamp = int(text)
     if abs(now - stamp) > verify.tolerance:
         return f"{header} is {abs(now - stamp):.0f} s off (tolerance {verify.tolerance:g} s): a replay, or a clock"
     return ""
@@ -1499,7 +1499,8 @@ def signature_nonce(verify: VerifyConfig, headers: Mapping[str, list[str]]) -> t
         stamp = lookup.get("webhook-timestamp", "svix-timestamp")[1]
     else:
         return None
-    return (value, int(stamp)) if stamp.isascii() and stamp.isdigit() and len(stamp) <= 12 else None
+    when = _unix_time(stamp)
+    return None if when is None else (value, when)
 
 
 class _Replays:
@@ -2797,6 +2798,11 @@ def _quoted_target(url: str) -> str:
 _URL_SAFE = "/?:@!$&'()*+,;=%"  # with the unreserved characters, which quote() never encodes
 
 
+def _public_outputs(bucket: BucketConfig) -> list[OutputConfig]:
+    """The outputs of `bucket` the relay delivers to itself: public and enabled."""
+    return [output for output in bucket.outputs if not output.internal and not output.disabled]
+
+
 def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
     lowered = name.lower()
     return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
@@ -3513,17 +3519,13 @@ async def _accept_loop(listener: trio.SocketListener, handler: Callable[[trio.So
 
 def _is_socket_upgrade(head: bytes) -> bool:
     """True for `GET /v1/socket[?...] HTTP/1.1` with an `Upgrade: websocket` header."""
-    request_line, _, header_block = head.partition(b"\r\n")
+    request_line = head.partition(b"\r\n")[0]
     parts = request_line.split(b" ")
     if len(parts) != 3 or parts[0] != b"GET":
         return False
     if parts[1].partition(b"?")[0].rstrip(b"/") != SOCKET_PATH.encode():
         return False
-    for line in header_block.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"upgrade" and b"websocket" in value.lower():
-            return True
-    return False
+    return any("websocket" in value.lower() for value in _head_values(head, b"upgrade"))
 
 
 async def _read_request_head(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
@@ -3606,6 +3608,22 @@ class _TLSConnectionStream(_ConnectionStream):
         return "http/1.1"
 
 
+def _tls_for(server: ServerConfig) -> ssl.SSLContext | None:
+    """The relay's TLS context, None without certfile; ConfigError, naming the files, if they do
+    not load."""
+    if not server.certfile:
+        return None
+    try:
+        return _tls_context(server)
+    except (OSError, ssl.SSLError, ConfigError) as error:
+        raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def _trusted_networks(server: ServerConfig) -> tuple["_IPNetwork", ...]:
+    return tuple(network for network in map(_network, server.trusted_proxies) if network)
+
+
 def _tls_context(server: ServerConfig) -> ssl.SSLContext:
     """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -3644,13 +3662,12 @@ class Relay:
         self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
         self.port = 0
         self.url = ""  # http://HOST:PORT, or https://
-        self._tls = _tls_context(config.server) if config.server.certfile else None
-        self._trusted = tuple(network for network in map(_network, config.server.trusted_proxies) if network)
+        self._tls = _tls_for(config.server)
+        self._trusted = _trusted_networks(config.server)
         self._store = _Store(config)
         self._credentials = _Credentials(config)
         for bucket in self._store.buckets:
-            bucket.forwarders = [_Forwarder(self, bucket, output) for output in bucket.config.outputs
-                                 if not output.internal and not output.disabled]
+            bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
         self._log = _Log()  # replaced by the one loaded from storage, if any, in _serve
         self._storage = _Storage(config.storage.path) if config.storage.path else None
         self._holds: set[_Hold] = set()  # senders waiting for an answer
@@ -3701,11 +3718,7 @@ class Relay:
         if self._overrides:  # what serve_relay was given stays in force
             new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
         _reloadable(self.config, new)
-        try:
-            tls = _tls_context(new.server) if new.server.certfile else None
-        except (OSError, ssl.SSLError, ConfigError) as error:  # changed on disk since it was checked
-            raise ConfigError(f"server.certfile: cannot load {new.server.certfile}: "
-                              f"{getattr(error, 'strerror', None) or error}") from None
+        tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
         old = {bucket.config.id: bucket for bucket in self._store.buckets}
         store = _Store(new, kept={bucket.id: old[bucket.id] for bucket in new.buckets if bucket.id in old})
         for bucket in store.buckets:
@@ -3735,8 +3748,7 @@ class Relay:
                     forwarder.scope.cancel()
                 self._log.forget(bucket)
         for bucket in store.buckets:
-            wanted = {output.name: output for output in bucket.config.outputs
-                      if not output.internal and not output.disabled}
+            wanted = {output.name: output for output in _public_outputs(bucket.config)}
             forwarders = []
             for forwarder in bucket.forwarders:
                 if wanted.get(forwarder.output.name) == forwarder.output:
@@ -3752,7 +3764,7 @@ class Relay:
             bucket.forwarders = forwarders
 
         self.config, self._store, self._credentials, self._tls = new, store, credentials, tls
-        self._trusted = tuple(network for network in map(_network, new.server.trusted_proxies) if network)
+        self._trusted = _trusted_networks(new.server)
         self._own_answers = _own_answers(new)
         self._answer_time = _answer_time(new)
         self._loaded_at = time.time()
