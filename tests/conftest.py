@@ -140,6 +140,18 @@ async def fail_auth(relay, attempts: int = 3) -> trio_websocket.CloseReason:
         return await client.closed()
 
 
+async def log_of(url: str, log_id: str, *, settled: bool = True, timeout: float = 30) -> dict:
+    """GET /v1/logs/<id> from the relay at `url`; with `settled`, once its status is no longer
+    "received" (a delivery or an answer has ended)."""
+    async with httpx.AsyncClient(base_url=url, auth=(KEY, SECRET)) as http:
+        with trio.fail_after(timeout):
+            while True:
+                log = (await http.get(f"/v1/logs/{log_id}")).json()
+                if log["status"] != "received" or not settled:
+                    return log
+                await trio.sleep(0.05)
+
+
 async def post(relay, input_id=GITHUB_INPUT, path="", **kwargs) -> httpx.Response:
     async with httpx.AsyncClient(timeout=10) as http:
         return await http.post(f"{relay.url}/v1/webhooks/{input_id}{path}", **kwargs)

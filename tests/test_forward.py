@@ -31,7 +31,7 @@ from hypothesis import given, settings, strategies as st
 import relay_lite
 
 from app_server import Answer, running_app
-from conftest import GITHUB_INPUT, KEY, SECRET, eventually, post, relay_config
+from conftest import GITHUB_INPUT, KEY, SECRET, eventually, log_of, post, relay_config
 from test_cli import SCRIPT, start, stop
 
 
@@ -94,16 +94,6 @@ def state_of(agent: Agent) -> dict:
 
 def first_seen(received) -> list[bytes]:
     return list(dict.fromkeys(request.body for request in received))
-
-
-async def log_of(url, log_id, *, settled=True):
-    async with httpx.AsyncClient(base_url=url, auth=(KEY, SECRET)) as http:
-        with trio.fail_after(30):
-            while True:
-                log = (await http.get(f"/v1/logs/{log_id}")).json()
-                if log["status"] != "received" or not settled:
-                    return log
-                await trio.sleep(0.05)
 
 
 async def newest_log_id(url, bucket):
