@@ -572,6 +572,11 @@ def _derived_id(*names: str) -> str:
     return str(uuid.uuid5(_ID_NAMESPACE, "\x1f".join(names)))
 
 
+def _output_id(bucket_id: str, name: str) -> str:
+    """An output's id in the hosted API (outputs have none in the config)."""
+    return _derived_id("output", bucket_id, name)
+
+
 def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = config.server
@@ -1126,11 +1131,11 @@ class _Entry:
     """
 
     __slots__ = ("id", "bucket", "input_id", "input_name", "output_name", "destination", "internal", "webhook",
-                 "received_at", "status", "answer", "hold", "size")
+                 "received_at", "status", "answer", "hold", "size", "resent_from")
 
     def __init__(self, log_id: str, bucket: BucketConfig, input_id: str, input_name: str, output_name: str,
                  destination: str, webhook: Webhook, received_at: float, status: str = "received",
-                 answer: "_Answer | None" = None, internal: bool = True) -> None:
+                 answer: "_Answer | None" = None, internal: bool = True, resent_from: str = "") -> None:
         self.id = log_id
         self.bucket = bucket
         self.input_id = input_id
@@ -1143,6 +1148,7 @@ class _Entry:
         self.status = status  # one of LOG_STATUSES
         self.answer = answer
         self.hold: _Hold | None = None  # the sender waiting for this entry's answer, if one is
+        self.resent_from = resent_from  # the entry this one delivers again (POST /v1/logs/<id>/action)
         self.size = _ENTRY_OVERHEAD + webhook.size + (answer.size if answer else 0)  # against history_bytes
 
     def frame(self) -> str:
@@ -1170,33 +1176,37 @@ class _Entry:
         return _encode(frame)
 
     def as_log(self) -> dict[str, Any]:
-        """The entry as the logs API shows it: the hosted service's log fields, and a few of ours."""
+        """The entry as the logs API shows it: the hosted API's Log (`status` a number, the answer's
+        body an array of bytes, times in Unix seconds), and a few fields of relay_lite's own."""
         webhook, answer = self.webhook, self.answer
         return {
             "id": self.id,
             "bucket_id": self.bucket.id,
-            "bucket_name": self.bucket.name,
             "input_id": self.input_id,
-            "input_name": self.input_name,
-            "output_name": self.output_name,
-            "output_destination": self.destination,
-            "internal": self.internal,
-            "created_at": int(self.received_at),
-            "updated_at": int(answer.at if answer else self.received_at),
-            "received_at": self.received_at,
-            "status": self.status,
+            "output_id": _output_id(self.bucket.id, self.output_name) if self.output_name else "",
+            "method": webhook.method,
+            "status": LOG_STATUSES.index(self.status),
             "status_code": answer.status_code if answer else 0,
-            "response_body": base64.b64encode(answer.body).decode("ascii") if answer else "",
+            "body": webhook.body,
+            "headers": webhook.headers,
+            "raw_query": webhook.query,
+            "extra_path": webhook.path,
+            "ip_address": webhook.sender,
+            "response_body": list(answer.body) if answer else [],
             "response_headers": answer.headers if answer else {},
             "duration_ms": round((answer.at - self.received_at) * 1000) if answer else 0,
             "retries": answer.retries if answer else 0,
-            "ip_address": webhook.sender,
-            "method": webhook.method,
-            "extra_path": webhook.path,
-            "raw_query": webhook.query,
-            "headers": webhook.headers,
-            "body": webhook.body,
+            "internal": self.internal,
+            "created_at": int(self.received_at),
+            "updated_at": int(answer.at if answer else self.received_at),
+            # relay_lite's own
+            "bucket_name": self.bucket.name,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "output_destination": self.destination,
+            "received_at": self.received_at,
             "body_encoding": webhook.body_encoding,
+            "resent_from": self.resent_from,
         }
 
 
@@ -3298,7 +3308,7 @@ def _bucket_json(bucket: BucketConfig, at: float) -> dict[str, Any]:
                     "body": list(input_.body.encode()), "response_from_output": input_.response_from_output,
                     "created_at": stamp, "updated_at": stamp}
                    for input_ in bucket.inputs],
-        "outputs": [{"id": _derived_id("output", bucket.id, output.name), "name": output.name, "bucket_id": bucket.id,
+        "outputs": [{"id": _output_id(bucket.id, output.name), "name": output.name, "bucket_id": bucket.id,
                      "destination": output.destination, "internal": output.internal, "lock_path": output.lock_path,
                      "disabled": output.disabled, "headers": {name: [value] for name, value in output.headers.items()},
                      "description": "", "created_at": stamp, "updated_at": stamp}

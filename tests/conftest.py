@@ -14,6 +14,8 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 import relay_lite
 
 GITHUB_ID = "1593fe5f-45f9-45cc-ba23-675fdc7c1638"
+# a log's status, as the hosted API numbers them (relay_lite.LOG_STATUSES)
+PREPARING, SENT, FAILED, STALLED, RECEIVED, REJECTED = range(6)
 GITHUB_INPUT = "b90f2fe9-621d-4290-9e74-edd5b61325dd"
 KEY, SECRET = "key-1", "secret-one-0123456789"
 SCOPED_KEY, SCOPED_SECRET = "scoped", "scoped-secret-0123456789"
@@ -147,7 +149,7 @@ async def log_of(url: str, log_id: str, *, settled: bool = True, timeout: float 
         with trio.fail_after(timeout):
             while True:
                 log = (await http.get(f"/v1/logs/{log_id}")).json()
-                if log["status"] != "received" or not settled:
+                if log["status"] != RECEIVED or not settled:
                     return log
                 await trio.sleep(0.05)
 

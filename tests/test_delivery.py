@@ -15,7 +15,7 @@ import relay_lite
 from relay_lite import Webhook
 
 from app_server import Answer, running_app
-from conftest import KEY, SECRET, log_of, post, relay_config, subscriber
+from conftest import FAILED, SENT, KEY, SECRET, log_of, post, relay_config, subscriber
 
 
 # ---------------------------------------------------------------------------- the request, sans I/O
@@ -184,8 +184,8 @@ async def test_the_outcome_lands_in_the_log():
         async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
             logs = (await http.get("/v1/logs", params={"bucket": "deliver"})).json()["data"]
         delivered = await log_of(relay.url, next(log["id"] for log in logs if log["output_name"] == "app"), timeout=20)
-    assert (delivered["status"], delivered["status_code"], delivered["internal"]) == ("sent", 201, False)
-    assert base64.b64decode(delivered["response_body"]) == b"created"
+    assert (delivered["status"], delivered["status_code"], delivered["internal"]) == (SENT, 201, False)
+    assert bytes(delivered["response_body"]) == b"created"
     assert delivered["response_headers"]["X-App"] == ["yes"] and delivered["retries"] == 0
     assert delivered["ip_address"] == "127.0.0.1"
 
@@ -203,8 +203,8 @@ async def test_a_503_with_retry_after_is_tried_again_after_it_and_a_400_is_not()
             logs = (await http.get("/v1/logs", params={"bucket": "deliver"})).json()["data"]
         outcomes = {log["body"]: await log_of(relay.url, log["id"], timeout=20)
                     for log in logs if log["output_name"] == "app"}
-    assert (outcomes["retry me"]["status"], outcomes["retry me"]["retries"]) == ("sent", 1)
-    assert (outcomes["refuse me"]["status"], outcomes["refuse me"]["status_code"]) == ("failed", 400)
+    assert (outcomes["retry me"]["status"], outcomes["retry me"]["retries"]) == (SENT, 1)
+    assert (outcomes["refuse me"]["status"], outcomes["refuse me"]["status_code"]) == (FAILED, 400)
     assert outcomes["refuse me"]["retries"] == 0 and len(app.received) == 3  # the 400: once
 
 
@@ -218,8 +218,8 @@ async def test_an_unreachable_destination_is_tried_again_then_shown_failed():
             logs = (await http.get("/v1/logs", params={"bucket": "deliver"})).json()["data"]
         started = trio.current_time()
         outcome = await log_of(relay.url, next(log["id"] for log in logs if log["output_name"] == "app"), timeout=20)
-    assert (outcome["status"], outcome["status_code"], outcome["retries"]) == ("failed", 0, 2)
-    assert "ConnectError" in base64.b64decode(outcome["response_body"]).decode()
+    assert (outcome["status"], outcome["status_code"], outcome["retries"]) == (FAILED, 0, 2)
+    assert "ConnectError" in bytes(outcome["response_body"]).decode()
     assert trio.current_time() - started >= 1.4  # two backoffs: 0.5-1 s, then 1-2 s
 
 

@@ -8,7 +8,7 @@ import trio
 
 import relay_lite
 
-from conftest import (GITHUB_ID, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, post, relay_config, subscriber)
+from conftest import (FAILED, RECEIVED, SENT, STALLED, GITHUB_ID, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, post, relay_config, subscriber)
 
 BASIC = (KEY, SECRET)
 ANSWER = {"status_code": 201, "response_body": base64.b64encode(b"hello back").decode(),
@@ -56,7 +56,7 @@ async def test_list_newest_first_with_filters_and_pages(relay):
     logs = (await api(relay, "GET", "/v1/logs", params={"bucket": "github"})).json()
     assert [log["body"] for log in logs["data"]] == ["not delivered"] + [f"github {n}" for n in range(4, -1, -1)]
     assert (logs["total"], logs["limit"], logs["offset"]) == (6, 100, 0)
-    assert [log["status"] for log in logs["data"]] == ["received"] + ["sent"] * 5
+    assert [log["status"] for log in logs["data"]] == [RECEIVED] + [SENT] * 5
     assert {log["bucket_id"] for log in logs["data"]} == {GITHUB_ID}
 
     page = (await api(relay, "GET", "/v1/logs", params={"bucket": GITHUB_ID, "limit": 2, "offset": 1})).json()
@@ -104,7 +104,7 @@ async def test_one_log_has_the_request(relay):
     assert (log["id"], log["method"], log["extra_path"], log["raw_query"], log["body"]) == (
         log_id, "POST", "/deep/path", "x=1", "hi")
     assert log["headers"]["X-Custom"] == ["v"]
-    assert (log["status"], log["status_code"], log["response_body"]) == ("sent", 0, "")
+    assert (log["status"], log["status_code"], log["response_body"]) == (SENT, 0, [])
     assert isinstance(log["created_at"], int)
     for unknown in ("0190a000-0000-7000-8000-000000000000", "not-a-log-id"):
         response = await api(relay, "GET", f"/v1/logs/{unknown}")
@@ -131,13 +131,13 @@ async def test_a_socket_client_answers_the_sender(relay, auth):
         assert not responses  # the sender waits for the answer
         response = await api(relay, "PUT", f"/v1/logs/{frame['meta']['id']}", auth=auth, json=ANSWER)
         assert response.status_code == 200
-        assert (response.json()["status"], response.json()["status_code"]) == ("sent", 201)
+        assert (response.json()["status"], response.json()["status_code"]) == (SENT, 201)
     (sender,) = responses
     assert (sender.status_code, sender.content) == (201, b"hello back")
     assert sender.headers.get_list("X-Reply") == ["yes", "twice"]
     assert sender.headers["Content-Type"] == "text/plain"
     log = (await api(relay, "GET", f"/v1/logs/{frame['meta']['id']}")).json()
-    assert (log["status_code"], base64.b64decode(log["response_body"])) == (201, b"hello back")
+    assert (log["status_code"], bytes(log["response_body"])) == (201, b"hello back")
     assert log["response_headers"] == {"X-Reply": ["yes", "twice"], "Content-Type": ["text/plain"]}
 
 
@@ -166,7 +166,7 @@ async def test_answers_in_the_other_clients_shapes(relay):
     go = {"id": frame["meta"]["id"], "status_code": 0, "response_body": None, "response_headers": None,
           "status": "failed", "retries": 0, "duration_ms": 12}
     response = await api(relay, "PUT", f"/v1/logs/{frame['meta']['id']}", json=go)
-    assert response.status_code == 200 and response.json()["status"] == "failed"
+    assert response.status_code == 200 and response.json()["status"] == FAILED
 
 
 async def test_without_an_answer_in_time_the_sender_gets_the_fallback_and_late_answers_are_refused(relay):
@@ -175,7 +175,7 @@ async def test_without_an_answer_in_time_the_sender_gets_the_fallback_and_late_a
     (sender,) = responses  # the nursery waited for it: 0.3 s
     assert (sender.status_code, sender.text) == (504, "nobody answered")
     log_path = f"/v1/logs/{frame['meta']['id']}"
-    assert (await api(relay, "GET", log_path)).json()["status"] == "stalled"
+    assert (await api(relay, "GET", log_path)).json()["status"] == STALLED
     response = await api(relay, "PUT", log_path, json=ANSWER)
     assert response.status_code == 409
     assert response.json()["error"] == "too late: the sender got the input's own answer after waiting 0.3 s"
@@ -229,7 +229,7 @@ async def test_bad_answers_are_400_with_a_reason_and_change_nothing(relay, body,
     (log,) = (await api(relay, "GET", "/v1/logs", params={"bucket": "github"})).json()["data"]
     response = await api(relay, "PUT", f"/v1/logs/{log['id']}", content=body)
     assert response.status_code == 400 and response.json()["error"].startswith(error)
-    assert (await api(relay, "GET", f"/v1/logs/{log['id']}")).json()["status"] == "received"
+    assert (await api(relay, "GET", f"/v1/logs/{log['id']}")).json()["status"] == RECEIVED
 
 
 async def test_a_shutdown_answers_held_senders_with_the_fallback(config):

@@ -10,7 +10,7 @@ import trio
 
 import relay_lite
 
-from conftest import KEY, SECRET, connect, post, relay_config, subscriber
+from conftest import FAILED, RECEIVED, KEY, SECRET, connect, post, relay_config, subscriber
 from test_cli import run, start, stop
 from test_resume import assert_in_id_order, last_seen, post_many, receive_until_resumed, resume
 
@@ -50,7 +50,7 @@ async def test_statuses_and_answers_survive_a_restart(config):
         async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
             logs = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
     assert [(log["body"], log["status"], log["status_code"]) for log in logs] == [
-        ("never delivered", "received", 0), ("answered", "failed", 204)]
+        ("never delivered", RECEIVED, 0), ("answered", FAILED, 204)]
     assert logs[1]["response_headers"] == {"X-A": ["b"]}
 
 
