@@ -64,7 +64,7 @@ import typing
 import urllib.parse
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -1307,6 +1307,102 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
     elif status not in LOG_STATUSES:
         raise ProtocolError(f'"status" must be one of {", ".join(LOG_STATUSES)}')
     return _Answer(status_code, headers, body, now, retries), status
+
+
+# ---------------------------------------------------------------------------- REST API queries
+#
+# GET /v1/logs and GET /v1/events take their parameters as the hosted API does. A parameter the
+# relay does not know, or one given twice, is refused by name: never silently ignored.
+
+LOGS_PARAMETERS = frozenset({"bucket", "status", "from", "to", "limit", "offset", "cursor"})
+EVENTS_PARAMETERS = frozenset({"bucket", "output", "limit", "max_age", "cursor"})
+
+
+def query_parameters(pairs: Iterable[tuple[str, str]], known: frozenset[str]) -> dict[str, str]:
+    """The parameters of a query string (as name, value pairs), empty ones left out as absent."""
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in known:
+            raise ProtocolError(f"unknown parameter {_shown(name, 40)!r}: this endpoint takes "
+                                f"{', '.join(sorted(known))}")
+        if name in found:
+            raise ProtocolError(f"parameter {name!r} given twice")
+        if value:
+            found[name] = value
+    return found
+
+
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})", re.ASCII)
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+
+
+def parse_time(text: str, name: str, *, end: bool = False) -> float:
+    """`from` or `to` as Unix seconds: a date (UTC) or an RFC 3339 time. A date as an `end` is the
+    end of that day, so `to=2026-11-28` takes in all of the 28th."""
+    try:
+        if (date := _DATE.fullmatch(text)) is not None:
+            day = datetime.datetime(*map(int, date.groups()), tzinfo=datetime.timezone.utc)
+            return day.timestamp() + (86400 if end else 0)
+        if (stamp := _RFC3339.fullmatch(text)) is not None:
+            day_text, hours, minutes, seconds, fraction, zone = stamp.groups()
+            offset = datetime.timedelta(0) if zone in "Zz" else (1 if zone[0] == "+" else -1) * datetime.timedelta(
+                hours=int(zone[1:3]), minutes=int(zone[4:]))
+            moment = datetime.datetime(*map(int, day_text.split("-")), int(hours), int(minutes), int(seconds),
+                                       tzinfo=datetime.timezone(offset))
+            # to an RFC 3339 time takes in that instant, to its last microsecond
+            return moment.timestamp() + int((fraction or "0").ljust(6, "0")[:6]) / 1e6 + (1e-6 if end else 0)
+    except (ValueError, OverflowError):  # a month 13, a minute 61, an offset past 24 h, the end of 9999
+        pass
+    raise ProtocolError(f"{name} must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "
+                        f"not {_shown(text, 40)!r}")
+
+
+_GO_DURATION_PART = r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)"  # in this order: "ms" before "m"
+_GO_DURATION = re.compile(f"(?:{_GO_DURATION_PART})+", re.ASCII)
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str, name: str) -> float:
+    """A duration in Go's syntax (`24h`, `1h30m`, `90s`, `1.5h`, `0`), as seconds; not negative."""
+    if text == "0":
+        return 0.0
+    if len(text) > 64 or not _GO_DURATION.fullmatch(text):
+        raise ProtocolError(f"{name} must be a duration such as 24h, 90m or 30s, not {_shown(text, 40)!r}")
+    return sum(float(number) * _GO_UNITS[unit] for number, unit in re.findall(_GO_DURATION_PART, text, re.ASCII))
+
+
+def encode_cursor(kind: str, scope: Sequence[str], after: str) -> str:
+    """An opaque cursor: where a listing of `kind` goes on (past the log id `after`), and the
+    query it belongs to (`scope`), which a request bringing it back must match."""
+    return base64.urlsafe_b64encode(_encode([kind, *scope, after]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str, kind: str, size: int) -> tuple[list[str], str]:
+    """The scope (`size` strings) and the log id of a cursor from `encode_cursor(kind, ...)`;
+    ProtocolError if it is not one."""
+    try:
+        fields = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except ValueError:  # also binascii.Error and UnicodeDecodeError
+        fields = None
+    if not (isinstance(fields, list) and len(fields) == size + 2 and fields[0] == kind
+            and all(isinstance(field, str) for field in fields) and _canonical_log_id(fields[-1]) == fields[-1]):
+        raise ProtocolError("cursor is not one this relay gave: pass next_cursor as it came")
+    return fields[1:-1], fields[-1]
+
+
+def decode_cursor(text: str, kind: str, scope: Sequence[str]) -> str:
+    """The log id a cursor from `encode_cursor(kind, scope, ...)` goes on after; ProtocolError if
+    it is not one, or belongs to another query (another bucket, output, filter or token)."""
+    try:
+        fields = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except ValueError:  # also binascii.Error and UnicodeDecodeError
+        fields = None
+    if not (isinstance(fields, list) and len(fields) == len(scope) + 2 and fields[0] == kind
+            and all(isinstance(field, str) for field in fields) and _canonical_log_id(fields[-1]) == fields[-1]):
+        raise ProtocolError("cursor is not one this relay gave: pass next_cursor as it came")
+    if fields[1:-1] != list(scope):
+        raise ProtocolError("cursor belongs to another query: another bucket, output, filter or token")
+    return fields[-1]
 
 
 
@@ -3084,33 +3180,59 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
+        """Newest first, by pages: `offset` and `limit`, or `cursor` and `next_cursor`, which
+        stay put while webhooks arrive (a page goes on below the last id of the one before)."""
         token = await relay._api_token()
         if isinstance(token, Response):
             return token
-        args = request.args
-        ref = args.get("bucket", "")
         try:
-            buckets = relay._store.resolve(token, (ref,) if ref else ())
-        except ProtocolError as error:
-            return _json_error(404, str(error))
-        try:
-            status = args.get("status") or None
-            if status is not None and status not in LOG_STATUSES:
-                raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)}")
-            limit = _int_arg(args, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
-            offset = _int_arg(args, "offset", 0, 0, 2**31)
+            params = query_parameters(request.args.items(multi=True), LOGS_PARAMETERS)
+            filters = ("bucket", "status", "from", "to")
+            before = ""
+            if "cursor" in params:  # it carries the query's filters: any given again must be the same
+                kept, before = decode_cursor(params["cursor"], "logs", 1 + len(filters))
+                if kept[0] != _token_tag(token):
+                    raise ProtocolError("cursor belongs to another token")
+                for name, value in zip(filters, kept[1:]):
+                    if params.setdefault(name, value) != value:
+                        raise ProtocolError(f"cursor belongs to another query: its {name} is {_shown(value, 64)!r}")
+                if params.get("offset", "0") != "0":
+                    raise ProtocolError("offset and cursor cannot go together: a cursor says where the page starts")
+            status = params.get("status")
+            if status is not None:
+                status = LOG_STATUSES[int(status)] if status in ("0", "1", "2", "3", "4", "5") else status
+                if status not in LOG_STATUSES:
+                    raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)} (or 0 to 5)")
+            since = parse_time(params["from"], "from") if "from" in params else -math.inf
+            until = parse_time(params["to"], "to", end=True) if "to" in params else math.inf
+            if since >= until:
+                raise ProtocolError("from must come before to")
+            limit = _int_arg(params, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
+            offset = _int_arg(params, "offset", 0, 0, 2**31)
         except ProtocolError as error:
             return _json_error(400, str(error))
-        matching = [entry for entry in relay._log.newest(buckets) if status is None or entry.status == status]
+        try:
+            buckets = relay._store.resolve(token, (params["bucket"],) if "bucket" in params else ())
+        except ProtocolError as error:
+            return _json_error(404, str(error))
+        matching = [entry for entry in relay._log.newest(buckets) if (status is None or entry.status == status)
+                    and since <= entry.received_at < until]
+        start = offset + (next((n for n, entry in enumerate(matching) if entry.id < before), len(matching))
+                          if before else 0)
         page: list[dict[str, Any]] = []
         size = 0
-        for entry in matching[offset:offset + limit]:  # a page stops short of `limit` at _LOGS_PAGE_BYTES,
-            if page and size + entry.size > _LOGS_PAGE_BYTES:  # and its "limit" says how many it holds
+        for entry in matching[start:start + limit]:  # a page stops short of `limit` at _LOGS_PAGE_BYTES,
+            listed = entry.size + 3 * len(entry.answer.body if entry.answer else b"")  # its answer's bytes as numbers
+            if page and size + listed > _LOGS_PAGE_BYTES:  # and its "limit" says how many it holds
                 limit = len(page)
                 break
             page.append(entry.as_log())
-            size += entry.size
-        return _json(200, {"data": page, "total": len(matching), "limit": limit, "offset": offset})
+            size += listed
+        more = start + len(page) < len(matching)
+        cursor = encode_cursor("logs", [_token_tag(token), *(params.get(name, "") for name in filters)],
+                               page[-1]["id"]) if page and more else ""
+        return _json(200, {"data": page, "total": len(matching), "limit": limit, "offset": offset,
+                           "next_cursor": cursor})
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
@@ -3314,6 +3436,11 @@ def _bucket_json(bucket: BucketConfig, at: float) -> dict[str, Any]:
                      "description": "", "created_at": stamp, "updated_at": stamp}
                     for output in bucket.outputs],
     }
+
+
+def _token_tag(token: TokenConfig) -> str:
+    """What a cursor says of the token it was given to: not its key."""
+    return hashlib.sha256(_utf8(token.key)).hexdigest()[:16]
 
 
 def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

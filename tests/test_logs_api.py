@@ -84,7 +84,18 @@ async def test_a_token_sees_only_the_logs_of_its_buckets(relay):
 
 
 @pytest.mark.parametrize("params, error", [
-    ({"status": "lost"}, "status must be one of preparing, sent, failed, stalled, received, rejected"),
+    ({"status": "lost"}, "status must be one of preparing, sent, failed, stalled, received, rejected (or 0 to 5)"),
+    ({"from": "yesterday"}, "from must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "
+                            "not 'yesterday'"),
+    ({"to": "2026-11-28T09:30:00"}, "to must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "
+                                    "not '2026-11-28T09:30:00'"),  # no time zone: which 09:30?
+    ({"from": "2026-02-30"}, "from must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "
+                             "not '2026-02-30'"),
+    ({"to": "2026-11-28", "from": "2026-11-29T00:00:00Z"}, "from must come before to"),  # to: the end of the 28th
+    ({"from": "2026-11-28", "to": "2026-11-27"}, "from must come before to"),
+    ({"output": "x"}, "unknown parameter 'output': this endpoint takes bucket, cursor, from, limit, offset, "
+                      "status, to"),
+    ([("bucket", "github"), ("bucket", "stripe")], "parameter 'bucket' given twice"),
     ({"limit": "0"}, "limit must be a whole number from 1 to 1000"),
     ({"limit": "many"}, "limit must be a whole number from 1 to 1000"),
     ({"limit": "²"}, "limit must be a whole number from 1 to 1000"),  # a digit to str.isdigit, not to int()
