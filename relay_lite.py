@@ -190,6 +190,7 @@ DEFAULT_RETRIES = 5  # attempts after the first: backoff from 1 s, doubling to 6
 WEBHOOK_PREFIX = "/v1/webhooks/"
 SOCKET_PATH = "/v1/socket"
 LOGS_PATH = "/v1/logs"
+EVENTS_PATH = "/v1/events"
 BUCKETS_PATH = "/v1/buckets"
 HEALTH_PATH, READY_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
 NIL_LOG_ID = "00000000-0000-0000-0000-000000000000"  # a resume point before every webhook
@@ -234,6 +235,8 @@ _VALUE_OVERHEAD = 60  # each value
 _SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl and stalled writes
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
+_EVENTS_LIMIT = 100  # GET /v1/events entries per call, by default and at most (the hosted API's)
+_EVENTS_MAX_AGE = "24h"  # how far back a pull queue's first call looks, by default (the hosted API's)
 _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
 _HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; past that, attempts are refused
 _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
@@ -1333,7 +1336,8 @@ def query_parameters(pairs: Iterable[tuple[str, str]], known: frozenset[str]) ->
 
 
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})", re.ASCII)
-_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})", re.ASCII)
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})",
+                      re.ASCII)
 
 
 def parse_time(text: str, name: str, *, end: bool = False) -> float:
@@ -1341,16 +1345,16 @@ def parse_time(text: str, name: str, *, end: bool = False) -> float:
     end of that day, so `to=2026-11-28` takes in all of the 28th."""
     try:
         if (date := _DATE.fullmatch(text)) is not None:
-            day = datetime.datetime(*map(int, date.groups()), tzinfo=datetime.timezone.utc)
-            return day.timestamp() + (86400 if end else 0)
+            year, month, day = map(int, date.groups())
+            return datetime.datetime(year, month, day, tzinfo=datetime.timezone.utc).timestamp() + (86400 if end else 0)
         if (stamp := _RFC3339.fullmatch(text)) is not None:
-            day_text, hours, minutes, seconds, fraction, zone = stamp.groups()
+            year, month, day, hours, minutes, seconds = map(int, stamp.groups()[:6])
+            fraction, zone = stamp.group(7) or "", stamp.group(8)
             offset = datetime.timedelta(0) if zone in "Zz" else (1 if zone[0] == "+" else -1) * datetime.timedelta(
                 hours=int(zone[1:3]), minutes=int(zone[4:]))
-            moment = datetime.datetime(*map(int, day_text.split("-")), int(hours), int(minutes), int(seconds),
-                                       tzinfo=datetime.timezone(offset))
+            moment = datetime.datetime(year, month, day, hours, minutes, seconds, tzinfo=datetime.timezone(offset))
             # to an RFC 3339 time takes in that instant, to its last microsecond
-            return moment.timestamp() + int((fraction or "0").ljust(6, "0")[:6]) / 1e6 + (1e-6 if end else 0)
+            return moment.timestamp() + int(fraction.ljust(6, "0")[:6]) / 1e6 + (1e-6 if end else 0)
     except (ValueError, OverflowError):  # a month 13, a minute 61, an offset past 24 h, the end of 9999
         pass
     raise ProtocolError(f"{name} must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "
@@ -1388,22 +1392,6 @@ def decode_cursor(text: str, kind: str, size: int) -> tuple[list[str], str]:
             and all(isinstance(field, str) for field in fields) and _canonical_log_id(fields[-1]) == fields[-1]):
         raise ProtocolError("cursor is not one this relay gave: pass next_cursor as it came")
     return fields[1:-1], fields[-1]
-
-
-def decode_cursor(text: str, kind: str, scope: Sequence[str]) -> str:
-    """The log id a cursor from `encode_cursor(kind, scope, ...)` goes on after; ProtocolError if
-    it is not one, or belongs to another query (another bucket, output, filter or token)."""
-    try:
-        fields = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except ValueError:  # also binascii.Error and UnicodeDecodeError
-        fields = None
-    if not (isinstance(fields, list) and len(fields) == len(scope) + 2 and fields[0] == kind
-            and all(isinstance(field, str) for field in fields) and _canonical_log_id(fields[-1]) == fields[-1]):
-        raise ProtocolError("cursor is not one this relay gave: pass next_cursor as it came")
-    if fields[1:-1] != list(scope):
-        raise ProtocolError("cursor belongs to another query: another bucket, output, filter or token")
-    return fields[-1]
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1759,7 +1747,8 @@ _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float
 
 
 class _Bucket:
-    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "rejected")
+    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "rejected",
+                 "positions")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
@@ -1770,6 +1759,8 @@ class _Bucket:
         self.history_bytes = 0
         self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some
         self.rejected: deque[_Entry] = deque()  # the last webhooks refused by a signature check; see _Log
+        self.positions: dict[str, str] = {}  # its pull queues (GET /v1/events): output name ("": every
+        # internal one) -> the id of the last entry handed out
 
 
 class _Store:
@@ -1878,6 +1869,14 @@ class _Log:
         """New entries for `webhook`, with ids, not yet in the history (see `add`)."""
         ids = [self.ids.next() for _ in bucket.routes]
         return _entries(ids, bucket.config, input_, webhook, bucket.routes, time.time())
+
+    def resend(self, bucket: _Bucket, entry: _Entry, route: _Route) -> _Entry:
+        """A new entry that delivers `entry`'s webhook again, along `route`, and names the one it
+        repeats; not yet in the history (see `add`)."""
+        webhook = route.webhook_for(entry.webhook)
+        return _Entry(self.ids.next(), bucket.config, entry.input_id, entry.input_name, route.output_name,
+                      route.destination_for(webhook.path), webhook, time.time(), internal=route.internal,
+                      resent_from=entry.id)
 
     def add(self, bucket: _Bucket, entries: Iterable[_Entry]) -> None:
         for entry in entries:
@@ -2657,9 +2656,12 @@ CREATE TABLE IF NOT EXISTS buckets (id TEXT PRIMARY KEY, trimmed TEXT NOT NULL) 
 _MIGRATIONS = (
     "ALTER TABLE logs ADD COLUMN sender TEXT NOT NULL DEFAULT '';"  # 1: sender, retries
     "ALTER TABLE logs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE logs ADD COLUMN resent_from TEXT NOT NULL DEFAULT '';"  # 2: resends, and pull queues
+    "CREATE TABLE positions (bucket_id TEXT NOT NULL, output TEXT NOT NULL, last TEXT NOT NULL,"
+    " PRIMARY KEY (bucket_id, output)) WITHOUT ROWID;",
 )
 _COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
-            "method", "path", "query", "headers", "body", "body_encoding", "sender",
+            "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from",
             "status", "status_code", "response_headers", "response_body", "answered_at", "retries")
 _UPDATED = _COLUMNS[_COLUMNS.index("status"):]
 _WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
@@ -2675,6 +2677,7 @@ class _Batch:
         self.inserts: list[tuple[_Bucket, list[_Entry]]] = []
         self.updates: dict[str, _Entry] = {}
         self.trims: dict[str, str] = {}  # bucket id -> delete its entries up to this id
+        self.positions: dict[tuple[str, str], str] = {}  # (bucket id, output) -> a pull queue's position
         self.committed = trio.Event()
         self.error: BaseException | None = None
 
@@ -2692,8 +2695,9 @@ class _Storage:
         self.failing = ""  # why the last transaction that wrote something failed; "" once one succeeds
         self.stopped = trio.Event()
 
-    def open(self) -> tuple[str, dict[str, str], list[tuple]]:
-        """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every row.
+    def open(self) -> tuple[str, dict[str, str], list[tuple], list[tuple[str, str, str]]]:
+        """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every
+        row, and the pull queues' positions.
 
         Blocking: run it in a thread.
         """
@@ -2716,11 +2720,12 @@ class _Storage:
                 db.executescript(f"BEGIN; {migration} PRAGMA user_version = {len(_MIGRATIONS)}; COMMIT;")
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
             rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
+            positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
         except (sqlite3.Error, OSError, ConfigError) as error:
             raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
         self._db = db
         last = rows[-1][0] if rows else ""  # ids sort as strings
-        return max([last, *trimmed.values()]), trimmed, rows
+        return max([last, *trimmed.values()]), trimmed, rows, positions
 
     def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         self._batch.inserts.append((bucket, entries))
@@ -2732,6 +2737,10 @@ class _Storage:
 
     def trim(self, bucket: _Bucket) -> None:
         self._batch.trims[bucket.config.id] = bucket.trimmed
+        self._work.set()
+
+    def position(self, bucket: _Bucket, output: str) -> None:
+        self._batch.positions[bucket.config.id, output] = bucket.positions[output]
         self._work.set()
 
     async def committed(self) -> None:
@@ -2750,15 +2759,17 @@ class _Storage:
     async def run(self, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
         """Commit batches until close(); `publish` is called for inserted entries once committed."""
         try:
-            while not self._closing or self._batch.inserts or self._batch.updates or self._batch.trims:
+            while (not self._closing or self._batch.inserts or self._batch.updates or self._batch.trims
+                   or self._batch.positions):
                 await self._work.wait()
                 self._work = trio.Event()
                 batch, self._batch = self._batch, _Batch()
                 inserts = [_row(entry) for _, entries in batch.inserts for entry in entries]
                 updates = [_update_row(entry) for entry in batch.updates.values()]
                 trims = list(batch.trims.items())
+                positions = [(*key, last) for key, last in batch.positions.items()]
                 try:
-                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims)
+                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims, positions)
                 except (sqlite3.Error, OSError) as error:
                     batch.error = error
                     self.failing = _shown(str(error), 200)
@@ -2769,7 +2780,7 @@ class _Storage:
                         self._batch.updates = {**batch.updates, **self._batch.updates}
                         self._batch.trims = {**batch.trims, **self._batch.trims}
                 else:
-                    if inserts or updates or trims:  # an empty transaction proves nothing
+                    if inserts or updates or trims or positions:  # an empty transaction proves nothing
                         self.failing = ""
                     for bucket, entries in batch.inserts:
                         publish(bucket, entries)
@@ -2781,7 +2792,8 @@ class _Storage:
                     self._db = None
                 self.stopped.set()
 
-    def _commit(self, inserts: list[tuple], updates: list[tuple], trims: list[tuple[str, str]]) -> None:
+    def _commit(self, inserts: list[tuple], updates: list[tuple], trims: list[tuple[str, str]],
+                positions: list[tuple[str, str, str]]) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN")
@@ -2791,6 +2803,7 @@ class _Storage:
             for bucket_id, trimmed in trims:
                 db.execute("DELETE FROM logs WHERE bucket_id = ? AND id <= ?", (bucket_id, trimmed))
                 db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?)", (bucket_id, trimmed))
+            db.executemany("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", positions)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLITE_FULL, _IOERR and _NOMEM may have rolled it back already,
@@ -2803,7 +2816,7 @@ def _row(entry: _Entry) -> tuple:
     webhook = entry.webhook
     return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
             entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
-            webhook.body, webhook.body_encoding, webhook.sender, *_update_row(entry)[:-1])
+            webhook.body, webhook.body_encoding, webhook.sender, entry.resent_from, *_update_row(entry)[:-1])
 
 
 def _update_row(entry: _Entry) -> tuple:
@@ -2817,14 +2830,15 @@ def _update_row(entry: _Entry) -> tuple:
 
 def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
     (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
-     body, body_encoding, sender, status, status_code, response_headers, response_body, answered_at, retries) = row
+     body, body_encoding, sender, resent_from, status, status_code, response_headers, response_body, answered_at,
+     retries) = row
     answer = None
     if answered_at is not None:
         answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at, retries)
     webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding, sender)
     output = next((output for output in bucket.outputs if output.name == output_name), None)
     return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
-                  status, answer, internal=output is None or output.internal)
+                  status, answer, internal=output is None or output.internal, resent_from=resent_from)
 
 
 # ============================================================================ delivery
@@ -3194,8 +3208,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 if kept[0] != _token_tag(token):
                     raise ProtocolError("cursor belongs to another token")
                 for name, value in zip(filters, kept[1:]):
-                    if params.setdefault(name, value) != value:
+                    if params.get(name, value) != value:
                         raise ProtocolError(f"cursor belongs to another query: its {name} is {_shown(value, 64)!r}")
+                    if value:
+                        params[name] = value
                 if params.get("offset", "0") != "0":
                     raise ProtocolError("offset and cursor cannot go together: a cursor says where the page starts")
             status = params.get("status")
@@ -3219,32 +3235,33 @@ def _make_app(relay: "Relay") -> QuartTrio:
                     and since <= entry.received_at < until]
         start = offset + (next((n for n, entry in enumerate(matching) if entry.id < before), len(matching))
                           if before else 0)
-        page: list[dict[str, Any]] = []
-        size = 0
-        for entry in matching[start:start + limit]:  # a page stops short of `limit` at _LOGS_PAGE_BYTES,
-            listed = entry.size + 3 * len(entry.answer.body if entry.answer else b"")  # its answer's bytes as numbers
-            if page and size + listed > _LOGS_PAGE_BYTES:  # and its "limit" says how many it holds
-                limit = len(page)
-                break
-            page.append(entry.as_log())
-            size += listed
+        page = _listed(itertools.islice(matching, start, None), limit)
         more = start + len(page) < len(matching)
+        if more and len(page) < limit:  # stopped short at _LOGS_PAGE_BYTES: "limit" says how many it holds
+            limit = len(page)
         cursor = encode_cursor("logs", [_token_tag(token), *(params.get(name, "") for name in filters)],
-                               page[-1]["id"]) if page and more else ""
-        return _json(200, {"data": page, "total": len(matching), "limit": limit, "offset": offset,
-                           "next_cursor": cursor})
+                               page[-1].id) if page and more else ""
+        return _json(200, {"data": [entry.as_log() for entry in page], "total": len(matching), "limit": limit,
+                           "offset": offset, "next_cursor": cursor})
+
+    def visible_entry(token: TokenConfig, log_id: str) -> _Entry | Response:
+        """The log entry `log_id`, if `token` may see it; else the answer saying why not."""
+        entry = relay._log.get(_canonical_log_id(log_id) or "")
+        if entry is None:
+            return _json_error(404, f"no webhook log {_shown(log_id, 64)!r}: not an id this relay gave, or no "
+                                    "longer kept (see history_size and history_ttl)")
+        if relay._store.bucket_of(entry) not in relay._store.visible(token):
+            return _json_error(403, f"log {entry.id} belongs to a bucket this token may not see")
+        return entry
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
         token = await relay._api_token()
         if isinstance(token, Response):
             return token
-        entry = relay._log.get(_canonical_log_id(log_id) or "")
-        if entry is None:
-            return _json_error(404, f"no webhook log {log_id[:64]!r}: not an id this relay gave, or no longer kept "
-                                    "(see history_size and history_ttl)")
-        if relay._store.bucket_of(entry) not in relay._store.visible(token):
-            return _json_error(403, f"log {entry.id} belongs to a bucket this token may not see")
+        entry = visible_entry(token, log_id)
+        if isinstance(entry, Response):
+            return entry
         if request.method == "GET":
             return _json(200, entry.as_log())
         if entry.status == "rejected":
@@ -3267,6 +3284,98 @@ def _make_app(relay: "Relay") -> QuartTrio:
             except StorageError as error:
                 return _json_error(503, f"{error}; the answer is recorded in memory only")
         return _json(200, entry.as_log())
+
+    @app.route(LOGS_PATH + "/<log_id>/action", methods=["POST"])
+    async def log_action(log_id: str) -> Response:
+        """{"action": "resend"}: deliver a logged webhook again (to sockets, or by the relay to a
+        public output) as a new entry naming the one it repeats; "output" (an id or name) sends
+        it along another output of its bucket."""
+        token = await relay._api_token()
+        if isinstance(token, Response):
+            return token
+        entry = visible_entry(token, log_id)
+        if isinstance(entry, Response):
+            return entry
+        try:
+            data = json.loads(await _request_body())
+        except (ValueError, RecursionError):
+            data = None
+        if not (isinstance(data, dict) and data.get("action") == "resend" and isinstance(data.get("output", ""), str)):
+            return _json_error(400, 'the body must be {"action": "resend"}, with "output" (an id or name) to '
+                                    'send it along another output')
+        if entry.status == "rejected":
+            return _json_error(409, f"log {entry.id} is a webhook its input refused: it was never relayed")
+        bucket = typing.cast(_Bucket, relay._store.bucket_of(entry))  # visible_entry found it
+        ref = data.get("output") or entry.output_name
+        named = [output.name for output in bucket.config.outputs if ref in (output.name, _output_id(bucket.config.id,
+                                                                                                   output.name))]
+        if data.get("output") and not named:
+            return _json_error(404, f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
+        route = next((route for route in bucket.routes if route.output_name == (named[0] if named else "")), None)
+        if route is None:
+            return _json_error(409, f"bucket {bucket.config.name!r} no longer has an enabled output "
+                                    f"{_shown(ref, 64)!r} to send it along")
+        resent = relay._log.resend(bucket, entry, route)
+        try:
+            await relay._accept(bucket, resent.webhook, [resent])
+        except StorageError as error:
+            return _json_error(503, f"{error}; try again")
+        logger.info("webhook %s resent as %s", entry.id, resent.id)
+        return _json(200, resent.as_log())
+
+    @app.route(EVENTS_PATH, methods=["GET"])
+    async def poll_events() -> Response:
+        """The pull queue (the SDK's webhooks.poll): a bucket's webhooks, or one output's, handed
+        out in order, each once, to whichever poller asks first (see the README)."""
+        token = await relay._api_token()
+        if isinstance(token, Response):
+            return token
+        try:
+            params = query_parameters(request.args.items(multi=True), EVENTS_PARAMETERS)
+            scope, after = decode_cursor(params["cursor"], "events", 2) if "cursor" in params else (None, "")
+            limit = _int_arg(params, "limit", _EVENTS_LIMIT, 1, _EVENTS_LIMIT)
+            max_age = parse_go_duration(params.get("max_age", _EVENTS_MAX_AGE), "max_age")
+            ref = params.get("bucket") or (scope[0] if scope else "")
+            if not ref:
+                raise ProtocolError("bucket is required: a pull queue is a bucket's (or one of its outputs')")
+        except ProtocolError as error:
+            return _json_error(400, str(error))
+        try:
+            [bucket] = relay._store.resolve(token, (ref,))
+        except ProtocolError as error:
+            return _json_error(404, str(error))
+        output = ""  # "": every internal output's entries (or the bucket's, without outputs), as sockets get them
+        if output_ref := params.get("output") or (scope[1] if scope else ""):
+            output = next((output.name for output in bucket.config.outputs
+                           if output_ref in (output.name, _output_id(bucket.config.id, output.name))), "")
+            if not output:
+                return _json_error(404, f"bucket {bucket.config.name!r} has no output {_shown(output_ref, 64)!r}")
+        if scope is not None and scope != [bucket.config.id, output]:
+            return _json_error(400, "cursor belongs to another query: another bucket or output")
+        position = bucket.positions.get(output)
+        start = after or position  # a cursor reads from where it says, the queue from where it is
+        oldest = time.time() - max_age if start is None else -math.inf
+        found = relay._log.after([bucket], start or "", limit + 1, lambda entry: entry.received_at >= oldest and (
+            entry.output_name == output if output else entry.internal))
+        page = _listed(found, limit)
+        # a queue's first call (with nothing to hand out) starts it after what the bucket holds now
+        reached = page[-1].id if page else start or max(bucket.history[-1].id if bucket.history else "",
+                                                        bucket.trimmed, NIL_LOG_ID)
+        if reached > (position or ""):  # a queue never goes back, whatever cursor a client brings
+            bucket.positions[output] = reached
+            if relay._storage is not None:
+                relay._storage.position(bucket, output)
+                try:
+                    await relay._storage.committed()
+                except StorageError as error:
+                    if bucket.positions.get(output) == reached:  # not moved on since: hand these out again
+                        if position is None:
+                            del bucket.positions[output]
+                        else:
+                            bucket.positions[output] = position
+                    return _json_error(503, f"{error}; try again")
+        return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": len(found) > len(page),
+                           "next_cursor": encode_cursor("events", [bucket.config.id, output], reached)})
 
     @app.route(HEALTH_PATH, methods=["GET", "HEAD"])
     async def healthz() -> Response:
@@ -3450,6 +3559,19 @@ def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: i
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
         raise ProtocolError(f"{name} must be a whole number from {low} to {high}")
     return int(raw)
+
+
+def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
+    """Up to `limit` of `entries`, stopping short at about _LOGS_PAGE_BYTES of them (never at the
+    first), an answer's body counted as the numbers JSON writes for its bytes."""
+    page: list[_Entry] = []
+    size = 0
+    for entry in itertools.islice(entries, limit):
+        size += entry.size + 3 * len(entry.answer.body if entry.answer else b"")
+        if page and size > _LOGS_PAGE_BYTES:
+            break
+        page.append(entry)
+    return page
 
 
 class _Hold:
@@ -4091,7 +4213,7 @@ class Relay:
             for bucket in self._store.buckets:
                 bucket.trimmed = start
             return
-        last, trimmed, rows = await trio.to_thread.run_sync(self._storage.open)
+        last, trimmed, rows, positions = await trio.to_thread.run_sync(self._storage.open)
         self._log = log = _Log(last)
         log.on_trim = self._storage.trim
         start = log.ids.next()
@@ -4109,6 +4231,10 @@ class Relay:
             by_bucket.setdefault(bucket_config.id, []).append(_entry_from_row(row, bucket_config))
         for bucket in self._store.buckets:
             log.add(bucket, by_bucket.get(bucket.config.id, []))  # within today's bounds
+        by_id = {bucket.config.id: bucket for bucket in self._store.buckets}
+        for bucket_id, output, position in positions:
+            if bucket_id in by_id:
+                by_id[bucket_id].positions[output] = position
         logger.info("webhook log %s: %d entries loaded", self._storage.path, len(rows) - unknown)
         if unknown:
             logger.warning("webhook log %s: %d entries belong to buckets no longer configured; they stay "

@@ -190,6 +190,21 @@ async def test_the_outcome_lands_in_the_log():
     assert delivered["ip_address"] == "127.0.0.1"
 
 
+async def test_a_resend_delivers_to_the_app_again_once_it_is_fixed():
+    async with running_app() as app, relay_lite.open_relay(delivering_config(app.url, retries=0)) as relay:
+        app.answer = lambda request: Answer(500)  # the app is broken
+        await post(relay, input_id="in-deliver", content="order 7")
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            logs = (await http.get("/v1/logs", params={"bucket": "deliver"})).json()["data"]
+            failed = await log_of(relay.url, next(log["id"] for log in logs if log["output_name"] == "app"), timeout=20)
+            app.answer = lambda request: Answer(200)  # fixed
+            resent = (await http.post(f"/v1/logs/{failed['id']}/action", json={"action": "resend"})).json()
+        [*_, again] = await app.wait_for(2, timeout=20)
+        delivered = await log_of(relay.url, resent["id"], timeout=20)
+    assert (failed["status"], delivered["status"], again.body) == (FAILED, SENT, b"order 7")
+    assert (delivered["resent_from"], delivered["output_name"]) == (failed["id"], "app")
+
+
 async def test_a_503_with_retry_after_is_tried_again_after_it_and_a_400_is_not():
     async with running_app() as app, relay_lite.open_relay(delivering_config(app.url, retries=3)) as relay:
         app.answer = lambda request: (Answer(503, [("Retry-After", "1")]) if len(app.received) == 1

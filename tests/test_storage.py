@@ -2,6 +2,7 @@
 
 import re
 import sqlite3
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -10,7 +11,7 @@ import trio
 
 import relay_lite
 
-from conftest import FAILED, RECEIVED, KEY, SECRET, connect, post, relay_config, subscriber
+from conftest import FAILED, GITHUB_ID, GITHUB_INPUT, RECEIVED, KEY, SECRET, connect, post, relay_config, subscriber
 from test_cli import run, start, stop
 from test_resume import assert_in_id_order, last_seen, post_many, receive_until_resumed, resume
 
@@ -157,3 +158,23 @@ def test_a_database_that_cannot_be_opened_exits_2_with_a_message(tmp_path):
     assert "relay_lite: error: storage.path: cannot use" in result.stderr
     assert "unable to open database file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_file_of_the_first_schema_is_migrated(config):
+    """A log written before schema versions existed (user_version 0) opens, keeps its rows, and
+    takes what later versions added: resends and pull queues."""
+    with sqlite3.connect(config["storage"]["path"]) as db:
+        db.executescript(relay_lite._SCHEMA)
+        db.execute("INSERT INTO logs VALUES ('01a2227f-4c1e-7000-8a3b-5f0c9d2e1b77', ?, ?, 'in', '', '/', ?, 'POST', "
+                   "'/', '', '{}', 'from schema 0', '', 'received', NULL, NULL, NULL, NULL)",
+                   (GITHUB_ID, GITHUB_INPUT, time.time()))
+    async with relay_lite.open_relay(config) as relay:
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            [old] = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
+            queue = (await http.get("/v1/events", params={"bucket": "github"})).json()["logs"]
+            resent = (await http.post(f"/v1/logs/{old['id']}/action", json={"action": "resend"})).json()
+    assert (old["body"], old["resent_from"], [log["id"] for log in queue]) == ("from schema 0", "", [old["id"]])
+    with sqlite3.connect(config["storage"]["path"]) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(relay_lite._MIGRATIONS),)
+        assert db.execute("SELECT resent_from FROM logs WHERE id = ?", (resent["id"],)).fetchone() == (old["id"],)
+        assert db.execute("SELECT output, last FROM positions").fetchall() == [("", old["id"])]
