@@ -1,7 +1,6 @@
 """Delivery to HTTP (issue 10): the engine that turns a logged webhook into a request and records
 its outcome, and the relay delivering its public outputs with it, to a real local app."""
 
-import base64
 import functools
 import hashlib
 import hmac

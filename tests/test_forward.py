@@ -2,7 +2,6 @@
 NAT. Run as a user runs it, a process, against a relay (in this process, or a process too) and a
 local app that records every request as it arrived."""
 
-import base64
 import contextlib
 import functools
 import hashlib

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 import relay_lite
 
-from conftest import (GITHUB_ID, GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, SENT, eventually, post,
+from conftest import (GITHUB_ID, GITHUB_INPUT, SCOPED_KEY, SCOPED_SECRET, SECRET, SENT, post,
                       relay_config, subscriber)
 
 
