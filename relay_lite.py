@@ -1134,11 +1134,12 @@ class _Entry:
     """
 
     __slots__ = ("id", "bucket", "input_id", "input_name", "output_name", "destination", "internal", "webhook",
-                 "received_at", "status", "answer", "hold", "size", "resent_from")
+                 "received_at", "status", "answer", "hold", "size", "resent_from", "request_headers")
 
     def __init__(self, log_id: str, bucket: BucketConfig, input_id: str, input_name: str, output_name: str,
                  destination: str, webhook: Webhook, received_at: float, status: str = "received",
-                 answer: "_Answer | None" = None, internal: bool = True, resent_from: str = "") -> None:
+                 answer: "_Answer | None" = None, internal: bool = True, resent_from: str = "",
+                 request_headers: dict[str, list[str]] | None = None) -> None:
         self.id = log_id
         self.bucket = bucket
         self.input_id = input_id
@@ -1152,7 +1153,9 @@ class _Entry:
         self.answer = answer
         self.hold: _Hold | None = None  # the sender waiting for this entry's answer, if one is
         self.resent_from = resent_from  # the entry this one delivers again (POST /v1/logs/<id>/action)
-        self.size = _ENTRY_OVERHEAD + webhook.size + (answer.size if answer else 0)  # against history_bytes
+        self.request_headers = request_headers  # the sender's, where its output replaced some (for a resend)
+        self.size = (_ENTRY_OVERHEAD + webhook.size + (answer.size if answer else 0)  # against history_bytes
+                     + (_headers_size(request_headers) if request_headers is not None else 0))
 
     def frame(self) -> str:
         """The socket frame, in the hosted service's schema."""
@@ -1213,12 +1216,16 @@ class _Entry:
         }
 
 
-def _entries(log_ids: Iterable[str], bucket: BucketConfig, input_: InputConfig, webhook: Webhook,
-             routes: Iterable[_Route], received_at: float) -> list[_Entry]:
+def _entries(log_ids: Iterable[str], bucket: BucketConfig, input_id: str, input_name: str, webhook: Webhook,
+             routes: Iterable[_Route], received_at: float, resent_from: str = "") -> list[_Entry]:
     """The log entries (and so the socket frames) of `webhook`: one per route, with its id."""
-    return [_Entry(log_id, bucket, input_.id, input_.name, route.output_name, route.destination_for(webhook.path),
-                   route.webhook_for(webhook), received_at, internal=route.internal)
-            for log_id, route in zip(log_ids, routes)]
+    entries = []
+    for log_id, route in zip(log_ids, routes):
+        routed = route.webhook_for(webhook)
+        entries.append(_Entry(log_id, bucket, input_id, input_name, route.output_name,
+                              route.destination_for(webhook.path), routed, received_at, internal=route.internal,
+                              resent_from=resent_from, request_headers=None if routed is webhook else webhook.headers))
+    return entries
 
 
 class _LogIds:
@@ -1330,9 +1337,8 @@ def query_parameters(pairs: Iterable[tuple[str, str]], known: frozenset[str]) ->
                                 f"{', '.join(sorted(known))}")
         if name in found:
             raise ProtocolError(f"parameter {name!r} given twice")
-        if value:
-            found[name] = value
-    return found
+        found[name] = value
+    return {name: value for name, value in found.items() if value}
 
 
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})", re.ASCII)
@@ -1386,7 +1392,7 @@ def decode_cursor(text: str, kind: str, size: int) -> tuple[list[str], str]:
     ProtocolError if it is not one."""
     try:
         fields = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-    except ValueError:  # also binascii.Error and UnicodeDecodeError
+    except (ValueError, RecursionError):  # also binascii.Error and UnicodeDecodeError; "[[[[..." too
         fields = None
     if not (isinstance(fields, list) and len(fields) == size + 2 and fields[0] == kind
             and all(isinstance(field, str) for field in fields) and _canonical_log_id(fields[-1]) == fields[-1]):
@@ -1748,7 +1754,7 @@ _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float
 
 class _Bucket:
     __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "rejected",
-                 "positions")
+                 "positions", "_queue_locks")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
@@ -1761,6 +1767,11 @@ class _Bucket:
         self.rejected: deque[_Entry] = deque()  # the last webhooks refused by a signature check; see _Log
         self.positions: dict[str, str] = {}  # its pull queues (GET /v1/events): output name ("": every
         # internal one) -> the id of the last entry handed out
+        self._queue_locks: dict[str, trio.Lock] = {}
+
+    def queue_lock(self, output: str) -> trio.Lock:
+        """Held by a pull queue's call from reading its position until the new one is stored."""
+        return self._queue_locks.setdefault(output, trio.Lock())
 
 
 class _Store:
@@ -1868,15 +1879,16 @@ class _Log:
     def record(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> list[_Entry]:
         """New entries for `webhook`, with ids, not yet in the history (see `add`)."""
         ids = [self.ids.next() for _ in bucket.routes]
-        return _entries(ids, bucket.config, input_, webhook, bucket.routes, time.time())
+        return _entries(ids, bucket.config, input_.id, input_.name, webhook, bucket.routes, time.time())
 
     def resend(self, bucket: _Bucket, entry: _Entry, route: _Route) -> _Entry:
         """A new entry that delivers `entry`'s webhook again, along `route`, and names the one it
         repeats; not yet in the history (see `add`)."""
-        webhook = route.webhook_for(entry.webhook)
-        return _Entry(self.ids.next(), bucket.config, entry.input_id, entry.input_name, route.output_name,
-                      route.destination_for(webhook.path), webhook, time.time(), internal=route.internal,
-                      resent_from=entry.id)
+        webhook = entry.webhook if entry.request_headers is None else dataclasses.replace(
+            entry.webhook, headers=entry.request_headers)  # as its sender sent it: the route sets its own headers
+        [resent] = _entries([self.ids.next()], bucket.config, entry.input_id, entry.input_name, webhook, [route],
+                            time.time(), resent_from=entry.id)
+        return resent
 
     def add(self, bucket: _Bucket, entries: Iterable[_Entry]) -> None:
         for entry in entries:
@@ -2657,11 +2669,12 @@ _MIGRATIONS = (
     "ALTER TABLE logs ADD COLUMN sender TEXT NOT NULL DEFAULT '';"  # 1: sender, retries
     "ALTER TABLE logs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;",
     "ALTER TABLE logs ADD COLUMN resent_from TEXT NOT NULL DEFAULT '';"  # 2: resends, and pull queues
+    "ALTER TABLE logs ADD COLUMN request_headers TEXT NOT NULL DEFAULT '';"
     "CREATE TABLE positions (bucket_id TEXT NOT NULL, output TEXT NOT NULL, last TEXT NOT NULL,"
     " PRIMARY KEY (bucket_id, output)) WITHOUT ROWID;",
 )
 _COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
-            "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from",
+            "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from", "request_headers",
             "status", "status_code", "response_headers", "response_body", "answered_at", "retries")
 _UPDATED = _COLUMNS[_COLUMNS.index("status"):]
 _WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
@@ -2701,6 +2714,7 @@ class _Storage:
 
         Blocking: run it in a thread.
         """
+        db = None
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode = WAL")
@@ -2716,12 +2730,14 @@ class _Storage:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             _require(version <= len(_MIGRATIONS), "storage.path",
                      f"{self.path!r} was written by a newer relay_lite (schema {version})")
-            for migration in _MIGRATIONS[version:]:
-                db.executescript(f"BEGIN; {migration} PRAGMA user_version = {len(_MIGRATIONS)}; COMMIT;")
+            for number, migration in enumerate(_MIGRATIONS[version:], version + 1):  # each whole, or not at all
+                db.executescript(f"BEGIN; {migration} PRAGMA user_version = {number}; COMMIT;")
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
             rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
             positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
         except (sqlite3.Error, OSError, ConfigError) as error:
+            if db is not None:
+                db.close()  # and with it a migration's transaction, rolled back
             raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
         self._db = db
         last = rows[-1][0] if rows else ""  # ids sort as strings
@@ -2816,7 +2832,8 @@ def _row(entry: _Entry) -> tuple:
     webhook = entry.webhook
     return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
             entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
-            webhook.body, webhook.body_encoding, webhook.sender, entry.resent_from, *_update_row(entry)[:-1])
+            webhook.body, webhook.body_encoding, webhook.sender, entry.resent_from,
+            "" if entry.request_headers is None else _encode(entry.request_headers), *_update_row(entry)[:-1])
 
 
 def _update_row(entry: _Entry) -> tuple:
@@ -2830,15 +2847,16 @@ def _update_row(entry: _Entry) -> tuple:
 
 def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
     (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
-     body, body_encoding, sender, resent_from, status, status_code, response_headers, response_body, answered_at,
-     retries) = row
+     body, body_encoding, sender, resent_from, request_headers, status, status_code, response_headers, response_body,
+     answered_at, retries) = row
     answer = None
     if answered_at is not None:
         answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at, retries)
     webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding, sender)
     output = next((output for output in bucket.outputs if output.name == output_name), None)
     return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
-                  status, answer, internal=output is None or output.internal, resent_from=resent_from)
+                  status, answer, internal=output is None or output.internal, resent_from=resent_from,
+                  request_headers=json.loads(request_headers) if request_headers else None)
 
 
 # ============================================================================ delivery
@@ -3352,28 +3370,31 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 return _json_error(404, f"bucket {bucket.config.name!r} has no output {_shown(output_ref, 64)!r}")
         if scope is not None and scope != [bucket.config.id, output]:
             return _json_error(400, "cursor belongs to another query: another bucket or output")
-        position = bucket.positions.get(output)
-        start = after or position  # a cursor reads from where it says, the queue from where it is
-        oldest = time.time() - max_age if start is None else -math.inf
-        found = relay._log.after([bucket], start or "", limit + 1, lambda entry: entry.received_at >= oldest and (
-            entry.output_name == output if output else entry.internal))
-        page = _listed(found, limit)
-        # a queue's first call (with nothing to hand out) starts it after what the bucket holds now
-        reached = page[-1].id if page else start or max(bucket.history[-1].id if bucket.history else "",
-                                                        bucket.trimmed, NIL_LOG_ID)
-        if reached > (position or ""):  # a queue never goes back, whatever cursor a client brings
-            bucket.positions[output] = reached
-            if relay._storage is not None:
-                relay._storage.position(bucket, output)
-                try:
-                    await relay._storage.committed()
-                except StorageError as error:
-                    if bucket.positions.get(output) == reached:  # not moved on since: hand these out again
+        async with bucket.queue_lock(output):  # one call of a queue at a time, from its position to its commit
+            position = bucket.positions.get(output)
+            start = after or position  # a cursor reads from where it says, the queue from where it is
+            oldest = time.time() - max_age if start is None else -math.inf
+            found = relay._log.after([bucket], start or "", limit + 1, lambda entry: entry.received_at >= oldest and (
+                entry.output_name == output if output else entry.internal))
+            page = _listed(found, limit)
+            # The queue moves past what it hands out (never back, whatever cursor a client brings), or
+            # at its first call, with nothing to hand out, past what the bucket holds now: only ever
+            # to the id of an entry it has, so a made-up cursor cannot move it past webhooks to come.
+            reached = page[-1].id if page else None if start is not None else max(
+                bucket.history[-1].id if bucket.history else "", bucket.trimmed, NIL_LOG_ID)
+            if reached is not None and reached > (position or ""):
+                bucket.positions[output] = reached
+                if relay._storage is not None:
+                    relay._storage.position(bucket, output)
+                    try:
+                        await relay._storage.committed()
+                    except StorageError as error:  # hand these out again: no other call moved it meanwhile
                         if position is None:
                             del bucket.positions[output]
                         else:
                             bucket.positions[output] = position
-                    return _json_error(503, f"{error}; try again")
+                        return _json_error(503, f"{error}; try again")
+        reached = reached or start or NIL_LOG_ID
         return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": len(found) > len(page),
                            "next_cursor": encode_cursor("events", [bucket.config.id, output], reached)})
 

@@ -300,7 +300,7 @@ _FRAME_BUCKET = relay_lite.load_config({"buckets": [{"name": "github", "id": GIT
 
 def _frame_bytes(webhook: Webhook) -> int:
     routes = relay_lite._routes(_FRAME_BUCKET)
-    (entry,) = relay_lite._entries([str(uuid.uuid4())], _FRAME_BUCKET, _FRAME_BUCKET.inputs[0], webhook, routes, 0.0)
+    (entry,) = relay_lite._entries([str(uuid.uuid4())], _FRAME_BUCKET, _FRAME_BUCKET.inputs[0].id, _FRAME_BUCKET.inputs[0].name, webhook, routes, 0.0)
     return len(wire_frame(entry.frame()))
 
 

@@ -2,7 +2,10 @@
 ../shared/PROTOCOL.md, "The hosted REST API"), over real HTTP: list, iterate, time windows, the
 pull queue, update, resend, and the buckets."""
 
+import base64
 import datetime
+import sqlite3
+import threading
 
 import httpx
 import pytest
@@ -11,7 +14,7 @@ from hypothesis import given, strategies as st
 
 import relay_lite
 
-from conftest import (GITHUB_ID, GITHUB_INPUT, SCOPED_KEY, SCOPED_SECRET, SECRET, SENT, post,
+from conftest import (GITHUB_ID, GITHUB_INPUT, SCOPED_KEY, SCOPED_SECRET, SECRET, SENT, eventually, post,
                       relay_config, subscriber)
 
 
@@ -373,3 +376,83 @@ def test_a_cursor_round_trips():
     assert relay_lite.decode_cursor(cursor, "events", 2) == (["bucket", "out"], relay_lite.NIL_LOG_ID)
     with pytest.raises(relay_lite.ProtocolError):
         relay_lite.decode_cursor(cursor, "logs", 2)  # a cursor of another listing
+
+
+# ---------------------------------------------------------------------------- found by a review
+
+
+async def test_a_cursor_nested_deep_is_a_400_not_a_500(relay, sdk):
+    nested = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
+    for answer in (await sdk.http.get("/v1/logs", params={"cursor": nested}),
+                   await events(sdk.http, bucket="github", cursor=nested)):
+        assert (answer.status_code, answer.json()) == (400, {
+            "error": "cursor is not one this relay gave: pass next_cursor as it came"})
+
+
+@pytest.mark.parametrize("query", ["bucket=&bucket=github", "limit=5&limit=", "from=&from="])
+async def test_a_parameter_given_twice_is_refused_even_empty(relay, sdk, query):
+    answer = await sdk.http.get("/v1/logs?" + query)
+    assert answer.status_code == 400 and "given twice" in answer.json()["error"]
+
+
+async def test_a_made_up_cursor_cannot_move_a_queue_past_webhooks_to_come(relay, sdk):
+    await posted(relay, "before")
+    future = relay_lite.encode_cursor("events", [GITHUB_ID, ""], "ffffffff-ffff-7fff-bfff-ffffffffffff")
+    async with httpx.AsyncClient(base_url=relay.url, auth=(SCOPED_KEY, SCOPED_SECRET)) as scoped:
+        assert (await events(scoped, cursor=future)).json()["logs"] == []
+    await posted(relay, "after")
+    queue = await sdk.call("GET", "/v1/events", params={"bucket": "github"})
+    assert [log["body"] for log in queue["logs"]] == ["before", "after"]
+
+
+async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits(tmp_path):
+    config = relay_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    async with relay_lite.open_relay(config) as relay, sdk_for(relay) as http:
+        sdk = Sdk(http)
+        await posted(relay, *(f"e{n}" for n in range(6)))
+        assert [log["body"] for log in (await events(http, bucket="github", limit=2)).json()["logs"]] == ["e0", "e1"]
+        commit, calls, release = relay._storage._commit, [], threading.Event()
+
+        def failing_once(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                release.wait(10)
+                raise sqlite3.OperationalError("disk I/O error (made by the test)")
+            return commit(*args)
+
+        relay._storage._commit = failing_once
+        answers = {}
+
+        async def poll(name):
+            answers[name] = await events(http, bucket="github", limit=2)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll, "first")
+            await eventually(lambda: calls)  # its commit is under way
+            nursery.start_soon(poll, "second")
+            [bucket] = relay._store.resolve(relay.config.tokens[0], ("github",))
+            await eventually(lambda: bucket.queue_lock("").statistics().tasks_waiting == 1)
+            release.set()
+        assert answers["first"].status_code == 503
+        assert [log["body"] for log in answers["second"].json()["logs"]] == ["e2", "e3"]  # none skipped
+        rest = await sdk.call("GET", "/v1/events", params={"bucket": "github"})
+    assert [log["body"] for log in rest["logs"]] == ["e4", "e5"]
+
+
+async def test_a_resend_along_another_output_carries_the_senders_headers_not_the_first_outputs():
+    config = relay_config()
+    config["buckets"].append({"name": "two-vendors", "inputs": [{"id": "in-vendors"}], "outputs": [
+        {"name": "vendor-a", "destination": "http://127.0.0.1:9/a",
+         "headers": {"Authorization": "Bearer for-a-only", "X-Replaced": "by a"}},
+        {"name": "vendor-b", "destination": "http://127.0.0.1:9/b", "headers": {"X-B": "b"}}]})
+    async with relay_lite.open_relay(config) as relay, sdk_for(relay) as http:
+        sdk = Sdk(http)
+        assert (await post(relay, "in-vendors", content="x", headers={"X-Replaced": "the sender's"})).status_code == 200
+        [from_a] = [log for log in (await sdk.list(bucket="two-vendors"))["data"] if log["output_name"] == "vendor-a"]
+        to_b = await sdk.resend(from_a["id"], output="vendor-b")
+        again_a = await sdk.resend(from_a["id"])
+    assert from_a["headers"]["Authorization"] == ["Bearer for-a-only"]
+    assert "Authorization" not in to_b["headers"] and to_b["headers"]["X-B"] == ["b"]
+    assert to_b["headers"]["X-Replaced"] == ["the sender's"]
+    assert (again_a["headers"]["Authorization"], again_a["headers"]["X-Replaced"]) == (["Bearer for-a-only"], ["by a"])

@@ -108,7 +108,7 @@ def _frames(bucket, webhook):
     """The frames of `webhook`: one per route of `bucket`, ids log-1, log-2, ..."""
     routes = relay_lite._routes(bucket)
     ids = [f"log-{n}" for n in range(1, len(routes) + 1)]
-    return [entry.frame() for entry in relay_lite._entries(ids, bucket, bucket.inputs[0], webhook, routes, 0.0)
+    return [entry.frame() for entry in relay_lite._entries(ids, bucket, bucket.inputs[0].id, bucket.inputs[0].name, webhook, routes, 0.0)
             if entry.internal]  # what sockets get
 
 
@@ -149,7 +149,7 @@ def test_only_public_outputs_reach_no_socket():
     bucket = _bucket([{"name": "p", "destination": "https://z", "internal": False}])
     webhook = Webhook.from_request("GET", "", b"", [], b"")
     assert _frames(bucket, webhook) == []
-    (entry,) = relay_lite._entries(["log-1"], bucket, bucket.inputs[0], webhook, relay_lite._routes(bucket), 0.0)
+    (entry,) = relay_lite._entries(["log-1"], bucket, bucket.inputs[0].id, bucket.inputs[0].name, webhook, relay_lite._routes(bucket), 0.0)
     assert (entry.internal, entry.output_name, entry.destination) == (False, "p", "https://z")  # the relay's
 
 

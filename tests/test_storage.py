@@ -178,3 +178,21 @@ async def test_a_file_of_the_first_schema_is_migrated(config):
         assert db.execute("PRAGMA user_version").fetchone() == (len(relay_lite._MIGRATIONS),)
         assert db.execute("SELECT resent_from FROM logs WHERE id = ?", (resent["id"],)).fetchone() == (old["id"],)
         assert db.execute("SELECT output, last FROM positions").fetchall() == [("", old["id"])]
+
+
+def test_a_migration_that_failed_is_made_again_at_the_next_start(tmp_path):
+    path = str(tmp_path / "relay.db")
+    with sqlite3.connect(path) as db:
+        db.executescript(relay_lite._SCHEMA)  # schema 0
+        db.execute("CREATE TABLE positions (x)")  # makes migration 2 fail, as a full disk or a kill would
+    with pytest.raises(relay_lite.StorageError, match="positions already exists"):
+        relay_lite._Storage(path).open()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)  # 1 took, 2 did not
+        db.execute("DROP TABLE positions")
+    storage = relay_lite._Storage(path)
+    storage.open()
+    storage._db.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert "request_headers" in [column[1] for column in db.execute("PRAGMA table_info(logs)")]
