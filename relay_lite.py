@@ -140,6 +140,7 @@ __all__ = [
     "InputConfig",
     "OutputConfig",
     "ProtocolError",
+    "RelayError",
     "Relay",
     "ServerConfig",
     "StorageConfig",
@@ -270,19 +271,85 @@ AUTHENTICATED_MESSAGE = "connected successfully, subscribe to buckets"
 # ============================================================================ errors
 
 
-class ConfigError(Exception):
+class RelayError(Exception):
+    """What relay_lite raises on purpose; its message is for the user, in one line.
+
+    `status` is the HTTP status a request that meets it is answered with (the message as its
+    body, JSON on the REST API), and `close_code` what a socket that meets it is closed with;
+    None: the socket stays open, and is told in a status "error" frame.
+    """
+
+    status = 500
+    close_code: int | None = 1011
+    headers: Mapping[str, str] = {}  # for the HTTP answer
+
+
+class ConfigError(RelayError):
     """A configuration that cannot be served; the message names the file, the key and the fault."""
 
 
-class ProtocolError(Exception):
-    """A client frame that cannot be acted on; the message is sent back in a status "error" frame."""
+class ProtocolError(RelayError):
+    """A request or a client frame that cannot be acted on."""
+
+    status = 400
+    close_code = None
 
 
-class StorageError(Exception):
-    """The webhook log's database cannot be opened or written."""
+class NotFound(ProtocolError):
+    """What a request names (a bucket, a log entry, an output) is not there, or not for this token."""
+
+    status = 404
 
 
-class AgentError(Exception):
+class Forbidden(ProtocolError):
+    """What a request names is there, but not for this token."""
+
+    status = 403
+
+
+class Conflict(ProtocolError):
+    """What a request asks cannot be done to the thing as it is now (an answer too late)."""
+
+    status = 409
+
+
+class Unauthorized(RelayError):
+    """No key and secret, or wrong ones."""
+
+    status = 401
+    close_code = CLOSE_POLICY
+
+    def __init__(self, message: str, challenge: str = 'Basic realm="relay_lite"') -> None:
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class TooManyFailures(RelayError):
+    """An address may not try to authenticate now: it failed too often. `wait`: seconds before it may."""
+
+    status = 429
+    close_code = CLOSE_POLICY
+
+    def __init__(self, message: str, wait: float) -> None:
+        super().__init__(message)
+        self.wait = wait
+        self.headers = {"Retry-After": str(math.ceil(wait))}
+
+
+class HashingBusy(TooManyFailures):
+    """No attempt may be checked now: too many wait for the secret hashes' one thread."""
+
+    status = 503
+    close_code = _CLOSE_TRY_AGAIN
+
+
+class StorageError(RelayError):
+    """The webhook log's store cannot be opened or written."""
+
+    status = 503
+
+
+class AgentError(RelayError):
     """The forward agent cannot go on: the relay refused its key or a bucket, or its state file is
     not its own. The message says which, in one line."""
 
@@ -1800,7 +1867,7 @@ class _Store:
             return visible
         missing = [ref for ref in refs if self._by_ref.get(ref) not in visible]
         if missing:
-            raise ProtocolError(f"no such bucket for this token: {_shown(', '.join(missing), 256)}")
+            raise NotFound(f"no such bucket for this token: {_shown(', '.join(missing), 256)}")
         return tuple(dict.fromkeys(self._by_ref[ref] for ref in refs))
 
     def adopt(self) -> None:
@@ -2102,7 +2169,7 @@ class _Credentials:
         """The token `key` and `secret` name, or None if they name none. The key "whr" (the new
         SDK) or a Bearer secret names a token by its secret alone.
 
-        Raise _TooManyFailures if `address` may not try now. Each attempt is charged to its
+        Raise TooManyFailures if `address` may not try now. Each attempt is charged to its
         address before it is checked and refunded if it was right, so attempts made at once
         cannot outrun the limit while slow checks run."""
         self._charge(address)
@@ -2113,7 +2180,7 @@ class _Credentials:
                 token = self._by_key.get(key)
                 if token is not None and not await self._matches(token, secret):
                     token = None
-        except _HashingBusy:
+        except HashingBusy:
             self._charge(address, -1.0)  # not its failure
             raise
         if token is not None:
@@ -2134,7 +2201,7 @@ class _Credentials:
         return False
 
     def _charge(self, address: str, failures: float = 1.0) -> None:
-        """Count `failures` against `address` (negative: forgive them); raise _TooManyFailures,
+        """Count `failures` against `address` (negative: forgive them); raise TooManyFailures,
         counting nothing, if it has none left to spend."""
         now = time.monotonic()
         allowed, at = self._failures.pop(address, (self._burst, now))  # re-inserted last: oldest first
@@ -2142,7 +2209,7 @@ class _Credentials:
         if failures > 0 and allowed < 1:
             self._failures[address] = (allowed, now)
             wait = (1 - allowed) / self._refill
-            raise _TooManyFailures(f"too many failed authentications from {address}: try again in "
+            raise TooManyFailures(f"too many failed authentications from {address}: try again in "
                                    f"{math.ceil(wait)} s", wait)
         allowed = min(self._burst, allowed - failures)
         if allowed < self._burst:  # an address with its whole allowance is not remembered
@@ -2170,24 +2237,12 @@ class _Credentials:
         if proof in self._proven:
             return True
         if self._hashing.statistics().tasks_waiting >= _HASHES_WAITING:
-            raise _HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
+            raise HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
         async with self._hashing:
             matches = await trio.to_thread.run_sync(self._hashes[token.key].matches, secret)
         if matches:
             self._proven.add(proof)
         return matches
-
-
-class _TooManyFailures(Exception):
-    """An address may not try to authenticate now: it failed too often."""
-
-    def __init__(self, message: str, wait: float) -> None:
-        super().__init__(message)
-        self.wait = wait
-
-
-class _HashingBusy(_TooManyFailures):
-    """No attempt may be checked now: too many wait for the secret hashes' one thread."""
 
 
 def _address_key(host: str) -> str:
@@ -2366,16 +2421,15 @@ class _Session:
             try:
                 token = self._relay._current_token(await self._relay._credentials.check(
                     self._connection.client, frame.key, frame.secret))
-            except _HashingBusy as error:
+            except TooManyFailures as error:  # or HashingBusy
                 self._status("unauthorized", str(error))
-                self._relay.metrics.cutoffs["busy"] += 1
-                self.close(_CLOSE_TRY_AGAIN, "busy; try again later")
-                return None
-            except _TooManyFailures as error:
-                self._status("unauthorized", str(error))
-                self._relay.metrics.auth_failures["locked_out"] += 1
-                self._relay.metrics.cutoffs["auth_failures"] += 1
-                self.close(CLOSE_POLICY, "too many failed authentications from this address")
+                if isinstance(error, HashingBusy):
+                    self._relay.metrics.cutoffs["busy"] += 1
+                    self.close(error.close_code, "busy; try again later")
+                else:
+                    self._relay.metrics.auth_failures["locked_out"] += 1
+                    self._relay.metrics.cutoffs["auth_failures"] += 1
+                    self.close(error.close_code, "too many failed authentications from this address")
                 return None
             if token is not None:
                 self.deliver(_AUTHENTICATED_FRAME)
@@ -2404,7 +2458,7 @@ class _Session:
                                                         frame.secret) is not self.token:
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
-        except (ProtocolError, _TooManyFailures) as error:
+        except (ProtocolError, TooManyFailures) as error:
             self._status("error", str(error))
 
     def _subscribe(self, frame: _Subscribe) -> None:
@@ -3215,40 +3269,32 @@ def _make_app(relay: "Relay") -> QuartTrio:
         """Newest first, by pages: `offset` and `limit`, or `cursor` and `next_cursor`, which
         stay put while webhooks arrive (a page goes on below the last id of the one before)."""
         token = await relay._api_token()
-        if isinstance(token, Response):
-            return token
-        try:
-            params = query_parameters(request.args.items(multi=True), LOGS_PARAMETERS)
-            filters = ("bucket", "status", "from", "to")
-            before = ""
-            if "cursor" in params:  # it carries the query's filters: any given again must be the same
-                kept, before = decode_cursor(params["cursor"], "logs", 1 + len(filters))
-                if kept[0] != _token_tag(token):
-                    raise ProtocolError("cursor belongs to another token")
-                for name, value in zip(filters, kept[1:]):
-                    if params.get(name, value) != value:
-                        raise ProtocolError(f"cursor belongs to another query: its {name} is {_shown(value, 64)!r}")
-                    if value:
-                        params[name] = value
-                if params.get("offset", "0") != "0":
-                    raise ProtocolError("offset and cursor cannot go together: a cursor says where the page starts")
-            status = params.get("status")
-            if status is not None:
-                status = LOG_STATUSES[int(status)] if status in ("0", "1", "2", "3", "4", "5") else status
-                if status not in LOG_STATUSES:
-                    raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)} (or 0 to 5)")
-            since = parse_time(params["from"], "from") if "from" in params else -math.inf
-            until = parse_time(params["to"], "to", end=True) if "to" in params else math.inf
-            if since >= until:
-                raise ProtocolError("from must come before to")
-            limit = _int_arg(params, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
-            offset = _int_arg(params, "offset", 0, 0, 2**31)
-        except ProtocolError as error:
-            return _json_error(400, str(error))
-        try:
-            buckets = relay._store.resolve(token, (params["bucket"],) if "bucket" in params else ())
-        except ProtocolError as error:
-            return _json_error(404, str(error))
+        params = query_parameters(request.args.items(multi=True), LOGS_PARAMETERS)
+        filters = ("bucket", "status", "from", "to")
+        before = ""
+        if "cursor" in params:  # it carries the query's filters: any given again must be the same
+            kept, before = decode_cursor(params["cursor"], "logs", 1 + len(filters))
+            if kept[0] != _token_tag(token):
+                raise ProtocolError("cursor belongs to another token")
+            for name, value in zip(filters, kept[1:]):
+                if params.get(name, value) != value:
+                    raise ProtocolError(f"cursor belongs to another query: its {name} is {_shown(value, 64)!r}")
+                if value:
+                    params[name] = value
+            if params.get("offset", "0") != "0":
+                raise ProtocolError("offset and cursor cannot go together: a cursor says where the page starts")
+        status = params.get("status")
+        if status is not None:
+            status = LOG_STATUSES[int(status)] if status in ("0", "1", "2", "3", "4", "5") else status
+            if status not in LOG_STATUSES:
+                raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)} (or 0 to 5)")
+        since = parse_time(params["from"], "from") if "from" in params else -math.inf
+        until = parse_time(params["to"], "to", end=True) if "to" in params else math.inf
+        if since >= until:
+            raise ProtocolError("from must come before to")
+        limit = _int_arg(params, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
+        offset = _int_arg(params, "offset", 0, 0, 2**31)
+        buckets = relay._store.resolve(token, (params["bucket"],) if "bucket" in params else ())
         matching = [entry for entry in relay._log.newest(buckets) if (status is None or entry.status == status)
                     and since <= entry.received_at < until]
         start = offset + (next((n for n, entry in enumerate(matching) if entry.id < before), len(matching))
@@ -3262,45 +3308,38 @@ def _make_app(relay: "Relay") -> QuartTrio:
         return _json(200, {"data": [entry.as_log() for entry in page], "total": len(matching), "limit": limit,
                            "offset": offset, "next_cursor": cursor})
 
-    def visible_entry(token: TokenConfig, log_id: str) -> _Entry | Response:
-        """The log entry `log_id`, if `token` may see it; else the answer saying why not."""
+    def visible_entry(token: TokenConfig, log_id: str) -> _Entry:
+        """The log entry `log_id`, if `token` may see it; else NotFound or Forbidden."""
         entry = relay._log.get(_canonical_log_id(log_id) or "")
         if entry is None:
-            return _json_error(404, f"no webhook log {_shown(log_id, 64)!r}: not an id this relay gave, or no "
-                                    "longer kept (see history_size and history_ttl)")
+            raise NotFound(f"no webhook log {_shown(log_id, 64)!r}: not an id this relay gave, or no longer kept "
+                           "(see history_size and history_ttl)")
         if relay._store.bucket_of(entry) not in relay._store.visible(token):
-            return _json_error(403, f"log {entry.id} belongs to a bucket this token may not see")
+            raise Forbidden(f"log {entry.id} belongs to a bucket this token may not see")
         return entry
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
         token = await relay._api_token()
-        if isinstance(token, Response):
-            return token
         entry = visible_entry(token, log_id)
-        if isinstance(entry, Response):
-            return entry
         if request.method == "GET":
             return _json(200, entry.as_log())
         if entry.status == "rejected":
-            return _json_error(409, f"log {entry.id} is a webhook its input refused: it takes no answer")
+            raise Conflict(f"log {entry.id} is a webhook its input refused: it takes no answer")
         try:
             data = json.loads(await _request_body())
         except (ValueError, RecursionError):
-            return _json_error(400, "the body must be JSON: "
-                                    '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}')
-        try:
-            answer, status = _parse_answer(data, time.time())
-        except ProtocolError as error:
-            return _json_error(400, str(error))
+            raise ProtocolError("the body must be JSON: "
+                                '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}') from None
+        answer, status = _parse_answer(data, time.time())
         refusal = relay._answer(entry, answer, status)
         if refusal is not None:
-            return _json_error(409, refusal)
+            raise Conflict(refusal)
         if relay._storage is not None:
             try:
                 await relay._storage.committed()
             except StorageError as error:
-                return _json_error(503, f"{error}; the answer is recorded in memory only")
+                raise StorageError(f"{error}; the answer is recorded in memory only") from None
         return _json(200, entry.as_log())
 
     @app.route(LOGS_PATH + "/<log_id>/action", methods=["POST"])
@@ -3309,35 +3348,28 @@ def _make_app(relay: "Relay") -> QuartTrio:
         public output) as a new entry naming the one it repeats; "output" (an id or name) sends
         it along another output of its bucket."""
         token = await relay._api_token()
-        if isinstance(token, Response):
-            return token
         entry = visible_entry(token, log_id)
-        if isinstance(entry, Response):
-            return entry
         try:
             data = json.loads(await _request_body())
         except (ValueError, RecursionError):
             data = None
         if not (isinstance(data, dict) and data.get("action") == "resend" and isinstance(data.get("output", ""), str)):
-            return _json_error(400, 'the body must be {"action": "resend"}, with "output" (an id or name) to '
-                                    'send it along another output')
+            raise ProtocolError('the body must be {"action": "resend"}, with "output" (an id or name) to send it '
+                                "along another output")
         if entry.status == "rejected":
-            return _json_error(409, f"log {entry.id} is a webhook its input refused: it was never relayed")
+            raise Conflict(f"log {entry.id} is a webhook its input refused: it was never relayed")
         bucket = typing.cast(_Bucket, relay._store.bucket_of(entry))  # visible_entry found it
         ref = data.get("output") or entry.output_name
         named = [output.name for output in bucket.config.outputs if ref in (output.name, _output_id(bucket.config.id,
                                                                                                    output.name))]
         if data.get("output") and not named:
-            return _json_error(404, f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
+            raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
         route = next((route for route in bucket.routes if route.output_name == (named[0] if named else "")), None)
         if route is None:
-            return _json_error(409, f"bucket {bucket.config.name!r} no longer has an enabled output "
-                                    f"{_shown(ref, 64)!r} to send it along")
+            raise Conflict(f"bucket {bucket.config.name!r} no longer has an enabled output {_shown(ref, 64)!r} "
+                           "to send it along")
         resent = relay._log.resend(bucket, entry, route)
-        try:
-            await relay._accept(bucket, resent.webhook, [resent])
-        except StorageError as error:
-            return _json_error(503, f"{error}; try again")
+        await relay._accept(bucket, resent.webhook, [resent])
         logger.info("webhook %s resent as %s", entry.id, resent.id)
         return _json(200, resent.as_log())
 
@@ -3346,30 +3378,22 @@ def _make_app(relay: "Relay") -> QuartTrio:
         """The pull queue (the SDK's webhooks.poll): a bucket's webhooks, or one output's, handed
         out in order, each once, to whichever poller asks first (see the README)."""
         token = await relay._api_token()
-        if isinstance(token, Response):
-            return token
-        try:
-            params = query_parameters(request.args.items(multi=True), EVENTS_PARAMETERS)
-            scope, after = decode_cursor(params["cursor"], "events", 2) if "cursor" in params else (None, "")
-            limit = _int_arg(params, "limit", _EVENTS_LIMIT, 1, _EVENTS_LIMIT)
-            max_age = parse_go_duration(params.get("max_age", _EVENTS_MAX_AGE), "max_age")
-            ref = params.get("bucket") or (scope[0] if scope else "")
-            if not ref:
-                raise ProtocolError("bucket is required: a pull queue is a bucket's (or one of its outputs')")
-        except ProtocolError as error:
-            return _json_error(400, str(error))
-        try:
-            [bucket] = relay._store.resolve(token, (ref,))
-        except ProtocolError as error:
-            return _json_error(404, str(error))
+        params = query_parameters(request.args.items(multi=True), EVENTS_PARAMETERS)
+        scope, after = decode_cursor(params["cursor"], "events", 2) if "cursor" in params else (None, "")
+        limit = _int_arg(params, "limit", _EVENTS_LIMIT, 1, _EVENTS_LIMIT)
+        max_age = parse_go_duration(params.get("max_age", _EVENTS_MAX_AGE), "max_age")
+        ref = params.get("bucket") or (scope[0] if scope else "")
+        if not ref:
+            raise ProtocolError("bucket is required: a pull queue is a bucket's (or one of its outputs')")
+        [bucket] = relay._store.resolve(token, (ref,))
         output = ""  # "": every internal output's entries (or the bucket's, without outputs), as sockets get them
         if output_ref := params.get("output") or (scope[1] if scope else ""):
             output = next((output.name for output in bucket.config.outputs
                            if output_ref in (output.name, _output_id(bucket.config.id, output.name))), "")
             if not output:
-                return _json_error(404, f"bucket {bucket.config.name!r} has no output {_shown(output_ref, 64)!r}")
+                raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(output_ref, 64)!r}")
         if scope is not None and scope != [bucket.config.id, output]:
-            return _json_error(400, "cursor belongs to another query: another bucket or output")
+            raise ProtocolError("cursor belongs to another query: another bucket or output")
         async with bucket.queue_lock(output):  # one call of a queue at a time, from its position to its commit
             position = bucket.positions.get(output)
             start = after or position  # a cursor reads from where it says, the queue from where it is
@@ -3388,12 +3412,12 @@ def _make_app(relay: "Relay") -> QuartTrio:
                     relay._storage.position(bucket, output)
                     try:
                         await relay._storage.committed()
-                    except StorageError as error:  # hand these out again: no other call moved it meanwhile
+                    except StorageError:  # hand these out again: no other call moved it meanwhile
                         if position is None:
                             del bucket.positions[output]
                         else:
                             bucket.positions[output] = position
-                        return _json_error(503, f"{error}; try again")
+                        raise
         reached = reached or start or NIL_LOG_ID
         return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": len(found) > len(page),
                            "next_cursor": encode_cursor("events", [bucket.config.id, output], reached)})
@@ -3424,16 +3448,13 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 try:
                     right = scheme.lower() == "bearer" and relay._credentials.check_other(address, given.strip(),
                                                                                           expected)
-                except _TooManyFailures as error:
+                except TooManyFailures:
                     relay.metrics.auth_failures["locked_out"] += 1
-                    response = _plain(429, str(error))
-                    response.headers["Retry-After"] = str(math.ceil(error.wait))
-                    return response
+                    raise
                 if not right:
                     relay.metrics.auth_failures["metrics"] += 1
-                    response = _plain(401, "the metrics need Authorization: Bearer <[metrics] token>")
-                    response.headers["WWW-Authenticate"] = 'Bearer realm="relay_lite metrics"'
-                    return response
+                    raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
+                                       'Bearer realm="relay_lite metrics"')
             text, content_type = _metrics_text(relay)
             return Response(text, 200, content_type=content_type)
 
@@ -3444,45 +3465,45 @@ def _make_app(relay: "Relay") -> QuartTrio:
     @app.route(BUCKETS_PATH, methods=["GET"])
     async def list_buckets() -> Response:
         token = await relay._api_token()
-        if isinstance(token, Response):
-            return token
         return _json_list([_bucket_json(bucket.config, relay._loaded_at) for bucket in relay._store.visible(token)])
 
     @app.route(BUCKETS_PATH + "/<ref>", methods=["GET"])
     @app.route(BUCKETS_PATH + "/<ref>/<part>", methods=["GET"])
     async def one_bucket(ref: str, part: str = "") -> Response:
         token = await relay._api_token()
-        if isinstance(token, Response):
-            return token
         try:
             [bucket] = relay._store.resolve(token, (ref,))
-        except ProtocolError:
-            return _json_error(404, f"no bucket {_shown(ref, 64)!r} for this token")
+        except NotFound:
+            raise NotFound(f"no bucket {_shown(ref, 64)!r} for this token") from None
         document = _bucket_json(bucket.config, relay._loaded_at)
         if part in ("inputs", "outputs"):
             return _json_list(document[part])
         if part:
-            return _json_error(404, f"relay_lite does not serve {_shown(request.path, 100)}")
+            raise NotFound(f"relay_lite does not serve {_shown(request.path, 100)}")
         return _json(200, document)
 
     @app.route(BUCKETS_PATH, methods=["POST", "PUT", "PATCH", "DELETE"])
     @app.route(BUCKETS_PATH + "/<path:_rest>", methods=["POST", "PUT", "PATCH", "DELETE"])
     async def change_bucket(_rest: str = "") -> Response:
-        return _json_error(405, "buckets, inputs and outputs come from the relay's config file: edit it, "
-                                "then reload (SIGHUP)")
+        return _error(405, "buckets, inputs and outputs come from the relay's config file: edit it, then reload "
+                           "(SIGHUP)")
+
+    @app.errorhandler(RelayError)
+    async def relay_error(error: RelayError) -> Response:
+        response = _error(error.status, str(error))
+        response.headers.update(error.headers)
+        return response
 
     @app.errorhandler(HTTPException)
-    async def plain_error(error: HTTPException) -> Response:
+    async def http_error(error: HTTPException) -> Response:
         description = error.description
         if error.code == 413:
             description = f"request bodies are limited to {relay.config.server.max_body_size} bytes (max_body_size)"
             if request.path.startswith(WEBHOOK_PREFIX):
                 relay.metrics.rejected["too_large"] += 1
-        if request.path.startswith("/v1/") and not request.path.startswith((WEBHOOK_PREFIX, SOCKET_PATH)):
-            if error.code == 404:  # the hosted API's clients read JSON errors, 404s included
-                description = f"relay_lite does not serve {_shown(request.path, 100)} (see its README)"
-            return _json_error(error.code or 500, description or error.name)
-        return _plain(error.code or 500, description or error.name)
+        elif error.code == 404 and _is_api_path(request.path):  # the hosted API's clients read JSON errors
+            description = f"relay_lite does not serve {_shown(request.path, 100)} (see its README)"
+        return _error(error.code or 500, description or error.name)
 
     return app
 
@@ -3539,8 +3560,14 @@ def _json(status: int, document: Mapping[str, Any]) -> Response:
     return Response(_encode(document), status, content_type="application/json")
 
 
-def _json_error(status: int, message: str) -> Response:
-    return _json(status, {"error": message})
+def _error(status: int, message: str) -> Response:
+    """An error's answer: JSON on the REST API (`{"error": ...}`, as its clients read it), text
+    elsewhere (a webhook's sender, a health check)."""
+    return _json(status, {"error": message}) if _is_api_path(request.path) else _plain(status, message)
+
+
+def _is_api_path(path: str) -> bool:
+    return path.startswith("/v1/") and not path.startswith((WEBHOOK_PREFIX, SOCKET_PATH))
 
 
 def _json_list(items: list[Any]) -> Response:
@@ -4197,9 +4224,9 @@ class Relay:
         return client_address(peer, request.headers.getlist("X-Forwarded-For"), self._trusted) if self._trusted \
             else peer
 
-    async def _api_token(self) -> TokenConfig | Response:
-        """The token of the logs API request being served (HTTP Basic key:secret, or Bearer
-        <secret>), or the answer for a request without one: 401, or 429."""
+    async def _api_token(self) -> TokenConfig:
+        """The token of the REST API request being served (HTTP Basic key:secret, or Bearer
+        <secret>); Unauthorized, or TooManyFailures, for a request without one."""
         address = _address_key(self._client())
         scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
         key, secret = "", ""
@@ -4212,19 +4239,15 @@ class Relay:
                 pass
         try:
             token = self._current_token(await self._credentials.check(address, key, secret)) if key else None
-        except _TooManyFailures as error:  # or _HashingBusy
-            if not isinstance(error, _HashingBusy):
+        except TooManyFailures as error:
+            if not isinstance(error, HashingBusy):
                 self.metrics.auth_failures["locked_out"] += 1
-            response = _json_error(503 if isinstance(error, _HashingBusy) else 429, str(error))
-            response.headers["Retry-After"] = str(math.ceil(error.wait))
-            return response
+            raise
         if token is None:
             if key:
                 self.metrics.auth_failures["api"] += 1
                 self._throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
-            response = _json_error(401, "authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
-            response.headers["WWW-Authenticate"] = 'Basic realm="relay_lite"'
-            return response
+            raise Unauthorized("authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
         return token
 
     async def _load_log(self) -> None:
