@@ -2032,6 +2032,286 @@ class _Log:
                            *(reversed(bucket.rejected) for bucket in buckets), key=_entry_id, reverse=True)
 
 
+# ============================================================================ backends: where the log is kept
+#
+# The _Log indexes the webhook log in memory; a backend keeps it. Every backend takes the same
+# calls: `insert` new entries (published, by the `publish` it was made with, once they are kept,
+# in id order), `update` a changed one, `trim` a bucket, `position` a pull queue, `committed()`
+# to wait until all that is kept; `load` at start, `run` while serving, `aclose` at the end.
+#
+# _Memory keeps nothing past the process, and publishes at once. _Storage (`[storage] path`)
+# keeps it in SQLite: one task gathers what the event loop asked for into one transaction, runs
+# it in a thread, and only then publishes the new entries, so a sender's 2xx, and a socket's
+# frame, come after the webhook is on disk. Everything is read at start, into the _Log.
+
+
+class _Kept(typing.NamedTuple):
+    """What a backend holds when the relay starts."""
+
+    last: str  # the greatest log id it ever held: new ones must be greater
+    trimmed: dict[str, str]  # bucket id -> its trim mark (see _Bucket.trimmed)
+    entries: dict[str, list[_Entry]]  # bucket id -> its entries, oldest first
+    positions: list[tuple[str, str, str]]  # pull queues: bucket id, output, position
+
+
+class _Memory:
+    """The log in memory only: a restart starts it empty. A new entry is published at once."""
+
+    failing = ""  # it never fails to keep what it is given
+
+    def __init__(self, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
+        self._publish = publish
+
+    async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
+        return _Kept("", {}, {}, [])
+
+    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        self._publish(bucket, entries)
+
+    def update(self, entry: _Entry) -> None:
+        pass
+
+    def trim(self, bucket: _Bucket) -> None:
+        pass
+
+    def position(self, bucket: _Bucket, output: str) -> None:
+        pass
+
+    async def committed(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+    id TEXT PRIMARY KEY,  -- UUIDv7: sorts in arrival order
+    bucket_id TEXT NOT NULL, input_id TEXT NOT NULL, input_name TEXT NOT NULL,
+    output_name TEXT NOT NULL, output_destination TEXT NOT NULL, received_at REAL NOT NULL,
+    method TEXT NOT NULL, path TEXT NOT NULL, query TEXT NOT NULL, headers TEXT NOT NULL,
+    body TEXT NOT NULL, body_encoding TEXT NOT NULL, status TEXT NOT NULL,
+    status_code INTEGER, response_headers TEXT, response_body BLOB, answered_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS logs_by_bucket ON logs (bucket_id, id);
+CREATE TABLE IF NOT EXISTS buckets (id TEXT PRIMARY KEY, trimmed TEXT NOT NULL) WITHOUT ROWID;
+"""
+# What each schema version adds to the one before; PRAGMA user_version says which a file has.
+_MIGRATIONS = (
+    "ALTER TABLE logs ADD COLUMN sender TEXT NOT NULL DEFAULT '';"  # 1: sender, retries
+    "ALTER TABLE logs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE logs ADD COLUMN resent_from TEXT NOT NULL DEFAULT '';"  # 2: resends, and pull queues
+    "ALTER TABLE logs ADD COLUMN request_headers TEXT NOT NULL DEFAULT '';"
+    "CREATE TABLE positions (bucket_id TEXT NOT NULL, output TEXT NOT NULL, last TEXT NOT NULL,"
+    " PRIMARY KEY (bucket_id, output)) WITHOUT ROWID;",
+)
+_COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
+            "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from", "request_headers",
+            "status", "status_code", "response_headers", "response_body", "answered_at", "retries")
+_UPDATED = _COLUMNS[_COLUMNS.index("status"):]
+_WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
+_WAL_BYTES = 2**20  # and cut it back to this size after a checkpoint (SQLite's default: never)
+_INSERT = f"INSERT INTO logs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+_UPDATE = f"UPDATE logs SET {', '.join(f'{column} = ?' for column in _UPDATED)} WHERE id = ?"
+
+
+class _Batch:
+    """What one transaction carries; callers wait for it to commit."""
+
+    def __init__(self) -> None:
+        self.inserts: list[tuple[_Bucket, list[_Entry]]] = []
+        self.updates: dict[str, _Entry] = {}
+        self.trims: dict[str, str] = {}  # bucket id -> delete its entries up to this id
+        self.positions: dict[tuple[str, str], str] = {}  # (bucket id, output) -> a pull queue's position
+        self.committed = trio.Event()
+        self.error: BaseException | None = None
+
+
+class _Storage:
+    """The log's SQLite file. `insert`, `update` and `trim` ask for writes; `run` makes them, a
+    transaction at a time; `committed()` waits for what was asked so far."""
+
+    def __init__(self, path: str, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
+        self.path = path
+        self._publish = publish
+        self._db: sqlite3.Connection | None = None
+        self._batch = _Batch()
+        self._work = trio.Event()
+        self._closing = False
+        self.failing = ""  # why the last transaction that wrote something failed; "" once one succeeds
+        self.stopped = trio.Event()
+
+    def open(self) -> tuple[str, dict[str, str], list[tuple], list[tuple[str, str, str]]]:
+        """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every
+        row, and the pull queues' positions.
+
+        Blocking: run it in a thread.
+        """
+        db = None
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")  # a commit is on disk, not only handed to the OS
+            db.execute("PRAGMA busy_timeout = 5000")  # someone reading the file with sqlite3 may lock it a while
+            # A checkpoint needs room in the file for what the WAL holds, and by default the WAL
+            # keeps its largest size: on a small disk that filled up, a 4 MiB WAL that could not be
+            # checkpointed kept every write failing after room was freed. Checkpoint often, give
+            # the room back.
+            db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
+            db.executescript(_SCHEMA)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            _require(version <= len(_MIGRATIONS), "storage.path",
+                     f"{self.path!r} was written by a newer relay_lite (schema {version})")
+            for number, migration in enumerate(_MIGRATIONS[version:], version + 1):  # each whole, or not at all
+                db.executescript(f"BEGIN; {migration} PRAGMA user_version = {number}; COMMIT;")
+            trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
+            positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
+        except (sqlite3.Error, OSError, ConfigError) as error:
+            if db is not None:
+                db.close()  # and with it a migration's transaction, rolled back
+            raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
+        self._db = db
+        last = rows[-1][0] if rows else ""  # ids sort as strings
+        return max([last, *trimmed.values()]), trimmed, rows, positions
+
+    async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
+        """Open the file, and read what it holds of `buckets` (by id)."""
+        last, trimmed, rows, positions = await trio.to_thread.run_sync(self.open)
+        entries: dict[str, list[_Entry]] = {}
+        unknown = 0
+        for row in rows:
+            if row[1] in buckets:
+                entries.setdefault(row[1], []).append(_entry_from_row(row, buckets[row[1]]))
+            else:
+                unknown += 1
+        logger.info("webhook log %s: %d entries loaded", self.path, len(rows) - unknown)
+        if unknown:
+            logger.warning("webhook log %s: %d entries belong to buckets no longer configured; they stay "
+                           "in the file, unused", self.path, unknown)
+        return _Kept(last, trimmed, entries, positions)
+
+    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        self._batch.inserts.append((bucket, entries))
+        self._work.set()
+
+    def update(self, entry: _Entry) -> None:
+        self._batch.updates[entry.id] = entry
+        self._work.set()
+
+    def trim(self, bucket: _Bucket) -> None:
+        self._batch.trims[bucket.config.id] = bucket.trimmed
+        self._work.set()
+
+    def position(self, bucket: _Bucket, output: str) -> None:
+        self._batch.positions[bucket.config.id, output] = bucket.positions[output]
+        self._work.set()
+
+    async def committed(self) -> None:
+        """Wait until what was asked for so far is committed; raise StorageError if it failed."""
+        batch = self._batch
+        self._work.set()
+        await batch.committed.wait()
+        if batch.error is not None:
+            raise StorageError(f"the webhook log could not be written: {batch.error}")
+
+    async def aclose(self) -> None:
+        """Stop once what was asked for so far is written."""
+        self._closing = True
+        self._work.set()
+        await self.stopped.wait()
+
+    async def run(self) -> None:
+        """Commit batches until aclose(); inserted entries are published once committed."""
+        try:
+            while (not self._closing or self._batch.inserts or self._batch.updates or self._batch.trims
+                   or self._batch.positions):
+                await self._work.wait()
+                self._work = trio.Event()
+                batch, self._batch = self._batch, _Batch()
+                inserts = [_row(entry) for _, entries in batch.inserts for entry in entries]
+                updates = [_update_row(entry) for entry in batch.updates.values()]
+                trims = list(batch.trims.items())
+                positions = [(*key, last) for key, last in batch.positions.items()]
+                try:
+                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims, positions)
+                except (sqlite3.Error, OSError) as error:
+                    batch.error = error
+                    self.failing = _shown(str(error), 200)
+                    logger.error("webhook log not written to %s: %s (%d new, %d changed entries)",
+                                 self.path, error, len(inserts), len(updates))
+                    if not self._closing:  # new entries were refused (their senders got 503); changes
+                        # to kept ones and trims go with the next transaction, unless newer ones replace them
+                        self._batch.updates = {**batch.updates, **self._batch.updates}
+                        self._batch.trims = {**batch.trims, **self._batch.trims}
+                else:
+                    if inserts or updates or trims or positions:  # an empty transaction proves nothing
+                        self.failing = ""
+                    for bucket, entries in batch.inserts:
+                        self._publish(bucket, entries)
+                batch.committed.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._db is not None:
+                    await trio.to_thread.run_sync(self._db.close)
+                    self._db = None
+                self.stopped.set()
+
+    def _commit(self, inserts: list[tuple], updates: list[tuple], trims: list[tuple[str, str]],
+                positions: list[tuple[str, str, str]]) -> None:
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(_INSERT, inserts)
+            db.executemany(_UPDATE, updates)
+            for bucket_id, trimmed in trims:
+                db.execute("DELETE FROM logs WHERE bucket_id = ? AND id <= ?", (bucket_id, trimmed))
+                db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?)", (bucket_id, trimmed))
+            db.executemany("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", positions)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # SQLITE_FULL, _IOERR and _NOMEM may have rolled it back already,
+                db.execute("ROLLBACK")  # and a failed ROLLBACK's error would hide the real one
+            raise
+
+
+def _row(entry: _Entry) -> tuple:
+    """An entry as a row of _COLUMNS."""
+    webhook = entry.webhook
+    return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
+            entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
+            webhook.body, webhook.body_encoding, webhook.sender, entry.resent_from,
+            "" if entry.request_headers is None else _encode(entry.request_headers), *_update_row(entry)[:-1])
+
+
+def _update_row(entry: _Entry) -> tuple:
+    """What can change of an entry, as _UPDATED and then its id."""
+    answer = entry.answer
+    if answer is None:
+        return entry.status, None, None, None, None, 0, entry.id
+    return (entry.status, answer.status_code, _encode(answer.headers), answer.body, answer.at, answer.retries,
+            entry.id)
+
+
+def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
+    (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
+     body, body_encoding, sender, resent_from, request_headers, status, status_code, response_headers, response_body,
+     answered_at, retries) = row
+    answer = None
+    if answered_at is not None:
+        answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at, retries)
+    webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding, sender)
+    output = next((output for output in bucket.outputs if output.name == output_name), None)
+    return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
+                  status, answer, internal=output is None or output.internal, resent_from=resent_from,
+                  request_headers=json.loads(request_headers) if request_headers else None)
+
+
 # ============================================================================ metrics
 #
 # Counts kept as plain numbers wherever things happen (a dict increment: cheap enough to keep
@@ -2698,221 +2978,6 @@ class _Pinger:
             self._due = (self._due + 1) % _PING_SLOTS
 
 
-# ============================================================================ storage (SQLite)
-#
-# With `[storage] path`, the log lives in SQLite too. One task writes: it gathers what the event
-# loop asked for (new entries, changed statuses and answers, trims) into one transaction, runs
-# it in a thread, and only then publishes the new entries, so a sender's 2xx, and a socket's
-# frame, come after the webhook is on disk. Everything is read at start, into the _Log.
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS logs (
-    id TEXT PRIMARY KEY,  -- UUIDv7: sorts in arrival order
-    bucket_id TEXT NOT NULL, input_id TEXT NOT NULL, input_name TEXT NOT NULL,
-    output_name TEXT NOT NULL, output_destination TEXT NOT NULL, received_at REAL NOT NULL,
-    method TEXT NOT NULL, path TEXT NOT NULL, query TEXT NOT NULL, headers TEXT NOT NULL,
-    body TEXT NOT NULL, body_encoding TEXT NOT NULL, status TEXT NOT NULL,
-    status_code INTEGER, response_headers TEXT, response_body BLOB, answered_at REAL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS logs_by_bucket ON logs (bucket_id, id);
-CREATE TABLE IF NOT EXISTS buckets (id TEXT PRIMARY KEY, trimmed TEXT NOT NULL) WITHOUT ROWID;
-"""
-# What each schema version adds to the one before; PRAGMA user_version says which a file has.
-_MIGRATIONS = (
-    "ALTER TABLE logs ADD COLUMN sender TEXT NOT NULL DEFAULT '';"  # 1: sender, retries
-    "ALTER TABLE logs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;",
-    "ALTER TABLE logs ADD COLUMN resent_from TEXT NOT NULL DEFAULT '';"  # 2: resends, and pull queues
-    "ALTER TABLE logs ADD COLUMN request_headers TEXT NOT NULL DEFAULT '';"
-    "CREATE TABLE positions (bucket_id TEXT NOT NULL, output TEXT NOT NULL, last TEXT NOT NULL,"
-    " PRIMARY KEY (bucket_id, output)) WITHOUT ROWID;",
-)
-_COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
-            "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from", "request_headers",
-            "status", "status_code", "response_headers", "response_body", "answered_at", "retries")
-_UPDATED = _COLUMNS[_COLUMNS.index("status"):]
-_WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
-_WAL_BYTES = 2**20  # and cut it back to this size after a checkpoint (SQLite's default: never)
-_INSERT = f"INSERT INTO logs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
-_UPDATE = f"UPDATE logs SET {', '.join(f'{column} = ?' for column in _UPDATED)} WHERE id = ?"
-
-
-class _Batch:
-    """What one transaction carries; callers wait for it to commit."""
-
-    def __init__(self) -> None:
-        self.inserts: list[tuple[_Bucket, list[_Entry]]] = []
-        self.updates: dict[str, _Entry] = {}
-        self.trims: dict[str, str] = {}  # bucket id -> delete its entries up to this id
-        self.positions: dict[tuple[str, str], str] = {}  # (bucket id, output) -> a pull queue's position
-        self.committed = trio.Event()
-        self.error: BaseException | None = None
-
-
-class _Storage:
-    """The log's SQLite file. `insert`, `update` and `trim` ask for writes; `run` makes them, a
-    transaction at a time; `committed()` waits for what was asked so far."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._batch = _Batch()
-        self._work = trio.Event()
-        self._closing = False
-        self.failing = ""  # why the last transaction that wrote something failed; "" once one succeeds
-        self.stopped = trio.Event()
-
-    def open(self) -> tuple[str, dict[str, str], list[tuple], list[tuple[str, str, str]]]:
-        """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every
-        row, and the pull queues' positions.
-
-        Blocking: run it in a thread.
-        """
-        db = None
-        try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = FULL")  # a commit is on disk, not only handed to the OS
-            db.execute("PRAGMA busy_timeout = 5000")  # someone reading the file with sqlite3 may lock it a while
-            # A checkpoint needs room in the file for what the WAL holds, and by default the WAL
-            # keeps its largest size: on a small disk that filled up, a 4 MiB WAL that could not be
-            # checkpointed kept every write failing after room was freed. Checkpoint often, give
-            # the room back.
-            db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_PAGES}")
-            db.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
-            db.executescript(_SCHEMA)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            _require(version <= len(_MIGRATIONS), "storage.path",
-                     f"{self.path!r} was written by a newer relay_lite (schema {version})")
-            for number, migration in enumerate(_MIGRATIONS[version:], version + 1):  # each whole, or not at all
-                db.executescript(f"BEGIN; {migration} PRAGMA user_version = {number}; COMMIT;")
-            trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
-            positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
-        except (sqlite3.Error, OSError, ConfigError) as error:
-            if db is not None:
-                db.close()  # and with it a migration's transaction, rolled back
-            raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
-        self._db = db
-        last = rows[-1][0] if rows else ""  # ids sort as strings
-        return max([last, *trimmed.values()]), trimmed, rows, positions
-
-    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        self._batch.inserts.append((bucket, entries))
-        self._work.set()
-
-    def update(self, entry: _Entry) -> None:
-        self._batch.updates[entry.id] = entry
-        self._work.set()
-
-    def trim(self, bucket: _Bucket) -> None:
-        self._batch.trims[bucket.config.id] = bucket.trimmed
-        self._work.set()
-
-    def position(self, bucket: _Bucket, output: str) -> None:
-        self._batch.positions[bucket.config.id, output] = bucket.positions[output]
-        self._work.set()
-
-    async def committed(self) -> None:
-        """Wait until what was asked for so far is committed; raise StorageError if it failed."""
-        batch = self._batch
-        self._work.set()
-        await batch.committed.wait()
-        if batch.error is not None:
-            raise StorageError(f"the webhook log could not be written: {batch.error}")
-
-    def close(self) -> None:
-        """Stop once what was asked for so far is written."""
-        self._closing = True
-        self._work.set()
-
-    async def run(self, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
-        """Commit batches until close(); `publish` is called for inserted entries once committed."""
-        try:
-            while (not self._closing or self._batch.inserts or self._batch.updates or self._batch.trims
-                   or self._batch.positions):
-                await self._work.wait()
-                self._work = trio.Event()
-                batch, self._batch = self._batch, _Batch()
-                inserts = [_row(entry) for _, entries in batch.inserts for entry in entries]
-                updates = [_update_row(entry) for entry in batch.updates.values()]
-                trims = list(batch.trims.items())
-                positions = [(*key, last) for key, last in batch.positions.items()]
-                try:
-                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims, positions)
-                except (sqlite3.Error, OSError) as error:
-                    batch.error = error
-                    self.failing = _shown(str(error), 200)
-                    logger.error("webhook log not written to %s: %s (%d new, %d changed entries)",
-                                 self.path, error, len(inserts), len(updates))
-                    if not self._closing:  # new entries were refused (their senders got 503); changes
-                        # to kept ones and trims go with the next transaction, unless newer ones replace them
-                        self._batch.updates = {**batch.updates, **self._batch.updates}
-                        self._batch.trims = {**batch.trims, **self._batch.trims}
-                else:
-                    if inserts or updates or trims or positions:  # an empty transaction proves nothing
-                        self.failing = ""
-                    for bucket, entries in batch.inserts:
-                        publish(bucket, entries)
-                batch.committed.set()
-        finally:
-            with trio.CancelScope(shield=True):
-                if self._db is not None:
-                    await trio.to_thread.run_sync(self._db.close)
-                    self._db = None
-                self.stopped.set()
-
-    def _commit(self, inserts: list[tuple], updates: list[tuple], trims: list[tuple[str, str]],
-                positions: list[tuple[str, str, str]]) -> None:
-        assert self._db is not None
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            db.executemany(_INSERT, inserts)
-            db.executemany(_UPDATE, updates)
-            for bucket_id, trimmed in trims:
-                db.execute("DELETE FROM logs WHERE bucket_id = ? AND id <= ?", (bucket_id, trimmed))
-                db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?)", (bucket_id, trimmed))
-            db.executemany("INSERT OR REPLACE INTO positions VALUES (?, ?, ?)", positions)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLITE_FULL, _IOERR and _NOMEM may have rolled it back already,
-                db.execute("ROLLBACK")  # and a failed ROLLBACK's error would hide the real one
-            raise
-
-
-def _row(entry: _Entry) -> tuple:
-    """An entry as a row of _COLUMNS."""
-    webhook = entry.webhook
-    return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
-            entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
-            webhook.body, webhook.body_encoding, webhook.sender, entry.resent_from,
-            "" if entry.request_headers is None else _encode(entry.request_headers), *_update_row(entry)[:-1])
-
-
-def _update_row(entry: _Entry) -> tuple:
-    """What can change of an entry, as _UPDATED and then its id."""
-    answer = entry.answer
-    if answer is None:
-        return entry.status, None, None, None, None, 0, entry.id
-    return (entry.status, answer.status_code, _encode(answer.headers), answer.body, answer.at, answer.retries,
-            entry.id)
-
-
-def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
-    (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
-     body, body_encoding, sender, resent_from, request_headers, status, status_code, response_headers, response_body,
-     answered_at, retries) = row
-    answer = None
-    if answered_at is not None:
-        answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at, retries)
-    webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding, sender)
-    output = next((output for output in bucket.outputs if output.name == output_name), None)
-    return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
-                  status, answer, internal=output is None or output.internal, resent_from=resent_from,
-                  request_headers=json.loads(request_headers) if request_headers else None)
-
-
 # ============================================================================ delivery
 #
 # One engine turns a logged webhook into an HTTP request to a destination, tries again what is
@@ -3335,11 +3400,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
         refusal = relay._answer(entry, answer, status)
         if refusal is not None:
             raise Conflict(refusal)
-        if relay._storage is not None:
-            try:
-                await relay._storage.committed()
-            except StorageError as error:
-                raise StorageError(f"{error}; the answer is recorded in memory only") from None
+        try:
+            await relay._backend.committed()
+        except StorageError as error:
+            raise StorageError(f"{error}; the answer is recorded in memory only") from None
         return _json(200, entry.as_log())
 
     @app.route(LOGS_PATH + "/<log_id>/action", methods=["POST"])
@@ -3408,16 +3472,15 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 bucket.history[-1].id if bucket.history else "", bucket.trimmed, NIL_LOG_ID)
             if reached is not None and reached > (position or ""):
                 bucket.positions[output] = reached
-                if relay._storage is not None:
-                    relay._storage.position(bucket, output)
-                    try:
-                        await relay._storage.committed()
-                    except StorageError:  # hand these out again: no other call moved it meanwhile
-                        if position is None:
-                            del bucket.positions[output]
-                        else:
-                            bucket.positions[output] = position
-                        raise
+                relay._backend.position(bucket, output)
+                try:
+                    await relay._backend.committed()
+                except StorageError:  # hand these out again: no other call moved it meanwhile
+                    if position is None:
+                        del bucket.positions[output]
+                    else:
+                        bucket.positions[output] = position
+                    raise
         reached = reached or start or NIL_LOG_ID
         return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": len(found) > len(page),
                            "next_cursor": encode_cursor("events", [bucket.config.id, output], reached)})
@@ -3433,7 +3496,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         it is stored. For a balancer's readiness check. Never a webhook."""
         if relay._shutdown.is_set():
             return _plain(503, "shutting down")
-        if relay._storage is not None and relay._storage.failing:  # why is in the relay's log, not for strangers
+        if relay._backend.failing:  # why is in the relay's log, not for strangers
             return _plain(503, "the webhook log cannot be written")
         return _plain(200, "ready")
 
@@ -3975,8 +4038,9 @@ class Relay:
         self._credentials = _Credentials(config)
         for bucket in self._store.buckets:
             bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
-        self._log = _Log()  # replaced by the one loaded from storage, if any, in _serve
-        self._storage = _Storage(config.storage.path) if config.storage.path else None
+        self._log = _Log()  # replaced by the one loaded from the backend in _serve
+        self._backend: _Memory | _Storage = (_Storage(config.storage.path, self._publish) if config.storage.path
+                                             else _Memory(self._publish))
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._sessions: set[_Session] = set()
         self.metrics = _Metrics()
@@ -4127,11 +4191,9 @@ class Relay:
         if not entries:
             logger.info("webhook %s %s -> bucket %s: every output is disabled, so nothing gets it", webhook.method,
                         _shown(webhook.path), bucket.config.name)
-        elif self._storage is None:
-            self._publish(bucket, entries)
-        else:
-            self._storage.insert(bucket, entries)
-            await self._storage.committed()  # the storage task publishes them, in id order
+            return
+        self._backend.insert(bucket, entries)
+        await self._backend.committed()  # the backend publishes them once kept, in id order
 
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
@@ -4162,9 +4224,8 @@ class Relay:
             self._changed(entry)
 
     def _changed(self, entry: _Entry) -> None:
-        """An entry's status or answer changed: with storage, write it."""
-        if self._storage is not None:
-            self._storage.update(entry)
+        """An entry's status or answer changed: keep it."""
+        self._backend.update(entry)
 
     async def _wait_for_answer(self, hold: _Hold, entries: list[_Entry], timeout: float) -> _Answer | None:
         """Hold the sender until a client answers, for `timeout` seconds at most."""
@@ -4251,38 +4312,21 @@ class Relay:
         return token
 
     async def _load_log(self) -> None:
-        """Start the log: from storage, or empty. A resume from before it is told it may miss some."""
-        if self._storage is None:
-            start = self._log.ids.next()
-            for bucket in self._store.buckets:
-                bucket.trimmed = start
-            return
-        last, trimmed, rows, positions = await trio.to_thread.run_sync(self._storage.open)
-        self._log = log = _Log(last)
-        log.on_trim = self._storage.trim
+        """Start the log with what the backend kept. A bucket it kept nothing of starts after every
+        id the relay gave before, so a resume from before that is told it may have missed some."""
+        kept = await self._backend.load({bucket.config.id: bucket.config for bucket in self._store.buckets})
+        self._log = log = _Log(kept.last)
+        log.on_trim = self._backend.trim
         start = log.ids.next()
         for bucket in self._store.buckets:
-            bucket.trimmed = trimmed.get(bucket.config.id, start)
-            if bucket.config.id not in trimmed:
-                self._storage.trim(bucket)  # remember where its log starts
-        by_bucket: dict[str, list[_Entry]] = {}
-        unknown = 0
-        for row in rows:
-            bucket_config = self._store.find_bucket(row[1])
-            if bucket_config is None or bucket_config.id != row[1]:
-                unknown += 1
-                continue
-            by_bucket.setdefault(bucket_config.id, []).append(_entry_from_row(row, bucket_config))
-        for bucket in self._store.buckets:
-            log.add(bucket, by_bucket.get(bucket.config.id, []))  # within today's bounds
+            bucket.trimmed = kept.trimmed.get(bucket.config.id, start)
+            if bucket.config.id not in kept.trimmed:
+                self._backend.trim(bucket)  # remember where its log starts
+            log.add(bucket, kept.entries.get(bucket.config.id, []))  # within today's bounds
         by_id = {bucket.config.id: bucket for bucket in self._store.buckets}
-        for bucket_id, output, position in positions:
+        for bucket_id, output, position in kept.positions:
             if bucket_id in by_id:
                 by_id[bucket_id].positions[output] = position
-        logger.info("webhook log %s: %d entries loaded", self._storage.path, len(rows) - unknown)
-        if unknown:
-            logger.warning("webhook log %s: %d entries belong to buckets no longer configured; they stay "
-                           "in the file, unused", self._storage.path, unknown)
 
     async def _sweep(self) -> None:
         """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
@@ -4307,8 +4351,7 @@ class Relay:
         lifespan = _Lifespan(ASGIWrapper(functools.partial(self._asgi, None)), hypercorn_config, {})
         await self._load_log()
         async with trio.open_nursery() as lifespan_nursery:
-            if self._storage is not None:  # outlives the connections, to store what they asked for
-                lifespan_nursery.start_soon(self._storage.run, self._publish)
+            lifespan_nursery.start_soon(self._backend.run)  # outlives the connections, to keep what they asked for
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners = await _listen(server.host, server.port)
@@ -4348,9 +4391,7 @@ class Relay:
             client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
             with trio.CancelScope(shield=True):
                 await client.aclose()
-            if self._storage is not None:
-                self._storage.close()
-                await self._storage.stopped.wait()
+            await self._backend.aclose()
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
 

@@ -65,16 +65,16 @@ async def test_retention_bounds_the_file_too(config):
 
 async def test_a_failed_write_answers_503_and_delivers_nothing(config):
     async with relay_lite.open_relay(config) as relay, subscriber(relay, ["github"]) as client:
-        commit = relay._storage._commit
+        commit = relay._backend._commit
 
         def failing_commit(*args):
             raise sqlite3.OperationalError("disk I/O error")
 
-        relay._storage._commit = failing_commit
+        relay._backend._commit = failing_commit
         response = await post(relay, content="lost?")
         assert response.status_code == 503
         assert response.text == "the webhook log could not be written: disk I/O error; try again\n"
-        relay._storage._commit = commit
+        relay._backend._commit = commit
         assert (await post(relay, content="stored")).status_code == 200
         assert (await client.webhook())["body"] == "stored"  # never the one that was refused
 
@@ -83,16 +83,16 @@ async def test_a_change_that_failed_to_be_written_goes_with_the_next_write(confi
     async with relay_lite.open_relay(config) as relay, subscriber(relay, ["github"]) as client:
         await post(relay, content="answered")
         answered = (await client.webhook())["meta"]["id"]
-        commit = relay._storage._commit
+        commit = relay._backend._commit
 
         def failing_commit(*args):
             raise sqlite3.OperationalError("database or disk is full")
 
-        relay._storage._commit = failing_commit
+        relay._backend._commit = failing_commit
         async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
             response = await http.put(f"/v1/logs/{answered}", json={"status_code": 201, "status": "failed"})
         assert response.status_code == 503 and "recorded in memory only" in response.text
-        relay._storage._commit = commit
+        relay._backend._commit = commit
         assert (await post(relay, content="next")).status_code == 200
     with sqlite3.connect(config["storage"]["path"]) as db:
         assert db.execute("SELECT status, status_code FROM logs WHERE id = ?", (answered,)).fetchone() == ("failed", 201)
@@ -186,11 +186,11 @@ def test_a_migration_that_failed_is_made_again_at_the_next_start(tmp_path):
         db.executescript(relay_lite._SCHEMA)  # schema 0
         db.execute("CREATE TABLE positions (x)")  # makes migration 2 fail, as a full disk or a kill would
     with pytest.raises(relay_lite.StorageError, match="positions already exists"):
-        relay_lite._Storage(path).open()
+        relay_lite._Storage(path, print).open()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (1,)  # 1 took, 2 did not
         db.execute("DROP TABLE positions")
-    storage = relay_lite._Storage(path)
+    storage = relay_lite._Storage(path, print)
     storage.open()
     storage._db.close()
     with sqlite3.connect(path) as db:
