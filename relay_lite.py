@@ -2360,7 +2360,7 @@ def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
     import prometheus_client
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    metrics, buckets = relay.metrics, relay._store.buckets
+    metrics, buckets = relay.metrics, relay._core.buckets
 
     names = [bucket.config.name for bucket in buckets]
 
@@ -2537,6 +2537,319 @@ def _address_key(host: str) -> str:
     return str(address.ipv4_mapped or ipaddress.IPv6Network((address, 64), strict=False))
 
 
+# ============================================================================ the core
+#
+# What the socket session, the HTTP app and the forwarders call, and nothing else reaches into:
+# the buckets and tokens (the store), the webhook log and the backend keeping it, who is
+# subscribed to what, senders held for an answer, and answers. New webhooks come in through
+# `accept`; the backend hands them back to `_publish` once they are kept, which logs them and
+# sends them out.
+
+
+class _Hold:
+    """A webhook's sender, held until a socket client answers it (an input's response_from_output)."""
+
+    __slots__ = ("output", "answer", "answered", "open")
+
+    def __init__(self, output: str) -> None:
+        self.output = output  # the output whose answer counts, or ANY_OUTPUT
+        self.answer: _Answer | None = None
+        self.answered = trio.Event()  # set by the answer, or by a shutdown
+        self.open = True  # False once the sender has been answered
+
+    def offer(self, entry: _Entry, answer: _Answer) -> None:
+        if self.open and self.answer is None and answer.status_code and self.output in (ANY_OUTPUT, entry.output_name):
+            self.answer = answer
+            self.answered.set()
+
+
+class _Core:
+    def __init__(self, config: Config, metrics: _Metrics) -> None:
+        self._store = _Store(config)
+        self._log = _Log()  # replaced by the one loaded from the backend in load()
+        self._backend: _Memory | _Storage = (_Storage(config.storage.path, self._publish) if config.storage.path
+                                             else _Memory(self._publish))
+        self._holds: set[_Hold] = set()  # senders waiting for an answer
+        self._metrics = metrics
+
+    # ---------------------------------------------------------------- buckets and tokens
+
+    @property
+    def buckets(self) -> list[_Bucket]:
+        return self._store.buckets
+
+    def visible(self, token: TokenConfig) -> tuple[_Bucket, ...]:
+        return self._store.visible(token)
+
+    def resolve(self, token: TokenConfig, refs: tuple[str, ...]) -> tuple[_Bucket, ...]:
+        """The buckets `refs` (names or ids; none: all) name, if `token` may see them all; else NotFound."""
+        return self._store.resolve(token, refs)
+
+    def find_input(self, input_id: str) -> tuple[_Bucket, InputConfig] | None:
+        return self._store.find_input(input_id)
+
+    def find_bucket(self, ref: str) -> BucketConfig | None:
+        return self._store.find_bucket(ref)
+
+    # ---------------------------------------------------------------- the log
+
+    def entry(self, token: TokenConfig, log_id: str) -> _Entry:
+        """The log entry `log_id`, if `token` may see it; else NotFound or Forbidden."""
+        entry = self._log.get(_canonical_log_id(log_id) or "")
+        if entry is None:
+            raise NotFound(f"no webhook log {_shown(log_id, 64)!r}: not an id this relay gave, or no longer kept "
+                           "(see history_size and history_ttl)")
+        if self._store.bucket_of(entry) not in self._store.visible(token):
+            raise Forbidden(f"log {entry.id} belongs to a bucket this token may not see")
+        return entry
+
+    def newest(self, buckets: Iterable[_Bucket]) -> Iterator[_Entry]:
+        """Every entry of `buckets`, newest first (refused webhooks too)."""
+        return self._log.newest(buckets)
+
+    def after(self, buckets: Iterable[_Bucket], cursor: str, limit: int,
+              keep: Callable[[_Entry], bool] = lambda entry: entry.internal) -> list[_Entry]:
+        """Up to `limit` entries of `buckets` after `cursor`, oldest first: those sockets get, or those `keep` says."""
+        return self._log.after(buckets, cursor, limit, keep)
+
+    def frame(self, entry: _Entry) -> bytes:
+        """`entry`'s wire frame, shared by the sessions resuming through it."""
+        return self._log.frame(entry)
+
+    @staticmethod
+    def newest_id(buckets: Iterable[_Bucket]) -> str:
+        """The newest id `buckets` have logged (or trimmed), "" if none."""
+        return max((max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets),
+                   default="")
+
+    # ---------------------------------------------------------------- webhooks in
+
+    async def accept(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook,
+                     hold: _Hold | None = None) -> list[_Entry]:
+        """Log `webhook`'s entries (one per output), and send them out once the backend keeps
+        them: on return they are kept, or StorageError says they are not."""
+        entries = self._log.record(bucket, input_, webhook)
+        if not entries:
+            logger.info("webhook %s %s -> bucket %s: every output is disabled, so nothing gets it", webhook.method,
+                        _shown(webhook.path), bucket.config.name)
+            return entries
+        for entry in entries:
+            entry.hold = hold
+        await self._keep(bucket, entries)
+        return entries
+
+    def reject(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook, reason: str) -> None:
+        """Log a webhook its input's signature check refused; nothing else gets it (see _Log.reject)."""
+        self._log.reject(bucket, input_, webhook, reason)
+
+    async def resend(self, entry: _Entry, output_ref: str = "") -> _Entry:
+        """Log `entry`'s webhook again, as a new entry naming it, along its output or the one
+        `output_ref` (an id or a name) names, and send it out once kept."""
+        if entry.status == "rejected":
+            raise Conflict(f"log {entry.id} is a webhook its input refused: it was never relayed")
+        bucket = self._store.bucket_of(entry)
+        if bucket is None:
+            raise NotFound(f"log {entry.id}: its bucket is no longer in the relay's config")
+        ref = output_ref or entry.output_name
+        named = [output.name for output in bucket.config.outputs
+                 if ref in (output.name, _output_id(bucket.config.id, output.name))]
+        if output_ref and not named:
+            raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
+        route = next((route for route in bucket.routes if route.output_name == (named[0] if named else "")), None)
+        if route is None:
+            raise Conflict(f"bucket {bucket.config.name!r} no longer has an enabled output {_shown(ref, 64)!r} "
+                           "to send it along")
+        resent = self._log.resend(bucket, entry, route)
+        await self._keep(bucket, [resent])
+        logger.info("webhook %s resent as %s", entry.id, resent.id)
+        return resent
+
+    async def _keep(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        self._backend.insert(bucket, entries)
+        await self._backend.committed()  # the backend publishes them once kept, in id order
+
+    def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
+            return
+        self._log.add(bucket, entries)
+        frames = 0
+        for entry in entries:
+            if not entry.internal:
+                continue  # the relay delivers it: see _Forwarder
+            frames += 1
+            frame = wire_frame(entry.frame())  # framed once, for every subscriber
+            for session in bucket.subscribers:
+                session.deliver(frame)
+            self._metrics.frames[bucket.config.name] += len(bucket.subscribers)
+            if bucket.subscribers:
+                self.sent(entry)
+        if frames < len(entries):
+            for forwarder in bucket.forwarders:
+                forwarder.wake()
+        webhook = entries[0].webhook
+        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s), %d to deliver", entries[0].id,
+                    webhook.method, _shown(webhook.path), bucket.config.name, frames, len(bucket.subscribers),
+                    len(entries) - frames)
+
+    # ---------------------------------------------------------------- webhooks out
+
+    def subscribe(self, session: "_Session", buckets: Iterable[_Bucket]) -> None:
+        """Send `session` every webhook of `buckets` published from now on."""
+        for bucket in buckets:
+            bucket.subscribers.add(session)
+
+    def unsubscribe(self, session: "_Session", buckets: Iterable[_Bucket]) -> None:
+        for bucket in buckets:
+            bucket.subscribers.discard(session)
+
+    def sent(self, entry: _Entry) -> None:
+        """A socket was given `entry`."""
+        if entry.status == "received":
+            entry.status = "sent"
+            self._backend.update(entry)
+
+    async def poll(self, bucket: _Bucket, output: str, cursor: str, limit: int,
+                   max_age: float) -> tuple[list[_Entry], bool, str]:
+        """A pull queue's next entries (`output`'s, or "": what sockets get), its has_more, and
+        the id it reached; from `cursor` if given, else from the queue's position (at its first
+        call, from `max_age` seconds ago). The position moves past what is handed out, never back,
+        and only to ids of entries it holds; a call holds the queue's lock until it is kept."""
+        async with bucket.queue_lock(output):
+            position = bucket.positions.get(output)
+            start = cursor or position  # a cursor reads from where it says, the queue from where it is
+            oldest = time.time() - max_age if start is None else -math.inf
+            found = self._log.after([bucket], start or "", limit + 1, lambda entry: entry.received_at >= oldest and (
+                entry.output_name == output if output else entry.internal))
+            page = _listed(found, limit)
+            # At its first call, with nothing to hand out, a queue starts after what the bucket holds now.
+            reached = page[-1].id if page else None if start is not None else max(
+                bucket.history[-1].id if bucket.history else "", bucket.trimmed, NIL_LOG_ID)
+            if reached is not None and reached > (position or ""):
+                bucket.positions[output] = reached
+                self._backend.position(bucket, output)
+                try:
+                    await self._backend.committed()
+                except StorageError:  # hand these out again: no other call moved it meanwhile
+                    if position is None:
+                        del bucket.positions[output]
+                    else:
+                        bucket.positions[output] = position
+                    raise
+        return page, len(found) > len(page), reached or start or NIL_LOG_ID
+
+    # ---------------------------------------------------------------- answers
+
+    async def wait_for_answer(self, hold: _Hold, entries: list[_Entry], timeout: float) -> _Answer | None:
+        """Hold the sender until a client answers, for `timeout` seconds at most."""
+        self._holds.add(hold)
+        try:
+            with trio.move_on_after(timeout):
+                await hold.answered.wait()
+        finally:
+            hold.open = False
+            self._holds.discard(hold)
+        if hold.answer is None:
+            for entry in entries:
+                if entry.answer is None and entry.internal:  # a public output's delivery goes on
+                    entry.status = "stalled"  # nobody answered in time: the sender got the fallback
+                    self._backend.update(entry)
+        return hold.answer
+
+    def release_holds(self) -> None:
+        """No answer will come now (a shutdown): held senders get their input's own answer."""
+        for hold in self._holds:
+            hold.answered.set()
+
+    async def answer(self, entry: _Entry, answer: _Answer, status: str) -> None:
+        """Record a client's answer to `entry`, and pass it to a waiting sender; Conflict says
+        why not, StorageError that it is recorded in memory only."""
+        if entry.status == "rejected":
+            raise Conflict(f"log {entry.id} is a webhook its input refused: it takes no answer")
+        if entry.answer is not None:
+            raise Conflict(f"log {entry.id} was already answered; the first answer counts")
+        found = self._store.find_input(entry.input_id)
+        timeout = found[1].response_timeout if found else DEFAULT_RESPONSE_TIMEOUT
+        hold = entry.hold
+        if hold is not None and not hold.open:
+            raise Conflict(f"too late: the sender got the input's own answer after waiting {timeout:g} s")
+        if hold is None and answer.at - entry.received_at > timeout:
+            raise Conflict(f"too late: answers are accepted within {timeout:g} s of the webhook")
+        entry.status = status
+        self._log.answered(self._store.bucket_of(entry), entry, answer)
+        if hold is not None:
+            hold.offer(entry, answer)
+        self._backend.update(entry)
+        logger.info("answer to webhook %s: %s (%s)", entry.id, answer.status_code or "-", status)
+        try:
+            await self._backend.committed()
+        except StorageError as error:
+            raise StorageError(f"{error}; the answer is recorded in memory only") from None
+
+    def delivered(self, entry: _Entry, answer: _Answer) -> None:
+        """The relay's own delivery to a public output ended: its outcome goes in the log, and to
+        a sender held for that output's answer."""
+        entry.status = "sent" if 200 <= answer.status_code < 400 else "failed"
+        self._metrics.deliveries[entry.bucket.name, entry.output_name, entry.status] += 1
+        self._log.answered(self._store.bucket_of(entry), entry, answer)
+        if entry.hold is not None:
+            entry.hold.offer(entry, answer)
+        self._backend.update(entry)
+        logger.info("delivered webhook %s to %s: %s after %d retries", entry.id, _shown(entry.destination),
+                    answer.status_code or _shown(answer.body.decode(errors="replace")), answer.retries)
+
+    # ---------------------------------------------------------------- its life
+
+    @property
+    def failing(self) -> str:
+        """Why the backend cannot keep webhooks now, or ""."""
+        return self._backend.failing
+
+    async def load(self) -> None:
+        """Start the log with what the backend kept. A bucket it kept nothing of starts after every
+        id the relay gave before, so a resume from before that is told it may have missed some."""
+        kept = await self._backend.load({bucket.config.id: bucket.config for bucket in self._store.buckets})
+        self._log = log = _Log(kept.last)
+        log.on_trim = self._backend.trim
+        start = log.ids.next()
+        for bucket in self._store.buckets:
+            bucket.trimmed = kept.trimmed.get(bucket.config.id, start)
+            if bucket.config.id not in kept.trimmed:
+                self._backend.trim(bucket)  # remember where its log starts
+            log.add(bucket, kept.entries.get(bucket.config.id, []))  # within today's bounds
+        by_id = {bucket.config.id: bucket for bucket in self._store.buckets}
+        for bucket_id, output, position in kept.positions:
+            if bucket_id in by_id:
+                by_id[bucket_id].positions[output] = position
+
+    async def run(self) -> None:
+        """Keep what is asked for until aclose()."""
+        await self._backend.run()
+
+    async def aclose(self) -> None:
+        await self._backend.aclose()
+
+    def expire(self, now: float) -> None:
+        """Drop log entries past their bucket's history_ttl."""
+        self._log.expire(self._store.buckets, now)
+
+    def reload(self, config: Config) -> tuple[list[_Bucket], list[_Bucket]]:
+        """Take `config`'s buckets: those it keeps (by id) keep their log, subscribers and
+        forwarders; a new one starts its log now. Return the buckets now, and those removed
+        (their log is gone; their subscribers and forwarders are the caller's to end)."""
+        old = {bucket.config.id: bucket for bucket in self._store.buckets}
+        store = _Store(config, kept={bucket.id: old[bucket.id] for bucket in config.buckets if bucket.id in old})
+        for bucket in store.buckets:
+            if bucket.config.id not in old:  # as at start: a resume from before now may have missed some
+                bucket.trimmed = self._log.ids.next()
+        store.adopt()
+        kept = {bucket.config.id for bucket in store.buckets}
+        removed = [bucket for bucket_id, bucket in old.items() if bucket_id not in kept]
+        for bucket in removed:
+            self._log.forget(bucket)
+        self._store = store
+        return store.buckets, removed
+
+
 # ============================================================================ socket session
 
 
@@ -2551,6 +2864,7 @@ class _Session:
 
     def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, connection: "_Connection") -> None:
         self._relay = relay
+        self._core = relay._core
         self._ws = ws
         self._connection = connection
         self.peer = connection.peer
@@ -2658,8 +2972,7 @@ class _Session:
         finally:
             self._relay._pinger.discard(self)
             self._relay._sockets_writing.discard(self)
-            for bucket in self.buckets:
-                bucket.subscribers.discard(self)
+            self._core.unsubscribe(self, self.buckets)
             with trio.CancelScope(shield=True):
                 if self._writing:
                     pass  # a frame was cut in two: no clean close frame can follow
@@ -2743,15 +3056,13 @@ class _Session:
 
     def _subscribe(self, frame: _Subscribe) -> None:
         assert self.token is not None
-        buckets = self._relay._store.resolve(self.token, frame.buckets)
+        buckets = self._core.resolve(self.token, frame.buckets)
         if frame.since is not None:
             if self._replay is not None:
                 raise ProtocolError('a resume is already running: subscribe with "since" again once '
                                     'the "resumed" status has arrived')
-            newest = max((max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets),
-                         default="")
             # Only these buckets: others' traffic is none of this token's business.
-            if frame.since > newest and frame.since != NIL_LOG_ID:
+            if frame.since > self._core.newest_id(buckets) and frame.since != NIL_LOG_ID:
                 raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook of these buckets")
         new = [bucket for bucket in buckets if bucket not in self.buckets]  # the others are already served
         self.buckets.update(new)
@@ -2760,8 +3071,7 @@ class _Session:
         logger.debug("socket %s subscribed to %s%s", self.peer, ", ".join(names),
                      f" since {frame.since}" if frame.since else "")
         if frame.since is None:
-            for bucket in new:
-                bucket.subscribers.add(self)
+            self._core.subscribe(self, new)
         else:
             self._replay = _Replay(tuple(new), frame.since, frame.since)
             self._resume()
@@ -2776,7 +3086,7 @@ class _Session:
         after the cursor, the session joins its buckets' subscribers in the same step: the next
         webhook reaches it live, none is missed and none comes twice.
         """
-        replay, log = self._replay, self._relay._log
+        replay, core = self._replay, self._core
         assert replay is not None
         if self.close_reason is not None:
             return
@@ -2793,24 +3103,23 @@ class _Session:
                     f"bucket {config.name} no longer holds every webhook after {replay.cursor}: those up to "
                     f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
                     f"sending those it still holds"))
-        entries = log.after(replay.buckets, replay.cursor, int(room))
+        entries = core.after(replay.buckets, replay.cursor, int(room))
         for entry in entries:
-            frame = log.frame(entry)  # shared with other sessions resuming from here
+            frame = core.frame(entry)  # shared with other sessions resuming from here
             if self._queued_bytes and self._queued_bytes + len(frame) > most:
                 return  # enough queued; this one goes after the next write
             self.deliver(frame)
             self._relay.metrics.frames[entry.bucket.name] += 1
-            self._relay._sent(entry)
+            core.sent(entry)
             replay.cursor, replay.sent = entry.id, replay.sent + 1
         if len(entries) < room:  # caught up: live from here
-            for bucket in replay.buckets:
-                bucket.subscribers.add(self)
+            core.subscribe(self, replay.buckets)
             self._replay = None
             self._status("resumed", f"sent {replay.sent} webhook(s) after {replay.since}; now live")
 
     def unsubscribe(self, bucket: _Bucket, why: str) -> None:
         """Stop sending `bucket`'s webhooks (a reload removed it), and say so."""
-        bucket.subscribers.discard(self)
+        self._core.unsubscribe(self, [bucket])
         if self._replay is not None and bucket in self._replay.buckets:  # else it would join at the end
             self._replay.buckets = tuple(other for other in self._replay.buckets if other is not bucket)
         if bucket in self.buckets:
@@ -3209,7 +3518,7 @@ class _Forwarder:
                     logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
                                    "could be delivered (see history_size)", self._output.name,
                                    self._bucket.config.name, gap_told)
-                entries = self._relay._log.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
+                entries = self._relay._core.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
                 if not entries:
                     await self._wakeup.wait()
                     continue
@@ -3230,7 +3539,7 @@ class _Forwarder:
             answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
         finally:
             in_flight.release()
-        self._relay._delivered(entry, answer)
+        self._relay._core.delivered(entry, answer)
 
 
 # ============================================================================ HTTP app (Quart-Trio)
@@ -3269,6 +3578,7 @@ def _own_answers(config: Config) -> dict[str, tuple[str, int, list[tuple[str, st
 
 
 def _make_app(relay: "Relay") -> QuartTrio:
+    core = relay._core
     app = QuartTrio("relay_lite")
     app.config["MAX_CONTENT_LENGTH"] = relay.config.server.max_body_size
 
@@ -3279,7 +3589,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if not raw_path.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
             raw_path = urllib.parse.urlsplit(raw_path).path
         input_id, slash, extra = raw_path[len(WEBHOOK_PREFIX):].partition("/")
-        found = relay._store.find_input(input_id)
+        found = core.find_input(input_id)
         if found is None:
             relay.metrics.rejected["unknown_input"] += 1
             return _plain(404, f"no input with id {input_id[:64]!r}")
@@ -3298,7 +3608,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
             if len(body) > _REJECTED_BODY_KEPT:
                 webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                                request.scope["headers"], body[:_REJECTED_BODY_KEPT], webhook.sender)
-            relay._log.reject(bucket, input_, webhook, problem)
+            core.reject(bucket, input_, webhook, problem)
             relay.metrics.rejected["signature"] += 1
             return _plain(401, f"signature check failed: {problem}")
         nonce = signature_nonce(input_.verify, webhook.headers) if input_.verify is not None else None
@@ -3308,12 +3618,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
                                         "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
                 relay.metrics.rejected["replay"] += 1
                 return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # as the first time
-        entries = relay._log.record(bucket, input_, webhook)
-        hold = _Hold(input_.response_from_output) if input_.response_from_output and entries else None
-        for entry in entries:
-            entry.hold = hold
+        hold = _Hold(input_.response_from_output) if input_.response_from_output else None
         try:
-            await relay._accept(bucket, webhook, entries)
+            entries = await core.accept(bucket, input_, webhook, hold)
         except StorageError as error:
             relay.metrics.rejected["storage"] += 1
             return _plain(503, f"{error}; try again")
@@ -3321,9 +3628,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
         relay.metrics.ingest_seconds.observe(time.monotonic() - started)
         if nonce is not None:
             relay._replays.accepted(input_.id, nonce[0], nonce[1] + typing.cast(VerifyConfig, input_.verify).tolerance)
-        if hold is not None:  # a held sender counts as pending: anyone may post to a holding input
+        if hold is not None and entries:  # a held sender counts as pending: anyone may post to a holding input
             relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
-            answer = await relay._wait_for_answer(hold, entries, input_.response_timeout)
+            answer = await core.wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
                 headers = _answer_headers(answer.headers.items())
                 return Response(answer.body, answer.status_code, headers)  # type: ignore[arg-type]  # pairs are fine
@@ -3359,8 +3666,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
             raise ProtocolError("from must come before to")
         limit = _int_arg(params, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
         offset = _int_arg(params, "offset", 0, 0, 2**31)
-        buckets = relay._store.resolve(token, (params["bucket"],) if "bucket" in params else ())
-        matching = [entry for entry in relay._log.newest(buckets) if (status is None or entry.status == status)
+        buckets = core.resolve(token, (params["bucket"],) if "bucket" in params else ())
+        matching = [entry for entry in core.newest(buckets) if (status is None or entry.status == status)
                     and since <= entry.received_at < until]
         start = offset + (next((n for n, entry in enumerate(matching) if entry.id < before), len(matching))
                           if before else 0)
@@ -3373,37 +3680,19 @@ def _make_app(relay: "Relay") -> QuartTrio:
         return _json(200, {"data": [entry.as_log() for entry in page], "total": len(matching), "limit": limit,
                            "offset": offset, "next_cursor": cursor})
 
-    def visible_entry(token: TokenConfig, log_id: str) -> _Entry:
-        """The log entry `log_id`, if `token` may see it; else NotFound or Forbidden."""
-        entry = relay._log.get(_canonical_log_id(log_id) or "")
-        if entry is None:
-            raise NotFound(f"no webhook log {_shown(log_id, 64)!r}: not an id this relay gave, or no longer kept "
-                           "(see history_size and history_ttl)")
-        if relay._store.bucket_of(entry) not in relay._store.visible(token):
-            raise Forbidden(f"log {entry.id} belongs to a bucket this token may not see")
-        return entry
-
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
         token = await relay._api_token()
-        entry = visible_entry(token, log_id)
+        entry = core.entry(token, log_id)
         if request.method == "GET":
             return _json(200, entry.as_log())
-        if entry.status == "rejected":
-            raise Conflict(f"log {entry.id} is a webhook its input refused: it takes no answer")
         try:
             data = json.loads(await _request_body())
         except (ValueError, RecursionError):
             raise ProtocolError("the body must be JSON: "
                                 '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}') from None
         answer, status = _parse_answer(data, time.time())
-        refusal = relay._answer(entry, answer, status)
-        if refusal is not None:
-            raise Conflict(refusal)
-        try:
-            await relay._backend.committed()
-        except StorageError as error:
-            raise StorageError(f"{error}; the answer is recorded in memory only") from None
+        await core.answer(entry, answer, status)
         return _json(200, entry.as_log())
 
     @app.route(LOGS_PATH + "/<log_id>/action", methods=["POST"])
@@ -3412,7 +3701,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         public output) as a new entry naming the one it repeats; "output" (an id or name) sends
         it along another output of its bucket."""
         token = await relay._api_token()
-        entry = visible_entry(token, log_id)
+        entry = core.entry(token, log_id)
         try:
             data = json.loads(await _request_body())
         except (ValueError, RecursionError):
@@ -3420,21 +3709,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if not (isinstance(data, dict) and data.get("action") == "resend" and isinstance(data.get("output", ""), str)):
             raise ProtocolError('the body must be {"action": "resend"}, with "output" (an id or name) to send it '
                                 "along another output")
-        if entry.status == "rejected":
-            raise Conflict(f"log {entry.id} is a webhook its input refused: it was never relayed")
-        bucket = typing.cast(_Bucket, relay._store.bucket_of(entry))  # visible_entry found it
-        ref = data.get("output") or entry.output_name
-        named = [output.name for output in bucket.config.outputs if ref in (output.name, _output_id(bucket.config.id,
-                                                                                                   output.name))]
-        if data.get("output") and not named:
-            raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
-        route = next((route for route in bucket.routes if route.output_name == (named[0] if named else "")), None)
-        if route is None:
-            raise Conflict(f"bucket {bucket.config.name!r} no longer has an enabled output {_shown(ref, 64)!r} "
-                           "to send it along")
-        resent = relay._log.resend(bucket, entry, route)
-        await relay._accept(bucket, resent.webhook, [resent])
-        logger.info("webhook %s resent as %s", entry.id, resent.id)
+        resent = await core.resend(entry, data.get("output") or "")
         return _json(200, resent.as_log())
 
     @app.route(EVENTS_PATH, methods=["GET"])
@@ -3449,7 +3724,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         ref = params.get("bucket") or (scope[0] if scope else "")
         if not ref:
             raise ProtocolError("bucket is required: a pull queue is a bucket's (or one of its outputs')")
-        [bucket] = relay._store.resolve(token, (ref,))
+        [bucket] = core.resolve(token, (ref,))
         output = ""  # "": every internal output's entries (or the bucket's, without outputs), as sockets get them
         if output_ref := params.get("output") or (scope[1] if scope else ""):
             output = next((output.name for output in bucket.config.outputs
@@ -3458,31 +3733,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(output_ref, 64)!r}")
         if scope is not None and scope != [bucket.config.id, output]:
             raise ProtocolError("cursor belongs to another query: another bucket or output")
-        async with bucket.queue_lock(output):  # one call of a queue at a time, from its position to its commit
-            position = bucket.positions.get(output)
-            start = after or position  # a cursor reads from where it says, the queue from where it is
-            oldest = time.time() - max_age if start is None else -math.inf
-            found = relay._log.after([bucket], start or "", limit + 1, lambda entry: entry.received_at >= oldest and (
-                entry.output_name == output if output else entry.internal))
-            page = _listed(found, limit)
-            # The queue moves past what it hands out (never back, whatever cursor a client brings), or
-            # at its first call, with nothing to hand out, past what the bucket holds now: only ever
-            # to the id of an entry it has, so a made-up cursor cannot move it past webhooks to come.
-            reached = page[-1].id if page else None if start is not None else max(
-                bucket.history[-1].id if bucket.history else "", bucket.trimmed, NIL_LOG_ID)
-            if reached is not None and reached > (position or ""):
-                bucket.positions[output] = reached
-                relay._backend.position(bucket, output)
-                try:
-                    await relay._backend.committed()
-                except StorageError:  # hand these out again: no other call moved it meanwhile
-                    if position is None:
-                        del bucket.positions[output]
-                    else:
-                        bucket.positions[output] = position
-                    raise
-        reached = reached or start or NIL_LOG_ID
-        return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": len(found) > len(page),
+        page, more, reached = await core.poll(bucket, output, after, limit, max_age)
+        return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": more,
                            "next_cursor": encode_cursor("events", [bucket.config.id, output], reached)})
 
     @app.route(HEALTH_PATH, methods=["GET", "HEAD"])
@@ -3496,7 +3748,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         it is stored. For a balancer's readiness check. Never a webhook."""
         if relay._shutdown.is_set():
             return _plain(503, "shutting down")
-        if relay._backend.failing:  # why is in the relay's log, not for strangers
+        if core.failing:  # why is in the relay's log, not for strangers
             return _plain(503, "the webhook log cannot be written")
         return _plain(200, "ready")
 
@@ -3528,14 +3780,14 @@ def _make_app(relay: "Relay") -> QuartTrio:
     @app.route(BUCKETS_PATH, methods=["GET"])
     async def list_buckets() -> Response:
         token = await relay._api_token()
-        return _json_list([_bucket_json(bucket.config, relay._loaded_at) for bucket in relay._store.visible(token)])
+        return _json_list([_bucket_json(bucket.config, relay._loaded_at) for bucket in core.visible(token)])
 
     @app.route(BUCKETS_PATH + "/<ref>", methods=["GET"])
     @app.route(BUCKETS_PATH + "/<ref>/<part>", methods=["GET"])
     async def one_bucket(ref: str, part: str = "") -> Response:
         token = await relay._api_token()
         try:
-            [bucket] = relay._store.resolve(token, (ref,))
+            [bucket] = core.resolve(token, (ref,))
         except NotFound:
             raise NotFound(f"no bucket {_shown(ref, 64)!r} for this token") from None
         document = _bucket_json(bucket.config, relay._loaded_at)
@@ -3683,23 +3935,6 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
             break
         page.append(entry)
     return page
-
-
-class _Hold:
-    """A webhook's sender, held until a socket client answers it (an input's response_from_output)."""
-
-    __slots__ = ("output", "answer", "answered", "open")
-
-    def __init__(self, output: str) -> None:
-        self.output = output  # the output whose answer counts, or ANY_OUTPUT
-        self.answer: _Answer | None = None
-        self.answered = trio.Event()  # set by the answer, or by a shutdown
-        self.open = True  # False once the sender has been answered
-
-    def offer(self, entry: _Entry, answer: _Answer) -> None:
-        if self.open and self.answer is None and answer.status_code and self.output in (ANY_OUTPUT, entry.output_name):
-            self.answer = answer
-            self.answered.set()
 
 
 # ============================================================================ connections
@@ -4034,16 +4269,12 @@ class Relay:
         self.url = ""  # http://HOST:PORT, or https://
         self._tls = _tls_for(config.server)
         self._trusted = _trusted_networks(config.server)
-        self._store = _Store(config)
-        self._credentials = _Credentials(config)
-        for bucket in self._store.buckets:
-            bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
-        self._log = _Log()  # replaced by the one loaded from the backend in _serve
-        self._backend: _Memory | _Storage = (_Storage(config.storage.path, self._publish) if config.storage.path
-                                             else _Memory(self._publish))
-        self._holds: set[_Hold] = set()  # senders waiting for an answer
-        self._sessions: set[_Session] = set()
         self.metrics = _Metrics()
+        self._core = _Core(config, self.metrics)
+        self._credentials = _Credentials(config)
+        for bucket in self._core.buckets:
+            bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
+        self._sessions: set[_Session] = set()
         self._replays = _Replays()
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
@@ -4069,9 +4300,9 @@ class Relay:
 
     def input_url(self, ref: str, *, public: bool = False) -> str:
         """The webhook URL of an input, by input id, or of a bucket's first input, by name or id."""
-        bucket = self._store.find_bucket(ref)
+        bucket = self._core.find_bucket(ref)
         input_id = bucket.inputs[0].id if bucket else ref
-        if self._store.find_input(input_id) is None:
+        if self._core.find_input(input_id) is None:
             raise KeyError(f"no input or bucket {ref!r}")
         return (self.public_url if public else self.url) + WEBHOOK_PREFIX + input_id
 
@@ -4090,14 +4321,9 @@ class Relay:
             new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
         _reloadable(self.config, new)
         tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
-        old = {bucket.config.id: bucket for bucket in self._store.buckets}
-        store = _Store(new, kept={bucket.id: old[bucket.id] for bucket in new.buckets if bucket.id in old})
-        for bucket in store.buckets:
-            if bucket.config.id not in old:  # as at start: a resume from before now may have missed some
-                bucket.trimmed = self._log.ids.next()
         credentials = _Credentials(new)
         credentials.carry_failures(self._credentials)
-        store.adopt()  # from here on nothing fails
+        buckets, removed = self._core.reload(new)  # from here on nothing fails
 
         tokens = {token.key: token for token in new.tokens}
         for session in list(self._sessions):
@@ -4110,15 +4336,12 @@ class Relay:
                 session.close(CLOSE_POLICY, "this token changed in the relay's config: connect again")
             else:
                 session.token = token
-        kept = {bucket.config.id for bucket in store.buckets}
-        for bucket_id, bucket in old.items():
-            if bucket_id not in kept:
-                for session in list(bucket.subscribers) + [s for s in self._sessions if bucket in s.buckets]:
-                    session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
-                for forwarder in bucket.forwarders:
-                    forwarder.scope.cancel()
-                self._log.forget(bucket)
-        for bucket in store.buckets:
+        for bucket in removed:
+            for session in list(bucket.subscribers) + [s for s in self._sessions if bucket in s.buckets]:
+                session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
+            for forwarder in bucket.forwarders:
+                forwarder.scope.cancel()
+        for bucket in buckets:
             wanted = {output.name: output for output in _public_outputs(bucket.config)}
             forwarders = []
             for forwarder in bucket.forwarders:
@@ -4134,7 +4357,7 @@ class Relay:
                     self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
             bucket.forwarders = forwarders
 
-        self.config, self._store, self._credentials, self._tls = new, store, credentials, tls
+        self.config, self._credentials, self._tls = new, credentials, tls
         self._trusted = _trusted_networks(new.server)
         self._own_answers = _own_answers(new)
         self._answer_time = _answer_time(new)
@@ -4186,94 +4409,6 @@ class Relay:
                 connection.head_start = trio.current_time()
                 connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
 
-    async def _accept(self, bucket: _Bucket, webhook: Webhook, entries: list[_Entry]) -> None:
-        """Log new entries and send them to subscribers; with storage, only once they are stored."""
-        if not entries:
-            logger.info("webhook %s %s -> bucket %s: every output is disabled, so nothing gets it", webhook.method,
-                        _shown(webhook.path), bucket.config.name)
-            return
-        self._backend.insert(bucket, entries)
-        await self._backend.committed()  # the backend publishes them once kept, in id order
-
-    def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
-            return
-        self._log.add(bucket, entries)
-        frames = 0
-        for entry in entries:
-            if not entry.internal:
-                continue  # the relay delivers it: see _Forwarder
-            frames += 1
-            frame = wire_frame(entry.frame())  # framed once, for every subscriber
-            for session in bucket.subscribers:
-                session.deliver(frame)
-            self.metrics.frames[bucket.config.name] += len(bucket.subscribers)
-            if bucket.subscribers:
-                self._sent(entry)
-        if frames < len(entries):
-            for forwarder in bucket.forwarders:
-                forwarder.wake()
-        webhook = entries[0].webhook
-        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s), %d to deliver", entries[0].id,
-                    webhook.method, _shown(webhook.path), bucket.config.name, frames, len(bucket.subscribers),
-                    len(entries) - frames)
-
-    def _sent(self, entry: _Entry) -> None:
-        if entry.status == "received":
-            entry.status = "sent"
-            self._changed(entry)
-
-    def _changed(self, entry: _Entry) -> None:
-        """An entry's status or answer changed: keep it."""
-        self._backend.update(entry)
-
-    async def _wait_for_answer(self, hold: _Hold, entries: list[_Entry], timeout: float) -> _Answer | None:
-        """Hold the sender until a client answers, for `timeout` seconds at most."""
-        self._holds.add(hold)
-        try:
-            with trio.move_on_after(timeout):
-                await hold.answered.wait()
-        finally:
-            hold.open = False
-            self._holds.discard(hold)
-        if hold.answer is None:
-            for entry in entries:
-                if entry.answer is None and entry.internal:  # a public output's delivery goes on
-                    entry.status = "stalled"  # nobody answered in time: the sender got the fallback
-                    self._changed(entry)
-        return hold.answer
-
-    def _answer(self, entry: _Entry, answer: _Answer, status: str) -> str | None:
-        """Record a client's answer to `entry`, and pass it to a waiting sender; or say why not."""
-        if entry.answer is not None:
-            return f"log {entry.id} was already answered; the first answer counts"
-        found = self._store.find_input(entry.input_id)
-        timeout = found[1].response_timeout if found else DEFAULT_RESPONSE_TIMEOUT
-        hold = entry.hold
-        if hold is not None and not hold.open:
-            return f"too late: the sender got the input's own answer after waiting {timeout:g} s"
-        if hold is None and answer.at - entry.received_at > timeout:
-            return f"too late: answers are accepted within {timeout:g} s of the webhook"
-        entry.status = status
-        self._log.answered(self._store.bucket_of(entry), entry, answer)
-        if hold is not None:
-            hold.offer(entry, answer)
-        self._changed(entry)
-        logger.info("answer to webhook %s: %s (%s)", entry.id, answer.status_code or "-", status)
-        return None
-
-    def _delivered(self, entry: _Entry, answer: _Answer) -> None:
-        """The relay's own delivery to a public output ended: its outcome goes in the log, and to
-        a sender held for that output's answer."""
-        entry.status = "sent" if 200 <= answer.status_code < 400 else "failed"
-        self.metrics.deliveries[entry.bucket.name, entry.output_name, entry.status] += 1
-        self._log.answered(self._store.bucket_of(entry), entry, answer)
-        if entry.hold is not None:
-            entry.hold.offer(entry, answer)
-        self._changed(entry)
-        logger.info("delivered webhook %s to %s: %s after %d retries", entry.id, _shown(entry.destination),
-                    answer.status_code or _shown(answer.body.decode(errors="replace")), answer.retries)
-
     def _current_token(self, token: TokenConfig | None) -> TokenConfig | None:
         """`token`, as the config in force has it: None if a reload removed or changed it while
         its secret was being checked."""
@@ -4311,23 +4446,6 @@ class Relay:
             raise Unauthorized("authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
         return token
 
-    async def _load_log(self) -> None:
-        """Start the log with what the backend kept. A bucket it kept nothing of starts after every
-        id the relay gave before, so a resume from before that is told it may have missed some."""
-        kept = await self._backend.load({bucket.config.id: bucket.config for bucket in self._store.buckets})
-        self._log = log = _Log(kept.last)
-        log.on_trim = self._backend.trim
-        start = log.ids.next()
-        for bucket in self._store.buckets:
-            bucket.trimmed = kept.trimmed.get(bucket.config.id, start)
-            if bucket.config.id not in kept.trimmed:
-                self._backend.trim(bucket)  # remember where its log starts
-            log.add(bucket, kept.entries.get(bucket.config.id, []))  # within today's bounds
-        by_id = {bucket.config.id: bucket for bucket in self._store.buckets}
-        for bucket_id, output, position in kept.positions:
-            if bucket_id in by_id:
-                by_id[bucket_id].positions[output] = position
-
     async def _sweep(self) -> None:
         """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
         got no _WRITE_STEP out for send_timeout, and end connections still open past their
@@ -4335,7 +4453,7 @@ class Relay:
         timeout = self.config.server.send_timeout
         while True:
             await trio.sleep(_SWEEP_INTERVAL)
-            self._log.expire(self._store.buckets, time.time())
+            self._core.expire(time.time())
             now = trio.current_time()
             for session in [session for session in self._sockets_writing if session.progress_at < now - timeout]:
                 session.stalled(timeout)
@@ -4349,9 +4467,9 @@ class Relay:
         hypercorn_config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
         context = _WorkerContext(None)
         lifespan = _Lifespan(ASGIWrapper(functools.partial(self._asgi, None)), hypercorn_config, {})
-        await self._load_log()
+        await self._core.load()
         async with trio.open_nursery() as lifespan_nursery:
-            lifespan_nursery.start_soon(self._backend.run)  # outlives the connections, to keep what they asked for
+            lifespan_nursery.start_soon(self._core.run)  # outlives the connections, to keep what they asked for
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners = await _listen(server.host, server.port)
@@ -4368,7 +4486,7 @@ class Relay:
                 connections.start_soon(self._pinger.run)
                 connections.start_soon(self._sweep)
                 self._forwarding = connections, _http_client()
-                for bucket in self._store.buckets:
+                for bucket in self._core.buckets:
                     for forwarder in bucket.forwarders:
                         connections.start_soon(forwarder.run, self._forwarding[1])
                 task_status.started(self)
@@ -4381,8 +4499,7 @@ class Relay:
                 self._connections.end_idle()
                 for session in self._sessions:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
-                for hold in self._holds:
-                    hold.answered.set()  # no answer will come now: senders get the input's own answer
+                self._core.release_holds()
                 with trio.move_on_after(server.shutdown_timeout):
                     while self._requests or self._sessions:
                         await self._quiet.park()
@@ -4391,7 +4508,7 @@ class Relay:
             client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
             with trio.CancelScope(shield=True):
                 await client.aclose()
-            await self._backend.aclose()
+            await self._core.aclose()
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
 

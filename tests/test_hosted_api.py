@@ -412,7 +412,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
         sdk = Sdk(http)
         await posted(relay, *(f"e{n}" for n in range(6)))
         assert [log["body"] for log in (await events(http, bucket="github", limit=2)).json()["logs"]] == ["e0", "e1"]
-        commit, calls, release = relay._backend._commit, [], threading.Event()
+        commit, calls, release = relay._core._backend._commit, [], threading.Event()
 
         def failing_once(*args):
             calls.append(args)
@@ -421,7 +421,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
                 raise sqlite3.OperationalError("disk I/O error (made by the test)")
             return commit(*args)
 
-        relay._backend._commit = failing_once
+        relay._core._backend._commit = failing_once
         answers = {}
 
         async def poll(name):
@@ -431,7 +431,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
             nursery.start_soon(poll, "first")
             await eventually(lambda: calls)  # its commit is under way
             nursery.start_soon(poll, "second")
-            [bucket] = relay._store.resolve(relay.config.tokens[0], ("github",))
+            [bucket] = relay._core._store.resolve(relay.config.tokens[0], ("github",))
             await eventually(lambda: bucket.queue_lock("").statistics().tasks_waiting == 1)
             release.set()
         assert answers["first"].status_code == 503

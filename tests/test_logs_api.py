@@ -220,7 +220,7 @@ async def test_a_static_answer_and_late_answers_to_inputs_that_do_not_hold(relay
     response = await post(relay, input_id="in-stripe", content="event")
     assert (response.status_code, response.text, response.headers["X-Static"]) == (201, "thanks", "yes")
     (log,) = (await api(relay, "GET", "/v1/logs", params={"bucket": "stripe"})).json()["data"]
-    relay._log.get(log["id"]).received_at -= 11  # as if the answer came 11 s after the webhook
+    relay._core._log.get(log["id"]).received_at -= 11  # as if the answer came 11 s after the webhook
     response = await api(relay, "PUT", f"/v1/logs/{log['id']}", json=ANSWER)
     assert response.status_code == 409
     assert response.json()["error"] == "too late: answers are accepted within 10 s of the webhook"

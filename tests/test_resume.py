@@ -201,7 +201,7 @@ async def test_a_second_resume_while_one_runs_is_refused(relay):
 async def test_resumed_webhooks_are_logged_as_sent(relay):
     since = await last_seen(relay)
     await post(relay, content="missed")
-    (entry,) = relay._log.after(relay._store.buckets[:1], since, 10)
+    (entry,) = relay._core._log.after(relay._core._store.buckets[:1], since, 10)
     assert entry.status == "received"
     async with connect(relay) as client:
         await resume(client, since)

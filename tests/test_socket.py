@@ -220,7 +220,7 @@ async def test_client_disconnect_unsubscribes(relay):
     async with subscriber(relay, ["github"]) as client:
         await post(relay, content="x")
         assert (await client.webhook())["body"] == "x"
-    bucket = relay._store._by_ref["github"]
+    bucket = relay._core._store._by_ref["github"]
     await eventually(lambda: not bucket.subscribers)
     assert not relay._sessions
 
