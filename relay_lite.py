@@ -2114,8 +2114,8 @@ _COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_
 _UPDATED = _COLUMNS[_COLUMNS.index("status"):]
 _WAL_PAGES = 256  # checkpoint once the write-ahead log holds this many pages (SQLite's default: 1,000)
 _WAL_BYTES = 2**20  # and cut it back to this size after a checkpoint (SQLite's default: never)
-_INSERT = f"INSERT INTO logs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
-_UPDATE = f"UPDATE logs SET {', '.join(f'{column} = ?' for column in _UPDATED)} WHERE id = ?"
+_INSERT = f"INSERT INTO logs ({', '.join(_COLUMNS)}) VALUES ({', '.join(f':{column}' for column in _COLUMNS)})"
+_UPDATE = f"UPDATE logs SET {', '.join(f'{column} = :{column}' for column in _UPDATED)} WHERE id = :id"
 
 
 class _Batch:
@@ -2144,7 +2144,7 @@ class _Storage:
         self.failing = ""  # why the last transaction that wrote something failed; "" once one succeeds
         self.stopped = trio.Event()
 
-    def open(self) -> tuple[str, dict[str, str], list[tuple], list[tuple[str, str, str]]]:
+    def open(self) -> tuple[str, dict[str, str], list[sqlite3.Row], list[tuple[str, str, str]]]:
         """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every
         row, and the pull queues' positions.
 
@@ -2169,14 +2169,16 @@ class _Storage:
             for number, migration in enumerate(_MIGRATIONS[version:], version + 1):  # each whole, or not at all
                 db.executescript(f"BEGIN; {migration} PRAGMA user_version = {number}; COMMIT;")
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
+            reading = db.cursor()
+            reading.row_factory = sqlite3.Row  # columns by name: a later schema may add some anywhere
+            rows = reading.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
             positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
         except (sqlite3.Error, OSError, ConfigError) as error:
             if db is not None:
                 db.close()  # and with it a migration's transaction, rolled back
             raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
         self._db = db
-        last = rows[-1][0] if rows else ""  # ids sort as strings
+        last = rows[-1]["id"] if rows else ""  # ids sort as strings
         return max([last, *trimmed.values()]), trimmed, rows, positions
 
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
@@ -2185,8 +2187,8 @@ class _Storage:
         entries: dict[str, list[_Entry]] = {}
         unknown = 0
         for row in rows:
-            if row[1] in buckets:
-                entries.setdefault(row[1], []).append(_entry_from_row(row, buckets[row[1]]))
+            if row["bucket_id"] in buckets:
+                entries.setdefault(row["bucket_id"], []).append(_entry_from_row(row, buckets[row["bucket_id"]]))
             else:
                 unknown += 1
         logger.info("webhook log %s: %d entries loaded", self.path, len(rows) - unknown)
@@ -2261,7 +2263,7 @@ class _Storage:
                     self._db = None
                 self.stopped.set()
 
-    def _commit(self, inserts: list[tuple], updates: list[tuple], trims: list[tuple[str, str]],
+    def _commit(self, inserts: list[dict[str, Any]], updates: list[dict[str, Any]], trims: list[tuple[str, str]],
                 positions: list[tuple[str, str, str]]) -> None:
         assert self._db is not None
         db = self._db
@@ -2280,36 +2282,39 @@ class _Storage:
             raise
 
 
-def _row(entry: _Entry) -> tuple:
-    """An entry as a row of _COLUMNS."""
+def _row(entry: _Entry) -> dict[str, Any]:
+    """An entry as a row: every one of _COLUMNS, by name."""
     webhook = entry.webhook
-    return (entry.id, entry.bucket.id, entry.input_id, entry.input_name, entry.output_name, entry.destination,
-            entry.received_at, webhook.method, webhook.path, webhook.query, _encode(webhook.headers),
-            webhook.body, webhook.body_encoding, webhook.sender, entry.resent_from,
-            "" if entry.request_headers is None else _encode(entry.request_headers), *_update_row(entry)[:-1])
+    return {"id": entry.id, "bucket_id": entry.bucket.id, "input_id": entry.input_id, "input_name": entry.input_name,
+            "output_name": entry.output_name, "output_destination": entry.destination,
+            "received_at": entry.received_at, "method": webhook.method, "path": webhook.path, "query": webhook.query,
+            "headers": _encode(webhook.headers), "body": webhook.body, "body_encoding": webhook.body_encoding,
+            "sender": webhook.sender, "resent_from": entry.resent_from,
+            "request_headers": "" if entry.request_headers is None else _encode(entry.request_headers),
+            **_update_row(entry)}
 
 
-def _update_row(entry: _Entry) -> tuple:
-    """What can change of an entry, as _UPDATED and then its id."""
+def _update_row(entry: _Entry) -> dict[str, Any]:
+    """What can change of an entry: _UPDATED, and its id."""
     answer = entry.answer
-    if answer is None:
-        return entry.status, None, None, None, None, 0, entry.id
-    return (entry.status, answer.status_code, _encode(answer.headers), answer.body, answer.at, answer.retries,
-            entry.id)
+    return {"id": entry.id, "status": entry.status, "status_code": answer.status_code if answer else None,
+            "response_headers": _encode(answer.headers) if answer else None,
+            "response_body": answer.body if answer else None, "answered_at": answer.at if answer else None,
+            "retries": answer.retries if answer else 0}
 
 
-def _entry_from_row(row: tuple, bucket: BucketConfig) -> _Entry:
-    (log_id, _, input_id, input_name, output_name, destination, received_at, method, path, query, headers,
-     body, body_encoding, sender, resent_from, request_headers, status, status_code, response_headers, response_body,
-     answered_at, retries) = row
+def _entry_from_row(row: "sqlite3.Row | Mapping[str, Any]", bucket: BucketConfig) -> _Entry:
     answer = None
-    if answered_at is not None:
-        answer = _Answer(status_code, json.loads(response_headers), response_body, answered_at, retries)
-    webhook = Webhook(method, path, query, json.loads(headers), body, body_encoding, sender)
-    output = next((output for output in bucket.outputs if output.name == output_name), None)
-    return _Entry(log_id, bucket, input_id, input_name, output_name, destination, webhook, received_at,
-                  status, answer, internal=output is None or output.internal, resent_from=resent_from,
-                  request_headers=json.loads(request_headers) if request_headers else None)
+    if row["answered_at"] is not None:
+        answer = _Answer(row["status_code"], json.loads(row["response_headers"]), row["response_body"],
+                         row["answered_at"], row["retries"])
+    webhook = Webhook(row["method"], row["path"], row["query"], json.loads(row["headers"]), row["body"],
+                      row["body_encoding"], row["sender"])
+    output = next((output for output in bucket.outputs if output.name == row["output_name"]), None)
+    return _Entry(row["id"], bucket, row["input_id"], row["input_name"], row["output_name"], row["output_destination"],
+                  webhook, row["received_at"], row["status"], answer, internal=output is None or output.internal,
+                  resent_from=row["resent_from"],
+                  request_headers=json.loads(row["request_headers"]) if row["request_headers"] else None)
 
 
 # ============================================================================ metrics
