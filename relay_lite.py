@@ -2858,6 +2858,61 @@ class _Core:
 # ============================================================================ socket session
 
 
+class _Outbox:
+    """What a socket client is sent, waiting to be written, as wire-frame bytes: bounded by
+    `max_frames` and `max_bytes`. Sans-IO: the session puts frames in, its writer takes them out
+    a write's batch at a time, and a resume asks how much history may go in now."""
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames, self.max_bytes = max_frames, max_bytes
+        self._frames: deque[bytes] = deque()
+        self.bytes = 0  # frames are shared between sessions, but a client that reads none holds them
+        self.closed = False  # no frame goes in any more; those in it may still go out
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: bytes) -> str:
+        """Queue `frame`; or, if it does not fit, say why the client is too slow ("" if it fit, or
+        the outbox is closed). A frame larger than max_bytes fits only alone."""
+        if self.closed:
+            return ""
+        if self.bytes and self.bytes + len(frame) > self.max_bytes:
+            return f"over {self.max_bytes} bytes waiting unread"
+        if len(self._frames) >= self.max_frames:
+            return f"{self.max_frames} frames waiting unread"
+        self._frames.append(frame)
+        self.bytes += len(frame)
+        return ""
+
+    def take(self) -> list[bytes]:
+        """The frames of the next write: all waiting, up to _WRITE_BATCH_FRAMES and about
+        _WRITE_BATCH_BYTES (at least one)."""
+        batch: list[bytes] = []
+        size = 0
+        while self._frames and len(batch) < _WRITE_BATCH_FRAMES and (not batch or size < _WRITE_BATCH_BYTES):
+            frame = self._frames.popleft()
+            batch.append(frame)
+            size += len(frame)
+        self.bytes -= size
+        return batch
+
+    def close(self, *, drop: bool = False) -> None:
+        """Take no more frames; with `drop`, forget those waiting too."""
+        self.closed = True
+        if drop:
+            self._frames.clear()
+            self.bytes = 0
+
+    def replay_room(self) -> tuple[int, int]:
+        """How many frames of history a resume may queue now, and about how many bytes: at most
+        half the outbox's frames, so pings and live frames of other buckets still fit, and at
+        most a write's bytes or half of max_bytes, so a resume of large webhooks holds little
+        and never trips the outbox's own bound."""
+        return (max(self.max_frames // 2, 1) - len(self._frames),
+                min(_WRITE_BATCH_BYTES, self.max_bytes // 2) - self.bytes)
+
+
 class _Session:
     """One socket client: authentication, subscriptions, its outbox, and how it ends.
 
@@ -2873,32 +2928,24 @@ class _Session:
         self._ws = ws
         self._connection = connection
         self.peer = connection.peer
-        self._frames_in, self._frames_out = trio.open_memory_channel[bytes](relay.config.server.send_queue_size)
-        self._queued_bytes = 0  # in the outbox: frames are shared, but a stuck client holds them
+        self._outbox = _Outbox(relay.config.server.send_queue_size, relay.config.server.send_queue_bytes)
+        self._more = trio.Event()  # set when a frame is queued, or the outbox closed: the writer waits on it
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
         self.progress_at = 0.0  # when the write under way began, or last got _WRITE_STEP bytes out
-        self._drop_queued = False
         self._replay: _Replay | None = None  # a resume in progress
         self.frames_sent = 0
 
     def deliver(self, frame: bytes) -> None:
         """Queue `frame` (wire_frame bytes) for the client, or cut it off if it has fallen too far behind."""
-        if self.close_reason is not None:
-            return
-        server = self._relay.config.server
-        if self._queued_bytes and self._queued_bytes + len(frame) > server.send_queue_bytes:
-            self._cut_off("too_slow", f"over {server.send_queue_bytes} bytes waiting unread")
-            return
-        try:
-            self._frames_in.send_nowait(frame)
-        except trio.WouldBlock:
-            self._cut_off("too_slow", f"{server.send_queue_size} frames waiting unread")
-            return
-        self._queued_bytes += len(frame)
+        too_slow = self._outbox.put(frame)
+        if too_slow:
+            self._cut_off("too_slow", too_slow)
+        else:
+            self._more.set()
 
     def _cut_off(self, kind: str, why: str) -> None:
         self._relay.metrics.cutoffs[kind] += 1
@@ -2936,12 +2983,11 @@ class _Session:
         if self.close_reason is not None:
             return
         self.close_reason = (code, reason)
-        self._frames_in.close()
+        self._outbox.close(drop=not drain)
+        self._more.set()
         self._writer.deadline = min(self._writer.deadline, trio.current_time() + _CLOSE_TIMEOUT)
-        if not drain:
-            self._drop_queued = True
-            if not self._writing:  # else let the frame on the wire finish: a close frame can follow it
-                self._writer.cancel()
+        if not drain and not self._writing:  # else let the frame on the wire finish: a close frame can follow it
+            self._writer.cancel()
 
     async def run(self) -> None:
         """Serve the client until it leaves or close() is called; the nursery body is the writer:
@@ -2950,18 +2996,12 @@ class _Session:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_frames)
                 with self._writer:
-                    async for frame in self._frames_out:
-                        batch, size = [frame], len(frame)
-                        while len(batch) < _WRITE_BATCH_FRAMES and size < _WRITE_BATCH_BYTES:
-                            try:
-                                frame = self._frames_out.receive_nowait()
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                            batch.append(frame)
-                            size += len(frame)
-                        self._queued_bytes -= size
-                        if self._drop_queued:
-                            break
+                    while self._outbox or not self._outbox.closed:
+                        if not self._outbox:
+                            self._more = trio.Event()
+                            await self._more.wait()
+                            continue
+                        batch = self._outbox.take()
                         self._writing = True
                         self.progress_at = trio.current_time()
                         self._relay._sockets_writing.add(self)  # see Relay._sweep: a write may not stall
@@ -3095,10 +3135,8 @@ class _Session:
         assert replay is not None
         if self.close_reason is not None:
             return
-        stats = self._frames_in.statistics()
-        room = max(stats.max_buffer_size // 2, 1) - stats.current_buffer_used
-        most = min(_WRITE_BATCH_BYTES, self._relay.config.server.send_queue_bytes // 2)
-        if room <= 0 or self._queued_bytes >= most:
+        room, room_bytes = self._outbox.replay_room()
+        if room <= 0 or room_bytes <= 0:
             return  # the outbox holds enough: the writer calls again after its next write
         for bucket in replay.buckets:
             if bucket.trimmed > replay.cursor and replay.gaps.get(bucket) != bucket.trimmed:
@@ -3111,8 +3149,9 @@ class _Session:
         entries = core.after(replay.buckets, replay.cursor, int(room))
         for entry in entries:
             frame = core.frame(entry)  # shared with other sessions resuming from here
-            if self._queued_bytes and self._queued_bytes + len(frame) > most:
+            if len(frame) > room_bytes and len(self._outbox):
                 return  # enough queued; this one goes after the next write
+            room_bytes -= len(frame)
             self.deliver(frame)
             self._relay.metrics.frames[entry.bucket.name] += 1
             core.sent(entry)

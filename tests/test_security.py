@@ -583,7 +583,7 @@ async def test_10_resuming_sockets_share_their_frames(tmp_path):
             before = tracemalloc.get_traced_memory()[0]
             stuck = [await never_reading_client(relay, ["github"], since=since) for _ in range(20)]
             await eventually(lambda: len(relay._sessions) == 20 and all(
-                session._queued_bytes or session._writing for session in relay._sessions))
+                session._outbox.bytes or session._writing for session in relay._sessions))
             held = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()

@@ -266,7 +266,7 @@ async def test_a_client_that_leaves_too_many_bytes_unread_is_cut_off_before_its_
             cut = lambda: any(session.close_reason for session in relay._sessions)
             assert await _post_in_step_with(relay, good, until=cut) < 60  # far from 1,000 frames
             (session,) = [session for session in relay._sessions if session.close_reason]
-            assert session._queued_bytes <= 2**20
+            assert session._outbox.bytes <= 2**20
             reason = await slow.closed(timeout=10)
             assert reason.code == 1008
             assert reason.reason == "too slow: over 1048576 bytes waiting unread; reconnect and read faster"
