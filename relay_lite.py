@@ -2957,7 +2957,7 @@ class _Session:
 
     def allow_frames(self, size: int) -> None:
         """Let the client send messages of up to `size` bytes (see _WebSocket)."""
-        self._ws._max_message_size = size
+        _set_max_message_size(self._ws, size)
 
     def stalled(self, timeout: float) -> None:
         """Its write got no _WRITE_STEP out for `timeout` seconds: cut it off now, mid-frame (no
@@ -3183,118 +3183,6 @@ class _Replay:
     cursor: str  # the last id sent, since at first
     sent: int = 0
     gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
-
-
-_MessageEvent = _BytesMessage | _TextMessage
-
-
-class _WebSocket(trio_websocket.WebSocketConnection):
-    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
-
-    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
-    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
-    0.12 then ends the TCP connection without a close frame, and the client never learns why.
-    Overrides a private method of trio-websocket, pinned in pyproject.
-    """
-
-    async def _handle_message_event(self, event: _MessageEvent) -> None:
-        """A message's parts count the memory they hold, not their length: one million
-        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
-        holds 4 bytes a character."""
-        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
-        try:
-            await super()._handle_message_event(event)
-        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
-            self._reader_running = False  # go out, and nothing more the peer sends matters
-            self._close_handshake.set()
-
-    async def _send(self, event: Any) -> None:
-        """A close frame, once wsproto has made it, goes out even if the task sending it is being
-        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
-        peer got no close frame at all."""
-        if isinstance(event, _CloseConnection):
-            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
-                await super()._send(event)
-        else:
-            await super()._send(event)
-
-    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
-        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
-            await super()._handle_close_connection_event(event)
-            return
-        try:
-            await self._send(_CloseConnection(code=event.code, reason=event.reason))
-        except trio_websocket.ConnectionClosed:
-            pass  # gone already
-        await self._close_web_socket(event.code, event.reason or None)
-        self._close_handshake.set()
-        await self._close_stream()
-
-
-async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
-    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
-    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
-    nursery.start_soon(ws._reader_task)
-    request = await ws._get_request()
-    return typing.cast(_WebSocket, await request.accept())
-
-
-async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
-    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
-    if len(data) <= _WRITE_STEP:
-        await stream.send_all(data)
-    else:
-        view = memoryview(data)
-        for start in range(0, len(data), _WRITE_STEP):
-            await stream.send_all(view[start:start + _WRITE_STEP])
-            progressed()
-
-
-async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
-    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
-    peer's close frame, which nobody reads once the connection has been ended."""
-    if ws._wsproto.state == _WSState.OPEN:
-        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
-
-
-async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
-    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
-    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
-    calling `progressed` after each (see Relay._sweep: no step may take send_timeout).
-
-    trio-websocket frames each message anew for each connection (send_message), and each
-    send_message costs a whole trio scheduling round even when the socket has room, while a busy
-    relay completes several webhooks in one round: a writer sending a frame a round falls behind
-    a client that reads everything. So the relay frames a webhook once (no extension is ever
-    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
-    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
-    """
-    if ws._close_reason:
-        raise trio_websocket.ConnectionClosed(ws._close_reason)
-    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
-    try:
-        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
-    except trio.WouldBlock:
-        await lock.acquire()
-    try:
-        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
-            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
-        small: list[bytes] = []
-        for frame in frames:
-            if len(frame) < _JOIN_BELOW:
-                small.append(frame)
-                continue
-            if small:
-                await _send(ws._stream, b"".join(small), progressed)
-                small = []
-            await _send(ws._stream, frame, progressed)
-        if small:
-            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await ws._abort_web_socket()
-        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
-    finally:
-        lock.release()
 
 
 class _Pinger:
@@ -3981,6 +3869,179 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
     return page
 
 
+# ============================================================================ library glue
+#
+# Everything that drives trio-websocket's or Hypercorn's internals, which are not their public
+# API, is here: pyproject pins the versions it was written for (_DEPENDENCIES checks them before
+# the import), and _missing_internals checks, at import, that each private name used here is
+# still there, so a version that renamed one fails at once, with one line, not mid-request.
+
+
+_MessageEvent = _BytesMessage | _TextMessage
+
+
+class _WebSocket(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
+
+    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
+    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
+    0.12 then ends the TCP connection without a close frame, and the client never learns why.
+    Overrides a private method of trio-websocket, pinned in pyproject.
+    """
+
+    async def _handle_message_event(self, event: _MessageEvent) -> None:
+        """A message's parts count the memory they hold, not their length: one million
+        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
+        holds 4 bytes a character."""
+        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
+        try:
+            await super()._handle_message_event(event)
+        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
+            self._reader_running = False  # go out, and nothing more the peer sends matters
+            self._close_handshake.set()
+
+    async def _send(self, event: Any) -> None:
+        """A close frame, once wsproto has made it, goes out even if the task sending it is being
+        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
+        peer got no close frame at all."""
+        if isinstance(event, _CloseConnection):
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
+                await super()._send(event)
+        else:
+            await super()._send(event)
+
+    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
+        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
+            await super()._handle_close_connection_event(event)
+            return
+        try:
+            await self._send(_CloseConnection(code=event.code, reason=event.reason))
+        except trio_websocket.ConnectionClosed:
+            pass  # gone already
+        await self._close_web_socket(event.code, event.reason or None)
+        self._close_handshake.set()
+        await self._close_stream()
+
+
+async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
+    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
+    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
+    nursery.start_soon(ws._reader_task)
+    request = await ws._get_request()
+    return typing.cast(_WebSocket, await request.accept())
+
+
+async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
+    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
+    if len(data) <= _WRITE_STEP:
+        await stream.send_all(data)
+    else:
+        view = memoryview(data)
+        for start in range(0, len(data), _WRITE_STEP):
+            await stream.send_all(view[start:start + _WRITE_STEP])
+            progressed()
+
+
+async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
+    peer's close frame, which nobody reads once the connection has been ended."""
+    if ws._wsproto.state == _WSState.OPEN:
+        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
+
+
+async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
+    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
+    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
+    calling `progressed` after each (see Relay._sweep: no step may take send_timeout).
+
+    trio-websocket frames each message anew for each connection (send_message), and each
+    send_message costs a whole trio scheduling round even when the socket has room, while a busy
+    relay completes several webhooks in one round: a writer sending a frame a round falls behind
+    a client that reads everything. So the relay frames a webhook once (no extension is ever
+    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
+    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
+    """
+    if ws._close_reason:
+        raise trio_websocket.ConnectionClosed(ws._close_reason)
+    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
+    try:
+        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
+            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
+        small: list[bytes] = []
+        for frame in frames:
+            if len(frame) < _JOIN_BELOW:
+                small.append(frame)
+                continue
+            if small:
+                await _send(ws._stream, b"".join(small), progressed)
+                small = []
+            await _send(ws._stream, frame, progressed)
+        if small:
+            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
+
+
+def _set_max_message_size(ws: trio_websocket.WebSocketConnection, size: int) -> None:
+    """Let `ws`'s peer send messages of up to `size` bytes (trio-websocket fixes it at creation)."""
+    ws._max_message_size = size
+
+
+def _hypercorn(server: ServerConfig, asgi: Callable[..., Awaitable[None]]) -> tuple[
+        _HypercornConfig, _WorkerContext, _Lifespan]:
+    """What serving HTTP with Hypercorn's trio worker, a connection at a time, takes: its config,
+    its worker context (shared by every connection), and the app's lifespan."""
+    config = _HypercornConfig()
+    config.include_server_header = False  # no version banner, and a client's answer may set one
+    config.keep_alive_timeout = server.idle_timeout
+    config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
+    return config, _WorkerContext(None), _Lifespan(ASGIWrapper(asgi), config, {})
+
+
+async def _serve_http(asgi: Callable[..., Awaitable[None]], config: _HypercornConfig, context: _WorkerContext,
+                      stream: trio.abc.Stream) -> None:
+    """Serve HTTP on one connection's `stream` (any trio Stream) with Hypercorn, until it ends."""
+    await _TCPServer(ASGIWrapper(asgi), config, context, {}, stream)  # type: ignore[arg-type]  # any Stream
+
+
+# The private names used above (methods, and attributes their __init__ sets), by library.
+_INTERNALS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
+    "trio-websocket": (trio_websocket.WebSocketConnection,
+                       ("_reader_task", "_get_request", "_handle_message_event", "_handle_close_connection_event",
+                        "_send", "_close_web_socket", "_close_stream", "_abort_web_socket"),
+                       ("_wsproto", "_stream", "_close_reason", "_stream_lock", "_message_size", "_reader_running",
+                        "_close_handshake", "_max_message_size")),
+    "hypercorn": (_Lifespan, ("handle_lifespan", "wait_for_startup", "wait_for_shutdown"), ()),
+}
+
+
+def _missing_internals() -> str | None:
+    """What of the libraries' internals relay_lite drives is gone, in one line, or None."""
+    for name, (cls, methods, attributes) in _INTERNALS.items():
+        missing = [method for method in methods if not callable(getattr(cls, method, None))]
+        missing += [attribute for attribute in attributes if attribute not in getattr(cls, "__init__").__code__.co_names]
+        if missing:
+            low, high = _DEPENDENCIES[name]
+            return (f"relay_lite drives internals of {name} that the installed {importlib.metadata.version(name)} "
+                    f"lacks ({', '.join(missing)}); it supports {name}>={low},<{high}")
+    if "terminated" not in _WorkerContext.__init__.__code__.co_names:
+        return "relay_lite drives internals of hypercorn that the installed one lacks (WorkerContext.terminated)"
+    return None
+
+
+if (_problem := _missing_internals()) is not None:
+    if __name__ == "__main__":
+        sys.exit(f"relay_lite: error: {_problem}")
+    raise ImportError(_problem)
+
+
 # ============================================================================ connections
 #
 # Every TCP connection, from accept to close, is a _Connection: the relay knows who it is from,
@@ -4505,12 +4566,7 @@ class Relay:
 
     async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
         server = self.config.server
-        hypercorn_config = _HypercornConfig()
-        hypercorn_config.include_server_header = False  # no version banner, and a client's answer may set one
-        hypercorn_config.keep_alive_timeout = server.idle_timeout
-        hypercorn_config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
-        context = _WorkerContext(None)
-        lifespan = _Lifespan(ASGIWrapper(functools.partial(self._asgi, None)), hypercorn_config, {})
+        hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(self._asgi, None))
         await self._core.load()
         async with trio.open_nursery() as lifespan_nursery:
             lifespan_nursery.start_soon(self._core.run)  # outlives the connections, to keep what they asked for
@@ -4607,8 +4663,7 @@ class Relay:
             await self._serve_socket(replay, connection)
         else:
             connection.http = True
-            app = ASGIWrapper(functools.partial(self._asgi, connection))
-            await _TCPServer(app, config, context, {}, replay)  # type: ignore[arg-type]  # any Stream
+            await _serve_http(functools.partial(self._asgi, connection), config, context, replay)
 
     async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
         """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP

@@ -104,3 +104,17 @@ def test_supported_versions_import():
                                               ("1", (1,)), ("dev", ())])
 def test_release_numbers(version, release):
     assert relay_lite._release(version) == release
+
+
+def test_the_internals_driven_are_all_there_in_the_versions_installed():
+    assert relay_lite._missing_internals() is None
+
+
+def test_an_internal_gone_fails_with_one_line_naming_the_supported_versions(monkeypatch):
+    trio_websocket, methods, attributes = relay_lite._INTERNALS["trio-websocket"]
+    monkeypatch.setitem(relay_lite._INTERNALS, "trio-websocket",
+                        (trio_websocket, (*methods, "_renamed_in_a_later_release"), (*attributes, "_gone_too")))
+    problem = relay_lite._missing_internals()
+    low, high = relay_lite._DEPENDENCIES["trio-websocket"]
+    assert problem is not None and "\n" not in problem
+    assert "(_renamed_in_a_later_release, _gone_too)" in problem and f"trio-websocket>={low},<{high}" in problem
