@@ -198,6 +198,9 @@ async def test_the_caddy_recipe_carries_webhooks_and_sockets(tmp_path):
                                                       "caddyfile"], stdout=err, stderr=err, env=env)
         try:
             sent, frame = await webhook_through(f"http://127.0.0.1:{port}", "caddy")
+        except BaseException as error:  # what Caddy said, to tell a slow start from a port taken meanwhile
+            error.add_note("caddy said: " + (tmp_path / "caddy.err").read_text(errors="replace")[-2000:])
+            raise
         finally:
             caddy.kill()
             await caddy.wait()
