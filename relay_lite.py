@@ -2665,7 +2665,10 @@ class _Core:
             raise Conflict(f"bucket {bucket.config.name!r} no longer has an enabled output {_shown(ref, 64)!r} "
                            "to send it along")
         resent = self._log.resend(bucket, entry, route)
-        await self._keep(bucket, [resent])
+        try:
+            await self._keep(bucket, [resent])
+        except StorageError as error:
+            raise StorageError(f"{error}; try again") from None
         logger.info("webhook %s resent as %s", entry.id, resent.id)
         return resent
 
@@ -2734,12 +2737,12 @@ class _Core:
                 self._backend.position(bucket, output)
                 try:
                     await self._backend.committed()
-                except StorageError:  # hand these out again: no other call moved it meanwhile
+                except StorageError as error:  # hand these out again: no other call moved it meanwhile
                     if position is None:
                         del bucket.positions[output]
                     else:
                         bucket.positions[output] = position
-                    raise
+                    raise StorageError(f"{error}; try again") from None
         return page, len(found) > len(page), reached or start or NIL_LOG_ID
 
     # ---------------------------------------------------------------- answers
@@ -2868,6 +2871,7 @@ class _Outbox:
         self._frames: deque[bytes] = deque()
         self.bytes = 0  # frames are shared between sessions, but a client that reads none holds them
         self.closed = False  # no frame goes in any more; those in it may still go out
+        self.writer_waiting = False  # the writer waits for a frame: the first is as good as taken
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -2879,7 +2883,7 @@ class _Outbox:
             return ""
         if self.bytes and self.bytes + len(frame) > self.max_bytes:
             return f"over {self.max_bytes} bytes waiting unread"
-        if len(self._frames) >= self.max_frames:
+        if len(self._frames) >= self.max_frames + (1 if self.writer_waiting else 0):
             return f"{self.max_frames} frames waiting unread"
         self._frames.append(frame)
         self.bytes += len(frame)
@@ -2888,6 +2892,7 @@ class _Outbox:
     def take(self) -> list[bytes]:
         """The frames of the next write: all waiting, up to _WRITE_BATCH_FRAMES and about
         _WRITE_BATCH_BYTES (at least one)."""
+        self.writer_waiting = False
         batch: list[bytes] = []
         size = 0
         while self._frames and len(batch) < _WRITE_BATCH_FRAMES and (not batch or size < _WRITE_BATCH_BYTES):
@@ -2999,6 +3004,7 @@ class _Session:
                     while self._outbox or not self._outbox.closed:
                         if not self._outbox:
                             self._more = trio.Event()
+                            self._outbox.writer_waiting = True
                             await self._more.wait()
                             continue
                         batch = self._outbox.take()
@@ -3618,6 +3624,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         entry = core.entry(token, log_id)
         if request.method == "GET":
             return _json(200, entry.as_log())
+        if entry.status == "rejected":  # whatever the body says: before it is read
+            raise Conflict(f"log {entry.id} is a webhook its input refused: it takes no answer")
         try:
             data = json.loads(await _request_body())
         except (ValueError, RecursionError):

@@ -456,3 +456,21 @@ async def test_a_resend_along_another_output_carries_the_senders_headers_not_the
     assert "Authorization" not in to_b["headers"] and to_b["headers"]["X-B"] == ["b"]
     assert to_b["headers"]["X-Replaced"] == ["the sender's"]
     assert (again_a["headers"]["Authorization"], again_a["headers"]["X-Replaced"]) == (["Bearer for-a-only"], ["by a"])
+
+
+async def test_a_resend_and_a_poll_the_log_cannot_keep_are_503s_saying_try_again(tmp_path):
+    config = relay_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    async with relay_lite.open_relay(config) as relay, sdk_for(relay) as http:
+        await posted(relay, "one")
+        [log] = (await Sdk(http).list(bucket="github"))["data"]
+
+        def failing(*args):
+            raise sqlite3.OperationalError("disk I/O error (made by the test)")
+
+        relay._core._backend._commit = failing
+        resend = await http.post(f"/v1/logs/{log['id']}/action", json={"action": "resend"})
+        poll = await events(http, bucket="github")
+    for answer in (resend, poll):
+        assert answer.status_code == 503 and answer.json()["error"].endswith("disk I/O error (made by the test); "
+                                                                             "try again")

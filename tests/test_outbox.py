@@ -55,3 +55,11 @@ def test_a_resume_fills_at_most_half_the_outbox(max_frames, max_bytes, queued, r
     for frame in queued:
         outbox.put(frame)
     assert outbox.replay_room() == room
+
+
+def test_a_frame_for_a_waiting_writer_does_not_count_against_the_frames():
+    outbox = _Outbox(max_frames=2, max_bytes=100)
+    outbox.writer_waiting = True  # it takes the first frame as soon as it runs
+    assert [outbox.put(b"f") for _ in range(3)] == ["", "", ""]
+    assert outbox.put(b"f") == "2 frames waiting unread"
+    assert len(outbox.take()) == 3 and not outbox.writer_waiting

@@ -179,6 +179,7 @@ async def test_a_webhook_that_fails_its_check_gets_401_and_is_relayed_to_nobody(
             logs = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
             rejected = (await http.get("/v1/logs", params={"bucket": "github", "status": "rejected"})).json()["data"]
             answer = await http.put(f"/v1/logs/{rejected[0]['id']}", json={"status_code": 200})
+            not_json = await http.put(f"/v1/logs/{rejected[0]['id']}", content=b"not json")
     assert (forged.status_code, forged.text) == (401, "signature check failed: X-Hub-Signature-256 does not match\n")
     assert (missing.status_code, missing.text) == (401, "signature check failed: X-Hub-Signature-256 is missing\n")
     assert good.status_code == 200
@@ -188,7 +189,8 @@ async def test_a_webhook_that_fails_its_check_gets_401_and_is_relayed_to_nobody(
         b"signature check failed: X-Hub-Signature-256 is missing",
         b"signature check failed: X-Hub-Signature-256 does not match"]
     assert rejected[0]["status_code"] == 401 and rejected[1]["body"] == BODY.decode()
-    assert answer.status_code == 409
+    assert answer.status_code == 409 and answer.json()["error"].endswith("it takes no answer")
+    assert not_json.status_code == 409  # whatever the body: it is not read
     refusals = [record.getMessage() for record in caplog.records if "refused a webhook" in record.getMessage()]
     assert refusals and "X-Hub-Signature-256 does not match" in refusals[0]
 

@@ -316,3 +316,15 @@ async def test_a_client_that_reads_everything_keeps_up_with_a_burst(small_queue_
                     senders.start_soon(send, sender, http)
         assert sorted(received) == sorted(f"{s}:{n}" for s in range(20) for n in range(20))
         assert not any(session.close_reason for session in relay._sessions)
+
+
+async def test_a_webhook_to_more_internal_outputs_than_send_queue_size_reaches_an_idle_client():
+    """The frame a waiting writer takes at once is not one waiting unread: a send_queue_size of
+    2 takes a webhook's 3 frames in one go, as it always did."""
+    async with relay_lite.open_relay(relay_config(send_queue_size=2)) as relay:
+        async with subscriber(relay, ["two-outputs"]) as client:
+            [session] = relay._sessions
+            await eventually(lambda: session._outbox.writer_waiting)
+            assert (await post(relay, input_id="in-two", content="x")).status_code == 200
+            frames = [await client.webhook() for _ in range(3)]
+    assert [frame["meta"]["output_name"] for frame in frames] == ["a", "b", "locked"]
