@@ -2569,6 +2569,9 @@ class _Hold:
 
 
 class _Core:
+    """The relay's state and what may be done to it, for every part that serves clients. Made
+    with the config; `load` before serving, `run` while serving, `aclose` after."""
+
     def __init__(self, config: Config, metrics: _Metrics) -> None:
         self._store = _Store(config)
         self._log = _Log()  # replaced by the one loaded from the backend in load()
