@@ -2625,6 +2625,14 @@ class _Core:
         return self._log.frame(entry)
 
     @staticmethod
+    def output_named(bucket: _Bucket, ref: str) -> str:
+        """The name of the output of `bucket` that `ref` names (by its id or its name); else NotFound."""
+        for output in bucket.config.outputs:
+            if ref in (output.name, _output_id(bucket.config.id, output.name)):
+                return output.name
+        raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
+
+    @staticmethod
     def newest_id(buckets: Iterable[_Bucket]) -> str:
         """The newest id `buckets` have logged (or trimmed), "" if none."""
         return max((max(bucket.trimmed, bucket.history[-1].id if bucket.history else "") for bucket in buckets),
@@ -2658,15 +2666,15 @@ class _Core:
         bucket = self._store.bucket_of(entry)
         if bucket is None:
             raise NotFound(f"log {entry.id}: its bucket is no longer in the relay's config")
-        ref = output_ref or entry.output_name
-        named = [output.name for output in bucket.config.outputs
-                 if ref in (output.name, _output_id(bucket.config.id, output.name))]
-        if output_ref and not named:
-            raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
-        route = next((route for route in bucket.routes if route.output_name == (named[0] if named else "")), None)
+        if output_ref:
+            name = self.output_named(bucket, output_ref)
+        else:  # its own output, if the bucket still has it; else the route of a bucket without outputs, if any
+            name = entry.output_name if any(output.name == entry.output_name for output in bucket.config.outputs) \
+                else ""
+        route = next((route for route in bucket.routes if route.output_name == name), None)
         if route is None:
-            raise Conflict(f"bucket {bucket.config.name!r} no longer has an enabled output {_shown(ref, 64)!r} "
-                           "to send it along")
+            raise Conflict(f"bucket {bucket.config.name!r} no longer has an enabled output "
+                           f"{_shown(output_ref or entry.output_name, 64)!r} to send it along")
         resent = self._log.resend(bucket, entry, route)
         try:
             await self._keep(bucket, [resent])
@@ -2733,8 +2741,7 @@ class _Core:
                 entry.output_name == output if output else entry.internal))
             page = _listed(found, limit)
             # At its first call, with nothing to hand out, a queue starts after what the bucket holds now.
-            reached = page[-1].id if page else None if start is not None else max(
-                bucket.history[-1].id if bucket.history else "", bucket.trimmed, NIL_LOG_ID)
+            reached = page[-1].id if page else None if start is not None else max(self.newest_id([bucket]), NIL_LOG_ID)
             if reached is not None and reached > (position or ""):
                 bucket.positions[output] = reached
                 self._backend.position(bucket, output)
@@ -3668,12 +3675,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if not ref:
             raise ProtocolError("bucket is required: a pull queue is a bucket's (or one of its outputs')")
         [bucket] = core.resolve(token, (ref,))
-        output = ""  # "": every internal output's entries (or the bucket's, without outputs), as sockets get them
-        if output_ref := params.get("output") or (scope[1] if scope else ""):
-            output = next((output.name for output in bucket.config.outputs
-                           if output_ref in (output.name, _output_id(bucket.config.id, output.name))), "")
-            if not output:
-                raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(output_ref, 64)!r}")
+        # "": every internal output's entries (or the bucket's, without outputs), as sockets get them
+        output_ref = params.get("output") or (scope[1] if scope else "")
+        output = core.output_named(bucket, output_ref) if output_ref else ""
         if scope is not None and scope != [bucket.config.id, output]:
             raise ProtocolError("cursor belongs to another query: another bucket or output")
         page, more, reached = await core.poll(bucket, output, after, limit, max_age)
