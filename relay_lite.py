@@ -55,6 +55,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import subprocess
 import ssl
 import sys
 import time
@@ -424,6 +425,9 @@ class ServerConfig:
     keyfile: str = ""
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client
     trusted_proxies: tuple[str, ...] = ()
+    # Let other processes listen on the same port (SO_REUSEPORT; Linux spreads connections among
+    # them): several relays of one cluster on one machine, as --workers runs them
+    reuse_port: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,6 +435,15 @@ class StorageConfig:
     """The `[storage]` table: with a `path`, the webhook log is kept in that SQLite file."""
 
     path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """The `[cluster]` table: with a `redis_url`, relays sharing that Redis share their buckets'
+    logs (see the Redis backend). Needs `pip install relay-lite[redis]`."""
+
+    redis_url: str = ""
+    prefix: str = "relay_lite"  # of every Redis key it uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,6 +540,7 @@ class Config:
 
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
     metrics: MetricsConfig = MetricsConfig()
     tokens: tuple[TokenConfig, ...] = ()
     buckets: tuple[BucketConfig, ...] = ()
@@ -758,6 +772,13 @@ def _checked(config: Config) -> Config:
                        "and output names included ([metrics] token)", server.host)
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
              "metrics.enabled", "needs the Prometheus client: pip install 'relay-lite[metrics]'")
+    if config.cluster.redis_url:
+        _require(urllib.parse.urlsplit(config.cluster.redis_url).scheme in ("redis", "rediss", "unix"),
+                 "cluster.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        _require(not config.storage.path, "cluster.redis_url",
+                 "the cluster keeps the log in Redis: leave out [storage] (Redis's own persistence keeps it)")
+        _require(importlib.util.find_spec("redis") is not None, "cluster.redis_url",
+                 "needs the Redis client: pip install 'relay-lite[redis]'")
     return dataclasses.replace(config, server=server, buckets=tuple(buckets))
 
 
@@ -2054,7 +2075,23 @@ class _Kept(typing.NamedTuple):
     positions: list[tuple[str, str, str]]  # pull queues: bucket id, output, position
 
 
-class _Memory:
+class _Alone:
+    """What a backend of one relay alone need not share with other relays: the first answer to
+    an entry, a pull queue's lock, the lead of a public output's deliveries."""
+
+    async def claim_answer(self, entry: _Entry) -> bool:
+        return True  # the core already checked this relay's own entry
+
+    @asynccontextmanager
+    async def queue(self, bucket: _Bucket, output: str) -> AsyncIterator[None]:
+        yield  # the core's lock of the queue is the only one
+
+    @asynccontextmanager
+    async def leading(self, name: str) -> AsyncIterator[trio.CancelScope]:
+        yield trio.CancelScope()  # this relay leads, for good
+
+
+class _Memory(_Alone):
     """The log in memory only: a restart starts it empty. A new entry is published at once."""
 
     failing = ""  # it never fails to keep what it is given
@@ -2130,7 +2167,7 @@ class _Batch:
         self.error: BaseException | None = None
 
 
-class _Storage:
+class _Storage(_Alone):
     """The log's SQLite file. `insert`, `update` and `trim` ask for writes; `run` makes them, a
     transaction at a time; `committed()` waits for what was asked so far."""
 
@@ -2280,6 +2317,300 @@ class _Storage:
             if db.in_transaction:  # SQLITE_FULL, _IOERR and _NOMEM may have rolled it back already,
                 db.execute("ROLLBACK")  # and a failed ROLLBACK's error would hide the real one
             raise
+
+
+# _Redis (`[cluster] redis_url`) is the log of every relay sharing that Redis. Each bucket's log
+# is a Redis Stream, a journal of events: a new entry, or a change to one (its status and
+# answer). A relay appends to it (XADD, in a worker thread: Trio has no maintained Redis client,
+# and redis-py's own client is synchronous and thread-safe) and tails every bucket's stream (a
+# blocking XREAD, in a thread), applying each event in stream order: a new entry is published
+# to its own sockets, a change is applied to its copy (and offered to a sender it holds). So
+# every relay holds the same log in the same order, and a log id is made from the stream
+# entry's id (milliseconds, sequence): the same on every relay, and in arrival order within a
+# bucket. A sender's 2xx goes out once Redis has its webhook.
+
+_TAIL_BLOCK = 1000  # ms an XREAD waits for news before it asks again (and notices a stop)
+_ANSWERED_KEPT = 86400  # seconds Redis remembers that an entry was answered (answers come within seconds)
+_QUEUE_LOCK_SECONDS = 10.0  # a pull queue's call holds its lock this long at most
+_LEASE_SECONDS = 10.0  # the lead of a public output passes on this long after its relay is gone
+_REDIS_RETRY_FIRST, _REDIS_RETRY_MOST = 0.2, 5.0  # seconds the tail waits to ask a Redis that failed
+
+
+def _stream_log_id(stream_id: str) -> str:
+    """The log id of the stream entry `stream_id` ("<ms>-<seq>"): a UUIDv7 whose order is the stream's."""
+    millis, _, sequence = stream_id.partition("-")
+    return str(uuid.UUID(int=int(millis) << 80 | 0x7 << 76 | 0b10 << 62 | int(sequence) & (2**62 - 1)))
+
+
+def _event(kind: str, entry: _Entry, origin: str, number: int) -> dict[str, str]:
+    row = _row(entry) if kind == "entry" else _update_row(entry)
+    if row.get("response_body") is not None:
+        row["response_body"] = base64.b64encode(row["response_body"]).decode("ascii")
+    return {"kind": kind, "origin": origin, "number": str(number), "row": _encode(row)}
+
+
+def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
+    row = json.loads(fields[b"row"])
+    if row.get("response_body") is not None:
+        row["response_body"] = base64.b64decode(row["response_body"])
+    return row
+
+
+class _Redis:
+    """The log in Redis Streams, shared by every relay configured with the same Redis (see above)."""
+
+    def __init__(self, cluster: ClusterConfig, publish: Callable[[_Bucket, list[_Entry]], None],
+                 changed: Callable[[_Bucket, Mapping[str, Any]], None], bucket: Callable[[str], "_Bucket | None"],
+                 ) -> None:
+        import redis  # the optional extra, relay-lite[redis]: imported only when configured
+
+        self._redis: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_TAIL_BLOCK / 1000 + 5,
+                                           socket_connect_timeout=5)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._prefix = cluster.prefix
+        self._publish, self._changed, self._bucket = publish, changed, bucket
+        self._origin = uuid.uuid4().hex  # this relay, in the events it appends
+        self._numbers = itertools.count()
+        self._mine: dict[tuple[str, str], _Entry] = {}  # (origin, number) -> an entry appended, not yet applied
+        self._read_from: dict[str, str] = {}  # stream key -> the last stream id applied
+        self._batch = _Batch()
+        self._work = trio.Event()
+        self._closing = False
+        self.failing = ""
+        self.stopped = trio.Event()
+
+    def _key(self, bucket_id: str) -> str:
+        return f"{self._prefix}:log:{bucket_id}"
+
+    async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
+        """Read every bucket's stream; what they hold is the log, and the tail goes on after it."""
+        def read() -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
+            return {bucket_id: self._redis.xrange(self._key(bucket_id)) for bucket_id in buckets}
+        try:
+            streams = await trio.to_thread.run_sync(read)
+        except self._errors as error:
+            raise StorageError(f"cluster.redis_url: cannot read the log from Redis: {error}") from None
+        entries: dict[str, list[_Entry]] = {}
+        for bucket_id, events in streams.items():
+            by_id: dict[str, _Entry] = {}
+            for stream_id, fields in events:
+                row = _row_of(fields)
+                if fields[b"kind"] == b"entry":
+                    row["id"] = _stream_log_id(stream_id.decode())
+                    entry = by_id[row["id"]] = _entry_from_row(row, buckets[bucket_id])
+                    entries.setdefault(bucket_id, []).append(entry)
+                elif (changed := by_id.get(row["id"])) is not None:
+                    if (answer := _change(changed, row)) is not None:
+                        changed.answer, changed.size = answer, changed.size + answer.size
+            self._read_from[self._key(bucket_id)] = events[-1][0].decode() if events else "0-0"
+        last = max((entry.id for bucket_entries in entries.values() for entry in bucket_entries), default="")
+        logger.info("webhook log in Redis: %d entries loaded", sum(map(len, entries.values())))
+        # TODO(cluster): a stream trimmed by MAXLEN: its first id, so a resume from before it hears of the gap
+        return _Kept(last, {bucket_id: NIL_LOG_ID for bucket_id in buckets}, entries, [])
+
+    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        self._batch.inserts.append((bucket, entries))
+        self._work.set()
+
+    def update(self, entry: _Entry) -> None:
+        self._batch.updates[entry.id] = entry
+        self._work.set()
+
+    def trim(self, bucket: _Bucket) -> None:
+        pass  # each XADD trims its stream
+
+    def position(self, bucket: _Bucket, output: str) -> None:
+        self._batch.positions[bucket.config.id, output] = bucket.positions[output]
+        self._work.set()
+
+    async def committed(self) -> None:
+        batch = self._batch
+        self._work.set()
+        await batch.committed.wait()
+        if batch.error is not None:
+            raise StorageError(f"the webhook log could not be written to Redis: {batch.error}")
+
+    async def aclose(self) -> None:
+        self._closing = True
+        self._work.set()
+        await self.stopped.wait()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._tail)
+                await self._write()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._redis.close)
+                self.stopped.set()
+
+    async def _write(self) -> None:
+        """Append batches until aclose()."""
+        while not self._closing or self._batch.inserts or self._batch.updates:
+            await self._work.wait()
+            self._work = trio.Event()
+            batch, self._batch = self._batch, _Batch()
+            events: list[tuple[str, int, dict[str, str]]] = []
+            for bucket, entries in batch.inserts:
+                for entry in entries:
+                    number = next(self._numbers)
+                    self._mine[self._origin, str(number)] = entry
+                    events.append((self._key(bucket.config.id), bucket.config.history_size or 0,
+                                   _event("entry", entry, self._origin, number)))
+            for entry in batch.updates.values():
+                events.append((self._key(entry.bucket.id), entry.bucket.history_size or 0,
+                               _event("update", entry, self._origin, next(self._numbers))))
+            positions = batch.positions
+            if not events and not positions:
+                batch.committed.set()
+                continue
+
+            def append() -> list[bytes]:
+                pipeline = self._redis.pipeline(transaction=False)
+                for key, size, fields in events:
+                    pipeline.xadd(key, fields, maxlen=4 * size, approximate=True)  # entries and their changes
+                for (bucket_id, output), position in positions.items():
+                    pipeline.hset(f"{self._prefix}:positions:{bucket_id}", output, position)
+                return pipeline.execute()[:len(events)]
+            try:
+                stream_ids = await trio.to_thread.run_sync(append)
+            except self._errors as error:
+                batch.error = error
+                self.failing = _shown(str(error), 200)
+                logger.error("webhook log not written to Redis: %s (%d events)", error, len(events))
+                for _, _, fields in events:
+                    self._mine.pop((self._origin, fields["number"]), None)
+            else:
+                self.failing = ""
+                for (_, _, fields), stream_id in zip(events, stream_ids):  # ids, for whoever awaits them (a
+                    if (appended := self._mine.get((self._origin, fields["number"]))) is not None:  # resend's
+                        appended.id = _stream_log_id(stream_id.decode())  # answer), unless the tail was first
+            batch.committed.set()
+
+    async def _tail(self) -> None:
+        """Apply every bucket's new events, in order, for good; wait and ask again while Redis fails."""
+        wait = _REDIS_RETRY_FIRST
+        while True:
+            streams = dict(self._read_from)
+            try:
+                found = await trio.to_thread.run_sync(
+                    functools.partial(self._redis.xread, streams, block=_TAIL_BLOCK, count=1000), abandon_on_cancel=True)
+            except self._errors as error:
+                logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
+                await trio.sleep(wait)
+                wait = min(wait * 2, _REDIS_RETRY_MOST)
+                continue
+            wait = _REDIS_RETRY_FIRST
+            for raw_key, events in found or ():
+                key = raw_key.decode()
+                bucket = self._bucket(key.removeprefix(f"{self._prefix}:log:"))
+                new: list[_Entry] = []
+                for stream_id, fields in events:
+                    self._read_from[key] = stream_id.decode()
+                    if bucket is None:
+                        continue
+                    row = _row_of(fields)
+                    if fields[b"kind"] == b"entry":
+                        entry = self._mine.pop((fields[b"origin"].decode(), fields[b"number"].decode()), None)
+                        if entry is None:
+                            row["id"] = _stream_log_id(stream_id.decode())
+                            entry = _entry_from_row(row, bucket.config)
+                        entry.id = _stream_log_id(stream_id.decode())
+                        new.append(entry)
+                    else:
+                        if new:  # in order: what came before this change first
+                            self._publish(bucket, new)
+                            new = []
+                        if fields[b"origin"].decode() != self._origin:  # its own are applied already
+                            self._changed(bucket, row)
+                if new and bucket is not None:
+                    self._publish(bucket, new)
+
+    async def claim_answer(self, entry: _Entry) -> bool:
+        """Whether this is the first answer to `entry`, whichever relay took the others."""
+        try:
+            return bool(await trio.to_thread.run_sync(functools.partial(
+                self._redis.set, f"{self._prefix}:answered:{entry.id}", self._origin, nx=True, ex=_ANSWERED_KEPT)))
+        except self._errors as error:
+            raise StorageError(f"the answer could not be recorded in Redis: {error}; try again") from None
+
+    @asynccontextmanager
+    async def queue(self, bucket: _Bucket, output: str) -> AsyncIterator[None]:
+        """Hold the queue's lock in Redis, its position read from there into `bucket.positions`."""
+        lock = self._redis.lock(f"{self._prefix}:queue:{bucket.config.id}:{output}", timeout=_QUEUE_LOCK_SECONDS,
+                                blocking_timeout=_QUEUE_LOCK_SECONDS, thread_local=False)  # threads differ
+        try:
+            if not await trio.to_thread.run_sync(lock.acquire):
+                raise StorageError("the pull queue is busy on another relay; try again")
+            position = await trio.to_thread.run_sync(self._redis.hget, f"{self._prefix}:positions:{bucket.config.id}",
+                                                     output)
+        except self._errors as error:
+            raise StorageError(f"the pull queue could not be read from Redis: {error}; try again") from None
+        if position is None:
+            bucket.positions.pop(output, None)
+        else:
+            bucket.positions[output] = position.decode()
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(lock.release)
+                except self._errors:
+                    pass  # it expires by itself
+
+    @asynccontextmanager
+    async def leading(self, name: str) -> AsyncIterator[trio.CancelScope]:
+        """Once this relay holds the lead of `name` (a lease in Redis, renewed while it is held),
+        a cancel scope cancelled when the lead is lost: one relay of the cluster at a time does
+        what it leads (a public output's deliveries)."""
+        lock = self._redis.lock(f"{self._prefix}:lead:{name}", timeout=_LEASE_SECONDS, thread_local=False)
+        while True:
+            try:
+                if await trio.to_thread.run_sync(functools.partial(lock.acquire, blocking=False)):
+                    break
+            except self._errors:
+                pass
+            await trio.sleep(_LEASE_SECONDS / 3)
+        lead = trio.CancelScope()
+
+        async def renew() -> None:
+            while True:
+                await trio.sleep(_LEASE_SECONDS / 3)
+                try:
+                    await trio.to_thread.run_sync(functools.partial(lock.extend, _LEASE_SECONDS, replace_ttl=True))
+                except self._errors as error:
+                    logger.warning("lost the lead of %s: %s", name, error)
+                    lead.cancel()
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renew)
+            try:
+                yield lead
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    try:
+                        await trio.to_thread.run_sync(lock.release)
+                    except self._errors:
+                        pass  # it expires by itself
+
+    def watch(self, buckets: Iterable[_Bucket]) -> None:
+        """Tail these buckets' streams, from now for those not tailed yet."""
+        for bucket in buckets:  # the whole stream: other relays may have logged there already
+            self._read_from.setdefault(self._key(bucket.config.id), "0-0")
+
+
+def _change(entry: _Entry, row: Mapping[str, Any]) -> _Answer | None:
+    """Apply a change event's `row` to `entry`; the answer it brings, if it brings one."""
+    entry.status = row["status"]
+    if row["answered_at"] is None or entry.answer is not None:
+        return None
+    return _Answer(row["status_code"], json.loads(row["response_headers"]), row["response_body"],
+                   row["answered_at"], row["retries"])
 
 
 def _row(entry: _Entry) -> dict[str, Any]:
@@ -2575,8 +2906,13 @@ class _Core:
     def __init__(self, config: Config, metrics: _Metrics) -> None:
         self._store = _Store(config)
         self._log = _Log()  # replaced by the one loaded from the backend in load()
-        self._backend: _Memory | _Storage = (_Storage(config.storage.path, self._publish) if config.storage.path
-                                             else _Memory(self._publish))
+        self._backend: _Memory | _Storage | _Redis
+        if config.cluster.redis_url:
+            self._backend = _Redis(config.cluster, self._publish, self._apply_change, self._bucket_by_id)
+        elif config.storage.path:
+            self._backend = _Storage(config.storage.path, self._publish)
+        else:
+            self._backend = _Memory(self._publish)
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._metrics = metrics
 
@@ -2687,6 +3023,21 @@ class _Core:
         self._backend.insert(bucket, entries)
         await self._backend.committed()  # the backend publishes them once kept, in id order
 
+    def _bucket_by_id(self, bucket_id: str) -> _Bucket | None:
+        return next((bucket for bucket in self._store.buckets if bucket.config.id == bucket_id), None)
+
+    def _apply_change(self, bucket: _Bucket, row: Mapping[str, Any]) -> None:
+        """Another relay changed an entry (a cluster's backend): its status, or its answer, which
+        a sender this relay holds may be waiting for."""
+        entry = self._log.get(row["id"])
+        if entry is None:
+            return
+        answer = _change(entry, row)
+        if answer is not None:
+            self._log.answered(bucket, entry, answer)
+            if entry.hold is not None:
+                entry.hold.offer(entry, answer)
+
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
             return
@@ -2733,7 +3084,7 @@ class _Core:
         the id it reached; from `cursor` if given, else from the queue's position (at its first
         call, from `max_age` seconds ago). The position moves past what is handed out, never back,
         and only to ids of entries it holds; a call holds the queue's lock until it is kept."""
-        async with bucket.queue_lock(output):
+        async with bucket.queue_lock(output), self._backend.queue(bucket, output):
             position = bucket.positions.get(output)
             start = cursor or position  # a cursor reads from where it says, the queue from where it is
             oldest = time.time() - max_age if start is None else -math.inf
@@ -2754,6 +3105,10 @@ class _Core:
                         bucket.positions[output] = position
                     raise StorageError(f"{error}; try again") from None
         return page, len(found) > len(page), reached or start or NIL_LOG_ID
+
+    def leading(self, name: str) -> typing.AsyncContextManager[trio.CancelScope]:
+        """See _Alone.leading and _Redis.leading."""
+        return self._backend.leading(name)
 
     # ---------------------------------------------------------------- answers
 
@@ -2792,6 +3147,8 @@ class _Core:
             raise Conflict(f"too late: the sender got the input's own answer after waiting {timeout:g} s")
         if hold is None and answer.at - entry.received_at > timeout:
             raise Conflict(f"too late: answers are accepted within {timeout:g} s of the webhook")
+        if not await self._backend.claim_answer(entry) or entry.answer is not None:  # another relay's was first
+            raise Conflict(f"log {entry.id} was already answered; the first answer counts")
         entry.status = status
         self._log.answered(self._store.bucket_of(entry), entry, answer)
         if hold is not None:
@@ -2865,6 +3222,8 @@ class _Core:
         for bucket in removed:
             self._log.forget(bucket)
         self._store = store
+        if isinstance(self._backend, _Redis):
+            self._backend.watch(store.buckets)
         return store.buckets, removed
 
 
@@ -3452,8 +3811,12 @@ class _Forwarder:
         return entry.output_name == self._output.name and not entry.internal
 
     async def run(self, client: httpx.AsyncClient) -> None:
+        """Deliver while this relay leads the output's deliveries (always, but in a cluster)."""
         with self.scope:
-            await self._run(client)
+            while True:
+                async with self._relay._core.leading(f"{self._bucket.config.id}:{self._output.name}") as lead:
+                    with lead:
+                        await self._run(client)
 
     async def _run(self, client: httpx.AsyncClient) -> None:
         cursor, gap_told = "", ""
@@ -3510,6 +3873,8 @@ def _reloadable(old: Config, new: Config) -> None:
         raise ConfigError("server.certfile: turning TLS on or off needs a restart, not a reload")
     if old.storage != new.storage:
         raise ConfigError("storage.path: changing it needs a restart, not a reload")
+    if old.cluster != new.cluster:
+        raise ConfigError("cluster.redis_url: changing it needs a restart, not a reload")
     if old.metrics.enabled != new.metrics.enabled:
         raise ConfigError("metrics.enabled: changing it needs a restart, not a reload")
 
@@ -4587,7 +4952,7 @@ class Relay:
             lifespan_nursery.start_soon(self._core.run)  # outlives the connections, to keep what they asked for
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
-            listeners = await _listen(server.host, server.port)
+            listeners = await _listen(server.host, server.port, reuse_port=server.reuse_port)
             host, self.port = listeners[0].socket.getsockname()[:2]
             self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
             scheme = "https" if self._tls else "http"
@@ -4738,12 +5103,34 @@ class Relay:
         session.allow_frames(MAX_CLIENT_FRAME)
 
 
-async def _listen(host: str, port: int) -> list[trio.SocketListener]:
+async def _listen(host: str, port: int, *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    if reuse_port:
+        return await _listen_shared(host, port)
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     if port == 0:  # each address got its own port: keep the first, so one URL reaches everything
         for extra in listeners[1:]:
             await extra.aclose()
         listeners = listeners[:1]
+    return listeners
+
+
+async def _listen_shared(host: str, port: int) -> list[trio.SocketListener]:
+    """trio.open_tcp_listeners, with SO_REUSEPORT on each socket before it binds."""
+    listeners = []
+    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+            host or None, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE):
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            if family == trio.socket.AF_INET6:
+                sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+        except BaseException:
+            sock.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
     return listeners
 
 
@@ -5301,6 +5688,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config; without it, a demo runs")
     parser.add_argument("--host", help="address to listen on (overrides the file)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (overrides the file)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run N relays on this machine, sharing the port and the log (needs [cluster])")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line: time, level, logger, message (and exception)")
@@ -5343,6 +5732,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"relay_lite: error: {error}", file=sys.stderr)
         return 2
+    if args.workers != 1:
+        if not 1 <= args.workers <= _MOST_WORKERS:
+            print(f"relay_lite: error: --workers must be 1 to {_MOST_WORKERS}", file=sys.stderr)
+            return 2
+        if not config.cluster.redis_url or not config.server.port:
+            print("relay_lite: error: --workers needs [cluster] redis_url (the workers share their log through "
+                  "Redis) and a port other than 0", file=sys.stderr)
+            return 2
+        return _run_workers(args.workers, sys.argv[1:] if argv is None else argv)
     reload = (lambda: _with_overrides(load_config(args.config), args)) if args.config else None
     _tune_gc()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay listens for it: a reload too soon is no kill
@@ -5515,10 +5913,74 @@ def _forward(args: argparse.Namespace) -> int:
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """`config` with the command line's --host and --port in place of the file's."""
+    """`config` with the command line's --host and --port in place of the file's (and, in a
+    worker that --workers started, the port shared)."""
     server = dataclasses.replace(config.server, host=config.server.host if args.host is None else args.host,
-                                 port=config.server.port if args.port is None else args.port)
+                                 port=config.server.port if args.port is None else args.port,
+                                 reuse_port=config.server.reuse_port or _WORKER in os.environ)
     return load_config(dataclasses.replace(config, server=server))
+
+
+_WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
+_MOST_WORKERS = 64
+_WORKER_RESTART = 1.0  # seconds before a worker that died is started again
+
+
+def _run_workers(count: int, argv: list[str]) -> int:
+    """Run `count` relays (this command line, less --workers) sharing the port, and keep them
+    running: one that dies is started again. SIGINT and SIGTERM stop them all, gracefully;
+    SIGHUP reloads them all. Each is in a session of its own, so a terminal's Ctrl-C reaches
+    this process only, and each worker is told once."""
+    command = [sys.executable, str(Path(__file__).resolve()), *_without_workers(argv)]
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def start(number: int) -> None:
+        workers[number] = subprocess.Popen(command, env={**os.environ, _WORKER: str(number)}, start_new_session=True)
+
+    def tell(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for worker in workers.values():
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, tell)
+    for number in range(count):
+        start(number)
+    logger.info("%d workers started (pids %s)", count, ", ".join(str(worker.pid) for worker in workers.values()))
+    status = 0
+    while workers:
+        pid, code = os.wait()
+        ended = next((number for number, worker in workers.items() if worker.pid == pid), None)
+        if ended is None:
+            continue
+        exit_code = os.waitstatus_to_exitcode(code)
+        workers.pop(ended).returncode = exit_code
+        if stopping:
+            continue
+        if exit_code == 2:  # the config, or the log's store: starting it again would not help
+            status = 2
+            tell(signal.SIGTERM, None)
+            continue
+        logger.warning("worker %d (pid %d) ended with %s; starting it again", ended, pid, exit_code)
+        time.sleep(_WORKER_RESTART)
+        if not stopping:  # a signal may have come meanwhile
+            start(ended)
+    return status
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept
 
 
 async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | None) -> None:

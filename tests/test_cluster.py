@@ -1,0 +1,278 @@
+"""Several relays sharing one Redis ([cluster]): one log, whichever relay a webhook, a client or
+an answer comes to. Needs redis-server (.ci/run installs Debian's package) and relay-lite[redis]."""
+
+import shutil
+import socket
+import subprocess
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+import pytest
+import trio
+
+import relay_lite
+
+from app_server import running_app
+from conftest import KEY, SECRET, connect, post, relay_config, subscriber
+
+pytest.importorskip("redis")
+if shutil.which("redis-server") is None:
+    pytest.skip("redis-server is not installed (.ci/run installs Debian's package)", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, directory) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                trio_sleep_blocking(0.025)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def trio_sleep_blocking(seconds: float) -> None:
+    import time
+    time.sleep(seconds)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def cluster_config(redis_server, **server):
+    config = relay_config(**server)
+    config["cluster"] = {"redis_url": redis_server.url}
+    return config
+
+
+@asynccontextmanager
+async def relays(config, n):
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(relay_lite.open_relay(config)) for _ in range(n)]
+
+
+async def test_a_webhook_into_one_relay_reaches_clients_on_the_others_once_each_in_order(redis_server):
+    async with relays(cluster_config(redis_server), 3) as (a, b, c):
+        async with subscriber(b, ["github"]) as on_b, subscriber(c, ["github"]) as on_c:
+            for n in range(20):
+                assert (await post(a, content=f"w{n}")).status_code == 200
+            got_b = [await on_b.webhook() for _ in range(20)]
+            got_c = [await on_c.webhook() for _ in range(20)]
+    assert [frame["body"] for frame in got_b] == [f"w{n}" for n in range(20)]
+    assert [frame["meta"]["id"] for frame in got_b] == [frame["meta"]["id"] for frame in got_c]  # one id space
+    assert [frame["meta"]["id"] for frame in got_b] == sorted(frame["meta"]["id"] for frame in got_b)
+
+
+async def test_a_client_moves_from_one_relay_to_another_with_since_and_loses_nothing(redis_server):
+    async with relays(cluster_config(redis_server), 3) as (a, b, c):
+        async with subscriber(b, ["github"]) as on_b:
+            await post(a, content="seen on b")
+            last = (await on_b.webhook())["meta"]["id"]
+        for n in range(5):
+            await post(a, content=f"missed {n}")
+        async with connect(c) as on_c:
+            await on_c.send(action="auth", key=KEY, secret=SECRET)
+            await on_c.expect("authenticated")
+            await on_c.send(action="subscribe", buckets=["github"], since=last)
+            await on_c.expect("subscribed")
+            frames = []
+            while (frame := await on_c.receive())["type"] == "webhook":
+                frames.append(frame["body"])
+            assert frame["status"] == "resumed"
+    assert frames == [f"missed {n}" for n in range(5)]
+
+
+async def test_a_sender_held_on_one_relay_is_answered_by_a_client_on_another(redis_server):
+    config = cluster_config(redis_server)
+    config["buckets"][0]["inputs"][0].update(response_from_output="anyOutput", response_timeout=10)
+    async with relays(config, 2) as (a, c):
+        async with subscriber(c, ["github"]) as on_c, trio.open_nursery() as nursery:
+            answers = []
+
+            async def send():
+                answers.append(await post(a, content="what is the answer?"))
+            nursery.start_soon(send)
+            frame = await on_c.webhook()
+            async with httpx.AsyncClient(base_url=c.url, auth=(KEY, SECRET)) as http:
+                put = await http.put(f"/v1/logs/{frame['meta']['id']}",
+                                     json={"status_code": 201, "response_body": "NDI=", "status": "sent"})
+            assert put.status_code == 200
+    assert (answers[0].status_code, answers[0].content) == (201, b"42")
+
+
+async def test_with_redis_down_senders_get_503s_and_it_recovers_by_itself(redis_server):
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with subscriber(b, ["github"]) as on_b:
+            redis_server.stop()
+            down = await post(a, content="lost?")
+            assert down.status_code == 503
+            redis_server.start()
+            with trio.fail_after(20):
+                while (await post(a, content="after")).status_code != 200:
+                    await trio.sleep(0.1)
+            assert (await on_b.webhook(timeout=20))["body"] == "after"
+
+
+async def test_the_first_answer_counts_whichever_relay_takes_it(redis_server):
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with subscriber(a, ["github"]) as on_a:
+            await post(a, content="x")
+            log_id = (await on_a.webhook())["meta"]["id"]
+        answers = []
+        for relay in (a, b, a):
+            async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+                answers.append((await http.put(f"/v1/logs/{log_id}", json={"status_code": 200})).status_code)
+    assert sorted(answers) == [200, 409, 409]
+
+
+async def test_a_pull_queue_hands_each_webhook_out_once_across_relays(redis_server):
+    async with relays(cluster_config(redis_server), 3) as cluster:
+        got: list[str] = []
+        async with trio.open_nursery() as nursery:
+            async def poll_on(relay):
+                async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET), timeout=20) as http:
+                    while len(got) < 60:
+                        page = (await http.get("/v1/events", params={"bucket": "github", "limit": 7})).json()
+                        got.extend(log["body"] for log in page["logs"])
+                        await trio.sleep(0.01)  # a poller's pause between calls
+            for relay in cluster:
+                nursery.start_soon(poll_on, relay)
+            for n in range(60):
+                await post(cluster[n % 3], content=str(n))
+    assert sorted(got, key=int) == [str(n) for n in range(60)]
+
+
+async def test_a_public_output_is_delivered_once_not_once_per_relay(redis_server):
+    async with running_app() as app:
+        config = cluster_config(redis_server)
+        config["buckets"].append({"name": "deliver", "inputs": [{"id": "in-deliver"}], "outputs": [
+            {"name": "app", "destination": app.url, "internal": False}]})
+        async with relays(config, 3) as cluster:
+            for n in range(30):
+                assert (await post(cluster[n % 3], "in-deliver", content=str(n))).status_code == 200
+            received = await app.wait_for(30, timeout=30)
+            with trio.move_on_after(1):  # any duplicate would come now
+                await app.wait_for(31)
+    assert sorted(int(request.body) for request in app.received) == list(range(30))
+
+
+async def test_redis_restarted_mid_stream_loses_nothing_that_got_a_2xx(redis_server):
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with subscriber(b, ["github"]) as on_b:
+            accepted = []
+            for n in range(40):
+                if n == 20:
+                    redis_server.stop()
+                    redis_server.start()  # persistence on: appendfsync always
+                answer = await post(a, content=str(n))
+                if answer.status_code == 200:
+                    accepted.append(str(n))
+            got = [(await on_b.webhook(timeout=20))["body"] for _ in accepted]
+    assert got == accepted and len(accepted) >= 30
+    async with relays(cluster_config(redis_server), 1) as (c,):  # a relay started now loads them all
+        async with httpx.AsyncClient(base_url=c.url, auth=(KEY, SECRET)) as http:
+            logs = (await http.get("/v1/logs", params={"bucket": "github", "limit": 1000})).json()["data"]
+    assert [log["body"] for log in reversed(logs)] == accepted
+
+
+async def test_workers_share_the_port_and_the_log_and_one_that_dies_is_started_again(redis_server, tmp_path):
+    import contextlib
+    import os
+    import re
+    import signal
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+[cluster]
+redis_url = "{redis_server.url}"
+[[tokens]]
+key = "{KEY}"
+secret = "{SECRET}"
+[[buckets]]
+name = "github"
+[[buckets.inputs]]
+id = "in-workers"
+""")
+    url = f"http://127.0.0.1:{port}"
+    stderr = tmp_path / "stderr"
+    with open(stderr, "wb") as err:
+        parent = await trio.lowlevel.open_process(
+            [sys.executable, "relay_lite.py", "--config", str(config), "--workers", "2"],
+            cwd=Path(__file__).parents[1], stderr=err)
+    try:
+        async def all_posted(bodies):
+            async with httpx.AsyncClient(timeout=5) as http:
+                for body in bodies:
+                    with trio.fail_after(20):
+                        while True:  # a new connection each: the kernel spreads them over the workers
+                            try:
+                                answer = await http.post(f"{url}/v1/webhooks/in-workers", content=body,
+                                                         headers={"Connection": "close"})
+                                if answer.status_code == 200:
+                                    break
+                            except httpx.TransportError:
+                                pass  # a worker dying, or not listening yet
+                            await trio.sleep(0.05)
+
+        await all_posted([f"first {n}" for n in range(10)])
+        pids = [int(pid) for pid in re.search(r"2 workers started \(pids (\d+), (\d+)\)",
+                                             stderr.read_text()).groups()]
+        os.kill(pids[0], signal.SIGKILL)
+        await all_posted([f"then {n}" for n in range(10)])
+        with trio.fail_after(20):
+            while "starting it again" not in stderr.read_text():
+                await trio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=url, auth=(KEY, SECRET)) as http:
+            logs = (await http.get("/v1/logs", params={"limit": 100})).json()["data"]
+        assert sorted(log["body"] for log in logs) == sorted([f"first {n}" for n in range(10)]
+                                                             + [f"then {n}" for n in range(10)])
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        with trio.move_on_after(20):
+            await parent.wait()
+        if parent.returncode is None:  # a failure: leave no worker behind
+            for pid in re.findall(r"pids? (\d+)", stderr.read_text()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            parent.kill()
+    assert parent.returncode == 0, stderr.read_text()[-3000:]
+    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+               for pid in pids[1:])
