@@ -91,19 +91,23 @@ class Process:
 
 class Relay(Process):
     def __init__(self, workdir: Path, storage: bool = False, script: Path = ROOT / "relay_lite.py",
-                 outputs: str = "", **server) -> None:
+                 outputs: str = "", cluster: str = "", workers: int = 1, **server) -> None:
         """A relay serving the bench bucket; with `storage`, its log in a new SQLite file; `script`
-        another relay_lite.py to run (see --baseline); `outputs` the bucket's [[buckets.outputs]]."""
+        another relay_lite.py to run (see --baseline); `outputs` the bucket's [[buckets.outputs]];
+        `cluster` a Redis URL, with `workers` relays on one port."""
         config = workdir / "relay.toml"
+        server = {"port": 0, **server}
         settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in server.items())
         database = workdir / "relay.db"
         for stale in workdir.glob("relay.db*"):
             stale.unlink()
-        config.write_text(f'[server]\nport = 0\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
+        config.write_text(f'[server]\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
                           f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n{outputs}'
-                          + (f'[storage]\npath = "{database}"\n' if storage else ""))
-        super().__init__(str(script), "--config", str(config))
-        url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
+                          + (f'[storage]\npath = "{database}"\n' if storage else "")
+                          + (f'[cluster]\nredis_url = "{cluster}"\n' if cluster else ""))
+        super().__init__(str(script), "--config", str(config), *(["--workers", str(workers)] if workers > 1 else []))
+        for _ in range(workers):  # each worker's banner
+            url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
         self.host, self.port = url.group(1), int(url.group(2))
 
 
@@ -324,6 +328,59 @@ class Bench:
             ceiling.stop()
             ceiling.end()
         return got, bare
+
+    def cluster(self) -> None:
+        """Relays sharing one Redis (a real redis-server, appendfsync always): ingest with 1, 2 and
+        3 relays on one port (--workers, the kernel spreading wrk's connections among them), one
+        subscriber on one of them getting every webhook through Redis, each against one relay
+        without [cluster] in the same round (A B B A); and the latency Redis adds at 500/s."""
+        redis_server = RedisServer(self.workdir)
+        try:
+            duration, rounds = (2, 1) if self.quick else (3, 2)
+            for workers in ((1, 3) if self.quick else (1, 2, 3)):
+                ratios, alone, together = [], [], []
+                for _ in range(rounds):
+                    first, second, third, fourth = (self._cluster_ingest(redis_server, clustered, workers, duration)
+                                                    for clustered in (False, True, True, False))
+                    alone += [first, fourth]
+                    together += [second, third]
+                    ratios.append((second["rate"] + third["rate"]) / (first["rate"] + fourth["rate"]))
+                scenario = (f"cluster of {workers} relay(s) on one Redis (--workers {workers}), 1 subscriber "
+                            f"({rounds} rounds of A B B A, {duration} s)")
+                self.row(scenario, "webhooks/s accepted (ceiling: one relay without Redis; ratio: median, range)",
+                         round(statistics.median(run["rate"] for run in together)),
+                         "-", None, round(statistics.median(run["rate"] for run in alone)),
+                         f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+                accepted, delivered = sum(run["ok"] for run in together), sum(run["delivered"] for run in together)
+                self.row(scenario, "delivered / accepted", f"{delivered} / {accepted}", "every webhook delivered",
+                         delivered >= accepted and not sum(run["errors"] for run in together))
+            for clustered in (False, True):
+                redis_server.flush()
+                run = self._latency_run(500, 2 if self.quick else 5,
+                                        **({"cluster": redis_server.url} if clustered else {}))
+                ms = run["ms"]
+                self.row(f"latency at 500/s, 10 subscribers, {'one relay on Redis' if clustered else 'one relay'}",
+                         "p50 / p99 / max (ms), request sent to frame received", f"{ms['p50']} / {ms['p99']} / "
+                         f"{ms['max']}", "-", None)
+        finally:
+            redis_server.stop()
+
+    def _cluster_ingest(self, redis_server: "RedisServer", clustered: bool, workers: int, duration: float) -> dict:
+        redis_server.flush()
+        options = {"cluster": redis_server.url, "workers": workers, "port": _free_port(),
+                   "host": "127.0.0.1"} if clustered else {}
+        relay = Relay(self.workdir, **options)
+        try:
+            subs = subscribers(relay.host, relay.port, 1)
+            load(relay.host, relay.port, 1)  # warm-up
+            before = subs.stop_count()
+            result = load(relay.host, relay.port, duration)
+            time.sleep(1.0)
+            result["delivered"] = subs.stop_count() - before
+            subs.stop()
+        finally:
+            relay.end()
+        return result
 
     def history(self) -> None:
         """What the webhook log costs. Ingest with the smallest history (one entry), the default
@@ -578,6 +635,42 @@ class Bench:
                      got["closed"] == 0)
 
 
+class RedisServer:
+    """A redis-server of the bench's own, on a free loopback port, persisting every write."""
+
+    def __init__(self, workdir: Path) -> None:
+        import redis  # relay-lite[redis]
+
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.popen = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                       str(workdir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                                       "--maxmemory-policy", "noeviction"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port)
+        if not _until(lambda: self._answers(), 10):
+            raise RuntimeError("redis-server did not start")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
+
+    def flush(self) -> None:
+        self.client.flushall()
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _output(name: str, destination: str, public: bool = False) -> str:
     return (f'[[buckets.outputs]]\nname = "{name}"\ndestination = "{destination}"\n'
             + ('internal = false\nconnect_timeout = 2\n' if public else ''))
@@ -618,7 +711,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history", "forward", "dead_output", "baseline"]
+SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history", "forward", "dead_output", "baseline",
+             "cluster"]
 
 
 def main(argv=None) -> int:
