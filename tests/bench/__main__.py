@@ -354,6 +354,18 @@ class Bench:
                 accepted, delivered = sum(run["ok"] for run in together), sum(run["delivered"] for run in together)
                 self.row(scenario, "delivered / accepted", f"{delivered} / {accepted}", "every webhook delivered",
                          delivered >= accepted and not sum(run["errors"] for run in together))
+            clients, count = (50, 20) if self.quick else (100, 50)
+            for workers in ((1, 3) if self.quick else (1, 2, 3)):
+                alone = self._cluster_fanout(redis_server, False, 1, clients, count)
+                together = self._cluster_fanout(redis_server, True, workers, clients, count)
+                ratio = round(together["fanout"]["p50"] / alone["fanout"]["p50"], 2)
+                scenario = (f"fan-out to {clients} subscribers, {workers} relay(s) on one Redis (--workers {workers}; "
+                            f"{count} webhooks)")
+                self.row(scenario, "ms until the last has it, p50 / p99 (ceiling: one relay without Redis)",
+                         " / ".join(f"{together['fanout'][key] * 1000:.1f}" for key in ("p50", "p99")), "-", None,
+                         " / ".join(f"{alone['fanout'][key] * 1000:.1f}" for key in ("p50", "p99")), ratio)
+                missing = together["incomplete"] + count - together["webhooks"]
+                self.row(scenario, "webhooks not reaching everyone", missing, "0", missing == 0)
             for clustered in (False, True):
                 redis_server.flush()
                 run = self._latency_run(500, 2 if self.quick else 5,
@@ -364,6 +376,21 @@ class Bench:
                          f"{ms['max']}", "-", None)
         finally:
             redis_server.stop()
+
+    def _cluster_fanout(self, redis_server: "RedisServer", clustered: bool, workers: int, clients: int,
+                        count: int) -> dict:
+        """Webhooks one at a time to `clients` subscribers (spread over the workers by the kernel)."""
+        redis_server.flush()
+        options = {"cluster": redis_server.url, "workers": workers, "port": _free_port(),
+                   "host": "127.0.0.1"} if clustered else {}
+        relay = Relay(self.workdir, **options)
+        try:
+            subs = subscribers(relay.host, relay.port, clients)
+            peer("load", relay.host, relay.port, "--rate", 10, "--count", count).event("result")
+            time.sleep(1)
+            return subs.stop()
+        finally:
+            relay.end()
 
     def _cluster_ingest(self, redis_server: "RedisServer", clustered: bool, workers: int, duration: float) -> dict:
         redis_server.flush()
