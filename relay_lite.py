@@ -28,6 +28,7 @@ or, in a nursery, ``relay = await nursery.start(relay_lite.serve_relay, config)`
 import argparse
 import base64
 import bisect
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -2386,10 +2387,15 @@ class _Redis:
         """Read every bucket's stream; what they hold is the log, and the tail goes on after it."""
         def read() -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
             return {bucket_id: self._redis.xrange(self._key(bucket_id)) for bucket_id in buckets}
-        try:
-            streams = await trio.to_thread.run_sync(read)
-        except self._errors as error:
-            raise StorageError(f"cluster.redis_url: cannot read the log from Redis: {error}") from None
+        wait = _REDIS_RETRY_FIRST
+        while True:  # Redis down at start: wait for it, as the tail does later (a 503 beats no relay)
+            try:
+                streams = await trio.to_thread.run_sync(read)
+                break
+            except self._errors as error:
+                logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
+                await trio.sleep(wait)
+                wait = min(wait * 2, _REDIS_RETRY_MOST)
         entries: dict[str, list[_Entry]] = {}
         for bucket_id, events in streams.items():
             by_id: dict[str, _Entry] = {}
@@ -2413,6 +2419,8 @@ class _Redis:
         self._work.set()
 
     def update(self, entry: _Entry) -> None:
+        if entry.status == "sent" and entry.answer is None:
+            return  # one of this relay's sockets got it: every relay says so of its own, so nobody is told
         self._batch.updates[entry.id] = entry
         self._work.set()
 
@@ -2544,9 +2552,14 @@ class _Redis:
         try:
             if not await trio.to_thread.run_sync(lock.acquire):
                 raise StorageError("the pull queue is busy on another relay; try again")
+        except self._errors as error:
+            raise StorageError(f"the pull queue could not be locked in Redis: {error}; try again") from None
+        try:
             position = await trio.to_thread.run_sync(self._redis.hget, f"{self._prefix}:positions:{bucket.config.id}",
                                                      output)
         except self._errors as error:
+            with trio.CancelScope(shield=True), contextlib.suppress(*self._errors):
+                await trio.to_thread.run_sync(lock.release)
             raise StorageError(f"the pull queue could not be read from Redis: {error}; try again") from None
         if position is None:
             bucket.positions.pop(output, None)
@@ -2605,9 +2618,12 @@ class _Redis:
 
 
 def _change(entry: _Entry, row: Mapping[str, Any]) -> _Answer | None:
-    """Apply a change event's `row` to `entry`; the answer it brings, if it brings one."""
+    """Apply a change event's `row` to `entry`; the answer it brings, if it brings one. An
+    entry's first answer decides its status: a later change without one does not undo it."""
+    if entry.answer is not None:
+        return None
     entry.status = row["status"]
-    if row["answered_at"] is None or entry.answer is not None:
+    if row["answered_at"] is None:
         return None
     return _Answer(row["status_code"], json.loads(row["response_headers"]), row["response_body"],
                    row["answered_at"], row["retries"])
@@ -5681,7 +5697,7 @@ async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"]
 def main(argv: list[str] | None = None) -> int:
     """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
     parser = argparse.ArgumentParser(
-        prog="relay_lite.py",
+        prog="relay_lite.py", allow_abbrev=False,  # --worker 2 must not pass for --workers 2: see _without_workers
         description="A self-hosted webhook relay: webhooks in at /v1/webhooks/<input id>, "
                     "streamed live to WebSocket clients at /v1/socket, one port.",
     )
@@ -5732,7 +5748,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"relay_lite: error: {error}", file=sys.stderr)
         return 2
-    if args.workers != 1:
+    if args.workers != 1 and _WORKER not in os.environ:  # a worker runs one relay, whatever it was given
         if not 1 <= args.workers <= _MOST_WORKERS:
             print(f"relay_lite: error: --workers must be 1 to {_MOST_WORKERS}", file=sys.stderr)
             return 2
@@ -5923,7 +5939,7 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 _WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
 _MOST_WORKERS = 64
-_WORKER_RESTART = 1.0  # seconds before a worker that died is started again
+_WORKER_RESTART, _WORKER_RESTART_MOST = 1.0, 60.0  # seconds before a worker that died is started again
 
 
 def _run_workers(count: int, argv: list[str]) -> int:
@@ -5933,10 +5949,19 @@ def _run_workers(count: int, argv: list[str]) -> int:
     this process only, and each worker is told once."""
     command = [sys.executable, str(Path(__file__).resolve()), *_without_workers(argv)]
     workers: dict[int, subprocess.Popen[bytes]] = {}
+    started: dict[int, float] = {}
     stopping = False
 
     def start(number: int) -> None:
-        workers[number] = subprocess.Popen(command, env={**os.environ, _WORKER: str(number)}, start_new_session=True)
+        """Start worker `number`, with signals held meanwhile: one that came mid-start tells it too."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        try:
+            workers[number] = subprocess.Popen(  # the worker must not inherit the mask: it would hear no signal
+                command, env={**os.environ, _WORKER: str(number)}, start_new_session=True,
+                preexec_fn=functools.partial(signal.pthread_sigmask, signal.SIG_SETMASK, held))
+            started[number] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def tell(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -5951,6 +5976,7 @@ def _run_workers(count: int, argv: list[str]) -> int:
         start(number)
     logger.info("%d workers started (pids %s)", count, ", ".join(str(worker.pid) for worker in workers.values()))
     status = 0
+    restarts = {number: 0 for number in range(count)}  # in a row, for each: the wait doubles with each
     while workers:
         pid, code = os.wait()
         ended = next((number for number, worker in workers.items() if worker.pid == pid), None)
@@ -5964,8 +5990,12 @@ def _run_workers(count: int, argv: list[str]) -> int:
             status = 2
             tell(signal.SIGTERM, None)
             continue
-        logger.warning("worker %d (pid %d) ended with %s; starting it again", ended, pid, exit_code)
-        time.sleep(_WORKER_RESTART)
+        if time.monotonic() - started[ended] > _WORKER_RESTART_MOST:
+            restarts[ended] = 0  # it ran a good while: a new failure, not the same one again
+        wait = min(_WORKER_RESTART * 2 ** restarts[ended], _WORKER_RESTART_MOST)
+        restarts[ended] += 1
+        logger.warning("worker %d (pid %d) ended with %s; starting it again in %g s", ended, pid, exit_code, wait)
+        time.sleep(wait)
         if not stopping:  # a signal may have come meanwhile
             start(ended)
     return status

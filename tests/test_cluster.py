@@ -276,3 +276,23 @@ id = "in-workers"
     assert parent.returncode == 0, stderr.read_text()[-3000:]
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
                for pid in pids[1:])
+
+
+def test_an_abbreviated_workers_flag_is_refused_not_a_fork_bomb(tmp_path, capsys):
+    config = tmp_path / "relay.toml"
+    config.write_text('[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n[server]\nport = 18999\n')
+    with pytest.raises(SystemExit) as exited:
+        relay_lite.main(["--config", str(config), "--worker", "2"])
+    assert exited.value.code == 2 and "error:" in capsys.readouterr().err  # not taken for --workers
+
+
+async def test_a_relay_started_while_redis_is_down_waits_for_it(redis_server):
+    redis_server.stop()
+    async with trio.open_nursery() as nursery:
+        async def start_redis_soon():
+            await trio.sleep(1)  # the relay is trying meanwhile
+            redis_server.start()
+        nursery.start_soon(start_redis_soon)
+        with trio.fail_after(30):
+            async with relay_lite.open_relay(cluster_config(redis_server)) as relay:
+                assert (await post(relay, content="after all")).status_code == 200
