@@ -2080,7 +2080,7 @@ class _Alone:
     """What a backend of one relay alone need not share with other relays: the first answer to
     an entry, a pull queue's lock, the lead of a public output's deliveries."""
 
-    async def claim_answer(self, entry: _Entry) -> bool:
+    async def claim_answer(self, entry: _Entry, answer: _Answer, status: str) -> bool:
         return True  # the core already checked this relay's own entry
 
     @asynccontextmanager
@@ -2334,6 +2334,14 @@ _TAIL_BLOCK = 1000  # ms an XREAD waits for news before it asks again (and notic
 _ANSWERED_KEPT = 86400  # seconds Redis remembers that an entry was answered (answers come within seconds)
 _QUEUE_LOCK_SECONDS = 10.0  # a pull queue's call holds its lock this long at most
 _LEASE_SECONDS = 10.0  # the lead of a public output passes on this long after its relay is gone
+_LEASE_MARGIN = 2.0  # seconds before its lease could pass on that a relay stops leading if it could not renew
+_CLAIM_AND_APPEND = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'kind', 'update', 'origin', ARGV[1],
+                      'number', ARGV[4], 'row', ARGV[5])
+end
+return false
+"""
 _REDIS_RETRY_FIRST, _REDIS_RETRY_MOST = 0.2, 5.0  # seconds the tail waits to ask a Redis that failed
 
 
@@ -2367,6 +2375,16 @@ class _Redis:
 
         self._redis: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_TAIL_BLOCK / 1000 + 5,
                                            socket_connect_timeout=5)
+        # Leases must fail fast: redis-py's retries kept a renewal waiting 26 s against a stopped
+        # Redis, past the lease, while another relay took it over. No retry, short timeouts.
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        self._leases: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_LEASE_SECONDS / 5,
+                                            socket_connect_timeout=_LEASE_SECONDS / 5, retry=Retry(NoBackoff(), 0))
+        # The first answer to an entry, claimed and journaled in one step: claimed but not journaled,
+        # it would be known to this relay only, and refused (409) everywhere else.
+        self._answer_script = self._redis.register_script(_CLAIM_AND_APPEND)
+        self._claimed: set[str] = set()  # entries whose answer the claim journaled: no update follows
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._prefix = cluster.prefix
         self._publish, self._changed, self._bucket = publish, changed, bucket
@@ -2421,6 +2439,9 @@ class _Redis:
     def update(self, entry: _Entry) -> None:
         if entry.status == "sent" and entry.answer is None:
             return  # one of this relay's sockets got it: every relay says so of its own, so nobody is told
+        if entry.id in self._claimed:
+            self._claimed.discard(entry.id)  # its answer went into the journal with its claim
+            return
         self._batch.updates[entry.id] = entry
         self._work.set()
 
@@ -2536,13 +2557,22 @@ class _Redis:
                 if new and bucket is not None:
                     self._publish(bucket, new)
 
-    async def claim_answer(self, entry: _Entry) -> bool:
-        """Whether this is the first answer to `entry`, whichever relay took the others."""
+    async def claim_answer(self, entry: _Entry, answer: _Answer, status: str) -> bool:
+        """Whether this is the first answer to `entry`, whichever relay took the others; if it
+        is, it is in the journal already, in the same step."""
+        row = {"id": entry.id, "status": status, "status_code": answer.status_code,
+               "response_headers": _encode(answer.headers), "response_body": base64.b64encode(answer.body).decode(),
+               "answered_at": answer.at, "retries": answer.retries}
+        keys = [f"{self._prefix}:answered:{entry.id}", self._key(entry.bucket.id)]
+        args: list[str | int] = [self._origin, _ANSWERED_KEPT, 4 * (entry.bucket.history_size or 0),
+                                 str(next(self._numbers)), _encode(row)]
         try:
-            return bool(await trio.to_thread.run_sync(functools.partial(
-                self._redis.set, f"{self._prefix}:answered:{entry.id}", self._origin, nx=True, ex=_ANSWERED_KEPT)))
+            claimed = await trio.to_thread.run_sync(functools.partial(self._answer_script, keys=keys, args=args))
         except self._errors as error:
             raise StorageError(f"the answer could not be recorded in Redis: {error}; try again") from None
+        if claimed:
+            self._claimed.add(entry.id)
+        return bool(claimed)
 
     @asynccontextmanager
     async def queue(self, bucket: _Bucket, output: str) -> AsyncIterator[None]:
@@ -2579,8 +2609,9 @@ class _Redis:
         """Once this relay holds the lead of `name` (a lease in Redis, renewed while it is held),
         a cancel scope cancelled when the lead is lost: one relay of the cluster at a time does
         what it leads (a public output's deliveries)."""
-        lock = self._redis.lock(f"{self._prefix}:lead:{name}", timeout=_LEASE_SECONDS, thread_local=False)
+        lock = self._leases.lock(f"{self._prefix}:lead:{name}", timeout=_LEASE_SECONDS, thread_local=False)
         while True:
+            asked = trio.current_time()
             try:
                 if await trio.to_thread.run_sync(functools.partial(lock.acquire, blocking=False)):
                     break
@@ -2588,16 +2619,25 @@ class _Redis:
                 pass
             await trio.sleep(_LEASE_SECONDS / 3)
         lead = trio.CancelScope()
+        held_until = asked + _LEASE_SECONDS  # by this relay's clock, from before it asked: on the safe side
 
         async def renew() -> None:
+            nonlocal held_until
             while True:
                 await trio.sleep(_LEASE_SECONDS / 3)
-                try:
-                    await trio.to_thread.run_sync(functools.partial(lock.extend, _LEASE_SECONDS, replace_ttl=True))
-                except self._errors as error:
-                    logger.warning("lost the lead of %s: %s", name, error)
-                    lead.cancel()
-                    return
+                asked = trio.current_time()
+                problem = "no answer from Redis in time"
+                with trio.move_on_at(held_until - _LEASE_MARGIN):  # stop leading before the lease can pass on
+                    try:
+                        await trio.to_thread.run_sync(functools.partial(lock.extend, _LEASE_SECONDS, replace_ttl=True),
+                                                      abandon_on_cancel=True)
+                        held_until = asked + _LEASE_SECONDS
+                        continue
+                    except self._errors as error:
+                        problem = str(error)
+                logger.warning("lost the lead of %s: %s", name, problem)
+                lead.cancel()
+                return
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(renew)
@@ -3163,7 +3203,7 @@ class _Core:
             raise Conflict(f"too late: the sender got the input's own answer after waiting {timeout:g} s")
         if hold is None and answer.at - entry.received_at > timeout:
             raise Conflict(f"too late: answers are accepted within {timeout:g} s of the webhook")
-        if not await self._backend.claim_answer(entry) or entry.answer is not None:  # another relay's was first
+        if not await self._backend.claim_answer(entry, answer, status) or entry.answer is not None:  # another's first
             raise Conflict(f"log {entry.id} was already answered; the first answer counts")
         entry.status = status
         self._log.answered(self._store.bucket_of(entry), entry, answer)

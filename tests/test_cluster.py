@@ -182,7 +182,7 @@ async def test_a_public_output_is_delivered_once_not_once_per_relay(redis_server
         async with relays(config, 3) as cluster:
             for n in range(30):
                 assert (await post(cluster[n % 3], "in-deliver", content=str(n))).status_code == 200
-            received = await app.wait_for(30, timeout=30)
+            await app.wait_for(30, timeout=30)
             with trio.move_on_after(1):  # any duplicate would come now
                 await app.wait_for(31)
     assert sorted(int(request.body) for request in app.received) == list(range(30))
@@ -296,3 +296,38 @@ async def test_a_relay_started_while_redis_is_down_waits_for_it(redis_server):
         with trio.fail_after(30):
             async with relay_lite.open_relay(cluster_config(redis_server)) as relay:
                 assert (await post(relay, content="after all")).status_code == 200
+
+
+async def test_an_answer_is_claimed_and_journaled_in_one_step(redis_server):
+    """A claim whose journal write failed would leave the answer on one relay, refused (409)
+    everywhere else: they go to Redis together, and the other relays see it."""
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with subscriber(a, ["github"]) as on_a:
+            await post(a, content="x")
+            log_id = (await on_a.webhook())["meta"]["id"]
+        async with httpx.AsyncClient(base_url=a.url, auth=(KEY, SECRET)) as http:
+            assert (await http.put(f"/v1/logs/{log_id}", json={"status_code": 202, "status": "sent"})).status_code == 200
+        async with httpx.AsyncClient(base_url=b.url, auth=(KEY, SECRET)) as http:
+            with trio.fail_after(10):
+                while (await http.get(f"/v1/logs/{log_id}")).json()["status_code"] != 202:
+                    await trio.sleep(0.02)
+    import redis
+    events = redis.Redis(port=redis_server.port).xrange(f"relay_lite:log:{relay_lite.load_config(cluster_config(redis_server)).buckets[0].id}")
+    assert [fields[b"kind"] for _, fields in events] == [b"entry", b"update"]  # the answer journaled once
+
+
+async def test_a_relay_that_cannot_renew_its_lead_stops_leading_before_the_lease_could_pass_on(redis_server):
+    async with relays(cluster_config(redis_server), 1) as (a,):
+        backend = a._core._backend
+        began = trio.current_time()
+        async with backend.leading("test-output") as lead:
+            redis_server.process.send_signal(__import__("signal").SIGSTOP)  # Redis hangs: no answer, no error
+            try:
+                stopped_at = None
+                with trio.fail_after(relay_lite._LEASE_SECONDS + 5):
+                    while not lead.cancel_called:
+                        await trio.sleep(0.05)
+                    stopped_at = trio.current_time()
+            finally:
+                redis_server.process.send_signal(__import__("signal").SIGCONT)
+    assert stopped_at is not None and stopped_at - began < relay_lite._LEASE_SECONDS  # before it could pass on
