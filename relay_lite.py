@@ -2335,6 +2335,15 @@ _ANSWERED_KEPT = 86400  # seconds Redis remembers that an entry was answered (an
 _QUEUE_LOCK_SECONDS = 10.0  # a pull queue's call holds its lock this long at most
 _LEASE_SECONDS = 10.0  # the lead of a public output passes on this long after its relay is gone
 _LEASE_MARGIN = 2.0  # seconds before its lease could pass on that a relay stops leading if it could not renew
+_APPEND_TRIES = 3  # times an append is asked for before its webhook's sender gets 503
+_APPENDED_KEPT = 120  # seconds Redis remembers an event's stream id, so asking again appends it once
+_APPEND_ONCE = """
+local seen = redis.call('GET', KEYS[2])
+if seen then return seen end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+return id
+"""
 _CLAIM_AND_APPEND = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
     return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'kind', 'update', 'origin', ARGV[1],
@@ -2384,6 +2393,7 @@ class _Redis:
         # The first answer to an entry, claimed and journaled in one step: claimed but not journaled,
         # it would be known to this relay only, and refused (409) everywhere else.
         self._answer_script = self._redis.register_script(_CLAIM_AND_APPEND)
+        self._append_once = self._redis.register_script(_APPEND_ONCE)
         self._claimed: set[str] = set()  # entries whose answer the claim journaled: no update follows
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._prefix = cluster.prefix
@@ -2498,13 +2508,15 @@ class _Redis:
 
             def append() -> list[bytes]:
                 pipeline = self._redis.pipeline(transaction=False)
-                for key, size, fields in events:
-                    pipeline.xadd(key, fields, maxlen=4 * size, approximate=True)  # entries and their changes
+                for key, size, fields in events:  # entries and their changes, each once however often asked
+                    self._append_once(keys=[key, f"{self._prefix}:event:{self._origin}:{fields['number']}"],
+                                      args=[4 * size, _APPENDED_KEPT, *itertools.chain(*fields.items())],
+                                      client=pipeline)
                 for (bucket_id, output), position in positions.items():
                     pipeline.hset(f"{self._prefix}:positions:{bucket_id}", output, position)
                 return pipeline.execute()[:len(events)]
             try:
-                stream_ids = await trio.to_thread.run_sync(append)
+                stream_ids = await self._appended(append)
             except self._errors as error:
                 batch.error = error
                 self.failing = _shown(str(error), 200)
@@ -2517,6 +2529,19 @@ class _Redis:
                     if (appended := self._mine.get((self._origin, fields["number"]))) is not None:  # resend's
                         appended.id = _stream_log_id(stream_id.decode())  # answer), unless the tail was first
             batch.committed.set()
+
+    async def _appended(self, append: Callable[[], list[bytes]]) -> list[bytes]:
+        """`append()`'s stream ids, asked again while Redis fails, for _APPEND_TRIES at most: an
+        append whose answer was lost may have been made, and asking again (each event appended
+        once: see _APPEND_ONCE) tells, rather than a 503 for a webhook that is kept."""
+        for attempt in range(_APPEND_TRIES):
+            try:
+                return await trio.to_thread.run_sync(append)
+            except self._errors:
+                if attempt == _APPEND_TRIES - 1 or self._closing:
+                    raise
+                await trio.sleep(_REDIS_RETRY_FIRST * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     async def _tail(self) -> None:
         """Apply every bucket's new events, in order, for good; wait and ask again while Redis fails."""

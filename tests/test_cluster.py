@@ -331,3 +331,30 @@ async def test_a_relay_that_cannot_renew_its_lead_stops_leading_before_the_lease
             finally:
                 redis_server.process.send_signal(__import__("signal").SIGCONT)
     assert stopped_at is not None and stopped_at - began < relay_lite._LEASE_SECONDS  # before it could pass on
+
+
+async def test_an_append_whose_answer_was_lost_is_asked_again_and_made_once(redis_server):
+    """Redis hangs past the client's timeout with the webhook's append in hand, then goes on: the
+    relay asks again, learns that the append was made, and the sender gets its 2xx; the webhook
+    is in the log once."""
+    import signal
+
+    import redis
+
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with subscriber(b, ["github"]) as on_b, trio.open_nursery() as nursery:
+            async def hang_redis():
+                redis_server.process.send_signal(signal.SIGSTOP)
+                await trio.sleep(7.5)  # past the 6 s read timeout of the relay's Redis client
+                redis_server.process.send_signal(signal.SIGCONT)
+            nursery.start_soon(hang_redis)
+            await trio.sleep(0.1)
+            async with httpx.AsyncClient(timeout=60) as http:
+                answer = await http.post(a.input_url("github"), content="once")
+            frame = await on_b.webhook(timeout=20)
+            assert (answer.status_code, frame["body"]) == (200, "once")
+            with trio.move_on_after(1):
+                assert (await on_b.receive_or_close())["type"] != "webhook"  # no second copy
+    bucket_id = relay_lite.load_config(cluster_config(redis_server)).buckets[0].id
+    events = redis.Redis(port=redis_server.port).xrange(f"relay_lite:log:{bucket_id}")
+    assert [fields[b"kind"] for _, fields in events] == [b"entry"]
