@@ -2058,8 +2058,9 @@ class _Log:
 #
 # The _Log indexes the webhook log in memory; a backend keeps it. Every backend takes the same
 # calls: `insert` new entries (published, by the `publish` it was made with, once they are kept,
-# in id order), `update` a changed one, `trim` a bucket, `position` a pull queue, `committed()`
-# to wait until all that is kept; `load` at start, `run` while serving, `aclose` at the end.
+# in id order), `update` a changed one, `trim` a bucket, `committed()` to wait until all that is
+# kept, `move` a pull queue (and wait until that is kept); `load` at start, `run` while serving,
+# `aclose` at the end.
 #
 # _Memory keeps nothing past the process, and publishes at once. _Storage (`[storage] path`)
 # keeps it in SQLite: one task gathers what the event loop asked for into one transaction, runs
@@ -2091,6 +2092,9 @@ class _Alone:
     async def leading(self, name: str) -> AsyncIterator[trio.CancelScope]:
         yield trio.CancelScope()  # this relay leads, for good
 
+    def reloaded(self, added: list[_Bucket], removed: list[_Bucket]) -> None:
+        pass  # no other relay logged into a bucket this one did not have
+
 
 class _Memory(_Alone):
     """The log in memory only: a restart starts it empty. A new entry is published at once."""
@@ -2112,7 +2116,7 @@ class _Memory(_Alone):
     def trim(self, bucket: _Bucket) -> None:
         pass
 
-    def position(self, bucket: _Bucket, output: str) -> None:
+    async def move(self, bucket: _Bucket, output: str) -> None:
         pass
 
     async def committed(self) -> None:
@@ -2247,9 +2251,10 @@ class _Storage(_Alone):
         self._batch.trims[bucket.config.id] = bucket.trimmed
         self._work.set()
 
-    def position(self, bucket: _Bucket, output: str) -> None:
+    async def move(self, bucket: _Bucket, output: str) -> None:
+        """Keep the pull queue's position, `bucket.positions[output]`; StorageError if it is not kept."""
         self._batch.positions[bucket.config.id, output] = bucket.positions[output]
-        self._work.set()
+        await self.committed()
 
     async def committed(self) -> None:
         """Wait until what was asked for so far is committed; raise StorageError if it failed."""
@@ -2351,7 +2356,13 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
 end
 return false
 """
+_MOVE_IF_LOCKED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
 _REDIS_RETRY_FIRST, _REDIS_RETRY_MOST = 0.2, 5.0  # seconds the tail waits to ask a Redis that failed
+_T = typing.TypeVar("_T")
 
 
 def _stream_log_id(stream_id: str) -> str:
@@ -2374,11 +2385,21 @@ def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     return row
 
 
+def _trim_mark(events: list[tuple[bytes, dict[bytes, bytes]]], dropped: bool) -> str:
+    """A bucket's trim mark (see _Bucket.trimmed) from its stream: just before the first event
+    left, if MAXLEN dropped some before it; else none."""
+    if not dropped:
+        return NIL_LOG_ID
+    return str(uuid.UUID(int=uuid.UUID(_stream_log_id(events[0][0].decode())).int - 1))  # a UUID's text sorts as
+    # its number does
+
+
 class _Redis:
     """The log in Redis Streams, shared by every relay configured with the same Redis (see above)."""
 
     def __init__(self, cluster: ClusterConfig, publish: Callable[[_Bucket, list[_Entry]], None],
-                 changed: Callable[[_Bucket, Mapping[str, Any]], None], bucket: Callable[[str], "_Bucket | None"],
+                 changed: Callable[[_Bucket, Mapping[str, Any]], None],
+                 adopt: Callable[[_Bucket, list[_Entry], str], None], bucket: Callable[[str], "_Bucket | None"],
                  ) -> None:
         import redis  # the optional extra, relay-lite[redis]: imported only when configured
 
@@ -2394,14 +2415,17 @@ class _Redis:
         # it would be known to this relay only, and refused (409) everywhere else.
         self._answer_script = self._redis.register_script(_CLAIM_AND_APPEND)
         self._append_once = self._redis.register_script(_APPEND_ONCE)
+        self._move_script = self._redis.register_script(_MOVE_IF_LOCKED)
         self._claimed: set[str] = set()  # entries whose answer the claim journaled: no update follows
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._prefix = cluster.prefix
-        self._publish, self._changed, self._bucket = publish, changed, bucket
+        self._publish, self._changed, self._adopt, self._bucket = publish, changed, adopt, bucket
         self._origin = uuid.uuid4().hex  # this relay, in the events it appends
         self._numbers = itertools.count()
         self._mine: dict[tuple[str, str], _Entry] = {}  # (origin, number) -> an entry appended, not yet applied
         self._read_from: dict[str, str] = {}  # stream key -> the last stream id applied
+        self._loading: dict[str, float] = {}  # bucket id -> when a reload added it; its stream is read next
+        self._queues: dict[tuple[str, str], str] = {}  # (bucket id, output) -> the token of its lock, while held
         self._batch = _Batch()
         self._work = trio.Event()
         self._closing = False
@@ -2413,34 +2437,56 @@ class _Redis:
 
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
         """Read every bucket's stream; what they hold is the log, and the tail goes on after it."""
-        def read() -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
-            return {bucket_id: self._redis.xrange(self._key(bucket_id)) for bucket_id in buckets}
         wait = _REDIS_RETRY_FIRST
         while True:  # Redis down at start: wait for it, as the tail does later (a 503 beats no relay)
             try:
-                streams = await trio.to_thread.run_sync(read)
+                streams = await trio.to_thread.run_sync(self._read, list(buckets))
                 break
             except self._errors as error:
                 logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
                 await trio.sleep(wait)
                 wait = min(wait * 2, _REDIS_RETRY_MOST)
-        entries: dict[str, list[_Entry]] = {}
-        for bucket_id, events in streams.items():
-            by_id: dict[str, _Entry] = {}
-            for stream_id, fields in events:
-                row = _row_of(fields)
-                if fields[b"kind"] == b"entry":
-                    row["id"] = _stream_log_id(stream_id.decode())
-                    entry = by_id[row["id"]] = _entry_from_row(row, buckets[bucket_id])
-                    entries.setdefault(bucket_id, []).append(entry)
-                elif (changed := by_id.get(row["id"])) is not None:
-                    if (answer := _change(changed, row)) is not None:
-                        changed.answer, changed.size = answer, changed.size + answer.size
+        entries, trimmed = {}, {}
+        for bucket_id, (events, dropped) in streams.items():
+            entries[bucket_id] = self._entries_of(events, buckets[bucket_id])
+            trimmed[bucket_id] = _trim_mark(events, dropped)
             self._read_from[self._key(bucket_id)] = events[-1][0].decode() if events else "0-0"
         last = max((entry.id for bucket_entries in entries.values() for entry in bucket_entries), default="")
         logger.info("webhook log in Redis: %d entries loaded", sum(map(len, entries.values())))
-        # TODO(cluster): a stream trimmed by MAXLEN: its first id, so a resume from before it hears of the gap
-        return _Kept(last, {bucket_id: NIL_LOG_ID for bucket_id in buckets}, entries, [])
+        return _Kept(last, trimmed, entries, [])
+
+    def _read(self, bucket_ids: Iterable[str]) -> dict[str, tuple[list[tuple[bytes, dict[bytes, bytes]]], bool]]:
+        """Each bucket's whole stream, and whether its MAXLEN dropped events from its start (Redis
+        7 counts them; an older Redis is taken to have dropped none). In a worker thread."""
+        streams = {}
+        for bucket_id in bucket_ids:
+            events = self._redis.xrange(self._key(bucket_id))
+            info = self._redis.xinfo_stream(self._key(bucket_id)) if events else {}
+            streams[bucket_id] = events, info.get("entries-added", 0) > info.get("length", 0)
+        return streams
+
+    def _entry_of(self, stream_id: bytes, fields: Mapping[bytes, bytes], bucket: BucketConfig) -> _Entry:
+        """The entry a stream's "entry" event brings: this relay's own object if it appended it
+        (a sender it holds may wait on it), else a new one."""
+        entry = self._mine.pop((fields[b"origin"].decode(), fields[b"number"].decode()), None)
+        if entry is None:
+            row = _row_of(fields)
+            row["id"] = _stream_log_id(stream_id.decode())
+            entry = _entry_from_row(row, bucket)
+        entry.id = _stream_log_id(stream_id.decode())
+        return entry
+
+    def _entries_of(self, events: list[tuple[bytes, dict[bytes, bytes]]], bucket: BucketConfig) -> list[_Entry]:
+        """The entries a bucket's stream holds, with every change it holds applied: its history."""
+        by_id: dict[str, _Entry] = {}
+        for stream_id, fields in events:
+            if fields[b"kind"] == b"entry":
+                entry = self._entry_of(stream_id, fields, bucket)
+                by_id[entry.id] = entry
+            elif (changed := by_id.get((row := _row_of(fields))["id"])) is not None:
+                if (answer := _change(changed, row)) is not None:
+                    changed.answer, changed.size = answer, changed.size + answer.size
+        return list(by_id.values())
 
     def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         self._batch.inserts.append((bucket, entries))
@@ -2458,9 +2504,20 @@ class _Redis:
     def trim(self, bucket: _Bucket) -> None:
         pass  # each XADD trims its stream
 
-    def position(self, bucket: _Bucket, output: str) -> None:
-        self._batch.positions[bucket.config.id, output] = bucket.positions[output]
-        self._work.set()
+    async def move(self, bucket: _Bucket, output: str) -> None:
+        """Write the pull queue's position, if this call still holds the queue's lock: a call that
+        outlived its lock (Redis slow for _QUEUE_LOCK_SECONDS) must not move a queue another call
+        has moved since. StorageError if it is not written (or not known to be: then the page is
+        handed out to nobody, as an answer lost in transit is; it stays in GET /v1/logs)."""
+        config = bucket.config
+        keys = [f"{self._prefix}:queue:{config.id}:{output}", f"{self._prefix}:positions:{config.id}"]
+        args = [self._queues[config.id, output], output, bucket.positions[output]]
+        try:
+            moved = await self._asked_again(functools.partial(self._move_script, keys=keys, args=args))
+        except self._errors as error:
+            raise StorageError(f"the pull queue's position could not be written to Redis: {error}") from None
+        if not moved:
+            raise StorageError(f"the pull queue's call took over {_QUEUE_LOCK_SECONDS:g} s, and lost its lock")
 
     async def committed(self) -> None:
         batch = self._batch
@@ -2501,8 +2558,7 @@ class _Redis:
             for entry in batch.updates.values():
                 events.append((self._key(entry.bucket.id), entry.bucket.history_size or 0,
                                _event("update", entry, self._origin, next(self._numbers))))
-            positions = batch.positions
-            if not events and not positions:
+            if not events:
                 batch.committed.set()
                 continue
 
@@ -2512,11 +2568,9 @@ class _Redis:
                     self._append_once(keys=[key, f"{self._prefix}:event:{self._origin}:{fields['number']}"],
                                       args=[4 * size, _APPENDED_KEPT, *itertools.chain(*fields.items())],
                                       client=pipeline)
-                for (bucket_id, output), position in positions.items():
-                    pipeline.hset(f"{self._prefix}:positions:{bucket_id}", output, position)
-                return pipeline.execute()[:len(events)]
+                return pipeline.execute()
             try:
-                stream_ids = await self._appended(append)
+                stream_ids = await self._asked_again(append)
             except self._errors as error:
                 batch.error = error
                 self.failing = _shown(str(error), 200)
@@ -2530,13 +2584,14 @@ class _Redis:
                         appended.id = _stream_log_id(stream_id.decode())  # answer), unless the tail was first
             batch.committed.set()
 
-    async def _appended(self, append: Callable[[], list[bytes]]) -> list[bytes]:
-        """`append()`'s stream ids, asked again while Redis fails, for _APPEND_TRIES at most: an
-        append whose answer was lost may have been made, and asking again (each event appended
-        once: see _APPEND_ONCE) tells, rather than a 503 for a webhook that is kept."""
+    async def _asked_again(self, call: Callable[[], _T]) -> _T:
+        """What `call()`, a write Redis makes once however often asked, answers; asked again
+        while Redis fails, _APPEND_TRIES times at most. A write whose answer was lost may have
+        been made, and asking again tells, rather than a 503 for a webhook that is kept (each
+        event is appended once: see _APPEND_ONCE)."""
         for attempt in range(_APPEND_TRIES):
             try:
-                return await trio.to_thread.run_sync(append)
+                return await trio.to_thread.run_sync(call)
             except self._errors:
                 if attempt == _APPEND_TRIES - 1 or self._closing:
                     raise
@@ -2560,27 +2615,45 @@ class _Redis:
             for raw_key, events in found or ():
                 key = raw_key.decode()
                 bucket = self._bucket(key.removeprefix(f"{self._prefix}:log:"))
+                if key not in self._read_from or bucket is None:
+                    continue  # a reload removed its bucket while the XREAD was out
                 new: list[_Entry] = []
                 for stream_id, fields in events:
                     self._read_from[key] = stream_id.decode()
-                    if bucket is None:
-                        continue
-                    row = _row_of(fields)
                     if fields[b"kind"] == b"entry":
-                        entry = self._mine.pop((fields[b"origin"].decode(), fields[b"number"].decode()), None)
-                        if entry is None:
-                            row["id"] = _stream_log_id(stream_id.decode())
-                            entry = _entry_from_row(row, bucket.config)
-                        entry.id = _stream_log_id(stream_id.decode())
-                        new.append(entry)
+                        new.append(self._entry_of(stream_id, fields, bucket.config))
                     else:
                         if new:  # in order: what came before this change first
                             self._publish(bucket, new)
                             new = []
                         if fields[b"origin"].decode() != self._origin:  # its own are applied already
-                            self._changed(bucket, row)
-                if new and bucket is not None:
+                            self._changed(bucket, _row_of(fields))
+                if new:
                     self._publish(bucket, new)
+            if self._loading:
+                await self._load_added()
+
+    async def _load_added(self) -> None:
+        """Read the streams of the buckets a reload added, as load() does at start: what came in
+        before the reload is their history, what came after is news for their sockets (other
+        relays may have had them for long). Then tail them with the others."""
+        added = dict(self._loading)
+        try:
+            streams = await trio.to_thread.run_sync(self._read, list(added))
+        except self._errors as error:
+            logger.warning("cannot read the log of a bucket the config added from Redis: %s", error)
+            return  # the tail asks again after its next XREAD
+        for bucket_id, (events, dropped) in streams.items():
+            bucket = self._bucket(bucket_id)
+            if self._loading.get(bucket_id) != added[bucket_id] or bucket is None:
+                continue  # removed (or removed and added again) meanwhile
+            del self._loading[bucket_id]
+            self._read_from[self._key(bucket_id)] = events[-1][0].decode() if events else "0-0"
+            entries = self._entries_of(events, bucket.config)
+            news = [entry for entry in entries if entry.received_at >= added[bucket_id]]
+            self._adopt(bucket, entries[:len(entries) - len(news)], _trim_mark(events, dropped))
+            if news:
+                self._publish(bucket, news)
 
     async def claim_answer(self, entry: _Entry, answer: _Answer, status: str) -> bool:
         """Whether this is the first answer to `entry`, whichever relay took the others; if it
@@ -2604,8 +2677,9 @@ class _Redis:
         """Hold the queue's lock in Redis, its position read from there into `bucket.positions`."""
         lock = self._redis.lock(f"{self._prefix}:queue:{bucket.config.id}:{output}", timeout=_QUEUE_LOCK_SECONDS,
                                 blocking_timeout=_QUEUE_LOCK_SECONDS, thread_local=False)  # threads differ
+        token = uuid.uuid4().hex  # the lock's value while this call holds it: see move()
         try:
-            if not await trio.to_thread.run_sync(lock.acquire):
+            if not await trio.to_thread.run_sync(functools.partial(lock.acquire, token=token)):
                 raise StorageError("the pull queue is busy on another relay; try again")
         except self._errors as error:
             raise StorageError(f"the pull queue could not be locked in Redis: {error}; try again") from None
@@ -2620,9 +2694,11 @@ class _Redis:
             bucket.positions.pop(output, None)
         else:
             bucket.positions[output] = position.decode()
+        self._queues[bucket.config.id, output] = token
         try:
             yield
         finally:
+            del self._queues[bucket.config.id, output]
             with trio.CancelScope(shield=True):
                 try:
                     await trio.to_thread.run_sync(lock.release)
@@ -2676,10 +2752,17 @@ class _Redis:
                     except self._errors:
                         pass  # it expires by itself
 
-    def watch(self, buckets: Iterable[_Bucket]) -> None:
-        """Tail these buckets' streams, from now for those not tailed yet."""
-        for bucket in buckets:  # the whole stream: other relays may have logged there already
-            self._read_from.setdefault(self._key(bucket.config.id), "0-0")
+    def reloaded(self, added: list[_Bucket], removed: list[_Bucket]) -> None:
+        """Tail the streams of buckets a reload added (see _load_added), and no longer those of
+        buckets it removed."""
+        for bucket in removed:
+            self._read_from.pop(self._key(bucket.config.id), None)
+            self._loading.pop(bucket.config.id, None)
+            for mine, entry in list(self._mine.items()):  # appended but not read back: never will be
+                if entry.bucket.id == bucket.config.id:
+                    del self._mine[mine]
+        for bucket in added:
+            self._loading[bucket.config.id] = time.time()
 
 
 def _change(entry: _Entry, row: Mapping[str, Any]) -> _Answer | None:
@@ -2989,7 +3072,7 @@ class _Core:
         self._log = _Log()  # replaced by the one loaded from the backend in load()
         self._backend: _Memory | _Storage | _Redis
         if config.cluster.redis_url:
-            self._backend = _Redis(config.cluster, self._publish, self._apply_change, self._bucket_by_id)
+            self._backend = _Redis(config.cluster, self._publish, self._apply_change, self._adopt, self._bucket_by_id)
         elif config.storage.path:
             self._backend = _Storage(config.storage.path, self._publish)
         else:
@@ -3119,6 +3202,12 @@ class _Core:
             if entry.hold is not None:
                 entry.hold.offer(entry, answer)
 
+    def _adopt(self, bucket: _Bucket, entries: list[_Entry], trimmed: str) -> None:
+        """A bucket a reload added, with what other relays of a cluster logged of it before: its
+        history, not news, so no socket is sent it."""
+        bucket.trimmed = trimmed
+        self._log.add(bucket, entries)
+
     def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
             return
@@ -3176,9 +3265,8 @@ class _Core:
             reached = page[-1].id if page else None if start is not None else max(self.newest_id([bucket]), NIL_LOG_ID)
             if reached is not None and reached > (position or ""):
                 bucket.positions[output] = reached
-                self._backend.position(bucket, output)
                 try:
-                    await self._backend.committed()
+                    await self._backend.move(bucket, output)
                 except StorageError as error:  # hand these out again: no other call moved it meanwhile
                     if position is None:
                         del bucket.positions[output]
@@ -3303,8 +3391,7 @@ class _Core:
         for bucket in removed:
             self._log.forget(bucket)
         self._store = store
-        if isinstance(self._backend, _Redis):
-            self._backend.watch(store.buckets)
+        self._backend.reloaded([bucket for bucket in store.buckets if bucket.config.id not in old], removed)
         return store.buckets, removed
 
 

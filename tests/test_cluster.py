@@ -358,3 +358,81 @@ async def test_an_append_whose_answer_was_lost_is_asked_again_and_made_once(redi
     bucket_id = relay_lite.load_config(cluster_config(redis_server)).buckets[0].id
     events = redis.Redis(port=redis_server.port).xrange(f"relay_lite:log:{bucket_id}")
     assert [fields[b"kind"] for _, fields in events] == [b"entry"]
+
+
+async def test_a_bucket_a_reload_adds_brings_its_history_from_the_cluster_and_its_news(redis_server):
+    """Relay B has bucket "late"; A gets it by a reload, as in a rolling config change: A then
+    holds what B logged before (as history, not frames) and gives its sockets what comes after.
+    Removed and added again, it holds each webhook once."""
+    without = cluster_config(redis_server)
+    late = {"name": "late", "inputs": [{"id": "in-late"}]}
+    with_late = cluster_config(redis_server)
+    with_late["buckets"].append(late)
+
+    async def bodies(relay):
+        async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            logs = (await http.get("/v1/logs", params={"bucket": "late"})).json()
+        return [log["body"] for log in reversed(logs["data"])] if "data" in logs else None
+
+    async def eventually_bodies(relay, expected):
+        with trio.fail_after(10):
+            while (found := await bodies(relay)) != expected:
+                await trio.sleep(0.05)
+        return found
+
+    async with relay_lite.open_relay(without) as a, relay_lite.open_relay(with_late) as b:
+        for n in range(3):
+            assert (await post(b, "in-late", content=f"before {n}")).status_code == 200
+        a.reload(with_late)
+        await eventually_bodies(a, [f"before {n}" for n in range(3)])
+        async with subscriber(a, ["late"]) as on_a:
+            assert (await post(b, "in-late", content="news")).status_code == 200
+            assert (await on_a.webhook())["body"] == "news"  # news, and not the history before it
+        a.reload(without)
+        assert (await post(b, "in-late", content="while gone")).status_code == 200
+        a.reload(with_late)
+        await eventually_bodies(a, [*(f"before {n}" for n in range(3)), "news", "while gone"])
+
+
+async def test_a_stream_trimmed_at_its_start_tells_a_resume_from_before_it_of_the_gap(redis_server):
+    import redis
+
+    async with relays(cluster_config(redis_server), 1) as (a,):
+        async with subscriber(a, ["github"]) as on_a:
+            for n in range(5):
+                await post(a, content=str(n))
+            ids = [(await on_a.webhook())["meta"]["id"] for _ in range(5)]
+    bucket_id = relay_lite.load_config(cluster_config(redis_server)).buckets[0].id
+    redis.Redis(port=redis_server.port).xtrim(f"relay_lite:log:{bucket_id}", maxlen=3, approximate=False)
+    async with relays(cluster_config(redis_server), 1) as (b,):
+        async with connect(b) as on_b:
+            await on_b.send(action="auth", key=KEY, secret=SECRET)
+            await on_b.expect("authenticated")
+            await on_b.send(action="subscribe", buckets=["github"], since=ids[0])
+            await on_b.expect("subscribed")
+            frames = []
+            while (frame := await on_b.receive())["type"] == "webhook" or frame["status"] != "resumed":
+                frames.append(frame.get("status") or frame["body"])
+    assert frames == ["history_gap", "2", "3", "4"]
+
+
+async def test_a_pull_queue_call_that_lost_its_lock_moves_nothing(redis_server):
+    """A call that outlived its lock (Redis slow past _QUEUE_LOCK_SECONDS) while another call
+    took the queue must not write its older position over the other's."""
+    import redis
+
+    client = redis.Redis(port=redis_server.port)
+    async with relays(cluster_config(redis_server), 1) as (a,):
+        bucket = a._core.buckets[0]
+        backend = a._core._backend
+        positions = f"relay_lite:positions:{bucket.config.id}"
+        async with backend.queue(bucket, ""):
+            bucket.positions[""] = "mine"
+            await backend.move(bucket, "")
+        assert client.hget(positions, "") == b"mine"
+        async with backend.queue(bucket, ""):
+            client.set(f"relay_lite:queue:{bucket.config.id}:", "another call's")  # expired, and taken
+            bucket.positions[""] = "outlived"
+            with pytest.raises(relay_lite.StorageError, match="lost its lock"):
+                await backend.move(bucket, "")
+    assert client.hget(positions, "") == b"mine"
