@@ -2418,6 +2418,7 @@ class _Redis:
         self._move_script = self._redis.register_script(_MOVE_IF_LOCKED)
         self._claimed: set[str] = set()  # entries whose answer the claim journaled: no update follows
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._no_script = redis.exceptions.NoScriptError
         self._prefix = cluster.prefix
         self._publish, self._changed, self._adopt, self._bucket = publish, changed, adopt, bucket
         self._origin = uuid.uuid4().hex  # this relay, in the events it appends
@@ -2562,15 +2563,11 @@ class _Redis:
                 batch.committed.set()
                 continue
 
-            def append() -> list[bytes]:
-                pipeline = self._redis.pipeline(transaction=False)
-                for key, size, fields in events:  # entries and their changes, each once however often asked
-                    self._append_once(keys=[key, f"{self._prefix}:event:{self._origin}:{fields['number']}"],
-                                      args=[4 * size, _APPENDED_KEPT, *itertools.chain(*fields.items())],
-                                      client=pipeline)
-                return pipeline.execute()
+            appends = [([key, f"{self._prefix}:event:{self._origin}:{fields['number']}"],  # entries and their
+                        [4 * size, _APPENDED_KEPT, *itertools.chain(*fields.items())])  # changes, each once however
+                       for key, size, fields in events]  # often asked
             try:
-                stream_ids = await self._asked_again(append)
+                stream_ids = await self._asked_again(functools.partial(self._scripted, self._append_once, appends))
             except self._errors as error:
                 batch.error = error
                 self.failing = _shown(str(error), 200)
@@ -2583,6 +2580,22 @@ class _Redis:
                     if (appended := self._mine.get((self._origin, fields["number"]))) is not None:  # resend's
                         appended.id = _stream_log_id(stream_id.decode())  # answer), unless the tail was first
             batch.committed.set()
+
+    def _scripted(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run `script` with each call's keys and arguments, in one round trip (redis-py's own
+        pipelined scripts first ask Redis whether it has them: a round trip more each time). In
+        a worker thread."""
+        for attempt in range(2):
+            pipeline = self._redis.pipeline(transaction=False)
+            for keys, args in calls:
+                pipeline.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return pipeline.execute()
+            except self._no_script:
+                if attempt:
+                    raise
+                self._redis.script_load(script.script)  # a restarted Redis has forgotten it
+        raise AssertionError("unreachable")
 
     async def _asked_again(self, call: Callable[[], _T]) -> _T:
         """What `call()`, a write Redis makes once however often asked, answers; asked again
