@@ -2092,7 +2092,7 @@ class _Alone:
     async def leading(self, name: str) -> AsyncIterator[trio.CancelScope]:
         yield trio.CancelScope()  # this relay leads, for good
 
-    def reloaded(self, added: list[_Bucket], removed: list[_Bucket]) -> None:
+    def reloaded(self, buckets: list[_Bucket], added: list[_Bucket]) -> None:
         pass  # no other relay logged into a bucket this one did not have
 
 
@@ -2325,36 +2325,53 @@ class _Storage(_Alone):
             raise
 
 
-# _Redis (`[cluster] redis_url`) is the log of every relay sharing that Redis. Each bucket's log
-# is a Redis Stream, a journal of events: a new entry, or a change to one (its status and
-# answer). A relay appends to it (XADD, in a worker thread: Trio has no maintained Redis client,
-# and redis-py's own client is synchronous and thread-safe) and tails every bucket's stream (a
-# blocking XREAD, in a thread), applying each event in stream order: a new entry is published
-# to its own sockets, a change is applied to its copy (and offered to a sender it holds). So
-# every relay holds the same log in the same order, and a log id is made from the stream
-# entry's id (milliseconds, sequence): the same on every relay, and in arrival order within a
-# bucket. A sender's 2xx goes out once Redis has its webhook.
+# _Redis (`[cluster] redis_url`) is the log of every relay sharing that Redis: one Redis Stream,
+# the cluster's journal, of events in the order Redis took them: a new entry of some bucket, or
+# a change to one (its status and answer). A relay appends to it (in a worker thread: Trio has
+# no maintained Redis client, and redis-py's own is synchronous and thread-safe) and tails it (a
+# blocking XREAD, in a thread of its own), applying each event in journal order: a new entry is
+# published to its own sockets, a change is applied to its copy (and offered to a sender it
+# holds). So every relay holds the same log in the same order, and a log id is made from the
+# journal entry's id (milliseconds, sequence): one id space, the same on every relay, in
+# arrival order across buckets, as one relay's are. A sender's 2xx goes out once Redis has it.
+#
+# The journal keeps the last 4 x (the buckets' history_size added up) events (MAXLEN ~), and
+# each event is numbered (`n`, from one counter): a relay that finds a number missing fell so
+# far behind that Redis trimmed events it had not read, and says so (see _Core.missed).
 
 _TAIL_BLOCK = 1000  # ms an XREAD waits for news before it asks again (and notices a stop)
-_ANSWERED_KEPT = 86400  # seconds Redis remembers that an entry was answered (answers come within seconds)
+_TAIL_TIMEOUT = _TAIL_BLOCK / 1000 + 5  # seconds the tail's client waits for an answer
+_WRITE_TIMEOUT = 2.0  # seconds any other call waits for Redis; asked again _APPEND_TRIES times at most
+_ANSWER_KEPT_MORE = 60.0  # seconds Redis remembers an answer's claim past the longest response_timeout
 _QUEUE_LOCK_SECONDS = 10.0  # a pull queue's call holds its lock this long at most
 _LEASE_SECONDS = 10.0  # the lead of a public output passes on this long after its relay is gone
 _LEASE_MARGIN = 2.0  # seconds before its lease could pass on that a relay stops leading if it could not renew
 _APPEND_TRIES = 3  # times an append is asked for before its webhook's sender gets 503
-_APPENDED_KEPT = 120  # seconds Redis remembers an event's stream id, so asking again appends it once
+_APPENDED_KEPT = 120  # seconds Redis remembers an event's journal id, so asking again appends it once
+_CLOCKS_APART = 5.0  # seconds a relay's clock may be behind Redis's (log ids carry Redis's time)
+_JOURNAL_PER_ENTRY = 4  # journal events kept per entry a history holds (its entry and its changes)
+# KEYS: the journal, the counter, the event's "appended" mark; ARGV: MAXLEN, how long the mark
+# lasts, then the event's fields.
 _APPEND_ONCE = """
-local seen = redis.call('GET', KEYS[2])
+local seen = redis.call('GET', KEYS[3])
 if seen then return seen end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
-redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+local n = redis.call('INCR', KEYS[2])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n, unpack(ARGV, 3))
+redis.call('SET', KEYS[3], id, 'EX', ARGV[2])
 return id
 """
+# KEYS: the journal, the counter, the entry's claim; ARGV: MAXLEN, the claim's token, how long the
+# claim lasts, then the event's fields. 1 if this claim holds (asked again: the same token), else 0.
 _CLAIM_AND_APPEND = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'kind', 'update', 'origin', ARGV[1],
-                      'number', ARGV[4], 'row', ARGV[5])
+local held = redis.call('GET', KEYS[3])
+if held then
+    if held == ARGV[2] then return 1 end
+    return 0
 end
-return false
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+local n = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n, unpack(ARGV, 4))
+return 1
 """
 _MOVE_IF_LOCKED = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -2363,19 +2380,25 @@ return 1
 """
 _REDIS_RETRY_FIRST, _REDIS_RETRY_MOST = 0.2, 5.0  # seconds the tail waits to ask a Redis that failed
 _T = typing.TypeVar("_T")
+_Event = tuple[bytes, dict[bytes, bytes]]  # a journal entry: its id, its fields
 
 
 def _stream_log_id(stream_id: str) -> str:
-    """The log id of the stream entry `stream_id` ("<ms>-<seq>"): a UUIDv7 whose order is the stream's."""
+    """The log id of the journal entry `stream_id` ("<ms>-<seq>"): a UUIDv7 whose order is the journal's."""
     millis, _, sequence = stream_id.partition("-")
     return str(uuid.UUID(int=int(millis) << 80 | 0x7 << 76 | 0b10 << 62 | int(sequence) & (2**62 - 1)))
+
+
+def _just_before(log_id: str) -> str:
+    """A mark just before `log_id` (a UUID's text sorts as its number does)."""
+    return str(uuid.UUID(int=uuid.UUID(log_id).int - 1))
 
 
 def _event(kind: str, entry: _Entry, origin: str, number: int) -> dict[str, str]:
     row = _row(entry) if kind == "entry" else _update_row(entry)
     if row.get("response_body") is not None:
         row["response_body"] = base64.b64encode(row["response_body"]).decode("ascii")
-    return {"kind": kind, "origin": origin, "number": str(number), "row": _encode(row)}
+    return {"kind": kind, "bucket": entry.bucket.id, "origin": origin, "number": str(number), "row": _encode(row)}
 
 
 def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
@@ -2385,91 +2408,99 @@ def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     return row
 
 
-def _trim_mark(events: list[tuple[bytes, dict[bytes, bytes]]], dropped: bool) -> str:
-    """A bucket's trim mark (see _Bucket.trimmed) from its stream: just before the first event
-    left, if MAXLEN dropped some before it; else none."""
-    if not dropped:
-        return NIL_LOG_ID
-    return str(uuid.UUID(int=uuid.UUID(_stream_log_id(events[0][0].decode())).int - 1))  # a UUID's text sorts as
-    # its number does
-
-
 class _Redis:
-    """The log in Redis Streams, shared by every relay configured with the same Redis (see above)."""
+    """The log in a Redis Stream, shared by every relay configured with the same Redis (see above)."""
 
-    def __init__(self, cluster: ClusterConfig, publish: Callable[[_Bucket, list[_Entry]], None],
-                 changed: Callable[[_Bucket, Mapping[str, Any]], None],
-                 adopt: Callable[[_Bucket, list[_Entry], str], None], bucket: Callable[[str], "_Bucket | None"],
-                 ) -> None:
+    def __init__(self, cluster: ClusterConfig, core: "_Core") -> None:
         import redis  # the optional extra, relay-lite[redis]: imported only when configured
-
-        self._redis: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_TAIL_BLOCK / 1000 + 5,
-                                           socket_connect_timeout=5)
-        # Leases must fail fast: redis-py's retries kept a renewal waiting 26 s against a stopped
-        # Redis, past the lease, while another relay took it over. No retry, short timeouts.
         from redis.backoff import NoBackoff
         from redis.retry import Retry
+
+        # Three clients. The tail's blocks in XREAD, so it waits longer. The others fail fast and
+        # are asked again here (_asked_again), not by redis-py, whose retries kept a call waiting
+        # 26 s against a stopped Redis: past a sender's patience, and past a lease.
+        self._reader: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_TAIL_TIMEOUT,
+                                            socket_connect_timeout=_WRITE_TIMEOUT)
+        self._redis: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_WRITE_TIMEOUT,
+                                           socket_connect_timeout=_WRITE_TIMEOUT, retry=Retry(NoBackoff(), 0))
         self._leases: Any = redis.Redis.from_url(cluster.redis_url, socket_timeout=_LEASE_SECONDS / 5,
                                             socket_connect_timeout=_LEASE_SECONDS / 5, retry=Retry(NoBackoff(), 0))
-        # The first answer to an entry, claimed and journaled in one step: claimed but not journaled,
-        # it would be known to this relay only, and refused (409) everywhere else.
-        self._answer_script = self._redis.register_script(_CLAIM_AND_APPEND)
         self._append_once = self._redis.register_script(_APPEND_ONCE)
+        self._claim_script = self._redis.register_script(_CLAIM_AND_APPEND)
         self._move_script = self._redis.register_script(_MOVE_IF_LOCKED)
-        self._claimed: set[str] = set()  # entries whose answer the claim journaled: no update follows
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._no_script = redis.exceptions.NoScriptError
         self._prefix = cluster.prefix
-        self._publish, self._changed, self._adopt, self._bucket = publish, changed, adopt, bucket
+        self._journal, self._counter = f"{cluster.prefix}:journal", f"{cluster.prefix}:count"
+        self._core = core
         self._origin = uuid.uuid4().hex  # this relay, in the events it appends
         self._numbers = itertools.count()
-        self._mine: dict[tuple[str, str], _Entry] = {}  # (origin, number) -> an entry appended, not yet applied
-        self._read_from: dict[str, str] = {}  # stream key -> the last stream id applied
-        self._loading: dict[str, float] = {}  # bucket id -> when a reload added it; its stream is read next
+        self._mine: dict[str, _Entry] = {}  # number -> an entry this relay appended, not yet read back
+        self._claimed: set[str] = set()  # entries whose answer the claim journaled: no update follows
+        # This relay's claims by number: None while asked and not yet read back; its row if the tail
+        # read it back meanwhile; True once this relay applied it, so the tail passes it by.
+        self._claims: dict[str, Mapping[str, Any] | bool | None] = {}
+        self._read_from = "0-0"  # the last journal id applied
+        self._last_n: int | None = None  # the number of that event
+        self._loading: dict[str, str] = {}  # bucket id -> the journal id read when a reload added it
         self._queues: dict[tuple[str, str], str] = {}  # (bucket id, output) -> the token of its lock, while held
+        self._journal_size = self._answer_kept = 0
+        self._busy = 0  # calls in worker threads now
         self._batch = _Batch()
         self._work = trio.Event()
         self._closing = False
         self.failing = ""
         self.stopped = trio.Event()
 
-    def _key(self, bucket_id: str) -> str:
-        return f"{self._prefix}:log:{bucket_id}"
+    def _size_for(self, buckets: Iterable[BucketConfig]) -> None:
+        buckets = list(buckets)
+        self._journal_size = _JOURNAL_PER_ENTRY * max(sum(bucket.history_size or 0 for bucket in buckets), 1)
+        self._answer_kept = math.ceil(_ANSWER_KEPT_MORE + max(
+            (input_.response_timeout for bucket in buckets for input_ in bucket.inputs), default=0))
+
+    # ---------------------------------------------------------------- reading the journal
 
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
-        """Read every bucket's stream; what they hold is the log, and the tail goes on after it."""
+        """Read the journal; what it holds of `buckets` is the log, and the tail goes on after it."""
+        self._size_for(buckets.values())
         wait = _REDIS_RETRY_FIRST
         while True:  # Redis down at start: wait for it, as the tail does later (a 503 beats no relay)
             try:
-                streams = await trio.to_thread.run_sync(self._read, list(buckets))
+                events, count = await self._in_thread(self._read, "+")
                 break
             except self._errors as error:
                 logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
                 await trio.sleep(wait)
                 wait = min(wait * 2, _REDIS_RETRY_MOST)
-        entries, trimmed = {}, {}
-        for bucket_id, (events, dropped) in streams.items():
-            entries[bucket_id] = self._entries_of(events, buckets[bucket_id])
-            trimmed[bucket_id] = _trim_mark(events, dropped)
-            self._read_from[self._key(bucket_id)] = events[-1][0].decode() if events else "0-0"
+        entries = self._entries_of(events, buckets)
+        mark = self._trim_mark(events)
+        self._read_from = events[-1][0].decode() if events else "0-0"
+        self._last_n = int(events[-1][1][b"n"]) if events else count
         last = max((entry.id for bucket_entries in entries.values() for entry in bucket_entries), default="")
         logger.info("webhook log in Redis: %d entries loaded", sum(map(len, entries.values())))
-        return _Kept(last, trimmed, entries, [])
+        return _Kept(last, {bucket_id: mark for bucket_id in buckets}, entries, [])
 
-    def _read(self, bucket_ids: Iterable[str]) -> dict[str, tuple[list[tuple[bytes, dict[bytes, bytes]]], bool]]:
-        """Each bucket's whole stream, and whether its MAXLEN dropped events from its start (Redis
-        7 counts them; an older Redis is taken to have dropped none). In a worker thread."""
-        streams = {}
-        for bucket_id in bucket_ids:
-            events = self._redis.xrange(self._key(bucket_id))
-            info = self._redis.xinfo_stream(self._key(bucket_id)) if events else {}
-            streams[bucket_id] = events, info.get("entries-added", 0) > info.get("length", 0)
-        return streams
+    def _read(self, upto: str) -> tuple[list[_Event], int]:
+        """The journal up to `upto` (an id, or "+"), and the count of events ever appended; in a thread."""
+        pipeline = self._reader.pipeline(transaction=True)  # both at one moment
+        pipeline.xrange(self._journal, "-", upto)
+        pipeline.get(self._counter)
+        events, count = pipeline.execute()
+        return events, int(count or 0)
+
+    @staticmethod
+    def _trim_mark(events: list[_Event]) -> str:
+        """The trim mark (see _Bucket.trimmed) of what the journal holds: just before its first
+        event if MAXLEN dropped any before it (it is not the first ever appended); else none."""
+        if not events or int(events[0][1][b"n"]) == 1:
+            return NIL_LOG_ID
+        return _just_before(_stream_log_id(events[0][0].decode()))
 
     def _entry_of(self, stream_id: bytes, fields: Mapping[bytes, bytes], bucket: BucketConfig) -> _Entry:
-        """The entry a stream's "entry" event brings: this relay's own object if it appended it
-        (a sender it holds may wait on it), else a new one."""
-        entry = self._mine.pop((fields[b"origin"].decode(), fields[b"number"].decode()), None)
+        """The entry an "entry" event brings: this relay's own object if it appended it (a
+        sender it holds may wait on it), else a new one."""
+        entry = self._mine.pop(fields[b"number"].decode(), None) if fields[b"origin"].decode() == self._origin \
+            else None
         if entry is None:
             row = _row_of(fields)
             row["id"] = _stream_log_id(stream_id.decode())
@@ -2477,17 +2508,118 @@ class _Redis:
         entry.id = _stream_log_id(stream_id.decode())
         return entry
 
-    def _entries_of(self, events: list[tuple[bytes, dict[bytes, bytes]]], bucket: BucketConfig) -> list[_Entry]:
-        """The entries a bucket's stream holds, with every change it holds applied: its history."""
+    def _entries_of(self, events: list[_Event], buckets: Mapping[str, BucketConfig]) -> dict[str, list[_Entry]]:
+        """What the journal's `events` hold of `buckets`, each entry with every change to it applied."""
         by_id: dict[str, _Entry] = {}
+        entries: dict[str, list[_Entry]] = {}
         for stream_id, fields in events:
-            if fields[b"kind"] == b"entry":
-                entry = self._entry_of(stream_id, fields, bucket)
-                by_id[entry.id] = entry
+            bucket = buckets.get(fields[b"bucket"].decode())
+            if bucket is None:
+                self._forget_mine(fields)
+            elif fields[b"kind"] == b"entry":
+                entry = by_id[_stream_log_id(stream_id.decode())] = self._entry_of(stream_id, fields, bucket)
+                entries.setdefault(bucket.id, []).append(entry)
             elif (changed := by_id.get((row := _row_of(fields))["id"])) is not None:
                 if (answer := _change(changed, row)) is not None:
                     changed.answer, changed.size = answer, changed.size + answer.size
-        return list(by_id.values())
+        return entries
+
+    def _forget_mine(self, fields: Mapping[bytes, bytes]) -> None:
+        """An event of a bucket this relay no longer has: if it was its own entry, nobody waits for it."""
+        if fields[b"origin"].decode() == self._origin and fields[b"kind"] == b"entry":
+            self._mine.pop(fields[b"number"].decode(), None)
+
+    async def _tail(self) -> None:
+        """Apply the journal's new events, in order, for good; wait and ask again while Redis fails."""
+        wait = _REDIS_RETRY_FIRST
+        while True:
+            if self._loading:
+                await self._load_added()
+            try:
+                found = await self._in_thread(functools.partial(
+                    self._reader.xread, {self._journal: self._read_from}, block=_TAIL_BLOCK, count=1000),
+                    abandon_on_cancel=True)
+            except self._errors as error:
+                logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
+                await trio.sleep(wait)
+                wait = min(wait * 2, _REDIS_RETRY_MOST)
+                continue
+            wait = _REDIS_RETRY_FIRST
+            new: list[_Entry] = []
+            for stream_id, fields in found[0][1] if found else ():
+                self._read_from = stream_id.decode()
+                n = int(fields[b"n"])
+                if self._last_n is not None and n != self._last_n + 1:
+                    self._publish(new)
+                    self._core.missed(_just_before(_stream_log_id(self._read_from)), n - self._last_n - 1)
+                self._last_n = n
+                bucket = self._core.bucket_by_id(fields[b"bucket"].decode())
+                if bucket is None or bucket.config.id in self._loading:  # not this relay's, or not yet
+                    self._forget_mine(fields)
+                    continue
+                if fields[b"kind"] == b"entry":
+                    if fields[b"origin"].decode() == self._origin:  # what it appended before is never coming
+                        self._drop_mine_before(int(fields[b"number"]))
+                    entry = self._entry_of(stream_id, fields, bucket.config)
+                    if new and new[-1].bucket.id != entry.bucket.id:
+                        self._publish(new)
+                    new.append(entry)
+                else:
+                    self._publish(new)  # in order: what came before this change first
+                    self._change(bucket, fields)
+            self._publish(new)
+
+    def _change(self, bucket: _Bucket, fields: Mapping[bytes, bytes]) -> None:
+        """Apply a change event: another relay's; or this relay's own, which it applied already
+        (a second time does nothing: _change takes only an entry's first answer), but for a
+        claim whose outcome it does not know yet (see claim_answer)."""
+        row = _row_of(fields)
+        number = fields[b"number"].decode()
+        if fields[b"origin"].decode() == self._origin and number in self._claims:
+            if self._claims[number] is True:
+                del self._claims[number]  # applied by claim_answer's caller
+            else:
+                self._claims[number] = row  # claim_answer decides
+            return
+        self._core.apply_change(bucket, row)
+
+    def _publish(self, new: list[_Entry]) -> None:
+        """Publish `new` (one bucket's entries, in order), and empty it."""
+        if new and (bucket := self._core.bucket_by_id(new[0].bucket.id)) is not None:
+            self._core.publish(bucket, list(new))
+        new.clear()
+
+    def _drop_mine_before(self, number: int) -> None:
+        """This relay appends in order, so its entries numbered below one just read were dropped
+        from the journal before it read them (see _Core.missed): nobody will read them back."""
+        while self._mine and int(next(iter(self._mine))) < number:
+            self._mine.pop(next(iter(self._mine)))
+
+    async def _load_added(self) -> None:
+        """Take the buckets a reload added: what the journal held of them up to then is their
+        history (other relays may have had them for long), what came after is news for their
+        sockets. The tail goes on after it."""
+        added = dict(self._loading)
+        try:
+            events, _ = await self._in_thread(self._read, self._read_from)
+        except self._errors as error:
+            logger.warning("cannot read the log of a bucket the config added from Redis: %s", error)
+            await trio.sleep(_REDIS_RETRY_FIRST)
+            return  # asked again next time round
+        buckets = {bucket_id: bucket for bucket_id in added if (bucket := self._core.bucket_by_id(bucket_id))}
+        entries = self._entries_of(events, {bucket_id: bucket.config for bucket_id, bucket in buckets.items()})
+        mark = self._trim_mark(events)
+        for bucket_id, bucket in buckets.items():
+            if self._loading.get(bucket_id) != added[bucket_id]:
+                continue  # removed (or removed and added again) meanwhile
+            del self._loading[bucket_id]
+            at_reload = _stream_log_id(added[bucket_id]) if added[bucket_id] != "0-0" else NIL_LOG_ID
+            history = [entry for entry in entries.get(bucket_id, []) if entry.id <= at_reload]
+            self._core.adopt(bucket, history, mark)
+            if news := entries.get(bucket_id, [])[len(history):]:
+                self._core.publish(bucket, news)
+
+    # ---------------------------------------------------------------- writing it
 
     def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         self._batch.inserts.append((bucket, entries))
@@ -2503,22 +2635,7 @@ class _Redis:
         self._work.set()
 
     def trim(self, bucket: _Bucket) -> None:
-        pass  # each XADD trims its stream
-
-    async def move(self, bucket: _Bucket, output: str) -> None:
-        """Write the pull queue's position, if this call still holds the queue's lock: a call that
-        outlived its lock (Redis slow for _QUEUE_LOCK_SECONDS) must not move a queue another call
-        has moved since. StorageError if it is not written (or not known to be: then the page is
-        handed out to nobody, as an answer lost in transit is; it stays in GET /v1/logs)."""
-        config = bucket.config
-        keys = [f"{self._prefix}:queue:{config.id}:{output}", f"{self._prefix}:positions:{config.id}"]
-        args = [self._queues[config.id, output], output, bucket.positions[output]]
-        try:
-            moved = await self._asked_again(functools.partial(self._move_script, keys=keys, args=args))
-        except self._errors as error:
-            raise StorageError(f"the pull queue's position could not be written to Redis: {error}") from None
-        if not moved:
-            raise StorageError(f"the pull queue's call took over {_QUEUE_LOCK_SECONDS:g} s, and lost its lock")
+        pass  # each XADD trims the journal
 
     async def committed(self) -> None:
         batch = self._batch
@@ -2540,46 +2657,60 @@ class _Redis:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._redis.close)
+                with trio.move_on_after(_WRITE_TIMEOUT * _APPEND_TRIES):  # a client closed under a call in
+                    while self._busy:  # flight (a lease's release, as the relay stops) breaks it with a traceback
+                        await trio.sleep(0.01)
+                for client in (self._redis, self._reader, self._leases):
+                    await trio.to_thread.run_sync(client.close)
                 self.stopped.set()
 
     async def _write(self) -> None:
-        """Append batches until aclose()."""
+        """Append batches until aclose(). Changes a failed append could not write are tried
+        again with the next batch, or after a wait that doubles while Redis fails."""
+        retry_in, wait = math.inf, _REDIS_RETRY_FIRST
         while not self._closing or self._batch.inserts or self._batch.updates:
-            await self._work.wait()
+            with trio.move_on_after(retry_in):
+                await self._work.wait()
             self._work = trio.Event()
             batch, self._batch = self._batch, _Batch()
-            events: list[tuple[str, int, dict[str, str]]] = []
-            for bucket, entries in batch.inserts:
+            events: list[dict[str, str]] = []
+            for _, entries in batch.inserts:
                 for entry in entries:
                     number = next(self._numbers)
-                    self._mine[self._origin, str(number)] = entry
-                    events.append((self._key(bucket.config.id), bucket.config.history_size or 0,
-                                   _event("entry", entry, self._origin, number)))
-            for entry in batch.updates.values():
-                events.append((self._key(entry.bucket.id), entry.bucket.history_size or 0,
-                               _event("update", entry, self._origin, next(self._numbers))))
+                    self._mine[str(number)] = entry
+                    events.append(_event("entry", entry, self._origin, number))
+            events += [_event("update", entry, self._origin, next(self._numbers)) for entry in batch.updates.values()]
             if not events:
                 batch.committed.set()
                 continue
-
-            appends = [([key, f"{self._prefix}:event:{self._origin}:{fields['number']}"],  # entries and their
-                        [4 * size, _APPENDED_KEPT, *itertools.chain(*fields.items())])  # changes, each once however
-                       for key, size, fields in events]  # often asked
-            try:
+            appends = [([self._journal, self._counter, f"{self._prefix}:event:{self._origin}:{fields['number']}"],
+                        [self._journal_size, _APPENDED_KEPT, *itertools.chain(*fields.items())]) for fields in events]
+            try:  # each event appended once, however often asked
                 stream_ids = await self._asked_again(functools.partial(self._scripted, self._append_once, appends))
             except self._errors as error:
                 batch.error = error
                 self.failing = _shown(str(error), 200)
                 logger.error("webhook log not written to Redis: %s (%d events)", error, len(events))
-                for _, _, fields in events:
-                    self._mine.pop((self._origin, fields["number"]), None)
+                for fields in events:
+                    self._mine.pop(fields["number"], None)  # refused: their senders got 503
+                if not self._closing:  # changes to kept entries go with the next batch, unless newer replace them
+                    self._batch.updates = {**batch.updates, **self._batch.updates}
+                    retry_in, wait = wait, min(wait * 2, _REDIS_RETRY_MOST)
             else:
                 self.failing = ""
-                for (_, _, fields), stream_id in zip(events, stream_ids):  # ids, for whoever awaits them (a
-                    if (appended := self._mine.get((self._origin, fields["number"]))) is not None:  # resend's
-                        appended.id = _stream_log_id(stream_id.decode())  # answer), unless the tail was first
+                retry_in, wait = math.inf, _REDIS_RETRY_FIRST
+                for fields, stream_id in zip(events, stream_ids):  # ids, for whoever awaits them (a resend's
+                    if (appended := self._mine.get(fields["number"])) is not None:  # answer), unless the tail
+                        appended.id = _stream_log_id(stream_id.decode())  # was first
             batch.committed.set()
+
+    async def _in_thread(self, call: Callable[..., _T], *args: Any, abandon_on_cancel: bool = False) -> _T:
+        """`call(*args)` in a worker thread, counted while it runs (see run())."""
+        self._busy += 1
+        try:
+            return await trio.to_thread.run_sync(call, *args, abandon_on_cancel=abandon_on_cancel)
+        finally:
+            self._busy -= 1
 
     def _scripted(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run `script` with each call's keys and arguments, in one round trip (redis-py's own
@@ -2599,89 +2730,46 @@ class _Redis:
 
     async def _asked_again(self, call: Callable[[], _T]) -> _T:
         """What `call()`, a write Redis makes once however often asked, answers; asked again
-        while Redis fails, _APPEND_TRIES times at most. A write whose answer was lost may have
-        been made, and asking again tells, rather than a 503 for a webhook that is kept (each
-        event is appended once: see _APPEND_ONCE)."""
+        while Redis fails, _APPEND_TRIES times at most (about 7 s in all). A write whose answer
+        was lost may have been made, and asking again tells, rather than a 503 for a webhook
+        that is kept (each event is appended once: see _APPEND_ONCE)."""
         for attempt in range(_APPEND_TRIES):
             try:
-                return await trio.to_thread.run_sync(call)
+                return await self._in_thread(call)
             except self._errors:
                 if attempt == _APPEND_TRIES - 1 or self._closing:
                     raise
                 await trio.sleep(_REDIS_RETRY_FIRST * 2 ** attempt)
         raise AssertionError("unreachable")
 
-    async def _tail(self) -> None:
-        """Apply every bucket's new events, in order, for good; wait and ask again while Redis fails."""
-        wait = _REDIS_RETRY_FIRST
-        while True:
-            streams = dict(self._read_from)
-            try:
-                found = await trio.to_thread.run_sync(
-                    functools.partial(self._redis.xread, streams, block=_TAIL_BLOCK, count=1000), abandon_on_cancel=True)
-            except self._errors as error:
-                logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
-                await trio.sleep(wait)
-                wait = min(wait * 2, _REDIS_RETRY_MOST)
-                continue
-            wait = _REDIS_RETRY_FIRST
-            for raw_key, events in found or ():
-                key = raw_key.decode()
-                bucket = self._bucket(key.removeprefix(f"{self._prefix}:log:"))
-                if key not in self._read_from or bucket is None:
-                    continue  # a reload removed its bucket while the XREAD was out
-                new: list[_Entry] = []
-                for stream_id, fields in events:
-                    self._read_from[key] = stream_id.decode()
-                    if fields[b"kind"] == b"entry":
-                        new.append(self._entry_of(stream_id, fields, bucket.config))
-                    else:
-                        if new:  # in order: what came before this change first
-                            self._publish(bucket, new)
-                            new = []
-                        if fields[b"origin"].decode() != self._origin:  # its own are applied already
-                            self._changed(bucket, _row_of(fields))
-                if new:
-                    self._publish(bucket, new)
-            if self._loading:
-                await self._load_added()
-
-    async def _load_added(self) -> None:
-        """Read the streams of the buckets a reload added, as load() does at start: what came in
-        before the reload is their history, what came after is news for their sockets (other
-        relays may have had them for long). Then tail them with the others."""
-        added = dict(self._loading)
-        try:
-            streams = await trio.to_thread.run_sync(self._read, list(added))
-        except self._errors as error:
-            logger.warning("cannot read the log of a bucket the config added from Redis: %s", error)
-            return  # the tail asks again after its next XREAD
-        for bucket_id, (events, dropped) in streams.items():
-            bucket = self._bucket(bucket_id)
-            if self._loading.get(bucket_id) != added[bucket_id] or bucket is None:
-                continue  # removed (or removed and added again) meanwhile
-            del self._loading[bucket_id]
-            self._read_from[self._key(bucket_id)] = events[-1][0].decode() if events else "0-0"
-            entries = self._entries_of(events, bucket.config)
-            news = [entry for entry in entries if entry.received_at >= added[bucket_id]]
-            self._adopt(bucket, entries[:len(entries) - len(news)], _trim_mark(events, dropped))
-            if news:
-                self._publish(bucket, news)
+    # ---------------------------------------------------------------- what relays share
 
     async def claim_answer(self, entry: _Entry, answer: _Answer, status: str) -> bool:
         """Whether this is the first answer to `entry`, whichever relay took the others; if it
-        is, it is in the journal already, in the same step."""
+        is, it is in the journal already, in the same step (asked again with the same token if
+        Redis's reply is lost: a claim made but not known here would refuse every answer)."""
         row = {"id": entry.id, "status": status, "status_code": answer.status_code,
                "response_headers": _encode(answer.headers), "response_body": base64.b64encode(answer.body).decode(),
                "answered_at": answer.at, "retries": answer.retries}
-        keys = [f"{self._prefix}:answered:{entry.id}", self._key(entry.bucket.id)]
-        args: list[str | int] = [self._origin, _ANSWERED_KEPT, 4 * (entry.bucket.history_size or 0),
-                                 str(next(self._numbers)), _encode(row)]
+        number = str(next(self._numbers))
+        fields = {"kind": "update", "bucket": entry.bucket.id, "origin": self._origin, "number": number,
+                  "row": _encode(row)}
+        keys = [self._journal, self._counter, f"{self._prefix}:answered:{entry.id}"]
+        args: list[str | int] = [self._journal_size, f"{self._origin}:{number}", self._answer_kept,
+                                 *itertools.chain(*fields.items())]
+        self._claims[number] = None
         try:
-            claimed = await trio.to_thread.run_sync(functools.partial(self._answer_script, keys=keys, args=args))
+            claimed = await self._asked_again(functools.partial(self._claim_script, keys=keys, args=args))
         except self._errors as error:
+            if isinstance(seen := self._claims.pop(number), Mapping):  # made after all: the tail read it
+                if (bucket := self._core.bucket_by_id(entry.bucket.id)) is not None:
+                    self._core.apply_change(bucket, seen)
             raise StorageError(f"the answer could not be recorded in Redis: {error}; try again") from None
-        if claimed:
+        if not claimed or isinstance(self._claims[number], Mapping):
+            del self._claims[number]  # nothing appended; or read back already, and passed by
+        else:
+            self._claims[number] = True  # the tail passes it by: the caller applies it
+        if claimed and entry.answer is None:  # else the caller refuses it (see _Core.answer)
             self._claimed.add(entry.id)
         return bool(claimed)
 
@@ -2692,16 +2780,16 @@ class _Redis:
                                 blocking_timeout=_QUEUE_LOCK_SECONDS, thread_local=False)  # threads differ
         token = uuid.uuid4().hex  # the lock's value while this call holds it: see move()
         try:
-            if not await trio.to_thread.run_sync(functools.partial(lock.acquire, token=token)):
+            if not await self._in_thread(functools.partial(lock.acquire, token=token)):
                 raise StorageError("the pull queue is busy on another relay; try again")
         except self._errors as error:
             raise StorageError(f"the pull queue could not be locked in Redis: {error}; try again") from None
         try:
-            position = await trio.to_thread.run_sync(self._redis.hget, f"{self._prefix}:positions:{bucket.config.id}",
+            position = await self._in_thread(self._redis.hget, f"{self._prefix}:positions:{bucket.config.id}",
                                                      output)
         except self._errors as error:
             with trio.CancelScope(shield=True), contextlib.suppress(*self._errors):
-                await trio.to_thread.run_sync(lock.release)
+                await self._in_thread(lock.release)
             raise StorageError(f"the pull queue could not be read from Redis: {error}; try again") from None
         if position is None:
             bucket.positions.pop(output, None)
@@ -2714,20 +2802,37 @@ class _Redis:
             del self._queues[bucket.config.id, output]
             with trio.CancelScope(shield=True):
                 try:
-                    await trio.to_thread.run_sync(lock.release)
+                    await self._in_thread(lock.release)
                 except self._errors:
                     pass  # it expires by itself
+
+    async def move(self, bucket: _Bucket, output: str) -> None:
+        """Write the pull queue's position, if this call still holds the queue's lock: a call that
+        outlived its lock (Redis slow for _QUEUE_LOCK_SECONDS) must not move a queue another call
+        has moved since. StorageError if it is not written (or not known to be: then the page is
+        handed out to nobody, as an answer lost in transit is; it stays in GET /v1/logs)."""
+        config = bucket.config
+        keys = [f"{self._prefix}:queue:{config.id}:{output}", f"{self._prefix}:positions:{config.id}"]
+        args: list[str] = [self._queues[config.id, output], output, bucket.positions[output]]
+        try:
+            moved = await self._asked_again(functools.partial(self._move_script, keys=keys, args=args))
+        except self._errors as error:
+            raise StorageError(f"the pull queue's position could not be written to Redis: {error}") from None
+        if not moved:
+            raise StorageError(f"the pull queue's call took over {_QUEUE_LOCK_SECONDS:g} s, and lost its lock")
 
     @asynccontextmanager
     async def leading(self, name: str) -> AsyncIterator[trio.CancelScope]:
         """Once this relay holds the lead of `name` (a lease in Redis, renewed while it is held),
         a cancel scope cancelled when the lead is lost: one relay of the cluster at a time does
-        what it leads (a public output's deliveries)."""
+        what it leads (a public output's deliveries). A renewal that fails is tried again until
+        _LEASE_MARGIN before the lease could pass on, by this relay's clock: a Redis restart of a
+        few seconds does not stop the deliveries under way."""
         lock = self._leases.lock(f"{self._prefix}:lead:{name}", timeout=_LEASE_SECONDS, thread_local=False)
         while True:
             asked = trio.current_time()
             try:
-                if await trio.to_thread.run_sync(functools.partial(lock.acquire, blocking=False)):
+                if await self._in_thread(functools.partial(lock.acquire, blocking=False)):
                     break
             except self._errors:
                 pass
@@ -2737,19 +2842,22 @@ class _Redis:
 
         async def renew() -> None:
             nonlocal held_until
+            problem = "no answer from Redis in time"
             while True:
                 await trio.sleep(_LEASE_SECONDS / 3)
-                asked = trio.current_time()
-                problem = "no answer from Redis in time"
                 with trio.move_on_at(held_until - _LEASE_MARGIN):  # stop leading before the lease can pass on
-                    try:
-                        await trio.to_thread.run_sync(functools.partial(lock.extend, _LEASE_SECONDS, replace_ttl=True),
-                                                      abandon_on_cancel=True)
-                        held_until = asked + _LEASE_SECONDS
-                        continue
-                    except self._errors as error:
-                        problem = str(error)
-                logger.warning("lost the lead of %s: %s", name, problem)
+                    while True:
+                        asked = trio.current_time()
+                        try:
+                            await self._in_thread(functools.partial(
+                                lock.extend, _LEASE_SECONDS, replace_ttl=True), abandon_on_cancel=True)
+                            held_until = asked + _LEASE_SECONDS
+                            break
+                        except self._errors as error:
+                            problem = str(error)
+                            await trio.sleep(_REDIS_RETRY_FIRST)
+                    continue
+                logger.warning("lost the lead of %s: %s", name, _shown(problem, 200))
                 lead.cancel()
                 return
 
@@ -2761,21 +2869,15 @@ class _Redis:
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     try:
-                        await trio.to_thread.run_sync(lock.release)
+                        await self._in_thread(lock.release)
                     except self._errors:
                         pass  # it expires by itself
 
-    def reloaded(self, added: list[_Bucket], removed: list[_Bucket]) -> None:
-        """Tail the streams of buckets a reload added (see _load_added), and no longer those of
-        buckets it removed."""
-        for bucket in removed:
-            self._read_from.pop(self._key(bucket.config.id), None)
-            self._loading.pop(bucket.config.id, None)
-            for mine, entry in list(self._mine.items()):  # appended but not read back: never will be
-                if entry.bucket.id == bucket.config.id:
-                    del self._mine[mine]
+    def reloaded(self, buckets: list[_Bucket], added: list[_Bucket]) -> None:
+        """Take the buckets a reload added from the journal (see _load_added)."""
+        self._size_for(bucket.config for bucket in buckets)
         for bucket in added:
-            self._loading[bucket.config.id] = time.time()
+            self._loading[bucket.config.id] = self._read_from
 
 
 def _change(entry: _Entry, row: Mapping[str, Any]) -> _Answer | None:
@@ -3085,11 +3187,11 @@ class _Core:
         self._log = _Log()  # replaced by the one loaded from the backend in load()
         self._backend: _Memory | _Storage | _Redis
         if config.cluster.redis_url:
-            self._backend = _Redis(config.cluster, self._publish, self._apply_change, self._adopt, self._bucket_by_id)
+            self._backend = _Redis(config.cluster, self)
         elif config.storage.path:
-            self._backend = _Storage(config.storage.path, self._publish)
+            self._backend = _Storage(config.storage.path, self.publish)
         else:
-            self._backend = _Memory(self._publish)
+            self._backend = _Memory(self.publish)
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._metrics = metrics
 
@@ -3144,6 +3246,13 @@ class _Core:
             if ref in (output.name, _output_id(bucket.config.id, output.name)):
                 return output.name
         raise NotFound(f"bucket {bucket.config.name!r} has no output {_shown(ref, 64)!r}")
+
+    def known_point(self, since: str, buckets: Iterable[_Bucket]) -> bool:
+        """Whether a resume from `since` makes sense: an id this relay gave, or may yet learn of
+        (in a cluster, another relay may have given it a moment before this one read it)."""
+        if since <= self.newest_id(buckets) or since == NIL_LOG_ID:
+            return True
+        return isinstance(self._backend, _Redis) and uuid.UUID(since).int >> 80 <= (time.time() + _CLOCKS_APART) * 1000
 
     @staticmethod
     def newest_id(buckets: Iterable[_Bucket]) -> str:
@@ -3200,10 +3309,12 @@ class _Core:
         self._backend.insert(bucket, entries)
         await self._backend.committed()  # the backend publishes them once kept, in id order
 
-    def _bucket_by_id(self, bucket_id: str) -> _Bucket | None:
+    # What a cluster's backend (_Redis) calls as it applies the journal
+
+    def bucket_by_id(self, bucket_id: str) -> _Bucket | None:
         return next((bucket for bucket in self._store.buckets if bucket.config.id == bucket_id), None)
 
-    def _apply_change(self, bucket: _Bucket, row: Mapping[str, Any]) -> None:
+    def apply_change(self, bucket: _Bucket, row: Mapping[str, Any]) -> None:
         """Another relay changed an entry (a cluster's backend): its status, or its answer, which
         a sender this relay holds may be waiting for."""
         entry = self._log.get(row["id"])
@@ -3215,13 +3326,30 @@ class _Core:
             if entry.hold is not None:
                 entry.hold.offer(entry, answer)
 
-    def _adopt(self, bucket: _Bucket, entries: list[_Entry], trimmed: str) -> None:
+    def adopt(self, bucket: _Bucket, entries: list[_Entry], trimmed: str) -> None:
         """A bucket a reload added, with what other relays of a cluster logged of it before: its
         history, not news, so no socket is sent it."""
         bucket.trimmed = trimmed
         self._log.add(bucket, entries)
 
-    def _publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+    def missed(self, mark: str, count: int) -> None:
+        """This relay fell so far behind a cluster's journal that Redis dropped `count` events
+        before `mark` unread: it may lack webhooks (and answers) the other relays have. A resume
+        from before `mark` is told so, and so is every socket now."""
+        logger.warning("fell %d events behind the cluster's journal in Redis, which dropped them unread: webhooks "
+                       "before %s may be missing on this relay (the journal keeps 4 x the buckets' history_size)",
+                       count, mark)
+        frame = wire_frame(status_frame("history_gap", f"this relay fell behind the cluster and may have missed "
+                                                       f"webhooks up to {mark}; other relays have them"))
+        sessions: set[_Session] = set()
+        for bucket in self._store.buckets:
+            bucket.trimmed = max(bucket.trimmed, mark)
+            sessions.update(bucket.subscribers)
+        for session in sessions:
+            session.deliver(frame)
+
+    def publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
+        """Log `entries`, kept by the backend, and send them out: to sockets, or a forwarder."""
         if not self._store.has(bucket):  # a reload removed it while its webhook came in: nobody to give it
             return
         self._log.add(bucket, entries)
@@ -3404,7 +3532,7 @@ class _Core:
         for bucket in removed:
             self._log.forget(bucket)
         self._store = store
-        self._backend.reloaded([bucket for bucket in store.buckets if bucket.config.id not in old], removed)
+        self._backend.reloaded(store.buckets, [bucket for bucket in store.buckets if bucket.config.id not in old])
         return store.buckets, removed
 
 
@@ -3663,7 +3791,7 @@ class _Session:
                 raise ProtocolError('a resume is already running: subscribe with "since" again once '
                                     'the "resumed" status has arrived')
             # Only these buckets: others' traffic is none of this token's business.
-            if frame.since > self._core.newest_id(buckets) and frame.since != NIL_LOG_ID:
+            if not self._core.known_point(frame.since, buckets):
                 raise ProtocolError(f"unknown resume point {frame.since}: newer than any webhook of these buckets")
         new = [bucket for bucket in buckets if bucket not in self.buckets]  # the others are already served
         self.buckets.update(new)
@@ -6117,23 +6245,30 @@ def _run_workers(count: int, argv: list[str]) -> int:
     started: dict[int, float] = {}
     stopping = False
 
+    supervisor = os.getpid()
+
     def start(number: int) -> None:
         """Start worker `number`, with signals held meanwhile: one that came mid-start tells it too."""
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+        def in_the_worker() -> None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # it must not inherit the mask: it would hear no signal
+            _end_with_parent(supervisor)
         try:
-            workers[number] = subprocess.Popen(  # the worker must not inherit the mask: it would hear no signal
-                command, env={**os.environ, _WORKER: str(number)}, start_new_session=True,
-                preexec_fn=functools.partial(signal.pthread_sigmask, signal.SIG_SETMASK, held))
+            workers[number] = subprocess.Popen(command, env={**os.environ, _WORKER: str(number)},
+                                               start_new_session=True, preexec_fn=in_the_worker)
             started[number] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def tell(signum: int, frame: object) -> None:
+        """Pass a signal on. Only os.wait() below learns that a worker ended (Popen.poll() here
+        would take an exit from under it); a pid not yet waited for is this process's still."""
         nonlocal stopping
         stopping = stopping or signum != signal.SIGHUP
         for worker in workers.values():
-            if worker.poll() is None:
-                worker.send_signal(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, tell)
@@ -6143,7 +6278,10 @@ def _run_workers(count: int, argv: list[str]) -> int:
     status = 0
     restarts = {number: 0 for number in range(count)}  # in a row, for each: the wait doubles with each
     while workers:
-        pid, code = os.wait()
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:  # none left (someone else waited for them)
+            break
         ended = next((number for number, worker in workers.items() if worker.pid == pid), None)
         if ended is None:
             continue
@@ -6160,10 +6298,22 @@ def _run_workers(count: int, argv: list[str]) -> int:
         wait = min(_WORKER_RESTART * 2 ** restarts[ended], _WORKER_RESTART_MOST)
         restarts[ended] += 1
         logger.warning("worker %d (pid %d) ended with %s; starting it again in %g s", ended, pid, exit_code, wait)
-        time.sleep(wait)
-        if not stopping:  # a signal may have come meanwhile
+        until = time.monotonic() + wait
+        while not stopping and (left := until - time.monotonic()) > 0:  # a signal cuts the wait short
+            time.sleep(min(left, 0.1))
+        if not stopping:
             start(ended)
     return status
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a worker, before it runs: be sent SIGTERM when the supervisor dies (Linux's
+    PR_SET_PDEATHSIG), so a supervisor killed with SIGKILL leaves no relay holding the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
 
 
 def _without_workers(argv: list[str]) -> list[str]:
