@@ -28,6 +28,7 @@ or, in a nursery, ``relay = await nursery.start(relay_lite.serve_relay, config)`
 import argparse
 import base64
 import bisect
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -57,6 +58,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+import threading
 import time
 import tomllib
 import types
@@ -5286,6 +5288,293 @@ async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"]
     agent = _Agent(config, checkpoint)
     task_status.started(agent)
     await agent.run()
+
+
+# ============================================================================ pytest plugin
+#
+# Installing relay_lite gives a project's tests a `relay` fixture: a relay on a free port with a
+# bucket, an input and a token, its URLs and credentials, `send` for a webhook and `client` for a
+# socket that collects frames; and `relay_factory` for relays of other configs. pytest finds them
+# through the pytest11 entry point `relay_lite:pytest_plugin`, built by the module's __getattr__
+# on first use, so a relay that serves never imports pytest. In a Trio test (pytest-trio) the
+# relay runs in the test's own loop and the helpers are awaited; in any other test it runs in a
+# thread of its own, and they block.
+
+_FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
+
+
+def _fixture_config() -> Config:
+    """The `relay` fixture's config: bucket "test", one input, one token, made up for each test."""
+    return load_config(Config(
+        server=ServerConfig(host="127.0.0.1", port=0),
+        tokens=(TokenConfig(key=str(uuid.uuid4()), secret=secrets.token_urlsafe(24)),),
+        buckets=(BucketConfig(name="test", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),)),),
+    ))
+
+
+class _FixtureRelay:
+    """What both kinds of fixture relay give a test: the relay, its URLs and credentials."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.config = relay.config
+        token = self.config.tokens[0] if self.config.tokens else None
+        self.key = token.key if token else ""  # the config's first token
+        self.secret = token.secret if token else ""  # "" if it gives only a secret_hash
+        self.bucket = self.config.buckets[0].name if self.config.buckets else ""  # the config's first bucket
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+    @property
+    def socket_url(self) -> str:
+        return self.relay.socket_url
+
+    @property
+    def input_url(self) -> str:
+        """The webhook URL of the first bucket's first input; relay.input_url(ref) for others."""
+        return self.relay.input_url(self.bucket)
+
+    def _request(self, body: bytes | str, path: str, bucket: str | None,
+                 headers: Mapping[str, str] | None, method: str) -> httpx.Request:
+        return httpx.Request(method, self.relay.input_url(bucket or self.bucket) + path, headers=headers,
+                             content=body.encode() if isinstance(body, str) else body)
+
+
+class _FrameClient:
+    """A socket client of a fixture relay, authenticated and subscribed, in a Trio loop."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        self.frames: list[dict[str, Any]] = []  # every frame received, pings included
+
+    async def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next frame (a ping is answered, and returned too)."""
+        with trio.fail_after(timeout):
+            frame = json.loads(await self._ws.get_message())
+        self.frames.append(frame)
+        if frame.get("type") == "status" and frame.get("status") == "ping":
+            await self._ws.send_message(_encode({"action": "pong"}))
+        return frame
+
+    async def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next webhook frame, past any status frames."""
+        with trio.fail_after(timeout):
+            while (frame := await self.receive(math.inf))["type"] != "webhook":
+                pass
+        return frame
+
+    async def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next status frame `status` (e.g. "resumed"), past any others."""
+        with trio.fail_after(timeout):
+            while (frame := await self.receive(math.inf)).get("status") != status or frame["type"] != "status":
+                pass
+        return frame
+
+
+@asynccontextmanager
+async def _frame_client(fixture: _FixtureRelay, buckets: Sequence[str] | None,
+                        since: str | None) -> AsyncIterator[_FrameClient]:
+    async with trio_websocket.open_websocket_url(fixture.socket_url) as ws:
+        client = _FrameClient(ws)
+        await ws.send_message(_encode({"action": "auth", "key": fixture.key, "secret": fixture.secret}))
+        await client.status("authenticated")
+        subscribe: dict[str, Any] = {"action": "subscribe", "buckets": list(buckets or [fixture.bucket])}
+        if since is not None:
+            subscribe["since"] = since
+        await ws.send_message(_encode(subscribe))
+        await client.status("subscribed")
+        yield client
+
+
+class TrioRelayFixture(_FixtureRelay):
+    """The `relay` fixture in a Trio test: the relay runs in the test's loop; await the helpers."""
+
+    async def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
+                   headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
+        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
+        after its URL; return the relay's answer."""
+        async with httpx.AsyncClient(timeout=_FIXTURE_TIMEOUT) as http:
+            return await http.send(self._request(body, path, bucket, headers, method))
+
+    def client(self, buckets: Sequence[str] | None = None, *,
+               since: str | None = None) -> typing.AsyncContextManager[_FrameClient]:
+        """``async with relay.client() as client: frame = await client.webhook()``: a socket
+        authenticated with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        return _frame_client(self, buckets, since)
+
+
+class _ThreadClient:
+    """A _FrameClient living in a relay thread's loop, for a test without one: it blocks."""
+
+    def __init__(self, client: _FrameClient, token: trio.lowlevel.TrioToken) -> None:
+        self._client, self._token = client, token
+        self.frames = client.frames
+
+    def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.receive, timeout, trio_token=self._token)
+
+    def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.webhook, timeout, trio_token=self._token)
+
+    def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.status, status, timeout, trio_token=self._token)
+
+
+class RelayFixture(_FixtureRelay):
+    """The `relay` fixture in a test without a Trio loop: the relay runs in a thread of its own;
+    the helpers block."""
+
+    def __init__(self, relay: Relay, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(relay)
+        self._nursery, self._token = nursery, token
+
+    def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
+             headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
+        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
+        after its URL; return the relay's answer."""
+        with httpx.Client(timeout=_FIXTURE_TIMEOUT) as http:
+            return http.send(self._request(body, path, bucket, headers, method))
+
+    @contextlib.contextmanager
+    def client(self, buckets: Sequence[str] | None = None, *, since: str | None = None) -> Iterator[_ThreadClient]:
+        """``with relay.client() as client: frame = client.webhook()``: a socket authenticated
+        with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        done = trio.Event()
+
+        async def hold(task_status: trio.TaskStatus[_FrameClient]) -> None:
+            async with _frame_client(self, buckets, since) as client:
+                task_status.started(client)
+                await done.wait()
+        client = trio.from_thread.run(self._nursery.start, hold, trio_token=self._token)
+        try:
+            yield _ThreadClient(client, self._token)
+        finally:
+            trio.from_thread.run_sync(done.set, trio_token=self._token)
+
+
+class _RelayThread:
+    """A relay serving in a thread with its own Trio loop, until stop()."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._started = threading.Event()
+        self._fixture: RelayFixture | None = None
+        self._failure: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=self._run, name="relay_lite fixture", daemon=True)
+
+    def start(self) -> RelayFixture:
+        self._thread.start()
+        if not self._started.wait(_FIXTURE_TIMEOUT):
+            raise RuntimeError(f"the relay did not start within {_FIXTURE_TIMEOUT:g} s")
+        if self._failure is not None:
+            raise self._failure
+        assert self._fixture is not None
+        return self._fixture
+
+    def stop(self) -> None:
+        if self._stop is not None and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(_FIXTURE_TIMEOUT)
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as error:  # a start that failed, or a crash: the test's to see
+            self._failure = error
+        finally:
+            self._started.set()
+
+    async def _serve(self) -> None:
+        self._stop, self._token = trio.Event(), trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            relay: Relay = await nursery.start(serve_relay, self._config)
+            self._fixture = RelayFixture(relay, nursery, self._token)
+            self._started.set()
+            await self._stop.wait()
+            relay.shutdown()
+
+
+def _fixture_config_of(config: "Config | Mapping[str, Any] | str | Path | None") -> Config:
+    """A config for relay_factory: the `relay` fixture's, or `config` with its host and port
+    giving way to a free loopback port (tests run side by side)."""
+    if config is None:
+        return _fixture_config()
+    loaded = load_config(config)
+    return load_config(dataclasses.replace(loaded, server=dataclasses.replace(loaded.server, host="127.0.0.1",
+                                                                                  port=0)))
+
+
+def _pytest_plugin() -> types.ModuleType:
+    """The pytest plugin: the `relay` and `relay_factory` fixtures (see above)."""
+    import pytest
+
+    plugin = types.ModuleType("relay_lite.pytest_plugin", "relay_lite's fixtures: relay, relay_factory")
+
+    def in_trio_test(request: Any) -> bool:
+        return request.node.get_closest_marker("trio") is not None
+
+    @pytest.fixture
+    async def _relay_lite_trio_factory() -> AsyncIterator[Callable[..., Awaitable[TrioRelayFixture]]]:
+        async with trio.open_nursery() as nursery:
+            made: list[Relay] = []
+
+            async def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> TrioRelayFixture:
+                relay: Relay = await nursery.start(serve_relay, _fixture_config_of(config))
+                made.append(relay)
+                return TrioRelayFixture(relay)
+            yield make
+            for relay in made:
+                relay.shutdown()
+
+    @pytest.fixture
+    async def _relay_lite_trio_relay(_relay_lite_trio_factory: Callable[..., Awaitable[TrioRelayFixture]],
+                                     ) -> TrioRelayFixture:
+        return await _relay_lite_trio_factory()
+
+    @pytest.fixture
+    def relay_factory(request: Any) -> Iterator[Callable[..., Any]]:
+        """Start a relay of a config (a dict shaped like the TOML, a Config, or a file; none: the
+        `relay` fixture's): `relay_factory(config)` returns a RelayFixture, or in a Trio test
+        `await relay_factory(config)` a TrioRelayFixture. Each is stopped after the test."""
+        if in_trio_test(request):  # pytest-trio sets it up in the test's loop, as the test's argument
+            yield request.getfixturevalue("_relay_lite_trio_factory")
+            return
+        threads: list[_RelayThread] = []
+
+        def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> RelayFixture:
+            thread = _RelayThread(_fixture_config_of(config))
+            threads.append(thread)
+            return thread.start()
+        yield make
+        for thread in threads:
+            thread.stop()
+
+    @pytest.fixture
+    def relay(request: Any) -> Any:
+        """A relay on a free loopback port with bucket "test", an input and a token (see
+        RelayFixture, and TrioRelayFixture in a Trio test)."""
+        if in_trio_test(request):  # not through relay_factory: that would make this a Trio fixture
+            return request.getfixturevalue("_relay_lite_trio_relay")
+        return request.getfixturevalue("relay_factory")()
+
+    for fixture in (_relay_lite_trio_factory, _relay_lite_trio_relay, relay_factory, relay):
+        setattr(plugin, fixture.__name__, fixture)
+    return plugin
+
+
+def __getattr__(name: str) -> Any:
+    """`relay_lite.pytest_plugin`, built on first use (see above)."""
+    if name == "pytest_plugin":
+        plugin = globals()[name] = _pytest_plugin()
+        return plugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ============================================================================ command line
