@@ -53,6 +53,7 @@ import re
 import reprlib
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -717,7 +718,7 @@ def _checked(config: Config) -> Config:
             if not input_.id:
                 logger.warning(
                     "input %r of bucket %r has no id: its URL is derived from names, stable but "
-                    "guessable; give it an id (`python relay_lite.py init` writes random ones)",
+                    "guessable; give it an id (`relay-lite init` writes random ones)",
                     input_.name, bucket.name,
                 )
             filled_inputs.append(dataclasses.replace(input_, id=input_id))
@@ -781,7 +782,7 @@ def _default_max_connections() -> int:
 
 def _check_secret(secret: str, where: str) -> None:
     """A secret must be hard to guess: long, varied, and not text copied from an example."""
-    how = ("make one with `python relay_lite.py init` or "
+    how = ("make one with `relay-lite init` or "
            "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
     _require(secret != "", where, f"missing (give secret or secret_hash); {how}")
     _require(len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8, where,
@@ -890,7 +891,7 @@ def _parse_secret_hash(text: str, where: str) -> _SecretHash:
         name, n, r, p = method.split(":")
         parsed = _SecretHash(int(n), int(r), int(p), salt, bytes.fromhex(digest))
     except ValueError:
-        raise ConfigError(f"{where}: must be scrypt:N:r:p$salt$hex, as `python relay_lite.py hash-secret` "
+        raise ConfigError(f"{where}: must be scrypt:N:r:p$salt$hex, as `relay-lite hash-secret` "
                           "prints it") from None
     _require(name == "scrypt", where, f"only scrypt hashes are supported, got {name[:20]!r}")
     _require(2**10 <= parsed.n <= 2**20 and parsed.n & (parsed.n - 1) == 0, where,
@@ -919,6 +920,18 @@ def _require_positive(value: float, where: str) -> None:
     _require(value > 0 and math.isfinite(value), where, f"must be positive, got {value}")
 
 
+def _unusable(config: Config) -> list[str]:
+    """What makes a good config useless: a relay nobody can send to, or nobody can receive from."""
+    problems = []
+    if not config.buckets:
+        problems.append("the config has no buckets, so no webhook can come in: add a [[buckets]] table "
+                        "(`relay-lite init` writes a config with one)")
+    if not config.tokens:
+        problems.append("the config has no tokens, so no client can connect: add a [[tokens]] table "
+                        "(`relay-lite init` writes a config with one)")
+    return problems
+
+
 def _demo_config(server: ServerConfig) -> Config:
     """A bucket, an input and a token with fresh random ids, for a first run without a config."""
     return load_config(Config(
@@ -931,7 +944,7 @@ def _demo_config(server: ServerConfig) -> Config:
 def _config_template() -> str:
     """The text `python relay_lite.py init` writes: fresh random ids and a token."""
     return f"""\
-# relay_lite configuration. Run: python relay_lite.py --config <this file>
+# relay_lite configuration. Run: relay-lite --config <this file>
 
 [server]
 host = "{DEFAULT_HOST}"         # "0.0.0.0" to listen on every interface
@@ -3567,7 +3580,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
                                         "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
                 relay.metrics.rejected["replay"] += 1
-                return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # as the first time
+                return _sender_answer(own_body, own_status, own_headers)  # as the first time
         hold = _Hold(input_.response_from_output) if input_.response_from_output else None
         try:
             entries = await core.accept(bucket, input_, webhook, hold)
@@ -3582,9 +3595,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
             relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
             answer = await core.wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
-                headers = _answer_headers(answer.headers.items())
-                return Response(answer.body, answer.status_code, headers)  # type: ignore[arg-type]  # pairs are fine
-        return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]
+                return _sender_answer(answer.body, answer.status_code, _answer_headers(answer.headers.items()))
+        return _sender_answer(own_body, own_status, own_headers)
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
@@ -3814,6 +3826,15 @@ def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str,
     """The headers of an answer a webhook's sender gets (an input's own, or a client's), less
     what Hypercorn writes itself."""
     return [(name, value) for name, values in headers if name.lower() not in _SERVERS_HEADERS for value in values]
+
+
+def _sender_answer(body: bytes | str, status: int, headers: list[tuple[str, str]]) -> Response:
+    """An answer to a webhook's sender, with the headers it was given: no Content-Type unless
+    they say one (Quart's default, text/html, would say what nobody meant)."""
+    response = Response(body, status, headers)  # type: ignore[arg-type]  # pairs are fine
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        del response.headers["Content-Type"]
+    return response
 
 
 def _plain(status: int, message: str) -> Response:
@@ -4595,6 +4616,8 @@ class Relay:
             scheme = "https" if self._tls else "http"
             self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
             logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+            for problem in _unusable(self.config):
+                logger.warning("%s", problem)
 
             handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
             async with trio.open_nursery() as connections:
@@ -5583,7 +5606,7 @@ def __getattr__(name: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
     parser = argparse.ArgumentParser(
-        prog="relay_lite.py",
+        usage="%(prog)s [options] [COMMAND ...]",  # argparse's own shows COMMAND as if it were required
         description="A self-hosted webhook relay: webhooks in at /v1/webhooks/<input id>, "
                     "streamed live to WebSocket clients at /v1/socket, one port.",
     )
@@ -5594,7 +5617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line: time, level, logger, message (and exception)")
     parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)")
     init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
     init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -5681,6 +5704,8 @@ def _check(path: str | None) -> int:
     outputs = sum(len(bucket.outputs) for bucket in config.buckets)
     print(f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
           f"{len(config.tokens)} token(s)")
+    for problem in _unusable(config):
+        print(f"warning: {problem}")
     return 0
 
 
@@ -5713,7 +5738,7 @@ def _init(path: Path, *, force: bool) -> int:
         return 2
     path.write_text(_config_template(), encoding="utf-8")
     print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
-          f"Run: python relay_lite.py --config {path}")
+          f"Run: {_command()} --config {path}")
     return 0
 
 
@@ -5866,8 +5891,7 @@ async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[
 
 def _banner(relay: Relay, demo: bool) -> str:
     config = relay.config
-    lines = [f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)",
-             f"  socket URL: {relay.socket_url}"]
+    lines = [f"  socket URL: {relay.socket_url}"]  # after the log's line "listening on <url>"
     for bucket in config.buckets:
         for input_ in bucket.inputs:
             lines.append(f"  bucket {bucket.name!r}, input {input_.name!r}: {relay.input_url(input_.id, public=True)}")
@@ -5886,12 +5910,32 @@ def _banner(relay: Relay, demo: bool) -> str:
             f'  {{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
             f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
             "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
-            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} python relay_lite.py forward "
+            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} {_command()} forward "
             f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
-            "For lasting ids: python relay_lite.py init relay.toml && python relay_lite.py --config relay.toml",
+            f"For lasting ids: {_command()} init relay.toml && {_command()} --config relay.toml",
         ]
     lines += ["", "Ctrl-C to stop."]
     return "\n".join(lines)
+
+
+def _command() -> str:
+    """How relay_lite was run, for the commands it prints: its console script, or a Python and
+    the module's file; each by its name if that is what PATH finds, else by its path."""
+    if Path(sys.argv[0]).name == "relay-lite":
+        return _by_name(sys.argv[0])
+    return f"{_by_name(sys.executable)} {_by_name(sys.argv[0])}"
+
+
+def _by_name(path: str) -> str:
+    """`path` by its name if PATH finds it there; else relative to the working directory if
+    it is under it; else whole."""
+    if not path:
+        return "python3"
+    name, absolute = Path(path).name, os.path.abspath(path)
+    if (found := shutil.which(name)) is not None and os.path.abspath(found) == absolute:
+        return name
+    relative = os.path.relpath(absolute)
+    return relative if not relative.startswith("..") else absolute
 
 
 if __name__ == "__main__":
