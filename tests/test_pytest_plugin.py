@@ -2,9 +2,11 @@
 each test here writes such a project's test files and runs pytest on them in a fresh process,
 where the fixtures come only from relay_lite's pytest11 entry point."""
 
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +123,11 @@ def test_trio_mode_projects_get_the_trio_fixture_too(pytester):
 def test_serving_never_imports_pytest():
     code = "import sys, relay_lite; relay_lite.load_config({}); print('pytest' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_the_readmes_fixture_example_passes(pytester):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Testing with it"):readme.index("## Benchmarks")]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    result = run_user_tests(pytester, test_readme=example)
+    result.assert_outcomes(passed=1)
