@@ -427,6 +427,7 @@ class ServerConfig:
     keyfile: str = ""
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the real client
     trusted_proxies: tuple[str, ...] = ()
+    inspector: bool = True  # the web inspector at / (see _INSPECTOR_PAGE); false: 404 there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3734,6 +3735,20 @@ def _make_app(relay: "Relay") -> QuartTrio:
             text, content_type = _metrics_text(relay)
             return Response(text, 200, content_type=content_type)
 
+    if relay.config.server.inspector:
+
+        @app.route("/", methods=["GET"])
+        async def inspector() -> Response:
+            return _inspector_file(_INSPECTOR_PAGE, "text/html; charset=utf-8")
+
+        @app.route(INSPECTOR_PATH + "app.js", methods=["GET"])
+        async def inspector_script() -> Response:
+            return _inspector_file(_INSPECTOR_SCRIPT, "text/javascript; charset=utf-8")
+
+        @app.route(INSPECTOR_PATH + "app.css", methods=["GET"])
+        async def inspector_style() -> Response:
+            return _inspector_file(_INSPECTOR_STYLE, "text/css; charset=utf-8")
+
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
@@ -3905,6 +3920,596 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
             break
         page.append(entry)
     return page
+
+
+# ---------------------------------------------------------------------------- the web inspector
+#
+# One page at / that shows a token's webhooks live, written into the module (no build step, no
+# CDN: it works offline on a Pi). It signs in over the relay's own socket protocol, as any client
+# does, and reads the REST API with the token; the key and secret stay in the tab's session
+# storage. Its script and style are files of their own, so the page runs under a strict
+# Content-Security-Policy: nothing inline, nothing from elsewhere, no frames. It builds every
+# element from text (textContent), never from markup, so a webhook's content cannot script it.
+
+INSPECTOR_PATH = "/inspector/"
+_INSPECTOR_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _inspector_file(text: str, content_type: str) -> Response:
+    return Response(text, 200, headers=_INSPECTOR_HEADERS, content_type=content_type)
+
+
+_INSPECTOR_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>relay_lite inspector</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="inspector/app.css">
+<script src="inspector/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>relay_lite</h1>
+  <p id="state" role="status" aria-live="polite" data-kind="idle">signed out</p>
+  <button type="button" id="sign-out" hidden>Sign out</button>
+</header>
+<main>
+  <form id="sign-in" autocomplete="off">
+    <h2>Sign in with a token</h2>
+    <p>The key and secret stay in this tab (its session storage) and go only to this relay.</p>
+    <label>Key <input id="key" name="key" required spellcheck="false" autocapitalize="off"></label>
+    <label>Secret <input id="secret" name="secret" type="password" required></label>
+    <button type="submit">Sign in</button>
+    <p id="sign-in-error" class="error" role="alert" hidden></p>
+  </form>
+  <section id="inspector" hidden>
+    <div id="filters">
+      <label>Bucket <select id="bucket-filter"><option value="">every bucket</option></select></label>
+      <label>Status <select id="status-filter"><option value="">every status</option></select></label>
+    </div>
+    <div id="panes">
+      <div id="list">
+        <table id="webhooks">
+          <caption>Webhooks, newest first</caption>
+          <thead><tr><th scope="col">Time</th><th scope="col">Bucket</th><th scope="col">Method</th>
+            <th scope="col">Path</th><th scope="col">Size</th><th scope="col">Status</th></tr></thead>
+          <tbody id="rows"></tbody>
+        </table>
+        <p id="empty">No webhooks yet: send one to an input URL.</p>
+        <button type="button" id="older" hidden>Load older</button>
+      </div>
+      <article id="detail" hidden tabindex="-1" aria-labelledby="detail-title">
+        <div class="bar">
+          <h2 id="detail-title"></h2>
+          <button type="button" id="copy-curl">Copy as curl</button>
+          <button type="button" id="resend">Resend</button>
+          <button type="button" id="close-detail" aria-label="Close">Close</button>
+        </div>
+        <p id="detail-message" role="status"></p>
+        <dl id="detail-meta"></dl>
+        <h3>Headers</h3><table class="pairs" id="detail-headers"></table>
+        <h3>Query</h3><pre id="detail-query"></pre>
+        <h3>Body <span id="detail-body-kind" class="kind"></span></h3><pre id="detail-body"></pre>
+        <h3>Answer</h3><dl id="detail-answer"></dl>
+        <table class="pairs" id="detail-answer-headers"></table><pre id="detail-answer-body"></pre>
+        <h3>Delivery</h3><dl id="detail-delivery"></dl>
+        <h3>As a curl command</h3><pre id="detail-curl"></pre>
+      </article>
+    </div>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+_INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over the relay's own socket protocol, shows the
+// token's webhooks live (and older ones from GET /v1/logs), and one in full. No framework, no
+// build step: everything here is served by relay_lite itself, so it works offline.
+'use strict';
+(() => {
+  const STATUSES = ['preparing', 'sent', 'failed', 'stalled', 'received', 'rejected'];
+  const PAGE = 50;
+  const RETRY_FIRST = 1000, RETRY_MOST = 30000;
+  const $ = (id) => document.getElementById(id);
+  const state = {key: '', secret: '', socket: null, live: false, retry: RETRY_FIRST, timer: 0,
+                 logs: new Map(), newest: '', cursor: '', selected: ''};
+
+  function el(tag, text, className) {
+    const node = document.createElement(tag);
+    if (text !== undefined) node.textContent = text;
+    if (className) node.className = className;
+    return node;
+  }
+
+  function show(id, visible) { $(id).hidden = !visible; }
+
+  function setState(text, kind) {
+    $('state').textContent = text;
+    $('state').dataset.kind = kind;
+  }
+
+  // ------------------------------------------------------------------ the REST API
+
+  function basic() {
+    const bytes = new TextEncoder().encode(state.key + ':' + state.secret);
+    return 'Basic ' + btoa(String.fromCharCode(...bytes));
+  }
+
+  async function api(path, options = {}) {
+    const headers = {Authorization: basic(), Accept: 'application/json'};
+    if (options.body) headers['Content-Type'] = 'application/json';
+    const response = await fetch(path, {...options, headers, cache: 'no-store', credentials: 'omit'});
+    const text = await response.text();
+    let parsed = null;
+    try { parsed = JSON.parse(text); } catch (error) { parsed = {error: text}; }
+    if (!response.ok) throw new Error(`${response.status}: ${(parsed && parsed.error) || response.statusText}`);
+    return parsed;
+  }
+
+  // ------------------------------------------------------------------ the socket
+
+  function socketURL() {
+    const url = new URL('v1/socket', location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return url.href;
+  }
+
+  function connect() {
+    clearTimeout(state.timer);
+    const ws = new WebSocket(socketURL());
+    state.socket = ws;
+    ws.addEventListener('open', () => {
+      ws.send(JSON.stringify({action: 'auth', key: state.key, secret: state.secret}));
+    });
+    ws.addEventListener('message', (event) => {
+      if (ws !== state.socket) return;
+      let frame;
+      try { frame = JSON.parse(event.data); } catch (error) { return; }
+      onFrame(ws, frame);
+    });
+    ws.addEventListener('close', (event) => {
+      if (ws !== state.socket) return;
+      state.socket = null;
+      if (!state.live) {  // it never signed in
+        if (state.key) signInFailed(event.reason || 'the relay closed the connection');
+        return;
+      }
+      const wait = state.retry;
+      state.retry = Math.min(state.retry * 2, RETRY_MOST);
+      setState(`reconnecting in ${Math.round(wait / 1000)} s (${event.reason || 'connection lost'})`, 'warn');
+      state.timer = setTimeout(connect, wait * (0.8 + Math.random() * 0.4));
+    });
+  }
+
+  function onFrame(ws, frame) {
+    if (frame.type === 'webhook') {
+      arrived(frame);
+      return;
+    }
+    if (frame.type !== 'status') return;
+    if (frame.status === 'authenticated') {
+      const subscribe = {action: 'subscribe', buckets: []};
+      if (state.live && state.newest) subscribe.since = state.newest;  // a reconnect: what came meanwhile first
+      ws.send(JSON.stringify(subscribe));
+    } else if (frame.status === 'unauthorized') {  // a wrong secret, or a token since changed or removed
+      state.live = false;
+      state.socket = null;
+      ws.close();
+      show('inspector', false);
+      show('sign-out', false);
+      signInFailed(frame.message || 'wrong key or secret');
+    } else if (frame.status === 'subscribed') {
+      state.retry = RETRY_FIRST;
+      setState('connected: live', 'ok');
+      if (!state.live) signedIn();
+      else if (!state.newest) reload();  // it had none to resume from: the list again, from the log
+    } else if (frame.status === 'ping') {
+      ws.send(JSON.stringify({action: 'pong'}));
+    } else if (frame.status === 'error' || frame.status === 'history_gap') {
+      setState(`connected: ${frame.message}`, 'warn');
+    }
+  }
+
+  // ------------------------------------------------------------------ signing in and out
+
+  function signIn(key, secret) {
+    state.key = key;
+    state.secret = secret;
+    state.live = false;
+    show('sign-in-error', false);
+    setState('signing in…', 'busy');
+    connect();
+  }
+
+  function signInFailed(message) {
+    state.key = state.secret = '';
+    sessionStorage.removeItem('relay_lite.token');
+    setState('signed out', 'idle');
+    $('sign-in-error').textContent = `Sign-in failed: ${message}`;
+    show('sign-in-error', true);
+    show('sign-in', true);
+    $('key').focus();
+  }
+
+  async function signedIn() {
+    state.live = true;
+    sessionStorage.setItem('relay_lite.token', JSON.stringify({key: state.key, secret: state.secret}));
+    show('sign-in', false);
+    show('inspector', true);
+    show('sign-out', true);
+    try {
+      const buckets = await api('v1/buckets');
+      const select = $('bucket-filter');
+      for (const bucket of buckets) {
+        const option = el('option', bucket.name);
+        option.value = bucket.id;
+        select.append(option);
+      }
+    } catch (error) {
+      setState(`connected: live; the bucket list failed: ${error.message}`, 'warn');
+    }
+    await reload();
+  }
+
+  function signOut() {
+    sessionStorage.removeItem('relay_lite.token');
+    location.reload();
+  }
+
+  // ------------------------------------------------------------------ the list
+
+  function filters() {
+    return {bucket: $('bucket-filter').value, status: $('status-filter').value};
+  }
+
+  function matches(log) {
+    const {bucket, status} = filters();
+    return (!bucket || log.bucket_id === bucket) && (status === '' || String(log.status) === status);
+  }
+
+  async function reload() {
+    state.cursor = '';
+    $('rows').replaceChildren();
+    await older();
+  }
+
+  async function older() {
+    const {bucket, status} = filters();
+    const query = new URLSearchParams({limit: String(PAGE)});
+    if (bucket) query.set('bucket', bucket);
+    if (status) query.set('status', status);
+    if (state.cursor) query.set('cursor', state.cursor);
+    try {
+      const page = await api(`v1/logs?${query}`);
+      for (const log of page.data) {
+        place(log, false);
+        if (log.id > state.newest) state.newest = log.id;
+      }
+      state.cursor = page.data.length === PAGE ? page.next_cursor || '' : '';
+    } catch (error) {
+      setState(`loading webhooks failed: ${error.message}`, 'warn');
+    }
+    show('older', Boolean(state.cursor));
+    show('empty', $('rows').children.length === 0);
+  }
+
+  async function arrived(frame) {
+    const id = frame.meta && frame.meta.id;
+    if (!id) return;
+    if (!state.newest || id > state.newest) state.newest = id;
+    try {
+      place(await api(`v1/logs/${encodeURIComponent(id)}`), true);
+    } catch (error) {  // gone already (a tiny history): what the frame says
+      place({id, bucket_id: frame.meta.bucket_id, bucket_name: frame.meta.bucket_name, method: frame.method,
+             extra_path: frame.meta.output_destination, body: frame.body, body_encoding: frame.body_encoding || '',
+             status: 1, received_at: Date.now() / 1000}, true);
+    }
+  }
+
+  function bodyBytes(log) {
+    if (log.body_encoding === 'base64') return Uint8Array.from(atob(log.body), (c) => c.charCodeAt(0));
+    return new TextEncoder().encode(log.body || '');
+  }
+
+  function size(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+  }
+
+  function statusName(log) { return STATUSES[log.status] || String(log.status); }
+
+  function row(log) {
+    const tr = el('tr');
+    tr.dataset.id = log.id;
+    tr.dataset.status = statusName(log);
+    const when = new Date(log.received_at * 1000);
+    const time = el('td');
+    const open = el('button', when.toLocaleTimeString(), 'open');
+    open.type = 'button';
+    open.title = when.toISOString();
+    open.setAttribute('aria-label', `open the ${log.method} webhook of ${when.toLocaleString()}`);
+    time.append(open);
+    tr.append(time, el('td', log.bucket_name, 'bucket'), el('td', log.method, 'method'),
+              el('td', log.extra_path || '/', 'path'), el('td', size(bodyBytes(log).length), 'size'),
+              el('td', statusName(log), `status status-${statusName(log)}`));
+    return tr;
+  }
+
+  function place(log, newest) {
+    if (state.logs.has(log.id) && document.querySelector(`tr[data-id="${CSS.escape(log.id)}"]`)) {
+      state.logs.set(log.id, log);
+      document.querySelector(`tr[data-id="${CSS.escape(log.id)}"]`).replaceWith(row(log));
+      return;
+    }
+    state.logs.set(log.id, log);
+    if (!matches(log)) return;
+    const rows = $('rows');
+    if (newest) rows.prepend(row(log)); else rows.append(row(log));
+    show('empty', false);
+  }
+
+  // ------------------------------------------------------------------ one webhook
+
+  function hexDump(bytes) {
+    const lines = [];
+    for (let offset = 0; offset < bytes.length; offset += 16) {
+      const chunk = Array.from(bytes.slice(offset, offset + 16));
+      const hex = chunk.map((b) => b.toString(16).padStart(2, '0')).join(' ');
+      const text = chunk.map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.')).join('');
+      lines.push(`${offset.toString(16).padStart(8, '0')}  ${hex.padEnd(47)}  |${text}|`);
+    }
+    return lines.join('\n');
+  }
+
+  function bodyView(bytes) {
+    let text;
+    try {
+      text = new TextDecoder('utf-8', {fatal: true}).decode(bytes);
+    } catch (error) {
+      return ['binary, hex', hexDump(bytes)];
+    }
+    if (/[\u0000-\u0008\u000e-\u001f\u007f]/.test(text)) return ['binary, hex', hexDump(bytes)];
+    if (text === '') return ['empty', ''];
+    try {
+      return ['JSON', JSON.stringify(JSON.parse(text), null, 2)];
+    } catch (error) {
+      return ['text', text];
+    }
+  }
+
+  function pairs(table, headers) {
+    table.replaceChildren();
+    for (const [name, values] of Object.entries(headers || {})) {
+      for (const value of [].concat(values)) {
+        const tr = el('tr');
+        tr.append(el('th', name), el('td', value));
+        table.append(tr);
+      }
+    }
+  }
+
+  function terms(list, entries) {
+    list.replaceChildren();
+    for (const [term, value] of entries) {
+      if (value === '' || value === undefined || value === null) continue;
+      list.append(el('dt', term), el('dd', String(value)));
+    }
+  }
+
+  function shellQuote(bytes) {
+    const text = Array.from(bytes, (b) => {
+      if (b === 0x27) return "\\'";
+      if (b === 0x5c) return '\\\\';
+      if (b >= 0x20 && b < 0x7f) return String.fromCharCode(b);
+      return '\\x' + b.toString(16).padStart(2, '0');
+    }).join('');
+    return `$'${text}'`;
+  }
+
+  function curl(log) {
+    const url = new URL(`v1/webhooks/${log.input_id}${log.extra_path || ''}`, location.href);
+    const target = url.href + (log.raw_query ? `?${log.raw_query}` : '');
+    const enc = (text) => shellQuote(new TextEncoder().encode(text));
+    const parts = ['curl', '-X', log.method, enc(target)];
+    for (const [name, values] of Object.entries(log.headers || {})) {
+      if (name.toLowerCase() === 'content-length') continue;
+      for (const value of [].concat(values)) parts.push('-H', enc(`${name}: ${value}`));
+    }
+    const bytes = bodyBytes(log);
+    if (!bytes.includes(0)) {
+      if (bytes.length) parts.push('--data-binary', shellQuote(bytes));
+      return parts.join(' ');
+    }
+    // A shell argument cannot hold a NUL byte: printf writes the body, every byte of it in octal
+    // but for plain characters, and curl reads it from its standard input.
+    const plain = (b) => b >= 0x20 && b < 0x7f && b !== 0x27 && b !== 0x5c && b !== 0x25;
+    const octal = (b) => '\\' + b.toString(8).padStart(3, '0');
+    const format = Array.from(bytes, (b) => (plain(b) ? String.fromCharCode(b) : octal(b)));
+    return `printf '${format.join('')}' | ${parts.join(' ')} --data-binary @-`;
+  }
+
+  async function open(id) {
+    let log = state.logs.get(id);
+    try {
+      log = await api(`v1/logs/${encodeURIComponent(id)}`);
+      place(log, false);
+    } catch (error) {
+      if (!log) return;
+    }
+    state.selected = id;
+    for (const tr of document.querySelectorAll('#rows tr')) tr.toggleAttribute('aria-current', tr.dataset.id === id);
+    render(log, '');
+    show('detail', true);
+    $('detail').focus();
+  }
+
+  function render(log, message) {
+    $('detail-title').textContent = `${log.method} ${log.extra_path || '/'}`;
+    $('detail-message').textContent = message;
+    const received = new Date(log.received_at * 1000).toISOString();
+    terms($('detail-meta'), [['id', log.id], ['bucket', log.bucket_name], ['input', log.input_name],
+                             ['output', log.output_name], ['received', received], ['from', log.ip_address],
+                             ['status', statusName(log)], ['resent from', log.resent_from]]);
+    pairs($('detail-headers'), log.headers);
+    $('detail-query').textContent = log.raw_query || '(none)';
+    const [kind, text] = bodyView(bodyBytes(log));
+    $('detail-body-kind').textContent = `(${kind}, ${size(bodyBytes(log).length)})`;
+    $('detail-body').textContent = text;
+    const answered = log.status_code || (log.response_body && log.response_body.length);
+    terms($('detail-answer'), answered ? [['status code', log.status_code], ['after', `${log.duration_ms} ms`]]
+                                       : [['answer', 'none (yet)']]);
+    pairs($('detail-answer-headers'), answered ? log.response_headers : {});
+    $('detail-answer-body').textContent = answered ? bodyView(Uint8Array.from(log.response_body || []))[1] : '';
+    terms($('detail-delivery'), [['to', log.output_destination || (log.internal ? 'the sockets subscribed' : '')],
+                                 ['attempts', answered ? (log.retries || 0) + 1 : log.retries || ''],
+                                 ['outcome', statusName(log)],
+                                 ['last update', new Date(log.updated_at * 1000).toISOString()]]);
+    $('detail-curl').textContent = curl(log);
+    $('resend').disabled = log.status === STATUSES.indexOf('rejected');
+  }
+
+  function closeDetail() {
+    show('detail', false);
+    const button = document.querySelector(`tr[data-id="${CSS.escape(state.selected)}"] button`);
+    state.selected = '';
+    if (button) button.focus();
+  }
+
+  async function copyCurl() {
+    const command = $('detail-curl').textContent;
+    try {
+      await navigator.clipboard.writeText(command);
+      $('detail-message').textContent = 'curl command copied';
+    } catch (error) {  // no clipboard outside a secure context: select it for Ctrl-C
+      const range = document.createRange();
+      range.selectNodeContents($('detail-curl'));
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      $('detail-message').textContent = 'curl command selected: press Ctrl-C (or ⌘-C) to copy it';
+    }
+  }
+
+  async function resend() {
+    const id = state.selected;
+    $('resend').disabled = true;
+    try {
+      const log = await api(`v1/logs/${encodeURIComponent(id)}/action`, {method: 'POST',
+                                                                      body: JSON.stringify({action: 'resend'})});
+      place(log, true);
+      $('detail-message').textContent = `resent as ${log.id}`;
+    } catch (error) {
+      $('detail-message').textContent = `resend failed: ${error.message}`;
+    } finally {
+      $('resend').disabled = false;
+    }
+  }
+
+  // ------------------------------------------------------------------ wiring
+
+  document.addEventListener('DOMContentLoaded', () => {
+    const select = $('status-filter');
+    STATUSES.forEach((name, number) => {
+      const option = el('option', name);
+      option.value = String(number);
+      select.append(option);
+    });
+    $('sign-in').addEventListener('submit', (event) => {
+      event.preventDefault();
+      signIn($('key').value.trim(), $('secret').value);
+    });
+    $('sign-out').addEventListener('click', signOut);
+    $('bucket-filter').addEventListener('change', reload);
+    $('status-filter').addEventListener('change', reload);
+    $('older').addEventListener('click', older);
+    $('rows').addEventListener('click', (event) => {
+      const tr = event.target.closest('tr[data-id]');
+      if (tr) open(tr.dataset.id);
+    });
+    $('close-detail').addEventListener('click', closeDetail);
+    $('copy-curl').addEventListener('click', copyCurl);
+    $('resend').addEventListener('click', resend);
+    document.addEventListener('keydown', (event) => {
+      if (event.key === 'Escape' && !$('detail').hidden) closeDetail();
+    });
+    const kept = sessionStorage.getItem('relay_lite.token');
+    if (kept) {
+      try {
+        const {key, secret} = JSON.parse(kept);
+        signIn(key, secret);
+      } catch (error) {
+        sessionStorage.removeItem('relay_lite.token');
+      }
+    }
+  });
+})();
+"""
+
+_INSPECTOR_STYLE = r""":root { color-scheme: light dark; --line: #8884; --accent: #2563eb; --ok: #15803d; --warn: #b45309; --bad: #b91c1c;
+        font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; }
+header { display: flex; align-items: center; gap: 1rem; padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+header h1 { font-size: 1.1rem; margin: 0; }
+#state { margin: 0 auto 0 0; font-size: .9rem; }
+#state::before { content: "\25CF  "; }
+#state[data-kind="ok"]::before { color: var(--ok); }
+#state[data-kind="warn"]::before, #state[data-kind="busy"]::before { color: var(--warn); }
+#state[data-kind="idle"]::before { color: gray; }
+main { padding: 1rem; }
+button, input, select { font: inherit; }
+button { cursor: pointer; border: 1px solid var(--line); border-radius: 6px; padding: .3rem .7rem;
+         background: transparent; color: inherit; }
+button:hover { border-color: var(--accent); }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+#sign-in { max-width: 26rem; margin: 2rem auto; display: grid; gap: .8rem; }
+#sign-in label { display: grid; gap: .2rem; }
+#sign-in input { padding: .4rem; border: 1px solid var(--line); border-radius: 6px; background: transparent;
+                 color: inherit; }
+.error { color: var(--bad); }
+#filters { display: flex; flex-wrap: wrap; gap: 1rem; margin-bottom: .8rem; }
+#panes { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.2fr); gap: 1rem; align-items: start; }
+#panes:has(#detail[hidden]) { grid-template-columns: minmax(0, 1fr); }
+table { border-collapse: collapse; width: 100%; }
+caption { text-align: left; font-weight: 600; padding-bottom: .4rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+#webhooks td.path { word-break: break-all; }
+#webhooks tr[aria-current] { background: #2563eb22; }
+#webhooks td.size { white-space: nowrap; }
+#webhooks button.open { border: 0; padding: 0; text-decoration: underline; color: var(--accent); }
+.status-failed, .status-rejected { color: var(--bad); }
+.status-stalled { color: var(--warn); }
+.status-sent { color: var(--ok); }
+#detail { border: 1px solid var(--line); border-radius: 8px; padding: .8rem 1rem; position: sticky; top: 1rem;
+          max-height: calc(100vh - 2rem); overflow: auto; }
+#detail .bar { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; }
+#detail .bar h2 { margin: 0 auto 0 0; font-size: 1.05rem; word-break: break-all; }
+#detail h3 { font-size: .95rem; margin: 1rem 0 .3rem; }
+.kind { font-weight: normal; color: gray; }
+dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .15rem .8rem; margin: 0; }
+dt { color: gray; }
+dd { margin: 0; word-break: break-all; }
+pre { margin: 0; padding: .5rem; background: #8881; border-radius: 6px; overflow: auto; max-height: 24rem;
+      white-space: pre-wrap; word-break: break-all; font: 13px/1.4 ui-monospace, "SF Mono", Menlo, Consolas, monospace; }
+table.pairs th { font-weight: 600; white-space: nowrap; }
+table.pairs td { word-break: break-all; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
+#older { margin-top: .8rem; }
+@media (max-width: 700px) {
+  header { flex-wrap: wrap; }
+  #panes { grid-template-columns: minmax(0, 1fr); }
+  #webhooks th:nth-child(5), #webhooks td:nth-child(5), #webhooks th:nth-child(2), #webhooks td:nth-child(2) { display: none; }
+  #detail { position: fixed; inset: 0; top: 0; max-height: none; border-radius: 0; background: Canvas; z-index: 1; }
+}
+"""
 
 
 # ============================================================================ library glue
@@ -5359,6 +5964,13 @@ class _FixtureRelay:
         """The webhook URL of the first bucket's first input; relay.input_url(ref) for others."""
         return self.relay.input_url(self.bucket)
 
+    def reload(self, config: "Config | Mapping[str, Any] | str | Path") -> None:
+        """Apply a changed config, as SIGHUP does (see Relay.reload), its host and port aside."""
+        self._in_loop(self.relay.reload, _fixture_config_of(config))
+
+    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        return call(*args)
+
     def _request(self, body: bytes | str, path: str, bucket: str | None,
                  headers: Mapping[str, str] | None, method: str) -> httpx.Request:
         return httpx.Request(method, self.relay.input_url(bucket or self.bucket) + path, headers=headers,
@@ -5452,6 +6064,9 @@ class RelayFixture(_FixtureRelay):
     def __init__(self, relay: Relay, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
         super().__init__(relay)
         self._nursery, self._token = nursery, token
+
+    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        return trio.from_thread.run_sync(call, *args, trio_token=self._token)
 
     def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
              headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:

@@ -28,7 +28,8 @@ async def test_unknown_input_is_404(relay, http):
 
 
 async def test_other_paths_are_404_and_plain_get_of_the_socket_is_426(http):
-    assert (await http.get("/")).status_code == 404
+    assert (await http.get("/")).status_code == 200  # the web inspector (tests/test_inspector.py)
+    assert (await http.get("/index.html")).status_code == 404
     assert (await http.get("/v1/webhooks/")).status_code == 404
     response = await http.get("/v1/socket")
     assert response.status_code == 426
