@@ -5026,6 +5026,7 @@ class Relay:
         self._replays = _Replays()
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
+        self._announce = True  # log "listening on" once it is (see serve_relay)
         self._loaded_at = time.time()  # when the config in force was loaded: the buckets API's created_at
         self._own_answers = _own_answers(config)
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
@@ -5220,7 +5221,8 @@ class Relay:
             self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
             scheme = "https" if self._tls else "http"
             self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
-            logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+            if self._announce:
+                logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
             for problem in _unusable(self.config):
                 logger.warning("%s", problem)
 
@@ -5395,12 +5397,14 @@ async def serve_relay(
     *,
     host: str | None = None,
     port: int | None = None,
+    announce: bool = True,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
 
     Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
-    Relay once it is listening, with its real URL.
+    Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
+    is false (the command line prints its banner instead).
     """
     config = load_config(config)
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
@@ -5408,6 +5412,7 @@ async def serve_relay(
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
     relay = Relay(config)
     relay._overrides = overrides
+    relay._announce = announce
     await relay._serve(task_status)
 
 
@@ -6465,7 +6470,7 @@ async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | 
         except Exception:  # a bug; the relay goes on with the config in force
             logger.error("reload failed, the config in force stays", exc_info=True)
 
-    await _until_signalled(functools.partial(serve_relay, config), Relay.shutdown,
+    await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
                            lambda relay: print(_banner(relay, reload is None), flush=True), hang_up)
 
 
@@ -6506,7 +6511,8 @@ async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[
 
 def _banner(relay: Relay, demo: bool) -> str:
     config = relay.config
-    lines = [f"  socket URL: {relay.socket_url}"]  # after the log's line "listening on <url>"
+    lines = [f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)",
+             f"  socket URL: {relay.socket_url}"]
     for bucket in config.buckets:
         for input_ in bucket.inputs:
             lines.append(f"  bucket {bucket.name!r}, input {input_.name!r}: {relay.input_url(input_.id, public=True)}")

@@ -52,8 +52,8 @@ async def stop(process):
 async def test_demo_mode_prints_what_to_use_and_relays():
     process, banner = await start("--port", "0")
     try:
+        url = re.search(r"listening on (http://\S+)", banner).group(1)
         socket_url = re.search(r"socket URL: (ws://\S+)", banner).group(1)
-        url = socket_url.replace("ws", "http", 1).removesuffix("/v1/socket")
         key = re.search(r"key:\s+(\S+)", banner).group(1)
         secret = re.search(r"secret:\s+(\S+)", banner).group(1)
         curl = re.search(r"curl .*", banner).group(0)
