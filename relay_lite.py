@@ -53,12 +53,14 @@ import re
 import reprlib
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import ssl
 import sys
+import threading
 import time
 import tomllib
 import types
@@ -429,6 +431,7 @@ class ServerConfig:
     # Let other processes listen on the same port (SO_REUSEPORT; Linux spreads connections among
     # them): several relays of one cluster on one machine, as --workers runs them
     reuse_port: bool = False
+    inspector: bool = True  # the web inspector at / (see _INSPECTOR_PAGE); false: 404 there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -730,7 +733,7 @@ def _checked(config: Config) -> Config:
             if not input_.id:
                 logger.warning(
                     "input %r of bucket %r has no id: its URL is derived from names, stable but "
-                    "guessable; give it an id (`python relay_lite.py init` writes random ones)",
+                    "guessable; give it an id (`relay-lite init` writes random ones)",
                     input_.name, bucket.name,
                 )
             filled_inputs.append(dataclasses.replace(input_, id=input_id))
@@ -801,7 +804,7 @@ def _default_max_connections() -> int:
 
 def _check_secret(secret: str, where: str) -> None:
     """A secret must be hard to guess: long, varied, and not text copied from an example."""
-    how = ("make one with `python relay_lite.py init` or "
+    how = ("make one with `relay-lite init` or "
            "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
     _require(secret != "", where, f"missing (give secret or secret_hash); {how}")
     _require(len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8, where,
@@ -910,7 +913,7 @@ def _parse_secret_hash(text: str, where: str) -> _SecretHash:
         name, n, r, p = method.split(":")
         parsed = _SecretHash(int(n), int(r), int(p), salt, bytes.fromhex(digest))
     except ValueError:
-        raise ConfigError(f"{where}: must be scrypt:N:r:p$salt$hex, as `python relay_lite.py hash-secret` "
+        raise ConfigError(f"{where}: must be scrypt:N:r:p$salt$hex, as `relay-lite hash-secret` "
                           "prints it") from None
     _require(name == "scrypt", where, f"only scrypt hashes are supported, got {name[:20]!r}")
     _require(2**10 <= parsed.n <= 2**20 and parsed.n & (parsed.n - 1) == 0, where,
@@ -939,6 +942,18 @@ def _require_positive(value: float, where: str) -> None:
     _require(value > 0 and math.isfinite(value), where, f"must be positive, got {value}")
 
 
+def _unusable(config: Config) -> list[str]:
+    """What makes a good config useless: a relay nobody can send to, or nobody can receive from."""
+    problems = []
+    if not config.buckets:
+        problems.append("the config has no buckets, so no webhook can come in: add a [[buckets]] table "
+                        "(`relay-lite init` writes a config with one)")
+    if not config.tokens:
+        problems.append("the config has no tokens, so no client can connect: add a [[tokens]] table "
+                        "(`relay-lite init` writes a config with one)")
+    return problems
+
+
 def _demo_config(server: ServerConfig) -> Config:
     """A bucket, an input and a token with fresh random ids, for a first run without a config."""
     return load_config(Config(
@@ -951,7 +966,7 @@ def _demo_config(server: ServerConfig) -> Config:
 def _config_template() -> str:
     """The text `python relay_lite.py init` writes: fresh random ids and a token."""
     return f"""\
-# relay_lite configuration. Run: python relay_lite.py --config <this file>
+# relay_lite configuration. Run: relay-lite --config <this file>
 
 [server]
 host = "{DEFAULT_HOST}"         # "0.0.0.0" to listen on every interface
@@ -4239,7 +4254,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
                 relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
                                         "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
                 relay.metrics.rejected["replay"] += 1
-                return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]  # as the first time
+                return _sender_answer(own_body, own_status, own_headers)  # as the first time
         hold = _Hold(input_.response_from_output) if input_.response_from_output else None
         try:
             entries = await core.accept(bucket, input_, webhook, hold)
@@ -4254,9 +4269,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
             relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
             answer = await core.wait_for_answer(hold, entries, input_.response_timeout)
             if answer is not None:
-                headers = _answer_headers(answer.headers.items())
-                return Response(answer.body, answer.status_code, headers)  # type: ignore[arg-type]  # pairs are fine
-        return Response(own_body, own_status, own_headers)  # type: ignore[arg-type]
+                return _sender_answer(answer.body, answer.status_code, _answer_headers(answer.headers.items()))
+        return _sender_answer(own_body, own_status, own_headers)
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
@@ -4394,6 +4408,20 @@ def _make_app(relay: "Relay") -> QuartTrio:
             text, content_type = _metrics_text(relay)
             return Response(text, 200, content_type=content_type)
 
+    if relay.config.server.inspector:
+
+        @app.route("/", methods=["GET"])
+        async def inspector() -> Response:
+            return _inspector_file(_INSPECTOR_PAGE, "text/html; charset=utf-8")
+
+        @app.route(INSPECTOR_PATH + "app.js", methods=["GET"])
+        async def inspector_script() -> Response:
+            return _inspector_file(_INSPECTOR_SCRIPT, "text/javascript; charset=utf-8")
+
+        @app.route(INSPECTOR_PATH + "app.css", methods=["GET"])
+        async def inspector_style() -> Response:
+            return _inspector_file(_INSPECTOR_STYLE, "text/css; charset=utf-8")
+
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
@@ -4488,6 +4516,15 @@ def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str,
     return [(name, value) for name, values in headers if name.lower() not in _SERVERS_HEADERS for value in values]
 
 
+def _sender_answer(body: bytes | str, status: int, headers: list[tuple[str, str]]) -> Response:
+    """An answer to a webhook's sender, with the headers it was given: no Content-Type unless
+    they say one (Quart's default, text/html, would say what nobody meant)."""
+    response = Response(body, status, headers)  # type: ignore[arg-type]  # pairs are fine
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        del response.headers["Content-Type"]
+    return response
+
+
 def _plain(status: int, message: str) -> Response:
     return Response(message + "\n", status, content_type="text/plain; charset=utf-8")
 
@@ -4556,6 +4593,596 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
             break
         page.append(entry)
     return page
+
+
+# ---------------------------------------------------------------------------- the web inspector
+#
+# One page at / that shows a token's webhooks live, written into the module (no build step, no
+# CDN: it works offline on a Pi). It signs in over the relay's own socket protocol, as any client
+# does, and reads the REST API with the token; the key and secret stay in the tab's session
+# storage. Its script and style are files of their own, so the page runs under a strict
+# Content-Security-Policy: nothing inline, nothing from elsewhere, no frames. It builds every
+# element from text (textContent), never from markup, so a webhook's content cannot script it.
+
+INSPECTOR_PATH = "/inspector/"
+_INSPECTOR_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _inspector_file(text: str, content_type: str) -> Response:
+    return Response(text, 200, headers=_INSPECTOR_HEADERS, content_type=content_type)
+
+
+_INSPECTOR_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>relay_lite inspector</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="inspector/app.css">
+<script src="inspector/app.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>relay_lite</h1>
+  <p id="state" role="status" aria-live="polite" data-kind="idle">signed out</p>
+  <button type="button" id="sign-out" hidden>Sign out</button>
+</header>
+<main>
+  <form id="sign-in" autocomplete="off">
+    <h2>Sign in with a token</h2>
+    <p>The key and secret stay in this tab (its session storage) and go only to this relay.</p>
+    <label>Key <input id="key" name="key" required spellcheck="false" autocapitalize="off"></label>
+    <label>Secret <input id="secret" name="secret" type="password" required></label>
+    <button type="submit">Sign in</button>
+    <p id="sign-in-error" class="error" role="alert" hidden></p>
+  </form>
+  <section id="inspector" hidden>
+    <div id="filters">
+      <label>Bucket <select id="bucket-filter"><option value="">every bucket</option></select></label>
+      <label>Status <select id="status-filter"><option value="">every status</option></select></label>
+    </div>
+    <div id="panes">
+      <div id="list">
+        <table id="webhooks">
+          <caption>Webhooks, newest first</caption>
+          <thead><tr><th scope="col">Time</th><th scope="col">Bucket</th><th scope="col">Method</th>
+            <th scope="col">Path</th><th scope="col">Size</th><th scope="col">Status</th></tr></thead>
+          <tbody id="rows"></tbody>
+        </table>
+        <p id="empty">No webhooks yet: send one to an input URL.</p>
+        <button type="button" id="older" hidden>Load older</button>
+      </div>
+      <article id="detail" hidden tabindex="-1" aria-labelledby="detail-title">
+        <div class="bar">
+          <h2 id="detail-title"></h2>
+          <button type="button" id="copy-curl">Copy as curl</button>
+          <button type="button" id="resend">Resend</button>
+          <button type="button" id="close-detail" aria-label="Close">Close</button>
+        </div>
+        <p id="detail-message" role="status"></p>
+        <dl id="detail-meta"></dl>
+        <h3>Headers</h3><table class="pairs" id="detail-headers"></table>
+        <h3>Query</h3><pre id="detail-query"></pre>
+        <h3>Body <span id="detail-body-kind" class="kind"></span></h3><pre id="detail-body"></pre>
+        <h3>Answer</h3><dl id="detail-answer"></dl>
+        <table class="pairs" id="detail-answer-headers"></table><pre id="detail-answer-body"></pre>
+        <h3>Delivery</h3><dl id="detail-delivery"></dl>
+        <h3>As a curl command</h3><pre id="detail-curl"></pre>
+      </article>
+    </div>
+  </section>
+</main>
+</body>
+</html>
+"""
+
+_INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over the relay's own socket protocol, shows the
+// token's webhooks live (and older ones from GET /v1/logs), and one in full. No framework, no
+// build step: everything here is served by relay_lite itself, so it works offline.
+'use strict';
+(() => {
+  const STATUSES = ['preparing', 'sent', 'failed', 'stalled', 'received', 'rejected'];
+  const PAGE = 50;
+  const RETRY_FIRST = 1000, RETRY_MOST = 30000;
+  const $ = (id) => document.getElementById(id);
+  const state = {key: '', secret: '', socket: null, live: false, retry: RETRY_FIRST, timer: 0,
+                 logs: new Map(), newest: '', cursor: '', selected: ''};
+
+  function el(tag, text, className) {
+    const node = document.createElement(tag);
+    if (text !== undefined) node.textContent = text;
+    if (className) node.className = className;
+    return node;
+  }
+
+  function show(id, visible) { $(id).hidden = !visible; }
+
+  function setState(text, kind) {
+    $('state').textContent = text;
+    $('state').dataset.kind = kind;
+  }
+
+  // ------------------------------------------------------------------ the REST API
+
+  function basic() {
+    const bytes = new TextEncoder().encode(state.key + ':' + state.secret);
+    return 'Basic ' + btoa(String.fromCharCode(...bytes));
+  }
+
+  async function api(path, options = {}) {
+    const headers = {Authorization: basic(), Accept: 'application/json'};
+    if (options.body) headers['Content-Type'] = 'application/json';
+    const response = await fetch(path, {...options, headers, cache: 'no-store', credentials: 'omit'});
+    const text = await response.text();
+    let parsed = null;
+    try { parsed = JSON.parse(text); } catch (error) { parsed = {error: text}; }
+    if (!response.ok) throw new Error(`${response.status}: ${(parsed && parsed.error) || response.statusText}`);
+    return parsed;
+  }
+
+  // ------------------------------------------------------------------ the socket
+
+  function socketURL() {
+    const url = new URL('v1/socket', location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return url.href;
+  }
+
+  function connect() {
+    clearTimeout(state.timer);
+    const ws = new WebSocket(socketURL());
+    state.socket = ws;
+    ws.addEventListener('open', () => {
+      ws.send(JSON.stringify({action: 'auth', key: state.key, secret: state.secret}));
+    });
+    ws.addEventListener('message', (event) => {
+      if (ws !== state.socket) return;
+      let frame;
+      try { frame = JSON.parse(event.data); } catch (error) { return; }
+      onFrame(ws, frame);
+    });
+    ws.addEventListener('close', (event) => {
+      if (ws !== state.socket) return;
+      state.socket = null;
+      if (!state.live) {  // it never signed in
+        if (state.key) signInFailed(event.reason || 'the relay closed the connection');
+        return;
+      }
+      const wait = state.retry;
+      state.retry = Math.min(state.retry * 2, RETRY_MOST);
+      setState(`reconnecting in ${Math.round(wait / 1000)} s (${event.reason || 'connection lost'})`, 'warn');
+      state.timer = setTimeout(connect, wait * (0.8 + Math.random() * 0.4));
+    });
+  }
+
+  function onFrame(ws, frame) {
+    if (frame.type === 'webhook') {
+      arrived(frame);
+      return;
+    }
+    if (frame.type !== 'status') return;
+    if (frame.status === 'authenticated') {
+      const subscribe = {action: 'subscribe', buckets: []};
+      if (state.live && state.newest) subscribe.since = state.newest;  // a reconnect: what came meanwhile first
+      ws.send(JSON.stringify(subscribe));
+    } else if (frame.status === 'unauthorized') {  // a wrong secret, or a token since changed or removed
+      state.live = false;
+      state.socket = null;
+      ws.close();
+      show('inspector', false);
+      show('sign-out', false);
+      signInFailed(frame.message || 'wrong key or secret');
+    } else if (frame.status === 'subscribed') {
+      state.retry = RETRY_FIRST;
+      setState('connected: live', 'ok');
+      if (!state.live) signedIn();
+      else if (!state.newest) reload();  // it had none to resume from: the list again, from the log
+    } else if (frame.status === 'ping') {
+      ws.send(JSON.stringify({action: 'pong'}));
+    } else if (frame.status === 'error' || frame.status === 'history_gap') {
+      setState(`connected: ${frame.message}`, 'warn');
+    }
+  }
+
+  // ------------------------------------------------------------------ signing in and out
+
+  function signIn(key, secret) {
+    state.key = key;
+    state.secret = secret;
+    state.live = false;
+    show('sign-in-error', false);
+    setState('signing in…', 'busy');
+    connect();
+  }
+
+  function signInFailed(message) {
+    state.key = state.secret = '';
+    sessionStorage.removeItem('relay_lite.token');
+    setState('signed out', 'idle');
+    $('sign-in-error').textContent = `Sign-in failed: ${message}`;
+    show('sign-in-error', true);
+    show('sign-in', true);
+    $('key').focus();
+  }
+
+  async function signedIn() {
+    state.live = true;
+    sessionStorage.setItem('relay_lite.token', JSON.stringify({key: state.key, secret: state.secret}));
+    show('sign-in', false);
+    show('inspector', true);
+    show('sign-out', true);
+    try {
+      const buckets = await api('v1/buckets');
+      const select = $('bucket-filter');
+      for (const bucket of buckets) {
+        const option = el('option', bucket.name);
+        option.value = bucket.id;
+        select.append(option);
+      }
+    } catch (error) {
+      setState(`connected: live; the bucket list failed: ${error.message}`, 'warn');
+    }
+    await reload();
+  }
+
+  function signOut() {
+    sessionStorage.removeItem('relay_lite.token');
+    location.reload();
+  }
+
+  // ------------------------------------------------------------------ the list
+
+  function filters() {
+    return {bucket: $('bucket-filter').value, status: $('status-filter').value};
+  }
+
+  function matches(log) {
+    const {bucket, status} = filters();
+    return (!bucket || log.bucket_id === bucket) && (status === '' || String(log.status) === status);
+  }
+
+  async function reload() {
+    state.cursor = '';
+    $('rows').replaceChildren();
+    await older();
+  }
+
+  async function older() {
+    const {bucket, status} = filters();
+    const query = new URLSearchParams({limit: String(PAGE)});
+    if (bucket) query.set('bucket', bucket);
+    if (status) query.set('status', status);
+    if (state.cursor) query.set('cursor', state.cursor);
+    try {
+      const page = await api(`v1/logs?${query}`);
+      for (const log of page.data) {
+        place(log, false);
+        if (log.id > state.newest) state.newest = log.id;
+      }
+      state.cursor = page.data.length === PAGE ? page.next_cursor || '' : '';
+    } catch (error) {
+      setState(`loading webhooks failed: ${error.message}`, 'warn');
+    }
+    show('older', Boolean(state.cursor));
+    show('empty', $('rows').children.length === 0);
+  }
+
+  async function arrived(frame) {
+    const id = frame.meta && frame.meta.id;
+    if (!id) return;
+    if (!state.newest || id > state.newest) state.newest = id;
+    try {
+      place(await api(`v1/logs/${encodeURIComponent(id)}`), true);
+    } catch (error) {  // gone already (a tiny history): what the frame says
+      place({id, bucket_id: frame.meta.bucket_id, bucket_name: frame.meta.bucket_name, method: frame.method,
+             extra_path: frame.meta.output_destination, body: frame.body, body_encoding: frame.body_encoding || '',
+             status: 1, received_at: Date.now() / 1000}, true);
+    }
+  }
+
+  function bodyBytes(log) {
+    if (log.body_encoding === 'base64') return Uint8Array.from(atob(log.body), (c) => c.charCodeAt(0));
+    return new TextEncoder().encode(log.body || '');
+  }
+
+  function size(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+  }
+
+  function statusName(log) { return STATUSES[log.status] || String(log.status); }
+
+  function row(log) {
+    const tr = el('tr');
+    tr.dataset.id = log.id;
+    tr.dataset.status = statusName(log);
+    const when = new Date(log.received_at * 1000);
+    const time = el('td');
+    const open = el('button', when.toLocaleTimeString(), 'open');
+    open.type = 'button';
+    open.title = when.toISOString();
+    open.setAttribute('aria-label', `open the ${log.method} webhook of ${when.toLocaleString()}`);
+    time.append(open);
+    tr.append(time, el('td', log.bucket_name, 'bucket'), el('td', log.method, 'method'),
+              el('td', log.extra_path || '/', 'path'), el('td', size(bodyBytes(log).length), 'size'),
+              el('td', statusName(log), `status status-${statusName(log)}`));
+    return tr;
+  }
+
+  function place(log, newest) {
+    if (state.logs.has(log.id) && document.querySelector(`tr[data-id="${CSS.escape(log.id)}"]`)) {
+      state.logs.set(log.id, log);
+      document.querySelector(`tr[data-id="${CSS.escape(log.id)}"]`).replaceWith(row(log));
+      return;
+    }
+    state.logs.set(log.id, log);
+    if (!matches(log)) return;
+    const rows = $('rows');
+    if (newest) rows.prepend(row(log)); else rows.append(row(log));
+    show('empty', false);
+  }
+
+  // ------------------------------------------------------------------ one webhook
+
+  function hexDump(bytes) {
+    const lines = [];
+    for (let offset = 0; offset < bytes.length; offset += 16) {
+      const chunk = Array.from(bytes.slice(offset, offset + 16));
+      const hex = chunk.map((b) => b.toString(16).padStart(2, '0')).join(' ');
+      const text = chunk.map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.')).join('');
+      lines.push(`${offset.toString(16).padStart(8, '0')}  ${hex.padEnd(47)}  |${text}|`);
+    }
+    return lines.join('\n');
+  }
+
+  function bodyView(bytes) {
+    let text;
+    try {
+      text = new TextDecoder('utf-8', {fatal: true}).decode(bytes);
+    } catch (error) {
+      return ['binary, hex', hexDump(bytes)];
+    }
+    if (/[\u0000-\u0008\u000e-\u001f\u007f]/.test(text)) return ['binary, hex', hexDump(bytes)];
+    if (text === '') return ['empty', ''];
+    try {
+      return ['JSON', JSON.stringify(JSON.parse(text), null, 2)];
+    } catch (error) {
+      return ['text', text];
+    }
+  }
+
+  function pairs(table, headers) {
+    table.replaceChildren();
+    for (const [name, values] of Object.entries(headers || {})) {
+      for (const value of [].concat(values)) {
+        const tr = el('tr');
+        tr.append(el('th', name), el('td', value));
+        table.append(tr);
+      }
+    }
+  }
+
+  function terms(list, entries) {
+    list.replaceChildren();
+    for (const [term, value] of entries) {
+      if (value === '' || value === undefined || value === null) continue;
+      list.append(el('dt', term), el('dd', String(value)));
+    }
+  }
+
+  function shellQuote(bytes) {
+    const text = Array.from(bytes, (b) => {
+      if (b === 0x27) return "\\'";
+      if (b === 0x5c) return '\\\\';
+      if (b >= 0x20 && b < 0x7f) return String.fromCharCode(b);
+      return '\\x' + b.toString(16).padStart(2, '0');
+    }).join('');
+    return `$'${text}'`;
+  }
+
+  function curl(log) {
+    const url = new URL(`v1/webhooks/${log.input_id}${log.extra_path || ''}`, location.href);
+    const target = url.href + (log.raw_query ? `?${log.raw_query}` : '');
+    const enc = (text) => shellQuote(new TextEncoder().encode(text));
+    const parts = ['curl', '-X', log.method, enc(target)];
+    for (const [name, values] of Object.entries(log.headers || {})) {
+      if (name.toLowerCase() === 'content-length') continue;
+      for (const value of [].concat(values)) parts.push('-H', enc(`${name}: ${value}`));
+    }
+    const bytes = bodyBytes(log);
+    if (!bytes.includes(0)) {
+      if (bytes.length) parts.push('--data-binary', shellQuote(bytes));
+      return parts.join(' ');
+    }
+    // A shell argument cannot hold a NUL byte: printf writes the body, every byte of it in octal
+    // but for plain characters, and curl reads it from its standard input.
+    const plain = (b) => b >= 0x20 && b < 0x7f && b !== 0x27 && b !== 0x5c && b !== 0x25;
+    const octal = (b) => '\\' + b.toString(8).padStart(3, '0');
+    const format = Array.from(bytes, (b) => (plain(b) ? String.fromCharCode(b) : octal(b)));
+    return `printf '${format.join('')}' | ${parts.join(' ')} --data-binary @-`;
+  }
+
+  async function open(id) {
+    let log = state.logs.get(id);
+    try {
+      log = await api(`v1/logs/${encodeURIComponent(id)}`);
+      place(log, false);
+    } catch (error) {
+      if (!log) return;
+    }
+    state.selected = id;
+    for (const tr of document.querySelectorAll('#rows tr')) tr.toggleAttribute('aria-current', tr.dataset.id === id);
+    render(log, '');
+    show('detail', true);
+    $('detail').focus();
+  }
+
+  function render(log, message) {
+    $('detail-title').textContent = `${log.method} ${log.extra_path || '/'}`;
+    $('detail-message').textContent = message;
+    const received = new Date(log.received_at * 1000).toISOString();
+    terms($('detail-meta'), [['id', log.id], ['bucket', log.bucket_name], ['input', log.input_name],
+                             ['output', log.output_name], ['received', received], ['from', log.ip_address],
+                             ['status', statusName(log)], ['resent from', log.resent_from]]);
+    pairs($('detail-headers'), log.headers);
+    $('detail-query').textContent = log.raw_query || '(none)';
+    const [kind, text] = bodyView(bodyBytes(log));
+    $('detail-body-kind').textContent = `(${kind}, ${size(bodyBytes(log).length)})`;
+    $('detail-body').textContent = text;
+    const answered = log.status_code || (log.response_body && log.response_body.length);
+    terms($('detail-answer'), answered ? [['status code', log.status_code], ['after', `${log.duration_ms} ms`]]
+                                       : [['answer', 'none (yet)']]);
+    pairs($('detail-answer-headers'), answered ? log.response_headers : {});
+    $('detail-answer-body').textContent = answered ? bodyView(Uint8Array.from(log.response_body || []))[1] : '';
+    terms($('detail-delivery'), [['to', log.output_destination || (log.internal ? 'the sockets subscribed' : '')],
+                                 ['attempts', answered ? (log.retries || 0) + 1 : log.retries || ''],
+                                 ['outcome', statusName(log)],
+                                 ['last update', new Date(log.updated_at * 1000).toISOString()]]);
+    $('detail-curl').textContent = curl(log);
+    $('resend').disabled = log.status === STATUSES.indexOf('rejected');
+  }
+
+  function closeDetail() {
+    show('detail', false);
+    const button = document.querySelector(`tr[data-id="${CSS.escape(state.selected)}"] button`);
+    state.selected = '';
+    if (button) button.focus();
+  }
+
+  async function copyCurl() {
+    const command = $('detail-curl').textContent;
+    try {
+      await navigator.clipboard.writeText(command);
+      $('detail-message').textContent = 'curl command copied';
+    } catch (error) {  // no clipboard outside a secure context: select it for Ctrl-C
+      const range = document.createRange();
+      range.selectNodeContents($('detail-curl'));
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      $('detail-message').textContent = 'curl command selected: press Ctrl-C (or ⌘-C) to copy it';
+    }
+  }
+
+  async function resend() {
+    const id = state.selected;
+    $('resend').disabled = true;
+    try {
+      const log = await api(`v1/logs/${encodeURIComponent(id)}/action`, {method: 'POST',
+                                                                      body: JSON.stringify({action: 'resend'})});
+      place(log, true);
+      $('detail-message').textContent = `resent as ${log.id}`;
+    } catch (error) {
+      $('detail-message').textContent = `resend failed: ${error.message}`;
+    } finally {
+      $('resend').disabled = false;
+    }
+  }
+
+  // ------------------------------------------------------------------ wiring
+
+  document.addEventListener('DOMContentLoaded', () => {
+    const select = $('status-filter');
+    STATUSES.forEach((name, number) => {
+      const option = el('option', name);
+      option.value = String(number);
+      select.append(option);
+    });
+    $('sign-in').addEventListener('submit', (event) => {
+      event.preventDefault();
+      signIn($('key').value.trim(), $('secret').value);
+    });
+    $('sign-out').addEventListener('click', signOut);
+    $('bucket-filter').addEventListener('change', reload);
+    $('status-filter').addEventListener('change', reload);
+    $('older').addEventListener('click', older);
+    $('rows').addEventListener('click', (event) => {
+      const tr = event.target.closest('tr[data-id]');
+      if (tr) open(tr.dataset.id);
+    });
+    $('close-detail').addEventListener('click', closeDetail);
+    $('copy-curl').addEventListener('click', copyCurl);
+    $('resend').addEventListener('click', resend);
+    document.addEventListener('keydown', (event) => {
+      if (event.key === 'Escape' && !$('detail').hidden) closeDetail();
+    });
+    const kept = sessionStorage.getItem('relay_lite.token');
+    if (kept) {
+      try {
+        const {key, secret} = JSON.parse(kept);
+        signIn(key, secret);
+      } catch (error) {
+        sessionStorage.removeItem('relay_lite.token');
+      }
+    }
+  });
+})();
+"""
+
+_INSPECTOR_STYLE = r""":root { color-scheme: light dark; --line: #8884; --accent: #2563eb; --ok: #15803d; --warn: #b45309; --bad: #b91c1c;
+        font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; }
+header { display: flex; align-items: center; gap: 1rem; padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
+header h1 { font-size: 1.1rem; margin: 0; }
+#state { margin: 0 auto 0 0; font-size: .9rem; }
+#state::before { content: "\25CF  "; }
+#state[data-kind="ok"]::before { color: var(--ok); }
+#state[data-kind="warn"]::before, #state[data-kind="busy"]::before { color: var(--warn); }
+#state[data-kind="idle"]::before { color: gray; }
+main { padding: 1rem; }
+button, input, select { font: inherit; }
+button { cursor: pointer; border: 1px solid var(--line); border-radius: 6px; padding: .3rem .7rem;
+         background: transparent; color: inherit; }
+button:hover { border-color: var(--accent); }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+#sign-in { max-width: 26rem; margin: 2rem auto; display: grid; gap: .8rem; }
+#sign-in label { display: grid; gap: .2rem; }
+#sign-in input { padding: .4rem; border: 1px solid var(--line); border-radius: 6px; background: transparent;
+                 color: inherit; }
+.error { color: var(--bad); }
+#filters { display: flex; flex-wrap: wrap; gap: 1rem; margin-bottom: .8rem; }
+#panes { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.2fr); gap: 1rem; align-items: start; }
+#panes:has(#detail[hidden]) { grid-template-columns: minmax(0, 1fr); }
+table { border-collapse: collapse; width: 100%; }
+caption { text-align: left; font-weight: 600; padding-bottom: .4rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+#webhooks td.path { word-break: break-all; }
+#webhooks tr[aria-current] { background: #2563eb22; }
+#webhooks td.size { white-space: nowrap; }
+#webhooks button.open { border: 0; padding: 0; text-decoration: underline; color: var(--accent); }
+.status-failed, .status-rejected { color: var(--bad); }
+.status-stalled { color: var(--warn); }
+.status-sent { color: var(--ok); }
+#detail { border: 1px solid var(--line); border-radius: 8px; padding: .8rem 1rem; position: sticky; top: 1rem;
+          max-height: calc(100vh - 2rem); overflow: auto; }
+#detail .bar { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; }
+#detail .bar h2 { margin: 0 auto 0 0; font-size: 1.05rem; word-break: break-all; }
+#detail h3 { font-size: .95rem; margin: 1rem 0 .3rem; }
+.kind { font-weight: normal; color: gray; }
+dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .15rem .8rem; margin: 0; }
+dt { color: gray; }
+dd { margin: 0; word-break: break-all; }
+pre { margin: 0; padding: .5rem; background: #8881; border-radius: 6px; overflow: auto; max-height: 24rem;
+      white-space: pre-wrap; word-break: break-all; font: 13px/1.4 ui-monospace, "SF Mono", Menlo, Consolas, monospace; }
+table.pairs th { font-weight: 600; white-space: nowrap; }
+table.pairs td { word-break: break-all; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
+#older { margin-top: .8rem; }
+@media (max-width: 700px) {
+  header { flex-wrap: wrap; }
+  #panes { grid-template-columns: minmax(0, 1fr); }
+  #webhooks th:nth-child(5), #webhooks td:nth-child(5), #webhooks th:nth-child(2), #webhooks td:nth-child(2) { display: none; }
+  #detail { position: fixed; inset: 0; top: 0; max-height: none; border-radius: 0; background: Canvas; z-index: 1; }
+}
+"""
 
 
 # ============================================================================ library glue
@@ -5072,6 +5699,7 @@ class Relay:
         self._replays = _Replays()
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
+        self._announce = True  # log "listening on" once it is (see serve_relay)
         self._loaded_at = time.time()  # when the config in force was loaded: the buckets API's created_at
         self._own_answers = _own_answers(config)
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
@@ -5266,7 +5894,10 @@ class Relay:
             self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
             scheme = "https" if self._tls else "http"
             self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
-            logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+            if self._announce:
+                logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+            for problem in _unusable(self.config):
+                logger.warning("%s", problem)
 
             handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
             async with trio.open_nursery() as connections:
@@ -5461,12 +6092,14 @@ async def serve_relay(
     *,
     host: str | None = None,
     port: int | None = None,
+    announce: bool = True,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
 
     Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
-    Relay once it is listening, with its real URL.
+    Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
+    is false (the command line prints its banner instead).
     """
     config = load_config(config)
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
@@ -5474,6 +6107,7 @@ async def serve_relay(
         config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
     relay = Relay(config)
     relay._overrides = overrides
+    relay._announce = announce
     await relay._serve(task_status)
 
 
@@ -5984,13 +6618,311 @@ async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"]
     await agent.run()
 
 
+# ============================================================================ pytest plugin
+#
+# Installing relay_lite gives a project's tests a `relay` fixture: a relay on a free port with a
+# bucket, an input and a token, its URLs and credentials, `send` for a webhook and `client` for a
+# socket that collects frames; and `relay_factory` for relays of other configs. pytest finds them
+# through the pytest11 entry point `relay_lite:pytest_plugin`, built by the module's __getattr__
+# on first use, so a relay that serves never imports pytest. In a Trio test (pytest-trio) the
+# relay runs in the test's own loop and the helpers are awaited; in any other test it runs in a
+# thread of its own, and they block.
+
+_FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
+
+
+def _fixture_config() -> Config:
+    """The `relay` fixture's config: bucket "test", one input, one token, made up for each test."""
+    return load_config(Config(
+        server=ServerConfig(host="127.0.0.1", port=0),
+        tokens=(TokenConfig(key=str(uuid.uuid4()), secret=secrets.token_urlsafe(24)),),
+        buckets=(BucketConfig(name="test", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),)),),
+    ))
+
+
+class _FixtureRelay:
+    """What both kinds of fixture relay give a test: the relay, its URLs and credentials."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.config = relay.config
+        token = self.config.tokens[0] if self.config.tokens else None
+        self.key = token.key if token else ""  # the config's first token
+        self.secret = token.secret if token else ""  # "" if it gives only a secret_hash
+        self.bucket = self.config.buckets[0].name if self.config.buckets else ""  # the config's first bucket
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+    @property
+    def socket_url(self) -> str:
+        return self.relay.socket_url
+
+    @property
+    def input_url(self) -> str:
+        """The webhook URL of the first bucket's first input; relay.input_url(ref) for others."""
+        return self.relay.input_url(self.bucket)
+
+    def reload(self, config: "Config | Mapping[str, Any] | str | Path") -> None:
+        """Apply a changed config, as SIGHUP does (see Relay.reload), its host and port aside."""
+        self._in_loop(self.relay.reload, _fixture_config_of(config))
+
+    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        return call(*args)
+
+    def _request(self, body: bytes | str, path: str, bucket: str | None,
+                 headers: Mapping[str, str] | None, method: str) -> httpx.Request:
+        return httpx.Request(method, self.relay.input_url(bucket or self.bucket) + path, headers=headers,
+                             content=body.encode() if isinstance(body, str) else body)
+
+
+class _FrameClient:
+    """A socket client of a fixture relay, authenticated and subscribed, in a Trio loop."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        self.frames: list[dict[str, Any]] = []  # every frame received, pings included
+
+    async def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next frame (a ping is answered, and returned too)."""
+        with trio.fail_after(timeout):
+            frame = json.loads(await self._ws.get_message())
+        self.frames.append(frame)
+        if frame.get("type") == "status" and frame.get("status") == "ping":
+            await self._ws.send_message(_encode({"action": "pong"}))
+        return frame
+
+    async def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next webhook frame, past any status frames."""
+        with trio.fail_after(timeout):
+            while (frame := await self.receive(math.inf))["type"] != "webhook":
+                pass
+        return frame
+
+    async def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next status frame `status` (e.g. "resumed"), past any others."""
+        with trio.fail_after(timeout):
+            while (frame := await self.receive(math.inf)).get("status") != status or frame["type"] != "status":
+                pass
+        return frame
+
+
+@asynccontextmanager
+async def _frame_client(fixture: _FixtureRelay, buckets: Sequence[str] | None,
+                        since: str | None) -> AsyncIterator[_FrameClient]:
+    async with trio_websocket.open_websocket_url(fixture.socket_url) as ws:
+        client = _FrameClient(ws)
+        await ws.send_message(_encode({"action": "auth", "key": fixture.key, "secret": fixture.secret}))
+        await client.status("authenticated")
+        subscribe: dict[str, Any] = {"action": "subscribe", "buckets": list(buckets or [fixture.bucket])}
+        if since is not None:
+            subscribe["since"] = since
+        await ws.send_message(_encode(subscribe))
+        await client.status("subscribed")
+        yield client
+
+
+class TrioRelayFixture(_FixtureRelay):
+    """The `relay` fixture in a Trio test: the relay runs in the test's loop; await the helpers."""
+
+    async def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
+                   headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
+        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
+        after its URL; return the relay's answer."""
+        async with httpx.AsyncClient(timeout=_FIXTURE_TIMEOUT) as http:
+            return await http.send(self._request(body, path, bucket, headers, method))
+
+    def client(self, buckets: Sequence[str] | None = None, *,
+               since: str | None = None) -> typing.AsyncContextManager[_FrameClient]:
+        """``async with relay.client() as client: frame = await client.webhook()``: a socket
+        authenticated with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        return _frame_client(self, buckets, since)
+
+
+class _ThreadClient:
+    """A _FrameClient living in a relay thread's loop, for a test without one: it blocks."""
+
+    def __init__(self, client: _FrameClient, token: trio.lowlevel.TrioToken) -> None:
+        self._client, self._token = client, token
+        self.frames = client.frames
+
+    def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.receive, timeout, trio_token=self._token)
+
+    def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.webhook, timeout, trio_token=self._token)
+
+    def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.status, status, timeout, trio_token=self._token)
+
+
+class RelayFixture(_FixtureRelay):
+    """The `relay` fixture in a test without a Trio loop: the relay runs in a thread of its own;
+    the helpers block."""
+
+    def __init__(self, relay: Relay, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(relay)
+        self._nursery, self._token = nursery, token
+
+    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        return trio.from_thread.run_sync(call, *args, trio_token=self._token)
+
+    def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
+             headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
+        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
+        after its URL; return the relay's answer."""
+        with httpx.Client(timeout=_FIXTURE_TIMEOUT) as http:
+            return http.send(self._request(body, path, bucket, headers, method))
+
+    @contextlib.contextmanager
+    def client(self, buckets: Sequence[str] | None = None, *, since: str | None = None) -> Iterator[_ThreadClient]:
+        """``with relay.client() as client: frame = client.webhook()``: a socket authenticated
+        with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        done = trio.Event()
+
+        async def hold(task_status: trio.TaskStatus[_FrameClient]) -> None:
+            async with _frame_client(self, buckets, since) as client:
+                task_status.started(client)
+                await done.wait()
+        client = trio.from_thread.run(self._nursery.start, hold, trio_token=self._token)
+        try:
+            yield _ThreadClient(client, self._token)
+        finally:
+            trio.from_thread.run_sync(done.set, trio_token=self._token)
+
+
+class _RelayThread:
+    """A relay serving in a thread with its own Trio loop, until stop()."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._started = threading.Event()
+        self._fixture: RelayFixture | None = None
+        self._failure: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=self._run, name="relay_lite fixture", daemon=True)
+
+    def start(self) -> RelayFixture:
+        self._thread.start()
+        if not self._started.wait(_FIXTURE_TIMEOUT):
+            raise RuntimeError(f"the relay did not start within {_FIXTURE_TIMEOUT:g} s")
+        if self._failure is not None:
+            raise self._failure
+        assert self._fixture is not None
+        return self._fixture
+
+    def stop(self) -> None:
+        if self._stop is not None and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(_FIXTURE_TIMEOUT)
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as error:  # a start that failed, or a crash: the test's to see
+            self._failure = error
+        finally:
+            self._started.set()
+
+    async def _serve(self) -> None:
+        self._stop, self._token = trio.Event(), trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            relay: Relay = await nursery.start(serve_relay, self._config)
+            self._fixture = RelayFixture(relay, nursery, self._token)
+            self._started.set()
+            await self._stop.wait()
+            relay.shutdown()
+
+
+def _fixture_config_of(config: "Config | Mapping[str, Any] | str | Path | None") -> Config:
+    """A config for relay_factory: the `relay` fixture's, or `config` with its host and port
+    giving way to a free loopback port (tests run side by side)."""
+    if config is None:
+        return _fixture_config()
+    loaded = load_config(config)
+    return load_config(dataclasses.replace(loaded, server=dataclasses.replace(loaded.server, host="127.0.0.1",
+                                                                                  port=0)))
+
+
+def _pytest_plugin() -> types.ModuleType:
+    """The pytest plugin: the `relay` and `relay_factory` fixtures (see above)."""
+    import pytest
+
+    plugin = types.ModuleType("relay_lite.pytest_plugin", "relay_lite's fixtures: relay, relay_factory")
+
+    def in_trio_test(request: Any) -> bool:
+        return request.node.get_closest_marker("trio") is not None
+
+    @pytest.fixture
+    async def _relay_lite_trio_factory() -> AsyncIterator[Callable[..., Awaitable[TrioRelayFixture]]]:
+        async with trio.open_nursery() as nursery:
+            made: list[Relay] = []
+
+            async def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> TrioRelayFixture:
+                relay: Relay = await nursery.start(serve_relay, _fixture_config_of(config))
+                made.append(relay)
+                return TrioRelayFixture(relay)
+            yield make
+            for relay in made:
+                relay.shutdown()
+
+    @pytest.fixture
+    async def _relay_lite_trio_relay(_relay_lite_trio_factory: Callable[..., Awaitable[TrioRelayFixture]],
+                                     ) -> TrioRelayFixture:
+        return await _relay_lite_trio_factory()
+
+    @pytest.fixture
+    def relay_factory(request: Any) -> Iterator[Callable[..., Any]]:
+        """Start a relay of a config (a dict shaped like the TOML, a Config, or a file; none: the
+        `relay` fixture's): `relay_factory(config)` returns a RelayFixture, or in a Trio test
+        `await relay_factory(config)` a TrioRelayFixture. Each is stopped after the test."""
+        if in_trio_test(request):  # pytest-trio sets it up in the test's loop, as the test's argument
+            yield request.getfixturevalue("_relay_lite_trio_factory")
+            return
+        threads: list[_RelayThread] = []
+
+        def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> RelayFixture:
+            thread = _RelayThread(_fixture_config_of(config))
+            threads.append(thread)
+            return thread.start()
+        yield make
+        for thread in threads:
+            thread.stop()
+
+    @pytest.fixture
+    def relay(request: Any) -> Any:
+        """A relay on a free loopback port with bucket "test", an input and a token (see
+        RelayFixture, and TrioRelayFixture in a Trio test)."""
+        if in_trio_test(request):  # not through relay_factory: that would make this a Trio fixture
+            return request.getfixturevalue("_relay_lite_trio_relay")
+        return request.getfixturevalue("relay_factory")()
+
+    for fixture in (_relay_lite_trio_factory, _relay_lite_trio_relay, relay_factory, relay):
+        setattr(plugin, fixture.__name__, fixture)
+    return plugin
+
+
+def __getattr__(name: str) -> Any:
+    """`relay_lite.pytest_plugin`, built on first use (see above)."""
+    if name == "pytest_plugin":
+        plugin = globals()[name] = _pytest_plugin()
+        return plugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ============================================================================ command line
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
     parser = argparse.ArgumentParser(
-        prog="relay_lite.py", allow_abbrev=False,  # --worker 2 must not pass for --workers 2: see _without_workers
+        usage="%(prog)s [options] [COMMAND ...]",  # argparse's own shows COMMAND as if it were required
+        allow_abbrev=False,  # --worker 2 must not pass for --workers 2: see _without_workers
         description="A self-hosted webhook relay: webhooks in at /v1/webhooks/<input id>, "
                     "streamed live to WebSocket clients at /v1/socket, one port.",
     )
@@ -6003,7 +6935,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line: time, level, logger, message (and exception)")
     parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)")
     init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
     init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -6099,6 +7031,8 @@ def _check(path: str | None) -> int:
     outputs = sum(len(bucket.outputs) for bucket in config.buckets)
     print(f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
           f"{len(config.tokens)} token(s)")
+    for problem in _unusable(config):
+        print(f"warning: {problem}")
     return 0
 
 
@@ -6131,7 +7065,7 @@ def _init(path: Path, *, force: bool) -> int:
         return 2
     path.write_text(_config_template(), encoding="utf-8")
     print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
-          f"Run: python relay_lite.py --config {path}")
+          f"Run: {_command()} --config {path}")
     return 0
 
 
@@ -6343,7 +7277,7 @@ async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | 
         except Exception:  # a bug; the relay goes on with the config in force
             logger.error("reload failed, the config in force stays", exc_info=True)
 
-    await _until_signalled(functools.partial(serve_relay, config), Relay.shutdown,
+    await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
                            lambda relay: print(_banner(relay, reload is None), flush=True), hang_up)
 
 
@@ -6404,12 +7338,32 @@ def _banner(relay: Relay, demo: bool) -> str:
             f'  {{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
             f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
             "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
-            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} python relay_lite.py forward "
+            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} {_command()} forward "
             f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
-            "For lasting ids: python relay_lite.py init relay.toml && python relay_lite.py --config relay.toml",
+            f"For lasting ids: {_command()} init relay.toml && {_command()} --config relay.toml",
         ]
     lines += ["", "Ctrl-C to stop."]
     return "\n".join(lines)
+
+
+def _command() -> str:
+    """How relay_lite was run, for the commands it prints: its console script, or a Python and
+    the module's file; each by its name if that is what PATH finds, else by its path."""
+    if Path(sys.argv[0]).name == "relay-lite":
+        return _by_name(sys.argv[0])
+    return f"{_by_name(sys.executable)} {_by_name(sys.argv[0])}"
+
+
+def _by_name(path: str) -> str:
+    """`path` by its name if PATH finds it there; else relative to the working directory if
+    it is under it; else whole."""
+    if not path:
+        return "python3"
+    name, absolute = Path(path).name, os.path.abspath(path)
+    if (found := shutil.which(name)) is not None and os.path.abspath(found) == absolute:
+        return name
+    relative = os.path.relpath(absolute)
+    return relative if not relative.startswith("..") else absolute
 
 
 if __name__ == "__main__":

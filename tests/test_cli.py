@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -176,3 +178,53 @@ def test_readme_commands_are_the_ones_ci_runs():
     assert test_command in ci
     assert re.search(r"^python3 -m venv .*relay_lite\.py$", readme, re.M)
     assert os.access(root / ".ci" / "run", os.X_OK)
+
+
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("relay-lite"))  # what pip install made
+
+
+def printed(command: str) -> str:
+    """How relay_lite prints `command` (a console script or a Python) it was run as: by name
+    if PATH finds it there, else by its path (relative if under the working directory)."""
+    if shutil.which(Path(command).name) == command:
+        return Path(command).name
+    return os.path.relpath(command) if not os.path.relpath(command).startswith("..") else command
+
+
+def test_the_console_script_names_itself_in_help_and_in_the_commands_it_prints(tmp_path):
+    help = subprocess.run([CONSOLE_SCRIPT, "--help"], capture_output=True, text=True, timeout=20).stdout
+    assert help.startswith("usage: relay-lite [options] [COMMAND ...]\n")  # COMMAND is optional
+    init = subprocess.run([CONSOLE_SCRIPT, "init", str(tmp_path / "relay.toml")], capture_output=True, text=True,
+                          timeout=20)
+    run_it = re.search(r"^Run: (.*)$", init.stdout, re.M).group(1)
+    assert run_it == f"{printed(CONSOLE_SCRIPT)} --config {tmp_path / 'relay.toml'}"
+    checked = subprocess.run(shlex.split(run_it.replace("--config", "check --config")), capture_output=True,
+                             text=True, timeout=20)
+    assert checked.returncode == 0 and "good" in checked.stdout  # the printed command runs
+
+
+async def test_the_banner_says_listening_once_and_the_commands_it_prints_run(tmp_path):
+    process, banner = await start("--port", "0", stderr=subprocess.PIPE)
+    try:
+        assert await stop(process) == 0
+        log = b""
+        while chunk := await process.stderr.receive_some():
+            log += chunk
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert (banner + log.decode()).count("listening on") == 1
+    lasting = re.search(r"^For lasting ids: (.*) init relay.toml && ", banner, re.M).group(1)
+    assert lasting == f"{printed(sys.executable)} {printed(SCRIPT)}"
+    assert f"RELAY_SECRET=" in banner and f" {lasting} forward --relay " in banner
+    init = subprocess.run([*shlex.split(lasting), "init", str(tmp_path / "relay.toml")], capture_output=True,
+                          text=True, timeout=20)
+    assert init.returncode == 0 and (tmp_path / "relay.toml").exists()
+
+
+def test_a_config_nobody_can_use_is_warned_of(tmp_path):
+    (tmp_path / "empty.toml").write_text("")
+    checked = run("check", "--config", str(tmp_path / "empty.toml"))
+    assert checked.returncode == 0
+    assert "warning: the config has no buckets, so no webhook can come in" in checked.stdout
+    assert "warning: the config has no tokens, so no client can connect" in checked.stdout

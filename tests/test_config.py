@@ -204,7 +204,7 @@ def test_weak_and_placeholder_secrets_are_refused(tmp_path, secret, complaint):
     with pytest.raises(ConfigError) as caught:
         load_config({"tokens": [{"key": "k", "secret": secret}]})
     assert str(caught.value).startswith("tokens[0].secret: ") and complaint in str(caught.value)
-    assert "python relay_lite.py init" in str(caught.value)
+    assert "relay-lite init" in str(caught.value)
 
 
 def test_two_tokens_may_not_share_a_secret():

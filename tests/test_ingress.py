@@ -28,7 +28,8 @@ async def test_unknown_input_is_404(relay, http):
 
 
 async def test_other_paths_are_404_and_plain_get_of_the_socket_is_426(http):
-    assert (await http.get("/")).status_code == 404
+    assert (await http.get("/")).status_code == 200  # the web inspector (tests/test_inspector.py)
+    assert (await http.get("/index.html")).status_code == 404
     assert (await http.get("/v1/webhooks/")).status_code == 404
     response = await http.get("/v1/socket")
     assert response.status_code == 426
@@ -194,3 +195,29 @@ async def test_a_connection_that_sends_nothing_is_closed():
         with trio.fail_after(5):
             assert await stream.receive_some(4096) == b""
         await stream.aclose()
+
+
+async def test_a_senders_answer_has_no_content_type_unless_one_is_given(relay):
+    """Quart's default, text/html, went out with an empty or a static answer."""
+    config = relay_config()
+    config["buckets"][0]["inputs"] += [
+        {"id": "static", "name": "static", "body": "thanks", "status_code": 202},
+        {"id": "typed", "name": "typed", "body": '{"ok":true}', "headers": {"Content-Type": "application/json"}},
+        {"id": "held", "name": "held", "response_from_output": "anyOutput", "response_timeout": 10}]
+    async with relay_lite.open_relay(config) as custom, httpx.AsyncClient() as http:
+        empty = await http.post(custom.input_url(GITHUB_INPUT), content="x")
+        static = await http.post(custom.input_url("static"), content="x")
+        typed = await http.post(custom.input_url("typed"), content="x")
+        async with subscriber(custom, ["github"]) as client, trio.open_nursery() as nursery:
+            answers = []
+
+            async def send():
+                answers.append(await http.post(custom.input_url("held"), content="x"))
+            nursery.start_soon(send)
+            frame = await client.webhook()
+            async with httpx.AsyncClient(base_url=custom.url, auth=(KEY, SECRET)) as api:
+                await api.put(f"/v1/logs/{frame['meta']['id']}", json={"status_code": 200, "response_body": "NDI="})
+    assert (empty.status_code, empty.content, "content-type" in empty.headers) == (200, b"", False)
+    assert (static.status_code, static.content, "content-type" in static.headers) == (202, b"thanks", False)
+    assert typed.headers["content-type"] == "application/json"
+    assert (answers[0].content, "content-type" in answers[0].headers) == (b"42", False)

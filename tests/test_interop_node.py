@@ -5,10 +5,15 @@ written for: it hands text frames over as strings, so the client prints each fra
 what `npm i ws` installs today, hands them over as Buffers, which the seed prints as bytes.
 """
 
+import functools
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -137,3 +142,54 @@ async def test_seed_client_reconnects_after_a_restart():
     finally:
         client.process.kill()
         await client.process.wait()
+
+
+async def test_the_readmes_first_webhook_walkthrough_prints_what_it_promises(tmp_path):
+    """"A first webhook, end to end", followed as written: the server (on a free port), the npm
+    line (its folder under tmp_path, not ~), the README's client.js, the line that runs it with
+    what the server printed, and the server's curl command."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## A first webhook, end to end"):readme.index("## Configuration")]
+    npm_line = re.search(r"^\s*(mkdir ~/relay-client && .*)$", section, re.M).group(1)
+    client_js = textwrap.dedent(re.search(r"```js\n(.*?)```", section, re.S).group(1))
+    run_line = re.search(r"^\s*(RELAY_SOCKET_URL=<socket URL> .* node client\.js)$", section, re.M).group(1)
+    promised = re.findall(r"`(\{\"type\":\"status\".*?\})`", section)
+    webhook_shape = json.loads(re.search(r"```\n(\{\"type\":\"webhook\".*?)\n```", section, re.S).group(1)
+                               .replace("\n", "").replace("\u2026", "x"))
+
+    folder = tmp_path / "relay-client"
+    await trio.to_thread.run_sync(functools.partial(
+        subprocess.run, ["bash", "-c", npm_line.replace("~/", f"{tmp_path}/")], check=True, timeout=300,
+        capture_output=True))
+    (folder / "client.js").write_text(client_js)
+
+    server = await trio.lowlevel.open_process([sys.executable, "-u", str(ROOT / "relay_lite.py"), "--port", "0"],
+                                              stdout=subprocess.PIPE)
+    client = None
+    try:
+        banner = b""
+        with trio.fail_after(20):
+            while b"Ctrl-C to stop" not in banner:
+                banner += await server.stdout.receive_some()
+        printed = banner.decode()
+        filled = (run_line.replace("<socket URL>", re.search(r"socket URL: (\S+)", printed).group(1))
+                  .replace("<key>", re.search(r"key:\s+(\S+)", printed).group(1))
+                  .replace("<secret>", re.search(r"secret:\s+(\S+)", printed).group(1)))
+        client = NodeClient(await trio.lowlevel.open_process(["bash", "-c", filled], cwd=folder,
+                                                             stdout=subprocess.PIPE))
+        await client.wait_for(lambda line: line == "connected, sending authentication request")
+        for line in promised:
+            await client.wait_for(lambda printed_line: printed_line == line)
+        curl = re.search(r"^\s*(curl .*)$", printed, re.M).group(1)
+        await trio.to_thread.run_sync(functools.partial(subprocess.run, shlex.split(curl), check=True, timeout=20,
+                                                        capture_output=True))
+        frame = json.loads(await client.wait_for(lambda line: line.startswith('{"type":"webhook"')))
+    finally:
+        for process in (client.process if client else None, server):
+            if process is not None:
+                process.kill()
+                await process.wait()
+    assert frame["body"] == '{"hello": "relay"}' and frame["method"] == "POST"
+    assert frame.keys() == webhook_shape.keys() and frame["meta"].keys() == webhook_shape["meta"].keys()
+    assert frame["meta"]["bucket_name"] == "demo"
+    assert not (ROOT / "node_modules").exists() and not (ROOT / "package.json").exists()  # nothing in the checkout
