@@ -53,6 +53,7 @@ import re
 import reprlib
 import resource
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -1019,6 +1020,7 @@ class _Auth:
 class _Subscribe:
     buckets: tuple[str, ...]  # ids or names; empty means every bucket the token may see
     since: str | None = None  # resume after this log id (a meta.id), in canonical form
+    observe: bool = False  # relay_lite's own: a watcher (the web inspector), whose frames mark nothing "sent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1044,11 +1046,12 @@ def parse_client_frame(message: str | bytes) -> _Auth | _Subscribe | _Pong:
             since = None
         elif (since := _canonical_log_id(since)) is None:
             raise ProtocolError('"since" must be the meta.id of the last webhook you processed')
+        observe = frame.get("observe") is True
         if buckets is None:
-            return _Subscribe((), since)
+            return _Subscribe((), since, observe)
         if not isinstance(buckets, list) or not all(isinstance(ref, str) for ref in buckets):
             raise ProtocolError('subscribe "buckets" must be an array of bucket names or ids')
-        return _Subscribe(tuple(dict.fromkeys(ref for ref in buckets if ref)), since)
+        return _Subscribe(tuple(dict.fromkeys(ref for ref in buckets if ref)), since, observe)
     if action == "pong":
         return _Pong()
     if not isinstance(action, str):
@@ -1317,6 +1320,7 @@ class _Entry:
             "received_at": self.received_at,
             "body_encoding": webhook.body_encoding,
             "resent_from": self.resent_from,
+            "request_headers": self.request_headers,  # the sender's, where the output replaced some
         }
 
 
@@ -3377,7 +3381,7 @@ class _Core:
             for session in bucket.subscribers:
                 session.deliver(frame)
             self._metrics.frames[bucket.config.name] += len(bucket.subscribers)
-            if bucket.subscribers:
+            if any(not session.observer for session in bucket.subscribers):
                 self.sent(entry)
         if frames < len(entries):
             for forwarder in bucket.forwarders:
@@ -3630,6 +3634,7 @@ class _Session:
         self._more = trio.Event()  # set when a frame is queued, or the outbox closed: the writer waits on it
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
+        self.observer = False  # it subscribed with "observe": what it is sent is not "sent" for that
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
@@ -3801,6 +3806,7 @@ class _Session:
     def _subscribe(self, frame: _Subscribe) -> None:
         assert self.token is not None
         buckets = self._core.resolve(self.token, frame.buckets)
+        self.observer = self.observer or frame.observe
         if frame.since is not None:
             if self._replay is not None:
                 raise ProtocolError('a resume is already running: subscribe with "since" again once '
@@ -3853,7 +3859,8 @@ class _Session:
             room_bytes -= len(frame)
             self.deliver(frame)
             self._relay.metrics.frames[entry.bucket.name] += 1
-            core.sent(entry)
+            if not self.observer:
+                core.sent(entry)
             replay.cursor, replay.sent = entry.id, replay.sent + 1
         if len(entries) < room:  # caught up: live from here
             core.subscribe(self, replay.buckets)
@@ -4522,6 +4529,7 @@ def _sender_answer(body: bytes | str, status: int, headers: list[tuple[str, str]
     response = Response(body, status, headers)  # type: ignore[arg-type]  # pairs are fine
     if not any(name.lower() == "content-type" for name, _ in headers):
         del response.headers["Content-Type"]
+        response.headers["X-Content-Type-Options"] = "nosniff"  # nor guessed: this is the inspector's origin
     return response
 
 
@@ -4690,10 +4698,13 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
 (() => {
   const STATUSES = ['preparing', 'sent', 'failed', 'stalled', 'received', 'rejected'];
   const PAGE = 50;
+  const SHOWN_BYTES = 64 * 1024;  // of a body, shown at most
+  const CURL_BYTES = 1024 * 1024;  // a body beyond this is not made into a command
+  const REFRESH = 5000;  // ms between reads of the newest page: changes, and entries no socket gets
   const RETRY_FIRST = 1000, RETRY_MOST = 30000;
   const $ = (id) => document.getElementById(id);
-  const state = {key: '', secret: '', socket: null, live: false, retry: RETRY_FIRST, timer: 0,
-                 logs: new Map(), newest: '', cursor: '', selected: ''};
+  const state = {key: '', secret: '', socket: null, live: false, refused: false, retry: RETRY_FIRST, timer: 0,
+                 logs: new Map(), newest: '', cursor: '', selected: '', refreshing: null, soon: 0, every: 0};
 
   function el(tag, text, className) {
     const node = document.createElement(tag);
@@ -4751,13 +4762,14 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     ws.addEventListener('close', (event) => {
       if (ws !== state.socket) return;
       state.socket = null;
-      if (!state.live) {  // it never signed in
-        if (state.key) signInFailed(event.reason || 'the relay closed the connection');
+      if (!state.live && (event.code === 1008 || !state.key)) {  // refused: a policy close before sign-in
+        if (state.key) signInFailed(event.reason || 'the relay refused the connection');
         return;
       }
       const wait = state.retry;
       state.retry = Math.min(state.retry * 2, RETRY_MOST);
-      setState(`reconnecting in ${Math.round(wait / 1000)} s (${event.reason || 'connection lost'})`, 'warn');
+      setState(`${state.live ? 'reconnecting' : 'connecting'} in ${Math.round(wait / 1000)} s `
+               + `(${event.reason || 'connection lost'})`, 'warn');
       state.timer = setTimeout(connect, wait * (0.8 + Math.random() * 0.4));
     });
   }
@@ -4769,7 +4781,8 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     }
     if (frame.type !== 'status') return;
     if (frame.status === 'authenticated') {
-      const subscribe = {action: 'subscribe', buckets: []};
+      // "observe": a watcher; what it is sent stays "received" for the logs (relay_lite's own field)
+      const subscribe = {action: 'subscribe', buckets: [], observe: true};
       if (state.live && state.newest) subscribe.since = state.newest;  // a reconnect: what came meanwhile first
       ws.send(JSON.stringify(subscribe));
     } else if (frame.status === 'unauthorized') {  // a wrong secret, or a token since changed or removed
@@ -4786,7 +4799,12 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
       else if (!state.newest) reload();  // it had none to resume from: the list again, from the log
     } else if (frame.status === 'ping') {
       ws.send(JSON.stringify({action: 'pong'}));
-    } else if (frame.status === 'error' || frame.status === 'history_gap') {
+    } else if (frame.status === 'error' && /^unknown resume point/.test(frame.message || '')) {
+      ws.send(JSON.stringify({action: 'subscribe', buckets: [], observe: true}));  // from now, and the list again
+      reload();
+    } else if (frame.status === 'history_gap') {
+      reload();  // some it had are gone, or some it lacks: the list as the relay has it now
+    } else if (frame.status === 'error') {
       setState(`connected: ${frame.message}`, 'warn');
     }
   }
@@ -4797,12 +4815,14 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     state.key = key;
     state.secret = secret;
     state.live = false;
+    clearInterval(state.every);
     show('sign-in-error', false);
     setState('signing in…', 'busy');
     connect();
   }
 
   function signInFailed(message) {
+    clearInterval(state.every);
     state.key = state.secret = '';
     sessionStorage.removeItem('relay_lite.token');
     setState('signed out', 'idle');
@@ -4830,6 +4850,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
       setState(`connected: live; the bucket list failed: ${error.message}`, 'warn');
     }
     await reload();
+    state.every = setInterval(refresh, REFRESH);
   }
 
   function signOut() {
@@ -4850,23 +4871,26 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
 
   async function reload() {
     state.cursor = '';
+    state.logs.clear();
     $('rows').replaceChildren();
     await older();
+    if (state.live) setState('connected: live', 'ok');
   }
 
-  async function older() {
+  function query(cursor) {
     const {bucket, status} = filters();
     const query = new URLSearchParams({limit: String(PAGE)});
     if (bucket) query.set('bucket', bucket);
     if (status) query.set('status', status);
-    if (state.cursor) query.set('cursor', state.cursor);
+    if (cursor) query.set('cursor', cursor);
+    return `v1/logs?${query}`;
+  }
+
+  async function older() {
     try {
-      const page = await api(`v1/logs?${query}`);
-      for (const log of page.data) {
-        place(log, false);
-        if (log.id > state.newest) state.newest = log.id;
-      }
-      state.cursor = page.data.length === PAGE ? page.next_cursor || '' : '';
+      const page = await api(query(state.cursor));
+      for (const log of page.data) place(log);
+      state.cursor = page.next_cursor || '';  // a page may stop short of PAGE (its bytes): go on from there
     } catch (error) {
       setState(`loading webhooks failed: ${error.message}`, 'warn');
     }
@@ -4874,22 +4898,44 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     show('empty', $('rows').children.length === 0);
   }
 
-  async function arrived(frame) {
+  // The list follows the log: a frame says something came, and the newest pages are read again
+  // (at most one read at a time, a burst of frames makes one); every REFRESH ms too, for what no
+  // socket is sent (a public output's webhooks, refused ones) and for changes (a status, an answer).
+  function arrived(frame) {
     const id = frame.meta && frame.meta.id;
-    if (!id) return;
-    if (!state.newest || id > state.newest) state.newest = id;
-    try {
-      place(await api(`v1/logs/${encodeURIComponent(id)}`), true);
-    } catch (error) {  // gone already (a tiny history): what the frame says
-      place({id, bucket_id: frame.meta.bucket_id, bucket_name: frame.meta.bucket_name, method: frame.method,
-             extra_path: frame.meta.output_destination, body: frame.body, body_encoding: frame.body_encoding || '',
-             status: 1, received_at: Date.now() / 1000}, true);
-    }
+    if (id && id > state.newest) state.newest = id;
+    if (!state.soon) state.soon = setTimeout(() => { state.soon = 0; refresh(); }, 100);
   }
 
+  async function refresh() {
+    if (state.refreshing) return state.refreshing;
+    state.refreshing = (async () => {
+      try {
+        let cursor = '';
+        for (let pages = 0; pages < 10; pages++) {  // back to what it holds already
+          const page = await api(query(cursor));
+          const reached = page.data.some((log) => state.logs.has(log.id));  // what it held already
+          for (const log of page.data) place(log);
+          cursor = page.next_cursor || '';
+          if (!cursor || reached) break;
+        }
+      } catch (error) {
+        setState(`reading the log failed: ${error.message}`, 'warn');
+      } finally {
+        state.refreshing = null;
+      }
+    })();
+    return state.refreshing;
+  }
+
+  const decoded = new WeakMap();  // a log's body as bytes, decoded once
+
   function bodyBytes(log) {
-    if (log.body_encoding === 'base64') return Uint8Array.from(atob(log.body), (c) => c.charCodeAt(0));
-    return new TextEncoder().encode(log.body || '');
+    if (!decoded.has(log)) {
+      decoded.set(log, log.body_encoding === 'base64' ? Uint8Array.from(atob(log.body), (c) => c.charCodeAt(0))
+                                                       : new TextEncoder().encode(log.body || ''));
+    }
+    return decoded.get(log);
   }
 
   function size(bytes) {
@@ -4917,16 +4963,21 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     return tr;
   }
 
-  function place(log, newest) {
-    if (state.logs.has(log.id) && document.querySelector(`tr[data-id="${CSS.escape(log.id)}"]`)) {
-      state.logs.set(log.id, log);
-      document.querySelector(`tr[data-id="${CSS.escape(log.id)}"]`).replaceWith(row(log));
+  function place(log) {
+    // One row per entry, newest first (ids sort in arrival order), however they came.
+    if (log.id > state.newest) state.newest = log.id;
+    const known = state.logs.has(log.id);
+    state.logs.set(log.id, log);
+    const old = known && $('rows').querySelector(`tr[data-id="${CSS.escape(log.id)}"]`);
+    if (old) {
+      const fresh = row(log);
+      fresh.toggleAttribute('aria-current', old.hasAttribute('aria-current'));
+      old.replaceWith(fresh);
       return;
     }
-    state.logs.set(log.id, log);
     if (!matches(log)) return;
-    const rows = $('rows');
-    if (newest) rows.prepend(row(log)); else rows.append(row(log));
+    const after = Array.from($('rows').children).find((tr) => tr.dataset.id < log.id);
+    $('rows').insertBefore(row(log), after || null);
     show('empty', false);
   }
 
@@ -4943,15 +4994,23 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     return lines.join('\n');
   }
 
-  function bodyView(bytes) {
+  function bodyView(whole) {
+    const bytes = whole.subarray(0, SHOWN_BYTES);
+    const cut = whole.length > SHOWN_BYTES ? `\n… the first ${size(SHOWN_BYTES)} of ${size(whole.length)} shown` : '';
+    const [kind, text] = bodyText(bytes, whole.length > SHOWN_BYTES);
+    return [kind, text + cut];
+  }
+
+  function bodyText(bytes, partial) {
     let text;
     try {
-      text = new TextDecoder('utf-8', {fatal: true}).decode(bytes);
+      text = new TextDecoder('utf-8', {fatal: !partial}).decode(bytes);  // a cut may split a character
     } catch (error) {
       return ['binary, hex', hexDump(bytes)];
     }
     if (/[\u0000-\u0008\u000e-\u001f\u007f]/.test(text)) return ['binary, hex', hexDump(bytes)];
     if (text === '') return ['empty', ''];
+    if (partial) return ['text', text];
     try {
       return ['JSON', JSON.stringify(JSON.parse(text), null, 2)];
     } catch (error) {
@@ -4978,32 +5037,32 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     }
   }
 
-  function shellQuote(bytes) {
-    const text = Array.from(bytes, (b) => {
-      if (b === 0x27) return "\\'";
-      if (b === 0x5c) return '\\\\';
-      if (b >= 0x20 && b < 0x7f) return String.fromCharCode(b);
-      return '\\x' + b.toString(16).padStart(2, '0');
-    }).join('');
-    return `$'${text}'`;
+  function quoted(text) {  // for any POSIX shell: single quotes, and each ' as '\''
+    return `'${text.replace(/'/g, "'\\''")}'`;
   }
 
   function curl(log) {
-    const url = new URL(`v1/webhooks/${log.input_id}${log.extra_path || ''}`, location.href);
-    const target = url.href + (log.raw_query ? `?${log.raw_query}` : '');
-    const enc = (text) => shellQuote(new TextEncoder().encode(text));
-    const parts = ['curl', '-X', log.method, enc(target)];
-    for (const [name, values] of Object.entries(log.headers || {})) {
-      if (name.toLowerCase() === 'content-length') continue;
-      for (const value of [].concat(values)) parts.push('-H', enc(`${name}: ${value}`));
-    }
+    // The webhook as the sender sent it: its own headers (an output may have replaced some),
+    // the raw path and query (not through URL(), which would rewrite a "\\" or drop a "#"),
+    // and the body on curl's standard input, from printf: an argument could not hold a NUL byte
+    // or a large body, and one starting with "@" would make curl read a file of the user's.
     const bytes = bodyBytes(log);
-    if (!bytes.includes(0)) {
-      if (bytes.length) parts.push('--data-binary', shellQuote(bytes));
-      return parts.join(' ');
+    if (bytes.length > CURL_BYTES) return `(the body, ${size(bytes.length)}, is too large to copy as a command)`;
+    const base = location.origin + location.pathname.replace(/[^/]*$/, '');
+    const target = `${base}v1/webhooks/${log.input_id}${log.extra_path || ''}${log.raw_query ? `?${log.raw_query}` : ''}`;
+    const parts = ['curl', '--globoff'];  // no [1-9] or {a,b} ranges in the URL
+    parts.push(...(log.method === 'HEAD' ? ['--head'] : ['-X', quoted(log.method)]), quoted(target));
+    const headers = log.request_headers || log.headers || {};
+    const names = new Set(Object.keys(headers).map((name) => name.toLowerCase()));
+    for (const [name, values] of Object.entries(headers)) {
+      if (name.toLowerCase() === 'content-length') continue;
+      for (const value of [].concat(values)) parts.push('-H', quoted(value === '' ? `${name};` : `${name}: ${value}`));
     }
-    // A shell argument cannot hold a NUL byte: printf writes the body, every byte of it in octal
-    // but for plain characters, and curl reads it from its standard input.
+    for (const name of ['User-Agent', 'Accept']) {  // curl's own, unless the sender sent them
+      if (!names.has(name.toLowerCase())) parts.push('-H', quoted(`${name}:`));
+    }
+    if (!bytes.length) return parts.join(' ');
+    if (!names.has('content-type')) parts.push('-H', quoted('Content-Type:'));  // not curl's form type
     const plain = (b) => b >= 0x20 && b < 0x7f && b !== 0x27 && b !== 0x5c && b !== 0x25;
     const octal = (b) => '\\' + b.toString(8).padStart(3, '0');
     const format = Array.from(bytes, (b) => (plain(b) ? String.fromCharCode(b) : octal(b)));
@@ -5014,7 +5073,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     let log = state.logs.get(id);
     try {
       log = await api(`v1/logs/${encodeURIComponent(id)}`);
-      place(log, false);
+      place(log);
     } catch (error) {
       if (!log) return;
     }
@@ -5077,12 +5136,13 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     try {
       const log = await api(`v1/logs/${encodeURIComponent(id)}/action`, {method: 'POST',
                                                                       body: JSON.stringify({action: 'resend'})});
-      place(log, true);
+      place(log);
       $('detail-message').textContent = `resent as ${log.id}`;
     } catch (error) {
       $('detail-message').textContent = `resend failed: ${error.message}`;
     } finally {
-      $('resend').disabled = false;
+      const shown = state.logs.get(state.selected);  // another may be open by now
+      $('resend').disabled = Boolean(shown && shown.status === STATUSES.indexOf('rejected'));
     }
   }
 
@@ -6701,10 +6761,12 @@ class _FrameClient:
         return frame
 
     async def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        """The next status frame `status` (e.g. "resumed"), past any others."""
+        """The next status frame `status` (e.g. "resumed"), past any others; RuntimeError if
+        the relay refuses something first ("unauthorized", "error")."""
         with trio.fail_after(timeout):
-            while (frame := await self.receive(math.inf)).get("status") != status or frame["type"] != "status":
-                pass
+            while (frame := await self.receive(math.inf))["type"] != "status" or frame.get("status") != status:
+                if frame["type"] == "status" and frame.get("status") in ("unauthorized", "error"):
+                    raise RuntimeError(f"the relay answered {frame['status']}: {frame.get('message', '')}")
         return frame
 
 
@@ -6764,14 +6826,17 @@ class RelayFixture(_FixtureRelay):
     def __init__(self, relay: Relay, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
         super().__init__(relay)
         self._nursery, self._token = nursery, token
+        self.clients_done: set[trio.Event] = set()  # set at the end: a client left open ends too
 
     def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        _not_in_trio()
         return trio.from_thread.run_sync(call, *args, trio_token=self._token)
 
     def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
              headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
         """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
         after its URL; return the relay's answer."""
+        _not_in_trio()
         with httpx.Client(timeout=_FIXTURE_TIMEOUT) as http:
             return http.send(self._request(body, path, bucket, headers, method))
 
@@ -6779,17 +6844,34 @@ class RelayFixture(_FixtureRelay):
     def client(self, buckets: Sequence[str] | None = None, *, since: str | None = None) -> Iterator[_ThreadClient]:
         """``with relay.client() as client: frame = client.webhook()``: a socket authenticated
         with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        _not_in_trio()
         done = trio.Event()
 
         async def hold(task_status: trio.TaskStatus[_FrameClient]) -> None:
-            async with _frame_client(self, buckets, since) as client:
-                task_status.started(client)
-                await done.wait()
+            self.clients_done.add(done)
+            try:
+                async with _frame_client(self, buckets, since) as client:
+                    task_status.started(client)
+                    await done.wait()
+            finally:
+                self.clients_done.discard(done)
         client = trio.from_thread.run(self._nursery.start, hold, trio_token=self._token)
         try:
             yield _ThreadClient(client, self._token)
         finally:
-            trio.from_thread.run_sync(done.set, trio_token=self._token)
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(done.set, trio_token=self._token)
+
+
+def _not_in_trio() -> None:
+    """Refuse a blocking helper inside a Trio loop, which it would block."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return
+    raise RuntimeError("this relay runs in a thread and its helpers block, but this test runs in a Trio loop "
+                       "that is not pytest-trio's (anyio's?): mark the test for pytest-trio, whose tests get a "
+                       "relay in their own loop, or use relay_lite.open_relay")
 
 
 class _RelayThread:
@@ -6809,23 +6891,27 @@ class _RelayThread:
         if not self._started.wait(_FIXTURE_TIMEOUT):
             raise RuntimeError(f"the relay did not start within {_FIXTURE_TIMEOUT:g} s")
         if self._failure is not None:
-            raise self._failure
+            failure, self._failure = self._failure, None  # the test's now: not again at teardown
+            raise failure
         assert self._fixture is not None
         return self._fixture
 
-    def stop(self) -> None:
+    def stop(self) -> BaseException | None:
+        """Stop it; what went wrong in it, if anything did."""
         if self._stop is not None and self._token is not None:
             with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(_FIXTURE_TIMEOUT)
-        if self._failure is not None:
-            raise self._failure
+        self._thread.join(_FIXTURE_TIMEOUT * 2)
+        if self._thread.is_alive():
+            return RuntimeError(f"the relay's thread did not stop within {_FIXTURE_TIMEOUT * 2:g} s")
+        return self._failure
 
     def _run(self) -> None:
         try:
             trio.run(self._serve)
-        except BaseException as error:  # a start that failed, or a crash: the test's to see
-            self._failure = error
+        except BaseException as error:  # a start that failed, or a crash: the test's to see, as itself
+            self._failure = _innermost(error) if isinstance(error, BaseExceptionGroup) and len(
+                error.exceptions) == 1 else error
         finally:
             self._started.set()
 
@@ -6836,6 +6922,8 @@ class _RelayThread:
             self._fixture = RelayFixture(relay, nursery, self._token)
             self._started.set()
             await self._stop.wait()
+            for done in list(self._fixture.clients_done):  # a client the test left open
+                done.set()
             relay.shutdown()
 
 
@@ -6891,8 +6979,9 @@ def _pytest_plugin() -> types.ModuleType:
             threads.append(thread)
             return thread.start()
         yield make
-        for thread in threads:
-            thread.stop()
+        failures = [failure for thread in threads if (failure := thread.stop()) is not None]  # every one stopped
+        if failures:
+            raise failures[0]
 
     @pytest.fixture
     def relay(request: Any) -> Any:
@@ -6935,7 +7024,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one object per line: time, level, logger, message (and exception)")
     parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)",
+                                     prog=parser.prog)  # not the usage above: "relay-lite check [-h] ..."
     init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
     init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -7065,7 +7155,7 @@ def _init(path: Path, *, force: bool) -> int:
         return 2
     path.write_text(_config_template(), encoding="utf-8")
     print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
-          f"Run: {_command()} --config {path}")
+          f"Run: {_command()} --config {shlex.quote(str(path))}")
     return 0
 
 
@@ -7350,11 +7440,11 @@ def _command() -> str:
     """How relay_lite was run, for the commands it prints: its console script, or a Python and
     the module's file; each by its name if that is what PATH finds, else by its path."""
     if Path(sys.argv[0]).name == "relay-lite":
-        return _by_name(sys.argv[0])
-    return f"{_by_name(sys.executable)} {_by_name(sys.argv[0])}"
+        return shlex.quote(_by_name(sys.argv[0]))
+    return f"{shlex.quote(_by_name(sys.executable))} {shlex.quote(_by_name(sys.argv[0], program=False))}"
 
 
-def _by_name(path: str) -> str:
+def _by_name(path: str, program: bool = True) -> str:
     """`path` by its name if PATH finds it there; else relative to the working directory if
     it is under it; else whole."""
     if not path:
@@ -7363,7 +7453,11 @@ def _by_name(path: str) -> str:
     if (found := shutil.which(name)) is not None and os.path.abspath(found) == absolute:
         return name
     relative = os.path.relpath(absolute)
-    return relative if not relative.startswith("..") else absolute
+    if relative.startswith(".."):
+        return absolute
+    if program and os.sep not in relative:
+        return os.path.join(".", relative)  # a bare name would be looked up on PATH
+    return relative
 
 
 if __name__ == "__main__":

@@ -183,21 +183,27 @@ def test_readme_commands_are_the_ones_ci_runs():
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("relay-lite"))  # what pip install made
 
 
-def printed(command: str) -> str:
-    """How relay_lite prints `command` (a console script or a Python) it was run as: by name
-    if PATH finds it there, else by its path (relative if under the working directory)."""
+def printed(command: str, program: bool = True) -> str:
+    """How relay_lite prints `command` (a console script, a Python, or the module's file) it was
+    run as: by name if PATH finds it there, else by its path (relative if under the working
+    directory, with ./ for a program there), shell-quoted."""
     if shutil.which(Path(command).name) == command:
-        return Path(command).name
-    return os.path.relpath(command) if not os.path.relpath(command).startswith("..") else command
+        return shlex.quote(Path(command).name)
+    relative = os.path.relpath(command)
+    if relative.startswith(".."):
+        return shlex.quote(command)
+    return shlex.quote(f"./{relative}" if program and os.sep not in relative else relative)
 
 
 def test_the_console_script_names_itself_in_help_and_in_the_commands_it_prints(tmp_path):
     help = subprocess.run([CONSOLE_SCRIPT, "--help"], capture_output=True, text=True, timeout=20).stdout
     assert help.startswith("usage: relay-lite [options] [COMMAND ...]\n")  # COMMAND is optional
-    init = subprocess.run([CONSOLE_SCRIPT, "init", str(tmp_path / "relay.toml")], capture_output=True, text=True,
-                          timeout=20)
+    check_help = subprocess.run([CONSOLE_SCRIPT, "check", "--help"], capture_output=True, text=True, timeout=20)
+    assert check_help.stdout.startswith("usage: relay-lite check [-h]")
+    init = subprocess.run([CONSOLE_SCRIPT, "init", str(tmp_path / "my relay's.toml")], capture_output=True,
+                          text=True, timeout=20)
     run_it = re.search(r"^Run: (.*)$", init.stdout, re.M).group(1)
-    assert run_it == f"{printed(CONSOLE_SCRIPT)} --config {tmp_path / 'relay.toml'}"
+    assert run_it == f"{printed(CONSOLE_SCRIPT)} --config {shlex.quote(str(tmp_path / 'my relay' + chr(39) + 's.toml'))}"
     checked = subprocess.run(shlex.split(run_it.replace("--config", "check --config")), capture_output=True,
                              text=True, timeout=20)
     assert checked.returncode == 0 and "good" in checked.stdout  # the printed command runs
@@ -215,7 +221,7 @@ async def test_the_banner_says_listening_once_and_the_commands_it_prints_run(tmp
             process.kill()
     assert (banner + log.decode()).count("listening on") == 1
     lasting = re.search(r"^For lasting ids: (.*) init relay.toml && ", banner, re.M).group(1)
-    assert lasting == f"{printed(sys.executable)} {printed(SCRIPT)}"
+    assert lasting == f"{printed(sys.executable)} {printed(SCRIPT, program=False)}"
     assert f"RELAY_SECRET=" in banner and f" {lasting} forward --relay " in banner
     init = subprocess.run([*shlex.split(lasting), "init", str(tmp_path / "relay.toml")], capture_output=True,
                           text=True, timeout=20)

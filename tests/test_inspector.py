@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
@@ -120,7 +121,7 @@ def test_a_webhook_appears_live_and_its_details_are_right_byte_for_byte(page, re
     wait(driver, lambda: len(rows(driver)) == 1, timeout=1.0)  # within a second
     appeared = time.monotonic() - posted
     cells = [cell.text for cell in rows(driver)[0].find_elements(By.TAG_NAME, "td")]
-    assert cells[1:] == ["github", "POST", "/hooks/push", f"{len(body)} B", "sent"]
+    assert cells[1:] == ["github", "POST", "/hooks/push", f"{len(body)} B", "received"]  # watching is no delivery
     shot("live")
 
     rows(driver)[0].find_element(By.TAG_NAME, "button").click()
@@ -144,8 +145,9 @@ def test_copy_as_curl_sends_the_same_webhook_again(page, relay_factory):
     relay = relay_factory(config())
     sign_in(driver, relay)
     wait(driver, lambda: state_line(driver) == "connected: live")
-    body = b"\x00quote ' backslash \\ dollar $ \xe2\x82\xac end"
-    httpx.post(relay.relay.input_url("in-stripe") + "/x?q='1'", content=body, headers={"X-Odd": "it's $HOME"})
+    body = b"@/etc/hostname \x00quote ' backslash \\ dollar $(id) `id` %s \xe2\x82\xac end"  # "@": a file, to curl
+    httpx.post(relay.relay.input_url("in-stripe") + "/x[1-2]?q='1'&m={a,b}", content=body,
+               headers={"X-Odd": "it's $HOME", "X-Empty": ""})
     wait(driver, lambda: len(rows(driver)) == 1)
     rows(driver)[0].find_element(By.TAG_NAME, "button").click()
     wait(driver, lambda: driver.find_element(By.ID, "detail").is_displayed())
@@ -154,11 +156,15 @@ def test_copy_as_curl_sends_the_same_webhook_again(page, relay_factory):
     command = driver.find_element(By.ID, "detail-curl").get_attribute("textContent")
     shot("curl")
     with relay.client(["stripe"]) as client:
-        subprocess.run(["bash", "-c", command + " --silent --show-error"], check=True, timeout=20)
+        subprocess.run(["sh", "-c", command + " --silent --show-error"], check=True, timeout=20)  # any POSIX shell
         frame = client.webhook()
+        with pytest.raises(trio.TooSlowError):
+            client.webhook(timeout=1)  # once: no [1-2] or {a,b} ranges
     got = base64.b64decode(frame["body"]) if frame.get("body_encoding") == "base64" else frame["body"].encode()
-    assert got == body and frame["query"] == "q='1'" and frame["headers"]["X-Odd"] == ["it's $HOME"]
-    assert frame["meta"]["output_destination"] == "/x"
+    assert got == body and frame["query"] == "q='1'&m={a,b}" and frame["meta"]["output_destination"] == "/x[1-2]"
+    headers = {name.lower(): values for name, values in frame["headers"].items()}
+    assert headers["x-odd"] == ["it's $HOME"] and headers["x-empty"] == [""]
+    assert headers["user-agent"][0].startswith("python-httpx/") and "content-type" not in headers  # not curl's
 
 
 def test_resend_makes_a_new_entry_and_filters_narrow_the_list(page, relay_factory):

@@ -16,6 +16,7 @@ SYNC_TESTS = '''
 import threading
 
 import httpx
+import pytest
 
 
 def test_a_webhook_sent_reaches_the_client(relay):
@@ -43,6 +44,33 @@ def test_a_client_resumes_with_since(relay):
     with relay.client(since=first) as client:
         assert client.webhook()["body"] == "second"
         client.status("resumed")
+
+
+def test_a_client_the_relay_refuses_says_why(relay):
+    with pytest.raises(RuntimeError, match="the relay answered error: .*no-such-bucket"):
+        with relay.client(["no-such-bucket"]):
+            pass
+
+
+def test_a_relay_that_cannot_start_raises_its_own_error(relay_factory, tmp_path):
+    import relay_lite
+    with pytest.raises(relay_lite.StorageError):
+        relay_factory({"storage": {"path": str(tmp_path / "no-such-dir" / "relay.db")}})
+
+
+def test_a_client_left_open_ends_with_the_test(relay):
+    client = relay.client().__enter__()
+    relay.send("x")
+    assert client.webhook()["body"] == "x"
+
+
+def test_blocking_helpers_refuse_a_trio_loop_they_would_block(relay):
+    import trio
+
+    async def misuse():
+        relay.send("x")
+    with pytest.raises(RuntimeError, match="runs in a Trio loop"):
+        trio.run(misuse)
 
 
 def test_relay_factory_takes_a_config_of_its_own(relay_factory):
@@ -106,7 +134,8 @@ def run_user_tests(pytester, **files) -> pytest.RunResult:
 
 def test_a_projects_sync_tests_use_the_relay_fixture(pytester):
     result = run_user_tests(pytester, test_sync=SYNC_TESTS)
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=8)
+    assert "Traceback" not in result.stdout.str() and not result.errlines
 
 
 def test_a_projects_trio_tests_use_the_relay_fixture_in_their_own_loop(pytester):
