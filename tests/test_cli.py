@@ -200,10 +200,10 @@ def test_the_console_script_names_itself_in_help_and_in_the_commands_it_prints(t
     assert help.startswith("usage: relay-lite [options] [COMMAND ...]\n")  # COMMAND is optional
     check_help = subprocess.run([CONSOLE_SCRIPT, "check", "--help"], capture_output=True, text=True, timeout=20)
     assert check_help.stdout.startswith("usage: relay-lite check [-h]")
-    init = subprocess.run([CONSOLE_SCRIPT, "init", str(tmp_path / "my relay's.toml")], capture_output=True,
-                          text=True, timeout=20)
+    config = tmp_path / "my relay's.toml"  # a path the shell must have quoted
+    init = subprocess.run([CONSOLE_SCRIPT, "init", str(config)], capture_output=True, text=True, timeout=20)
     run_it = re.search(r"^Run: (.*)$", init.stdout, re.M).group(1)
-    assert run_it == f"{printed(CONSOLE_SCRIPT)} --config {shlex.quote(str(tmp_path / 'my relay' + chr(39) + 's.toml'))}"
+    assert run_it == f"{printed(CONSOLE_SCRIPT)} --config {shlex.quote(str(config))}"
     checked = subprocess.run(shlex.split(run_it.replace("--config", "check --config")), capture_output=True,
                              text=True, timeout=20)
     assert checked.returncode == 0 and "good" in checked.stdout  # the printed command runs

@@ -59,7 +59,9 @@ def test_a_relay_that_cannot_start_raises_its_own_error(relay_factory, tmp_path)
 
 
 def test_a_client_left_open_ends_with_the_test(relay):
-    client = relay.client().__enter__()
+    global left_open  # held past the test: its teardown must end it, not hang
+    left_open = relay.client()
+    client = left_open.__enter__()
     relay.send("x")
     assert client.webhook()["body"] == "x"
 
