@@ -2191,7 +2191,35 @@ class _Batch:
         self.error: BaseException | None = None
 
 
-class _Storage(_Alone):
+class _Batching:
+    """What the backends that write in batches share (_Storage, _Redis): the batch the event loop
+    fills, the task (`run`) that writes it, and the waits for it."""
+
+    _failed = "the webhook log could not be written"  # a StorageError's opening words
+
+    def __init__(self) -> None:
+        self._batch = _Batch()
+        self._work = trio.Event()
+        self._closing = False
+        self.failing = ""  # why the last write failed; "" once one succeeds
+        self.stopped = trio.Event()
+
+    async def committed(self) -> None:
+        """Wait until what was asked for so far is written; raise StorageError if it failed."""
+        batch = self._batch
+        self._work.set()
+        await batch.committed.wait()
+        if batch.error is not None:
+            raise StorageError(f"{self._failed}: {batch.error}")
+
+    async def aclose(self) -> None:
+        """Stop once what was asked for so far is written."""
+        self._closing = True
+        self._work.set()
+        await self.stopped.wait()
+
+
+class _Storage(_Alone, _Batching):
     """The log's SQLite file. `insert`, `update` and `trim` ask for writes; `run` makes them, a
     transaction at a time; `committed()` waits for what was asked so far."""
 
@@ -2199,11 +2227,7 @@ class _Storage(_Alone):
         self.path = path
         self._publish = publish
         self._db: sqlite3.Connection | None = None
-        self._batch = _Batch()
-        self._work = trio.Event()
-        self._closing = False
-        self.failing = ""  # why the last transaction that wrote something failed; "" once one succeeds
-        self.stopped = trio.Event()
+        _Batching.__init__(self)
 
     def open(self) -> tuple[str, dict[str, str], list[sqlite3.Row], list[tuple[str, str, str]]]:
         """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every
@@ -2274,20 +2298,6 @@ class _Storage(_Alone):
         """Keep the pull queue's position, `bucket.positions[output]`; StorageError if it is not kept."""
         self._batch.positions[bucket.config.id, output] = bucket.positions[output]
         await self.committed()
-
-    async def committed(self) -> None:
-        """Wait until what was asked for so far is committed; raise StorageError if it failed."""
-        batch = self._batch
-        self._work.set()
-        await batch.committed.wait()
-        if batch.error is not None:
-            raise StorageError(f"the webhook log could not be written: {batch.error}")
-
-    async def aclose(self) -> None:
-        """Stop once what was asked for so far is written."""
-        self._closing = True
-        self._work.set()
-        await self.stopped.wait()
 
     async def run(self) -> None:
         """Commit batches until aclose(); inserted entries are published once committed."""
@@ -2427,8 +2437,10 @@ def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     return row
 
 
-class _Redis:
+class _Redis(_Batching):
     """The log in a Redis Stream, shared by every relay configured with the same Redis (see above)."""
+
+    _failed = "the webhook log could not be written to Redis"
 
     def __init__(self, cluster: ClusterConfig, core: "_Core") -> None:
         import redis  # the optional extra, relay-lite[redis]: imported only when configured
@@ -2465,11 +2477,7 @@ class _Redis:
         self._queues: dict[tuple[str, str], str] = {}  # (bucket id, output) -> the token of its lock, while held
         self._journal_size = self._answer_kept = 0
         self._busy = 0  # calls in worker threads now
-        self._batch = _Batch()
-        self._work = trio.Event()
-        self._closing = False
-        self.failing = ""
-        self.stopped = trio.Event()
+        super().__init__()
 
     def _size_for(self, buckets: Iterable[BucketConfig]) -> None:
         buckets = list(buckets)
@@ -2655,18 +2663,6 @@ class _Redis:
 
     def trim(self, bucket: _Bucket) -> None:
         pass  # each XADD trims the journal
-
-    async def committed(self) -> None:
-        batch = self._batch
-        self._work.set()
-        await batch.committed.wait()
-        if batch.error is not None:
-            raise StorageError(f"the webhook log could not be written to Redis: {batch.error}")
-
-    async def aclose(self) -> None:
-        self._closing = True
-        self._work.set()
-        await self.stopped.wait()
 
     async def run(self) -> None:
         try:
