@@ -6111,22 +6111,37 @@ async def _listen(host: str, port: int, *, reuse_port: bool = False) -> list[tri
 
 
 async def _listen_shared(host: str, port: int) -> list[trio.SocketListener]:
-    """trio.open_tcp_listeners, with SO_REUSEPORT on each socket before it binds."""
-    listeners = []
-    for family, kind, proto, _, address in await trio.socket.getaddrinfo(
-            host or None, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE):
-        sock = trio.socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-            if family == trio.socket.AF_INET6:
-                sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
-            await sock.bind(address)
-            sock.listen(socket.SOMAXCONN)
-        except BaseException:
-            sock.close()
-            raise
-        listeners.append(trio.SocketListener(sock))
+    """trio.open_tcp_listeners, with SO_REUSEPORT on each socket before it binds; like it, an
+    address family the machine lacks (IPv6 turned off) is passed over, unless it is the only one."""
+    listeners: list[trio.SocketListener] = []
+    lacking: list[OSError] = []
+    try:
+        for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+                host or None, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE):
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as error:
+                if error.errno != errno.EAFNOSUPPORT:
+                    raise
+                lacking.append(error)
+                continue
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+        if not listeners and lacking:
+            raise lacking[0]
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
     return listeners
 
 

@@ -221,3 +221,29 @@ async def test_a_senders_answer_has_no_content_type_unless_one_is_given(relay):
     assert (static.status_code, static.content, "content-type" in static.headers) == (202, b"thanks", False)
     assert typed.headers["content-type"] == "application/json"
     assert (answers[0].content, "content-type" in answers[0].headers) == (b"42", False)
+
+
+async def test_a_shared_port_passes_over_an_address_family_the_machine_lacks(monkeypatch):
+    """[server] reuse_port (what --workers uses) on "localhost", which names IPv4 and IPv6, on a
+    machine with IPv6 turned off: it listens on IPv4, as trio's own listeners do."""
+    import errno
+    import socket
+
+    make = trio.socket.socket
+
+    def without_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return make(family, *args, **kwargs)
+    monkeypatch.setattr(trio.socket, "socket", without_ipv6)
+
+    async def two_families(*args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+    monkeypatch.setattr(trio.socket, "getaddrinfo", two_families)
+    listeners = await relay_lite._listen_shared("localhost", 0)
+    try:
+        assert [listener.socket.family for listener in listeners] == [socket.AF_INET]
+    finally:
+        for listener in listeners:
+            listener.socket.close()
