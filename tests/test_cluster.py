@@ -118,7 +118,7 @@ async def test_a_client_moves_from_one_relay_to_another_with_since_and_loses_not
 async def test_a_sender_held_on_one_relay_is_answered_by_a_client_on_another(redis_server):
     config = cluster_config(redis_server)
     config["buckets"][0]["inputs"][0].update(response_from_output="anyOutput", response_timeout=10)
-    async with relays(config, 2) as (a, c):
+    async with relays(config, 3) as (a, _, c):
         async with subscriber(c, ["github"]) as on_c, trio.open_nursery() as nursery:
             answers = []
 
