@@ -4965,10 +4965,14 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     const known = state.logs.has(log.id);
     state.logs.set(log.id, log);
     const old = known && $('rows').querySelector(`tr[data-id="${CSS.escape(log.id)}"]`);
-    if (old) {
-      const fresh = row(log);
-      fresh.toggleAttribute('aria-current', old.hasAttribute('aria-current'));
-      old.replaceWith(fresh);
+    if (old) {  // changed in place, if at all: a row replaced would lose the keyboard's focus
+      const status = statusName(log);
+      if (old.dataset.status !== status) {
+        old.dataset.status = status;
+        const cell = old.querySelector('td.status');
+        cell.textContent = status;
+        cell.className = `status status-${status}`;
+      }
       return;
     }
     if (!matches(log)) return;

@@ -17,6 +17,7 @@ import trio
 
 pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -63,7 +64,9 @@ def page(browser, request):
 
 
 def wait(driver, condition, timeout=10.0):
-    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda _: condition())
+    """`condition()` once it holds; an element the page replaced meanwhile is looked up again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.02,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda _: condition())
 
 
 def sign_in(driver, relay, secret=SECRET):
@@ -184,8 +187,7 @@ def test_resend_makes_a_new_entry_and_filters_narrow_the_list(page, relay_factor
     driver.find_element(By.ID, "resend").click()
     wait(driver, lambda: driver.find_element(By.ID, "detail-message").text.startswith("resent as "))
     new_id = driver.find_element(By.ID, "detail-message").text.removeprefix("resent as ")
-    wait(driver, lambda: len(rows(driver)) == 5)
-    assert rows(driver)[0].get_attribute("data-id") == new_id
+    wait(driver, lambda: len(rows(driver)) == 5 and rows(driver)[0].get_attribute("data-id") == new_id)
     logs = httpx.get(relay.url + f"/v1/logs/{new_id}", auth=(KEY, SECRET)).json()
     assert logs["body"] == '{"n": 2}' and logs["resent_from"] == rows(driver)[2].get_attribute("data-id")
     shot("resent")
