@@ -2423,11 +2423,11 @@ def _just_before(log_id: str) -> str:
     return str(uuid.UUID(int=uuid.UUID(log_id).int - 1))
 
 
-def _event(kind: str, entry: _Entry, origin: str, number: int) -> dict[str, str]:
-    row = _row(entry) if kind == "entry" else _update_row(entry)
+def _event(kind: str, bucket_id: str, row: dict[str, Any], origin: str, number: int) -> dict[str, str]:
+    """A journal event's fields: a new entry's `row` (see _row), or a change's (see _change_row)."""
     if row.get("response_body") is not None:
         row["response_body"] = base64.b64encode(row["response_body"]).decode("ascii")
-    return {"kind": kind, "bucket": entry.bucket.id, "origin": origin, "number": str(number), "row": _encode(row)}
+    return {"kind": kind, "bucket": bucket_id, "origin": origin, "number": str(number), "row": _encode(row)}
 
 
 def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
@@ -2693,8 +2693,9 @@ class _Redis(_Batching):
                 for entry in entries:
                     number = next(self._numbers)
                     self._mine[str(number)] = entry
-                    events.append(_event("entry", entry, self._origin, number))
-            events += [_event("update", entry, self._origin, next(self._numbers)) for entry in batch.updates.values()]
+                    events.append(_event("entry", entry.bucket.id, _row(entry), self._origin, number))
+            events += [_event("update", entry.bucket.id, _update_row(entry), self._origin, next(self._numbers))
+                       for entry in batch.updates.values()]
             if not events:
                 batch.committed.set()
                 continue
@@ -2763,12 +2764,9 @@ class _Redis(_Batching):
         """Whether this is the first answer to `entry`, whichever relay took the others; if it
         is, it is in the journal already, in the same step (asked again with the same token if
         Redis's reply is lost: a claim made but not known here would refuse every answer)."""
-        row = {"id": entry.id, "status": status, "status_code": answer.status_code,
-               "response_headers": _encode(answer.headers), "response_body": base64.b64encode(answer.body).decode(),
-               "answered_at": answer.at, "retries": answer.retries}
-        number = str(next(self._numbers))
-        fields = {"kind": "update", "bucket": entry.bucket.id, "origin": self._origin, "number": number,
-                  "row": _encode(row)}
+        fields = _event("update", entry.bucket.id, _change_row(entry.id, status, answer), self._origin,
+                        next(self._numbers))
+        number = fields["number"]  # how the tail knows it again (see _change)
         keys = [self._journal, self._counter, f"{self._prefix}:answered:{entry.id}"]
         args: list[str | int] = [self._journal_size, f"{self._origin}:{number}", self._answer_kept,
                                  *itertools.chain(*fields.items())]
@@ -2921,8 +2919,13 @@ def _row(entry: _Entry) -> dict[str, Any]:
 
 def _update_row(entry: _Entry) -> dict[str, Any]:
     """What can change of an entry: _UPDATED, and its id."""
-    answer = entry.answer
-    return {"id": entry.id, "status": entry.status, "status_code": answer.status_code if answer else None,
+    return _change_row(entry.id, entry.status, entry.answer)
+
+
+def _change_row(log_id: str, status: str, answer: _Answer | None) -> dict[str, Any]:
+    """The entry `log_id`'s _UPDATED columns with this status and answer (an answer being claimed
+    is not the entry's yet: see _Redis.claim_answer)."""
+    return {"id": log_id, "status": status, "status_code": answer.status_code if answer else None,
             "response_headers": _encode(answer.headers) if answer else None,
             "response_body": answer.body if answer else None, "answered_at": answer.at if answer else None,
             "retries": answer.retries if answer else 0}
