@@ -3,8 +3,10 @@ an answer comes to. Needs redis-server (.ci/run installs Debian's package) and r
 
 import functools
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -57,6 +59,33 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+    async def hang(self, seconds: float) -> None:
+        """Stop Redis (SIGSTOP) for `seconds`: requests in its hands get no answer, no error; then it goes on."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            await trio.sleep(seconds)
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+
+@asynccontextmanager
+async def tail_held(relay):
+    """Within the block, `relay`'s tail reads nothing: its next XREAD waits for the block's end."""
+    reader = relay._core._backend._reader
+    xread, held, released = reader.xread, threading.Event(), threading.Event()
+
+    def held_xread(*args, **kwargs):
+        held.set()
+        released.wait()
+        return xread(*args, **kwargs)
+    reader.xread = held_xread
+    try:
+        await trio.to_thread.run_sync(held.wait)
+        yield
+    finally:
+        released.set()
+        reader.xread = xread
 
 
 def trio_sleep_blocking(seconds: float) -> None:
@@ -212,7 +241,6 @@ async def test_workers_share_the_port_and_the_log_and_one_that_dies_is_started_a
     import contextlib
     import os
     import re
-    import signal
     import sys
     from pathlib import Path
 
@@ -322,7 +350,7 @@ async def test_a_relay_that_cannot_renew_its_lead_stops_leading_before_the_lease
         backend = a._core._backend
         began = trio.current_time()
         async with backend.leading("test-output") as lead:
-            redis_server.process.send_signal(__import__("signal").SIGSTOP)  # Redis hangs: no answer, no error
+            redis_server.process.send_signal(signal.SIGSTOP)  # Redis hangs: no answer, no error
             try:
                 stopped_at = None
                 with trio.fail_after(relay_lite._LEASE_SECONDS + 5):
@@ -330,7 +358,7 @@ async def test_a_relay_that_cannot_renew_its_lead_stops_leading_before_the_lease
                         await trio.sleep(0.05)
                     stopped_at = trio.current_time()
             finally:
-                redis_server.process.send_signal(__import__("signal").SIGCONT)
+                redis_server.process.send_signal(signal.SIGCONT)
     assert stopped_at is not None and stopped_at - began < relay_lite._LEASE_SECONDS  # before it could pass on
 
 
@@ -338,17 +366,12 @@ async def test_an_append_whose_answer_was_lost_is_asked_again_and_made_once(redi
     """Redis hangs past the client's timeout with the webhook's append in hand, then goes on: the
     relay asks again, learns that the append was made, and the sender gets its 2xx; the webhook
     is in the log once."""
-    import signal
 
     import redis
 
     async with relays(cluster_config(redis_server), 2) as (a, b):
         async with subscriber(b, ["github"]) as on_b, trio.open_nursery() as nursery:
-            async def hang_redis():
-                redis_server.process.send_signal(signal.SIGSTOP)
-                await trio.sleep(3)  # past the 2 s timeout of the relay's writes, within its 3 tries
-                redis_server.process.send_signal(signal.SIGCONT)
-            nursery.start_soon(hang_redis)
+            nursery.start_soon(redis_server.hang, 3)  # past the 2 s timeout of the relay's writes, within its 3 tries
             await trio.sleep(0.1)
             async with httpx.AsyncClient(timeout=60) as http:
                 answer = await http.post(a.input_url("github"), content="once")
@@ -356,7 +379,6 @@ async def test_an_append_whose_answer_was_lost_is_asked_again_and_made_once(redi
             assert (answer.status_code, frame["body"]) == (200, "once")
             with trio.move_on_after(1):
                 assert (await on_b.receive_or_close())["type"] != "webhook"  # no second copy
-    bucket_id = relay_lite.load_config(cluster_config(redis_server)).buckets[0].id
     events = redis.Redis(port=redis_server.port).xrange("relay_lite:journal")
     assert [fields[b"kind"] for _, fields in events] == [b"entry"]
 
@@ -403,7 +425,6 @@ async def test_a_stream_trimmed_at_its_start_tells_a_resume_from_before_it_of_th
             for n in range(5):
                 await post(a, content=str(n))
             ids = [(await on_a.webhook())["meta"]["id"] for _ in range(5)]
-    bucket_id = relay_lite.load_config(cluster_config(redis_server)).buckets[0].id
     redis.Redis(port=redis_server.port).xtrim("relay_lite:journal", maxlen=3, approximate=False)
     async with relays(cluster_config(redis_server), 1) as (b,):
         async with connect(b) as on_b:
@@ -460,29 +481,12 @@ async def test_ids_are_unique_and_in_arrival_order_across_buckets(redis_server):
 async def test_a_relay_that_fell_behind_the_journal_says_so(redis_server):
     """Review finding 2: a relay whose tail lagged past the journal's MAXLEN skipped webhooks
     silently. Its sockets now get a history_gap, and a resume from before it is told too."""
-    import threading
-
     config = cluster_config(redis_server, history_size=2)
     async with relays(config, 2) as (a, b):
-        paused = threading.Event()
-        paused.set()
-        reader = b._core._backend._reader
-        xread = reader.xread
-
-        held = threading.Event()
-
-        def held_xread(*args, **kwargs):
-            held.set()
-            paused.wait()
-            return xread(*args, **kwargs)
-        reader.xread = held_xread
         async with subscriber(b, ["github"]) as on_b:
-            paused.clear()
-            held.clear()
-            await trio.to_thread.run_sync(held.wait)  # b's tail reads nothing now
-            for n in range(400):  # far past 4 x the buckets' history_size, however MAXLEN ~ rounds
-                assert (await post(a, content=str(n))).status_code == 200
-            paused.set()
+            async with tail_held(b):
+                for n in range(400):  # far past 4 x the buckets' history_size, however MAXLEN ~ rounds
+                    assert (await post(a, content=str(n))).status_code == 200
             with trio.fail_after(20):
                 while (frame := await on_b.receive())["type"] == "webhook":
                     pass
@@ -528,7 +532,6 @@ async def test_an_answer_whose_reply_was_lost_is_claimed_once_and_known_everywhe
     """Review finding 6: a claim Redis made but whose reply was lost gave a 503, then 409s, and
     the relay that took it never applied it. Asked again with the same token, it is this
     claim's: 200, and the held sender gets the answer."""
-    import signal
 
     config = cluster_config(redis_server)
     config["buckets"][0]["inputs"][0].update(response_from_output="anyOutput", response_timeout=20)
@@ -542,11 +545,7 @@ async def test_an_answer_whose_reply_was_lost_is_claimed_once_and_known_everywhe
             nursery.start_soon(send)
             log_id = (await on_a.webhook())["meta"]["id"]
 
-            async def hang_redis():
-                redis_server.process.send_signal(signal.SIGSTOP)
-                await trio.sleep(3)  # past the 2 s timeout of the relay's writes, within its 3 tries
-                redis_server.process.send_signal(signal.SIGCONT)
-            nursery.start_soon(hang_redis)
+            nursery.start_soon(redis_server.hang, 3)  # past the 2 s timeout of the relay's writes, within its 3 tries
             await trio.sleep(0.1)
             async with httpx.AsyncClient(base_url=a.url, auth=(KEY, SECRET), timeout=30) as http:
                 put = await http.put(f"/v1/logs/{log_id}", json={"status_code": 201, "response_body": "NDI="})
@@ -575,39 +574,25 @@ async def test_a_short_redis_restart_does_not_take_the_lead_away(redis_server):
 
 async def test_a_lagging_relay_takes_a_resume_point_another_relay_gave(redis_server):
     """A client moving from A to B, which has not read A's newest webhook yet, is not refused."""
-    import threading
-
-    async with relays(cluster_config(redis_server), 2) as (a, b):
-        paused, held = threading.Event(), threading.Event()
-        reader = b._core._backend._reader
-        xread = reader.xread
-
-        def held_xread(*args, **kwargs):
-            held.set()
-            paused.wait()
-            return xread(*args, **kwargs)
-        reader.xread = held_xread
-        await trio.to_thread.run_sync(held.wait)  # b's tail reads nothing now
-        async with subscriber(a, ["github"]) as on_a:
-            await post(a, content="newest")
-            since = (await on_a.webhook())["meta"]["id"]
-        async with connect(b) as on_b:
+    async with relays(cluster_config(redis_server), 2) as (a, b), connect(b) as on_b:
+        async with tail_held(b):
+            async with subscriber(a, ["github"]) as on_a:
+                await post(a, content="newest")
+                since = (await on_a.webhook())["meta"]["id"]
             await on_b.send(action="auth", key=KEY, secret=SECRET)
             await on_b.expect("authenticated")
             await on_b.send(action="subscribe", buckets=["github"], since=since)
             await on_b.expect("subscribed")
-            paused.set()
-            await post(a, content="after")
-            while (frame := await on_b.receive())["type"] != "webhook" or frame["body"] == "newest":
-                pass  # "newest" may come again: at least once
-            assert frame["body"] == "after"
+        await post(a, content="after")
+        while (frame := await on_b.receive())["type"] != "webhook" or frame["body"] == "newest":
+            pass  # "newest" may come again: at least once
+        assert frame["body"] == "after"
 
 
 def test_workers_end_when_their_supervisor_is_killed(redis_server, tmp_path):
     """Review finding 9: a supervisor killed with SIGKILL left its workers on the port."""
     import os
     import re
-    import signal
     import sys
     import time
     from pathlib import Path
