@@ -1937,6 +1937,10 @@ class _Store:
     def bucket_of(self, entry: _Entry) -> _Bucket | None:
         return self._by_ref.get(entry.bucket.id)
 
+    def by_id(self, bucket_id: str) -> _Bucket | None:
+        bucket = self._by_ref.get(bucket_id)
+        return bucket if bucket is not None and bucket.config.id == bucket_id else None  # not a bucket so named
+
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(_utf8(secret)).digest()
@@ -3330,7 +3334,7 @@ class _Core:
     # What a cluster's backend (_Redis) calls as it applies the journal
 
     def bucket_by_id(self, bucket_id: str) -> _Bucket | None:
-        return next((bucket for bucket in self._store.buckets if bucket.config.id == bucket_id), None)
+        return self._store.by_id(bucket_id)
 
     def apply_change(self, bucket: _Bucket, row: Mapping[str, Any]) -> None:
         """Another relay changed an entry (a cluster's backend): its status, or its answer, which
