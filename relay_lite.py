@@ -7436,7 +7436,7 @@ def _banner(relay: Relay, demo: bool) -> str:
         for input_ in bucket.inputs:
             lines.append(f"  bucket {bucket.name!r}, input {input_.name!r}: {relay.input_url(input_.id, public=True)}")
     if demo:
-        token, bucket = config.tokens[0], config.buckets[0]
+        token, bucket, command = config.tokens[0], config.buckets[0], _command()
         input_url = relay.input_url(bucket.inputs[0].id)
         lines += [
             "",
@@ -7450,9 +7450,9 @@ def _banner(relay: Relay, demo: bool) -> str:
             f'  {{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
             f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
             "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
-            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} {_command()} forward "
+            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} {command} forward "
             f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
-            f"For lasting ids: {_command()} init relay.toml && {_command()} --config relay.toml",
+            f"For lasting ids: {command} init relay.toml && {command} --config relay.toml",
         ]
     lines += ["", "Ctrl-C to stop."]
     return "\n".join(lines)
