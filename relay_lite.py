@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 import tomllib
+import traceback
 import types
 import typing
 import urllib.parse
@@ -171,6 +172,7 @@ DEFAULT_PORT = 8080
 DEFAULT_PING_INTERVAL = 30.0  # seconds; the old SDK gives up after 90 s of silence, the Go agent after 53 s
 DEFAULT_AUTH_TIMEOUT = 10.0  # seconds a new socket may take to authenticate
 DEFAULT_MAX_BODY_SIZE = 10 * 2**20  # 10 MiB; larger webhooks get 413
+DEFAULT_BODY_BYTES_IN_FLIGHT = 64 * 2**20  # 64 MiB of request bodies being received at once, at least
 DEFAULT_SEND_QUEUE_SIZE = 1000  # frames a socket may leave unread before it is cut off
 DEFAULT_SEND_QUEUE_BYTES = 64 * 2**20  # 64 MiB of frames, likewise (one frame always fits)
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds in-flight requests get to finish on shutdown
@@ -218,10 +220,12 @@ _CLOSE_TRY_AGAIN = 1013  # the relay is full
 _CLOSE_TIMEOUT = 5.0  # seconds a closing handshake (or the frame on the wire before it) may take
 _CLOSE_AT_ONCE = 0.5  # seconds a close frame may take to go out when its handshake is not waited for
 _RECEIVE_SIZE = 2**16
-_BODY_DEADLINE = "relay_lite.body_deadline"  # in a request's ASGI scope: when its body must be in
+_READ_SIZE = 16 * 2**10  # an HTTP connection's reads, at most: see _ConnectionStream
 _CONNECTION = "relay_lite.connection"  # in a request's ASGI scope: its _Connection
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
+_LINGER_BYTES = 2 * 2**20  # and bytes (a socket's largest message, twice): a peer sending on at full speed
+# was read for all of _LINGER, and strangers refused (a body with no room) came back to do it again
 # so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
 _GRACE = 1.0  # seconds past a deadline that Quart's 408 and Hypercorn's keep-alive timer get first
 _ACCEPT_RETRY = 0.1  # seconds between tries to accept while out of file descriptors
@@ -238,6 +242,9 @@ _GC_THRESHOLD = 10_000  # allocations between young collections in the CLI; Pyth
 _ENTRY_OVERHEAD = 512  # the entry, its webhook and answer objects
 _HEADER_OVERHEAD = 120  # a header's name and its list of values
 _VALUE_OVERHEAD = 60  # each value
+_BODY_ROOM_WAIT = 1.0  # seconds a request body's chunk may wait for room among the bodies in flight...
+_BODY_WAITERS = 256  # ...and requests that may wait at once (each holds what the HTTP server read ahead for it)
+_BODY_RETRY_AFTER = 5  # seconds a request refused for want of room is told to wait (Retry-After)
 _SWEEP_INTERVAL = 1.0  # seconds between checks for log entries past history_ttl and stalled writes
 _LOGS_LIMIT = 100  # GET /v1/logs entries per page by default
 _LOGS_MAX_LIMIT = 1000
@@ -381,7 +388,7 @@ class _Throttle:
         self._next: dict[str, float] = {}  # kind -> when the next may be logged; kinds are the relay's own
         self._held: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args: object) -> None:
+    def warning(self, kind: str, message: str, *args: object, level: int = logging.WARNING) -> None:
         now = time.monotonic()
         if now < self._next.get(kind, 0.0):
             self._held[kind] = self._held.get(kind, 0) + 1
@@ -390,7 +397,26 @@ class _Throttle:
         held = self._held.pop(kind, 0)
         if held:
             message += f" ({held} more like it since the last such line)"
-        logger.warning(message, *args)
+        logger.log(level, message, *args)
+
+
+def _unexpected(throttle: _Throttle, what: str, error: BaseException) -> None:
+    """A bug met while doing `what`, as one ERROR line, rate-limited like a stranger's warnings
+    (a stranger may be the one triggering it): the error and where it was raised. The whole
+    traceback goes to DEBUG."""
+    error = _innermost(error)
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename or '?').name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    throttle.warning(f"unexpected {what}", "unexpected error while %s: %s: %s%s; the relay goes on", what,
+                     type(error).__name__, _shown(str(error), 200), where, level=logging.ERROR)
+    logger.debug("the unexpected error while %s", what, exc_info=error)
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The first error inside `error`, a group of them (nested as deep as the nurseries it crossed)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 # ============================================================================ configuration
@@ -408,6 +434,7 @@ class ServerConfig:
     ping_interval: float = DEFAULT_PING_INTERVAL
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    max_body_bytes_in_flight: int | None = None  # None: 64 MiB, or 4 x max_body_size if more (see _Inflows)
     send_queue_size: int = DEFAULT_SEND_QUEUE_SIZE
     send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
@@ -680,7 +707,13 @@ def _checked(config: Config) -> Config:
                    else server.max_pending_per_ip)
     _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
              f"must be 1 to max_connections ({max_connections}), got {max_pending}")
-    server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
+    in_flight = (max(DEFAULT_BODY_BYTES_IN_FLIGHT, 4 * server.max_body_size) if server.max_body_bytes_in_flight is None
+                 else server.max_body_bytes_in_flight)
+    _require(in_flight >= server.max_body_size, "server.max_body_bytes_in_flight",
+             f"must be at least max_body_size ({server.max_body_size}), got {in_flight}: else no body that large "
+             "could ever be received")
+    server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending,
+                                 max_body_bytes_in_flight=in_flight)
     for n, proxy in enumerate(server.trusted_proxies):
         _require(_network(proxy) is not None, f"server.trusted_proxies[{n}]",
                  f"must be an IP address or network, got {_shown(proxy, 60)!r}")
@@ -2989,7 +3022,7 @@ class _Metrics:
         self.ingest_seconds = _Histogram()  # a webhook's request, from its head to its acceptance
 
 
-_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage")
+_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
 
 
 def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
@@ -4180,7 +4213,7 @@ class _Forwarder:
             answer = await _deliver(client, request, self._delivery)
             self._relay.metrics.delivery_seconds.observe(trio.current_time() - started)
         except Exception as error:  # a bug, but not one that may stop the relay or this output
-            logger.error("delivering webhook %s to %s failed", entry.id, _shown(entry.destination), exc_info=True)
+            _unexpected(self._relay._throttle, "delivering a webhook to a public output", error)
             answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
         finally:
             in_flight.release()
@@ -4224,9 +4257,21 @@ def _own_answers(config: Config) -> dict[str, tuple[str, int, list[tuple[str, st
         for bucket in config.buckets for input_ in bucket.inputs}
 
 
+class _App(QuartTrio):
+    """The Quart app: a handler's bug is answered 500 and logged in one rate-limited line (see
+    _unexpected), not a traceback a stranger could repeat at will."""
+
+    throttle = _Throttle()
+
+    def log_exception(self, exception_info: tuple[Any, BaseException | None, Any]) -> None:  # type: ignore[override]
+        if exception_info[1] is not None:
+            _unexpected(self.throttle, "answering a request", exception_info[1])
+
+
 def _make_app(relay: "Relay") -> QuartTrio:
     core = relay._core
-    app = QuartTrio("relay_lite")
+    app = _App("relay_lite")
+    app.throttle = relay._throttle
     app.config["MAX_CONTENT_LENGTH"] = relay.config.server.max_body_size
 
     @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
@@ -4416,7 +4461,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
                     raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
                                        'Bearer realm="relay_lite metrics"')
             text, content_type = _metrics_text(relay)
-            return Response(text, 200, content_type=content_type)
+            return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
 
     if relay.config.server.inspector:
 
@@ -4472,9 +4517,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def http_error(error: HTTPException) -> Response:
         description = error.description
         if error.code == 413:
-            description = f"request bodies are limited to {relay.config.server.max_body_size} bytes (max_body_size)"
-            if request.path.startswith(WEBHOOK_PREFIX):
-                relay.metrics.rejected["too_large"] += 1
+            description = _too_large(relay.config.server)
         elif error.code == 404 and _is_api_path(request.path):  # the hosted API's clients read JSON errors
             description = f"relay_lite does not serve {_shown(request.path, 100)} (see its README)"
         return _error(error.code or 500, description or error.name)
@@ -4483,11 +4526,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
 
 async def _request_body() -> bytes:
-    """The body of the request being served. Quart answers 413 past max_body_size, before all of
-    it is read, and 408 past the request's deadline (request_timeout, head and body together)."""
-    deadline = typing.cast(float | None, request.scope.get(_BODY_DEADLINE))
-    if deadline is not None:
-        request.body_timeout = max(deadline - trio.current_time(), 0.0)  # type: ignore[assignment]  # seconds
+    """The body of the request being served: read whole before the app was called (see Relay._receive_body)."""
     return typing.cast(bytes, await request.get_data(cache=False, as_text=False))
 
 
@@ -4513,11 +4552,52 @@ def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] 
     return None
 
 
-async def _refuse(send: Callable[[dict], Awaitable[None]], status: int, message: str) -> None:
-    """Answer with `status` and close the connection: what else it sends is not read."""
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": message.encode() + b"\n"})
+async def _refuse(receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]],
+                  scope: Mapping[str, Any], status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    """Answer a request whose body was not read (not all of it) with `status` (JSON on the REST
+    API, as _error does), and close the connection. What Hypercorn hands on of the body meanwhile
+    is dropped: the message saying the client left, which it hands on after the answer, would
+    otherwise wait for room behind it (max_app_queue_size), and the answer's end with it."""
+    if _is_api_path(scope["path"]):
+        content_type, body = b"application/json", _encode({"error": message}).encode()
+    else:
+        content_type, body = b"text/plain; charset=utf-8", message.encode() + b"\n"
+
+    async def drop_the_rest() -> None:
+        while (await receive())["type"] == "http.request":
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drop_the_rest)
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", content_type), (b"connection", b"close"), *_OWN_ANSWER_HEADERS,
+            *((name.encode(), value.encode()) for name, value in headers)]})
+        await send({"type": "http.response.body", "body": body})
+        nursery.cancel_scope.cancel()
+
+
+async def _refuse_upgrade(send: Callable[[dict], Awaitable[None]]) -> None:
+    """Answer a WebSocket upgrade Hypercorn took (any path but SOCKET_PATH, which the relay
+    routes itself) with a plain 404, as the ASGI WebSocket denial response."""
+    await send({"type": "websocket.http.response.start", "status": 404, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"), *_OWN_ANSWER_HEADERS]})
+    await send({"type": "websocket.http.response.body",
+                "body": f"no WebSocket here: the relay's socket is {SOCKET_PATH}\n".encode()})
+
+
+def _content_length(scope: Mapping[str, Any]) -> int:
+    """The body size a request's head declares (h11 checked it is a number), 0 if none."""
+    values = _header_values(scope, b"content-length")
+    return int(values[0]) if values else 0
+
+
+def _header_values(scope: Mapping[str, Any], name: bytes) -> list[str]:
+    """The values of header `name` (lower case, as h11 gives names) of a request's ASGI scope."""
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+
+
+def _too_large(server: ServerConfig) -> str:
+    return f"request bodies are limited to {server.max_body_size} bytes (max_body_size)"
 
 
 def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str, str]]:
@@ -4528,20 +4608,30 @@ def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str,
 
 def _sender_answer(body: bytes | str, status: int, headers: list[tuple[str, str]]) -> Response:
     """An answer to a webhook's sender, with the headers it was given: no Content-Type unless
-    they say one (Quart's default, text/html, would say what nobody meant)."""
-    response = Response(body, status, headers)  # type: ignore[arg-type]  # pairs are fine
+    they say one (Quart's default, text/html, would say what nobody meant); sandboxed, as every
+    answer of the relay's is (see _SANDBOXED), whatever policy those headers bring of their own
+    (a browser applies every one)."""
+    response = Response(body, status, [*headers, *_SANDBOXED])  # type: ignore[arg-type]  # pairs are fine
     if not any(name.lower() == "content-type" for name, _ in headers):
         del response.headers["Content-Type"]
-        response.headers["X-Content-Type-Options"] = "nosniff"  # nor guessed: this is the inspector's origin
     return response
 
 
+# Every answer of the relay's but the inspector's files is served as content from nowhere: a
+# sandbox (no script runs, its origin is no origin), nothing loaded, no type guessed. Answers to
+# webhooks carry what a sender's input or a client gave (a text/html answer set with PUT
+# /v1/logs/<id>, an app echoing a request): on the inspector's origin it could read the
+# inspector's session and call the API as its user.
+_SANDBOXED = (("Content-Security-Policy", "sandbox; default-src 'none'"), ("X-Content-Type-Options", "nosniff"))
+_OWN_ANSWER_HEADERS = tuple((name.lower().encode(), value.encode()) for name, value in _SANDBOXED)
+
+
 def _plain(status: int, message: str) -> Response:
-    return Response(message + "\n", status, content_type="text/plain; charset=utf-8")
+    return Response(message + "\n", status, _SANDBOXED, content_type="text/plain; charset=utf-8")  # type: ignore[arg-type]
 
 
 def _json(status: int, document: Mapping[str, Any]) -> Response:
-    return Response(_encode(document), status, content_type="application/json")
+    return Response(_encode(document), status, _SANDBOXED, content_type="application/json")  # type: ignore[arg-type]
 
 
 def _error(status: int, message: str) -> Response:
@@ -4555,7 +4645,7 @@ def _is_api_path(path: str) -> bool:
 
 
 def _json_list(items: list[Any]) -> Response:
-    return Response(_encode(items), 200, content_type="application/json")
+    return Response(_encode(items), 200, _SANDBOXED, content_type="application/json")  # type: ignore[arg-type]
 
 
 def _bucket_json(bucket: BucketConfig, at: float) -> dict[str, Any]:
@@ -5385,6 +5475,9 @@ def _hypercorn(server: ServerConfig, asgi: Callable[..., Awaitable[None]]) -> tu
     config.include_server_header = False  # no version banner, and a client's answer may set one
     config.keep_alive_timeout = server.idle_timeout
     config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
+    # What Hypercorn reads ahead of the app, a chunk (up to 64 KiB) a message: while a body waits
+    # for room (see _Inflows), or after it was refused, that is memory outside the bodies' bound
+    config.max_app_queue_size = 1
     return config, _WorkerContext(None), _Lifespan(ASGIWrapper(asgi), config, {})
 
 
@@ -5438,7 +5531,7 @@ class _Connection:
     whether it is pending: neither an authenticated socket nor a request being answered."""
 
     __slots__ = ("stream", "address", "peer", "client", "scope", "head_start", "pending", "requests", "is_closing",
-                 "ended_by", "http")
+                 "ended_by", "http", "linger_left")
 
     def __init__(self, stream: trio.SocketStream, address: str, peer: str, deadline: float) -> None:
         self.stream = stream
@@ -5452,6 +5545,7 @@ class _Connection:
         self.is_closing = False
         self.ended_by: tuple[int, str] = (CLOSE_POLICY, "out of time")  # what a socket is told when it ends
         self.http = False  # served by Hypercorn (else a socket, or not yet routed)
+        self.linger_left = _LINGER_BYTES  # what it may still read, once closing
 
     def end_by(self, deadline: float) -> None:
         """From now on, serve it until `deadline` at most (a closing connection keeps its own)."""
@@ -5471,8 +5565,9 @@ class _Connection:
 
     def closing(self) -> None:
         """Its library closed it: end what the relay sends, once the answer being written is
-        whole, and give the peer _LINGER seconds to read it and leave. (Hypercorn closes at
-        once when a pipelined request follows an answer that said "Connection: close".)"""
+        whole, and give the peer _LINGER seconds (and _LINGER_BYTES) to read it and leave.
+        (Hypercorn closes at once when a pipelined request follows an answer that said
+        "Connection: close".)"""
         if not self.requests:
             _shut_down(self.stream)
         if not self.is_closing:
@@ -5502,7 +5597,7 @@ class _Connections:
     def __init__(self, server: ServerConfig, throttle: _Throttle) -> None:
         assert server.max_connections and server.max_pending_per_ip  # filled in by _checked
         self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
-        self._timeout = server.request_timeout
+        self._head_time = server.idle_timeout + _GRACE  # a new connection's first head must be in by then
         self.count = 0
         self._open: set[_Connection] = set()
         self._pending: dict[str, dict[_Connection, None]] = {}  # address -> its pending ones, oldest first
@@ -5528,7 +5623,7 @@ class _Connections:
             self._throttle.warning("evicted", "closed a pending connection from %s, which held %d, to make room "
                                    "for one from %s (max_connections: %d)", oldest.address, len(crowd) + 1,
                                    address, self._most)
-        connection = _Connection(stream, address, peer, trio.current_time() + self._timeout)
+        connection = _Connection(stream, address, peer, trio.current_time() + self._head_time)
         self.count += 1
         self._open.add(connection)
         self.idle(connection)
@@ -5573,6 +5668,98 @@ class _Connections:
         """End every connection now (a shutdown that ran out of time)."""
         for connection in list(self._open):
             connection.end(CLOSE_GOING_AWAY, "server shutting down")
+
+
+class _Inflow:
+    """A request body being received: the address it is counted by, and the bytes it holds."""
+
+    __slots__ = ("address", "held", "scope")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.held = 0
+        self.scope = trio.CancelScope()  # cancelled when its room is given to another (see _Inflows)
+
+
+class _Inflows:
+    """Every request body being received, within max_body_bytes_in_flight bytes together.
+
+    A body is read whole before it is acted on (a signature covers all of it), so a stranger who
+    declares 10 MiB and sends all but its last byte holds 10 MiB until request_timeout: 240 such
+    connections from 4 addresses took a relay from 65 MB to 2.4 GB. A chunk that finds no room
+    takes it, if its address holds under half of a fair share (the room over the addresses holding
+    some), from the address holding the most, if that is over its share: that address's largest
+    body is ended (503 and Retry-After). Else it waits up to _BODY_ROOM_WAIT for room (at most
+    _BODY_WAITERS requests wait at once), then its request gets 503. So an address sending little
+    gets in while others hold partial bodies, and those others cannot take room from each other.
+    An address is what max_pending_per_ip counts by (behind trusted_proxies, the client's).
+    """
+
+    def __init__(self, capacity: int, throttle: _Throttle) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._held: dict[str, int] = {}  # address -> the bytes its bodies hold
+        self._bodies: dict[str, set[_Inflow]] = {}  # address -> its bodies holding bytes
+        self._freed = trio.Event()  # set, and replaced, when bytes are released
+        self._waiting = 0
+        self._throttle = throttle
+
+    async def take(self, inflow: _Inflow, size: int) -> bool:
+        """Room for `size` more bytes of `inflow`, at once, or after a short wait; False if none came."""
+        if self._take_nowait(inflow, size):
+            return True
+        if self._waiting >= _BODY_WAITERS:
+            return False
+        self._waiting += 1
+        try:
+            with trio.move_on_after(_BODY_ROOM_WAIT):
+                while True:
+                    await self._freed.wait()
+                    if self._take_nowait(inflow, size):
+                        return True
+        finally:
+            self._waiting -= 1
+        return False
+
+    def release(self, inflow: _Inflow) -> None:
+        """`inflow` holds nothing any more (its request ended, or it was evicted)."""
+        if not inflow.held:
+            return
+        address = inflow.address
+        self.used -= inflow.held
+        left = self._held[address] - inflow.held
+        inflow.held = 0
+        if left:
+            self._held[address] = left
+            self._bodies[address].discard(inflow)
+        else:
+            del self._held[address], self._bodies[address]
+        self._freed.set()
+        self._freed = trio.Event()
+
+    def _take_nowait(self, inflow: _Inflow, size: int) -> bool:
+        address = inflow.address
+        while self.used + size > self.capacity:
+            # A fair share is the room over the addresses holding some (this one too); an address
+            # well under its share takes room from the one most over it, and only then: strangers
+            # holding about their shares do not end each other's bodies over and over.
+            held = self._held.get(address, 0)
+            share = self.capacity / (len(self._held) + (0 if held else 1))
+            heaviest = max(self._held, key=self._held.__getitem__)  # scanned only when full
+            if held + size > share / 2 or self._held[heaviest] <= share:
+                return False
+            victim = max(self._bodies[heaviest], key=lambda body: body.held)
+            self._throttle.warning("inflow", "ended a request body of %d bytes from %s, whose bodies held %d, to "
+                                   "make room for one from %s (max_body_bytes_in_flight: %d)", victim.held,
+                                   heaviest, self._held[heaviest], address, self.capacity)
+            self.release(victim)
+            victim.scope.cancel()
+        if not inflow.held:
+            self._bodies.setdefault(address, set()).add(inflow)
+        inflow.held += size
+        self._held[address] = self._held.get(address, 0) + size
+        self.used += size
+        return True
 
 
 def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
@@ -5625,7 +5812,7 @@ async def _read_request_head(stream: trio.abc.ReceiveStream, limit: int) -> byte
     """Read enough of a request to route it: its whole head (up to `limit` bytes) only if it may
     be a socket upgrade."""
     head = b""
-    while data := await stream.receive_some(_RECEIVE_SIZE):
+    while data := await stream.receive_some(limit):
         head += data
         if b"\r\n\r\n" in head or len(head) >= limit or not _may_be_socket_request(head):
             break
@@ -5641,9 +5828,12 @@ class _ConnectionStream(trio.abc.Stream):
     """A connection's socket stream, as Hypercorn and trio-websocket use it.
 
     Its first bytes, read to route the connection, are received again. Once they have been,
-    reads go straight to the socket stream's own method (an instance attribute shadows this
-    class's), as writes always do: no extra coroutine frame per call, on a connection that may
-    stay open for days.
+    a socket's reads go straight to the socket stream's own method (an instance attribute
+    shadows this class's), as writes always do: no extra coroutine frame per call, on a
+    connection that may stay open for days. HTTP's take _READ_SIZE at most: Hypercorn reads a
+    request's body ahead of the app, a read a message, and holds up to three of them for a body
+    that waits for room (see _Inflows), or that was refused; at 64 KiB a read that was 200 KiB
+    a connection, outside every bound.
 
     Closing it is a half-close, done at once even in a task being cancelled: the peer sees the
     end of what the relay sent, and the connection lingers (see _Connection.closing) so that a
@@ -5655,10 +5845,11 @@ class _ConnectionStream(trio.abc.Stream):
     """
 
     def __init__(self, stream: trio.abc.Stream, head: bytes, connection: "_Connection",
-                 raw: trio.SocketStream) -> None:
+                 raw: trio.SocketStream, *, http: bool = False) -> None:
         self._stream = stream  # the socket stream, or the TLS stream over it
         self._head = head
         self._connection = connection
+        self._then = self._receive_at_most if http else stream.receive_some  # once the head is received
         self.socket = raw.socket  # Hypercorn reads the peer's address from it
         self.send_all = stream.send_all  # type: ignore[method-assign, assignment]
 
@@ -5667,7 +5858,15 @@ class _ConnectionStream(trio.abc.Stream):
         size = len(self._head) if max_bytes is None else max_bytes
         data, self._head = self._head[:size], self._head[size:]
         if not self._head:
-            self.receive_some = self._stream.receive_some  # type: ignore[method-assign, assignment]
+            self.receive_some = self._then  # type: ignore[method-assign, assignment]
+        return data
+
+    async def _receive_at_most(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._stream.receive_some(_READ_SIZE)
+        if self._connection.is_closing:  # lingering (see _Connection.closing): a little more, then an end
+            self._connection.linger_left -= len(data)
+            if self._connection.linger_left < 0:
+                return b""
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
@@ -5690,8 +5889,8 @@ class _TLSConnectionStream(_ConnectionStream):
     app "https" as the scheme."""
 
     def __init__(self, stream: trio.SSLStream, head: bytes, connection: "_Connection",
-                 raw: trio.SocketStream) -> None:
-        super().__init__(stream, head, connection, raw)
+                 raw: trio.SocketStream, *, http: bool = False) -> None:
+        super().__init__(stream, head, connection, raw, http=http)
         self.transport_stream = raw
 
     async def do_handshake(self) -> None:
@@ -5773,6 +5972,8 @@ class Relay:
         self._pinger = _Pinger(config.server.ping_interval)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
         self._connections = _Connections(config.server, self._throttle)
+        assert config.server.max_body_bytes_in_flight  # filled in by _checked
+        self._inflows = _Inflows(config.server.max_body_bytes_in_flight, self._throttle)
         self._answer_time = _answer_time(config)
         self._requests = 0  # HTTP requests in flight
         self._quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
@@ -5856,11 +6057,15 @@ class Relay:
 
     async def _asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
         """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
-        and timed: its head and body within request_timeout (Quart answers 408), its answer
-        within its own time after that, and the next request's head within idle_timeout."""
-        if scope["type"] != "http":  # the lifespan (no connection), or a WebSocket Hypercorn upgraded
+        and timed: its head and body within request_timeout (408), its answer within its own time
+        after that, and the next request's head within idle_timeout. Its body is read here, whole,
+        before the app sees it (see _receive_body)."""
+        if scope["type"] == "lifespan":
             return await self._app(scope, receive, send)
         assert connection is not None
+        if scope["type"] != "http":  # a WebSocket upgrade of a path other than /v1/socket: Hypercorn's
+            await _refuse_upgrade(send)  # (the app has no WebSocket routes, and failed on it with a traceback)
+            return
         if scope["http_version"] not in ("1.0", "1.1"):
             # HTTP/2 (after an h2c upgrade, which Hypercorn grants by itself) multiplexes requests
             # that the deadlines here cannot follow, and Hypercorn takes its bodies in without
@@ -5871,25 +6076,34 @@ class Relay:
         self._requests += 1
         connection.requests += 1
         scope[_CONNECTION] = connection
-        scope[_BODY_DEADLINE] = connection.head_start + server.request_timeout
-        connection.end_by(scope[_BODY_DEADLINE] + self._answer_time + _GRACE)
-
-        async def receive_body() -> Any:
-            message = await receive()
-            if not message.get("more_body"):  # all of it is in: a request being answered, not pending
-                self._connections.busy(connection)
-            return message
-
+        deadline = connection.head_start + server.request_timeout  # for its head and body
+        connection.end_by(deadline + self._answer_time + _GRACE)
+        inflow = _Inflow(_address_key(client_address(scope["client"][0], _header_values(scope, b"x-forwarded-for"),
+                                                     self._trusted)) if self._trusted else connection.address)
         try:
             refusal = _refusal(scope, server)
-            if refusal is None:
-                try:
-                    await self._app(scope, receive_body, send)
-                except* _ClientLeft:
-                    pass  # before its answer: nothing to tell it
-            else:
-                await _refuse(send, *refusal)
+            if refusal is not None:
+                await _refuse(receive, send, scope, *refusal)
+                return
+            body = await self._receive_body(connection, scope, receive, send, deadline, inflow)
+            if body is None:
+                return
+            first: Any = {"type": "http.request", "body": body, "more_body": False}
+
+            async def receive_read() -> Any:  # the body, read already; then whatever comes (the client leaving)
+                nonlocal first
+                if first is None:
+                    return await receive()
+                message, first = first, None
+                return message
+
+            await self._app(scope, receive_read, send)
+        except* _ClientLeft:
+            pass  # before its answer: nothing to tell it
+        except* Exception as failure:  # a bug: Hypercorn answers 500 if nothing was sent
+            _unexpected(self._throttle, "answering a request", failure)
         finally:
+            self._inflows.release(inflow)
             self._requests -= 1
             self._quiet.unpark_all()
             connection.answered()
@@ -5897,6 +6111,45 @@ class Relay:
                 self._connections.idle(connection)
                 connection.head_start = trio.current_time()
                 connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
+
+    async def _receive_body(self, connection: _Connection, scope: Any, receive: Any, send: Any, deadline: float,
+                            inflow: _Inflow) -> bytes | None:
+        """The request's whole body; or None once the request is answered with why not (413 past
+        max_body_size, 408 past its deadline, 503 when the bodies in flight leave it no room: see
+        _Inflows), or its client left."""
+        server = self.config.server
+        refusal: tuple[int, str, tuple[tuple[str, str], ...]] | None = None
+        if _content_length(scope) > server.max_body_size:  # declared: refused before any of it is read
+            refusal = 413, _too_large(server), ()
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            with trio.move_on_at(deadline) as timer, inflow.scope:
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None  # the client left before all of it came: nobody to answer
+                    if chunk := message.get("body", b""):
+                        size += len(chunk)
+                        if size > server.max_body_size:
+                            refusal = 413, _too_large(server), ()
+                            break
+                        if not await self._inflows.take(inflow, len(chunk)):
+                            break
+                        chunks.append(chunk)
+                    if not message.get("more_body"):
+                        self._connections.busy(connection)  # all of it is in: being answered, not pending
+                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if timer.cancelled_caught:
+                refusal = 408, f"the request's head and body took over {server.request_timeout:g} s (request_timeout)", ()
+            elif refusal is None:  # no room for it, or its room was given to an address holding less
+                self.metrics.rejected["no_room"] += scope["path"].startswith(WEBHOOK_PREFIX)
+                refusal = 503, ("the relay is receiving too many request bodies at once (max_body_bytes_in_flight): "
+                                "try again shortly"), (("retry-after", str(_BODY_RETRY_AFTER)),)
+        if refusal[0] == 413:
+            self.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
+        await _refuse(receive, send, scope, *refusal)
+        return None
 
     def _current_token(self, token: TokenConfig | None) -> TokenConfig | None:
         """`token`, as the config in force has it: None if a reload removed or changed it while
@@ -6017,12 +6270,13 @@ class Relay:
             if not connection.scope.cancelled_caught:
                 _shut_down(stream)
                 with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
-                    while await stream.receive_some(_RECEIVE_SIZE):
-                        pass  # what the peer still sends: dropped, while it reads the relay's last words
+                    while connection.linger_left > 0 and (data := await stream.receive_some(_READ_SIZE)):
+                        connection.linger_left -= len(data)  # what the peer still sends: dropped, while
+                        # it reads the relay's last words
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # a peer that went away, also from inside a nursery of the libraries serving it
         except* Exception as failure:
-            logger.error("connection from %s failed; the relay goes on", connection.peer, exc_info=failure)
+            _unexpected(self._throttle, "serving a connection", failure)
         finally:
             self._connections.closed(connection)
             await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
@@ -6040,17 +6294,19 @@ class Relay:
         head = await _read_request_head(messages, self.config.server.max_header_bytes)
         if not head or head.startswith(_HTTP2_PREFACE):
             return  # HTTP/1.1 only: see _asgi
-        replay = (_TLSConnectionStream(messages, head, connection, stream) if isinstance(messages, trio.SSLStream)
-                  else _ConnectionStream(messages, head, connection, stream))
-        if _is_socket_upgrade(head):
-            if self._trusted:
-                peer = (stream.socket.getpeername() or ("",))[0]
-                connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
-                                                                self._trusted))
-            await self._serve_socket(replay, connection)
-        else:
-            connection.http = True
+        connection.http = not _is_socket_upgrade(head)
+        if not connection.http and self._trusted:
+            peer = (stream.socket.getpeername() or ("",))[0]
+            connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
+                                                            self._trusted))
+        replay = (_TLSConnectionStream(messages, head, connection, stream, http=connection.http)
+                  if isinstance(messages, trio.SSLStream) else
+                  _ConnectionStream(messages, head, connection, stream, http=connection.http))
+        del head  # the replay holds it until it is received, no longer
+        if connection.http:
             await _serve_http(functools.partial(self._asgi, connection), config, context, replay)
+        else:
+            await self._serve_socket(replay, connection)
 
     async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
         """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP
@@ -6605,7 +6861,7 @@ class _Agent:
             try:
                 answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
             except Exception as error:  # a bug, but not one that may stop the agent, or repeat at each restart
-                logger.error("delivering webhook %s to %s failed", frame.id, _shown(destination), exc_info=True)
+                _unexpected(self._throttle, "delivering a webhook", error)
                 answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
         version = self._checkpoint.done(frame.id)
         self._print(frame, destination, answer, started)
@@ -7148,12 +7404,6 @@ def _check(path: str | None) -> int:
     return 0
 
 
-def _innermost(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
 def _tune_gc() -> None:
     """Garbage collection for a long-running relay (the CLI's; an embedding program owns its own).
 
@@ -7386,8 +7636,8 @@ async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | 
             relay.reload(reload())
         except ConfigError as error:
             logger.error("reload refused, the config in force stays: %s", error)
-        except Exception:  # a bug; the relay goes on with the config in force
-            logger.error("reload failed, the config in force stays", exc_info=True)
+        except Exception as error:  # a bug; the relay goes on with the config in force
+            _unexpected(relay._throttle, "reloading the config (the config in force stays)", error)
 
     await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
                            lambda relay: print(_banner(relay, reload is None), flush=True), hang_up)

@@ -30,7 +30,8 @@ def test_defaults(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     connections = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64, 20_000)
     assert config.server == relay_lite.ServerConfig(max_connections=connections,
-                                                    max_pending_per_ip=min(connections // 8, 256))
+                                                    max_pending_per_ip=min(connections // 8, 256),
+                                                    max_body_bytes_in_flight=64 * 2**20)
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
     assert config.server.max_body_size == 10 * 2**20
     assert config.tokens[0].buckets is None

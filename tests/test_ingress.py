@@ -190,7 +190,7 @@ async def test_garbage_on_the_port_does_not_hurt(relay):
 
 
 async def test_a_connection_that_sends_nothing_is_closed():
-    async with relay_lite.open_relay(relay_config(request_timeout=0.2)) as relay:
+    async with relay_lite.open_relay(relay_config(idle_timeout=0.2)) as relay:
         stream = await trio.open_tcp_stream(relay.host, relay.port)
         with trio.fail_after(5):
             assert await stream.receive_some(4096) == b""
