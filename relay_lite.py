@@ -361,6 +361,11 @@ class StorageError(RelayError):
     status = 503
 
 
+class _Replayed(RelayError):
+    """A signed webhook that was accepted before (see _Nonce): its sender gets the input's own
+    answer, as the first time, and nothing is relayed."""
+
+
 class AgentError(RelayError):
     """The forward agent cannot go on: the relay refused its key or a bucket, or its state file is
     not its own. The message says which, in one line."""
@@ -1678,8 +1683,28 @@ SIGNATURE_SCHEMES = ("github", "stripe", "slack", "shopify", "standard-webhooks"
 def check_signature(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes, now: float) -> str:
     """Why `body` with `headers` does not prove it came from the sender `verify` names, in a few
     words; "" when it does. `now` is the time signed timestamps are held against."""
+    return verified(verify, headers, body, now)[0]
+
+
+def verified(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes,
+             now: float) -> tuple[str, "_Nonce | None"]:
+    """check_signature's answer, and, for a webhook that passed a scheme whose signature covers
+    a timestamp (which a replay would pass within its tolerance), what tells it from a replay
+    (see _Nonce)."""
     check = _SIGNATURE_CHECKS[verify.scheme]
-    return check(verify, _HeaderLookup(headers), body, now)
+    problem, key, stamp = check(verify, _HeaderLookup(headers), body, now)
+    return problem, (_Nonce(key, stamp + verify.tolerance) if key and not problem else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nonce:
+    """What a webhook was verified by, which a replay of it is verified by too: the timestamp
+    and the signature that matched, as the relay computed it (Standard Webhooks: the signed
+    message id). Never the header's text: `t=T,v1=S,v1=00`, `t=T, v1=S`, `v1=S,t=T` and a
+    trailing comma each replayed a signed Stripe webhook."""
+
+    key: str
+    until: float  # when its timestamp is past the tolerance, and the check refuses a replay anyway
 
 
 class _HeaderLookup:
@@ -1697,17 +1722,23 @@ class _HeaderLookup:
         return "", ""
 
 
+# What a check returns: why the webhook fails it ("" if it passes); for a scheme with a signed
+# timestamp, what it was verified by and that timestamp (see _Nonce), else "" and 0.
+_Checked = tuple[str, str, int]
+
+
 def _hmac_of(key: bytes, message: bytes, algorithm: str = "sha256") -> bytes:
     return hmac.new(key, message, algorithm).digest()
 
 
-def _matches(given: Iterable[str], expected: Iterable[bytes]) -> bool:
-    """Whether any of `given` equals any of `expected`, every pair compared in constant time."""
-    matched = False
+def _matched(given: Iterable[str], expected: Iterable[bytes]) -> bytes | None:
+    """Which of `expected` one of `given` equals (None: none), every pair compared in constant time."""
+    matched = None
     expected = list(expected)
     for candidate in given:
         for value in expected:
-            matched |= hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), value)
+            if hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), value):
+                matched = value
     return matched
 
 
@@ -1725,109 +1756,80 @@ def _timestamp_problem(text: str, verify: VerifyConfig, now: float, header: str)
     return ""
 
 
-def signature_nonce(verify: VerifyConfig, headers: Mapping[str, list[str]]) -> tuple[str, int] | None:
-    """For a scheme whose signature covers a timestamp, what tells a webhook from a replay of
-    it (the signature, or Standard Webhooks' message id), and that timestamp; None for the
-    others, which a replay passes. Only for a webhook whose signature passed."""
-    lookup = _HeaderLookup(headers)
-    if verify.scheme == "stripe":
-        value = lookup.get("Stripe-Signature")[1]
-        stamp = next((item.strip()[2:] for item in value.split(",") if item.strip().startswith("t=")), "")
-    elif verify.scheme == "slack":
-        value, stamp = lookup.get("X-Slack-Signature")[1], lookup.get("X-Slack-Request-Timestamp")[1]
-    elif verify.scheme == "standard-webhooks":
-        value = lookup.get("webhook-id", "svix-id")[1]
-        stamp = lookup.get("webhook-timestamp", "svix-timestamp")[1]
-    else:
-        return None
-    when = _unix_time(stamp)
-    return None if when is None else (value, when)
+def _passed(matched: bool, problem: str) -> _Checked:
+    """The answer of a check without a timestamp."""
+    return ("" if matched else problem), "", 0
 
 
-class _Replays:
-    """Nonces (see signature_nonce) of the webhooks an input accepted, each until its timestamp
-    is past the tolerance, when the signature check refuses a replay anyway; the newest
-    _NONCES_KEPT of each input, so a flood of signed webhooks costs bounded memory."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, dict[str, float]] = {}  # input id -> nonce -> until when, oldest first
-
-    def replayed(self, input_id: str, nonce: str, now: float) -> bool:
-        """Whether a webhook with `nonce` was accepted before."""
-        seen = self._seen.get(input_id, {})
-        while seen and next(iter(seen.values())) < now:
-            del seen[next(iter(seen))]
-        return nonce in seen
-
-    def accepted(self, input_id: str, nonce: str, until: float) -> None:
-        """Remember `nonce` until `until`: only once accepted, so that a retry of one the relay
-        could not take (a 503) is taken."""
-        seen = self._seen.setdefault(input_id, {})
-        seen[nonce] = until
-        if len(seen) > _NONCES_KEPT:
-            del seen[next(iter(seen))]
+def _timed(matched: bytes | None, problem: str, stamp: str, key: str = "") -> _Checked:
+    """The answer of a check with a signed timestamp `stamp` (checked already): the key is
+    `key`, or the signature that matched."""
+    if matched is None:
+        return problem, "", 0
+    return "", f"{int(stamp)}:{key or matched.decode()}", int(stamp)
 
 
-def _check_github(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_github(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     name, value = headers.get("X-Hub-Signature-256")
     if not name:
-        return "X-Hub-Signature-256 is missing"
+        return _passed(False, "X-Hub-Signature-256 is missing")
     expected = (b"sha256=" + _hmac_of(secret.encode(), body).hex().encode() for secret in verify.secrets)
-    return "" if _matches([value], expected) else "X-Hub-Signature-256 does not match"
+    return _passed(_matched([value], expected) is not None, "X-Hub-Signature-256 does not match")
 
 
-def _check_stripe(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_stripe(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     name, value = headers.get("Stripe-Signature")
     if not name:
-        return "Stripe-Signature is missing"
+        return _passed(False, "Stripe-Signature is missing")
     fields: dict[str, list[str]] = {}
     for item in value.split(","):
         key, _, field = item.strip().partition("=")
         fields.setdefault(key, []).append(field)
     if len(fields.get("t", [])) != 1 or not fields.get("v1"):
-        return "Stripe-Signature needs one t= and a v1="
+        return _passed(False, "Stripe-Signature needs one t= and a v1=")
     stamp = fields["t"][0]
     if problem := _timestamp_problem(stamp, verify, now, "Stripe-Signature's t="):
-        return problem
+        return _passed(False, problem)
     signed = stamp.encode() + b"." + body
     expected = (_hmac_of(secret.encode(), signed).hex().encode() for secret in verify.secrets)
-    return "" if _matches(fields["v1"], expected) else "Stripe-Signature does not match"
+    return _timed(_matched(fields["v1"], expected), "Stripe-Signature does not match", stamp)
 
 
-def _check_slack(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_slack(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     stamp_name, stamp = headers.get("X-Slack-Request-Timestamp")
     name, value = headers.get("X-Slack-Signature")
     if not (stamp_name and name):
-        return "X-Slack-Signature or X-Slack-Request-Timestamp is missing"
+        return _passed(False, "X-Slack-Signature or X-Slack-Request-Timestamp is missing")
     if problem := _timestamp_problem(stamp, verify, now, "X-Slack-Request-Timestamp"):
-        return problem
+        return _passed(False, problem)
     signed = b"v0:" + stamp.encode() + b":" + body
     expected = (b"v0=" + _hmac_of(secret.encode(), signed).hex().encode() for secret in verify.secrets)
-    return "" if _matches([value], expected) else "X-Slack-Signature does not match"
+    return _timed(_matched([value], expected), "X-Slack-Signature does not match", stamp)
 
 
-def _check_shopify(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_shopify(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     name, value = headers.get("X-Shopify-Hmac-Sha256")
     if not name:
-        return "X-Shopify-Hmac-Sha256 is missing"
+        return _passed(False, "X-Shopify-Hmac-Sha256 is missing")
     expected = (base64.b64encode(_hmac_of(secret.encode(), body)) for secret in verify.secrets)
-    return "" if _matches([value], expected) else "X-Shopify-Hmac-Sha256 does not match"
+    return _passed(_matched([value], expected) is not None, "X-Shopify-Hmac-Sha256 does not match")
 
 
-def _check_standard_webhooks(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
-    """Standard Webhooks (standardwebhooks.com), which Svix sends with its own header names."""
+def _check_standard_webhooks(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
+    """Standard Webhooks (standardwebhooks.com), which Svix sends with its own header names. A
+    message's id is signed with it, and its sender keeps it across retries: what tells a replay."""
     id_name, message_id = headers.get("webhook-id", "svix-id")
     stamp_name, stamp = headers.get("webhook-timestamp", "svix-timestamp")
     name, value = headers.get("webhook-signature", "svix-signature")
     if not (id_name and stamp_name and name):
-        return "webhook-id, webhook-timestamp or webhook-signature is missing"
+        return _passed(False, "webhook-id, webhook-timestamp or webhook-signature is missing")
     if problem := _timestamp_problem(stamp, verify, now, stamp_name):
-        return problem
+        return _passed(False, problem)
     given = [signature[3:] for signature in value.split(" ") if signature.startswith("v1,")]
     signed = f"{message_id}.{stamp}.".encode("utf-8", "surrogateescape") + body
     keys = [key for key in map(_webhook_key, verify.secrets) if key is not None]
     expected = (base64.b64encode(_hmac_of(key, signed)) for key in keys)
-    return "" if _matches(given, expected) else f"{name} does not match"
+    return _timed(_matched(given, expected), f"{name} does not match", stamp, message_id)
 
 
 def _webhook_key(secret: str) -> bytes | None:
@@ -1838,49 +1840,50 @@ def _webhook_key(secret: str) -> bytes | None:
         return None
 
 
-def _check_hmac(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_hmac(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     name, value = headers.get(verify.header)
     if not name:
-        return f"{verify.header} is missing"
+        return _passed(False, f"{verify.header} is missing")
     prefix = verify.prefix.encode()
 
     def signature(secret: str) -> bytes:
         digest = _hmac_of(secret.encode(), body, verify.algorithm)
         return prefix + (digest.hex().encode() if verify.encoding == "hex" else base64.b64encode(digest))
 
-    expected = map(signature, verify.secrets)
-    return "" if _matches([value], expected) else f"{verify.header} does not match"
+    return _passed(_matched([value], map(signature, verify.secrets)) is not None, f"{verify.header} does not match")
 
 
-def _check_basic(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_basic(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     name, value = headers.get("Authorization")
     scheme, _, credentials = value.partition(" ")
     if not name or scheme.lower() != "basic":
-        return "Authorization: Basic is missing"
+        return _passed(False, "Authorization: Basic is missing")
     try:
         given = base64.b64decode(credentials.strip(), validate=True).decode("utf-8", "surrogateescape")
     except ValueError:
-        return "Authorization: Basic is not base64"
-    return "" if _matches([given], (secret.encode() for secret in verify.secrets)) else "wrong user or password"
+        return _passed(False, "Authorization: Basic is not base64")
+    return _passed(_matched([given], (secret.encode() for secret in verify.secrets)) is not None,
+                   "wrong user or password")
 
 
-def _check_bearer(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_bearer(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     name, value = headers.get("Authorization")
     scheme, _, token = value.partition(" ")
     if not name or scheme.lower() != "bearer":
-        return "Authorization: Bearer is missing"
-    return "" if _matches([token.strip()], (secret.encode() for secret in verify.secrets)) else "wrong token"
+        return _passed(False, "Authorization: Bearer is missing")
+    return _passed(_matched([token.strip()], (secret.encode() for secret in verify.secrets)) is not None, "wrong token")
 
 
-def _check_token(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> str:
+def _check_token(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
     """A secret sent as it is in a header of its own, as GitLab sends X-Gitlab-Token."""
     name, value = headers.get(verify.header)
     if not name:
-        return f"{verify.header} is missing"
-    return "" if _matches([value], (secret.encode() for secret in verify.secrets)) else f"wrong {verify.header}"
+        return _passed(False, f"{verify.header} is missing")
+    return _passed(_matched([value], (secret.encode() for secret in verify.secrets)) is not None,
+                   f"wrong {verify.header}")
 
 
-_SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float], str]] = {
+_SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float], _Checked]] = {
     "github": _check_github, "stripe": _check_stripe, "slack": _check_slack, "shopify": _check_shopify,
     "standard-webhooks": _check_standard_webhooks, "hmac": _check_hmac, "basic": _check_basic,
     "bearer": _check_bearer, "token": _check_token,
@@ -2113,10 +2116,12 @@ class _Log:
 # ============================================================================ backends: where the log is kept
 #
 # The _Log indexes the webhook log in memory; a backend keeps it. Every backend takes the same
-# calls: `insert` new entries (published, by the `publish` it was made with, once they are kept,
-# in id order), `update` a changed one, `trim` a bucket, `committed()` to wait until all that is
-# kept, `move` a pull queue (and wait until that is kept); `load` at start, `run` while serving,
-# `aclose` at the end.
+# calls: `insert` a webhook's new entries (published, by the `publish` it was made with, once they
+# are kept, in id order; not kept at all if the webhook's nonce was taken: a replay), `update` a
+# changed one, `trim` a bucket, `committed()` to wait until all that is kept, `move` a pull queue
+# (and wait until that is kept); `load` at start, `run` while serving, `aclose` at the end. The
+# nonces of signed webhooks (see _Nonce) are kept where the log is: a replay is refused across a
+# restart, and across a cluster.
 #
 # _Memory keeps nothing past the process, and publishes at once. _Storage (`[storage] path`)
 # keeps it in SQLite: one task gathers what the event loop asked for into one transaction, runs
@@ -2133,9 +2138,53 @@ class _Kept(typing.NamedTuple):
     positions: list[tuple[str, str, str]]  # pull queues: bucket id, output, position
 
 
+class _Insert:
+    """A webhook's new entries, for a backend to keep, and the nonce it was verified by, if one
+    (see _Nonce); `replayed` once the backend found that nonce taken, and kept nothing."""
+
+    __slots__ = ("bucket", "entries", "input_id", "nonce", "replayed")
+
+    def __init__(self, bucket: _Bucket, entries: list[_Entry], input_id: str = "", nonce: _Nonce | None = None) -> None:
+        self.bucket, self.entries, self.input_id, self.nonce = bucket, entries, input_id, nonce
+        self.replayed = False
+
+
+class _Replays:
+    """The nonces (see _Nonce) of the webhooks a relay alone accepted, each until it is past
+    (the signature check refuses a replay then anyway): the newest _NONCES_KEPT of each input,
+    so a flood of signed webhooks costs bounded memory."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, dict[str, float]] = {}  # input id -> nonce key -> until when, oldest first
+
+    def claim(self, input_id: str, nonce: _Nonce, now: float) -> bool:
+        """Take `nonce` for a webhook being accepted; False if it was taken before: a replay."""
+        seen = self._seen.setdefault(input_id, {})
+        while seen and next(iter(seen.values())) < now:
+            del seen[next(iter(seen))]
+        if nonce.key in seen:
+            return False
+        seen[nonce.key] = nonce.until
+        if len(seen) > _NONCES_KEPT:
+            del seen[next(iter(seen))]
+        return True
+
+    def give_back(self, input_id: str, nonce: _Nonce) -> None:
+        """Its webhook was not kept after all (its sender got 503): a retry must pass."""
+        self._seen.get(input_id, {}).pop(nonce.key, None)
+
+
 class _Alone:
     """What a backend of one relay alone need not share with other relays: the first answer to
-    an entry, a pull queue's lock, the lead of a public output's deliveries."""
+    an entry, a pull queue's lock, the lead of a public output's deliveries, the nonces taken."""
+
+    _replays: _Replays
+
+    def claim(self, insert: _Insert) -> bool:
+        """Take `insert`'s nonce, if it has one; False, and `insert.replayed`, if it was taken."""
+        if insert.nonce is not None and not self._replays.claim(insert.input_id, insert.nonce, time.time()):
+            insert.replayed = True
+        return not insert.replayed
 
     async def claim_answer(self, entry: _Entry, answer: _Answer, status: str) -> bool:
         return True  # the core already checked this relay's own entry
@@ -2159,12 +2208,14 @@ class _Memory(_Alone):
 
     def __init__(self, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
         self._publish = publish
+        self._replays = _Replays()
 
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
         return _Kept("", {}, {}, [])
 
-    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        self._publish(bucket, entries)
+    def insert(self, insert: _Insert) -> None:
+        if self.claim(insert):
+            self._publish(insert.bucket, insert.entries)
 
     def update(self, entry: _Entry) -> None:
         pass
@@ -2205,6 +2256,9 @@ _MIGRATIONS = (
     "ALTER TABLE logs ADD COLUMN request_headers TEXT NOT NULL DEFAULT '';"
     "CREATE TABLE positions (bucket_id TEXT NOT NULL, output TEXT NOT NULL, last TEXT NOT NULL,"
     " PRIMARY KEY (bucket_id, output)) WITHOUT ROWID;",
+    "CREATE TABLE nonces (input_id TEXT NOT NULL, nonce TEXT NOT NULL, until REAL NOT NULL,"  # 3: replays
+    " PRIMARY KEY (input_id, nonce)) WITHOUT ROWID;"
+    "CREATE INDEX nonces_by_until ON nonces (until);",
 )
 _COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
             "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from", "request_headers",
@@ -2220,7 +2274,7 @@ class _Batch:
     """What one transaction carries; callers wait for it to commit."""
 
     def __init__(self) -> None:
-        self.inserts: list[tuple[_Bucket, list[_Entry]]] = []
+        self.inserts: list[_Insert] = []
         self.updates: dict[str, _Entry] = {}
         self.trims: dict[str, str] = {}  # bucket id -> delete its entries up to this id
         self.positions: dict[tuple[str, str], str] = {}  # (bucket id, output) -> a pull queue's position
@@ -2264,11 +2318,13 @@ class _Storage(_Alone, _Batching):
         self.path = path
         self._publish = publish
         self._db: sqlite3.Connection | None = None
+        self._replays = _Replays()
         _Batching.__init__(self)
 
-    def open(self) -> tuple[str, dict[str, str], list[sqlite3.Row], list[tuple[str, str, str]]]:
+    def open(self) -> tuple[str, dict[str, str], list[sqlite3.Row], list[tuple[str, str, str]],
+                            list[tuple[str, str, float]]]:
         """Open (or create) the file; return the greatest id in it, each bucket's trim mark, every
-        row, and the pull queues' positions.
+        row, the pull queues' positions, and the nonces not yet past.
 
         Blocking: run it in a thread.
         """
@@ -2295,17 +2351,22 @@ class _Storage(_Alone, _Batching):
             reading.row_factory = sqlite3.Row  # columns by name: a later schema may add some anywhere
             rows = reading.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
             positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
+            nonces = db.execute("SELECT input_id, nonce, until FROM nonces WHERE until >= ? ORDER BY until",
+                                (time.time(),)).fetchall()
         except (sqlite3.Error, OSError, ConfigError) as error:
             if db is not None:
                 db.close()  # and with it a migration's transaction, rolled back
             raise StorageError(f"storage.path: cannot use {self.path!r} as the log's database: {error}") from None
         self._db = db
         last = rows[-1]["id"] if rows else ""  # ids sort as strings
-        return max([last, *trimmed.values()]), trimmed, rows, positions
+        return max([last, *trimmed.values()]), trimmed, rows, positions, nonces
 
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
         """Open the file, and read what it holds of `buckets` (by id)."""
-        last, trimmed, rows, positions = await trio.to_thread.run_sync(self.open)
+        last, trimmed, rows, positions, nonces = await trio.to_thread.run_sync(self.open)
+        now = time.time()
+        for input_id, key, until in nonces:
+            self._replays.claim(input_id, _Nonce(key, until), now)
         entries: dict[str, list[_Entry]] = {}
         unknown = 0
         for row in rows:
@@ -2319,9 +2380,10 @@ class _Storage(_Alone, _Batching):
                            "in the file, unused", self.path, unknown)
         return _Kept(last, trimmed, entries, positions)
 
-    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        self._batch.inserts.append((bucket, entries))
-        self._work.set()
+    def insert(self, insert: _Insert) -> None:
+        if self.claim(insert):  # its nonce is written with it
+            self._batch.inserts.append(insert)
+            self._work.set()
 
     def update(self, entry: _Entry) -> None:
         self._batch.updates[entry.id] = entry
@@ -2344,26 +2406,31 @@ class _Storage(_Alone, _Batching):
                 await self._work.wait()
                 self._work = trio.Event()
                 batch, self._batch = self._batch, _Batch()
-                inserts = [_row(entry) for _, entries in batch.inserts for entry in entries]
+                inserts = [_row(entry) for insert in batch.inserts for entry in insert.entries]
                 updates = [_update_row(entry) for entry in batch.updates.values()]
                 trims = list(batch.trims.items())
                 positions = [(*key, last) for key, last in batch.positions.items()]
+                nonces = [(insert.input_id, insert.nonce.key, insert.nonce.until) for insert in batch.inserts
+                          if insert.nonce is not None]
                 try:
-                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims, positions)
+                    await trio.to_thread.run_sync(self._commit, inserts, updates, trims, positions, nonces)
                 except (sqlite3.Error, OSError) as error:
                     batch.error = error
                     self.failing = _shown(str(error), 200)
                     logger.error("webhook log not written to %s: %s (%d new, %d changed entries)",
                                  self.path, error, len(inserts), len(updates))
-                    if not self._closing:  # new entries were refused (their senders got 503); changes
-                        # to kept ones and trims go with the next transaction, unless newer ones replace them
+                    for insert in batch.inserts:  # refused: their senders got 503, and a retry must pass
+                        if insert.nonce is not None:
+                            self._replays.give_back(insert.input_id, insert.nonce)
+                    if not self._closing:  # changes to kept entries and trims go with the next
+                        # transaction, unless newer ones replace them
                         self._batch.updates = {**batch.updates, **self._batch.updates}
                         self._batch.trims = {**batch.trims, **self._batch.trims}
                 else:
                     if inserts or updates or trims or positions:  # an empty transaction proves nothing
                         self.failing = ""
-                    for bucket, entries in batch.inserts:
-                        self._publish(bucket, entries)
+                    for insert in batch.inserts:
+                        self._publish(insert.bucket, insert.entries)
                 batch.committed.set()
         finally:
             with trio.CancelScope(shield=True):
@@ -2373,12 +2440,15 @@ class _Storage(_Alone, _Batching):
                 self.stopped.set()
 
     def _commit(self, inserts: list[dict[str, Any]], updates: list[dict[str, Any]], trims: list[tuple[str, str]],
-                positions: list[tuple[str, str, str]]) -> None:
+                positions: list[tuple[str, str, str]], nonces: list[tuple[str, str, float]]) -> None:
         assert self._db is not None
         db = self._db
         db.execute("BEGIN")
         try:
             db.executemany(_INSERT, inserts)
+            if nonces:  # those past are no use: the signature check refuses a replay of them
+                db.execute("DELETE FROM nonces WHERE until < ?", (time.time(),))
+                db.executemany("INSERT OR REPLACE INTO nonces VALUES (?, ?, ?)", nonces)
             db.executemany(_UPDATE, updates)
             for bucket_id, trimmed in trims:
                 db.execute("DELETE FROM logs WHERE bucket_id = ? AND id <= ?", (bucket_id, trimmed))
@@ -2416,15 +2486,25 @@ _APPEND_TRIES = 3  # times an append is asked for before its webhook's sender ge
 _APPENDED_KEPT = 120  # seconds Redis remembers an event's journal id, so asking again appends it once
 _CLOCKS_APART = 5.0  # seconds a relay's clock may be behind Redis's (log ids carry Redis's time)
 _JOURNAL_PER_ENTRY = 4  # journal events kept per entry a history holds (its entry and its changes)
-# KEYS: the journal, the counter, the event's "appended" mark; ARGV: MAXLEN, how long the mark
-# lasts, then the event's fields.
+# Appends a webhook's events (or a change's one), once however often asked, and none if the
+# webhook's nonce (see _Nonce) is taken: then "replayed". KEYS: the journal, the counter, the
+# events' "appended" mark, and the nonce if there is one; ARGV: MAXLEN, how long the mark lasts,
+# how long the nonce lasts, the count of an event's fields, then each event's fields. Returns the
+# events' journal ids.
 _APPEND_ONCE = """
 local seen = redis.call('GET', KEYS[3])
-if seen then return seen end
-local n = redis.call('INCR', KEYS[2])
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n, unpack(ARGV, 3))
-redis.call('SET', KEYS[3], id, 'EX', ARGV[2])
-return id
+if seen then return cjson.decode(seen) end
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return 'replayed' end
+local ids = {}
+local width = tonumber(ARGV[4])
+for start = 5, #ARGV, width do
+    local n = redis.call('INCR', KEYS[2])
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', n,
+                               unpack(ARGV, start, start + width - 1))
+end
+if KEYS[4] then redis.call('SET', KEYS[4], '1', 'EX', ARGV[3]) end
+redis.call('SET', KEYS[3], cjson.encode(ids), 'EX', ARGV[2])
+return ids
 """
 # KEYS: the journal, the counter, the entry's claim; ARGV: MAXLEN, the claim's token, how long the
 # claim lasts, then the event's fields. 1 if this claim holds (asked again: the same token), else 0.
@@ -2685,8 +2765,8 @@ class _Redis(_Batching):
 
     # ---------------------------------------------------------------- writing it
 
-    def insert(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        self._batch.inserts.append((bucket, entries))
+    def insert(self, insert: _Insert) -> None:
+        self._batch.inserts.append(insert)  # its nonce is taken, or found taken, with its append
         self._work.set()
 
     def update(self, entry: _Entry) -> None:
@@ -2725,37 +2805,56 @@ class _Redis(_Batching):
                 await self._work.wait()
             self._work = trio.Event()
             batch, self._batch = self._batch, _Batch()
-            events: list[dict[str, str]] = []
-            for _, entries in batch.inserts:
-                for entry in entries:
+            groups: list[tuple[_Insert | None, list[dict[str, str]]]] = []  # a webhook's events, or a change's
+            for new in batch.inserts:
+                group = []
+                for entry in new.entries:
                     number = next(self._numbers)
                     self._mine[str(number)] = entry
-                    events.append(_event("entry", entry.bucket.id, _row(entry), self._origin, number))
-            events += [_event("update", entry.bucket.id, _update_row(entry), self._origin, next(self._numbers))
-                       for entry in batch.updates.values()]
-            if not events:
+                    group.append(_event("entry", entry.bucket.id, _row(entry), self._origin, number))
+                groups.append((new, group))
+            groups += [(None, [_event("update", entry.bucket.id, _update_row(entry), self._origin,
+                                      next(self._numbers))]) for entry in batch.updates.values()]
+            if not groups:
                 batch.committed.set()
                 continue
-            appends = [([self._journal, self._counter, f"{self._prefix}:event:{self._origin}:{fields['number']}"],
-                        [self._journal_size, _APPENDED_KEPT, *itertools.chain(*fields.items())]) for fields in events]
-            try:  # each event appended once, however often asked
-                stream_ids = await self._asked_again(functools.partial(self._scripted, self._append_once, appends))
+            appends = [self._append_call(insert, group) for insert, group in groups]
+            try:  # each group appended once, however often asked
+                results = await self._asked_again(functools.partial(self._scripted, self._append_once, appends))
             except self._errors as error:
                 batch.error = error
                 self.failing = _shown(str(error), 200)
-                logger.error("webhook log not written to Redis: %s (%d events)", error, len(events))
-                for fields in events:
-                    self._mine.pop(fields["number"], None)  # refused: their senders got 503
+                logger.error("webhook log not written to Redis: %s (%d events)", error, sum(map(len, groups)))
+                for _, group in groups:
+                    for fields in group:
+                        self._mine.pop(fields["number"], None)  # refused: their senders got 503
                 if not self._closing:  # changes to kept entries go with the next batch, unless newer replace them
                     self._batch.updates = {**batch.updates, **self._batch.updates}
                     retry_in, wait = wait, min(wait * 2, _REDIS_RETRY_MOST)
             else:
                 self.failing = ""
                 retry_in, wait = math.inf, _REDIS_RETRY_FIRST
-                for fields, stream_id in zip(events, stream_ids):  # ids, for whoever awaits them (a resend's
-                    if (appended := self._mine.get(fields["number"])) is not None:  # answer), unless the tail
-                        appended.id = _stream_log_id(stream_id.decode())  # was first
+                for (insert, group), result in zip(groups, results):
+                    if result == b"replayed":
+                        typing.cast(_Insert, insert).replayed = True
+                        for fields in group:
+                            self._mine.pop(fields["number"], None)  # never appended: nobody reads them back
+                        continue
+                    for fields, stream_id in zip(group, result):  # ids, for whoever awaits them (a resend's
+                        if (appended := self._mine.get(fields["number"])) is not None:  # answer), unless the tail
+                            appended.id = _stream_log_id(stream_id.decode())  # was first
             batch.committed.set()
+
+    def _append_call(self, insert: _Insert | None, group: list[dict[str, str]]) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of _APPEND_ONCE for `group`, the events of `insert` or of a change."""
+        keys = [self._journal, self._counter, f"{self._prefix}:event:{self._origin}:{group[0]['number']}"]
+        nonce_kept = 1
+        if insert is not None and insert.nonce is not None:
+            digest = hashlib.sha256(_utf8(insert.nonce.key)).hexdigest()[:32]
+            keys.append(f"{self._prefix}:nonce:{insert.input_id}:{digest}")
+            nonce_kept = max(math.ceil(insert.nonce.until - time.time()), 1)
+        return keys, [self._journal_size, _APPENDED_KEPT, nonce_kept, 2 * len(group[0]),
+                      *itertools.chain.from_iterable(itertools.chain(*fields.items()) for fields in group)]
 
     async def _in_thread(self, call: Callable[..., _T], *args: Any, abandon_on_cancel: bool = False) -> _T:
         """`call(*args)` in a worker thread, counted while it runs (see run())."""
@@ -3318,9 +3417,10 @@ class _Core:
     # ---------------------------------------------------------------- webhooks in
 
     async def accept(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook,
-                     hold: _Hold | None = None) -> list[_Entry]:
+                     hold: _Hold | None = None, nonce: _Nonce | None = None) -> list[_Entry]:
         """Log `webhook`'s entries (one per output), and send them out once the backend keeps
-        them: on return they are kept, or StorageError says they are not."""
+        them: on return they are kept, or StorageError says they are not, or _Replayed that
+        `nonce`, what its signature was verified by, was an accepted webhook's (nothing kept)."""
         entries = self._log.record(bucket, input_, webhook)
         if not entries:
             logger.info("webhook %s %s -> bucket %s: every output is disabled, so nothing gets it", webhook.method,
@@ -3328,7 +3428,7 @@ class _Core:
             return entries
         for entry in entries:
             entry.hold = hold
-        await self._keep(bucket, entries)
+        await self._keep(_Insert(bucket, entries, input_.id, nonce))
         return entries
 
     def reject(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook, reason: str) -> None:
@@ -3354,15 +3454,17 @@ class _Core:
                            f"{_shown(output_ref or entry.output_name, 64)!r} to send it along")
         resent = self._log.resend(bucket, entry, route)
         try:
-            await self._keep(bucket, [resent])
+            await self._keep(_Insert(bucket, [resent]))
         except StorageError as error:
             raise StorageError(f"{error}; try again") from None
         logger.info("webhook %s resent as %s", entry.id, resent.id)
         return resent
 
-    async def _keep(self, bucket: _Bucket, entries: list[_Entry]) -> None:
-        self._backend.insert(bucket, entries)
+    async def _keep(self, insert: _Insert) -> None:
+        self._backend.insert(insert)
         await self._backend.committed()  # the backend publishes them once kept, in id order
+        if insert.replayed:
+            raise _Replayed(f"a replay of a webhook input {insert.input_id} accepted")
 
     # What a cluster's backend (_Redis) calls as it applies the journal
 
@@ -4293,8 +4395,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                        request.scope["headers"], body, relay._client())
         bucket, input_ = found
-        if input_.verify is not None and (problem := check_signature(input_.verify, webhook.headers, body,
-                                                                     time.time())):
+        problem, nonce = verified(input_.verify, webhook.headers, body, time.time()) if input_.verify else ("", None)
+        if problem:
             relay._throttle.warning(f"verify {input_.id}", "input %r of bucket %r refused a webhook from %s: %s",
                                     input_.name, bucket.config.name, webhook.sender, problem)
             if len(body) > _REJECTED_BODY_KEPT:
@@ -4303,23 +4405,19 @@ def _make_app(relay: "Relay") -> QuartTrio:
             core.reject(bucket, input_, webhook, problem)
             relay.metrics.rejected["signature"] += 1
             return _plain(401, f"signature check failed: {problem}")
-        nonce = signature_nonce(input_.verify, webhook.headers) if input_.verify is not None else None
-        if nonce is not None:
-            if relay._replays.replayed(input_.id, nonce[0], time.time()):
-                relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
-                                        "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
-                relay.metrics.rejected["replay"] += 1
-                return _sender_answer(own_body, own_status, own_headers)  # as the first time
         hold = _Hold(input_.response_from_output) if input_.response_from_output else None
         try:
-            entries = await core.accept(bucket, input_, webhook, hold)
+            entries = await core.accept(bucket, input_, webhook, hold, nonce)
         except StorageError as error:
             relay.metrics.rejected["storage"] += 1
             return _plain(503, f"{error}; try again")
+        except _Replayed:
+            relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
+                                    "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
+            relay.metrics.rejected["replay"] += 1
+            return _sender_answer(own_body, own_status, own_headers)  # as the first time
         relay.metrics.received[bucket.config.name] += 1
         relay.metrics.ingest_seconds.observe(time.monotonic() - started)
-        if nonce is not None:
-            relay._replays.accepted(input_.id, nonce[0], nonce[1] + typing.cast(VerifyConfig, input_.verify).tolerance)
         if hold is not None and entries:  # a held sender counts as pending: anyone may post to a holding input
             relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
             answer = await core.wait_for_answer(hold, entries, input_.response_timeout)
@@ -5962,7 +6060,6 @@ class Relay:
         for bucket in self._core.buckets:
             bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
         self._sessions: set[_Session] = set()
-        self._replays = _Replays()
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
         self._announce = True  # log "listening on" once it is (see serve_relay)

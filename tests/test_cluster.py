@@ -623,3 +623,24 @@ def test_workers_end_when_their_supervisor_is_killed(redis_server, tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+async def test_a_signed_webhook_replayed_to_another_relay_is_not_relayed_again(redis_server):
+    """The replay memory was each relay's own (issue 20, finding 5): a replay into another
+    relay of the cluster, or into a worker of --workers, was relayed once per relay."""
+    from test_hardening import stripe_config, stripe_signature, BODY, logged
+    config = stripe_config()
+    config["cluster"] = {"redis_url": redis_server.url}
+    stamp, signature = stripe_signature()
+    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    async with relays(config, 3) as (a, b, c):
+        async with trio.open_nursery() as nursery:  # the same webhook into every relay at once
+            for relay in (a, b, c, a, b, c):
+                nursery.start_soon(functools.partial(post, relay, input_id="in-stripe", content=BODY, headers=headers))
+        assert (await post(b, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
+        for relay in (a, b, c):
+            with trio.fail_after(5):
+                while await logged(relay, "stripe") < 1:
+                    await trio.sleep(0.02)
+        assert [await logged(relay, "stripe") for relay in (a, b, c)] == [1, 1, 1]
+        assert sum(relay.metrics.rejected["replay"] for relay in (a, b, c)) == 6

@@ -3,8 +3,12 @@ real server, named by the finding's number in the issue. The attack that throws 
 once, with a good client alongside, is tests/test_attack.py.
 """
 
+import hashlib
+import hmac
 import logging
+import sqlite3
 import ssl
+import time
 
 import httpx
 import pytest
@@ -12,7 +16,7 @@ import trio
 
 import relay_lite
 
-from conftest import GITHUB_INPUT, post, relay_config, subscriber
+from conftest import GITHUB_INPUT, KEY, SECRET, post, relay_config, subscriber
 from test_security import closed_by_relay, tcp_from
 
 
@@ -198,3 +202,94 @@ async def test_6_half_a_tls_client_hello_is_closed_at_idle_timeout(tmp_path):
         await read_answer(stream, timeout=10)
         assert trio.current_time() - started < 3
         assert (await httpx.AsyncClient(verify=False).get(relay.url + "/healthz")).status_code == 200
+
+
+# -------------------------------------------------------------------------- 3 and 5: replays
+
+
+STRIPE_SECRET = "whsec_stripe_one"
+BODY = b'{"id": "evt_1", "type": "charge.succeeded"}'
+
+
+def stripe_signature(body: bytes = BODY, at: float | None = None) -> tuple[str, str]:
+    """Stripe's t= and v1= for `body`, signed as Stripe signs."""
+    stamp = str(int(time.time() if at is None else at))
+    return stamp, hmac.new(STRIPE_SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def stripe_config(**server):
+    config = relay_config(**server)
+    config["buckets"][1]["inputs"][0]["verify"] = {"scheme": "stripe", "secrets": [STRIPE_SECRET]}
+    return config
+
+
+def edited_stripe_headers(stamp: str, signature: str) -> list[str]:
+    """The same signed webhook's Stripe-Signature, written eight ways that all pass its check."""
+    return [f"t={stamp},v1={signature}", f"t={stamp},v1={signature},v1=00", f"t={stamp}, v1={signature}",
+            f"v1={signature},t={stamp}", f"t={stamp},v1={signature},", f"t={stamp},v0=ab,v1={signature}",
+            f"t={stamp} , v1={signature}", f"t={stamp},v1=00,v1={signature}"]
+
+
+async def logged(relay, bucket: str) -> int:
+    async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+        return (await http.get("/v1/logs", params={"bucket": bucket})).json()["total"]
+
+
+def test_3_a_replay_is_known_by_what_was_verified_not_by_the_headers_text():
+    stamp, signature = stripe_signature()
+    verify = relay_lite.VerifyConfig(scheme="stripe", secrets=(STRIPE_SECRET, "whsec_another"))
+    results = [relay_lite.verified(verify, {"Stripe-Signature": [value]}, BODY, time.time())
+               for value in edited_stripe_headers(stamp, signature)]
+    assert {problem for problem, _ in results} == {""}
+    assert len({nonce for _, nonce in results}) == 1  # one webhook, however its header is written
+    later, _ = stripe_signature(at=time.time() + 1)
+    assert relay_lite.verified(verify, {"Stripe-Signature": [f"t={later},v1={stripe_signature(at=int(later))[1]}"]},
+                               BODY, time.time())[1] != results[0][1]  # the sender's own retry, signed afresh
+
+
+async def test_3_edited_stripe_signatures_do_not_replay_a_webhook():
+    """8 of 8 edited replays were relayed: replays were known by the header's raw text."""
+    stamp, signature = stripe_signature()
+    async with relay_lite.open_relay(stripe_config()) as relay:
+        answers = [(await post(relay, input_id="in-stripe", content=BODY,
+                               headers={"Stripe-Signature": value})).status_code
+                   for value in edited_stripe_headers(stamp, signature)]
+        assert answers == [200] * 8  # a replayer learns nothing
+        assert await logged(relay, "stripe") == 1
+        assert relay.metrics.rejected["replay"] == 7
+
+
+async def test_5_a_replay_is_refused_across_a_restart_with_storage(tmp_path):
+    """The replay memory was per process: a restart forgot it."""
+    config = stripe_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    stamp, signature = stripe_signature()
+    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    async with relay_lite.open_relay(config) as relay:
+        assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
+    async with relay_lite.open_relay(config) as relay:
+        assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
+        assert await logged(relay, "stripe") == 1
+        fresh = stripe_signature(at=int(stamp) + 1)
+        other = {"Stripe-Signature": f"t={fresh[0]},v1={fresh[1]}"}
+        assert (await post(relay, input_id="in-stripe", content=BODY, headers=other)).status_code == 200
+        assert await logged(relay, "stripe") == 2  # a new signature is a new webhook
+
+
+async def test_5_a_replay_is_refused_when_storage_failed_to_keep_the_first(tmp_path):
+    """A webhook refused with 503 was not accepted: its sender's retry of it must pass."""
+    config = stripe_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    stamp, signature = stripe_signature()
+    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    async with relay_lite.open_relay(config) as relay:
+        storage = relay._core._backend
+        commit = storage._commit
+
+        def failing(*args):
+            raise sqlite3.OperationalError("disk I/O error")
+        storage._commit = failing
+        assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 503
+        storage._commit = commit
+        assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
+        assert await logged(relay, "stripe") == 1
