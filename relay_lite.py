@@ -190,6 +190,9 @@ DEFAULT_AUTH_FAILURES_PER_MINUTE = 10  # failed authentications an address may m
 # steady rate); past them, its attempts are refused unchecked
 MIN_SECRET_LENGTH = 16
 _SCRYPT_N = 2**14  # hash-secret's scrypt cost: 16 MiB and 40 ms a check here, about 0.4 s on a Raspberry Pi 3
+_SESSION_PREFIX = "relay_lite-session."  # what an inspector's session looks like (see _Credentials)
+_SESSION_SECONDS = 15 * 60  # an inspector's session lasts this long unless the page renews it...
+_SESSION_MOST = 12 * 3600  # ...and this long from its sign-in at most
 ANY_OUTPUT = "anyOutput"  # response_from_output: the first answer from any output
 DEFAULT_DELIVERY_TIMEOUT = 30.0  # seconds a delivery attempt may take, the destination's answer read
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds it may take to connect
@@ -464,7 +467,7 @@ class ServerConfig:
     # Let other processes listen on the same port (SO_REUSEPORT; Linux spreads connections among
     # them): several relays of one cluster on one machine, as --workers runs them
     reuse_port: bool = False
-    inspector: bool = True  # the web inspector at / (see _INSPECTOR_PAGE); false: 404 there
+    inspector: bool = True  # the older spelling of [inspector] enabled: false turns the inspector off too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,6 +493,16 @@ class MetricsConfig:
 
     enabled: bool = False
     token: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectorConfig:
+    """The `[inspector]` table: the web inspector at / (see "the web inspector")."""
+
+    enabled: bool = True
+    # Serve it only to requests for this host name (a name of its own, pointing at the relay, is
+    # an origin of its own), and on that host nothing else a stranger controls: no webhooks.
+    host: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,6 +592,7 @@ class Config:
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
     metrics: MetricsConfig = MetricsConfig()
+    inspector: InspectorConfig = InspectorConfig()
     tokens: tuple[TokenConfig, ...] = ()
     buckets: tuple[BucketConfig, ...] = ()
 
@@ -822,9 +836,15 @@ def _checked(config: Config) -> Config:
                  "the cluster keeps the log in Redis: leave out [storage] (Redis's own persistence keeps it)")
         _require(importlib.util.find_spec("redis") is not None, "cluster.redis_url",
                  "needs the Redis client: pip install 'relay-lite[redis]'")
-    return dataclasses.replace(config, server=server, buckets=tuple(buckets))
+    inspector = config.inspector
+    _require(inspector.host == "" or _HOST_NAME.fullmatch(inspector.host) is not None, "inspector.host",
+             f"must be a host name (no scheme, no port), got {_shown(inspector.host, 60)!r}")
+    inspector = dataclasses.replace(inspector, enabled=inspector.enabled and server.inspector,
+                                    host=inspector.host.lower().rstrip("."))
+    return dataclasses.replace(config, server=server, buckets=tuple(buckets), inspector=inspector)
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]+\]")
 _HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
 _RESERVED_FILES = 64  # open files the relay needs besides connections: listeners, storage, logs, trio's own
 _MOST_CONNECTIONS = 20_000  # the default max_connections at most: about 600 MB of idle sockets
@@ -1505,8 +1525,10 @@ def parse_time(text: str, name: str, *, end: bool = False) -> float:
             offset = datetime.timedelta(0) if zone in "Zz" else (1 if zone[0] == "+" else -1) * datetime.timedelta(
                 hours=int(zone[1:3]), minutes=int(zone[4:]))
             moment = datetime.datetime(year, month, day, hours, minutes, seconds, tzinfo=datetime.timezone(offset))
-            # to an RFC 3339 time takes in that instant, to its last microsecond
-            return moment.timestamp() + int(fraction.ljust(6, "0")[:6]) / 1e6 + (1e-6 if end else 0)
+            # to an RFC 3339 time takes in that instant, to its last microsecond; one division of
+            # whole microseconds: the float nearest the time, never one past it
+            micros = int(moment.timestamp()) * 1_000_000 + int(fraction.ljust(6, "0")[:6]) + (1 if end else 0)
+            return micros / 1_000_000
     except (ValueError, OverflowError):  # a month 13, a minute 61, an offset past 24 h, the end of 9999
         pass
     raise ProtocolError(f"{name} must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "
@@ -2209,6 +2231,7 @@ class _Memory(_Alone):
     def __init__(self, publish: Callable[[_Bucket, list[_Entry]], None]) -> None:
         self._publish = publish
         self._replays = _Replays()
+        self.session_key = secrets.token_bytes(32)  # a restart ends inspectors' sessions
 
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
         return _Kept("", {}, {}, [])
@@ -2256,9 +2279,10 @@ _MIGRATIONS = (
     "ALTER TABLE logs ADD COLUMN request_headers TEXT NOT NULL DEFAULT '';"
     "CREATE TABLE positions (bucket_id TEXT NOT NULL, output TEXT NOT NULL, last TEXT NOT NULL,"
     " PRIMARY KEY (bucket_id, output)) WITHOUT ROWID;",
-    "CREATE TABLE nonces (input_id TEXT NOT NULL, nonce TEXT NOT NULL, until REAL NOT NULL,"  # 3: replays
-    " PRIMARY KEY (input_id, nonce)) WITHOUT ROWID;"
-    "CREATE INDEX nonces_by_until ON nonces (until);",
+    "CREATE TABLE nonces (input_id TEXT NOT NULL, nonce TEXT NOT NULL, until REAL NOT NULL,"  # 3: replays, and
+    " PRIMARY KEY (input_id, nonce)) WITHOUT ROWID;"  # the key inspectors' sessions are signed with
+    "CREATE INDEX nonces_by_until ON nonces (until);"
+    "CREATE TABLE keys (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
 )
 _COLUMNS = ("id", "bucket_id", "input_id", "input_name", "output_name", "output_destination", "received_at",
             "method", "path", "query", "headers", "body", "body_encoding", "sender", "resent_from", "request_headers",
@@ -2319,6 +2343,7 @@ class _Storage(_Alone, _Batching):
         self._publish = publish
         self._db: sqlite3.Connection | None = None
         self._replays = _Replays()
+        self.session_key = b""  # kept in the file: a restart keeps inspectors signed in
         _Batching.__init__(self)
 
     def open(self) -> tuple[str, dict[str, str], list[sqlite3.Row], list[tuple[str, str, str]],
@@ -2353,6 +2378,8 @@ class _Storage(_Alone, _Batching):
             positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
             nonces = db.execute("SELECT input_id, nonce, until FROM nonces WHERE until >= ? ORDER BY until",
                                 (time.time(),)).fetchall()
+            db.execute("INSERT OR IGNORE INTO keys VALUES ('inspector sessions', ?)", (secrets.token_bytes(32),))
+            self.session_key = db.execute("SELECT value FROM keys WHERE name = 'inspector sessions'").fetchone()[0]
         except (sqlite3.Error, OSError, ConfigError) as error:
             if db is not None:
                 db.close()  # and with it a migration's transaction, rolled back
@@ -2594,6 +2621,7 @@ class _Redis(_Batching):
         self._queues: dict[tuple[str, str], str] = {}  # (bucket id, output) -> the token of its lock, while held
         self._journal_size = self._answer_kept = 0
         self._busy = 0  # calls in worker threads now
+        self.session_key = b""  # one for the cluster, kept in Redis: read at load()
         super().__init__()
 
     def _size_for(self, buckets: Iterable[BucketConfig]) -> None:
@@ -2611,6 +2639,7 @@ class _Redis(_Batching):
         while True:  # Redis down at start: wait for it, as the tail does later (a 503 beats no relay)
             try:
                 events, count = await self._in_thread(self._read, "+")
+                self.session_key = await self._in_thread(self._shared_session_key)
                 break
             except self._errors as error:
                 logger.warning("cannot read the log from Redis: %s; trying again in %g s", error, wait)
@@ -2623,6 +2652,12 @@ class _Redis(_Batching):
         last = max((entry.id for bucket_entries in entries.values() for entry in bucket_entries), default="")
         logger.info("webhook log in Redis: %d entries loaded", sum(map(len, entries.values())))
         return _Kept(last, {bucket_id: mark for bucket_id in buckets}, entries, [])
+
+    def _shared_session_key(self) -> bytes:
+        """The key inspectors' sessions are signed with: the first relay's, for every relay. In a thread."""
+        name = f"{self._prefix}:session_key"
+        self._reader.set(name, secrets.token_bytes(32), nx=True)
+        return typing.cast(bytes, self._reader.get(name))
 
     def _read(self, upto: str) -> tuple[list[_Event], int]:
         """The journal up to `upto` (an id, or "+"), and the count of events ever appended; in a thread."""
@@ -3195,15 +3230,32 @@ _AUTH_FAILURES = ("socket", "api", "metrics", "locked_out")
 # Who a key and secret belong to, and how often an address may be wrong about it.
 
 
+@dataclasses.dataclass(frozen=True)
+class _Grant:
+    """Who a key and secret (or a session) belong to."""
+
+    token: TokenConfig
+    inspector: bool = False  # an inspector session: it may read the log, resend, and watch; no more
+
+
 class _Credentials:
     """Tokens' secrets, checked in constant time, and secret hashes, checked with scrypt in a
     worker thread, one at a time (16 MiB and tens of milliseconds each): a secret proven right
     is remembered, so a client pays that once. Failed attempts are limited per address (an
     IPv6 /64 counts as one): a burst of auth_failures_per_minute, then that many a minute; past
     them, the address's attempts are refused unchecked, and other addresses are not affected.
+
+    The web inspector signs in once with a key and secret and keeps only a session (`issue`):
+    a credential that stands in for the secret, given with the key as a secret is (HTTP Basic,
+    an auth frame), for _SESSION_SECONDS, renewed while the page is open, _SESSION_MOST at the
+    most; signed with the relay's session key (see _Core.session_key), and with the token's
+    secret as it is now, so a changed secret ends it. It may only read the log, resend and
+    watch: a script that steals it from the page's storage cannot answer webhooks, move a pull
+    queue, or learn the secret.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, session_key: bytes = b"") -> None:
+        self.session_key = session_key  # set once the backend is loaded
         self._by_key = {token.key: token for token in config.tokens}
         self._by_secret = {_digest(token.secret): token for token in config.tokens if token.secret}
         self._hashes = {token.key: _parse_secret_hash(token.secret_hash, f"tokens {token.key!r}")
@@ -3214,14 +3266,18 @@ class _Credentials:
         self._burst, self._refill = float(per_minute), per_minute / 60.0  # failures forgiven a second
         self._failures: dict[str, tuple[float, float]] = {}  # address -> (failures allowed, at); oldest first
 
-    async def check(self, address: str, key: str, secret: str) -> TokenConfig | None:
-        """The token `key` and `secret` name, or None if they name none. The key "whr" (the new
-        SDK) or a Bearer secret names a token by its secret alone.
+    async def check(self, address: str, key: str, secret: str) -> _Grant | None:
+        """Who `key` and `secret` name (a token, or an inspector's session of one), or None if
+        nobody. The key "whr" (the new SDK) or a Bearer secret names a token by its secret alone.
 
         Raise TooManyFailures if `address` may not try now. Each attempt is charged to its
         address before it is checked and refunded if it was right, so attempts made at once
         cannot outrun the limit while slow checks run."""
         self._charge(address)
+        if secret.startswith(_SESSION_PREFIX) and (session := self._session(key, secret)) is not None:
+            self._charge(address, -1.0)  # a session signed here: no failure, even once expired
+            return _Grant(session[0], inspector=True) if session[1] else None
+        token: TokenConfig | None
         try:
             if key == API_KEY_USER and key not in self._by_key:
                 token = await self._by_secret_alone(address, secret)
@@ -3234,7 +3290,39 @@ class _Credentials:
             raise
         if token is not None:
             self._charge(address, -1.0)
-        return token
+        return None if token is None else _Grant(token)
+
+    def issue(self, token: TokenConfig, signed_in: float | None = None) -> tuple[str, int]:
+        """A session of `token` for the inspector, and when it expires (Unix seconds); a renewal
+        carries the time its first sign-in was (`signed_in`)."""
+        now = time.time()
+        signed_in = int(now if signed_in is None else signed_in)
+        expires = int(min(now + _SESSION_SECONDS, signed_in + _SESSION_MOST))
+        return f"{_SESSION_PREFIX}{signed_in}.{expires}.{self._session_mac(token, signed_in, expires)}", expires
+
+    def signed_in(self, secret: str) -> int:
+        """When the session `secret` (one `check` granted) was first signed in."""
+        return int(secret[len(_SESSION_PREFIX):].split(".")[0])
+
+    def _session(self, key: str, secret: str) -> tuple[TokenConfig, bool] | None:
+        """The token of a session `issue` gave for `key`, and whether it lasts yet; None if it
+        is not one (a forgery, a session of a secret since changed, or a real secret that looks
+        like one)."""
+        token = self._by_key.get(key)
+        parts = secret[len(_SESSION_PREFIX):].split(".")
+        if token is None or len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts[:2]) \
+                or not self.session_key:
+            return None
+        signed_in, expires = int(parts[0][:12]), int(parts[1][:12])
+        if not hmac.compare_digest(_utf8(parts[2]), self._session_mac(token, signed_in, expires).encode()):
+            return None
+        return token, time.time() < expires
+
+    def _session_mac(self, token: TokenConfig, signed_in: int, expires: int) -> str:
+        proof = _digest(token.secret or token.secret_hash)  # another secret, another session key
+        mac = hmac.new(self.session_key, b"relay_lite inspector session\0%s\0%d\0%d\0%s"
+                       % (_utf8(token.key), signed_in, expires, proof), "sha256").digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
     def carry_failures(self, before: "_Credentials") -> None:
         """Keep the failed attempts counted before a reload: a reload is no amnesty."""
@@ -3646,6 +3734,12 @@ class _Core:
         """Why the backend cannot keep webhooks now, or ""."""
         return self._backend.failing
 
+    @property
+    def session_key(self) -> bytes:
+        """What inspectors' sessions are signed with (see _Credentials): kept where the log is,
+        so every relay of a cluster takes them, and with storage a restart does."""
+        return self._backend.session_key
+
     async def load(self) -> None:
         """Start the log with what the backend kept. A bucket it kept nothing of starts after every
         id the relay gave before, so a resume from before that is told it may have missed some."""
@@ -3773,6 +3867,7 @@ class _Session:
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
         self.observer = False  # it subscribed with "observe": what it is sent is not "sent" for that
+        self.inspector = False  # it signed in with an inspector's session: it only watches
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
@@ -3899,8 +3994,8 @@ class _Session:
                 self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
             try:
-                token = self._relay._current_token(await self._relay._credentials.check(
-                    self._connection.client, frame.key, frame.secret))
+                grant = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
+                token = self._relay._current_token(grant.token if grant else None)
             except TooManyFailures as error:  # or HashingBusy
                 self._status("unauthorized", str(error))
                 if isinstance(error, HashingBusy):
@@ -3911,7 +4006,8 @@ class _Session:
                     self._relay.metrics.cutoffs["auth_failures"] += 1
                     self.close(error.close_code, "too many failed authentications from this address")
                 return None
-            if token is not None:
+            if grant is not None and token is not None:
+                self.inspector = grant.inspector
                 self.deliver(_AUTHENTICATED_FRAME)
                 return token
             self._relay._throttle.warning("auth", "failed authentication from %s (key %s)", self.peer,
@@ -3934,8 +4030,8 @@ class _Session:
             if isinstance(frame, _Subscribe):
                 self._subscribe(frame)
             elif isinstance(frame, _Auth):
-                if await self._relay._credentials.check(self._connection.client, frame.key,
-                                                        frame.secret) is not self.token:
+                grant = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
+                if grant is None or grant.token is not self.token:
                     raise ProtocolError("already authenticated with another key")
                 self.deliver(_AUTHENTICATED_FRAME)
         except (ProtocolError, TooManyFailures) as error:
@@ -3944,7 +4040,7 @@ class _Session:
     def _subscribe(self, frame: _Subscribe) -> None:
         assert self.token is not None
         buckets = self._core.resolve(self.token, frame.buckets)
-        self.observer = self.observer or frame.observe
+        self.observer = self.observer or frame.observe or self.inspector
         if frame.since is not None:
             if self._replay is not None:
                 raise ProtocolError('a resume is already running: subscribe with "since" again once '
@@ -4383,6 +4479,8 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if not raw_path.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
             raw_path = urllib.parse.urlsplit(raw_path).path
         input_id, slash, extra = raw_path[len(WEBHOOK_PREFIX):].partition("/")
+        if relay.config.inspector.host and _request_host() == relay.config.inspector.host:
+            return _plain(404, "webhooks are not taken on the inspector's host name ([inspector] host)")
         found = core.find_input(input_id)
         if found is None:
             relay.metrics.rejected["unknown_input"] += 1
@@ -4429,7 +4527,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def list_logs() -> Response:
         """Newest first, by pages: `offset` and `limit`, or `cursor` and `next_cursor`, which
         stay put while webhooks arrive (a page goes on below the last id of the one before)."""
-        token = await relay._api_token()
+        token = await relay._api_token(inspector=True)  # the inspector's reads
         params = query_parameters(request.args.items(multi=True), LOGS_PARAMETERS)
         filters = ("bucket", "status", "from", "to")
         before = ""
@@ -4471,7 +4569,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
-        token = await relay._api_token()
+        token = await relay._api_token(inspector=request.method == "GET")  # no answers from it
         entry = core.entry(token, log_id)
         if request.method == "GET":
             return _json(200, entry.as_log())
@@ -4491,7 +4589,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         """{"action": "resend"}: deliver a logged webhook again (to sockets, or by the relay to a
         public output) as a new entry naming the one it repeats; "output" (an id or name) sends
         it along another output of its bucket."""
-        token = await relay._api_token()
+        token = await relay._api_token(inspector=True)  # the inspector's Resend
         entry = core.entry(token, log_id)
         try:
             data = json.loads(await _request_body())
@@ -4561,19 +4659,39 @@ def _make_app(relay: "Relay") -> QuartTrio:
             text, content_type = _metrics_text(relay)
             return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
 
-    if relay.config.server.inspector:
+    def inspector_here() -> None:
+        """NotFound unless the inspector is served for this request: on, and this its host if it has one."""
+        inspector = relay.config.inspector
+        if not inspector.enabled or (inspector.host and _request_host() != inspector.host):
+            raise NotFound("no inspector here" + (" (see [inspector] host)" if inspector.enabled else ""))
 
-        @app.route("/", methods=["GET"])
-        async def inspector() -> Response:
-            return _inspector_file(_INSPECTOR_PAGE, "text/html; charset=utf-8")
+    @app.route("/", methods=["GET"])
+    async def inspector() -> Response:
+        inspector_here()
+        return _inspector_file(_INSPECTOR_PAGE, "text/html; charset=utf-8")
 
-        @app.route(INSPECTOR_PATH + "app.js", methods=["GET"])
-        async def inspector_script() -> Response:
-            return _inspector_file(_INSPECTOR_SCRIPT, "text/javascript; charset=utf-8")
+    @app.route(INSPECTOR_PATH + "app.js", methods=["GET"])
+    async def inspector_script() -> Response:
+        inspector_here()
+        return _inspector_file(_INSPECTOR_SCRIPT, "text/javascript; charset=utf-8")
 
-        @app.route(INSPECTOR_PATH + "app.css", methods=["GET"])
-        async def inspector_style() -> Response:
-            return _inspector_file(_INSPECTOR_STYLE, "text/css; charset=utf-8")
+    @app.route(INSPECTOR_PATH + "app.css", methods=["GET"])
+    async def inspector_style() -> Response:
+        inspector_here()
+        return _inspector_file(_INSPECTOR_STYLE, "text/css; charset=utf-8")
+
+    @app.route(INSPECTOR_SESSION_PATH, methods=["POST"])
+    async def inspector_session() -> Response:
+        """The inspector signs in: a key and secret (HTTP Basic) for a session of their token
+        (see _Credentials), which stands in for the secret from then on; or its session, for a
+        new one that lasts longer (until _SESSION_MOST after the sign-in)."""
+        inspector_here()
+        grant = await relay._api_grant(inspector=True)
+        signed_in = relay._credentials.signed_in(_request_credentials()[1]) if grant.inspector else None
+        session, expires = relay._credentials.issue(grant.token, signed_in)
+        response = _json(200, {"key": grant.token.key, "session": session, "expires_at": expires})
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     @app.route(SOCKET_PATH)
     async def socket_without_upgrade() -> Response:
@@ -4581,13 +4699,13 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(BUCKETS_PATH, methods=["GET"])
     async def list_buckets() -> Response:
-        token = await relay._api_token()
+        token = await relay._api_token(inspector=True)
         return _json_list([_bucket_json(bucket.config, relay._loaded_at) for bucket in core.visible(token)])
 
     @app.route(BUCKETS_PATH + "/<ref>", methods=["GET"])
     @app.route(BUCKETS_PATH + "/<ref>/<part>", methods=["GET"])
     async def one_bucket(ref: str, part: str = "") -> Response:
-        token = await relay._api_token()
+        token = await relay._api_token(inspector=True)
         try:
             [bucket] = core.resolve(token, (ref,))
         except NotFound:
@@ -4626,6 +4744,29 @@ def _make_app(relay: "Relay") -> QuartTrio:
 async def _request_body() -> bytes:
     """The body of the request being served: read whole before the app was called (see Relay._receive_body)."""
     return typing.cast(bytes, await request.get_data(cache=False, as_text=False))
+
+
+def _request_credentials() -> tuple[str, str]:
+    """The key and secret of the request being served: HTTP Basic, or Bearer <secret> (the key
+    "whr", as the new SDK sends it); empty when it has neither."""
+    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return API_KEY_USER, credentials.strip()
+    if scheme.lower() == "basic":
+        try:
+            key, _, secret = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+            return key, secret
+        except ValueError:
+            pass
+    return "", ""
+
+
+def _request_host() -> str:
+    """The host name the request being served is for (its Host header, less the port), in lower case."""
+    host = request.headers.get("Host", "").lower().rstrip(".")
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0].rstrip(".")
 
 
 def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] | None:
@@ -4739,7 +4880,8 @@ def _error(status: int, message: str) -> Response:
 
 
 def _is_api_path(path: str) -> bool:
-    return path.startswith("/v1/") and not path.startswith((WEBHOOK_PREFIX, SOCKET_PATH))
+    return (path.startswith("/v1/") and not path.startswith((WEBHOOK_PREFIX, SOCKET_PATH))
+            or path == INSPECTOR_SESSION_PATH)
 
 
 def _json_list(items: list[Any]) -> Response:
@@ -4804,6 +4946,7 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
 # element from text (textContent), never from markup, so a webhook's content cannot script it.
 
 INSPECTOR_PATH = "/inspector/"
+INSPECTOR_SESSION_PATH = INSPECTOR_PATH + "session"
 _INSPECTOR_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -4836,7 +4979,8 @@ _INSPECTOR_PAGE = r"""<!doctype html>
 <main>
   <form id="sign-in" autocomplete="off">
     <h2>Sign in with a token</h2>
-    <p>The key and secret stay in this tab (its session storage) and go only to this relay.</p>
+    <p>The secret goes to this relay once, for a session that only reads the log and resends; this tab
+      keeps the session (its session storage), never the secret.</p>
     <label>Key <input id="key" name="key" required spellcheck="false" autocapitalize="off"></label>
     <label>Secret <input id="secret" name="secret" type="password" required></label>
     <button type="submit">Sign in</button>
@@ -4894,8 +5038,11 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
   const REFRESH = 5000;  // ms between reads of the newest page: changes, and entries no socket gets
   const RETRY_FIRST = 1000, RETRY_MOST = 30000;
   const $ = (id) => document.getElementById(id);
-  const state = {key: '', secret: '', socket: null, live: false, refused: false, retry: RETRY_FIRST, timer: 0,
-                 logs: new Map(), newest: '', cursor: '', selected: '', refreshing: null, soon: 0, every: 0};
+  const RENEW = 5 * 60 * 1000;  // ms between renewals of the session, which lasts 15 minutes
+  const KEPT = 'relay_lite.session';  // in session storage: the key and the session, never the secret
+  const state = {key: '', session: '', socket: null, live: false, retry: RETRY_FIRST, timer: 0,
+                 logs: new Map(), newest: '', cursor: '', selected: '', refreshing: null, soon: 0, every: 0,
+                 renewing: 0};
 
   function el(tag, text, className) {
     const node = document.createElement(tag);
@@ -4913,13 +5060,13 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
 
   // ------------------------------------------------------------------ the REST API
 
-  function basic() {
-    const bytes = new TextEncoder().encode(state.key + ':' + state.secret);
+  function basic(key, secret) {
+    const bytes = new TextEncoder().encode(key + ':' + secret);
     return 'Basic ' + btoa(String.fromCharCode(...bytes));
   }
 
   async function api(path, options = {}) {
-    const headers = {Authorization: basic(), Accept: 'application/json'};
+    const headers = {Authorization: basic(state.key, state.session), Accept: 'application/json'};
     if (options.body) headers['Content-Type'] = 'application/json';
     const response = await fetch(path, {...options, headers, cache: 'no-store', credentials: 'omit'});
     const text = await response.text();
@@ -4942,7 +5089,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     const ws = new WebSocket(socketURL());
     state.socket = ws;
     ws.addEventListener('open', () => {
-      ws.send(JSON.stringify({action: 'auth', key: state.key, secret: state.secret}));
+      ws.send(JSON.stringify({action: 'auth', key: state.key, secret: state.session}));
     });
     ws.addEventListener('message', (event) => {
       if (ws !== state.socket) return;
@@ -4953,10 +5100,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     ws.addEventListener('close', (event) => {
       if (ws !== state.socket) return;
       state.socket = null;
-      if (!state.live && (event.code === 1008 || !state.key)) {  // refused: a policy close before sign-in
-        if (state.key) signInFailed(event.reason || 'the relay refused the connection');
-        return;
-      }
+      if (!state.key) return;  // signed out meanwhile
       const wait = state.retry;
       state.retry = Math.min(state.retry * 2, RETRY_MOST);
       setState(`${state.live ? 'reconnecting' : 'connecting'} in ${Math.round(wait / 1000)} s `
@@ -4976,13 +5120,12 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
       const subscribe = {action: 'subscribe', buckets: [], observe: true};
       if (state.live && state.newest) subscribe.since = state.newest;  // a reconnect: what came meanwhile first
       ws.send(JSON.stringify(subscribe));
-    } else if (frame.status === 'unauthorized') {  // a wrong secret, or a token since changed or removed
-      state.live = false;
-      state.socket = null;
+    } else if (frame.status === 'unauthorized' && /try again/.test(frame.message || '')) {
+      setState(`connecting: ${frame.message}`, 'warn');  // busy, or too many failures here: the relay
+      // closes the socket, and the page connects again after a while
+    } else if (frame.status === 'unauthorized') {  // the session ended: the token changed, or it expired
       ws.close();
-      show('inspector', false);
-      show('sign-out', false);
-      signInFailed(frame.message || 'wrong key or secret');
+      signedOut('the relay no longer takes this session (its token changed or was removed, or it expired)');
     } else if (frame.status === 'subscribed') {
       state.retry = RETRY_FIRST;
       setState('connected: live', 'ok');
@@ -5002,30 +5145,93 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
 
   // ------------------------------------------------------------------ signing in and out
 
-  function signIn(key, secret) {
-    state.key = key;
-    state.secret = secret;
-    state.live = false;
+  // Signing in asks the relay for a session (POST inspector/session with the key and secret): the
+  // secret is forgotten at once, and the session, which can only read the log and resend, is what
+  // the page keeps and sends. A script on this origin could read it, never the secret.
+  async function signIn(key, secret) {
     clearInterval(state.every);
     show('sign-in-error', false);
     setState('signing in…', 'busy');
+    for (let wait = RETRY_FIRST; ; wait = Math.min(wait * 2, RETRY_MOST)) {
+      let response;
+      try {
+        response = await fetch('inspector/session', {method: 'POST', cache: 'no-store', credentials: 'omit',
+                                                     headers: {Authorization: basic(key, secret)}});
+      } catch (error) {
+        signInFailed(`the relay cannot be reached (${error.message})`);
+        return;
+      }
+      const text = await response.text();
+      let answer = {};
+      try { answer = JSON.parse(text); } catch (error) { answer = {error: text}; }
+      if (response.ok) {
+        start(answer.key, answer.session);
+        return;
+      }
+      const after = Number(response.headers.get('Retry-After')) || 0;
+      if (response.status !== 503) {  // a wrong key or secret (401), or too many of them here (429)
+        signInFailed(response.status === 429 ? `too many failed sign-ins from this address: try again in ${after} s`
+                                             : answer.error || `${response.status} ${response.statusText}`);
+        return;
+      }
+      const seconds = Math.max(after, Math.round(wait / 1000));  // busy checking secrets: not a wrong one
+      setState(`the relay is busy checking secrets: trying again in ${seconds} s`, 'warn');
+      await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+    }
+  }
+
+  function start(key, session) {
+    state.key = key;
+    state.session = session;
+    state.live = false;
+    sessionStorage.setItem(KEPT, JSON.stringify({key, session}));
+    $('secret').value = '';
+    clearInterval(state.renewing);
+    state.renewing = setInterval(renew, RENEW);
     connect();
   }
 
+  async function renew() {
+    try {
+      const session = await api('inspector/session', {method: 'POST'});
+      state.session = session.session;
+      sessionStorage.setItem(KEPT, JSON.stringify({key: state.key, session: state.session}));
+    } catch (error) {
+      if (/^(401|403):/.test(error.message)) signedOut('the session ended: sign in again');
+    }
+  }
+
   function signInFailed(message) {
-    clearInterval(state.every);
-    state.key = state.secret = '';
-    sessionStorage.removeItem('relay_lite.token');
-    setState('signed out', 'idle');
+    forget();
     $('sign-in-error').textContent = `Sign-in failed: ${message}`;
     show('sign-in-error', true);
-    show('sign-in', true);
     $('key').focus();
+  }
+
+  function signedOut(message) {
+    forget();
+    $('sign-in-error').textContent = `Signed out: ${message}`;
+    show('sign-in-error', true);
+  }
+
+  function forget() {
+    clearInterval(state.every);
+    clearInterval(state.renewing);
+    clearTimeout(state.timer);
+    const socket = state.socket;
+    state.key = state.session = '';
+    state.live = false;
+    state.socket = null;
+    if (socket) socket.close();
+    sessionStorage.removeItem(KEPT);
+    setState('signed out', 'idle');
+    show('inspector', false);
+    show('sign-out', false);
+    show('sign-in', true);
   }
 
   async function signedIn() {
     state.live = true;
-    sessionStorage.setItem('relay_lite.token', JSON.stringify({key: state.key, secret: state.secret}));
     show('sign-in', false);
     show('inspector', true);
     show('sign-out', true);
@@ -5045,7 +5251,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
   }
 
   function signOut() {
-    sessionStorage.removeItem('relay_lite.token');
+    sessionStorage.removeItem(KEPT);
     location.reload();
   }
 
@@ -5368,13 +5574,15 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
     document.addEventListener('keydown', (event) => {
       if (event.key === 'Escape' && !$('detail').hidden) closeDetail();
     });
-    const kept = sessionStorage.getItem('relay_lite.token');
+    sessionStorage.removeItem('relay_lite.token');  // an older inspector kept the secret itself
+    const kept = sessionStorage.getItem(KEPT);
     if (kept) {
       try {
-        const {key, secret} = JSON.parse(kept);
-        signIn(key, secret);
+        const {key, session} = JSON.parse(kept);
+        start(key, session);
+        renew();  // it may have been away a while
       } catch (error) {
-        sessionStorage.removeItem('relay_lite.token');
+        sessionStorage.removeItem(KEPT);
       }
     }
   });
@@ -6108,7 +6316,7 @@ class Relay:
             new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
         _reloadable(self.config, new)
         tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
-        credentials = _Credentials(new)
+        credentials = _Credentials(new, self._core.session_key)
         credentials.carry_failures(self._credentials)
         buckets, removed = self._core.reload(new)  # from here on nothing fails
 
@@ -6259,31 +6467,31 @@ class Relay:
         return client_address(peer, request.headers.getlist("X-Forwarded-For"), self._trusted) if self._trusted \
             else peer
 
-    async def _api_token(self) -> TokenConfig:
+    async def _api_token(self, *, inspector: bool = False) -> TokenConfig:
         """The token of the REST API request being served (HTTP Basic key:secret, or Bearer
-        <secret>); Unauthorized, or TooManyFailures, for a request without one."""
+        <secret>); Unauthorized, or TooManyFailures, for a request without one. An inspector's
+        session (see _Credentials) passes only where `inspector` says the inspector may go."""
+        return (await self._api_grant(inspector=inspector)).token
+
+    async def _api_grant(self, *, inspector: bool = False) -> _Grant:
+        """_api_token, and whether it came by an inspector's session."""
         address = _address_key(self._client())
-        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
-        key, secret = "", ""
-        if scheme.lower() == "bearer":
-            key, secret = API_KEY_USER, credentials.strip()
-        elif scheme.lower() == "basic":
-            try:
-                key, _, secret = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-            except ValueError:
-                pass
+        key, secret = _request_credentials()
         try:
-            token = self._current_token(await self._credentials.check(address, key, secret)) if key else None
+            grant = await self._credentials.check(address, key, secret) if key else None
         except TooManyFailures as error:
             if not isinstance(error, HashingBusy):
                 self.metrics.auth_failures["locked_out"] += 1
             raise
-        if token is None:
+        token = self._current_token(grant.token if grant else None)
+        if grant is None or token is None:
             if key:
                 self.metrics.auth_failures["api"] += 1
                 self._throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
             raise Unauthorized("authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
-        return token
+        if grant.inspector and not inspector:
+            raise Forbidden("an inspector's session may read the log and resend, no more: use the token's secret")
+        return _Grant(token, grant.inspector)
 
     async def _sweep(self) -> None:
         """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
@@ -6302,6 +6510,7 @@ class Relay:
         server = self.config.server
         hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(self._asgi, None))
         await self._core.load()
+        self._credentials.session_key = self._core.session_key
         async with trio.open_nursery() as lifespan_nursery:
             lifespan_nursery.start_soon(self._core.run)  # outlives the connections, to keep what they asked for
             await lifespan_nursery.start(lifespan.handle_lifespan)

@@ -644,3 +644,15 @@ async def test_a_signed_webhook_replayed_to_another_relay_is_not_relayed_again(r
                     await trio.sleep(0.02)
         assert [await logged(relay, "stripe") for relay in (a, b, c)] == [1, 1, 1]
         assert sum(relay.metrics.rejected["replay"] for relay in (a, b, c)) == 6
+
+
+async def test_an_inspector_session_from_one_relay_is_taken_by_the_others(redis_server):
+    """The inspector's session (issue 20, finding 1) is signed with one key for the cluster: a
+    balancer may send its next request, or its socket, to another relay."""
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with httpx.AsyncClient() as http:
+            session = (await http.post(a.url + "/inspector/session", auth=(KEY, SECRET))).json()["session"]
+            assert (await http.get(b.url + "/v1/buckets", auth=(KEY, session))).status_code == 200
+        async with subscriber(b, ["github"], secret=session) as watcher:
+            await post(a, content="to the inspector on b")
+            assert (await watcher.webhook())["body"] == "to the inspector on b"

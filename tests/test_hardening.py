@@ -3,6 +3,7 @@ real server, named by the finding's number in the issue. The attack that throws 
 once, with a good client alongside, is tests/test_attack.py.
 """
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -293,3 +294,121 @@ async def test_5_a_replay_is_refused_when_storage_failed_to_keep_the_first(tmp_p
         storage._commit = commit
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
         assert await logged(relay, "stripe") == 1
+
+
+# -------------------------------------------------------------------------- 1: the inspector's origin
+
+
+SANDBOX = "sandbox; default-src 'none'"
+
+
+def sandboxed(response: httpx.Response) -> bool:
+    return (SANDBOX in response.headers.get_list("content-security-policy")
+            and "nosniff" in response.headers.get_list("x-content-type-options"))
+
+
+@pytest.fixture
+def held_config():
+    config = stripe_config()
+    config["buckets"][0]["inputs"].append({"id": "in-held", "name": "held", "response_from_output": "anyOutput"})
+    config["buckets"][0]["inputs"].append({"id": "in-static", "name": "static", "body": "<b>thanks</b>",
+                                           "headers": {"Content-Type": "text/html"}})
+    return config
+
+
+async def test_1_every_answer_to_a_webhook_is_sandboxed(held_config):
+    """A sender's answer (a client's PUT, or an app's) was served verbatim on the inspector's
+    origin, Content-Type text/html included: its script could read the inspector's token."""
+    async with relay_lite.open_relay(held_config) as relay, subscriber(relay, ["github"]) as client:
+        answers = [await post(relay, input_id="in-static", content="x"), await post(relay, content="x"),
+                   await post(relay, input_id="nowhere", content="x"), await post(relay, path="/%2e%2e/x", content="x"),
+                   await post(relay, input_id="in-stripe", content="x"),  # 401: no signature
+                   await post(relay, content=b"x" * (11 * 2**20))]  # 413
+        for _ in range(2):
+            await client.webhook()
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+            async def held():
+                answers.append(await post(relay, input_id="in-held", content="x"))
+            nursery.start_soon(held)
+            log_id = (await client.webhook())["meta"]["id"]
+            page = base64.b64encode(b"<script>alert(sessionStorage.getItem('relay_lite.session'))</script>").decode()
+            assert (await http.put(f"/v1/logs/{log_id}", json={
+                "status_code": 200, "response_body": page,
+                "response_headers": {"Content-Type": ["text/html"], "Content-Security-Policy": ["script-src *"]}})
+                    ).status_code == 200
+    assert [answer.status_code for answer in answers] == [200, 200, 404, 400, 401, 413, 200]
+    assert all(sandboxed(answer) for answer in answers), [answer.headers for answer in answers]
+    assert answers[-1].text.startswith("<script>") and answers[-1].headers["content-type"] == "text/html"
+
+
+async def test_1_an_inspector_session_stands_in_for_the_secret_and_can_do_little(held_config):
+    async with relay_lite.open_relay(held_config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        signed = await http.post("/inspector/session", auth=(KEY, SECRET))
+        assert signed.status_code == 200 and signed.headers["cache-control"] == "no-store"
+        session = signed.json()["session"]
+        assert session.startswith("relay_lite-session.") and SECRET not in session
+        assert signed.json()["expires_at"] == pytest.approx(time.time() + 900, abs=5)
+        assert (await http.post("/inspector/session", auth=(KEY, "wrong"))).status_code == 401
+        await post(relay, content="watched")
+        as_session = {"auth": (KEY, session)}
+        logs = (await http.get("/v1/logs", **as_session)).json()["data"]
+        assert [log["body"] for log in logs if log["bucket_name"] == "github"] == ["watched"]
+        assert (await http.get("/v1/buckets", **as_session)).status_code == 200
+        log_id = logs[0]["id"]
+        assert (await http.get(f"/v1/logs/{log_id}", **as_session)).status_code == 200
+        assert (await http.post(f"/v1/logs/{log_id}/action", json={"action": "resend"}, **as_session)).status_code == 200
+        refused = await http.put(f"/v1/logs/{log_id}", json={"status_code": 200}, **as_session)
+        assert refused.status_code == 403 and "inspector's session" in refused.json()["error"]
+        assert (await http.get("/v1/events", params={"bucket": "github"}, **as_session)).status_code == 403
+        renewal = (await http.post("/inspector/session", **as_session)).json()
+        renewed = renewal["session"]  # it lasts from now, and keeps the sign-in's time
+        assert renewal["expires_at"] >= signed.json()["expires_at"] and renewed.split(".")[1] == session.split(".")[1]
+        assert (await http.get("/v1/buckets", auth=(KEY, renewed))).status_code == 200
+        async with subscriber(relay, ["github"], secret=session) as watcher:  # it watches; "sent" is for clients
+            await post(relay, content="seen by the inspector only")
+            seen = await watcher.webhook()
+        log = (await http.get(f"/v1/logs/{seen['meta']['id']}", auth=(KEY, SECRET))).json()
+        assert log["status"] == 4  # received: watching is no delivery
+        forged = session.rsplit(".", 1)[0] + ".AAAA"
+        assert (await http.get("/v1/buckets", auth=(KEY, forged))).status_code == 401
+        token = relay.config.tokens[0]
+        expired, _ = relay._credentials.issue(token, signed_in=time.time() - 13 * 3600)  # past _SESSION_MOST
+        assert (await http.get("/v1/buckets", auth=(KEY, expired))).status_code == 401
+        changed = dict(held_config, tokens=[{"key": KEY, "secret": "another-secret-0123456789"}])
+        relay.reload(changed)
+        assert (await http.get("/v1/buckets", auth=(KEY, renewed))).status_code == 401  # ends with its secret
+
+
+async def test_1_an_inspector_session_outlives_a_restart_with_storage(tmp_path):
+    config = relay_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    async with relay_lite.open_relay(config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        session = (await http.post("/inspector/session", auth=(KEY, SECRET))).json()["session"]
+    async with relay_lite.open_relay(config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        assert (await http.get("/v1/buckets", auth=(KEY, session))).status_code == 200
+    async with relay_lite.open_relay(relay_config()) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        assert (await http.get("/v1/buckets", auth=(KEY, session))).status_code == 401  # another relay's
+
+
+@pytest.mark.parametrize("inspector, server, on_host, elsewhere", [
+    ({}, {}, 200, 200),
+    ({"host": "inspect.example"}, {}, 200, 404),
+    ({"enabled": False}, {}, 404, 404),
+    ({}, {"inspector": False}, 404, 404),  # the older spelling
+])
+async def test_1_the_inspector_may_have_a_host_name_of_its_own_or_none(inspector, server, on_host, elsewhere):
+    config = relay_config(**server)
+    config["inspector"] = inspector
+    async with relay_lite.open_relay(config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        for path in ("/", "/inspector/app.js", "/inspector/app.css"):
+            assert (await http.get(path, headers={"Host": "Inspect.Example:8080"})).status_code == on_host
+            assert (await http.get(path)).status_code == elsewhere
+        webhook = f"/v1/webhooks/{GITHUB_INPUT}"
+        on_inspector = await http.post(webhook, content="x", headers={"Host": "inspect.example"})
+        assert on_inspector.status_code == (404 if inspector.get("host") else 200)
+        assert (await http.post(webhook, content="x")).status_code == 200
+
+
+def test_1_an_inspector_host_is_a_host_name():
+    with pytest.raises(relay_lite.ConfigError, match="inspector.host: must be a host name"):
+        relay_lite.load_config({"inspector": {"host": "https://inspect.example"}})

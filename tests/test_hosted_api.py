@@ -4,6 +4,8 @@ pull queue, update, resend, and the buckets."""
 
 import base64
 import datetime
+import fractions
+import math
 import sqlite3
 import threading
 
@@ -82,8 +84,9 @@ async def posted(relay, *bodies: str, input_id: str = GITHUB_INPUT) -> None:
 
 
 def rfc3339(at: float) -> str:
-    """A Unix time as RFC 3339, to the microsecond below it (fromtimestamp would round)."""
-    seconds, micros = divmod(int(at * 1_000_000), 1_000_000)
+    """A Unix time as RFC 3339, to the microsecond below it (fromtimestamp would round, and so
+    would at * 1e6: up past the next microsecond, one time in eight)."""
+    seconds, micros = divmod(math.floor(fractions.Fraction(at) * 1_000_000), 1_000_000)
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{micros:06d}Z"
 
