@@ -225,6 +225,7 @@ _CLOSE_AT_ONCE = 0.5  # seconds a close frame may take to go out when its handsh
 _RECEIVE_SIZE = 2**16
 _READ_SIZE = 16 * 2**10  # an HTTP connection's reads, at most: see _ConnectionStream
 _CONNECTION = "relay_lite.connection"  # in a request's ASGI scope: its _Connection
+_BODY = "relay_lite.body"  # in a request's ASGI scope: its body, read whole (see _request_body)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
 _LINGER_BYTES = 2 * 2**20  # and bytes (a socket's largest message, twice): a peer sending on at full speed
@@ -257,6 +258,7 @@ _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resume
 _HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; past that, attempts are refused
 _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
 _DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log, and a held sender)
+_ANSWER_BODY_MOST = _DELIVERY_BODY_KEPT  # and of a client's answer (PUT /v1/logs/<id>): the rest is dropped
 _FORWARD_BATCH = 64  # log entries a forwarder takes up at a time
 _REJECTED_KEPT = 50  # webhooks refused by a signature check each bucket keeps for the logs API...
 _REJECTED_BODY_KEPT = 16 * 2**10  # ...with this much of each body
@@ -1440,7 +1442,8 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
 
     Clients differ: the Go agent sends null for what it leaves out and the body as base64, the
     JS SDK may send the body as an array of bytes and the status as a number, Jenkins sends
-    header values as strings. All are accepted.
+    header values as strings. All are accepted. The body is kept to its first _ANSWER_BODY_MOST
+    bytes, as the relay's own deliveries keep an answer: 100 answers of 7 MiB held 86 MB.
     """
     if not isinstance(data, dict):
         raise ProtocolError(f"the body must be a JSON object, got {_json_type(data)}")
@@ -1449,15 +1452,16 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
             status_code == 0 or 200 <= status_code <= 599):
         raise ProtocolError('"status_code" must be an HTTP status, 200 to 599')
     body = data.get("response_body") or b""
-    if isinstance(body, str):
+    if isinstance(body, str):  # only what is kept is decoded: 4 characters a 3 bytes
         try:
-            body = base64.b64decode(body, validate=True)
+            body = base64.b64decode(body[:-(-_ANSWER_BODY_MOST // 3) * 4], validate=True)
         except ValueError:
             raise ProtocolError('"response_body" must be base64') from None
     elif isinstance(body, list) and all(isinstance(byte, int) and 0 <= byte <= 255 for byte in body):
-        body = bytes(body)
+        body = bytes(body[:_ANSWER_BODY_MOST])
     elif body != b"":
         raise ProtocolError('"response_body" must be base64 (or an array of bytes)')
+    body = body[:_ANSWER_BODY_MOST]  # as the relay's own deliveries keep an answer: the rest is dropped
     if body and status_code in _BODILESS_STATUSES:
         raise ProtocolError(f'"response_body" must be empty: a {status_code} answer has no body')
     headers: dict[str, list[str]] = {}
@@ -4489,7 +4493,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
             relay.metrics.rejected["bad_path"] += 1
             return _plain(400, "the path after the input's URL must not have . or .. segments")
-        body = await _request_body()
+        body = _request_body()
         webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
                                        request.scope["headers"], body, relay._client())
         bucket, input_ = found
@@ -4576,7 +4580,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         if entry.status == "rejected":  # whatever the body says: before it is read
             raise Conflict(f"log {entry.id} is a webhook its input refused: it takes no answer")
         try:
-            data = json.loads(await _request_body())
+            data = json.loads(_request_body())
         except (ValueError, RecursionError):
             raise ProtocolError("the body must be JSON: "
                                 '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}') from None
@@ -4592,7 +4596,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         token = await relay._api_token(inspector=True)  # the inspector's Resend
         entry = core.entry(token, log_id)
         try:
-            data = json.loads(await _request_body())
+            data = json.loads(_request_body())
         except (ValueError, RecursionError):
             data = None
         if not (isinstance(data, dict) and data.get("action") == "resend" and isinstance(data.get("output", ""), str)):
@@ -4741,9 +4745,10 @@ def _make_app(relay: "Relay") -> QuartTrio:
     return app
 
 
-async def _request_body() -> bytes:
-    """The body of the request being served: read whole before the app was called (see Relay._receive_body)."""
-    return typing.cast(bytes, await request.get_data(cache=False, as_text=False))
+def _request_body() -> bytes:
+    """The body of the request being served: read whole before the app was called (see
+    Relay._receive_body), and handed over as it is (Quart's own body would be two copies more)."""
+    return typing.cast(bytes, typing.cast(dict, request.scope)[_BODY])
 
 
 def _request_credentials() -> tuple[str, str]:
@@ -6393,7 +6398,8 @@ class Relay:
             body = await self._receive_body(connection, scope, receive, send, deadline, inflow)
             if body is None:
                 return
-            first: Any = {"type": "http.request", "body": body, "more_body": False}
+            scope[_BODY] = body
+            first: Any = {"type": "http.request", "body": b"", "more_body": False}
 
             async def receive_read() -> Any:  # the body, read already; then whatever comes (the client leaving)
                 nonlocal first

@@ -412,3 +412,28 @@ async def test_1_the_inspector_may_have_a_host_name_of_its_own_or_none(inspector
 def test_1_an_inspector_host_is_a_host_name():
     with pytest.raises(relay_lite.ConfigError, match="inspector.host: must be a host name"):
         relay_lite.load_config({"inspector": {"host": "https://inspect.example"}})
+
+
+# -------------------------------------------------------------------------- 7: answers' bodies
+
+
+async def test_7_an_answers_body_is_kept_to_its_first_mib_as_a_deliverys_is(held_config):
+    """100 answers of 7 MiB: +86 MB, while history_bytes was 50 KiB (the newest entry is kept
+    however large). A client's answer is now kept, and given to the sender, as the relay's own
+    deliveries keep a destination's: its first MiB."""
+    big = bytes(range(256)) * (7 * 2**12)  # 7 MiB
+    async with relay_lite.open_relay(held_config) as relay, subscriber(relay, ["github"]) as client, \
+            httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET), timeout=30) as http:
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def held():
+                got.append(await post(relay, input_id="in-held", content="x"))
+            nursery.start_soon(held)
+            log_id = (await client.webhook())["meta"]["id"]
+            answer = {"status_code": 200, "response_body": base64.b64encode(big).decode()}
+            assert (await http.put(f"/v1/logs/{log_id}", json=answer)).status_code == 200
+        assert got[0].content == big[:2**20]
+        log = (await http.get(f"/v1/logs/{log_id}")).json()
+        assert log["response_body"] == list(big[:2**20])
+        bucket = relay._core._store.find_bucket("github")
+        assert relay._core._store._by_ref[bucket.id].history_bytes < 2**20 + 10_000
