@@ -6794,6 +6794,7 @@ class AgentConfig:
     secret: str
     buckets: tuple[str, ...] = ()  # names or ids; none: every bucket the token may see
     to: str = ""  # the app's URL, each webhook's path appended; "": each one's output_destination
+    allow: tuple[str, ...] = ()  # URL prefixes a delivery's URL must start with; none: any
     state: Path | None = None  # the checkpoint file; None: one per relay and bucket set, under ~/.local/state
     concurrency: int = 1  # deliveries in flight; above 1, order is not kept
     verify: bool | str = True  # the app's TLS certificate: checked, not (--insecure), or against a CA file
@@ -6829,6 +6830,29 @@ def _agent_destination(output_destination: str, to: str) -> str | None:
     if path in ("", "/"):
         return to
     return to.rstrip("/") + (path if path.startswith("/") else "/" + path)
+
+
+def _allowed(url: str, prefixes: Iterable[str]) -> bool:
+    """Whether `url` is one of `prefixes` or below it: the same scheme, host and port (a default
+    one written or not), no user or password unless the prefix has them, and a path at or below
+    the prefix's, segment by segment (http://app:3000/hooks allows /hooks and /hooks/x, not
+    /hooksx, nor http://app:30001)."""
+    split = urllib.parse.urlsplit(url)
+    for prefix in map(urllib.parse.urlsplit, prefixes):
+        try:
+            same_place = (split.scheme.lower(), split.hostname, split.port or _DEFAULT_PORTS.get(split.scheme.lower()),
+                          split.username, split.password) == (
+                prefix.scheme.lower(), prefix.hostname, prefix.port or _DEFAULT_PORTS.get(prefix.scheme.lower()),
+                prefix.username, prefix.password)
+        except ValueError:  # a port that is no number, or out of range
+            return False
+        below = prefix.path.rstrip("/")
+        if same_place and (split.path == below or split.path.startswith(below + "/") or not below):
+            return True
+    return False
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _default_state(relay: str, buckets: Iterable[str]) -> Path:
@@ -7169,6 +7193,11 @@ class _Agent:
         if destination is None:
             answer = _Answer(0, {}, f"no URL to deliver to: output_destination is {frame.output_destination!r}; "
                                     "run the agent with --to URL".encode(), started)
+        elif self.config.allow and not _allowed(destination, self.config.allow):
+            self._throttle.warning("allow", "webhook %s names %s, which no --allow takes: not delivered", frame.id,
+                                   _shown(destination, 200))
+            answer = _Answer(0, {}, f"not delivered: {_shown(destination, 200)} is not under any --allow".encode(),
+                             started)
         else:
             try:
                 answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
@@ -7771,6 +7800,10 @@ def _forward_arguments(forward: argparse.ArgumentParser) -> None:
     forward.add_argument("--to", metavar="URL", default="",
                          help="the app: each webhook goes to URL followed by the path the sender added "
                               "after the input's URL (without --to: to each webhook's output destination)")
+    forward.add_argument("--allow", action="append", default=[], metavar="URL-PREFIX",
+                         help="deliver only to URLs at or below this one (scheme, host, port, path); repeat for "
+                              "more. Without --to the relay names each destination: --allow keeps a relay that "
+                              "was misconfigured or taken over from reaching the rest of this machine's network")
     forward.add_argument("--key", default=os.environ.get("RELAY_KEY", ""), help="the token's key (env RELAY_KEY)")
     forward.add_argument("--secret", default=os.environ.get("RELAY_SECRET", ""),
                          help="the token's secret (env RELAY_SECRET, which other users cannot see)")
@@ -7801,9 +7834,17 @@ def _forward(args: argparse.Namespace) -> int:
         _relay_urls(args.relay)
         if not args.key or not args.secret:
             raise AgentError("give the token's key and secret: RELAY_KEY and RELAY_SECRET, or --key and --secret")
-        to = urllib.parse.urlsplit(args.to)
-        if args.to and (to.scheme not in ("http", "https") or not to.hostname):
-            raise AgentError(f"--to {_shown(args.to)}: give the app's URL, http(s)://host:port/path")
+        for option, url in [("--to", args.to)] * bool(args.to) + [("--allow", url) for url in args.allow]:
+            split = urllib.parse.urlsplit(url)
+            try:
+                split.port  # a number, in range
+            except ValueError:
+                split = split._replace(netloc="")
+            if split.scheme not in ("http", "https") or not split.hostname or (
+                    option == "--allow" and (split.query or split.fragment)):
+                raise AgentError(f"{option} {_shown(url)}: give the app's URL, http(s)://host:port/path")
+        if args.to and args.allow and not _allowed(args.to, args.allow):
+            raise AgentError(f"--to {_shown(args.to)} is not under any --allow")
         if not 1 <= args.concurrency <= _MOST_CONCURRENCY:
             raise AgentError(f"--concurrency must be 1 to {_MOST_CONCURRENCY}")
         if not (args.timeout > 0 and args.ping_timeout > 0 and 0 <= args.retries <= 100):
@@ -7815,9 +7856,13 @@ def _forward(args: argparse.Namespace) -> int:
         return 2
     config = AgentConfig(
         relay=args.relay, key=args.key, secret=args.secret, buckets=tuple(args.bucket), to=args.to,
+        allow=tuple(args.allow),
         state=args.state, concurrency=args.concurrency, verify=False if args.insecure else args.cacert or True,
         delivery=_Delivery(args.timeout, min(args.timeout, DEFAULT_CONNECT_TIMEOUT), args.retries),
         ping_timeout=args.ping_timeout, lines="quiet" if args.quiet else "json" if args.json else "text")
+    if not config.to and not config.allow:
+        logger.warning("no --to: each webhook goes where its relay names, anywhere this machine reaches; "
+                       "--allow URL-PREFIX limits that")
     refusals: list[BaseException] = []
     try:
         trio.run(_until_signalled, functools.partial(forward, config), _Agent.stop)

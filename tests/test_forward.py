@@ -863,3 +863,52 @@ def test_any_frame_is_parsed_or_refused_with_a_reason(frame):
         httpx.Request(request.method, request.url, headers=request.raw_headers, content=request.body)
         h11.Connection(h11.CLIENT).send(h11.Request(method=request.method, target="/",
                                                     headers=[("Host", "app"), *request.raw_headers]))
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("http://127.0.0.1:3000/hooks", True), ("http://127.0.0.1:3000/hooks/", True),
+    ("http://127.0.0.1:3000/hooks/push?x=1", True), ("HTTP://127.0.0.1:3000/hooks", True),
+    ("http://127.0.0.1:3000/hooksx", False), ("http://127.0.0.1:3000/", False), ("http://127.0.0.1:30001/hooks", False),
+    ("http://127.0.0.2:3000/hooks", False), ("https://127.0.0.1:3000/hooks", False),
+    ("http://user:pw@127.0.0.1:3000/hooks", False), ("http://127.0.0.1:3000@evil.example/hooks", False),
+    ("http://127.0.0.1:99999/hooks", False), ("http://app.local/x", True), ("http://app.local:80/y/z", True),
+])
+def test_allow_takes_a_url_at_or_below_a_prefix_and_nothing_beside_it(url, allowed):
+    assert relay_lite._allowed(url, ["http://127.0.0.1:3000/hooks", "http://app.local/"]) is allowed
+
+
+async def test_allow_keeps_a_relay_from_sending_the_agent_anywhere_else(tmp_path):
+    """Without --to, an agent delivered to whatever its relay named: a relay taken over reached
+    other ports and addresses of the agent's network, and its user and password became Basic
+    auth (issue 20, finding 8)."""
+    async with running_app() as app, running_app() as other:
+        config = relay_config()
+        config["buckets"].append({"name": "routes", "inputs": [{"id": "in-routes"}], "outputs": [
+            {"name": "app", "destination": app.url + "/hooks"},
+            {"name": "beside", "destination": app.url + "/hooksx"},
+            {"name": "other", "destination": other.url + "/hooks"},
+            {"name": "userinfo", "destination": app.url.replace("//", "//admin:pw@") + "/hooks"}]})
+        async with relay_lite.open_relay(config) as relay:
+            async with running_agent(tmp_path, relay.url, "--bucket", "routes", "--retries", "0",
+                                     "--allow", app.url + "/hooks") as agent:
+                await post(relay, input_id="in-routes", path="/push", content="one")
+                await eventually(lambda: len(agent.lines) == 4, timeout=20)
+                async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+                    logs = (await http.get("/v1/logs", params={"bucket": "routes"})).json()["data"]
+                outcomes = {log["output_name"]: await log_of(relay.url, log["id"]) for log in logs}
+        assert [request.target for request in app.received] == ["/hooks/push"] and other.received == []
+        assert outcomes["app"]["status"] == SENT
+        for refused in ("beside", "other", "userinfo"):
+            assert outcomes[refused]["status"] == FAILED, refused
+            assert b"is not under any --allow" in bytes(outcomes[refused]["response_body"])
+        assert "which no --allow takes" in agent.err
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (["--allow", "ftp://x/"], "--allow ftp://x/: give the app's URL"),
+    (["--allow", "http://x/?q=1"], "give the app's URL"),
+    (["--to", "http://a:3000", "--allow", "http://b:3000"], "--to http://a:3000 is not under any --allow"),
+])
+def test_allow_and_to_are_checked_at_start(args, complaint, capsys):
+    assert relay_lite.main(["forward", "--relay", "http://127.0.0.1:9", "--key", "k", "--secret", "s", *args]) == 2
+    assert complaint in capsys.readouterr().err
