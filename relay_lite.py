@@ -256,6 +256,7 @@ _EVENTS_LIMIT = 100  # GET /v1/events entries per call, by default and at most (
 _EVENTS_MAX_AGE = "24h"  # how far back a pull queue's first call looks, by default (the hosted API's)
 _FRAME_CACHE_BYTES = 16 * 2**20  # wire frames of recent entries kept for resumes to share
 _HASHES_WAITING = 8  # secret-hash checks that may wait for the one running; past that, attempts are refused
+_FRESH_ATTEMPTS, _FRESH_WINDOW = 3, 60.0  # an address's first attempts in this many seconds go first
 _LOGS_PAGE_BYTES = 8 * 2**20  # about the most a GET /v1/logs page holds; it stops short of `limit` past it
 _DELIVERY_BODY_KEPT = 2**20  # bytes of a destination's answer kept (for the log, and a held sender)
 _ANSWER_BODY_MOST = _DELIVERY_BODY_KEPT  # and of a client's answer (PUT /v1/logs/<id>): the rest is dropped
@@ -826,9 +827,11 @@ def _checked(config: Config) -> Config:
                 _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
     if config.metrics.token:
         _check_secret(config.metrics.token, "metrics.token")
-    elif config.metrics.enabled and server.host not in ("127.0.0.1", "::1", "localhost"):
-        logger.warning("metrics are enabled without a token on %s: anyone who reaches it reads them, bucket "
-                       "and output names included ([metrics] token)", server.host)
+    else:  # /metrics names every bucket and output: a stranger must not read them
+        loopback = server.host == "localhost" or getattr(_ip(server.host), "is_loopback", False)
+        _require(not config.metrics.enabled or loopback, "metrics.token",
+                 f"required when the relay listens beyond loopback (host {server.host!r}): /metrics names every "
+                 "bucket and output; give one (`relay-lite init` shows how to make a secret)")
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
              "metrics.enabled", "needs the Prometheus client: pip install 'relay-lite[metrics]'")
     if config.cluster.redis_url:
@@ -2734,7 +2737,15 @@ class _Redis(_Batching):
                 n = int(fields[b"n"])
                 if self._last_n is not None and n != self._last_n + 1:
                     self._publish(new)
-                    self._core.missed(_just_before(_stream_log_id(self._read_from)), n - self._last_n - 1)
+                    mark = _just_before(_stream_log_id(self._read_from))
+                    if n > self._last_n:
+                        self._core.missed(mark, n - self._last_n - 1)
+                    else:  # its count began again: Redis lost its data, and "fell -1990 events behind" was said
+                        logger.warning("the cluster's journal in Redis began again (event %d, after %d): Redis lost "
+                                       "its data (restarted without persistence?); this relay keeps the log it had",
+                                       n, self._last_n)
+                        if n > 1:
+                            self._core.missed(mark, n - 1)
                 self._last_n = n
                 bucket = self._core.bucket_by_id(fields[b"bucket"].decode())
                 if bucket is None or bucket.config.id in self._loading:  # not this relay's, or not yet
@@ -3258,17 +3269,20 @@ class _Credentials:
     queue, or learn the secret.
     """
 
-    def __init__(self, config: Config, session_key: bytes = b"") -> None:
+    def __init__(self, config: Config, session_key: bytes = b"", throttle: _Throttle | None = None) -> None:
         self.session_key = session_key  # set once the backend is loaded
         self._by_key = {token.key: token for token in config.tokens}
         self._by_secret = {_digest(token.secret): token for token in config.tokens if token.secret}
         self._hashes = {token.key: _parse_secret_hash(token.secret_hash, f"tokens {token.key!r}")
                         for token in config.tokens if token.secret_hash}
         self._proven: set[bytes] = set()  # digests of (key, secret) pairs that matched a hash
-        self._hashing = trio.CapacityLimiter(1)
+        self._hashing = _HashQueue()
         per_minute = config.server.auth_failures_per_minute
         self._burst, self._refill = float(per_minute), per_minute / 60.0  # failures forgiven a second
-        self._failures: dict[str, tuple[float, float]] = {}  # address -> (failures allowed, at); oldest first
+        # address -> (failures allowed, at, whether its lockout was logged); oldest first
+        self._failures: dict[str, tuple[float, float, bool]] = {}
+        self._throttle = throttle or _Throttle()
+        self._attempts: dict[str, tuple[int, float]] = {}  # address -> (attempts, since when); see _fresh
 
     async def check(self, address: str, key: str, secret: str) -> _Grant | None:
         """Who `key` and `secret` name (a token, or an inspector's session of one), or None if
@@ -3276,7 +3290,9 @@ class _Credentials:
 
         Raise TooManyFailures if `address` may not try now. Each attempt is charged to its
         address before it is checked and refunded if it was right, so attempts made at once
-        cannot outrun the limit while slow checks run."""
+        cannot outrun the limit while slow checks run. A secret hash is checked sooner for an
+        address that has tried little lately (see _HashQueue)."""
+        clean = self._fresh(address)
         self._charge(address)
         if secret.startswith(_SESSION_PREFIX) and (session := self._session(key, secret)) is not None:
             self._charge(address, -1.0)  # a session signed here: no failure, even once expired
@@ -3284,10 +3300,10 @@ class _Credentials:
         token: TokenConfig | None
         try:
             if key == API_KEY_USER and key not in self._by_key:
-                token = await self._by_secret_alone(address, secret)
+                token = await self._by_secret_alone(address, secret, clean)
             else:
                 token = self._by_key.get(key)
-                if token is not None and not await self._matches(token, secret):
+                if token is not None and not await self._matches(token, secret, clean):
                     token = None
         except HashingBusy:
             self._charge(address, -1.0)  # not its failure
@@ -3329,8 +3345,10 @@ class _Credentials:
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
     def carry_failures(self, before: "_Credentials") -> None:
-        """Keep the failed attempts counted before a reload: a reload is no amnesty."""
-        self._failures = before._failures
+        """Keep the failed attempts counted before a reload (a reload is no amnesty), and the queue
+        of secret hashes being checked (one at a time, whatever the config)."""
+        self._failures, self._attempts = before._failures, before._attempts
+        self._hashing = before._hashing
 
     def check_other(self, address: str, given: str, expected: str) -> bool:
         """Whether `given` is `expected`, a secret that is no token's (the metrics token), checked
@@ -3341,49 +3359,119 @@ class _Credentials:
             return True
         return False
 
+    def _fresh(self, address: str) -> bool:
+        """Count an attempt of `address`; whether it is among its first _FRESH_ATTEMPTS in
+        _FRESH_WINDOW seconds, refused ones (busy) included."""
+        now = time.monotonic()
+        count, since = self._attempts.pop(address, (0, now))  # re-inserted last: oldest first
+        if now - since > _FRESH_WINDOW:
+            count, since = 0, now
+        self._attempts[address] = (count + 1, since)
+        if len(self._attempts) > _TRACKED_ADDRESSES:
+            del self._attempts[next(iter(self._attempts))]
+        return count < _FRESH_ATTEMPTS
+
     def _charge(self, address: str, failures: float = 1.0) -> None:
         """Count `failures` against `address` (negative: forgive them); raise TooManyFailures,
         counting nothing, if it has none left to spend."""
         now = time.monotonic()
-        allowed, at = self._failures.pop(address, (self._burst, now))  # re-inserted last: oldest first
+        allowed, at, told = self._failures.pop(address, (self._burst, now, False))  # re-inserted last: oldest first
         allowed = min(self._burst, allowed + (now - at) * self._refill)
         if failures > 0 and allowed < 1:
-            self._failures[address] = (allowed, now)
+            self._failures[address] = (allowed, now, True)
             wait = (1 - allowed) / self._refill
+            if not told:  # once a lockout: behind a proxy not in trusted_proxies, it may lock out everyone
+                self._throttle.warning("lockout", "%s is locked out: %d failed authentications; its attempts are "
+                                       "refused unchecked for %d s (auth_failures_per_minute)", address,
+                                       int(self._burst), math.ceil(wait))
             raise TooManyFailures(f"too many failed authentications from {address}: try again in "
                                    f"{math.ceil(wait)} s", wait)
         allowed = min(self._burst, allowed - failures)
         if allowed < self._burst:  # an address with its whole allowance is not remembered
-            self._failures[address] = (allowed, now)
+            self._failures[address] = (allowed, now, told and allowed < 1)
             if len(self._failures) > _TRACKED_ADDRESSES:
                 del self._failures[next(iter(self._failures))]
 
-    async def _by_secret_alone(self, address: str, secret: str) -> TokenConfig | None:
+    async def _by_secret_alone(self, address: str, secret: str, clean: bool) -> TokenConfig | None:
         token = self._by_secret.get(_digest(secret))  # a plain secret, or a hashed one proven before
         if token is not None:
-            return token if await self._matches(token, secret) else None
+            return token if await self._matches(token, secret, clean) else None
         for n, key in enumerate(self._hashes):  # each hash checked costs the address a failure
             if n:
                 self._charge(address)
-            if await self._matches(self._by_key[key], secret):
+            if await self._matches(self._by_key[key], secret, clean and not n):
                 self._charge(address, -float(n))
                 self._by_secret[_digest(secret)] = self._by_key[key]
                 return self._by_key[key]
         return None
 
-    async def _matches(self, token: TokenConfig, secret: str) -> bool:
+    async def _matches(self, token: TokenConfig, secret: str, clean: bool = False) -> bool:
         if token.secret:
             return hmac.compare_digest(token.secret.encode(), _utf8(secret))
         proof = hashlib.sha256(token.key.encode() + b"\0" + _utf8(secret)).digest()
         if proof in self._proven:
             return True
-        if self._hashing.statistics().tasks_waiting >= _HASHES_WAITING:
-            raise HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
-        async with self._hashing:
-            matches = await trio.to_thread.run_sync(self._hashes[token.key].matches, secret)
+        matches = await self._hashing.run(clean, self._hashes[token.key].matches, secret)
         if matches:
             self._proven.add(proof)
         return matches
+
+
+class _HashQueue:
+    """Secret-hash checks, run one at a time in a worker thread (scrypt: 16 MiB and tens of
+    milliseconds each), those of fresh addresses first (their first _FRESH_ATTEMPTS attempts in
+    _FRESH_WINDOW, busy refusals counted). At most _HASHES_WAITING wait; past that an attempt is
+    refused (HashingBusy, no failure of its address's), but a fresh address's attempt takes the
+    place of the last one of another. So strangers guessing from many addresses keep the checker
+    busy with each other's guesses, and a first sign-in with the right secret waits for the check
+    running, not for theirs: 150 attacking addresses made one wait 5.6 s, then refused it busy."""
+
+    def __init__(self) -> None:
+        self._running = False  # a check runs, or the turn was handed to a waiter that will run it
+        self._waiting: tuple[deque[trio.Event], deque[trio.Event]] = (deque(), deque())  # clean ones, the others
+        self._refused: set[trio.Event] = set()
+
+    async def run(self, clean: bool, check: Callable[[str], bool], secret: str) -> bool:
+        if self._running:
+            await self._turn(clean)
+        self._running = True
+        try:
+            return await trio.to_thread.run_sync(check, secret)
+        finally:
+            self._hand_over()
+
+    async def _turn(self, clean: bool) -> None:
+        """Wait until the turn is handed to this attempt; HashingBusy if it gets none."""
+        clean_ones, others = self._waiting
+        if len(clean_ones) + len(others) >= _HASHES_WAITING:
+            if not clean or not others:
+                raise HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
+            bumped = others.pop()
+            self._refused.add(bumped)
+            bumped.set()
+        turn = trio.Event()
+        queue = clean_ones if clean else others
+        queue.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn in queue:
+                queue.remove(turn)
+            elif turn not in self._refused:  # handed the turn as it was cancelled: the next one's
+                self._hand_over()
+            self._refused.discard(turn)
+            raise
+        if turn in self._refused:
+            self._refused.discard(turn)
+            raise HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
+
+    def _hand_over(self) -> None:
+        """The check running ended: the turn goes to the first clean waiter, else the first other."""
+        for queue in self._waiting:
+            if queue:
+                queue.popleft().set()
+                return
+        self._running = False
 
 
 def _address_key(host: str) -> str:
@@ -6269,7 +6357,8 @@ class Relay:
         self._trusted = _trusted_networks(config.server)
         self.metrics = _Metrics()
         self._core = _Core(config, self.metrics)
-        self._credentials = _Credentials(config)
+        self._throttle = _Throttle()  # warnings a stranger could repeat at will
+        self._credentials = _Credentials(config, throttle=self._throttle)
         for bucket in self._core.buckets:
             bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
         self._sessions: set[_Session] = set()
@@ -6280,8 +6369,8 @@ class Relay:
         self._own_answers = _own_answers(config)
         self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
         self._pinger = _Pinger(config.server.ping_interval)
-        self._throttle = _Throttle()  # warnings a stranger could repeat at will
         self._connections = _Connections(config.server, self._throttle)
+        self._told_proxy = False  # see _forwarded
         assert config.server.max_body_bytes_in_flight  # filled in by _checked
         self._inflows = _Inflows(config.server.max_body_bytes_in_flight, self._throttle)
         self._answer_time = _answer_time(config)
@@ -6321,7 +6410,7 @@ class Relay:
             new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
         _reloadable(self.config, new)
         tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
-        credentials = _Credentials(new, self._core.session_key)
+        credentials = _Credentials(new, self._core.session_key, self._throttle)
         credentials.carry_failures(self._credentials)
         buckets, removed = self._core.reload(new)  # from here on nothing fails
 
@@ -6388,6 +6477,8 @@ class Relay:
         scope[_CONNECTION] = connection
         deadline = connection.head_start + server.request_timeout  # for its head and body
         connection.end_by(deadline + self._answer_time + _GRACE)
+        if not self._told_proxy and not self._trusted and _header_values(scope, b"x-forwarded-for"):
+            self._forwarded(connection)
         inflow = _Inflow(_address_key(client_address(scope["client"][0], _header_values(scope, b"x-forwarded-for"),
                                                      self._trusted)) if self._trusted else connection.address)
         try:
@@ -6461,6 +6552,16 @@ class Relay:
             self.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
         await _refuse(receive, send, scope, *refusal)
         return None
+
+    def _forwarded(self, connection: _Connection) -> None:
+        """Say once that requests carry X-Forwarded-For while trusted_proxies names no proxy: a
+        reverse proxy's clients then all count as its one address, and one stranger's wrong
+        secrets lock every one of them out."""
+        self._told_proxy = True
+        logger.warning("requests from %s carry X-Forwarded-For, but [server] trusted_proxies names no proxy: every "
+                       "client behind it counts as %s (max_pending_per_ip, and failed authentications: one "
+                       "stranger's wrong secrets lock out all of them); if it is your reverse proxy, add it to "
+                       "trusted_proxies", connection.address, connection.address)
 
     def _current_token(self, token: TokenConfig | None) -> TokenConfig | None:
         """`token`, as the config in force has it: None if a reload removed or changed it while
@@ -6607,6 +6708,8 @@ class Relay:
         if not head or head.startswith(_HTTP2_PREFACE):
             return  # HTTP/1.1 only: see _asgi
         connection.http = not _is_socket_upgrade(head)
+        if not connection.http and not self._told_proxy and not self._trusted and _head_values(head, b"x-forwarded-for"):
+            self._forwarded(connection)
         if not connection.http and self._trusted:
             peer = (stream.socket.getpeername() or ("",))[0]
             connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
@@ -7266,6 +7369,9 @@ def _connection_error(error: BaseException) -> str:
         reason = error.reason
         if reason is None or reason.code == 1006:
             return "disconnected: the connection was lost"
+        if reason.code == 1009:  # the agent's own close: a relay sends it only to a client that sent too much
+            return (f"disconnected: a frame from the relay was over the {_AGENT_MAX_FRAME // 2**20} MiB the agent "
+                    "takes (is the relay's max_body_size above 64 MiB?)")
         return f"disconnected: closed by the relay ({reason.code}{': ' + _shown(reason.reason) if reason.reason else ''})"
     if isinstance(error, trio_websocket.ConnectionRejected):
         return f"cannot connect: the relay answered {error.status_code} to the WebSocket upgrade"

@@ -656,3 +656,18 @@ async def test_an_inspector_session_from_one_relay_is_taken_by_the_others(redis_
         async with subscriber(b, ["github"], secret=session) as watcher:
             await post(a, content="to the inspector on b")
             assert (await watcher.webhook())["body"] == "to the inspector on b"
+
+
+async def test_a_redis_that_lost_its_data_is_said_so_not_a_negative_gap(redis_server, caplog):
+    """When Redis came back empty a relay logged "fell -1990 events behind" (issue 20, 11)."""
+    import redis
+    async with relays(cluster_config(redis_server), 2) as (a, b):
+        async with subscriber(b, ["github"]) as on_b:
+            for n in range(5):
+                await post(a, content=f"before {n}")
+                await on_b.webhook()
+            redis.Redis(port=redis_server.port).flushall()
+            assert (await post(a, content="after")).status_code == 200
+            assert (await on_b.webhook(timeout=10))["body"] == "after"
+    said = caplog.text
+    assert "began again (event 1, after 5)" in said and "fell -" not in said

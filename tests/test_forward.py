@@ -912,3 +912,11 @@ async def test_allow_keeps_a_relay_from_sending_the_agent_anywhere_else(tmp_path
 def test_allow_and_to_are_checked_at_start(args, complaint, capsys):
     assert relay_lite.main(["forward", "--relay", "http://127.0.0.1:9", "--key", "k", "--secret", "s", *args]) == 2
     assert complaint in capsys.readouterr().err
+
+
+def test_the_agents_own_1009_is_not_blamed_on_the_relay():
+    """A frame over the agent's limit closed its socket with 1009, logged as "closed by the
+    relay" (issue 20, 11)."""
+    closed = trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1009, "Exceeded maximum message size"))
+    said = relay_lite._connection_error(closed)
+    assert "over the 128 MiB the agent takes" in said and "closed by the relay" not in said

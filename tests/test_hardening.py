@@ -437,3 +437,62 @@ async def test_7_an_answers_body_is_kept_to_its_first_mib_as_a_deliverys_is(held
         assert log["response_body"] == list(big[:2**20])
         bucket = relay._core._store.find_bucket("github")
         assert relay._core._store._by_ref[bucket.id].history_bytes < 2**20 + 10_000
+
+
+# -------------------------------------------------------------------------- 9 and 10: strangers' failures
+
+
+async def test_9_x_forwarded_for_without_trusted_proxies_is_said_once(caplog):
+    """Behind a proxy not in trusted_proxies, one stranger's ten wrong secrets locked out every
+    client: they all share the proxy's address. The relay now says so, once."""
+    async with relay_lite.open_relay(relay_config()) as relay:
+        for _ in range(3):
+            assert (await post(relay, content="x", headers={"X-Forwarded-For": "203.0.113.7"})).status_code == 200
+    told = [record.getMessage() for record in caplog.records if "trusted_proxies names no proxy" in record.getMessage()]
+    assert len(told) == 1 and told[0].startswith("requests from 127.0.0.1 carry X-Forwarded-For")
+    caplog.clear()
+    async with relay_lite.open_relay(relay_config(trusted_proxies=["127.0.0.1"])) as relay:
+        assert (await post(relay, content="x", headers={"X-Forwarded-For": "203.0.113.7"})).status_code == 200
+    assert "trusted_proxies names no proxy" not in caplog.text
+
+
+async def test_9_a_lockout_is_logged_once_an_address(caplog):
+    async with relay_lite.open_relay(relay_config()) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        answers = [(await http.get("/v1/logs", auth=(KEY, "wrong-guess"))).status_code for _ in range(30)]
+    assert answers == [401] * 10 + [429] * 20
+    lockouts = [record.getMessage() for record in caplog.records if "is locked out" in record.getMessage()]
+    assert lockouts == ["127.0.0.1 is locked out: 10 failed authentications; its attempts are refused unchecked for "
+                        "6 s (auth_failures_per_minute)"]
+
+
+async def test_10_a_right_secret_is_checked_at_once_while_strangers_flood_the_hash_checker():
+    """150 attacking addresses kept the scrypt checker busy: a correct first sign-in waited
+    5.6 s, and was then refused as busy (the inspector said "wrong secret")."""
+    hashed = str(relay_lite._SecretHash.of("the-right-secret-0123456789"))
+    config = relay_lite.load_config({"server": {"auth_failures_per_minute": 1000},
+                                     "tokens": [{"key": "hashed", "secret_hash": hashed}]})
+    credentials = relay_lite._Credentials(config)
+    busy = [0]
+
+    async def stranger(address):
+        while True:
+            try:
+                await credentials.check(address, "hashed", f"guess-{address}")
+            except relay_lite.HashingBusy:
+                busy[0] += 1
+                await trio.sleep(0.01)
+            except relay_lite.TooManyFailures:
+                await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(150):
+            nursery.start_soon(stranger, f"10.0.{n // 250}.{n % 250}")
+        await trio.sleep(3)  # their first, clean, attempts are checked; they are strangers since
+        started = trio.current_time()
+        grant = await credentials.check("192.0.2.1", "hashed", "the-right-secret-0123456789")
+        waited = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert grant is not None and grant.token.key == "hashed"
+    print(f"a right secret among 150 strangers: checked in {waited:.2f} s, {busy[0]} of theirs refused busy")
+    assert waited < 1.5, waited  # the check running, and its own: not the strangers' queue
+    assert busy[0] > 100  # the strangers were refused meanwhile

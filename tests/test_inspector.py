@@ -280,3 +280,25 @@ def test_a_script_in_a_webhooks_answer_cannot_read_the_inspectors_session(page, 
     shot("answer")
     assert driver.title == "answer"  # the page is there, sandboxed: its script never ran
     assert not driver.execute_script("try { return sessionStorage.length } catch (e) { return 0 }")  # no origin
+
+
+def test_a_sign_in_the_relay_is_too_busy_to_check_says_so_and_is_retried(page, relay_factory):
+    """Under a flood of guesses at a hashed secret the inspector said "wrong secret" to the
+    right one (issue 20, finding 10): busy is not wrong."""
+    import relay_lite
+    driver, shot = page
+    relay = relay_factory({**config(), "tokens": [{"key": KEY, "secret_hash": str(relay_lite._SecretHash.of(SECRET))}]})
+    hashing = relay.relay._credentials._hashing
+    checked, busy = hashing.run, [2]
+
+    async def busy_at_first(clean, check, secret):
+        if busy[0]:
+            busy[0] -= 1
+            raise relay_lite.HashingBusy("too many authentications are waiting to be checked: try again", 1.0)
+        return await checked(clean, check, secret)
+    hashing.run = busy_at_first
+    sign_in(driver, relay)
+    wait(driver, lambda: state_line(driver).startswith("the relay is busy checking secrets: trying again in"))
+    shot("busy")
+    assert not driver.find_element(By.ID, "sign-in-error").is_displayed()
+    wait(driver, lambda: state_line(driver) == "connected: live", timeout=15)

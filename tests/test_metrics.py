@@ -3,6 +3,7 @@ a known sequence of events, read back with the Prometheus client's own parser.""
 
 import importlib.util
 import json
+import re
 
 import httpx
 import pytest
@@ -112,3 +113,21 @@ def test_metrics_without_the_prometheus_client_say_how_to_install_it(monkeypatch
     config["metrics"] = {"enabled": True}
     with pytest.raises(relay_lite.ConfigError, match=r"pip install 'relay-lite\[metrics\]'"):
         relay_lite.load_config(config)
+
+
+@pytest.mark.parametrize("host, token, error", [
+    ("0.0.0.0", "", "metrics.token: required when the relay listens beyond loopback"),
+    ("", "", "metrics.token: required when the relay listens beyond loopback"),
+    ("192.0.2.10", "", "metrics.token: required"),
+    ("0.0.0.0", METRICS_TOKEN, None), ("127.0.0.1", "", None), ("127.0.0.2", "", None), ("::1", "", None),
+    ("localhost", "", None),
+])
+def test_metrics_beyond_loopback_need_a_token(host, token, error):
+    """/metrics without a token named every bucket to anyone who reached it (issue 20, 11)."""
+    config = relay_config(host=host)
+    config["metrics"] = {"enabled": True, **({"token": token} if token else {})}
+    if error is None:
+        relay_lite.load_config(config)
+    else:
+        with pytest.raises(relay_lite.ConfigError, match=re.escape(error)):
+            relay_lite.load_config(config)
