@@ -87,12 +87,36 @@ async def control_characters(relay, source):
     await trio.sleep(2)  # 4 MB/s of frames from eight addresses: what the subscriber must take, too
 
 
+async def partial_body(relay, source):
+    """A body that declares 2 MiB and sends all but its last byte, then waits (issue 20, 2)."""
+    stream = await tcp_from(relay, source)
+    try:
+        await stream.send_all(b"POST /v1/webhooks/in-hooks HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % 2**21)
+        await stream.send_all(b"p" * (2**21 - 1))
+        await closed_by_relay(stream, timeout=10)
+    finally:
+        await stream.aclose()
+
+
+async def bad_upgrade(relay, source):
+    """A WebSocket upgrade of another path than /v1/socket: it answered 500 with 9 KB of
+    traceback in the log (issue 20, 4)."""
+    stream = await tcp_from(relay, source)
+    try:
+        await stream.send_all(b"GET /v1/logs HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        await closed_by_relay(stream, timeout=10)
+    finally:
+        await stream.aclose()
+    await trio.sleep(0.05)
+
+
 async def main(port: int) -> None:
     relay = Relay(port)
     async with trio.open_nursery() as nursery:
         for source in ATTACKERS:
             for attack, copies in ((wedged, 40), (dripped, 30), (idle, 30), (header_flood, 2),
-                                   (control_characters, 1)):
+                                   (control_characters, 1), (partial_body, 10), (bad_upgrade, 2)):
                 for _ in range(copies):
                     nursery.start_soon(attack_forever, attack, relay, source)
         print("attacking", flush=True)
