@@ -228,9 +228,9 @@ _CONNECTION = "relay_lite.connection"  # in a request's ASGI scope: its _Connect
 _BODY = "relay_lite.body"  # in a request's ASGI scope: its body, read whole (see _request_body)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
+# so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
 _LINGER_BYTES = 2 * 2**20  # and bytes (a socket's largest message, twice): a peer sending on at full speed
 # was read for all of _LINGER, and strangers refused (a body with no room) came back to do it again
-# so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
 _GRACE = 1.0  # seconds past a deadline that Quart's 408 and Hypercorn's keep-alive timer get first
 _ACCEPT_RETRY = 0.1  # seconds between tries to accept while out of file descriptors
 _ACCEPT_CAPACITY_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -831,7 +831,7 @@ def _checked(config: Config) -> Config:
         loopback = server.host == "localhost" or getattr(_ip(server.host), "is_loopback", False)
         _require(not config.metrics.enabled or loopback, "metrics.token",
                  f"required when the relay listens beyond loopback (host {server.host!r}): /metrics names every "
-                 "bucket and output; give one (`relay-lite init` shows how to make a secret)")
+                 "bucket and output; give one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
              "metrics.enabled", "needs the Prometheus client: pip install 'relay-lite[metrics]'")
     if config.cluster.redis_url:
@@ -4536,7 +4536,7 @@ def _reloadable(old: Config, new: Config) -> None:
         raise ConfigError("metrics.enabled: changing it needs a restart, not a reload")
 
 
-_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "history_size",
+_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "inspector", "history_size",
                                      "history_ttl", "history_bytes"})
 
 
