@@ -193,6 +193,7 @@ _SCRYPT_N = 2**14  # hash-secret's scrypt cost: 16 MiB and 40 ms a check here, a
 _SESSION_PREFIX = "relay_lite-session."  # what an inspector's session looks like (see _Credentials)
 _SESSION_SECONDS = 15 * 60  # an inspector's session lasts this long unless the page renews it...
 _SESSION_MOST = 12 * 3600  # ...and this long from its sign-in at most
+_SESSION_TIME = re.compile(r"[1-9][0-9]{0,11}")  # a time in a session, as issue() writes it
 ANY_OUTPUT = "anyOutput"  # response_from_output: the first answer from any output
 DEFAULT_DELIVERY_TIMEOUT = 30.0  # seconds a delivery attempt may take, the destination's answer read
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds it may take to connect
@@ -399,16 +400,18 @@ class _Throttle:
         self._next: dict[str, float] = {}  # kind -> when the next may be logged; kinds are the relay's own
         self._held: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args: object, level: int = logging.WARNING) -> None:
+    def warning(self, kind: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
+        """Log it, unless one of its kind was lately; whether it was."""
         now = time.monotonic()
         if now < self._next.get(kind, 0.0):
             self._held[kind] = self._held.get(kind, 0) + 1
-            return
+            return False
         self._next[kind] = now + self._interval
         held = self._held.pop(kind, 0)
         if held:
             message += f" ({held} more like it since the last such line)"
         logger.log(level, message, *args)
+        return True
 
 
 def _unexpected(throttle: _Throttle, what: str, error: BaseException) -> None:
@@ -1728,9 +1731,9 @@ def verified(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes
 @dataclasses.dataclass(frozen=True)
 class _Nonce:
     """What a webhook was verified by, which a replay of it is verified by too: the timestamp
-    and the signature that matched, as the relay computed it (Standard Webhooks: the signed
-    message id). Never the header's text: `t=T,v1=S,v1=00`, `t=T, v1=S`, `v1=S,t=T` and a
-    trailing comma each replayed a signed Stripe webhook."""
+    and a digest of what its signature covers (Standard Webhooks: of the signed message id, which
+    its sender keeps across retries). Never the header's text: `t=T,v1=S,v1=00`, `t=T, v1=S`,
+    `v1=S,t=T` and a trailing comma each replayed a signed Stripe webhook."""
 
     key: str
     until: float  # when its timestamp is past the tolerance, and the check refuses a replay anyway
@@ -1790,12 +1793,13 @@ def _passed(matched: bool, problem: str) -> _Checked:
     return ("" if matched else problem), "", 0
 
 
-def _timed(matched: bytes | None, problem: str, stamp: str, key: str = "") -> _Checked:
-    """The answer of a check with a signed timestamp `stamp` (checked already): the key is
-    `key`, or the signature that matched."""
+def _timed(matched: bytes | None, problem: str, stamp: str, signed: bytes) -> _Checked:
+    """The answer of a check with a signed timestamp `stamp` (checked already), whose signature
+    covers `signed`: what a replay is known by is that, as a digest. (Not the signature that
+    matched: with two secrets during a rotation, `v1=S1,v1=S2` and `v1=S2` are one webhook.)"""
     if matched is None:
         return problem, "", 0
-    return "", f"{int(stamp)}:{key or matched.decode()}", int(stamp)
+    return "", f"{int(stamp)}:{hashlib.sha256(signed).hexdigest()}", int(stamp)
 
 
 def _check_github(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
@@ -1821,7 +1825,7 @@ def _check_stripe(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now
         return _passed(False, problem)
     signed = stamp.encode() + b"." + body
     expected = (_hmac_of(secret.encode(), signed).hex().encode() for secret in verify.secrets)
-    return _timed(_matched(fields["v1"], expected), "Stripe-Signature does not match", stamp)
+    return _timed(_matched(fields["v1"], expected), "Stripe-Signature does not match", stamp, signed)
 
 
 def _check_slack(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
@@ -1833,7 +1837,7 @@ def _check_slack(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now:
         return _passed(False, problem)
     signed = b"v0:" + stamp.encode() + b":" + body
     expected = (b"v0=" + _hmac_of(secret.encode(), signed).hex().encode() for secret in verify.secrets)
-    return _timed(_matched([value], expected), "X-Slack-Signature does not match", stamp)
+    return _timed(_matched([value], expected), "X-Slack-Signature does not match", stamp, signed)
 
 
 def _check_shopify(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
@@ -1858,7 +1862,7 @@ def _check_standard_webhooks(verify: VerifyConfig, headers: _HeaderLookup, body:
     signed = f"{message_id}.{stamp}.".encode("utf-8", "surrogateescape") + body
     keys = [key for key in map(_webhook_key, verify.secrets) if key is not None]
     expected = (base64.b64encode(_hmac_of(key, signed)) for key in keys)
-    return _timed(_matched(given, expected), f"{name} does not match", stamp, message_id)
+    return _timed(_matched(given, expected), f"{name} does not match", stamp, _utf8(message_id))
 
 
 def _webhook_key(secret: str) -> bytes | None:
@@ -2171,11 +2175,12 @@ class _Insert:
     """A webhook's new entries, for a backend to keep, and the nonce it was verified by, if one
     (see _Nonce); `replayed` once the backend found that nonce taken, and kept nothing."""
 
-    __slots__ = ("bucket", "entries", "input_id", "nonce", "replayed")
+    __slots__ = ("bucket", "entries", "input_id", "nonce", "replayed", "behind")
 
     def __init__(self, bucket: _Bucket, entries: list[_Entry], input_id: str = "", nonce: _Nonce | None = None) -> None:
         self.bucket, self.entries, self.input_id, self.nonce = bucket, entries, input_id, nonce
         self.replayed = False
+        self.behind: _Batch | None = None  # a replay's: the batch keeping the webhook it repeats, if not kept yet
 
 
 class _Replays:
@@ -2350,6 +2355,7 @@ class _Storage(_Alone, _Batching):
         self._publish = publish
         self._db: sqlite3.Connection | None = None
         self._replays = _Replays()
+        self._pending: dict[tuple[str, str], _Batch] = {}  # nonces taken, not yet kept: (input id, key) -> batch
         self.session_key = b""  # kept in the file: a restart keeps inspectors signed in
         _Batching.__init__(self)
 
@@ -2415,7 +2421,12 @@ class _Storage(_Alone, _Batching):
         return _Kept(last, trimmed, entries, positions)
 
     def insert(self, insert: _Insert) -> None:
-        if self.claim(insert):  # its nonce is written with it
+        nonce = (insert.input_id, insert.nonce.key) if insert.nonce is not None else None
+        if nonce in self._pending:  # the same webhook, not yet kept: its outcome is this one's
+            insert.replayed, insert.behind = True, self._pending[nonce]
+        elif self.claim(insert):  # its nonce is written with it
+            if nonce is not None:
+                self._pending[nonce] = self._batch
             self._batch.inserts.append(insert)
             self._work.set()
 
@@ -2465,6 +2476,9 @@ class _Storage(_Alone, _Batching):
                         self.failing = ""
                     for insert in batch.inserts:
                         self._publish(insert.bucket, insert.entries)
+                for insert in batch.inserts:
+                    if insert.nonce is not None:
+                        self._pending.pop((insert.input_id, insert.nonce.key), None)
                 batch.committed.set()
         finally:
             with trio.CancelScope(shield=True):
@@ -2629,6 +2643,7 @@ class _Redis(_Batching):
         self._journal_size = self._answer_kept = 0
         self._busy = 0  # calls in worker threads now
         self.session_key = b""  # one for the cluster, kept in Redis: read at load()
+        self._resettled = False  # Redis lost its data: the session key is to be kept there again
         super().__init__()
 
     def _size_for(self, buckets: Iterable[BucketConfig]) -> None:
@@ -2660,10 +2675,11 @@ class _Redis(_Batching):
         logger.info("webhook log in Redis: %d entries loaded", sum(map(len, entries.values())))
         return _Kept(last, {bucket_id: mark for bucket_id in buckets}, entries, [])
 
-    def _shared_session_key(self) -> bytes:
-        """The key inspectors' sessions are signed with: the first relay's, for every relay. In a thread."""
+    def _shared_session_key(self, mine: bytes = b"") -> bytes:
+        """The key inspectors' sessions are signed with: the first relay's, for every relay
+        (`mine`, the one this relay had before Redis lost its data, if it is first). In a thread."""
         name = f"{self._prefix}:session_key"
-        self._reader.set(name, secrets.token_bytes(32), nx=True)
+        self._reader.set(name, mine or secrets.token_bytes(32), nx=True)
         return typing.cast(bytes, self._reader.get(name))
 
     def _read(self, upto: str) -> tuple[list[_Event], int]:
@@ -2722,6 +2738,9 @@ class _Redis(_Batching):
             if self._loading:
                 await self._load_added()
             try:
+                if self._resettled:  # the session key went with Redis's data: this relay's again, if first
+                    self.session_key = await self._in_thread(self._shared_session_key, self.session_key)
+                    self._resettled = False
                 found = await self._in_thread(functools.partial(
                     self._reader.xread, {self._journal: self._read_from}, block=_TAIL_BLOCK, count=1000),
                     abandon_on_cancel=True)
@@ -2746,6 +2765,7 @@ class _Redis(_Batching):
                                        n, self._last_n)
                         if n > 1:
                             self._core.missed(mark, n - 1)
+                        self._resettled = True
                 self._last_n = n
                 bucket = self._core.bucket_by_id(fields[b"bucket"].decode())
                 if bucket is None or bucket.config.id in self._loading:  # not this relay's, or not yet
@@ -3251,6 +3271,8 @@ class _Grant:
 
     token: TokenConfig
     inspector: bool = False  # an inspector session: it may read the log, resend, and watch; no more
+    signed_in: int = 0  # an inspector session's: when it was signed in...
+    expires: float = math.inf  # ...and when it expires (Unix seconds)
 
 
 class _Credentials:
@@ -3269,8 +3291,9 @@ class _Credentials:
     queue, or learn the secret.
     """
 
-    def __init__(self, config: Config, session_key: bytes = b"", throttle: _Throttle | None = None) -> None:
-        self.session_key = session_key  # set once the backend is loaded
+    def __init__(self, config: Config, session_key: Callable[[], bytes] = lambda: b"",
+                 throttle: _Throttle | None = None) -> None:
+        self._session_key = session_key  # the backend's (see _Core.session_key), as it is now
         self._by_key = {token.key: token for token in config.tokens}
         self._by_secret = {_digest(token.secret): token for token in config.tokens if token.secret}
         self._hashes = {token.key: _parse_secret_hash(token.secret_hash, f"tokens {token.key!r}")
@@ -3296,7 +3319,9 @@ class _Credentials:
         self._charge(address)
         if secret.startswith(_SESSION_PREFIX) and (session := self._session(key, secret)) is not None:
             self._charge(address, -1.0)  # a session signed here: no failure, even once expired
-            return _Grant(session[0], inspector=True) if session[1] else None
+            owner, signed_in, expires = session
+            return _Grant(owner, inspector=True, signed_in=signed_in, expires=expires) if time.time() < expires \
+                else None
         token: TokenConfig | None
         try:
             if key == API_KEY_USER and key not in self._by_key:
@@ -3314,33 +3339,30 @@ class _Credentials:
 
     def issue(self, token: TokenConfig, signed_in: float | None = None) -> tuple[str, int]:
         """A session of `token` for the inspector, and when it expires (Unix seconds); a renewal
-        carries the time its first sign-in was (`signed_in`)."""
+        carries the time its first sign-in was (`signed_in`, a session's: see `check`)."""
         now = time.time()
-        signed_in = int(now if signed_in is None else signed_in)
+        signed_in = int(now if signed_in is None else min(signed_in, now))
         expires = int(min(now + _SESSION_SECONDS, signed_in + _SESSION_MOST))
         return f"{_SESSION_PREFIX}{signed_in}.{expires}.{self._session_mac(token, signed_in, expires)}", expires
 
-    def signed_in(self, secret: str) -> int:
-        """When the session `secret` (one `check` granted) was first signed in."""
-        return int(secret[len(_SESSION_PREFIX):].split(".")[0])
-
-    def _session(self, key: str, secret: str) -> tuple[TokenConfig, bool] | None:
-        """The token of a session `issue` gave for `key`, and whether it lasts yet; None if it
-        is not one (a forgery, a session of a secret since changed, or a real secret that looks
-        like one)."""
+    def _session(self, key: str, secret: str) -> tuple[TokenConfig, int, int] | None:
+        """The token of a session `issue` gave for `key`, when it was signed in and when it
+        expires; None if it is not one (a forgery, a session of a secret since changed, or a real
+        secret that looks like one). Each time is read as `issue` wrote it, or not at all: a
+        padded one passed the signature on its first 12 digits and renewed a session for ever."""
         token = self._by_key.get(key)
         parts = secret[len(_SESSION_PREFIX):].split(".")
-        if token is None or len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts[:2]) \
-                or not self.session_key:
+        if token is None or len(parts) != 3 or not self._session_key() \
+                or not all(_SESSION_TIME.fullmatch(part) for part in parts[:2]):
             return None
-        signed_in, expires = int(parts[0][:12]), int(parts[1][:12])
+        signed_in, expires = int(parts[0]), int(parts[1])
         if not hmac.compare_digest(_utf8(parts[2]), self._session_mac(token, signed_in, expires).encode()):
             return None
-        return token, time.time() < expires
+        return token, signed_in, expires
 
     def _session_mac(self, token: TokenConfig, signed_in: int, expires: int) -> str:
         proof = _digest(token.secret or token.secret_hash)  # another secret, another session key
-        mac = hmac.new(self.session_key, b"relay_lite inspector session\0%s\0%d\0%d\0%s"
+        mac = hmac.new(self._session_key(), b"relay_lite inspector session\0%s\0%d\0%d\0%s"
                        % (_utf8(token.key), signed_in, expires, proof), "sha256").digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
@@ -3378,12 +3400,12 @@ class _Credentials:
         allowed, at, told = self._failures.pop(address, (self._burst, now, False))  # re-inserted last: oldest first
         allowed = min(self._burst, allowed + (now - at) * self._refill)
         if failures > 0 and allowed < 1:
-            self._failures[address] = (allowed, now, True)
             wait = (1 - allowed) / self._refill
             if not told:  # once a lockout: behind a proxy not in trusted_proxies, it may lock out everyone
-                self._throttle.warning("lockout", "%s is locked out: %d failed authentications; its attempts are "
-                                       "refused unchecked for %d s (auth_failures_per_minute)", address,
-                                       int(self._burst), math.ceil(wait))
+                told = self._throttle.warning("lockout", "%s is locked out: %d failed authentications; its "
+                                              "attempts are refused unchecked for %d s (auth_failures_per_minute)",
+                                              address, int(self._burst), math.ceil(wait))
+            self._failures[address] = (allowed, now, told)
             raise TooManyFailures(f"too many failed authentications from {address}: try again in "
                                    f"{math.ceil(wait)} s", wait)
         allowed = min(self._burst, allowed - failures)
@@ -3644,6 +3666,8 @@ class _Core:
         self._backend.insert(insert)
         await self._backend.committed()  # the backend publishes them once kept, in id order
         if insert.replayed:
+            if insert.behind is not None and insert.behind.error is not None:  # the one it repeats was not
+                raise StorageError(f"the webhook log could not be written: {insert.behind.error}")  # kept either
             raise _Replayed(f"a replay of a webhook input {insert.input_id} accepted")
 
     # What a cluster's backend (_Redis) calls as it applies the journal
@@ -3959,7 +3983,8 @@ class _Session:
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
         self.observer = False  # it subscribed with "observe": what it is sent is not "sent" for that
-        self.inspector = False  # it signed in with an inspector's session: it only watches
+        self.inspector = False  # it signed in with an inspector's session: it only watches...
+        self.expires = math.inf  # ...until the session expires (Unix seconds), unless renewed in a new auth frame
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
         self._writing = False  # a frame is on its way to the socket
@@ -4045,6 +4070,7 @@ class _Session:
             pass  # the client went away; nothing to tell it
         finally:
             self._relay._pinger.discard(self)
+            self._relay._watching.discard(self)
             self._relay._sockets_writing.discard(self)
             self._core.unsubscribe(self, self.buckets)
             with trio.CancelScope(shield=True):
@@ -4099,7 +4125,7 @@ class _Session:
                     self.close(error.close_code, "too many failed authentications from this address")
                 return None
             if grant is not None and token is not None:
-                self.inspector = grant.inspector
+                self.inspector, self.expires = grant.inspector, grant.expires
                 self.deliver(_AUTHENTICATED_FRAME)
                 return token
             self._relay._throttle.warning("auth", "failed authentication from %s (key %s)", self.peer,
@@ -4125,6 +4151,8 @@ class _Session:
                 grant = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
                 if grant is None or grant.token is not self.token:
                     raise ProtocolError("already authenticated with another key")
+                if self.inspector:  # a renewed session (or the secret) keeps its watch going
+                    self.expires = grant.expires
                 self.deliver(_AUTHENTICATED_FRAME)
         except (ProtocolError, TooManyFailures) as error:
             self._status("error", str(error))
@@ -4779,8 +4807,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         new one that lasts longer (until _SESSION_MOST after the sign-in)."""
         inspector_here()
         grant = await relay._api_grant(inspector=True)
-        signed_in = relay._credentials.signed_in(_request_credentials()[1]) if grant.inspector else None
-        session, expires = relay._credentials.issue(grant.token, signed_in)
+        session, expires = relay._credentials.issue(grant.token, grant.signed_in if grant.inspector else None)
         response = _json(200, {"key": grant.token.key, "session": session, "expires_at": expires})
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -5135,7 +5162,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
   const KEPT = 'relay_lite.session';  // in session storage: the key and the session, never the secret
   const state = {key: '', session: '', socket: null, live: false, retry: RETRY_FIRST, timer: 0,
                  logs: new Map(), newest: '', cursor: '', selected: '', refreshing: null, soon: 0, every: 0,
-                 renewing: 0};
+                 renewing: 0, renewed: false};
 
   function el(tag, text, className) {
     const node = document.createElement(tag);
@@ -5208,7 +5235,9 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
       return;
     }
     if (frame.type !== 'status') return;
-    if (frame.status === 'authenticated') {
+    if (frame.status === 'authenticated' && state.renewed) {
+      state.renewed = false;  // the socket took the renewed session: its watch goes on
+    } else if (frame.status === 'authenticated') {
       // "observe": a watcher; what it is sent stays "received" for the logs (relay_lite's own field)
       const subscribe = {action: 'subscribe', buckets: [], observe: true};
       if (state.live && state.newest) subscribe.since = state.newest;  // a reconnect: what came meanwhile first
@@ -5289,6 +5318,10 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
       const session = await api('inspector/session', {method: 'POST'});
       state.session = session.session;
       sessionStorage.setItem(KEPT, JSON.stringify({key: state.key, session: state.session}));
+      if (state.live && state.socket && state.socket.readyState === WebSocket.OPEN) {  // else it connects with it
+        state.renewed = true;  // the relay ends a socket whose session expired
+        state.socket.send(JSON.stringify({action: 'auth', key: state.key, secret: state.session}));
+      }
     } catch (error) {
       if (/^(401|403):/.test(error.message)) signedOut('the session ended: sign in again');
     }
@@ -6358,10 +6391,11 @@ class Relay:
         self.metrics = _Metrics()
         self._core = _Core(config, self.metrics)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
-        self._credentials = _Credentials(config, throttle=self._throttle)
+        self._credentials = _Credentials(config, lambda: self._core.session_key, self._throttle)
         for bucket in self._core.buckets:
             bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
         self._sessions: set[_Session] = set()
+        self._watching: set[_Session] = set()  # sockets of inspectors' sessions, which expire (see _sweep)
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
         self._announce = True  # log "listening on" once it is (see serve_relay)
@@ -6410,7 +6444,7 @@ class Relay:
             new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
         _reloadable(self.config, new)
         tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
-        credentials = _Credentials(new, self._core.session_key, self._throttle)
+        credentials = _Credentials(new, lambda: self._core.session_key, self._throttle)
         credentials.carry_failures(self._credentials)
         buckets, removed = self._core.reload(new)  # from here on nothing fails
 
@@ -6541,6 +6575,7 @@ class Relay:
                         chunks.append(chunk)
                     if not message.get("more_body"):
                         self._connections.busy(connection)  # all of it is in: being answered, not pending
+                        self._inflows.release(inflow)  # no longer being received: the request's, or the log's
                         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if timer.cancelled_caught:
                 refusal = 408, f"the request's head and body took over {server.request_timeout:g} s (request_timeout)", ()
@@ -6550,6 +6585,7 @@ class Relay:
                                 "try again shortly"), (("retry-after", str(_BODY_RETRY_AFTER)),)
         if refusal[0] == 413:
             self.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
+        self._inflows.release(inflow)  # before the answer, which may be slow to go: what it read is dropped
         await _refuse(receive, send, scope, *refusal)
         return None
 
@@ -6598,16 +6634,19 @@ class Relay:
             raise Unauthorized("authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
         if grant.inspector and not inspector:
             raise Forbidden("an inspector's session may read the log and resend, no more: use the token's secret")
-        return _Grant(token, grant.inspector)
+        return dataclasses.replace(grant, token=token)
 
     async def _sweep(self) -> None:
         """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
-        got no _WRITE_STEP out for send_timeout, and end connections still open past their
-        deadline (one timer for all, not a cancel scope per write)."""
+        got no _WRITE_STEP out for send_timeout or whose inspector's session expired, and end
+        connections still open past their deadline (one timer for all, not a cancel scope per
+        write)."""
         timeout = self.config.server.send_timeout
         while True:
             await trio.sleep(_SWEEP_INTERVAL)
             self._core.expire(time.time())
+            for session in [session for session in self._watching if session.expires <= time.time()]:
+                session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
             now = trio.current_time()
             for session in [session for session in self._sockets_writing if session.progress_at < now - timeout]:
                 session.stalled(timeout)
@@ -6617,7 +6656,6 @@ class Relay:
         server = self.config.server
         hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(self._asgi, None))
         await self._core.load()
-        self._credentials.session_key = self._core.session_key
         async with trio.open_nursery() as lifespan_nursery:
             lifespan_nursery.start_soon(self._core.run)  # outlives the connections, to keep what they asked for
             await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -6774,8 +6812,10 @@ class Relay:
             logger.debug("socket from %s ended during its handshake or close", connection.peer)
 
     def _authenticated(self, session: _Session) -> None:
-        """A socket authenticated: it is a client, no longer pending, needs no deadline, and may
-        send larger frames."""
+        """A socket authenticated: it is a client, no longer pending, needs no deadline (but an
+        inspector's session's end), and may send larger frames."""
+        if session.inspector:
+            self._watching.add(session)
         self._connections.busy(session.connection)
         session.connection.end_by(math.inf)
         session.allow_frames(MAX_CLIENT_FRAME)
@@ -6938,9 +6978,13 @@ def _agent_destination(output_destination: str, to: str) -> str | None:
 def _allowed(url: str, prefixes: Iterable[str]) -> bool:
     """Whether `url` is one of `prefixes` or below it: the same scheme, host and port (a default
     one written or not), no user or password unless the prefix has them, and a path at or below
-    the prefix's, segment by segment (http://app:3000/hooks allows /hooks and /hooks/x, not
-    /hooksx, nor http://app:30001)."""
+    the prefix's, segment by segment, with no . or .. segment, plain or percent-encoded
+    (http://app:3000/hooks allows /hooks and /hooks/x, not /hooksx, /hooks/../admin, nor
+    http://app:30001)."""
     split = urllib.parse.urlsplit(url)
+    segments = urllib.parse.unquote(split.path).replace("\\", "/").split("/")
+    if "." in segments or ".." in segments:  # /hooks/../admin, %2e%2e, ..%5c: an app may climb out
+        return False
     for prefix in map(urllib.parse.urlsplit, prefixes):
         try:
             same_place = (split.scheme.lower(), split.hostname, split.port or _DEFAULT_PORTS.get(split.scheme.lower()),

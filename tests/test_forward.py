@@ -872,6 +872,9 @@ def test_any_frame_is_parsed_or_refused_with_a_reason(frame):
     ("http://127.0.0.2:3000/hooks", False), ("https://127.0.0.1:3000/hooks", False),
     ("http://user:pw@127.0.0.1:3000/hooks", False), ("http://127.0.0.1:3000@evil.example/hooks", False),
     ("http://127.0.0.1:99999/hooks", False), ("http://app.local/x", True), ("http://app.local:80/y/z", True),
+    ("http://127.0.0.1:3000/hooks/../admin", False), ("http://127.0.0.1:3000/hooks/%2e%2E/admin", False),
+    ("http://127.0.0.1:3000/hooks/..%5cadmin", False), ("http://127.0.0.1:3000/hooks/..x", True),
+    ("http://127.0.0.1:3000/hooks/.\\..\\admin", False),
 ])
 def test_allow_takes_a_url_at_or_below_a_prefix_and_nothing_beside_it(url, allowed):
     assert relay_lite._allowed(url, ["http://127.0.0.1:3000/hooks", "http://app.local/"]) is allowed

@@ -4,11 +4,14 @@ once, with a good client alongside, is tests/test_attack.py.
 """
 
 import base64
+import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import sqlite3
 import ssl
+import threading
 import time
 
 import httpx
@@ -496,3 +499,120 @@ async def test_10_a_right_secret_is_checked_at_once_while_strangers_flood_the_ha
     print(f"a right secret among 150 strangers: checked in {waited:.2f} s, {busy[0]} of theirs refused busy")
     assert waited < 1.5, waited  # the check running, and its own: not the strangers' queue
     assert busy[0] > 100  # the strangers were refused meanwhile
+
+
+# -------------------------------------------------------------------------- what a review of the fixes found
+
+
+async def test_1_a_session_padded_in_its_times_is_no_session(held_config):
+    """A session's sign-in time was checked on its first 12 digits and renewed from all of
+    them: padded, a session renewed itself for ever."""
+    async with relay_lite.open_relay(held_config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        session = (await http.post("/inspector/session", auth=(KEY, SECRET))).json()["session"]
+        prefix, signed_in, expires, mac = session.split(".")
+        for forged in (f"{prefix}.{signed_in}5.{expires}.{mac}", f"{prefix}.0{signed_in}.{expires}.{mac}",
+                       f"{prefix}.{signed_in}.{expires}0.{mac}"):
+            assert (await http.post("/inspector/session", auth=(KEY, forged))).status_code == 401
+        renewed = (await http.post("/inspector/session", auth=(KEY, session))).json()["session"]
+        assert renewed.split(".")[1] == signed_in  # the sign-in's time, not a later one
+        token = relay.config.tokens[0]
+        future, _ = relay._credentials.issue(token, signed_in=time.time() + 10**6)
+        assert int(future.split(".")[1]) <= time.time()  # never after now
+
+
+async def test_1_an_inspectors_socket_ends_with_its_session_unless_renewed(held_config, monkeypatch):
+    """The session's end was checked when a socket signed in, never after: a stolen session
+    watched every webhook for as long as its socket stayed open."""
+    monkeypatch.setattr(relay_lite, "_SESSION_SECONDS", 2)
+    async with relay_lite.open_relay(held_config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
+        first = (await http.post("/inspector/session", auth=(KEY, SECRET))).json()["session"]
+        async with subscriber(relay, ["github"], secret=first) as lapsing, \
+                subscriber(relay, ["github"], secret=first) as renewing:
+            await trio.sleep(1)
+            renewed = (await http.post("/inspector/session", auth=(KEY, first))).json()["session"]
+            await renewing.send(action="auth", key=KEY, secret=renewed)
+            await renewing.expect("authenticated")
+            closed = await lapsing.closed(timeout=5)
+            assert closed.code == 1008 and "session expired" in closed.reason
+            await post(relay, content="still watched")
+            assert (await renewing.webhook())["body"] == "still watched"
+
+
+async def test_3_a_replay_during_a_rotation_is_one_webhook_however_its_signatures_are_listed():
+    """With two secrets, a replay was known by whichever signature matched last: listing them
+    the other way round, or only one, replayed the webhook."""
+    stamp = str(int(time.time()))
+    signed = stamp.encode() + b"." + BODY
+    old, new = (hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest() for secret in ("whsec_old", "whsec_new"))
+    verify = relay_lite.VerifyConfig(scheme="stripe", secrets=("whsec_old", "whsec_new"))
+    nonces = {relay_lite.verified(verify, {"Stripe-Signature": [f"t={stamp},{signatures}"]}, BODY, time.time())[1]
+              for signatures in (f"v1={old},v1={new}", f"v1={new},v1={old}", f"v1={new}", f"v1={old}")}
+    assert len(nonces) == 1 and None not in nonces
+
+
+async def test_5_a_replay_that_comes_while_its_webhook_is_being_kept_gets_the_same_outcome(tmp_path):
+    """A replay that came while the first was being written was answered 200, as kept; the
+    write failed, the first got 503, and its sender's retry was then a replay: lost."""
+    config = stripe_config()
+    config["storage"] = {"path": str(tmp_path / "relay.db")}
+    stamp, signature = stripe_signature()
+    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    async with relay_lite.open_relay(config) as relay:
+        storage = relay._core._backend
+        commit, writing, fail = storage._commit, threading.Event(), threading.Event()
+
+        def failing_later(*args):
+            writing.set()
+            fail.wait(10)
+            raise sqlite3.OperationalError("disk I/O error")
+        storage._commit = failing_later
+        answers = []
+        async with trio.open_nursery() as nursery:
+            async def send():
+                answers.append((await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code)
+            nursery.start_soon(send)
+            await trio.to_thread.run_sync(writing.wait, 10)
+            nursery.start_soon(send)  # the same webhook, while the first is being written
+            await trio.sleep(0.2)
+            storage._commit = commit
+            fail.set()
+        assert answers == [503, 503]
+        assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
+        assert await logged(relay, "stripe") == 1
+
+
+async def test_2_a_body_received_is_no_longer_in_flight_while_its_sender_is_held(small_bodies):
+    """A body's room was held until its request ended: a held sender's for response_timeout,
+    and 'ending' it to make room ended nothing (the room was counted free, the memory not)."""
+    small_bodies["server"]["max_body_bytes_in_flight"] = 2**20  # room for one body of max_body_size
+    small_bodies["buckets"][0]["inputs"].append({"id": "in-held", "name": "held", "response_from_output": "anyOutput",
+                                                 "response_timeout": 30})
+    async with relay_lite.open_relay(small_bodies) as relay, subscriber(relay, ["github"]) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(post, relay, input_id="in-held", content=b"h" * 900_000))
+            await client.webhook()  # its body is in: the sender is held for an answer
+            assert relay._inflows.used == 0
+            assert (await post(relay, content=b"g" * 900_000)).status_code == 200  # room for another
+            await client.webhook()
+            nursery.cancel_scope.cancel()
+
+
+def test_9_a_lockout_the_throttle_held_back_is_logged_once_it_may_be(caplog, monkeypatch):
+    """Every address's lockout shared one throttle, and one held back was marked told: a second
+    address locked out within 10 s of the first was never named."""
+    config = relay_lite.load_config({"tokens": [{"key": "k", "secret": "secret-k-0123456789"}]})
+    credentials = relay_lite._Credentials(config, throttle=relay_lite._Throttle(0.2))
+
+    async def fail(address, times):
+        for _ in range(times):
+            with contextlib.suppress(relay_lite.TooManyFailures):
+                await credentials.check(address, "k", "wrong")
+
+    async def run():
+        await fail("192.0.2.1", 11)
+        await fail("192.0.2.2", 11)  # its lockout is held back: 0.2 s have not passed
+        await trio.sleep(0.3)
+        await fail("192.0.2.2", 2)  # now it is named, once
+    trio.run(run)
+    named = [record.getMessage().split()[0] for record in caplog.records if "is locked out" in record.getMessage()]
+    assert named == ["192.0.2.1", "192.0.2.2"]

@@ -302,3 +302,25 @@ def test_a_sign_in_the_relay_is_too_busy_to_check_says_so_and_is_retried(page, r
     shot("busy")
     assert not driver.find_element(By.ID, "sign-in-error").is_displayed()
     wait(driver, lambda: state_line(driver) == "connected: live", timeout=15)
+
+
+def test_the_page_renews_its_session_and_its_socket_goes_on_with_it(page, relay_factory, monkeypatch):
+    """A socket signed in with a session is closed when the session expires: the page renews
+    it, and gives its socket the new one, so its watch goes on without a reconnect."""
+    import relay_lite
+    monkeypatch.setattr(relay_lite, "_SESSION_SECONDS", 2)
+    monkeypatch.setattr(relay_lite, "_INSPECTOR_SCRIPT",
+                        relay_lite._INSPECTOR_SCRIPT.replace("const RENEW = 5 * 60 * 1000;", "const RENEW = 500;"))
+    driver, shot = page
+    relay = relay_factory(config())
+    sign_in(driver, relay)
+    wait(driver, lambda: state_line(driver) == "connected: live")
+    (socket,) = relay.relay._sessions
+    first = driver.execute_script("return sessionStorage.getItem('relay_lite.session')")
+    time.sleep(3.5)  # the first session expired 1.5 s ago, and the relay looks each second
+    assert relay.relay._sessions == {socket} and socket.close_reason is None  # the same socket, open
+    assert driver.execute_script("return sessionStorage.getItem('relay_lite.session')") != first
+    httpx.post(relay.relay.input_url("in-github"), content="after the first session")
+    wait(driver, lambda: len(rows(driver)) == 1)
+    severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    assert severe == []
