@@ -628,11 +628,10 @@ def test_workers_end_when_their_supervisor_is_killed(redis_server, tmp_path):
 async def test_a_signed_webhook_replayed_to_another_relay_is_not_relayed_again(redis_server):
     """The replay memory was each relay's own (issue 20, finding 5): a replay into another
     relay of the cluster, or into a worker of --workers, was relayed once per relay."""
-    from test_hardening import stripe_config, stripe_signature, BODY, logged
+    from test_hardening import BODY, logged, signed_stripe_headers, stripe_config
     config = stripe_config()
     config["cluster"] = {"redis_url": redis_server.url}
-    stamp, signature = stripe_signature()
-    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    headers = signed_stripe_headers()
     async with relays(config, 3) as (a, b, c):
         async with trio.open_nursery() as nursery:  # the same webhook into every relay at once
             for relay in (a, b, c, a, b, c):

@@ -263,29 +263,34 @@ async def test_3_edited_stripe_signatures_do_not_replay_a_webhook():
         assert relay.metrics.rejected["replay"] == 7
 
 
-async def test_5_a_replay_is_refused_across_a_restart_with_storage(tmp_path):
-    """The replay memory was per process: a restart forgot it."""
+def stored_stripe_config(tmp_path):
     config = stripe_config()
     config["storage"] = {"path": str(tmp_path / "relay.db")}
-    stamp, signature = stripe_signature()
-    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    return config
+
+
+def signed_stripe_headers(at: float | None = None) -> dict[str, str]:
+    stamp, signature = stripe_signature(at=at)
+    return {"Stripe-Signature": f"t={stamp},v1={signature}"}
+
+
+async def test_5_a_replay_is_refused_across_a_restart_with_storage(tmp_path):
+    """The replay memory was per process: a restart forgot it."""
+    now = time.time()
+    config, headers = stored_stripe_config(tmp_path), signed_stripe_headers(now)
     async with relay_lite.open_relay(config) as relay:
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
     async with relay_lite.open_relay(config) as relay:
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
         assert await logged(relay, "stripe") == 1
-        fresh = stripe_signature(at=int(stamp) + 1)
-        other = {"Stripe-Signature": f"t={fresh[0]},v1={fresh[1]}"}
+        other = signed_stripe_headers(now + 1)
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=other)).status_code == 200
         assert await logged(relay, "stripe") == 2  # a new signature is a new webhook
 
 
 async def test_5_a_replay_is_refused_when_storage_failed_to_keep_the_first(tmp_path):
     """A webhook refused with 503 was not accepted: its sender's retry of it must pass."""
-    config = stripe_config()
-    config["storage"] = {"path": str(tmp_path / "relay.db")}
-    stamp, signature = stripe_signature()
-    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    config, headers = stored_stripe_config(tmp_path), signed_stripe_headers()
     async with relay_lite.open_relay(config) as relay:
         storage = relay._core._backend
         commit = storage._commit
@@ -553,10 +558,7 @@ async def test_3_a_replay_during_a_rotation_is_one_webhook_however_its_signature
 async def test_5_a_replay_that_comes_while_its_webhook_is_being_kept_gets_the_same_outcome(tmp_path):
     """A replay that came while the first was being written was answered 200, as kept; the
     write failed, the first got 503, and its sender's retry was then a replay: lost."""
-    config = stripe_config()
-    config["storage"] = {"path": str(tmp_path / "relay.db")}
-    stamp, signature = stripe_signature()
-    headers = {"Stripe-Signature": f"t={stamp},v1={signature}"}
+    config, headers = stored_stripe_config(tmp_path), signed_stripe_headers()
     async with relay_lite.open_relay(config) as relay:
         storage = relay._core._backend
         commit, writing, fail = storage._commit, threading.Event(), threading.Event()
