@@ -4581,9 +4581,11 @@ class _App(QuartTrio):
 
     throttle = _Throttle()
 
-    def log_exception(self, exception_info: tuple[Any, BaseException | None, Any]) -> None:  # type: ignore[override]
-        if exception_info[1] is not None:
-            _unexpected(self.throttle, "answering a request", exception_info[1])
+    def log_exception(self, *args: Any) -> None:  # type: ignore[override]
+        """Quart 0.22 passes the exception's info; 0.23 a context, then the info."""
+        error = args[-1][1]
+        if error is not None:
+            _unexpected(self.throttle, "answering a request", error)
 
 
 def _make_app(relay: "Relay") -> QuartTrio:
@@ -6531,10 +6533,10 @@ class Relay:
             body = await self._receive_body(connection, scope, receive, send, deadline, inflow)
             if body is None:
                 return
-            scope[_BODY] = body
+            scope[_BODY] = body  # handed to the routes as it is (see _request_body); Quart's own stays empty
             first: Any = {"type": "http.request", "body": b"", "more_body": False}
 
-            async def receive_read() -> Any:  # the body, read already; then whatever comes (the client leaving)
+            async def receive_read() -> Any:  # the body's end, at once; then whatever comes (the client leaving)
                 nonlocal first
                 if first is None:
                     return await receive()
