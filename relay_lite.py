@@ -2526,7 +2526,7 @@ class _Storage(_Alone, _Batching):
 _TAIL_BLOCK = 1000  # ms an XREAD waits for news before it asks again (and notices a stop)
 _TAIL_TIMEOUT = _TAIL_BLOCK / 1000 + 5  # seconds the tail's client waits for an answer
 _WRITE_TIMEOUT = 2.0  # seconds any other call waits for Redis; asked again _APPEND_TRIES times at most
-_ANSWER_KEPT_MORE = 60.0  # seconds Redis remembers an answer's claim past the longest response_timeout
+_ANSWER_KEPT_MORE = 60.0  # seconds Redis remembers an answer's claim past the longest history_ttl
 _QUEUE_LOCK_SECONDS = 10.0  # a pull queue's call holds its lock this long at most
 _LEASE_SECONDS = 10.0  # the lead of a public output passes on this long after its relay is gone
 _LEASE_MARGIN = 2.0  # seconds before its lease could pass on that a relay stops leading if it could not renew
@@ -2649,8 +2649,8 @@ class _Redis(_Batching):
     def _size_for(self, buckets: Iterable[BucketConfig]) -> None:
         buckets = list(buckets)
         self._journal_size = _JOURNAL_PER_ENTRY * max(sum(bucket.history_size or 0 for bucket in buckets), 1)
-        self._answer_kept = math.ceil(_ANSWER_KEPT_MORE + max(
-            (input_.response_timeout for bucket in buckets for input_ in bucket.inputs), default=0))
+        self._answer_kept = math.ceil(_ANSWER_KEPT_MORE + max(  # an entry takes an answer while it is kept
+            (bucket.history_ttl or 0 for bucket in buckets), default=0))
 
     # ---------------------------------------------------------------- reading the journal
 
@@ -3805,19 +3805,16 @@ class _Core:
             hold.answered.set()
 
     async def answer(self, entry: _Entry, answer: _Answer, status: str) -> None:
-        """Record a client's answer to `entry`, and pass it to a waiting sender; Conflict says
-        why not, StorageError that it is recorded in memory only."""
+        """Record a client's answer to `entry` (an agent's outcome of its delivery), and pass it
+        to its sender if one is still held; Conflict says why not, StorageError that it is
+        recorded in memory only. However late it comes, the log takes it: the sender's time
+        decides only whether the sender sees it. (A delivery retried past response_timeout was
+        refused 409, and its failure stayed "sent" in the log, out of the "failed" filter.)"""
         if entry.status == "rejected":
             raise Conflict(f"log {entry.id} is a webhook its input refused: it takes no answer")
         if entry.answer is not None:
             raise Conflict(f"log {entry.id} was already answered; the first answer counts")
-        found = self._store.find_input(entry.input_id)
-        timeout = found[1].response_timeout if found else DEFAULT_RESPONSE_TIMEOUT
         hold = entry.hold
-        if hold is not None and not hold.open:
-            raise Conflict(f"too late: the sender got the input's own answer after waiting {timeout:g} s")
-        if hold is None and answer.at - entry.received_at > timeout:
-            raise Conflict(f"too late: answers are accepted within {timeout:g} s of the webhook")
         if not await self._backend.claim_answer(entry, answer, status) or entry.answer is not None:  # another's first
             raise Conflict(f"log {entry.id} was already answered; the first answer counts")
         entry.status = status
@@ -7186,15 +7183,15 @@ class _Agent:
     async def _connect_forever(self, relay: httpx.AsyncClient) -> None:
         failures = 0
         while True:
-            if not self._taken_up_to:
-                await self._start_after_newest(relay)
-            logger.info("connecting to %s", self._socket_url)
             self._subscribed = False
             try:
+                if not self._taken_up_to:
+                    await self._start_after_newest(relay)
+                logger.info("connecting to %s", self._socket_url)
                 reason = await self._session()
-            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, _Refused,
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, _Refused, httpx.HTTPError,
                     trio.BrokenResourceError, trio.TooSlowError, _WSProtocolError, h11.ProtocolError) as error:
-                reason = _connection_error(error)
+                reason = _connection_error(error)  # the logs API's, or the socket's: waited out alike
             if reason == _PAUSED:
                 await self._room.wait()
                 continue
@@ -7245,15 +7242,29 @@ class _Agent:
         """Without a checkpoint, begin after the newest webhook the buckets hold now (the logs
         API says which), or before every one if they hold none: the first subscribe, and any
         after it, resume from there, and lose none sent meanwhile. Saved before it subscribes,
-        so a crash before the first webhook loses nothing either."""
+        so a crash before the first webhook loses nothing either.
+
+        Only an answer with the logs is an answer: a refusal (a wrong secret, an unknown
+        bucket) is final, a refusal for now (429, 503) is waited out, and neither is saved. A
+        wrong secret was read as "the relay holds none of these buckets", and the next run, with
+        the right one, delivered every webhook the relay held again."""
         newest = ""
         for bucket in self.config.buckets or ("",):
+            response = await relay.get(LOGS_PATH, params={"limit": 1, **({"bucket": bucket} if bucket else {})})
+            problem = _api_problem(response)
+            if response.status_code in (429, 503):
+                raise _Refused(f"refused for now: {problem}")
+            if response.status_code == 401:  # as the socket says it
+                raise AgentError(f"the relay refused the key {_shown(self.config.key)}: invalid key or secret")
+            if response.status_code in (403, 404) and bucket:
+                raise AgentError(f"the relay refused the subscription: {problem}")
             try:
-                response = await relay.get(LOGS_PATH, params={"limit": 1, **({"bucket": bucket} if bucket else {})})
-                logs = response.json()["data"] if response.status_code == 200 else []
+                if response.status_code != 200:
+                    raise ValueError(problem)
+                logs = response.json()["data"]
                 newest = max([newest, *(log["id"] for log in logs[:1] if isinstance(log["id"], str))])
-            except (httpx.HTTPError, ValueError, TypeError, KeyError):
-                return  # the socket will say what is wrong
+            except (ValueError, TypeError, KeyError):
+                raise AgentError(f"{self._base}{LOGS_PATH} did not answer as a relay's logs API: {problem}") from None
         self._taken_up_to = newest or NIL_LOG_ID
         await self._checkpoint.saved(self._checkpoint.start_at(self._taken_up_to))
         if newest:
@@ -7397,15 +7408,23 @@ class _Agent:
                 self._throttle.warning("report", "cannot report the outcome of %s to the relay: %s", log_id,
                                        _delivery_error(error))
                 continue
-            if response.status_code in (404, 409):  # forgotten, or past the time answers are taken: no matter
-                logger.debug("outcome of %s not recorded: %s", log_id, _shown(response.text, 200))
-            elif response.is_error:
-                self._throttle.warning("report", "the relay refused the outcome of %s: %s %s", log_id,
-                                       response.status_code, _shown(response.text, 200))
+            if response.is_error:  # forgotten (404: past history_size), answered already (409), ...: said
+                self._throttle.warning("report", "the relay did not record the outcome of %s (%s): %s %s", log_id,
+                                       _outcome(answer), response.status_code, _shown(response.text, 200))
 
 
 class _Refused(Exception):
-    """The relay refused the agent for now (too many failed authentications from its address)."""
+    """The relay refused the agent for now (too many failed authentications from its address, or
+    busy), or cannot be reached: waited out, as a lost connection is."""
+
+
+def _api_problem(response: httpx.Response) -> str:
+    """What a REST API answer says is wrong, in a few words: its error, else its status."""
+    try:
+        error = response.json().get("error", "")
+    except (ValueError, AttributeError):
+        error = ""
+    return _shown(str(error), 200) if error else f"{response.status_code} {response.reason_phrase}"
 
 
 def _outcome(answer: _Answer) -> str:

@@ -295,6 +295,7 @@ async def test_a_wrong_secret_exits_1_within_seconds_with_the_reason_in_one_line
     errors = [line for line in agent.err.splitlines() if "error" in line]
     assert errors == ["relay_lite: error: the relay refused the key key-1: invalid key or secret"]
     assert "Traceback" not in agent.err
+    assert not (tmp_path / "agent-state.json").exists()  # no checkpoint from a refusal (issue 21, finding 2)
 
 
 async def test_an_unknown_bucket_exits_1_and_a_bad_argument_exits_2(tmp_path):
@@ -637,8 +638,13 @@ async def subscribed(relay, ws):
 
 
 def fake_agent_config(relay, app, tmp_path, **options):
+    """The agent's config for a FakeRelay, with a checkpoint from before every webhook: a fake
+    relay serves no logs API, where an agent without one asks where to begin (and stops, if it
+    gets no answer a relay would give)."""
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"relay": relay.url, "buckets": ["github"], "last": relay_lite.NIL_LOG_ID}))
     return relay_lite.AgentConfig(relay=relay.url, key=KEY, secret=SECRET, buckets=("github",), to=app.url,
-                                  state=tmp_path / "state.json", lines="quiet", **options)
+                                  state=state, lines="quiet", **options)
 
 
 async def test_a_refusal_for_now_is_waited_out_not_final(tmp_path, monkeypatch):
@@ -923,3 +929,59 @@ def test_the_agents_own_1009_is_not_blamed_on_the_relay():
     closed = trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1009, "Exceeded maximum message size"))
     said = relay_lite._connection_error(closed)
     assert "over the 128 MiB the agent takes" in said and "closed by the relay" not in said
+
+
+async def test_a_wrong_secret_at_first_never_makes_the_right_one_replay_the_history(tmp_path):
+    """A refused logs API was read as "the relay holds none of these buckets": the zero
+    checkpoint was saved, and the next run, with the right secret, delivered every webhook the
+    relay held again (issue 21, finding 2)."""
+    async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+        for n in range(3):
+            await post(relay, content=f"old {n}")
+        wrong = await Agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url,
+                            secret="not-the-secret-0123").start()
+        with trio.fail_after(15):
+            assert await wrong.process.wait() == 1
+        assert "forwarding every webhook from now on" not in wrong.err
+        async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url):
+            await post(relay, content="new")
+            await app.wait_for(1)
+            await trio.sleep(0.3)  # time for a replay of the old ones to show, had it begun
+    assert [request.body for request in app.received] == [b"new"]
+
+
+async def test_a_logs_api_refusing_for_now_is_waited_out_and_nothing_is_saved_meanwhile(tmp_path):
+    """429 (a lockout) and 503 were read as an empty relay, and saved (issue 21, finding 2)."""
+    config = relay_config(auth_failures_per_minute=60)  # a lockout of a second or so
+    async with running_app() as app, relay_lite.open_relay(config) as relay:
+        await post(relay, content="old")
+        async with httpx.AsyncClient(base_url=relay.url) as http:
+            while (await http.get("/v1/logs", auth=(KEY, "wrong"))).status_code != 429:
+                pass  # this address is locked out: the agent's first call gets 429
+        async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url) as agent:
+            assert "refused for now: too many failed authentications" in agent.err
+            await post(relay, content="new")
+            await app.wait_for(1)
+    assert [request.body for request in app.received] == [b"new"]
+
+
+async def test_an_outcome_that_comes_after_response_timeout_is_logged(tmp_path):
+    """A delivery that failed after the input's response_timeout was recorded as sent: the
+    relay refused its outcome (409) and the agent dropped it at debug level (issue 21, 1)."""
+    config = relay_config()
+    config["buckets"][0]["inputs"][0]["response_timeout"] = 0.3
+    async with relay_lite.open_relay(config) as relay:
+        async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", "http://127.0.0.1:9",
+                                 "--retries", "2") as agent:
+            await post(relay, content="to an app that is down")
+            await eventually(lambda: len(agent.lines) == 1, timeout=20)
+            async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+                (log,) = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
+            log = await log_of(relay.url, log["id"])
+            with trio.fail_after(10):
+                while log["status"] != FAILED:
+                    log = await log_of(relay.url, log["id"], settled=False)
+                    await trio.sleep(0.05)
+    assert (log["status_code"], log["retries"]) == (0, 2)
+    assert log["updated_at"] - log["created_at"] >= 1  # its outcome came well past the 0.3 s
+    assert "did not record" not in agent.err
