@@ -7143,6 +7143,7 @@ class _Agent:
         self._socket_scope = trio.CancelScope()
         self._stopping = False
         self._subscribed = False  # the connection of the moment got as far as subscribing
+        self._destinations_known = False  # without --to: every bucket's outputs name a URL (_check_destinations)
         self._throttle = _Throttle(60.0)
 
     def stop(self) -> None:
@@ -7185,6 +7186,8 @@ class _Agent:
         while True:
             self._subscribed = False
             try:
+                if not self.config.to and not self._destinations_known:
+                    await self._check_destinations(relay)
                 if not self._taken_up_to:
                     await self._start_after_newest(relay)
                 logger.info("connecting to %s", self._socket_url)
@@ -7237,6 +7240,31 @@ class _Agent:
         if frame is not None:
             await self._on_status(ws, frame)
         return ""
+
+    async def _check_destinations(self, relay: httpx.AsyncClient) -> None:
+        """Without --to, each webhook goes to its output's destination: AgentError, at start, if
+        a bucket's webhooks have none that is a URL (a bucket without outputs, as the demo's;
+        an internal output without a destination). It started, then failed every webhook."""
+        response = await relay.get(BUCKETS_PATH)
+        if response.status_code in (429, 503):
+            raise _Refused(f"refused for now: {_api_problem(response)}")
+        if response.status_code == 401:  # as the socket says it
+            raise AgentError(f"the relay refused the key {_shown(self.config.key)}: invalid key or secret")
+        try:
+            if response.status_code != 200:
+                raise ValueError
+            buckets = [bucket for bucket in response.json() if not self.config.buckets
+                       or bucket["name"] in self.config.buckets or bucket["id"] in self.config.buckets]
+            missing = [bucket["name"] for bucket in buckets if not bucket["outputs"] or any(
+                output["internal"] and not output["disabled"] and _agent_destination(output["destination"], "") is None
+                for output in bucket["outputs"])]
+        except (ValueError, TypeError, KeyError):
+            raise AgentError(f"{self._base}{BUCKETS_PATH} did not answer as a relay's buckets API: "
+                             f"{_api_problem(response)}") from None
+        if missing:
+            raise AgentError(f"bucket {_shown(', '.join(missing))} names no URL to deliver its webhooks to (an output's "
+                             "destination): pass --to with your app's URL, e.g. --to http://localhost:3000")
+        self._destinations_known = True
 
     async def _start_after_newest(self, relay: httpx.AsyncClient) -> None:
         """Without a checkpoint, begin after the newest webhook the buckets hold now (the logs

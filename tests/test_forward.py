@@ -985,3 +985,16 @@ async def test_an_outcome_that_comes_after_response_timeout_is_logged(tmp_path):
     assert (log["status_code"], log["retries"]) == (0, 2)
     assert log["updated_at"] - log["created_at"] >= 1  # its outcome came well past the 0.3 s
     assert "did not record" not in agent.err
+
+
+async def test_without_to_a_bucket_whose_webhooks_name_no_url_is_refused_at_start(tmp_path):
+    """The demo's bucket has no outputs: an agent without --to started, then failed every
+    webhook ("no URL to deliver to") (issue 21, finding 4)."""
+    async with relay_lite.open_relay(relay_config()) as relay:
+        agent = await Agent(tmp_path, relay.url, "--bucket", "github").start()
+        with trio.fail_after(15):
+            assert await agent.process.wait() == 1
+    assert agent.err.splitlines()[-1] == ("relay_lite: error: bucket github names no URL to deliver its webhooks to "
+                                          "(an output's destination): pass --to with your app's URL, e.g. --to "
+                                          "http://localhost:3000")
+    assert not (tmp_path / "agent-state.json").exists()
