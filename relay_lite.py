@@ -1930,8 +1930,8 @@ _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float
 
 
 class _Bucket:
-    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "rejected",
-                 "positions", "_queue_locks")
+    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "dropped",
+                 "rejected", "positions", "_queue_locks")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
@@ -1940,7 +1940,8 @@ class _Bucket:
         self.forwarders: list[_Forwarder] = []  # one per public output, delivering its entries
         self.history: deque[_Entry] = deque()  # its log, oldest first; see _Log
         self.history_bytes = 0
-        self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some
+        self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some...
+        self.dropped = ""  # ...and up to this one some are: this process dropped them (its bounds, a cluster's)
         self.rejected: deque[_Entry] = deque()  # the last webhooks refused by a signature check; see _Log
         self.positions: dict[str, str] = {}  # its pull queues (GET /v1/events): output name ("": every
         # internal one) -> the id of the last entry handed out
@@ -2127,7 +2128,7 @@ class _Log:
             bucket.history_bytes -= dropped.size
             del self._entries[dropped.id]
         if dropped is not None:
-            bucket.trimmed = max(bucket.trimmed, dropped.id)
+            bucket.trimmed = bucket.dropped = max(bucket.trimmed, dropped.id)
             self.on_trim(bucket)
 
     def after(self, buckets: Iterable[_Bucket], cursor: str, limit: int,
@@ -3704,7 +3705,7 @@ class _Core:
                                                        f"webhooks up to {mark}; other relays have them"))
         sessions: set[_Session] = set()
         for bucket in self._store.buckets:
-            bucket.trimmed = max(bucket.trimmed, mark)
+            bucket.trimmed = bucket.dropped = max(bucket.trimmed, mark)
             sessions.update(bucket.subscribers)
         for session in sessions:
             session.deliver(frame)
@@ -4195,13 +4196,9 @@ class _Session:
         if room <= 0 or room_bytes <= 0:
             return  # the outbox holds enough: the writer calls again after its next write
         for bucket in replay.buckets:
-            if bucket.trimmed > replay.cursor and replay.gaps.get(bucket) != bucket.trimmed:
+            if (gap := _history_gap(bucket, replay.cursor, replay.since)) and replay.gaps.get(bucket) != bucket.trimmed:
                 replay.gaps[bucket] = bucket.trimmed
-                config = bucket.config
-                self._status("history_gap", (
-                    f"bucket {config.name} no longer holds every webhook after {replay.cursor}: those up to "
-                    f"{bucket.trimmed} are gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); "
-                    f"sending those it still holds"))
+                self._status("history_gap", gap)
         entries = core.after(replay.buckets, replay.cursor, int(room))
         for entry in entries:
             frame = core.frame(entry)  # shared with other sessions resuming from here
@@ -4229,6 +4226,24 @@ class _Session:
 
     def _status(self, status: str, message: str) -> None:
         self.deliver(wire_frame(status_frame(status, message)))
+
+
+def _history_gap(bucket: _Bucket, cursor: str, since: str) -> str:
+    """What a resume from `cursor` (it began at `since`) must be told of what `bucket` no longer
+    holds after it, naming the cause; "" if nothing. A client that resumes from before every
+    webhook (NIL_LOG_ID: it has seen none) is told only of webhooks the relay dropped: the mark
+    where a relay's log begins (its start, without storage; the bucket's adding) was told to a
+    fresh agent of a fresh demo as a loss, and blamed on history_size."""
+    config = bucket.config
+    if bucket.dropped > cursor:
+        return (f"bucket {config.name} no longer holds every webhook after {cursor}: those up to {bucket.dropped} are "
+                f"gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); sending those it still "
+                "holds")
+    if bucket.trimmed > cursor and since != NIL_LOG_ID:
+        return (f"bucket {config.name}'s log begins at {bucket.trimmed}: the relay started then (without [storage], "
+                f"what it held before is gone), or the bucket was added then; webhooks after {cursor} from before that "
+                "may be missing; sending those it holds")
+    return ""
 
 
 @dataclasses.dataclass
@@ -4506,8 +4521,8 @@ class _Forwarder:
         async with trio.open_nursery() as nursery:
             while True:
                 self._wakeup = trio.Event()  # before looking: a webhook logged meanwhile wakes it again
-                if self._bucket.trimmed > cursor and cursor and self._bucket.trimmed != gap_told:
-                    gap_told = self._bucket.trimmed
+                if self._bucket.dropped > cursor and cursor and self._bucket.dropped != gap_told:
+                    gap_told = self._bucket.dropped
                     logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
                                    "could be delivered (see history_size)", self._output.name,
                                    self._bucket.config.name, gap_told)

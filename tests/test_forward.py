@@ -225,6 +225,8 @@ async def test_the_demos_printed_forward_command_works_as_printed(tmp_path):
                 if agent.returncode is None:
                     agent.kill()
             assert [path.name for path in (tmp_path / "relay_lite").iterdir()][0].startswith("forward-")
+            said = (tmp_path / "agent.err").read_text()
+            assert "WARNING" not in said, said  # "no longer holds every webhook ... gone" was (issue 21, finding 3)
             assert await stop(relay) == 0
         finally:
             if relay.returncode is None:

@@ -132,9 +132,33 @@ async def test_a_resume_point_from_before_a_restart_without_storage_is_told_so(c
         await post(relay, content="after the restart")
         async with connect(relay) as client:
             await resume(client, since)
-            await client.expect("history_gap")
+            notice = await client.expect("history_gap")
             frames = await receive_until_resumed(client)
     assert [frame["body"] for frame in frames] == ["after the restart"]
+    # its cause, not history_size (issue 21, finding 3)
+    assert "the relay started then (without [storage], what it held before is gone)" in notice["message"]
+    assert "it keeps" not in notice["message"]
+
+
+async def test_a_client_that_has_seen_nothing_is_told_of_no_gap_where_nothing_was_lost(config):
+    """A fresh agent of a fresh demo resumes from before every webhook (NIL_LOG_ID), and was told
+    "bucket demo no longer holds every webhook ...: those up to ... are gone": nothing was
+    (issue 21, finding 3). It is told only of webhooks the relay dropped."""
+    config["buckets"][0]["history_size"] = 2
+    async with relay_lite.open_relay(config) as relay:
+        async with connect(relay) as client:
+            await resume(client, relay_lite.NIL_LOG_ID)
+            assert await receive_until_resumed(client) == []
+        await post_many(relay, ["a", "b"])
+        async with connect(relay) as client:
+            await resume(client, relay_lite.NIL_LOG_ID)
+            assert [frame["body"] for frame in await receive_until_resumed(client)] == ["a", "b"]
+        await post(relay, content="c")  # "a" leaves the history: now one was dropped
+        async with connect(relay) as client:
+            await resume(client, relay_lite.NIL_LOG_ID)
+            notice = await client.expect("history_gap")
+            assert "it keeps 2 webhooks" in notice["message"]
+            assert [frame["body"] for frame in await receive_until_resumed(client)] == ["b", "c"]
 
 
 @pytest.fixture
