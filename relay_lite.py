@@ -7988,7 +7988,10 @@ def _init(path: Path, *, force: bool) -> int:
     if path.exists() and not force:
         print(f"relay_lite: error: {path} exists; pass --force to overwrite it", file=sys.stderr)
         return 2
-    path.write_text(_config_template(), encoding="utf-8")
+    # it holds a token's secret: the owner's only (the default, 0644, let every user of a Pi read it)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file, overwritten with --force, keeps its mode otherwise
+        file.write(_config_template())
     print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
           f"Run: {_command()} --config {shlex.quote(str(path))}")
     return 0
@@ -8261,6 +8264,10 @@ def _banner(relay: Relay, demo: bool) -> str:
     config = relay.config
     lines = [f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)",
              f"  socket URL: {relay.socket_url}"]
+    if config.inspector.enabled:  # its own host name, if it has one, at the relay's port
+        inspector = (urllib.parse.urlsplit(relay.url)._replace(netloc=f"{config.inspector.host}:{relay.port}").geturl()
+                     if config.inspector.host else relay.public_url)
+        lines.append(f"  inspector:  {inspector}/ (sign in with a token's key and secret)")
     for bucket in config.buckets:
         for input_ in bucket.inputs:
             lines.append(f"  bucket {bucket.name!r}, input {input_.name!r}: {relay.input_url(input_.id, public=True)}")

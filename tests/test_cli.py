@@ -60,6 +60,9 @@ async def test_demo_mode_prints_what_to_use_and_relays():
         input_url = curl.split()[-1]
         assert input_url.startswith(url + "/v1/webhooks/")
         assert socket_url == url.replace("http", "ws") + "/v1/socket"
+        inspector = re.search(r"inspector:\s+(\S+)", banner).group(1)  # it was never named (issue 21, finding 14)
+        async with httpx.AsyncClient() as http:
+            assert inspector == url + "/" and "relay_lite inspector" in (await http.get(inspector)).text
         async with trio_websocket.open_websocket_url(socket_url) as ws:
             await ws.send_message(json.dumps({"action": "auth", "key": key, "secret": secret}))
             assert json.loads(await ws.get_message())["status"] == "authenticated"
@@ -95,12 +98,15 @@ def test_init_writes_a_config_and_refuses_to_overwrite(tmp_path):
     path = tmp_path / "relay.toml"
     result = run("init", str(path))
     assert result.returncode == 0 and f"wrote {path}" in result.stdout
+    assert path.stat().st_mode & 0o777 == 0o600  # its secret, the owner's only: it was 0644 (issue 21, 10)
     first = path.read_text()
     assert relay_lite.load_config(path).buckets[0].name == "github"
     result = run("init", str(path))
     assert result.returncode == 2 and "exists; pass --force" in result.stderr
+    path.chmod(0o644)
     assert run("init", str(path), "--force").returncode == 0
     assert path.read_text() != first  # fresh ids each time
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("text, expected", [
