@@ -327,7 +327,7 @@ class Forbidden(ProtocolError):
 
 
 class Conflict(ProtocolError):
-    """What a request asks cannot be done to the thing as it is now (an answer too late)."""
+    """What a request asks cannot be done to the thing as it is now (a second answer)."""
 
     status = 409
 
