@@ -227,6 +227,7 @@ _RECEIVE_SIZE = 2**16
 _READ_SIZE = 16 * 2**10  # an HTTP connection's reads, at most, while the bodies in flight crowd: see _ConnectionStream
 _CONNECTION = "relay_lite.connection"  # in a request's ASGI scope: its _Connection
 _BODY = "relay_lite.body"  # in a request's ASGI scope: its body, read whole (see _request_body)
+_CLIENT = "relay_lite.client"  # in a request's ASGI scope: the address it came from (see Relay._client)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
 # so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
@@ -3468,7 +3469,7 @@ class _HashQueue:
         clean_ones, others = self._waiting
         if len(clean_ones) + len(others) >= _HASHES_WAITING:
             if not clean or not others:
-                raise HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
+                raise self._busy()
             bumped = others.pop()
             self._refused.add(bumped)
             bumped.set()
@@ -3486,7 +3487,11 @@ class _HashQueue:
             raise
         if turn in self._refused:
             self._refused.discard(turn)
-            raise HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
+            raise self._busy()
+
+    @staticmethod
+    def _busy() -> HashingBusy:
+        return HashingBusy("too many authentications are waiting to be checked: try again in a second", 1.0)
 
     def _hand_over(self) -> None:
         """The check running ended: the turn goes to the first clean waiter, else the first other."""
@@ -4196,7 +4201,7 @@ class _Session:
         if room <= 0 or room_bytes <= 0:
             return  # the outbox holds enough: the writer calls again after its next write
         for bucket in replay.buckets:
-            if (gap := _history_gap(bucket, replay.cursor, replay.since)) and replay.gaps.get(bucket) != bucket.trimmed:
+            if replay.gaps.get(bucket) != bucket.trimmed and (gap := _history_gap(bucket, replay.cursor, replay.since)):
                 replay.gaps[bucket] = bucket.trimmed
                 self._status("history_gap", gap)
         entries = core.after(replay.buckets, replay.cursor, int(room))
@@ -4903,26 +4908,37 @@ def _request_host() -> str:
     return host.partition(":")[0].rstrip(".")
 
 
-def _refusal(scope: Mapping[str, Any], server: ServerConfig) -> tuple[int, str] | None:
-    """Why the relay will not serve this request at all (a status and a reason), or None.
+class _Head(typing.NamedTuple):
+    """What the relay reads of a request's head before the app sees it, in one pass over its headers."""
 
-    Checked before the app sees it: the bounds on a request head, and RFC 9112's rule that a
-    request with both Transfer-Encoding and Content-Length is an attempt at request smuggling
-    when a proxy in front reads the other one (h11 lets Transfer-Encoding win).
-    """
+    refusal: tuple[int, str] | None  # why it will not be served at all (a status and a reason), or None
+    length: int  # the body size it declares (h11 checked it is a number), 0 if none
+    forwarded_for: list[str]  # its X-Forwarded-For values
+
+
+def _request_head(scope: Mapping[str, Any], server: ServerConfig) -> _Head:
+    """A request's head, as _Head says. Its refusal: the bounds on a request head, and RFC 9112's
+    rule that a request with both Transfer-Encoding and Content-Length is an attempt at request
+    smuggling when a proxy in front reads the other one (h11 lets Transfer-Encoding win)."""
     headers = scope["headers"]
     if len(headers) > server.max_headers:
-        return 431, f"a request may carry at most {server.max_headers} headers (max_headers)"
-    size, framings = len(scope["raw_path"]) + len(scope["query_string"]), 0
+        return _Head((431, f"a request may carry at most {server.max_headers} headers (max_headers)"), 0, [])
+    size, framings, length, forwarded_for = len(scope["raw_path"]) + len(scope["query_string"]), 0, 0, []
     for name, value in headers:  # h11 gives names in lower case
         size += len(name) + len(value)
-        if name == b"transfer-encoding" or name == b"content-length":
-            framings |= 1 if name == b"content-length" else 2
+        if name == b"transfer-encoding":
+            framings |= 2
+        elif name == b"content-length":
+            framings |= 1
+            length = int(value)
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(value.decode("latin-1"))
+    refusal: tuple[int, str] | None = None
     if size > server.max_header_bytes:
-        return 431, f"a request head may take at most {server.max_header_bytes} bytes (max_header_bytes)"
-    if framings == 3:
-        return 400, "Transfer-Encoding and Content-Length together are refused (RFC 9112, section 6.1)"
-    return None
+        refusal = 431, f"a request head may take at most {server.max_header_bytes} bytes (max_header_bytes)"
+    elif framings == 3:
+        refusal = 400, "Transfer-Encoding and Content-Length together are refused (RFC 9112, section 6.1)"
+    return _Head(refusal, length, forwarded_for)
 
 
 async def _refuse(receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]],
@@ -4956,17 +4972,6 @@ async def _refuse_upgrade(send: Callable[[dict], Awaitable[None]]) -> None:
         (b"content-type", b"text/plain; charset=utf-8"), *_OWN_ANSWER_HEADERS]})
     await send({"type": "websocket.http.response.body",
                 "body": f"no WebSocket here: the relay's socket is {SOCKET_PATH}\n".encode()})
-
-
-def _content_length(scope: Mapping[str, Any]) -> int:
-    """The body size a request's head declares (h11 checked it is a number), 0 if none."""
-    values = _header_values(scope, b"content-length")
-    return int(values[0]) if values else 0
-
-
-def _header_values(scope: Mapping[str, Any], name: bytes) -> list[str]:
-    """The values of header `name` (lower case, as h11 gives names) of a request's ASGI scope."""
-    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
 
 
 def _too_large(server: ServerConfig) -> str:
@@ -6533,16 +6538,17 @@ class Relay:
         scope[_CONNECTION] = connection
         deadline = connection.head_start + server.request_timeout  # for its head and body
         connection.end_by(deadline + self._answer_time + _GRACE)
-        if not self._told_proxy and not self._trusted and _header_values(scope, b"x-forwarded-for"):
+        head = _request_head(scope, server)
+        if head.forwarded_for and not self._trusted and not self._told_proxy:
             self._forwarded(connection)
-        inflow = _Inflow(_address_key(client_address(scope["client"][0], _header_values(scope, b"x-forwarded-for"),
-                                                     self._trusted)) if self._trusted else connection.address)
+        peer = (scope.get("client") or ("",))[0]
+        scope[_CLIENT] = client_address(peer, head.forwarded_for, self._trusted) if self._trusted else peer
+        inflow = _Inflow(_address_key(scope[_CLIENT]) if self._trusted else connection.address)
         try:
-            refusal = _refusal(scope, server)
-            if refusal is not None:
-                await _refuse(receive, send, scope, *refusal)
+            if head.refusal is not None:
+                await _refuse(receive, send, scope, *head.refusal)
                 return
-            body = await self._receive_body(connection, scope, receive, send, deadline, inflow)
+            body = await self._receive_body(connection, scope, receive, send, head.length, deadline, inflow)
             if body is None:
                 return
             scope[_BODY] = body  # handed to the routes as it is (see _request_body); Quart's own stays empty
@@ -6570,14 +6576,14 @@ class Relay:
                 connection.head_start = trio.current_time()
                 connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
 
-    async def _receive_body(self, connection: _Connection, scope: Any, receive: Any, send: Any, deadline: float,
-                            inflow: _Inflow) -> bytes | None:
-        """The request's whole body; or None once the request is answered with why not (413 past
-        max_body_size, 408 past its deadline, 503 when the bodies in flight leave it no room: see
-        _Inflows), or its client left."""
+    async def _receive_body(self, connection: _Connection, scope: Any, receive: Any, send: Any, declared: int,
+                            deadline: float, inflow: _Inflow) -> bytes | None:
+        """The request's whole body (it declared `declared` bytes); or None once the request is
+        answered with why not (413 past max_body_size, 408 past its deadline, 503 when the bodies
+        in flight leave it no room: see _Inflows), or its client left."""
         server = self.config.server
         refusal: tuple[int, str, tuple[tuple[str, str], ...]] | None = None
-        if _content_length(scope) > server.max_body_size:  # declared: refused before any of it is read
+        if declared > server.max_body_size:  # refused before any of it is read
             refusal = 413, _too_large(server), ()
         else:
             chunks: list[bytes] = []
@@ -6627,10 +6633,8 @@ class Relay:
         return next((current for current in self.config.tokens if current == token), None)
 
     def _client(self) -> str:
-        """The address the HTTP request being served came from (see trusted_proxies)."""
-        peer = (request.scope.get("client") or ("",))[0]
-        return client_address(peer, request.headers.getlist("X-Forwarded-For"), self._trusted) if self._trusted \
-            else peer
+        """The address the HTTP request being served came from (see trusted_proxies), as _asgi found it."""
+        return typing.cast(str, typing.cast(dict, request.scope)[_CLIENT])
 
     async def _api_token(self, *, inspector: bool = False) -> TokenConfig:
         """The token of the REST API request being served (HTTP Basic key:secret, or Bearer
