@@ -4409,10 +4409,11 @@ def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
     return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
 
 
-async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _Delivery) -> _Answer:
+async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _Delivery,
+                   on_retry: Callable[[_Answer, float], None] | None = None) -> _Answer:
     """Deliver `request` with `client`, trying again what is worth it; the last answer, with
     status_code 0 and the error as its body when none came. Its `retries` says how many more
-    tries it took."""
+    tries it took. `on_retry` hears of each answer tried again, and the seconds until then."""
     retry = 0
     timeouts = httpx.Timeout(None, connect=delivery.connect_timeout).as_dict()
     while True:
@@ -4447,7 +4448,10 @@ async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _De
         if retry >= delivery.retries:
             return answer
         retry += 1
-        await trio.sleep(_retry_delay(retry, retry_after, random.random()))
+        delay = _retry_delay(retry, retry_after, random.random())
+        if on_retry is not None:
+            on_retry(answer, delay)
+        await trio.sleep(delay)
 
 
 _UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
@@ -7164,6 +7168,7 @@ class _Agent:
         self._subscribed = False  # the connection of the moment got as far as subscribing
         self._destinations_known = False  # without --to: every bucket's outputs name a URL (_check_destinations)
         self._throttle = _Throttle(60.0)
+        self._colour = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
 
     def stop(self) -> None:
         """Stop taking webhooks; those being delivered get _AGENT_STOP_GRACE to finish."""
@@ -7236,7 +7241,7 @@ class _Agent:
                 await ws.send_message(self._subscribe_frame(since))
                 reply = await self._expect(ws, "subscribed", since=since)
                 self._subscribed = True
-                logger.info("%s%s", reply.message, f", resuming after {since}" if since else "")
+                logger.info("%s%s", reply.message, f", resuming after {since}" if since not in ("", NIL_LOG_ID) else "")
                 while not reason:
                     while self._queued_bytes >= _AGENT_QUEUE_BYTES:  # and the relay cannot be asked to
                         await self._room.wait()  # pause: it waits, or cuts this socket off and it resumes
@@ -7363,7 +7368,8 @@ class _Agent:
             await ws.send_message(_PONG)
         elif frame.status == "resumed":
             self._resumes = True
-            logger.info("resumed: %s", frame.message)
+            if self._taken_up_to != NIL_LOG_ID:  # a fresh agent's resume from the start of an empty log says nothing
+                logger.info("resumed: %s", frame.message)
         elif frame.status in ("history_gap", "error"):
             logger.warning("the relay says: %s", _shown(frame.message, 300))
 
@@ -7415,33 +7421,55 @@ class _Agent:
                              started)
         else:
             try:
-                answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery)
+                answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery,
+                                        functools.partial(self._print, frame, destination, started=started))
             except Exception as error:  # a bug, but not one that may stop the agent, or repeat at each restart
                 _unexpected(self._throttle, "delivering a webhook", error)
                 answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
         version = self._checkpoint.done(frame.id)
-        self._print(frame, destination, answer, started)
+        self._print(frame, destination, answer, started=started)
         await self._reports.send((frame.id, answer))
         await self._checkpoint.saved(version)  # before the next: a crash repeats this one at most
 
-    def _print(self, frame: _WebhookFrame, destination: str | None, answer: _Answer, started: float) -> None:
+    def _print(self, frame: _WebhookFrame, destination: str | None, answer: _Answer, retry_in: float | None = None,
+               *, started: float) -> None:
+        """A webhook's line: its outcome, or an attempt's that will be tried again in `retry_in`
+        seconds; a final failure says how to resend it. Coloured on a terminal, unless NO_COLOR."""
         if self.config.lines == "quiet":
             return
-        split = urllib.parse.urlsplit(destination or frame.output_destination)
-        target = split.path + ("?" + split.query if split.query else "")
-        milliseconds = round((answer.at - started) * 1000)
-        error = "" if answer.status_code else answer.body.decode(errors="replace")
         attempts = answer.retries + 1
+        resend = f"{self._base}{LOGS_PATH}/{frame.id}/action"
+        error = "" if answer.status_code else answer.body.decode(errors="replace")
+        status = "retrying" if retry_in is not None else _outcome(answer)
         if self.config.lines == "json":
             line = _encode({"time": _iso_time(answer.at), "id": frame.id, "bucket": frame.bucket,
                             "method": frame.webhook.method, "url": destination, "status_code": answer.status_code,
-                            "status": _outcome(answer), "duration_ms": milliseconds, "attempts": attempts,
-                            **({"error": error} if error else {})})
+                            "status": status, "duration_ms": round((answer.at - started) * 1000),
+                            "attempts": attempts, **({"error": error} if error else {}),
+                            **({"retry_in_s": round(retry_in, 1)} if retry_in is not None else {}),
+                            **({"resend": f"POST {resend}"} if status == "failed" else {})})
+            print(line, file=self._out, flush=True)
+            return
+        split = urllib.parse.urlsplit(destination or frame.output_destination)
+        target = split.path + ("?" + split.query if split.query else "")
+        outcome = self._coloured(str(answer.status_code) if answer.status_code else
+                                 _shown(error, 200) if retry_in is not None else f"failed: {_shown(error, 200)}", status)
+        if retry_in is not None:
+            said = f"{outcome}; attempt {attempts} of {self.config.delivery.retries + 1}, again in {retry_in:.0f} s"
         else:
-            outcome = str(answer.status_code) if answer.status_code else f"failed: {_shown(error, 200)}"
-            line = (f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {outcome} "
-                    f"{milliseconds} ms" + (f" ({attempts} attempts)" if attempts > 1 else ""))
-        print(line, file=self._out, flush=True)
+            said = (f"{outcome} {round((answer.at - started) * 1000)} ms"
+                    + (f" ({attempts} attempts)" if attempts > 1 else ""))
+        print(f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {said}", file=self._out,
+              flush=True)
+        if status == "failed":
+            print(f"  resend {frame.id} once the app is fixed: Resend in {self._base}{INSPECTOR_PATH}, or "
+                  f"curl -u \"$RELAY_KEY:$RELAY_SECRET\" -d '{{\"action\":\"resend\"}}' {resend}",
+                  file=self._out, flush=True)
+
+    def _coloured(self, text: str, status: str) -> str:
+        if not self._colour:
+            return text
+        return f"{_COLOURS[status]}{text}\033[0m"
 
     async def _report(self, relay: httpx.AsyncClient) -> None:
         """Report outcomes with PUT /v1/logs/<id>, as the hosted agent does."""
@@ -7511,6 +7539,7 @@ def _connection_error(error: BaseException) -> str:
 
 _PONG = _encode({"action": "pong"})
 _PAUSED = "paused"
+_COLOURS = {"sent": "\033[32m", "retrying": "\033[33m", "failed": "\033[31m"}  # green, yellow, red
 
 
 async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"] = trio.TASK_STATUS_IGNORED) -> None:

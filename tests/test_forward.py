@@ -3,9 +3,11 @@ NAT. Run as a user runs it, a process, against a relay (in this process, or a pr
 local app that records every request as it arrived."""
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -60,6 +62,11 @@ class Agent:
     @property
     def lines(self) -> list[str]:
         return self.out_path.read_text().splitlines()
+
+    @property
+    def outcomes(self) -> list[str]:
+        """The lines that give a webhook's outcome: not an attempt tried again, nor a resend hint."""
+        return [line for line in self.lines if not line.startswith(" ") and ", again in " not in line]
 
     async def said(self, text: str, times: int = 1, timeout: float = 20) -> None:
         await eventually(lambda: self.err.count(text) >= times, timeout)
@@ -195,6 +202,11 @@ async def test_a_webhook_reaches_the_app_unchanged_through_the_agent_and_through
             assert request.header("X-Forwarded-For") == []  # the agent knows none
 
 
+def shape(lines: str) -> str:
+    """Lines with each number as N, a time zone's offset as +N:N."""
+    return re.sub(r"[+-]N:N\b", "+N:N", re.sub(r"\d+", "N", lines))
+
+
 async def test_the_demos_printed_forward_command_works_as_printed(tmp_path):
     async with running_app() as app:
         relay, banner = await start("--port", "0")
@@ -205,9 +217,9 @@ async def test_the_demos_printed_forward_command_works_as_printed(tmp_path):
             env = dict(word.split("=", 1) for word in words[:2])
             assert list(env) == ["RELAY_KEY", "RELAY_SECRET"] and words[3].endswith("relay_lite.py")
             assert words[4] == "forward"  # the Python and the file that ran the relay, as printed: run as they are
-            with open(tmp_path / "agent.err", "wb") as err:
+            with open(tmp_path / "agent.err", "wb") as err, open(tmp_path / "agent.out", "wb") as out:
                 agent = await trio.lowlevel.open_process(
-                    words[2:], stdout=subprocess.DEVNULL, stderr=err,
+                    words[2:], stdout=out, stderr=err,
                     env={**os.environ, **env, "XDG_STATE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"})
             try:
                 await eventually(lambda: "subscribed to buckets: demo" in (tmp_path / "agent.err").read_text(), 20)
@@ -227,6 +239,14 @@ async def test_the_demos_printed_forward_command_works_as_printed(tmp_path):
             assert [path.name for path in (tmp_path / "relay_lite").iterdir()][0].startswith("forward-")
             said = (tmp_path / "agent.err").read_text()
             assert "WARNING" not in said, said  # "no longer holds every webhook ... gone" was (issue 21, finding 3)
+            # what the README shows it prints, it prints (issue 21, finding 18)
+            readme = (Path(SCRIPT).parent / "README.md").read_text()
+            shown_err = readme.partition("It says on stderr what it is doing:\n\n```\n")[2].partition("```")[0]
+            shown_out = readme.partition("one line per webhook on stdout:\n\n```\n")[2].partition("```")[0]
+            host = curl.split()[-1].split("/")[2]
+            printed = [line.partition(" INFO ")[2].replace(host, "127.0.0.1:8080") for line in said.splitlines()]
+            assert [line.partition(" INFO ")[2] for line in shown_err.splitlines()] == printed[:3], said
+            assert shape(shown_out) == shape((tmp_path / "agent.out").read_text())
             assert await stop(relay) == 0
         finally:
             if relay.returncode is None:
@@ -255,7 +275,7 @@ async def test_without_to_each_webhook_goes_to_its_output_with_retries_and_the_o
             await post(relay, input_id="in-routes", path="/first", content="one")
             await post(relay, input_id="in-routes", content="two")
             received = await app.wait_for(3, timeout=20)
-            await eventually(lambda: len(agent.lines) == 4, timeout=20)
+            await eventually(lambda: len(agent.outcomes) == 4, timeout=20)
             async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
                 logs = (await http.get("/v1/logs", params={"bucket": "routes"})).json()["data"]
             outcomes = {(log["body"], log["output_name"]): await log_of(relay.url, log["id"]) for log in logs}
@@ -903,7 +923,7 @@ async def test_allow_keeps_a_relay_from_sending_the_agent_anywhere_else(tmp_path
             async with running_agent(tmp_path, relay.url, "--bucket", "routes", "--retries", "0",
                                      "--allow", app.url + "/hooks") as agent:
                 await post(relay, input_id="in-routes", path="/push", content="one")
-                await eventually(lambda: len(agent.lines) == 4, timeout=20)
+                await eventually(lambda: len(agent.outcomes) == 4, timeout=20)
                 async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
                     logs = (await http.get("/v1/logs", params={"bucket": "routes"})).json()["data"]
                 outcomes = {log["output_name"]: await log_of(relay.url, log["id"]) for log in logs}
@@ -1000,3 +1020,59 @@ async def test_without_to_a_bucket_whose_webhooks_name_no_url_is_refused_at_star
                                           "(an output's destination): pass --to with your app's URL, e.g. --to "
                                           "http://localhost:3000")
     assert not (tmp_path / "agent-state.json").exists()
+
+
+async def test_each_retry_is_a_line_and_a_final_failure_says_how_to_resend_as_a_command_that_works(tmp_path):
+    """While it retried, the agent printed nothing for 24 s, and its final failure did not say
+    how to resend the webhook (issue 21, finding 5)."""
+    async with relay_lite.open_relay(relay_config()) as relay:
+        async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", "http://127.0.0.1:9",
+                                 "--retries", "1") as agent:
+            await post(relay, content="to an app that is down")
+            await eventually(lambda: len(agent.outcomes) == 1, timeout=20)
+            retried, failed, hint = agent.lines
+            (log,) = (await httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)).get(
+                "/v1/logs", params={"bucket": "github"})).json()["data"]
+            assert re.fullmatch(r"\S+ POST / ConnectError: .*; attempt 1 of 2, again in \d s", retried), retried
+            assert re.fullmatch(r"\S+ POST / failed: ConnectError: .* \d+ ms \(2 attempts\)", failed), failed
+            assert hint.startswith(f"  resend {log['id']} once the app is fixed: Resend in {relay.url}/inspector/, or ")
+            readme = (Path(SCRIPT).parent / "README.md").read_text()
+            shown = readme.partition("with the agent's environment):\n\n```\n")[2].partition("```")[0]
+            assert shape(shown.replace("8080", str(relay.port)).replace(shown.split()[-1].split("/")[-2], log["id"])) == \
+                shape("\n".join(agent.lines) + "\n")  # as the README shows it
+            command = hint.partition(", or ")[2]
+            with trio.fail_after(30):
+                done = await trio.run_process(command, shell=True, capture_stdout=True, check=False,
+                                              env={**os.environ, "RELAY_KEY": KEY, "RELAY_SECRET": SECRET})
+            assert done.returncode == 0 and json.loads(done.stdout)["resent_from"] == log["id"], done
+            await eventually(lambda: len(agent.outcomes) == 2, timeout=20)  # the resend, delivered (and failed) too
+
+
+@pytest.mark.parametrize("environ, coloured", [({}, True), ({"NO_COLOR": "1"}, False)])
+def test_lines_are_coloured_on_a_terminal_unless_no_color_and_json_lines_say_each_retry(
+        tmp_path, monkeypatch, environ, coloured):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    bucket = relay_lite.BucketConfig(name="github", id="b-id")
+    sent = relay_lite.Webhook.from_request("POST", "/x", b"", [], b"{}")
+    frame = relay_lite.parse_server_frame(relay_lite._Entry("log-1", bucket, "in", "input", "out", "", sent, 0.0).frame())
+    config = relay_lite.AgentConfig(relay="http://relay:8080", key="k", secret="s", to="http://app")
+    checkpoint = relay_lite._Checkpoint(tmp_path / "state.json", "http://relay:8080", ())
+    for out, json_lines in [(Terminal(), False), (io.StringIO(), False), (Terminal(), True)]:
+        agent = relay_lite._Agent(dataclasses.replace(config, lines="json" if json_lines else "text"), checkpoint, out)
+        agent._print(frame, "http://app/x", relay_lite._Answer(503, {}, b"busy", 1.5), 2.0, started=1.0)
+        agent._print(frame, "http://app/x", relay_lite._Answer(503, {}, b"busy", 5.0, 1), started=1.0)
+        printed = out.getvalue()
+        if json_lines:
+            retried, failed = map(json.loads, printed.splitlines())
+            assert (retried["status"], retried["attempts"], retried["retry_in_s"]) == ("retrying", 1, 2.0)
+            assert (failed["status"], failed["attempts"]) == ("failed", 2) and "retry_in_s" not in failed
+            assert failed["resend"] == "POST http://relay:8080/v1/logs/log-1/action"
+        else:
+            assert ("\033[" in printed) == (coloured and isinstance(out, Terminal)), printed
+            assert "503" in printed and "attempt 1 of 6, again in 2 s" in printed and "(2 attempts)" in printed
