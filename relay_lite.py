@@ -427,6 +427,14 @@ def _unexpected(throttle: _Throttle, what: str, error: BaseException) -> None:
     logger.debug("the unexpected error while %s", what, exc_info=error)
 
 
+def _sole(error: BaseException) -> BaseException:
+    """`error`, or the one error a group of them holds (nested as deep as the nurseries it
+    crossed): what a caller can catch by its type. A group of several stays a group."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 def _innermost(error: BaseException) -> BaseException:
     """The first error inside `error`, a group of them (nested as deep as the nurseries it crossed)."""
     while isinstance(error, BaseExceptionGroup):
@@ -6922,7 +6930,9 @@ async def serve_relay(
 
     Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
     Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
-    is false (the command line prints its banner instead).
+    is false (the command line prints its banner instead). A relay that cannot start raises
+    its reason itself, not in a group: ConfigError for the config, StorageError for its
+    `[storage]`, OSError for its port.
     """
     config = load_config(config)
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
@@ -6931,21 +6941,41 @@ async def serve_relay(
     relay = Relay(config)
     relay._overrides = overrides
     relay._announce = announce
-    await relay._serve(task_status)
+    try:
+        await relay._serve(task_status)
+    except BaseExceptionGroup as group:
+        if relay.url:  # it was serving: what ended it may be more than one thing
+            raise
+        raise _sole(group) from None  # it never started, for one reason
+
+
 
 
 @asynccontextmanager
 async def open_relay(
     config: "Config | Mapping[str, Any] | str | Path", *, host: str | None = None, port: int | None = None
 ) -> AsyncIterator[Relay]:
-    """``async with open_relay(config, port=0) as relay:`` a listening relay, shut down on exit."""
-    async with trio.open_nursery() as nursery:
-        relay: Relay = await nursery.start(lambda task_status: serve_relay(
-            config, host=host, port=port, task_status=task_status))
-        try:
-            yield relay
-        finally:
-            relay.shutdown()
+    """``async with open_relay(config, port=0) as relay:`` a listening relay, shut down on exit.
+    A relay that cannot start raises as serve_relay does (ConfigError, StorageError, OSError),
+    and an error in the block comes out as itself, not in a group."""
+    started, raised = False, None
+    try:
+        async with trio.open_nursery() as nursery:
+            relay: Relay = await nursery.start(lambda task_status: serve_relay(
+                config, host=host, port=port, task_status=task_status))
+            started = True
+            try:
+                yield relay
+            except BaseException as error:
+                raised = error
+                raise
+            finally:
+                relay.shutdown()
+    except BaseExceptionGroup as group:  # the nursery's wrapping of one error: the error, as itself
+        sole = _sole(group)
+        if isinstance(sole, BaseExceptionGroup) or (started and sole is not raised):
+            raise
+        raise sole from None
 
 
 # ============================================================================ agent

@@ -89,3 +89,25 @@ async def test_idle_keepalive_connections_do_not_hold_up_shutdown():
             async with subscriber(relay, None, KEY, SECRET):
                 pass
     await http.aclose()
+
+
+@pytest.mark.parametrize("config, options, error, says", [
+    ({"tokens": [{"key": "k", "secret": "s"}], "server": {"host": "0.0.0.0"}}, {}, relay_lite.ConfigError,
+     "too easy to guess"),
+    ({"storage": {"path": "/nonexistent/folder/log.db"}}, {}, relay_lite.StorageError, "/nonexistent/folder/log.db"),
+    ({}, {"host": "192.0.2.1"}, OSError, "assign"),  # an address that is not this machine's
+])
+async def test_a_relay_that_cannot_start_raises_its_reason_not_a_group(config, options, error, says):
+    """`except relay_lite.ConfigError` missed open_relay's ExceptionGroup (issue 21, finding 6)."""
+    with pytest.raises(error, match=says):
+        async with relay_lite.open_relay(config, **options):
+            pass  # pragma: no cover
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(error, match=says):
+            await nursery.start(lambda task_status: relay_lite.serve_relay(config, task_status=task_status, **options))
+
+
+async def test_an_error_in_open_relays_block_comes_out_as_itself():
+    with pytest.raises(KeyError, match="mine"):
+        async with relay_lite.open_relay(relay_config(), port=0):
+            raise KeyError("mine")
