@@ -730,6 +730,7 @@ def _output_id(bucket_id: str, name: str) -> str:
 def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = config.server
+    reachable = not _is_loopback(server.host)  # from other machines: secrets must be strong
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
     for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "send_queue_bytes",
                 "shutdown_timeout", "request_timeout", "idle_timeout", "send_timeout", "max_header_bytes",
@@ -798,12 +799,6 @@ def _checked(config: Config) -> Config:
             _check_answer(input_, input_where, routes)
             if input_.verify is not None:
                 _check_verify(input_.verify, f"{input_where}.verify")
-            if not input_.id:
-                logger.warning(
-                    "input %r of bucket %r has no id: its URL is derived from names, stable but "
-                    "guessable; give it an id (`relay-lite init` writes random ones)",
-                    input_.name, bucket.name,
-                )
             filled_inputs.append(dataclasses.replace(input_, id=input_id))
 
         output_names: set[str] = set()
@@ -827,7 +822,7 @@ def _checked(config: Config) -> Config:
         if token.secret_hash:
             _parse_secret_hash(token.secret_hash, f"{where}.secret_hash")
         else:
-            _check_secret(token.secret, f"{where}.secret")
+            _check_secret(token.secret, f"{where}.secret", strong=reachable)
         secret = token.secret or token.secret_hash
         if secret in secrets_seen:  # Bearer <secret> and the key "whr" find a token by its secret alone
             raise ConfigError(f"{where}.secret: the same as {secrets_seen[secret]}'s; give each token its own")
@@ -838,10 +833,9 @@ def _checked(config: Config) -> Config:
             for n, ref in enumerate(token.buckets):
                 _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
     if config.metrics.token:
-        _check_secret(config.metrics.token, "metrics.token")
+        _check_secret(config.metrics.token, "metrics.token", strong=reachable)
     else:  # /metrics names every bucket and output: a stranger must not read them
-        loopback = server.host == "localhost" or getattr(_ip(server.host), "is_loopback", False)
-        _require(not config.metrics.enabled or loopback, "metrics.token",
+        _require(not config.metrics.enabled or not reachable, "metrics.token",
                  f"required when the relay listens beyond loopback (host {server.host!r}): /metrics names every "
                  "bucket and output; give one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
@@ -878,16 +872,26 @@ def _default_max_connections() -> int:
     return min(max(soft - _RESERVED_FILES, 16), _MOST_CONNECTIONS)
 
 
-def _check_secret(secret: str, where: str) -> None:
-    """A secret must be hard to guess: long, varied, and not text copied from an example."""
+def _check_secret(secret: str, where: str, *, strong: bool = True) -> None:
+    """A secret must not be text copied from an example and, unless `strong` is false (a relay
+    only this machine can reach), must be hard to guess: long and varied."""
     how = ("make one with `relay-lite init` or "
            "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
     _require(secret != "", where, f"missing (give secret or secret_hash); {how}")
-    _require(len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8, where,
-             f"too easy to guess: use at least {MIN_SECRET_LENGTH} varied characters; {how}")
     lowered = secret.lower()
     _require(not any(text in lowered for text in _PLACEHOLDERS) and not (secret[0] == "<" and secret[-1] == ">"),
              where, f"looks like a placeholder from an example; {how}")
+    _require(not strong or _is_strong(secret), where,
+             f"too easy to guess: use at least {MIN_SECRET_LENGTH} varied characters; {how}")
+
+
+def _is_strong(secret: str) -> bool:
+    return len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a relay listening on `host` can be reached only from this machine."""
+    return host == "localhost" or getattr(_ip(host), "is_loopback", False)
 
 
 _SCHEME_KEYS = {"header": ("hmac", "token"), "algorithm": ("hmac",), "encoding": ("hmac",), "prefix": ("hmac",)}  # and
@@ -1018,9 +1022,24 @@ def _require_positive(value: float, where: str) -> None:
     _require(value > 0 and math.isfinite(value), where, f"must be positive, got {value}")
 
 
-def _unusable(config: Config) -> list[str]:
-    """What makes a good config useless: a relay nobody can send to, or nobody can receive from."""
+def _advice(config: Config) -> list[str]:
+    """What a good config's owner should hear before it runs: a relay nobody can send to, or
+    nobody can receive from; and, on an address other machines reach, input URLs anyone who
+    knows the names can guess; on loopback, weak secrets accepted there only (one line)."""
     problems = []
+    server = config.server
+    if _is_loopback(server.host):
+        weak = [f"tokens[{t}].secret" for t, token in enumerate(config.tokens)
+                if token.secret and not _is_strong(token.secret)]
+        weak += ["metrics.token"] * bool(config.metrics.token and not _is_strong(config.metrics.token))
+        if weak:
+            problems.append(f"{', '.join(weak)}: too easy to guess, accepted because the relay listens on loopback "
+                            f"({server.host}) only; on any other address it is refused")
+    else:
+        problems += [f"input {input_.name!r} of bucket {bucket.name!r} has no id: its URL is derived from names, "
+                     "stable but guessable; give it an id (`relay-lite init` writes random ones)"
+                     for bucket in config.buckets for input_ in bucket.inputs
+                     if input_.id == _derived_id("input", bucket.id, input_.name)]
     if not config.buckets:
         problems.append("the config has no buckets, so no webhook can come in: add a [[buckets]] table "
                         "(`relay-lite init` writes a config with one)")
@@ -6526,6 +6545,8 @@ class Relay:
         self._loaded_at = time.time()
         logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
                     sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
+        for problem in _advice(new):
+            logger.warning("%s", problem)
 
     async def _asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
         """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
@@ -6705,7 +6726,7 @@ class Relay:
             self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
             if self._announce:
                 logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
-            for problem in _unusable(self.config):
+            for problem in _advice(self.config):
                 logger.warning("%s", problem)
 
             handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
@@ -8025,7 +8046,7 @@ def _check(path: str | None) -> int:
     outputs = sum(len(bucket.outputs) for bucket in config.buckets)
     print(f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
           f"{len(config.tokens)} token(s)")
-    for problem in _unusable(config):
+    for problem in _advice(config):
         print(f"warning: {problem}")
     return 0
 

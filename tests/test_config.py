@@ -1,10 +1,13 @@
 """Configuration: TOML to checked, frozen dataclasses, and clear errors. No sockets."""
 
+import argparse
 import dataclasses
+import logging
 import resource
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 import relay_lite
@@ -191,7 +194,7 @@ response_timeout = 3
 
 
 @pytest.mark.parametrize("secret, complaint", [
-    ("...", "too easy to guess"),  # the README's placeholder
+    ("...", "looks like a placeholder"),  # the README's placeholder
     ("s", "too easy to guess"),
     ("0123456789abcde", "too easy to guess"),  # 15 characters
     ("aaaaaaaaaaaaaaaaaaaaaaaa", "too easy to guess"),
@@ -200,12 +203,49 @@ response_timeout = 3
     ("<your-relay-token-secret>", "looks like a placeholder"),
     ("a-long-secret-and-then...", "looks like a placeholder"),
 ])
-def test_weak_and_placeholder_secrets_are_refused(tmp_path, secret, complaint):
+def test_weak_and_placeholder_secrets_are_refused_beyond_loopback(tmp_path, secret, complaint):
     """Issue 9, finding 7: a one-character secret, or the README's placeholder, was accepted."""
     with pytest.raises(ConfigError) as caught:
-        load_config({"tokens": [{"key": "k", "secret": secret}]})
+        load_config({"server": {"host": "0.0.0.0"}, "tokens": [{"key": "k", "secret": secret}]})
     assert str(caught.value).startswith("tokens[0].secret: ") and complaint in str(caught.value)
     assert "relay-lite init" in str(caught.value)
+    if complaint == "looks like a placeholder":  # never what anyone meant, on any address
+        with pytest.raises(ConfigError, match=complaint):
+            load_config({"tokens": [{"key": "k", "secret": secret}]})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+async def test_on_loopback_a_weak_secret_is_accepted_with_one_warning(host, caplog):
+    """A test fixture or an embedded relay on loopback refused secret = "s" with a traceback,
+    and warned that inputs without ids are guessable; nobody but this machine can reach it
+    (issue 21, finding 7)."""
+    config = {"server": {"host": host, "port": 0}, "tokens": [{"key": "k", "secret": "s"}, {"key": "j", "secret": "t"}],
+              "metrics": {"enabled": True, "token": "m"}, "buckets": [{"name": "b", "inputs": [{}, {"name": "x"}]}]}
+    with caplog.at_level(logging.WARNING, logger="relay_lite"):
+        async with relay_lite.open_relay(config) as relay:
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(relay.url + "/v1/buckets", auth=("k", "s"))).status_code == 200
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warnings == [f"tokens[0].secret, tokens[1].secret, metrics.token: too easy to guess, accepted because the "
+                        f"relay listens on loopback ({host}) only; on any other address it is refused"]
+    with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):
+        load_config({**config, "server": {"host": "0.0.0.0"}})
+    with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):  # the command line's --host
+        relay_lite._with_overrides(load_config(config), argparse.Namespace(host="0.0.0.0", port=None))
+
+
+def test_beyond_loopback_each_input_without_an_id_is_warned_of():
+    config = load_config({"server": {"host": "0.0.0.0"}, "buckets": [{"name": "b", "inputs": [{}, {"name": "x"}]}]})
+    assert relay_lite._advice(config) == [
+        "input 'Default public endpoint' of bucket 'b' has no id: its URL is derived from names, stable but "
+        "guessable; give it an id (`relay-lite init` writes random ones)",
+        "input 'x' of bucket 'b' has no id: its URL is derived from names, stable but guessable; give it an id "
+        "(`relay-lite init` writes random ones)",
+        "the config has no tokens, so no client can connect: add a [[tokens]] table (`relay-lite init` writes a "
+        "config with one)"]
+    assert relay_lite._advice(dataclasses.replace(config, server=relay_lite.ServerConfig())) == [
+        "the config has no tokens, so no client can connect: add a [[tokens]] table (`relay-lite init` writes a "
+        "config with one)"]  # on loopback, nobody else can guess at its URLs
 
 
 def test_two_tokens_may_not_share_a_secret():
