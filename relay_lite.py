@@ -730,7 +730,7 @@ def _output_id(bucket_id: str, name: str) -> str:
 def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = config.server
-    reachable = not _is_loopback(server.host)  # from other machines: secrets must be strong
+    reachable = _reachable(server)  # from other machines: secrets must be strong
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
     for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "send_queue_bytes",
                 "shutdown_timeout", "request_timeout", "idle_timeout", "send_timeout", "max_header_bytes",
@@ -889,9 +889,11 @@ def _is_strong(secret: str) -> bool:
     return len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether a relay listening on `host` can be reached only from this machine."""
-    return host == "localhost" or getattr(_ip(host), "is_loopback", False)
+def _reachable(server: "ServerConfig") -> bool:
+    """Whether other machines may reach the relay: it listens beyond loopback, or says that a
+    proxy forwards to it (trusted_proxies) or where the world finds it (public_url)."""
+    loopback = server.host == "localhost" or getattr(_ip(server.host), "is_loopback", False)
+    return not loopback or bool(server.trusted_proxies or server.public_url)
 
 
 _SCHEME_KEYS = {"header": ("hmac", "token"), "algorithm": ("hmac",), "encoding": ("hmac",), "prefix": ("hmac",)}  # and
@@ -1028,13 +1030,14 @@ def _advice(config: Config) -> list[str]:
     knows the names can guess; on loopback, weak secrets accepted there only (one line)."""
     problems = []
     server = config.server
-    if _is_loopback(server.host):
+    if not _reachable(server):
         weak = [f"tokens[{t}].secret" for t, token in enumerate(config.tokens)
                 if token.secret and not _is_strong(token.secret)]
         weak += ["metrics.token"] * bool(config.metrics.token and not _is_strong(config.metrics.token))
         if weak:
             problems.append(f"{', '.join(weak)}: too easy to guess, accepted because the relay listens on loopback "
-                            f"({server.host}) only; on any other address it is refused")
+                            f"({server.host}) only; on any other address, or behind a proxy (trusted_proxies, "
+                            "public_url), it is refused")
     else:
         problems += [f"input {input_.name!r} of bucket {bucket.name!r} has no id: its URL is derived from names, "
                      "stable but guessable; give it an id (`relay-lite init` writes random ones)"

@@ -227,9 +227,13 @@ async def test_on_loopback_a_weak_secret_is_accepted_with_one_warning(host, capl
                 assert (await http.get(relay.url + "/v1/buckets", auth=("k", "s"))).status_code == 200
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert warnings == [f"tokens[0].secret, tokens[1].secret, metrics.token: too easy to guess, accepted because the "
-                        f"relay listens on loopback ({host}) only; on any other address it is refused"]
+                        f"relay listens on loopback ({host}) only; on any other address, or behind a proxy (trusted_proxies, "
+                        "public_url), it is refused"]
     with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):
         load_config({**config, "server": {"host": "0.0.0.0"}})
+    for proxied in ({"trusted_proxies": ["127.0.0.1"]}, {"public_url": "https://relay.example.com"}):
+        with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):  # the world reaches it
+            load_config({**config, "server": {"host": host, **proxied}})
     with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):  # the command line's --host
         relay_lite._with_overrides(load_config(config), argparse.Namespace(host="0.0.0.0", port=None))
 
