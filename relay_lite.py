@@ -630,9 +630,55 @@ def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
     except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, a 5,000-digit number, [[[[...
         raise ConfigError(f"{path}: not valid TOML: {_shown(str(error), 200)}") from None
     try:
-        return _checked(_build(Config, raw, ""))
+        return _checked(_files_beside(_build(Config, raw, ""), path.absolute().parent))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def _files_beside(config: Config, folder: Path) -> Config:
+    """`config` with its relative file paths (TLS files, the log's database) made relative to
+    `folder`, its file's: a service manager starts the relay in /, not where its config is."""
+    def beside(name: str) -> str:
+        return str(folder / name) if name and not os.path.isabs(name) else name
+
+    server = dataclasses.replace(config.server, certfile=beside(config.server.certfile),
+                                 keyfile=beside(config.server.keyfile))
+    return dataclasses.replace(config, server=server, storage=StorageConfig(beside(config.storage.path)))
+
+
+def _preflight(config: Config) -> None:
+    """Check what a config needs of this machine that load_config does not: that its log's
+    database can be opened and written. Raise ConfigError naming the key if not. A start from
+    the command line and `check` call it; a relay's start meets the same problems anyway."""
+    if config.storage.path:
+        _check_storage(config.storage.path)
+
+
+def _check_storage(path: str) -> None:
+    """That the SQLite file at `path` can be the log's database, changing nothing: an existing
+    one is a database this relay_lite can read, in a folder it may write (its journal lives
+    beside it); a new one's folder exists and may be written."""
+    target = Path(path)
+    try:
+        if target.exists():
+            _require(os.access(target, os.R_OK | os.W_OK) and os.access(target.parent, os.W_OK | os.X_OK),
+                     "storage.path", f"cannot use {path!r} as the log's database: this user may not write it, "
+                     "or its folder")
+            db = sqlite3.connect(f"{target.absolute().as_uri()}?mode=ro", uri=True)
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                db.close()
+            _require(version <= len(_MIGRATIONS), "storage.path",
+                     f"{path!r} was written by a newer relay_lite (schema {version})")
+        else:
+            _require(target.parent.is_dir(), "storage.path",
+                     f"cannot use {path!r} as the log's database: its folder {str(target.parent)!r} does not exist")
+            _require(os.access(target.parent, os.W_OK | os.X_OK), "storage.path",
+                     f"cannot use {path!r} as the log's database: this user may not write its folder")
+    except sqlite3.Error as error:
+        raise ConfigError(f"storage.path: cannot use {path!r} as the log's database: {error}") from None
 
 
 def _build(cls: type, raw: object, where: str) -> Any:
@@ -7960,7 +8006,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="check a config file, as a start or a reload would: exit 0 if it "
                                               "is good, 2 with its error if not")
     check.add_argument("--config", "-c", metavar="FILE", dest="check_config", help="the file (or give --config "
-                                                                                    "before the command)")
+                                                                                    "before the command; default: "
+                                                                                    "relay.toml)")
     commands.add_parser("hash-secret", help="read a token's secret on standard input (none: make one), "
                                             "print the secret_hash that may replace it in the config")
     _forward_arguments(commands.add_parser(
@@ -7988,6 +8035,7 @@ def main(argv: list[str] | None = None) -> int:
         return _forward(args)
     try:
         config = _with_overrides(load_config(args.config) if args.config else _demo_config(ServerConfig()), args)
+        _preflight_file(config, args.config or "the demo")
     except ConfigError as error:
         print(f"relay_lite: error: {error}", file=sys.stderr)
         return 2
@@ -8011,8 +8059,9 @@ def main(argv: list[str] | None = None) -> int:
         storage_failures.append(group)
     except* OSError as group:  # nested as deep as the nurseries it crossed
         failures.append(group)
-    if storage_failures:
-        print(f"relay_lite: error: {_innermost(storage_failures[0])}", file=sys.stderr)
+    if storage_failures:  # found only at start (its database, say, half written): named as config errors are
+        print(f"relay_lite: error: {args.config + ': ' if args.config else ''}{_innermost(storage_failures[0])}",
+              file=sys.stderr)
         return 2
     if failures:
         failure = _innermost(failures[0])
@@ -8036,12 +8085,16 @@ class _JsonLines(logging.Formatter):
 
 
 def _check(path: str | None) -> int:
-    """`python relay_lite.py check --config FILE`."""
+    """`python relay_lite.py check [--config FILE]`: without one, relay.toml, as init writes it."""
     if not path:
-        print("relay_lite: error: check needs --config FILE", file=sys.stderr)
-        return 2
+        if not Path("relay.toml").is_file():
+            print("relay_lite: error: no relay.toml here: give the config file, check --config FILE "
+                  "(`relay-lite init` writes one)", file=sys.stderr)
+            return 2
+        path = "relay.toml"
     try:
         config = load_config(path)
+        _preflight_file(config, path)
     except ConfigError as error:
         print(f"relay_lite: error: {error}", file=sys.stderr)
         return 2
@@ -8052,6 +8105,14 @@ def _check(path: str | None) -> int:
     for problem in _advice(config):
         print(f"warning: {problem}")
     return 0
+
+
+def _preflight_file(config: Config, path: str) -> None:
+    """_preflight(config), its error naming the config's file, as load_config's do."""
+    try:
+        _preflight(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _tune_gc() -> None:

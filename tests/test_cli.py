@@ -135,7 +135,56 @@ def test_check_says_whether_a_config_is_good_as_a_start_would(tmp_path):
     bad = run("check", "--config", str(config))
     assert (bad.returncode, bad.stdout) == (2, "")
     assert bad.stderr.strip().splitlines()[-1] == f"relay_lite: error: {config}: buckets[0].name: must not be empty"
-    assert run("check").returncode == 2
+    (tmp_path / "empty").mkdir()
+    missing = subprocess.run([sys.executable, SCRIPT, "check"], capture_output=True, text=True, timeout=20,
+                             cwd=tmp_path / "empty")
+    assert missing.returncode == 2 and "no relay.toml here: give the config file, check --config FILE" in missing.stderr
+    config.write_text(config.read_text().replace('name = ""', 'name = "github"'))
+    here = subprocess.run([sys.executable, SCRIPT, "check"], capture_output=True, text=True, timeout=20, cwd=tmp_path)
+    assert (here.returncode, here.stdout) == (0, "relay.toml: good: 1 bucket(s), 1 input(s), 0 output(s), 1 token(s)\n")
+
+
+@pytest.mark.parametrize("storage, complaint", [
+    ("/nonexistent/folder/log.db", "storage.path: cannot use '/nonexistent/folder/log.db' as the log's database: its "
+                                   "folder '/nonexistent/folder' does not exist"),
+    ("not-a-database.db", "as the log's database: file is not a database"),
+])
+async def test_check_and_start_refuse_a_log_database_that_cannot_be_used_naming_the_file(tmp_path, storage, complaint):
+    """`check` passed a config whose [storage] path could not be opened, and the start then
+    failed without the file's name (issue 21, finding 8)."""
+    config = tmp_path / "relay.toml"
+    assert run("init", str(config)).returncode == 0
+    (tmp_path / "not-a-database.db").write_text("some text, not SQLite\n" * 100)
+    config.write_text(config.read_text() + f'\n[storage]\npath = "{storage}"\n')
+    for args in (("check", "--config", str(config)), ("--config", str(config), "--port", "0")):
+        refused = run(*args)
+        assert refused.returncode == 2 and refused.stdout == "", refused
+        assert refused.stderr.startswith(f"relay_lite: error: {config}: "), refused.stderr
+        assert complaint in refused.stderr and "Traceback" not in refused.stderr
+
+
+async def test_relative_paths_in_a_config_are_beside_it_not_where_the_relay_started(tmp_path):
+    """systemd starts a relay in /: a relative [storage] path was a file in / (issue 21, finding 8)."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    assert run("init", str(folder / "relay.toml")).returncode == 0
+    with open(folder / "relay.toml", "a") as file:
+        file.write('\n[storage]\npath = "state/log.db"\n')
+    (folder / "state").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    checked = subprocess.run([sys.executable, SCRIPT, "check", "--config", str(folder / "relay.toml")],
+                             capture_output=True, text=True, timeout=20, cwd=elsewhere)
+    assert checked.returncode == 0, checked.stderr
+    process, _ = await start("--config", str(folder / "relay.toml"), "--port", "0", cwd=elsewhere)
+    assert await stop(process) == 0
+    assert (folder / "state" / "log.db").is_file() and list(elsewhere.iterdir()) == []
+    config = relay_lite.load_config(folder / "relay.toml")
+    assert config.storage.path == str(folder / "state" / "log.db")
+    assert relay_lite.load_config({"storage": {"path": "log.db"}}).storage.path == "log.db"  # a dict: as given
+    (folder / "tls.toml").write_text('[server]\ncertfile = "tls/cert.pem"\nkeyfile = "/abs/key.pem"\n')
+    with pytest.raises(relay_lite.ConfigError, match=f"cannot load {folder}/tls/cert.pem with /abs/key.pem"):
+        relay_lite.load_config(folder / "tls.toml")
 
 
 async def test_log_format_json_writes_one_object_per_line(tmp_path):

@@ -155,8 +155,8 @@ def test_a_database_that_cannot_be_opened_exits_2_with_a_message(tmp_path):
     path.write_text(path.read_text() + f'\n[storage]\npath = "{tmp_path / "missing" / "relay.db"}"\n')
     result = run("--config", str(path), "--port", "0")
     assert result.returncode == 2
-    assert "relay_lite: error: storage.path: cannot use" in result.stderr
-    assert "unable to open database file" in result.stderr
+    assert result.stderr.startswith(f"relay_lite: error: {path}: storage.path: cannot use")  # named as others are
+    assert f"its folder '{tmp_path / 'missing'}' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 
