@@ -924,11 +924,15 @@ def _check_secret(secret: str, where: str, *, strong: bool = True) -> None:
     how = ("make one with `relay-lite init` or "
            "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
     _require(secret != "", where, f"missing (give secret or secret_hash); {how}")
-    lowered = secret.lower()
-    _require(not any(text in lowered for text in _PLACEHOLDERS) and not (secret[0] == "<" and secret[-1] == ">"),
-             where, f"looks like a placeholder from an example; {how}")
+    _require(not _is_placeholder(secret), where, f"looks like a placeholder from an example; {how}")
     _require(not strong or _is_strong(secret), where,
              f"too easy to guess: use at least {MIN_SECRET_LENGTH} varied characters; {how}")
+
+
+def _is_placeholder(text: str) -> bool:
+    """Whether `text` is one an example stood in for a value with: "...", "<your secret>"."""
+    lowered = text.lower()
+    return any(example in lowered for example in _PLACEHOLDERS) or (text[:1] == "<" and text[-1:] == ">")
 
 
 def _is_strong(secret: str) -> bool:
@@ -963,6 +967,8 @@ def _check_verify(verify: VerifyConfig, where: str) -> None:
         _require(verify.encoding in ("hex", "base64"), f"{where}.encoding",
                  f"must be hex or base64, got {_shown(verify.encoding, 40)!r}")
     for n, secret in enumerate(verify.secrets):
+        _require(not _is_placeholder(secret), f"{where}.secrets[{n}]", "looks like a placeholder from an example: "
+                 "give the secret the sender signs with (its webhook settings show it)")
         if verify.scheme == "basic":
             _require(":" in secret, f"{where}.secrets[{n}]", 'must be "user:password"')
         if verify.scheme == "standard-webhooks":
@@ -1125,7 +1131,11 @@ history_size = {DEFAULT_HISTORY_SIZE}          # webhooks each bucket keeps for 
 history_ttl = {DEFAULT_HISTORY_TTL:g}          # ...for at most this many seconds
 
 # [storage]                  # keep the webhook log in SQLite: a restart loses nothing
-# path = "relay.db"
+# path = "relay.db"          # beside this file
+
+# [metrics]                  # GET /metrics for Prometheus (pip install 'relay-lite[metrics]')
+# enabled = true
+# token = "{secrets.token_urlsafe(24)}"   # its scraper sends Authorization: Bearer <token>
 
 [[tokens]]
 key = "{uuid.uuid4()}"
@@ -1140,7 +1150,7 @@ name = "github"
   name = "{DEFAULT_INPUT_NAME}"
   # status_code = 200       # what senders get back
   # response_from_output = "anyOutput"   # or: hold senders until a socket client answers
-  # verify = {{ scheme = "github", secrets = ["the webhook's secret"] }}   # relay only signed webhooks
+  # verify = {{ scheme = "github", secrets = ["<the webhook's secret>"] }}   # relay only signed webhooks
   # [[buckets.outputs]]     # no outputs: every webhook reaches sockets once
   # name = "local"
   # destination = "http://localhost:3000"

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -289,3 +290,40 @@ def test_a_config_nobody_can_use_is_warned_of(tmp_path):
     assert checked.returncode == 0
     assert "warning: the config has no buckets, so no webhook can come in" in checked.stdout
     assert "warning: the config has no tokens, so no client can connect" in checked.stdout
+
+
+def test_the_readmes_every_key_block_passes_check_once_its_placeholders_are_filled(tmp_path):
+    """Pasted as the README said, the block failed check (a weak secret, a weak metrics token);
+    a placeholder verify secret passed, and then refused every webhook (issue 21, finding 9)."""
+    readme = (Path(SCRIPT).parent / "README.md").read_text()
+    block = readme.partition("makes one):\n\n```toml\n")[2].partition("```")[0]
+    assert "[server]" in block and "[[buckets.outputs]]" in block and block.count('"<') >= 5
+    config = tmp_path / "relay.toml"
+    config.write_text(block)
+    pasted = run("check", "--config", str(config))
+    assert pasted.returncode == 2 and "looks like a placeholder" in pasted.stderr, pasted.stderr
+    config.write_text(re.sub(r'"<[^">]*>"', lambda _: f'"{secrets.token_urlsafe(24)}"', block))
+    filled = run("check", "--config", str(config))
+    assert (filled.returncode, filled.stderr) == (0, ""), filled.stderr
+    assert filled.stdout == f"{config}: good: 1 bucket(s), 1 input(s), 1 output(s), 1 token(s)\n"  # no warning
+    verify = "<the secret GitHub signs with>"
+    assert f'"{verify}"' in block  # the placeholder in verify.secrets alone is refused too
+    config.write_text(re.sub(r'"<[^">]*>"', lambda found: found.group(0) if verify in found.group(0) else
+                             f'"{secrets.token_urlsafe(24)}"', block))
+    refused = run("check", "--config", str(config))
+    assert refused.returncode == 2 and "buckets[0].inputs[0].verify.secrets[0]: looks like a placeholder" in \
+        refused.stderr, refused.stderr
+
+
+def test_inits_commented_lines_pass_check_once_uncommented_or_ask_for_their_value(tmp_path):
+    config = tmp_path / "relay.toml"
+    assert run("init", str(config)).returncode == 0
+    text = config.read_text()
+    assert '# token = "' in text and "[metrics]" in text  # init makes a metrics token too
+    metrics = text.replace("# [metrics]", "[metrics]").replace("# enabled = true", "enabled = true").replace(
+        "# token = ", "token = ")
+    config.write_text(metrics)
+    assert run("check", "--config", str(config)).returncode == 0
+    config.write_text(text.replace("# verify = ", "verify = "))
+    refused = run("check", "--config", str(config))
+    assert refused.returncode == 2 and "verify.secrets[0]: looks like a placeholder" in refused.stderr
