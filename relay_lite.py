@@ -8047,15 +8047,15 @@ def main(argv: list[str] | None = None) -> int:
         config = _with_overrides(load_config(args.config) if args.config else _demo_config(ServerConfig()), args)
         _preflight_file(config, args.config or "the demo")
     except ConfigError as error:
-        print(f"relay_lite: error: {error}", file=sys.stderr)
+        _fail(str(error))
         return 2
     if args.workers != 1 and _WORKER not in os.environ:  # a worker runs one relay, whatever it was given
         if not 1 <= args.workers <= _MOST_WORKERS:
-            print(f"relay_lite: error: --workers must be 1 to {_MOST_WORKERS}", file=sys.stderr)
+            _fail(f"--workers must be 1 to {_MOST_WORKERS}")
             return 2
         if not config.cluster.redis_url or not config.server.port:
-            print("relay_lite: error: --workers needs [cluster] redis_url (the workers share their log through "
-                  "Redis) and a port other than 0", file=sys.stderr)
+            _fail("--workers needs [cluster] redis_url (the workers share their log through "
+                  "Redis) and a port other than 0")
             return 2
         return _run_workers(args.workers, sys.argv[1:] if argv is None else argv)
     reload = (lambda: _with_overrides(load_config(args.config), args)) if args.config else None
@@ -8070,43 +8070,62 @@ def main(argv: list[str] | None = None) -> int:
     except* OSError as group:  # nested as deep as the nurseries it crossed
         failures.append(group)
     if storage_failures:  # found only at start (its database, say, half written): named as config errors are
-        print(f"relay_lite: error: {args.config + ': ' if args.config else ''}{_innermost(storage_failures[0])}",
-              file=sys.stderr)
+        _fail(f"{args.config + ': ' if args.config else ''}{_innermost(storage_failures[0])}")
         return 2
     if failures:
         failure = _innermost(failures[0])
-        print(f"relay_lite: error: cannot listen on {config.server.host}:{config.server.port}: "
-              f"{getattr(failure, 'strerror', None) or failure}", file=sys.stderr)
+        _fail(f"cannot listen on {config.server.host}:{config.server.port}: "
+              f"{getattr(failure, 'strerror', None) or failure}")
         return 1
     return 0
 
 
 class _JsonLines(logging.Formatter):
     """A log record as one JSON object on one line, for a log collector: "time" (RFC 3339, UTC,
-    milliseconds), "level" (lower case), "logger", "message", and "exception" when there is one."""
+    milliseconds), "level" (lower case), "logger", "message", and "exception" when there is one;
+    a record made with extra={"fields": {...}} adds those."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
                     timespec="milliseconds").replace("+00:00", "Z"),
-                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+                **getattr(record, "fields", {})}
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+    @staticmethod
+    def chosen() -> bool:
+        """Whether the command line chose JSON lines (--log-format json)."""
+        return any(isinstance(handler.formatter, _JsonLines) for handler in logging.getLogger().handlers)
+
+    @classmethod
+    def line(cls, level: int, message: str, **fields: Any) -> str:
+        return cls().format(logging.makeLogRecord({"name": logger.name, "levelno": level, "created": time.time(),
+                                                   "levelname": logging.getLevelName(level), "msg": message,
+                                                   "fields": fields}))
+
+
+def _fail(message: str) -> None:
+    """A command's last word, on stderr: `relay_lite: error: <message>`, or with --log-format
+    json, one JSON object (level "error"), as every other line is then."""
+    print(_JsonLines.line(logging.ERROR, message) if _JsonLines.chosen() else f"relay_lite: error: {message}",
+          file=sys.stderr)
 
 
 def _check(path: str | None) -> int:
     """`python relay_lite.py check [--config FILE]`: without one, relay.toml, as init writes it."""
     if not path:
         if not Path("relay.toml").is_file():
-            print("relay_lite: error: no relay.toml here: give the config file, check --config FILE "
-                  "(`relay-lite init` writes one)", file=sys.stderr)
+            _fail("no relay.toml here: give the config file, check --config FILE "
+                  "(`relay-lite init` writes one)")
             return 2
         path = "relay.toml"
     try:
         config = load_config(path)
         _preflight_file(config, path)
     except ConfigError as error:
-        print(f"relay_lite: error: {error}", file=sys.stderr)
+        _fail(str(error))
         return 2
     inputs = sum(len(bucket.inputs) for bucket in config.buckets)
     outputs = sum(len(bucket.outputs) for bucket in config.buckets)
@@ -8144,7 +8163,7 @@ def _tune_gc() -> None:
 
 def _init(path: Path, *, force: bool) -> int:
     if path.exists() and not force:
-        print(f"relay_lite: error: {path} exists; pass --force to overwrite it", file=sys.stderr)
+        _fail(f"{path} exists; pass --force to overwrite it")
         return 2
     # it holds a token's secret: the owner's only (the default, 0644, let every user of a Pi read it)
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as file:
@@ -8167,7 +8186,7 @@ def _hash_secret() -> int:
     try:
         _check_secret(secret, "the secret")
     except ConfigError as error:
-        print(f"relay_lite: error: {error}", file=sys.stderr)
+        _fail(str(error))
         return 2
     if made:
         print(f"# the token's secret, for its clients (the config keeps only its hash): {secret}")
@@ -8235,7 +8254,7 @@ def _forward(args: argparse.Namespace) -> int:
         if args.cacert and not Path(args.cacert).is_file():
             raise AgentError(f"--cacert {args.cacert}: no such file")
     except AgentError as error:
-        print(f"relay_lite: error: {error}", file=sys.stderr)
+        _fail(str(error))
         return 2
     config = AgentConfig(
         relay=args.relay, key=args.key, secret=args.secret, buckets=tuple(args.bucket), to=args.to,
@@ -8252,7 +8271,7 @@ def _forward(args: argparse.Namespace) -> int:
     except* AgentError as group:
         refusals.append(group)
     if refusals:
-        print(f"relay_lite: error: {_innermost(refusals[0])}", file=sys.stderr)
+        _fail(f"{_innermost(refusals[0])}")
         return 1
     return 0
 
@@ -8380,7 +8399,8 @@ async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | 
             _unexpected(relay._throttle, "reloading the config (the config in force stays)", error)
 
     await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
-                           lambda relay: print(_banner(relay, reload is None), flush=True), hang_up)
+                           lambda relay: print(_banner(relay, demo=reload is None, json_line=_JsonLines.chosen()),
+                                               flush=True), hang_up)
 
 
 async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[Any], None],
@@ -8418,35 +8438,53 @@ async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[
                     stopping = True
 
 
-def _banner(relay: Relay, demo: bool) -> str:
+def _banner(relay: Relay, *, demo: bool, json_line: bool = False) -> str:
+    """What the command line prints once the relay listens: its URLs, the inputs' and, in the
+    demo, the token and commands to try it; as text, or as one JSON line (--log-format json)."""
     config = relay.config
-    lines = [f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)",
-             f"  socket URL: {relay.socket_url}"]
+    listening = f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)"
+    inspector = ""
     if config.inspector.enabled:  # its own host name, if it has one, at the relay's port
         inspector = (urllib.parse.urlsplit(relay.url)._replace(netloc=f"{config.inspector.host}:{relay.port}").geturl()
-                     if config.inspector.host else relay.public_url)
-        lines.append(f"  inspector:  {inspector}/ (sign in with a token's key and secret)")
-    for bucket in config.buckets:
-        for input_ in bucket.inputs:
-            lines.append(f"  bucket {bucket.name!r}, input {input_.name!r}: {relay.input_url(input_.id, public=True)}")
+                     if config.inspector.host else relay.public_url) + "/"
+    inputs = [(bucket.name, input_.name, relay.input_url(input_.id, public=True))
+              for bucket in config.buckets for input_ in bucket.inputs]
+    demo_lines: dict[str, str] = {}
     if demo:
         token, bucket, command = config.tokens[0], config.buckets[0], _command()
-        input_url = relay.input_url(bucket.inputs[0].id)
+        demo_lines = {
+            "key": token.key, "secret": token.secret,
+            "send": f"curl -X POST -H 'Content-Type: application/json' -d '{{\"hello\": \"relay\"}}' "
+                    f"{relay.input_url(bucket.inputs[0].id)}",
+            "auth": f'{{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
+            "subscribe": f'{{"action":"subscribe","buckets":["{bucket.name}"]}}',
+            "forward": f"RELAY_KEY={token.key} RELAY_SECRET={token.secret} {command} forward "
+                       f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
+            "init": f"{command} init relay.toml && {command} --config relay.toml"}
+    if json_line:
+        return _JsonLines.line(logging.INFO, listening, url=relay.url, socket_url=relay.socket_url,
+                               **({"inspector": inspector} if inspector else {}),
+                               inputs=[{"bucket": bucket, "input": name, "url": url} for bucket, name, url in inputs],
+                               **({"demo": demo_lines} if demo else {}))
+    lines = [listening, f"  socket URL: {relay.socket_url}"]
+    if inspector:
+        lines.append(f"  inspector:  {inspector} (sign in with a token's key and secret)")
+    lines += [f"  bucket {bucket!r}, input {name!r}: {url}" for bucket, name, url in inputs]
+    if demo:
         lines += [
             "",
             "Demo mode (no --config): this bucket, input and token exist for this run only.",
-            f"  key:    {token.key}",
-            f"  secret: {token.secret}",
+            f"  key:    {demo_lines['key']}",
+            f"  secret: {demo_lines['secret']}",
             "",
             "Send a webhook:",
-            f"  curl -X POST -H 'Content-Type: application/json' -d '{{\"hello\": \"relay\"}}' {input_url}",
+            f"  {demo_lines['send']}",
             "Receive it: connect to the socket URL, send",
-            f'  {{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
-            f'  {{"action":"subscribe","buckets":["{bucket.name}"]}}',
+            f"  {demo_lines['auth']}",
+            f"  {demo_lines['subscribe']}",
             "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
-            f"  RELAY_KEY={token.key} RELAY_SECRET={token.secret} {command} forward "
-            f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
-            f"For lasting ids: {command} init relay.toml && {command} --config relay.toml",
+            f"  {demo_lines['forward']}",
+            f"For lasting ids: {demo_lines['init']}",
         ]
     lines += ["", "Ctrl-C to stop."]
     return "\n".join(lines)

@@ -189,15 +189,31 @@ async def test_relative_paths_in_a_config_are_beside_it_not_where_the_relay_star
 
 
 async def test_log_format_json_writes_one_object_per_line(tmp_path):
+    """The banner was plain text on stdout in JSON mode (issue 21, finding 11): now every line
+    the relay writes, on stdout or stderr, is one JSON object."""
     err = tmp_path / "stderr"
     with open(err, "wb") as file:
-        process, banner = await start("--log-format", "json", "--port", "0", stderr=file)
+        process = await trio.lowlevel.open_process([sys.executable, "-u", SCRIPT, "--log-format", "json", "--port",
+                                                    "0"], stdout=subprocess.PIPE, stderr=file)
     try:
-        curl = re.search(r"curl .*", banner).group(0)
+        out = b""
+        with trio.fail_after(20):
+            while not out.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"server exited: {out!r}"
+                out += chunk
+        banner = json.loads(out)
+        assert banner["level"] == "info" and banner["message"].startswith("relay_lite ")
+        assert banner["socket_url"] == banner["url"].replace("http", "ws") + "/v1/socket"
+        assert banner["inspector"] == banner["url"] + "/"
+        assert [(line["bucket"], line["url"]) for line in banner["inputs"]] == [
+            ("demo", banner["demo"]["send"].split()[-1])]
+        assert set(banner["demo"]) == {"key", "secret", "send", "auth", "subscribe", "forward", "init"}
         async with httpx.AsyncClient() as http:
-            assert (await http.post(curl.split()[-1], content="line\nbreak \u2603")).status_code == 200
+            assert (await http.post(banner["demo"]["send"].split()[-1], content="line\nbreak \u2603")).status_code == 200
     finally:
         assert await stop(process) == 0
+    assert await process.stdout.receive_some() == b""  # nothing more on stdout
     lines = [json.loads(line) for line in err.read_text().splitlines()]
     assert lines and all(set(line) == {"time", "level", "logger", "message"} for line in lines)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
@@ -208,6 +224,9 @@ async def test_log_format_json_writes_one_object_per_line(tmp_path):
 def test_missing_config_file_exits_2(tmp_path):
     result = run("--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+    as_json = run("--log-format", "json", "--config", str(tmp_path / "nope.toml"))
+    (line,) = as_json.stderr.splitlines()
+    assert as_json.returncode == 2 and json.loads(line)["level"] == "error" and "cannot read" in json.loads(line)["message"]
 
 
 def test_port_in_use_exits_1_with_a_message():
