@@ -495,7 +495,7 @@ class StorageConfig:
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     """The `[cluster]` table: with a `redis_url`, relays sharing that Redis share their buckets'
-    logs (see the Redis backend). Needs `pip install relay-lite[redis]`."""
+    logs (see the Redis backend). Needs the extra `redis` (_install)."""
 
     redis_url: str = ""
     prefix: str = "relay_lite"  # of every Redis key it uses
@@ -504,7 +504,7 @@ class ClusterConfig:
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     """The `[metrics]` table: GET /metrics, in the Prometheus text format, when enabled (it needs
-    `pip install 'relay-lite[metrics]'`); with a `token`, only for `Authorization: Bearer <token>`."""
+    the extra `metrics`, _install); with a `token`, only for `Authorization: Bearer <token>`."""
 
     enabled: bool = False
     token: str = ""
@@ -885,14 +885,14 @@ def _checked(config: Config) -> Config:
                  f"required when the relay listens beyond loopback (host {server.host!r}): /metrics names every "
                  "bucket and output; give one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
-             "metrics.enabled", "needs the Prometheus client: pip install 'relay-lite[metrics]'")
+             "metrics.enabled", f"needs the Prometheus client: {_install('metrics')}")
     if config.cluster.redis_url:
         _require(urllib.parse.urlsplit(config.cluster.redis_url).scheme in ("redis", "rediss", "unix"),
                  "cluster.redis_url", "must be a redis://, rediss:// or unix:// URL")
         _require(not config.storage.path, "cluster.redis_url",
                  "the cluster keeps the log in Redis: leave out [storage] (Redis's own persistence keeps it)")
         _require(importlib.util.find_spec("redis") is not None, "cluster.redis_url",
-                 "needs the Redis client: pip install 'relay-lite[redis]'")
+                 f"needs the Redis client: {_install('redis')}")
     inspector = config.inspector
     _require(inspector.host == "" or _HOST_NAME.fullmatch(inspector.host) is not None, "inspector.host",
              f"must be a host name (no scheme, no port), got {_shown(inspector.host, 60)!r}")
@@ -907,6 +907,17 @@ _RESERVED_FILES = 64  # open files the relay needs besides connections: listener
 _MOST_CONNECTIONS = 20_000  # the default max_connections at most: about 600 MB of idle sockets
 _MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
 _PLACEHOLDERS = ("...", "\u2026", "changeme", "change-me", "change_me", "your-secret", "your_secret", "placeholder")
+
+
+def _install(extra: str) -> str:
+    """The command that installs an optional extra's libraries where this relay runs: the pip of
+    this very Python (in a venv, pipx's or the checkout's, as much as a system one), by
+    requirement, which works wherever relay_lite came from; `relay-lite[extra]` only resolves
+    where the package itself is installable."""
+    return f"{shlex.quote(sys.executable)} -m pip install {shlex.quote(_EXTRAS[extra])}"
+
+
+_EXTRAS = {"metrics": "prometheus-client>=0.17", "redis": "redis>=5,<9"}  # as pyproject.toml's extras say
 
 
 def _default_max_connections() -> int:
@@ -1133,7 +1144,7 @@ history_ttl = {DEFAULT_HISTORY_TTL:g}          # ...for at most this many second
 # [storage]                  # keep the webhook log in SQLite: a restart loses nothing
 # path = "relay.db"          # beside this file
 
-# [metrics]                  # GET /metrics for Prometheus (pip install 'relay-lite[metrics]')
+# [metrics]                  # GET /metrics for Prometheus; it needs: {_install('metrics')}
 # enabled = true
 # token = "{secrets.token_urlsafe(24)}"   # its scraper sends Authorization: Bearer <token>
 
@@ -4867,26 +4878,27 @@ def _make_app(relay: "Relay") -> QuartTrio:
             return _plain(503, "the webhook log cannot be written")
         return _plain(200, "ready")
 
-    if relay.config.metrics.enabled:
-
-        @app.route(METRICS_PATH, methods=["GET"])
-        async def metrics() -> Response:
-            expected = relay.config.metrics.token
-            if expected:
-                address = _address_key(relay._client())
-                scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-                try:
-                    right = scheme.lower() == "bearer" and relay._credentials.check_other(address, given.strip(),
-                                                                                          expected)
-                except TooManyFailures:
-                    relay.metrics.auth_failures["locked_out"] += 1
-                    raise
-                if not right:
-                    relay.metrics.auth_failures["metrics"] += 1
-                    raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
-                                       'Bearer realm="relay_lite metrics"')
-            text, content_type = _metrics_text(relay)
-            return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
+    @app.route(METRICS_PATH, methods=["GET"])
+    async def metrics() -> Response:
+        if not relay.config.metrics.enabled:  # said, not Werkzeug's "the requested URL was not found"
+            raise NotFound("metrics are off: set [metrics] enabled = true, and a token beyond loopback, in the "
+                           "relay's config (they need the Prometheus client too), then restart it")
+        expected = relay.config.metrics.token
+        if expected:
+            address = _address_key(relay._client())
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            try:
+                right = scheme.lower() == "bearer" and relay._credentials.check_other(address, given.strip(),
+                                                                                      expected)
+            except TooManyFailures:
+                relay.metrics.auth_failures["locked_out"] += 1
+                raise
+            if not right:
+                relay.metrics.auth_failures["metrics"] += 1
+                raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
+                                   'Bearer realm="relay_lite metrics"')
+        text, content_type = _metrics_text(relay)
+        return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
 
     def inspector_here() -> None:
         """NotFound unless the inspector is served for this request: on, and this its host if it has one."""

@@ -4,6 +4,10 @@ a known sequence of events, read back with the Prometheus client's own parser.""
 import importlib.util
 import json
 import re
+import shlex
+import sys
+import tomllib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +29,11 @@ def samples(text: str) -> dict[tuple, float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-async def test_metrics_are_off_unless_configured(relay, http):
-    assert (await http.get("/metrics")).status_code == 404
+async def test_metrics_are_off_unless_configured_and_their_404_says_how_to_turn_them_on(relay, http):
+    """It was Werkzeug's "The requested URL was not found on the server" (issue 21, finding 12)."""
+    response = await http.get("/metrics")
+    assert response.status_code == 404
+    assert "metrics are off: set [metrics] enabled = true" in response.text and "restart" in response.text
 
 
 async def test_a_metrics_token_is_asked_for_and_a_wrong_one_counted():
@@ -112,8 +119,15 @@ def test_metrics_without_the_prometheus_client_say_how_to_install_it(monkeypatch
                         lambda name, *args: None if name == "prometheus_client" else find_spec(name, *args))
     config = relay_config()
     config["metrics"] = {"enabled": True}
-    with pytest.raises(relay_lite.ConfigError, match=r"pip install 'relay-lite\[metrics\]'"):
+    with pytest.raises(relay_lite.ConfigError) as caught:
         relay_lite.load_config(config)
+    command = str(caught.value).partition("needs the Prometheus client: ")[2]
+    assert shlex.split(command)[:4] == [sys.executable, "-m", "pip", "install"]  # this Python's pip, wherever it is
+    # and it installs what the extra does (issue 21, finding 12: `pip install 'relay-lite[metrics]'` worked only
+    # in the checkout's venv)
+    pyproject = tomllib.loads((Path(relay_lite.__file__).parent / "pyproject.toml").read_text())
+    for extra, requirement in relay_lite._EXTRAS.items():
+        assert pyproject["project"]["optional-dependencies"][extra] == [requirement]
 
 
 @pytest.mark.parametrize("host, token, error", [
