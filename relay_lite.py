@@ -7286,6 +7286,7 @@ class _Agent:
         self._reports, self._to_report = trio.open_memory_channel[tuple[str, _Answer]](_AGENT_REPORTS_QUEUED)
         self._delivering: set[trio.CancelScope] = set()
         self._socket_scope = trio.CancelScope()
+        self._reading: trio.CancelScope | None = None  # the open socket's conversation, while there is one
         self._stopping = False
         self._subscribed = False  # the connection of the moment got as far as subscribing
         self._destinations_known = False  # without --to: every bucket's outputs name a URL (_check_destinations)
@@ -7293,9 +7294,13 @@ class _Agent:
         self._colour = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
 
     def stop(self) -> None:
-        """Stop taking webhooks; those being delivered get _AGENT_STOP_GRACE to finish."""
+        """Stop taking webhooks; those being delivered get _AGENT_STOP_GRACE to finish. A socket
+        that is open closes with a close frame (1001), so the relay knows the agent left."""
         self._stopping = True
-        self._socket_scope.cancel()
+        if self._reading is not None:
+            self._reading.cancel()
+        else:
+            self._socket_scope.cancel()
         for scope in self._delivering:
             scope.deadline = min(scope.deadline, trio.current_time() + _AGENT_STOP_GRACE)
 
@@ -7341,6 +7346,8 @@ class _Agent:
             except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, _Refused, httpx.HTTPError,
                     trio.BrokenResourceError, trio.TooSlowError, _WSProtocolError, h11.ProtocolError) as error:
                 reason = _connection_error(error)  # the logs API's, or the socket's: waited out alike
+            if reason == _STOPPED or self._stopping:
+                return
             if reason == _PAUSED:
                 await self._room.wait()
                 continue
@@ -7356,26 +7363,41 @@ class _Agent:
             async with trio_websocket.open_websocket_url(self._socket_url, max_message_size=_AGENT_MAX_FRAME,
                                                          connect_timeout=_AGENT_CONNECT_TIMEOUT,
                                                          disconnect_timeout=_CLOSE_TIMEOUT) as ws:
-                await ws.send_message(_encode({"action": "auth", "key": self.config.key,
-                                               "secret": self.config.secret}))
-                await self._expect(ws, "authenticated")
-                since = self._taken_up_to
-                await ws.send_message(self._subscribe_frame(since))
-                reply = await self._expect(ws, "subscribed", since=since)
-                self._subscribed = True
-                logger.info("%s%s", reply.message, f", resuming after {since}" if since not in ("", NIL_LOG_ID) else "")
-                while not reason:
-                    while self._queued_bytes >= _AGENT_QUEUE_BYTES:  # and the relay cannot be asked to
-                        await self._room.wait()  # pause: it waits, or cuts this socket off and it resumes
-                    with trio.move_on_after(self.config.ping_timeout) as silent:
-                        reason = await self._receive(ws)
-                    if silent.cancelled_caught:
-                        reason = f"disconnected: no frame for {self.config.ping_timeout:g} s"
-                        dropped.cancel()  # no closing handshake on a dead connection: it is dropped
+                try:
+                    with trio.CancelScope() as self._reading:
+                        if self._stopping:  # stop() came while this socket opened
+                            self._reading.cancel()
+                        reason = await self._converse(ws, dropped)
+                finally:
+                    self._reading = None
+                if self._stopping:  # a close frame, its answer awaited a while: the relay hears why
+                    with trio.move_on_after(_CLOSE_TIMEOUT):
+                        await ws.aclose(CLOSE_GOING_AWAY, "the agent is stopping")
+                    return _STOPPED
                 if reason == _PAUSED:
                     await ws.aclose(CLOSE_GOING_AWAY, "catching up")
                     logger.info("the app is %d webhooks behind; the relay keeps the rest until it catches up",
                                 self._queue.statistics().current_buffer_used)
+        return reason
+
+    async def _converse(self, ws: trio_websocket.WebSocketConnection, dropped: trio.CancelScope) -> str:
+        """Authenticate, subscribe, and take webhooks until the connection ends: why it did."""
+        await ws.send_message(_encode({"action": "auth", "key": self.config.key, "secret": self.config.secret}))
+        await self._expect(ws, "authenticated")
+        since = self._taken_up_to
+        await ws.send_message(self._subscribe_frame(since))
+        reply = await self._expect(ws, "subscribed", since=since)
+        self._subscribed = True
+        logger.info("%s%s", reply.message, f", resuming after {since}" if since not in ("", NIL_LOG_ID) else "")
+        reason = ""
+        while not reason:
+            while self._queued_bytes >= _AGENT_QUEUE_BYTES:  # and the relay cannot be asked to
+                await self._room.wait()  # pause: it waits, or cuts this socket off and it resumes
+            with trio.move_on_after(self.config.ping_timeout) as silent:
+                reason = await self._receive(ws)
+            if silent.cancelled_caught:
+                reason = f"disconnected: no frame for {self.config.ping_timeout:g} s"
+                dropped.cancel()  # no closing handshake on a dead connection: it is dropped
         return reason
 
     async def _receive(self, ws: trio_websocket.WebSocketConnection) -> str:
@@ -7660,7 +7682,7 @@ def _connection_error(error: BaseException) -> str:
 
 
 _PONG = _encode({"action": "pong"})
-_PAUSED = "paused"
+_PAUSED, _STOPPED = "paused", "stopped"
 _COLOURS = {"sent": "\033[32m", "retrying": "\033[33m", "failed": "\033[31m"}  # green, yellow, red
 
 
@@ -8022,16 +8044,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)",
                                      prog=parser.prog)  # not the usage above: "relay-lite check [-h] ..."
-    init = commands.add_parser("init", help="write a config file with fresh random ids and a token")
+    init = commands.add_parser(
+        "init", help="write a config file with fresh random ids and a token",
+        description="Write a config file to start from: a bucket \"github\" with one input, a token, fresh random "
+                    "ids and secrets, and the common settings with their defaults. Readable by its owner "
+                    "only (it holds the token's secret). Then: relay-lite --config FILE.")
     init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
-    check = commands.add_parser("check", help="check a config file, as a start or a reload would: exit 0 if it "
-                                              "is good, 2 with its error if not")
+    check = commands.add_parser(
+        "check", help="check a config file, as a start or a reload would: exit 0 if it is good, 2 with its error "
+                      "if not",
+        description="Check a config file as a start would, before a restart or a reload (SIGHUP) uses it: the "
+                    "TOML, every key and value, the TLS files, and that the [storage] database can be opened and "
+                    "written. Exit 0 with a summary (and any warning), or 2 with the one-line error naming the "
+                    "key.")
     check.add_argument("--config", "-c", metavar="FILE", dest="check_config", help="the file (or give --config "
                                                                                     "before the command; default: "
                                                                                     "relay.toml)")
-    commands.add_parser("hash-secret", help="read a token's secret on standard input (none: make one), "
-                                            "print the secret_hash that may replace it in the config")
+    commands.add_parser(
+        "hash-secret", help="read a token's secret on standard input (none: make one), print the secret_hash "
+                            "that may replace it in the config",
+        description="Hash a token's secret for the config, so the file holds no secret: read it on standard input "
+                    "(at a terminal, without echo; Enter alone makes a new one, printed once), and print the "
+                    "line secret_hash = \"scrypt:...\" to put in its [[tokens]] table instead of secret.")
     _forward_arguments(commands.add_parser(
         "forward", help="deliver a relay's webhooks to an app, from behind NAT",
         description="Deliver the webhooks of a relay's buckets to an app: in order, each once its "

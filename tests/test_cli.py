@@ -346,3 +346,14 @@ def test_inits_commented_lines_pass_check_once_uncommented_or_ask_for_their_valu
     config.write_text(text.replace("# verify = ", "verify = "))
     refused = run("check", "--config", str(config))
     assert refused.returncode == 2 and "verify.secrets[0]: looks like a placeholder" in refused.stderr
+
+
+@pytest.mark.parametrize("command, says", [
+    ("init", "Write a config file to start from"), ("check", "Check a config file as a start would"),
+    ("hash-secret", "Hash a token's secret for the config"), ("forward", "Deliver the webhooks of a relay's buckets"),
+])
+def test_each_commands_help_says_what_it_does(command, says, capsys):
+    """init, check and hash-secret --help showed only their usage (issue 21, finding 13)."""
+    with pytest.raises(SystemExit):
+        relay_lite.main([command, "--help"])
+    assert says in " ".join(capsys.readouterr().out.split())

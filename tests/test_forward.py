@@ -1076,3 +1076,15 @@ def test_lines_are_coloured_on_a_terminal_unless_no_color_and_json_lines_say_eac
         else:
             assert ("\033[" in printed) == (coloured and isinstance(out, Terminal)), printed
             assert "503" in printed and "attempt 1 of 6, again in 2 s" in printed and "(2 attempts)" in printed
+
+
+async def test_a_stopped_agent_closes_its_socket_with_a_close_frame(tmp_path, caplog):
+    """The agent dropped its socket without a close frame when stopped: the relay logged 1006,
+    an abnormal closure (issue 21, finding 13)."""
+    with caplog.at_level(logging.INFO, logger="relay_lite"):
+        async with running_app() as app, relay_lite.open_relay(relay_config()) as relay:
+            async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url) as agent:
+                assert await agent.stop() == 0
+                await eventually(lambda: " closed (" in caplog.text)
+    (closed,) = [record.getMessage() for record in caplog.records if " closed (" in record.getMessage()]
+    assert "closed (1001, 'the agent is stopping')" in closed, closed
