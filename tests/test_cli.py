@@ -357,3 +357,14 @@ def test_each_commands_help_says_what_it_does(command, says, capsys):
     with pytest.raises(SystemExit):
         relay_lite.main([command, "--help"])
     assert says in " ".join(capsys.readouterr().out.split())
+
+
+def test_without_node_the_interop_tests_are_skipped_with_the_reason(tmp_path):
+    """Without node on the PATH the six interop tests failed with FileNotFoundError (issue 21, 16)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           str(Path(SCRIPT).parent / "tests" / "test_interop_node.py")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": str(tmp_path)},
+                          cwd=Path(SCRIPT).parent)
+    assert done.returncode in (0, 5) and "1 skipped" in done.stdout and "FileNotFoundError" not in done.stdout, \
+        done.stdout  # 5: a run of this file alone has no test left
+    assert "failed" not in done.stdout and "Node.js and npm are not installed" in done.stdout

@@ -25,13 +25,16 @@ from conftest import KEY, SECRET, eventually, post, relay_config
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "node" / "client.js"
 
+if shutil.which("node") is None or shutil.which("npm") is None:  # they failed with FileNotFoundError (issue 21, 16)
+    pytest.skip("Node.js and npm are not installed (.ci/run installs Debian's nodejs and npm)",
+                allow_module_level=True)
+
 
 def install_ws(major: int) -> Path:
     """The node_modules folder holding ws@<major>, installed once per checkout."""
     prefix = ROOT / ".cache" / "node" / f"ws{major}"
     if not (prefix / "node_modules" / "ws" / "package.json").exists():
         npm = shutil.which("npm")
-        assert npm, "Node.js and npm are needed for the interop tests"
         prefix.mkdir(parents=True, exist_ok=True)
         subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(prefix),
                         f"ws@{major}"], check=True, timeout=300)
