@@ -4,6 +4,7 @@ allows."""
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -31,15 +32,32 @@ def readme_block(heading: str, language: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_the_systemd_unit_passes_systemd_analyze_verify_without_a_warning(tmp_path):
-    unit = readme_block("### As a systemd service", "ini")
-    assert "ExecStart=/opt/relay_lite/.venv/bin/relay-lite --config /etc/relay_lite/relay.toml" in unit
+@pytest.mark.parametrize("heading, name, runs", [
+    ("### As a systemd service", "relay-lite.service", "relay-lite --config /etc/relay_lite/relay.toml"),
+    ("### The agent as a systemd service", "relay-lite-forward.service", "relay-lite forward --relay https://"),
+])
+def test_the_systemd_units_pass_systemd_analyze_verify_without_a_warning(tmp_path, heading, name, runs):
+    """The relay's unit, and the agent's for a Pi behind NAT (issue 21, finding 15)."""
+    unit = readme_block(heading, "ini")
+    assert f"ExecStart=/opt/relay_lite/.venv/bin/{runs}" in unit
     # the one path that differs here: verify checks that ExecStart's program exists
     console_script = Path(sys.executable).parent / "relay-lite"
-    path = tmp_path / "relay-lite.service"
+    path = tmp_path / name
     path.write_text(unit.replace("/opt/relay_lite/.venv/bin/relay-lite", str(console_script)))
     verified = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+
+
+def test_the_agents_unit_runs_a_command_the_agent_takes(capsys, monkeypatch):
+    monkeypatch.setenv("RELAY_KEY", "key")  # as forward.env gives them
+    monkeypatch.setenv("RELAY_SECRET", "secret")
+    unit = readme_block("### The agent as a systemd service", "ini")
+    argv = shlex.split(re.search(r"^ExecStart=\S+ (.*)$", unit, re.M).group(1))
+    # every option is taken: a bad --retries, added last, is the only complaint
+    assert relay_lite.main([*argv, "--retries", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == ("relay_lite: error: --timeout and --ping-timeout must be above 0, "
+                                               "--retries 0 to 100")
+    assert "RestartPreventExitStatus=1 2" in unit and "EnvironmentFile=/etc/relay_lite/forward.env" in unit
 
 
 # ---------------------------------------------------------------------------- behind a reverse proxy
