@@ -617,10 +617,20 @@ def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
 
     Raises ConfigError with a message naming the file, the key and what is wrong.
     """
+    return _load(source)
+
+
+def _load(source: "Config | Mapping[str, Any] | str | Path", **server: Any) -> Config:
+    """load_config(source) with `server`'s [server] keys in place of its own (--host and --port,
+    serve_relay's host and port, a fixture's loopback): checked once, as it will be served, so
+    a rule that depends on the address (weak secrets, metrics without a token) sees the real one."""
+    def served(config: Config) -> Config:
+        return _checked(dataclasses.replace(config, server=dataclasses.replace(config.server, **server)))
+
     if isinstance(source, Config):
-        return _checked(source)
+        return served(source)
     if isinstance(source, Mapping):
-        return _checked(_build(Config, source, ""))
+        return served(_build(Config, source, ""))
     path = Path(source)
     try:
         with path.open("rb") as file:
@@ -630,7 +640,7 @@ def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
     except (ValueError, RecursionError) as error:  # TOMLDecodeError, bad UTF-8, a 5,000-digit number, [[[[...
         raise ConfigError(f"{path}: not valid TOML: {_shown(str(error), 200)}") from None
     try:
-        return _checked(_files_beside(_build(Config, raw, ""), path.absolute().parent))
+        return served(_files_beside(_build(Config, raw, ""), path.absolute().parent))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
@@ -641,9 +651,16 @@ def _files_beside(config: Config, folder: Path) -> Config:
     def beside(name: str) -> str:
         return str(folder / name) if name and not os.path.isabs(name) else name
 
+    database = config.storage.path
+    if database and not os.path.isabs(database) and Path(database).exists() and not (folder / database).exists() \
+            and Path(database).resolve() != (folder / database).resolve():  # where a relay before this one kept it
+        logger.warning("storage.path %r is now beside the config file, %s, which holds no database yet; the one in "
+                       "the working folder, %s, is not used: move it there, or give an absolute path", database,
+                       folder / database, Path(database).absolute())
     server = dataclasses.replace(config.server, certfile=beside(config.server.certfile),
                                  keyfile=beside(config.server.keyfile))
-    return dataclasses.replace(config, server=server, storage=StorageConfig(beside(config.storage.path)))
+    return dataclasses.replace(config, server=server,
+                               storage=dataclasses.replace(config.storage, path=beside(config.storage.path)))
 
 
 def _preflight(config: Config) -> None:
@@ -655,9 +672,10 @@ def _preflight(config: Config) -> None:
 
 
 def _check_storage(path: str) -> None:
-    """That the SQLite file at `path` can be the log's database, changing nothing: an existing
-    one is a database this relay_lite can read, in a folder it may write (its journal lives
-    beside it); a new one's folder exists and may be written."""
+    """That the SQLite file at `path` can be the log's database, writing nothing into it: an
+    existing one is a database this relay_lite can read, in a folder it may write (its journal
+    lives beside it); a new one's folder exists and may be written. As the user who runs it:
+    check as the service's user what the service will open."""
     target = Path(path)
     try:
         if target.exists():
@@ -670,15 +688,19 @@ def _check_storage(path: str) -> None:
                 db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             finally:
                 db.close()
-            _require(version <= len(_MIGRATIONS), "storage.path",
-                     f"{path!r} was written by a newer relay_lite (schema {version})")
+            _check_schema(version, path)
         else:
             _require(target.parent.is_dir(), "storage.path",
                      f"cannot use {path!r} as the log's database: its folder {str(target.parent)!r} does not exist")
             _require(os.access(target.parent, os.W_OK | os.X_OK), "storage.path",
                      f"cannot use {path!r} as the log's database: this user may not write its folder")
-    except sqlite3.Error as error:
-        raise ConfigError(f"storage.path: cannot use {path!r} as the log's database: {error}") from None
+    except (sqlite3.Error, OSError) as error:  # OSError: a folder on the way this user may not enter
+        raise ConfigError(f"storage.path: cannot use {path!r} as the log's database: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def _check_schema(version: int, path: str) -> None:
+    _require(version <= len(_MIGRATIONS), "storage.path", f"{path!r} was written by a newer relay_lite (schema {version})")
 
 
 def _build(cls: type, raw: object, where: str) -> Any:
@@ -776,7 +798,7 @@ def _output_id(bucket_id: str, name: str) -> str:
 def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = config.server
-    reachable = _reachable(server)  # from other machines: secrets must be strong
+    reachable = _reachable(config)  # from other machines: secrets must be strong
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
     for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "send_queue_bytes",
                 "shutdown_timeout", "request_timeout", "idle_timeout", "send_timeout", "max_header_bytes",
@@ -882,8 +904,9 @@ def _checked(config: Config) -> Config:
         _check_secret(config.metrics.token, "metrics.token", strong=reachable)
     else:  # /metrics names every bucket and output: a stranger must not read them
         _require(not config.metrics.enabled or not reachable, "metrics.token",
-                 f"required when the relay listens beyond loopback (host {server.host!r}): /metrics names every "
-                 "bucket and output; give one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+                 f"required when other machines can reach the relay (host {server.host!r}, or a proxy's way in: "
+                 "trusted_proxies, public_url, [inspector] host): /metrics names every bucket and output; give "
+                 "one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
     _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
              "metrics.enabled", f"needs the Prometheus client: {_install('metrics')}")
     if config.cluster.redis_url:
@@ -950,11 +973,30 @@ def _is_strong(secret: str) -> bool:
     return len(secret) >= MIN_SECRET_LENGTH and len(set(secret)) >= 8
 
 
-def _reachable(server: "ServerConfig") -> bool:
+def _reachable(config: "Config") -> bool:
     """Whether other machines may reach the relay: it listens beyond loopback, or says that a
-    proxy forwards to it (trusted_proxies) or where the world finds it (public_url)."""
-    loopback = server.host == "localhost" or getattr(_ip(server.host), "is_loopback", False)
-    return not loopback or bool(server.trusted_proxies or server.public_url)
+    proxy forwards to it (trusted_proxies), where the world finds it (public_url), or a host
+    name of the inspector's own (which only DNS and a proxy give a loopback relay)."""
+    server = config.server
+    return not _is_loopback_host(server.host) or bool(server.trusted_proxies or server.public_url
+                                                      or config.inspector.host)
+
+
+def _is_loopback_host(host: str) -> bool:
+    """Whether `host` (a name or an address, as a Host header or --host gives it, a port or not)
+    is this machine's loopback: localhost (and its subdomains), 127.0.0.0/8, ::1."""
+    name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or getattr(_ip(name), "is_loopback", False)
+
+
+def _weak_secrets(config: "Config") -> list[str]:
+    """Where `config` has secrets too easy to guess, which only a relay that other machines
+    cannot reach accepts (see _checked)."""
+    if _reachable(config):
+        return []
+    weak = [f"tokens[{t}].secret" for t, token in enumerate(config.tokens) if token.secret and not _is_strong(token.secret)]
+    return weak + ["metrics.token"] * bool(config.metrics.token and not _is_strong(config.metrics.token))
 
 
 _SCHEME_KEYS = {"header": ("hmac", "token"), "algorithm": ("hmac",), "encoding": ("hmac",), "prefix": ("hmac",)}  # and
@@ -1092,15 +1134,11 @@ def _advice(config: Config) -> list[str]:
     nobody can receive from; and, on an address other machines reach, input URLs anyone who
     knows the names can guess; on loopback, weak secrets accepted there only (one line)."""
     problems = []
-    server = config.server
-    if not _reachable(server):
-        weak = [f"tokens[{t}].secret" for t, token in enumerate(config.tokens)
-                if token.secret and not _is_strong(token.secret)]
-        weak += ["metrics.token"] * bool(config.metrics.token and not _is_strong(config.metrics.token))
-        if weak:
+    if not _reachable(config):
+        if weak := _weak_secrets(config):
             problems.append(f"{', '.join(weak)}: too easy to guess, accepted because the relay listens on loopback "
-                            f"({server.host}) only; on any other address, or behind a proxy (trusted_proxies, "
-                            "public_url), it is refused")
+                            f"({config.server.host}) only, and serves only requests to a loopback host; on any "
+                            "other address, or behind a proxy (trusted_proxies, public_url), it is refused")
     else:
         problems += [f"input {input_.name!r} of bucket {bucket.name!r} has no id: its URL is derived from names, "
                      "stable but guessable; give it an id (`relay-lite init` writes random ones)"
@@ -2479,8 +2517,7 @@ class _Storage(_Alone, _Batching):
             db.execute(f"PRAGMA journal_size_limit = {_WAL_BYTES}")
             db.executescript(_SCHEMA)
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            _require(version <= len(_MIGRATIONS), "storage.path",
-                     f"{self.path!r} was written by a newer relay_lite (schema {version})")
+            _check_schema(version, self.path)
             for number, migration in enumerate(_MIGRATIONS[version:], version + 1):  # each whole, or not at all
                 db.executescript(f"BEGIN; {migration} PRAGMA user_version = {number}; COMMIT;")
             trimmed = dict(db.execute("SELECT id, trimmed FROM buckets"))
@@ -5016,6 +5053,8 @@ class _Head(typing.NamedTuple):
     refusal: tuple[int, str] | None  # why it will not be served at all (a status and a reason), or None
     length: int  # the body size it declares (h11 checked it is a number), 0 if none
     forwarded_for: list[str]  # its X-Forwarded-For values
+    host: str  # its Host
+    forwarded: bool  # it carries Forwarded (RFC 7239), which a proxy adds
 
 
 def _request_head(scope: Mapping[str, Any], server: ServerConfig) -> _Head:
@@ -5024,8 +5063,10 @@ def _request_head(scope: Mapping[str, Any], server: ServerConfig) -> _Head:
     smuggling when a proxy in front reads the other one (h11 lets Transfer-Encoding win)."""
     headers = scope["headers"]
     if len(headers) > server.max_headers:
-        return _Head((431, f"a request may carry at most {server.max_headers} headers (max_headers)"), 0, [])
+        return _Head((431, f"a request may carry at most {server.max_headers} headers (max_headers)"), 0, [], "",
+                     False)
     size, framings, length, forwarded_for = len(scope["raw_path"]) + len(scope["query_string"]), 0, 0, []
+    host, forwarded = "", False
     for name, value in headers:  # h11 gives names in lower case
         size += len(name) + len(value)
         if name == b"transfer-encoding":
@@ -5035,12 +5076,16 @@ def _request_head(scope: Mapping[str, Any], server: ServerConfig) -> _Head:
             length = int(value)
         elif name == b"x-forwarded-for":
             forwarded_for.append(value.decode("latin-1"))
+        elif name == b"host":
+            host = value.decode("latin-1")
+        elif name == b"forwarded":
+            forwarded = True
     refusal: tuple[int, str] | None = None
     if size > server.max_header_bytes:
         refusal = 431, f"a request head may take at most {server.max_header_bytes} bytes (max_header_bytes)"
     elif framings == 3:
         refusal = 400, "Transfer-Encoding and Content-Length together are refused (RFC 9112, section 6.1)"
-    return _Head(refusal, length, forwarded_for)
+    return _Head(refusal, length, forwarded_for, host, forwarded)
 
 
 async def _refuse(receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]],
@@ -6490,6 +6535,26 @@ def _no_password() -> bytes:
     raise ConfigError("the key is encrypted: give it unencrypted, readable by the relay's user only")
 
 
+def _from_beyond(hosts: list[str], forwarded: bool) -> bool:
+    """Whether a request shows it came from beyond loopback to a relay that takes weak secrets
+    because it listens there only: a Host that is not loopback (a tunnel's, ngrok's or
+    cloudflared's; a page's that rebinds DNS) or a proxy's forwarding headers. A raw TCP
+    forward can hide both: strong secrets are the way to serve anything but this machine."""
+    return forwarded or not hosts or not all(_is_loopback_host(host) for host in hosts)
+
+
+_FROM_BEYOND = ("this relay takes weak secrets because it listens on loopback only, and so serves only requests "
+                "to a loopback host (localhost, 127.0.0.1, [::1]) that no proxy forwarded: give its tokens strong "
+                "secrets to serve others")
+
+
+def _raw_answer(status: int, phrase: str, text: str) -> bytes:
+    """A whole HTTP/1.1 answer, plain text, closing the connection: for a request no library serves."""
+    body = (text + "\n").encode()
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 _TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
 _PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
                       b"Content-Length: 45\r\n\r\nthis port speaks TLS: use https:// or wss://\n")
@@ -6517,6 +6582,7 @@ class Relay:
         self.url = ""  # http://HOST:PORT, or https://
         self._tls = _tls_for(config.server)
         self._trusted = _trusted_networks(config.server)
+        self._loopback_only = bool(_weak_secrets(config))  # see _from_beyond
         self.metrics = _Metrics()
         self._core = _Core(config, self.metrics)
         self._throttle = _Throttle()  # warnings a stranger could repeat at will
@@ -6568,9 +6634,7 @@ class Relay:
         effect; sockets of a token that is gone or changed close with 1008 and a reason; a removed
         bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
         changing nothing, if the config is not good, or changes what only a restart can."""
-        new = load_config(source)
-        if self._overrides:  # what serve_relay was given stays in force
-            new = load_config(dataclasses.replace(new, server=dataclasses.replace(new.server, **self._overrides)))
+        new = _load(source, **self._overrides)  # what serve_relay was given stays in force
         _reloadable(self.config, new)
         tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
         credentials = _Credentials(new, lambda: self._core.session_key, self._throttle)
@@ -6611,6 +6675,7 @@ class Relay:
 
         self.config, self._credentials, self._tls = new, credentials, tls
         self._trusted = _trusted_networks(new.server)
+        self._loopback_only = bool(_weak_secrets(new))
         self._own_answers = _own_answers(new)
         self._answer_time = _answer_time(new)
         self._loaded_at = time.time()
@@ -6651,6 +6716,9 @@ class Relay:
         try:
             if head.refusal is not None:
                 await _refuse(receive, send, scope, *head.refusal)
+                return
+            if self._loopback_only and _from_beyond([head.host], bool(head.forwarded_for) or head.forwarded):
+                await _refuse(receive, send, scope, 421, _FROM_BEYOND)
                 return
             body = await self._receive_body(connection, scope, receive, send, head.length, deadline, inflow)
             if body is None:
@@ -6875,6 +6943,10 @@ class Relay:
         head = await _read_request_head(messages, self.config.server.max_header_bytes)
         if not head or head.startswith(_HTTP2_PREFACE):
             return  # HTTP/1.1 only: see _asgi
+        if self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
+                _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
+            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))
+            return
         connection.http = not _is_socket_upgrade(head)
         if not connection.http and not self._told_proxy and not self._trusted and _head_values(head, b"x-forwarded-for"):
             self._forwarded(connection)
@@ -7026,21 +7098,19 @@ async def serve_relay(
     its reason itself, not in a group: ConfigError for the config, StorageError for its
     `[storage]`, OSError for its port.
     """
-    config = load_config(config)
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
-    if overrides:
-        config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
-    relay = Relay(config)
+    relay = Relay(_load(config, **overrides))
     relay._overrides = overrides
     relay._announce = announce
     try:
         await relay._serve(task_status)
     except BaseExceptionGroup as group:
-        if relay.url:  # it was serving: what ended it may be more than one thing
+        sole = _sole(group)
+        if relay.url or isinstance(sole, BaseExceptionGroup):  # it was serving: what ended it may be several
             raise
-        raise _sole(group) from None  # it never started, for one reason
-
-
+    else:
+        return
+    raise sole  # it never started, for one reason: raised as it was, its cause and context kept
 
 
 @asynccontextmanager
@@ -7067,7 +7137,9 @@ async def open_relay(
         sole = _sole(group)
         if isinstance(sole, BaseExceptionGroup) or (started and sole is not raised):
             raise
-        raise sole from None
+    else:
+        return
+    raise sole  # outside the handler, so its cause and context stay as they were
 
 
 # ============================================================================ agent
@@ -7592,7 +7664,7 @@ class _Agent:
                             "attempts": attempts, **({"error": error} if error else {}),
                             **({"retry_in_s": round(retry_in, 1)} if retry_in is not None else {}),
                             **({"resend": f"POST {resend}"} if status == "failed" else {})})
-            print(line, file=self._out, flush=True)
+            self._write(line)
             return
         split = urllib.parse.urlsplit(destination or frame.output_destination)
         target = split.path + ("?" + split.query if split.query else "")
@@ -7603,12 +7675,17 @@ class _Agent:
         else:
             said = (f"{outcome} {round((answer.at - started) * 1000)} ms"
                     + (f" ({attempts} attempts)" if attempts > 1 else ""))
-        print(f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {said}", file=self._out,
-              flush=True)
-        if status == "failed":
-            print(f"  resend {frame.id} once the app is fixed: Resend in {self._base}{INSPECTOR_PATH}, or "
-                  f"curl -u \"$RELAY_KEY:$RELAY_SECRET\" -d '{{\"action\":\"resend\"}}' {resend}",
-                  file=self._out, flush=True)
+        line = f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {said}"
+        if status == "failed":  # one write with the outcome's line: a reader sees both or neither
+            line += (f"\n  resend {frame.id} once the cause is fixed: Resend in the relay's inspector, or "
+                     f"curl -u {shlex.quote(self.config.key + ':')}\"$RELAY_SECRET\" -d '{{\"action\":\"resend\"}}' "
+                     f"{resend}")
+        self._write(line)
+
+    def _write(self, lines: str) -> None:
+        """`lines` and their newline in one write: a reader of the file never sees half of them."""
+        self._out.write(lines + "\n")
+        self._out.flush()
 
     def _coloured(self, text: str, status: str) -> str:
         if not self._colour:
@@ -7950,9 +8027,7 @@ def _fixture_config_of(config: "Config | Mapping[str, Any] | str | Path | None")
     giving way to a free loopback port (tests run side by side)."""
     if config is None:
         return _fixture_config()
-    loaded = load_config(config)
-    return load_config(dataclasses.replace(loaded, server=dataclasses.replace(loaded.server, host="127.0.0.1",
-                                                                                  port=0)))
+    return _load(config, host="127.0.0.1", port=0)
 
 
 def _pytest_plugin() -> types.ModuleType:
@@ -8087,11 +8162,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hash-secret":
         return _hash_secret()
     if args.command == "check":
-        return _check(args.check_config or args.config)
+        return _check(args.check_config or args.config, args)
     if args.command == "forward":
         return _forward(args)
     try:
-        config = _with_overrides(load_config(args.config) if args.config else _demo_config(ServerConfig()), args)
+        config = _with_overrides(args.config or _demo_config(ServerConfig()), args)
         _preflight_file(config, args.config or "the demo")
     except ConfigError as error:
         _fail(str(error))
@@ -8105,7 +8180,7 @@ def main(argv: list[str] | None = None) -> int:
                   "Redis) and a port other than 0")
             return 2
         return _run_workers(args.workers, sys.argv[1:] if argv is None else argv)
-    reload = (lambda: _with_overrides(load_config(args.config), args)) if args.config else None
+    reload = (lambda: _with_overrides(args.config, args)) if args.config else None
     _tune_gc()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay listens for it: a reload too soon is no kill
     failures: list[BaseException] = []
@@ -8160,8 +8235,9 @@ def _fail(message: str) -> None:
           file=sys.stderr)
 
 
-def _check(path: str | None) -> int:
-    """`python relay_lite.py check [--config FILE]`: without one, relay.toml, as init writes it."""
+def _check(path: str | None, args: argparse.Namespace) -> int:
+    """`python relay_lite.py [--host H] [--port P] check [--config FILE]`: without one,
+    relay.toml, as init writes it; checked with --host and --port as a start with them would."""
     if not path:
         if not Path("relay.toml").is_file():
             _fail("no relay.toml here: give the config file, check --config FILE "
@@ -8169,15 +8245,21 @@ def _check(path: str | None) -> int:
             return 2
         path = "relay.toml"
     try:
-        config = load_config(path)
+        config = _with_overrides(path, args)
         _preflight_file(config, path)
     except ConfigError as error:
         _fail(str(error))
         return 2
     inputs = sum(len(bucket.inputs) for bucket in config.buckets)
     outputs = sum(len(bucket.outputs) for bucket in config.buckets)
-    print(f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
-          f"{len(config.tokens)} token(s)")
+    summary = (f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
+               f"{len(config.tokens)} token(s)")
+    if _JsonLines.chosen():  # with --log-format json, each line one object, as everywhere
+        print(_JsonLines.line(logging.INFO, summary))
+        for problem in _advice(config):
+            print(_JsonLines.line(logging.WARNING, problem))
+        return 0
+    print(summary)
     for problem in _advice(config):
         print(f"warning: {problem}")
     return 0
@@ -8273,12 +8355,14 @@ def _forward_arguments(forward: argparse.ArgumentParser) -> None:
                               f"(default {2.5 * DEFAULT_PING_INTERVAL:g})")
     lines = forward.add_mutually_exclusive_group()
     lines.add_argument("--quiet", "-q", action="store_true", help="no line per webhook")
-    lines.add_argument("--json", action="store_true", help="a JSON object per webhook")
+    lines.add_argument("--json", action="store_true",
+                       help="a JSON object per line: each webhook's outcome, and each attempt tried again")
 
 
 def _forward(args: argparse.Namespace) -> int:
-    """`python relay_lite.py forward --relay URL ...`: exit 0 when stopped, 1 when the relay
-    refused, 2 for what it was told."""
+    """`python relay_lite.py forward --relay URL ...`: exit 0 when stopped, 2 for what it was
+    told, _REFUSED when the relay refused (1 stays Python's, for a crash, which a service
+    manager should restart; a refusal it should not)."""
     try:
         _relay_urls(args.relay)
         if not args.key or not args.secret:
@@ -8319,17 +8403,18 @@ def _forward(args: argparse.Namespace) -> int:
         refusals.append(group)
     if refusals:
         _fail(f"{_innermost(refusals[0])}")
-        return 1
+        return _REFUSED
     return 0
 
 
-def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
-    """`config` with the command line's --host and --port in place of the file's (and, in a
-    worker that --workers started, the port shared)."""
-    server = dataclasses.replace(config.server, host=config.server.host if args.host is None else args.host,
-                                 port=config.server.port if args.port is None else args.port,
-                                 reuse_port=config.server.reuse_port or _WORKER in os.environ)
-    return load_config(dataclasses.replace(config, server=server))
+_REFUSED = 3  # forward's exit status when the relay refused its key or a bucket: final, no restart helps
+
+
+def _with_overrides(source: "Config | str", args: argparse.Namespace) -> Config:
+    """The config `source` (a file, or the demo's) with the command line's --host and --port in
+    place of its own (and, in a worker that --workers started, the port shared), checked so."""
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    return _load(source, **overrides, **({"reuse_port": True} if _WORKER in os.environ else {}))
 
 
 _WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number

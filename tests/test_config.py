@@ -2,13 +2,16 @@
 
 import argparse
 import dataclasses
+import json
 import logging
 import resource
+import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
+import trio_websocket
 
 import relay_lite
 from relay_lite import ConfigError, load_config
@@ -214,11 +217,21 @@ def test_weak_and_placeholder_secrets_are_refused_beyond_loopback(tmp_path, secr
             load_config({"tokens": [{"key": "k", "secret": secret}]})
 
 
+def can_listen_on(host: str) -> bool:
+    try:
+        with socket.create_server((host, 0)):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 async def test_on_loopback_a_weak_secret_is_accepted_with_one_warning(host, caplog):
     """A test fixture or an embedded relay on loopback refused secret = "s" with a traceback,
     and warned that inputs without ids are guessable; nobody but this machine can reach it
     (issue 21, finding 7)."""
+    if not can_listen_on(host):
+        pytest.skip(f"this machine cannot listen on {host}")
     config = {"server": {"host": host, "port": 0}, "tokens": [{"key": "k", "secret": "s"}, {"key": "j", "secret": "t"}],
               "metrics": {"enabled": True, "token": "m"}, "buckets": [{"name": "b", "inputs": [{}, {"name": "x"}]}]}
     with caplog.at_level(logging.WARNING, logger="relay_lite"):
@@ -227,15 +240,24 @@ async def test_on_loopback_a_weak_secret_is_accepted_with_one_warning(host, capl
                 assert (await http.get(relay.url + "/v1/buckets", auth=("k", "s"))).status_code == 200
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert warnings == [f"tokens[0].secret, tokens[1].secret, metrics.token: too easy to guess, accepted because the "
-                        f"relay listens on loopback ({host}) only; on any other address, or behind a proxy (trusted_proxies, "
-                        "public_url), it is refused"]
+                        f"relay listens on loopback ({host}) only, and serves only requests to a loopback host; on any "
+                        "other address, or behind a proxy (trusted_proxies, public_url), it is refused"]
     with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):
         load_config({**config, "server": {"host": "0.0.0.0"}})
-    for proxied in ({"trusted_proxies": ["127.0.0.1"]}, {"public_url": "https://relay.example.com"}):
+    for proxied in ({"trusted_proxies": ["127.0.0.1"]}, {"public_url": "https://relay.example.com"}):  # and a name:
         with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):  # the world reaches it
             load_config({**config, "server": {"host": host, **proxied}})
+    with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):
+        load_config({**config, "inspector": {"host": "inspect.example.com"}})
     with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):  # the command line's --host
         relay_lite._with_overrides(load_config(config), argparse.Namespace(host="0.0.0.0", port=None))
+    with pytest.raises(ConfigError, match=r"tokens\[0\].secret: too easy to guess"):  # serve_relay's host
+        async with relay_lite.open_relay(config, host="0.0.0.0"):
+            pass  # pragma: no cover
+    beyond = {**config, "server": {"host": "0.0.0.0", "port": 0}}  # a file for elsewhere, served on loopback
+    assert relay_lite.load_config({**beyond, "server": {"host": "127.0.0.1"}}).tokens[0].secret == "s"
+    async with relay_lite.open_relay(beyond, host="127.0.0.1"):
+        pass
 
 
 def test_beyond_loopback_each_input_without_an_id_is_warned_of():
@@ -299,3 +321,37 @@ def test_bad_bounds_are_refused(server, complaint):
     with pytest.raises(ConfigError) as caught:
         load_config({"server": server})
     assert complaint in str(caught.value)
+
+
+async def test_a_loopback_relay_with_weak_secrets_serves_only_requests_to_a_loopback_host():
+    """A tunnel (ngrok, cloudflared) or a page rebinding DNS reaches a loopback relay: while it
+    takes weak secrets, a request naming another host, or forwarded by a proxy, is refused."""
+    config = {"server": {"port": 0}, "tokens": [{"key": "k", "secret": "s"}], "buckets": [{"name": "b"}]}
+    async with relay_lite.open_relay(config) as relay:
+        async with httpx.AsyncClient(base_url=relay.url, auth=("k", "s")) as http:
+            assert (await http.get("/v1/buckets")).status_code == 200
+            assert (await http.get("/v1/buckets", headers={"Host": f"localhost:{relay.port}"})).status_code == 200
+            for headers in ({"Host": "abc.ngrok.io"}, {"Host": "attacker.example"},
+                            {"X-Forwarded-For": "203.0.113.7"}, {"Forwarded": "for=203.0.113.7"}):
+                refused = await http.get("/v1/buckets", headers=headers)
+                assert refused.status_code == 421 and "give its tokens strong secrets" in refused.text, headers
+        with pytest.raises(trio_websocket.HandshakeError):  # a socket too
+            async with trio_websocket.open_websocket_url(relay.socket_url, extra_headers=[("X-Forwarded-For", "1.2.3.4")]):
+                pass  # pragma: no cover
+        async with trio_websocket.open_websocket_url(relay.socket_url) as ws:
+            await ws.send_message('{"action":"auth","key":"k","secret":"s"}')
+            assert json.loads(await ws.get_message())["status"] == "authenticated"
+    strong = {**config, "tokens": [{"key": "k", "secret": "a-strong-secret-0123456789"}]}
+    async with relay_lite.open_relay(strong) as relay:  # strong secrets: any host name may reach it
+        async with httpx.AsyncClient(base_url=relay.url, auth=("k", "a-strong-secret-0123456789")) as http:
+            assert (await http.get("/v1/buckets", headers={"Host": "abc.ngrok.io"})).status_code == 200
+
+
+def test_a_storage_path_this_user_cannot_reach_is_a_config_error_not_a_traceback(monkeypatch):
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(relay_lite.Path, "exists", refused)
+    with pytest.raises(ConfigError, match="storage.path: cannot use '/var/lib/x/log.db' as the log's database: "
+                                          "Permission denied"):
+        relay_lite._check_storage("/var/lib/x/log.db")

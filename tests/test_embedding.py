@@ -111,3 +111,10 @@ async def test_an_error_in_open_relays_block_comes_out_as_itself():
     with pytest.raises(KeyError, match="mine"):
         async with relay_lite.open_relay(relay_config(), port=0):
             raise KeyError("mine")
+
+
+async def test_an_error_in_open_relays_block_keeps_its_cause():
+    with pytest.raises(ValueError) as caught:
+        async with relay_lite.open_relay(relay_config(), port=0):
+            raise ValueError("mine") from KeyError("why")
+    assert isinstance(caught.value.__cause__, KeyError) and caught.value.__suppress_context__

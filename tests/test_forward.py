@@ -306,13 +306,13 @@ async def test_a_sender_held_for_the_agents_output_gets_the_apps_answer(tmp_path
     assert response.headers["X-App"] == "agent" and response.headers["Content-Type"] == "application/json"
 
 
-async def test_a_wrong_secret_exits_1_within_seconds_with_the_reason_in_one_line(tmp_path):
+async def test_a_wrong_secret_exits_3_within_seconds_with_the_reason_in_one_line(tmp_path):
     async with relay_lite.open_relay(relay_config()) as relay:
         agent = await Agent(tmp_path, relay.url, "--bucket", "github", "--to", "http://127.0.0.1:9",
                             secret="not-the-secret-0123").start()
         started = time.monotonic()
         with trio.fail_after(15):
-            assert await agent.process.wait() == 1
+            assert await agent.process.wait() == relay_lite._REFUSED
     assert time.monotonic() - started < 10
     errors = [line for line in agent.err.splitlines() if "error" in line]
     assert errors == ["relay_lite: error: the relay refused the key key-1: invalid key or secret"]
@@ -320,11 +320,11 @@ async def test_a_wrong_secret_exits_1_within_seconds_with_the_reason_in_one_line
     assert not (tmp_path / "agent-state.json").exists()  # no checkpoint from a refusal (issue 21, finding 2)
 
 
-async def test_an_unknown_bucket_exits_1_and_a_bad_argument_exits_2(tmp_path):
+async def test_an_unknown_bucket_exits_3_and_a_bad_argument_exits_2(tmp_path):
     async with relay_lite.open_relay(relay_config()) as relay:
         agent = await Agent(tmp_path, relay.url, "--bucket", "nope", "--to", "http://127.0.0.1:9").start()
         with trio.fail_after(15):
-            assert await agent.process.wait() == 1
+            assert await agent.process.wait() == relay_lite._REFUSED
     assert agent.err.splitlines()[-1] == "relay_lite: error: the relay refused the subscription: no such bucket " \
                                          "for this token: nope"
     bad = await Agent(tmp_path, "ftp://relay", "--to", "http://127.0.0.1:9").start()
@@ -963,7 +963,7 @@ async def test_a_wrong_secret_at_first_never_makes_the_right_one_replay_the_hist
         wrong = await Agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url,
                             secret="not-the-secret-0123").start()
         with trio.fail_after(15):
-            assert await wrong.process.wait() == 1
+            assert await wrong.process.wait() == relay_lite._REFUSED
         assert "forwarding every webhook from now on" not in wrong.err
         async with running_agent(tmp_path, relay.url, "--bucket", "github", "--to", app.url):
             await post(relay, content="new")
@@ -1015,7 +1015,7 @@ async def test_without_to_a_bucket_whose_webhooks_name_no_url_is_refused_at_star
     async with relay_lite.open_relay(relay_config()) as relay:
         agent = await Agent(tmp_path, relay.url, "--bucket", "github").start()
         with trio.fail_after(15):
-            assert await agent.process.wait() == 1
+            assert await agent.process.wait() == relay_lite._REFUSED
     assert agent.err.splitlines()[-1] == ("relay_lite: error: bucket github names no URL to deliver its webhooks to "
                                           "(an output's destination): pass --to with your app's URL, e.g. --to "
                                           "http://localhost:3000")
@@ -1030,20 +1030,20 @@ async def test_each_retry_is_a_line_and_a_final_failure_says_how_to_resend_as_a_
                                  "--retries", "1") as agent:
             await post(relay, content="to an app that is down")
             await eventually(lambda: len(agent.outcomes) == 1, timeout=20)
-            retried, failed, hint = agent.lines
-            (log,) = (await httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)).get(
-                "/v1/logs", params={"bucket": "github"})).json()["data"]
+            retried, failed, hint = agent.lines  # the failure and its hint are written at once
+            async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
+                (log,) = (await http.get("/v1/logs", params={"bucket": "github"})).json()["data"]
             assert re.fullmatch(r"\S+ POST / ConnectError: .*; attempt 1 of 2, again in \d s", retried), retried
             assert re.fullmatch(r"\S+ POST / failed: ConnectError: .* \d+ ms \(2 attempts\)", failed), failed
-            assert hint.startswith(f"  resend {log['id']} once the app is fixed: Resend in {relay.url}/inspector/, or ")
+            assert hint.startswith(f"  resend {log['id']} once the cause is fixed: Resend in the relay's inspector, or ")
             readme = (Path(SCRIPT).parent / "README.md").read_text()
-            shown = readme.partition("with the agent's environment):\n\n```\n")[2].partition("```")[0]
+            shown = readme.partition("prints five lines of retries):\n\n```\n")[2].partition("```")[0]
             assert shape(shown.replace("8080", str(relay.port)).replace(shown.split()[-1].split("/")[-2], log["id"])) == \
                 shape("\n".join(agent.lines) + "\n")  # as the README shows it
             command = hint.partition(", or ")[2]
             with trio.fail_after(30):
                 done = await trio.run_process(command, shell=True, capture_stdout=True, check=False,
-                                              env={**os.environ, "RELAY_KEY": KEY, "RELAY_SECRET": SECRET})
+                                              env={**os.environ, "RELAY_SECRET": SECRET})
             assert done.returncode == 0 and json.loads(done.stdout)["resent_from"] == log["id"], done
             await eventually(lambda: len(agent.outcomes) == 2, timeout=20)  # the resend, delivered (and failed) too
 

@@ -131,8 +131,8 @@ def test_metrics_without_the_prometheus_client_say_how_to_install_it(monkeypatch
 
 
 @pytest.mark.parametrize("host, token, error", [
-    ("0.0.0.0", "", "metrics.token: required when the relay listens beyond loopback"),
-    ("", "", "metrics.token: required when the relay listens beyond loopback"),
+    ("0.0.0.0", "", "metrics.token: required when other machines can reach the relay"),
+    ("", "", "metrics.token: required when other machines can reach the relay"),
     ("192.0.2.10", "", "metrics.token: required"),
     ("0.0.0.0", METRICS_TOKEN, None), ("127.0.0.1", "", None), ("127.0.0.2", "", None), ("::1", "", None),
     ("localhost", "", None),

@@ -57,7 +57,8 @@ def test_the_agents_unit_runs_a_command_the_agent_takes(capsys, monkeypatch):
     assert relay_lite.main([*argv, "--retries", "-1"]) == 2
     assert capsys.readouterr().err.strip() == ("relay_lite: error: --timeout and --ping-timeout must be above 0, "
                                                "--retries 0 to 100")
-    assert "RestartPreventExitStatus=1 2" in unit and "EnvironmentFile=/etc/relay_lite/forward.env" in unit
+    assert "RestartPreventExitStatus=2 3" in unit and "EnvironmentFile=/etc/relay_lite/forward.env" in unit
+    assert relay_lite._REFUSED == 3  # the status a refusal exits with, which the unit does not restart
 
 
 # ---------------------------------------------------------------------------- behind a reverse proxy
