@@ -707,7 +707,7 @@ async def test_a_request_started_before_the_last_one_ended_keeps_its_own_times(c
     """On a kept-alive connection Hypercorn starts the next request inside the previous one's
     send: that one's end then set the idle deadline, and cut the next, held for its answer."""
     config["server"]["idle_timeout"] = 0.5
-    config["buckets"][0]["inputs"][1]["response_timeout"] = 4  # "in-held"
+    config["buckets"][0]["inputs"][1]["response_timeout"] = 2.5  # "in-held": past idle_timeout and its grace, 1.5 s
     async with relay_lite.open_relay(config) as relay:
         for pipelined in (False, True, True):
             stream = await tcp_from(relay)
