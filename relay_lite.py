@@ -7393,8 +7393,8 @@ class _Agent:
         """Forward until stop(); raise AgentError if the relay refuses the key or a bucket."""
         try:
             async with _http_client(verify=self.config.verify) as app, \
-                    httpx.AsyncClient(base_url=self._base, auth=(self.config.key, self.config.secret), verify=_trusted_cas(),
-                                      timeout=_AGENT_REPORT_TIMEOUT, trust_env=True) as relay, \
+                    httpx.AsyncClient(base_url=self._base, auth=(self.config.key, self.config.secret),
+                                      verify=_trusted_cas(), timeout=_AGENT_REPORT_TIMEOUT, trust_env=True) as relay, \
                     trio.open_nursery() as nursery:
                 nursery.start_soon(self._checkpoint.keep_saved)
                 async with trio.open_nursery() as reporting:
