@@ -7264,6 +7264,7 @@ class _Checkpoint:
         self._changed = trio.Event()
         self._version = self._saved_version = 0  # advances of `last`: made, and saved (or tried)
         self._flushed = trio.Event()  # set, and replaced, after each save
+        self._saving = True  # keep_saved runs: a wait for a save can end
         self._throttle = _Throttle(60.0)
 
     @classmethod
@@ -7312,20 +7313,25 @@ class _Checkpoint:
         return self._version
 
     async def saved(self, version: int) -> None:
-        """Wait until the checkpoint of `version` has been saved (or its save failed, and said so)."""
-        while self._saved_version < version:
+        """Wait until the checkpoint of `version` has been saved (or its save failed, and said so),
+        or nothing saves any more: the agent was stopped at once, and saves once, as it ends."""
+        while self._saved_version < version and self._saving:
             await self._flushed.wait()
 
     async def keep_saved(self) -> None:
         """Save each new checkpoint, one write at a time (those that come meanwhile, together)."""
-        while True:
-            await self._changed.wait()
-            self._changed = trio.Event()
-            version = self._version
-            await trio.to_thread.run_sync(self.save)
-            self._saved_version = version
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                version = self._version
+                await trio.to_thread.run_sync(self.save)
+                self._saved_version = version
+                self._flushed.set()
+                self._flushed = trio.Event()
+        finally:  # cancelled: a worker waiting for a save (shielded, for its stop grace) waits no more
+            self._saving = False
             self._flushed.set()
-            self._flushed = trio.Event()
 
     def save(self) -> None:
         last = self.last

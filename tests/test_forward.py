@@ -839,6 +839,32 @@ async def test_a_worker_waits_for_the_save_that_holds_its_webhook(tmp_path):
         nursery.cancel_scope.cancel()
 
 
+async def test_a_worker_waiting_for_a_save_that_will_never_come_waits_no_more(tmp_path):
+    """A worker finishing a delivery waits, shielded for its stop grace, for the save that
+    holds it. Stopped at once (a second SIGTERM), the saver was cancelled, and the worker
+    waited out the whole 10 s grace for a save nobody would make; the agent saves as it ends."""
+    checkpoint = relay_lite._Checkpoint(tmp_path / "state.json", "http://relay", ("github",))
+    checkpoint.took("a")
+    ended = trio.Event()
+
+    async def worker(version):
+        with trio.CancelScope(shield=True) as grace:  # as _work's delivery scope is, with its grace
+            grace.deadline = trio.current_time() + 3
+            await checkpoint.saved(version)
+        assert not grace.cancelled_caught, "waited out its grace for a save nobody would make"
+        ended.set()
+
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as saver:
+            saver.start_soon(checkpoint.keep_saved)
+            await trio.testing.wait_all_tasks_blocked()
+            saver.cancel_scope.cancel()  # the agent stopped at once: nothing saves any more
+        outer.start_soon(worker, checkpoint.done("a"))
+        await ended.wait()
+    checkpoint.save()
+    assert json.loads((tmp_path / "state.json").read_text())["last"] == "a"  # saved as the agent ends
+
+
 def test_a_frame_the_relay_sends_is_read_back_as_the_webhook_it_carries():
     bucket = relay_lite.BucketConfig(name="github", id="b-id")
     sent = relay_lite.Webhook.from_request("PUT", "/x", b"a=1", [(b"X-Multi", b"1"), (b"X-Multi", b"2")],
