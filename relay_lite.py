@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import email.utils
 import errno
+import fractions
 import functools
 import gc
 import getpass
@@ -1671,10 +1672,13 @@ def parse_time(text: str, name: str, *, end: bool = False) -> float:
             offset = datetime.timedelta(0) if zone in "Zz" else (1 if zone[0] == "+" else -1) * datetime.timedelta(
                 hours=int(zone[1:3]), minutes=int(zone[4:]))
             moment = datetime.datetime(year, month, day, hours, minutes, seconds, tzinfo=datetime.timezone(offset))
-            # to an RFC 3339 time takes in that instant, to its last microsecond; one division of
-            # whole microseconds: the float nearest the time, never one past it
+            # to an RFC 3339 time takes in that instant, to its last microsecond. The bound is the
+            # smallest float at or past the exact time: the nearest one could fall below it, onto
+            # a time logged within the microsecond before, which `to` then left out (and `from`
+            # let in one logged just before it)
             micros = int(moment.timestamp()) * 1_000_000 + int(fraction.ljust(6, "0")[:6]) + (1 if end else 0)
-            return micros / 1_000_000
+            bound = micros / 1_000_000
+            return math.nextafter(bound, math.inf) if fractions.Fraction(bound) * 1_000_000 < micros else bound
     except (ValueError, OverflowError):  # a month 13, a minute 61, an offset past 24 h, the end of 9999
         pass
     raise ProtocolError(f"{name} must be a date (YYYY-MM-DD) or an RFC 3339 time (2026-11-28T09:30:00Z), "

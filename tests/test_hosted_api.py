@@ -477,3 +477,11 @@ async def test_a_resend_and_a_poll_the_log_cannot_keep_are_503s_saying_try_again
     for answer in (resend, poll):
         assert answer.status_code == 503 and answer.json()["error"].endswith("disk I/O error (made by the test); "
                                                                              "try again")
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))  # to 2100
+def test_from_and_to_of_a_logged_time_to_its_microsecond_take_that_time_in(at):
+    """to=<a webhook's time, to the microsecond below it> left the webhook out one time in
+    eight: the nearest float to the end of that microsecond fell on or below the logged time."""
+    shown = rfc3339(at)
+    assert relay_lite.parse_time(shown, "from") <= at < relay_lite.parse_time(shown, "to", end=True)
