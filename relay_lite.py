@@ -1135,12 +1135,11 @@ def _advice(config: Config) -> list[str]:
     nobody can receive from; and, on an address other machines reach, input URLs anyone who
     knows the names can guess; on loopback, weak secrets accepted there only (one line)."""
     problems = []
-    if not _reachable(config):
-        if weak := _weak_secrets(config):
-            problems.append(f"{', '.join(weak)}: too easy to guess, accepted because the relay listens on loopback "
-                            f"({config.server.host}) only, and serves only requests to a loopback host; on any "
-                            "other address, or behind a proxy (trusted_proxies, public_url), it is refused")
-    else:
+    if weak := _weak_secrets(config):  # only where other machines cannot reach the relay
+        problems.append(f"{', '.join(weak)}: too easy to guess, accepted because the relay listens on loopback "
+                        f"({config.server.host}) only, and serves only requests to a loopback host; on any "
+                        "other address, or behind a proxy (trusted_proxies, public_url), it is refused")
+    if _reachable(config):
         problems += [f"input {input_.name!r} of bucket {bucket.name!r} has no id: its URL is derived from names, "
                      "stable but guessable; give it an id (`relay-lite init` writes random ones)"
                      for bucket in config.buckets for input_ in bucket.inputs
@@ -6960,11 +6959,11 @@ class Relay:
         head = await _read_request_head(messages, self.config.server.max_header_bytes)
         if not head or head.startswith(_HTTP2_PREFACE):
             return  # HTTP/1.1 only: see _asgi
-        if self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
-                _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
-            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))
-            return
         connection.http = not _is_socket_upgrade(head)
+        if not connection.http and self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
+                _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
+            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))  # HTTP's: in _asgi
+            return
         if not connection.http and not self._told_proxy and not self._trusted and _head_values(head, b"x-forwarded-for"):
             self._forwarded(connection)
         if not connection.http and self._trusted:
@@ -8277,14 +8276,10 @@ def _check(path: str | None, args: argparse.Namespace) -> int:
     outputs = sum(len(bucket.outputs) for bucket in config.buckets)
     summary = (f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
                f"{len(config.tokens)} token(s)")
-    if _JsonLines.chosen():  # with --log-format json, each line one object, as everywhere
-        print(_JsonLines.line(logging.INFO, summary))
-        for problem in _advice(config):
-            print(_JsonLines.line(logging.WARNING, problem))
-        return 0
-    print(summary)
+    json_lines = _JsonLines.chosen()  # with --log-format json, each line one object, as everywhere
+    print(_JsonLines.line(logging.INFO, summary) if json_lines else summary)
     for problem in _advice(config):
-        print(f"warning: {problem}")
+        print(_JsonLines.line(logging.WARNING, problem) if json_lines else f"warning: {problem}")
     return 0
 
 
