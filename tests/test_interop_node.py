@@ -5,6 +5,7 @@ written for: it hands text frames over as strings, so the client prints each fra
 what `npm i ws` installs today, hands them over as Buffers, which the seed prints as bytes.
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -33,11 +34,12 @@ if shutil.which("node") is None or shutil.which("npm") is None:  # they failed w
 def install_ws(major: int) -> Path:
     """The node_modules folder holding ws@<major>, installed once per checkout."""
     prefix = ROOT / ".cache" / "node" / f"ws{major}"
-    if not (prefix / "node_modules" / "ws" / "package.json").exists():
-        npm = shutil.which("npm")
-        prefix.mkdir(parents=True, exist_ok=True)
-        subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(prefix),
-                        f"ws@{major}"], check=True, timeout=300)
+    prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix / ".lock", "w") as lock:  # one install at a time: tests run in parallel (pytest-xdist)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (prefix / "node_modules" / "ws" / "package.json").exists():
+            subprocess.run([shutil.which("npm"), "install", "--no-audit", "--no-fund", "--silent", "--prefix",
+                            str(prefix), f"ws@{major}"], check=True, timeout=300)
     return prefix / "node_modules"
 
 
