@@ -386,6 +386,12 @@ class AgentError(RelayError):
 # the relay say over and over only through _Throttle: an SD card must not fill with log.
 
 
+def _wall_time() -> float:
+    """Unix seconds: the one wall clock (when a webhook came, when a session expires). Durations
+    and deadlines come from trio.current_time(), which Trio's autojump clock drives in tests."""
+    return time.time()
+
+
 def _shown(text: str, limit: int = 80) -> str:
     """User-controlled `text` fit for a log line or a message: at most `limit` characters of it,
     anything unprintable escaped (a terminal's escape sequences, newlines, lone surrogates)."""
@@ -3333,12 +3339,12 @@ class _Metrics:
 _REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
 
 
-def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
+def _metrics_text(services: "_Services") -> tuple[bytes, str]:
     """The relay's metrics in the Prometheus text format, and its content type."""
     import prometheus_client
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    metrics, buckets = relay.metrics, relay._core.buckets
+    metrics, buckets = services.metrics, services.core.buckets
 
     names = [bucket.config.name for bucket in buckets]
 
@@ -3359,8 +3365,8 @@ def _metrics_text(relay: "Relay") -> tuple[bytes, str]:
             yield counter("relay_lite_auth_failures", "Failed authentications", "kind", _AUTH_FAILURES,
                           metrics.auth_failures)
             sockets = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
-            authenticated = sum(session.token is not None for session in relay._sessions)
-            sockets.add_metric(["connecting"], len(relay._sessions) - authenticated)
+            authenticated = sum(session.token is not None for session in services.sockets.open)
+            sockets.add_metric(["connecting"], len(services.sockets.open) - authenticated)
             sockets.add_metric(["authenticated"], authenticated)
             yield sockets
             entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
@@ -4043,6 +4049,178 @@ class _Core:
         return store.buckets, removed
 
 
+# ============================================================================ services
+#
+# What the adapters (socket sessions, HTTP routes, forwarders, metrics) use of a running relay,
+# in one object that Relay builds and passes to each of them: the core, credentials, the
+# ingest pipeline, the open sockets and connections, metrics and the warnings' throttle. An
+# adapter's dependencies are its services; only Relay changes them (at a reload).
+
+
+class _Sockets:
+    """The relay's open sockets, for those that act on all of them: the sweep (an inspector's
+    session that expired, a write that stalled), the pinger, a reload, a shutdown, metrics.
+    Each session says here when it authenticates, writes, and ends."""
+
+    def __init__(self, server: ServerConfig, connections: "_Connections") -> None:
+        self.open: set[_Session] = set()
+        self._watching: set[_Session] = set()  # inspectors' sessions, which expire
+        self._writing: set[_Session] = set()  # with a write under way, which may not stall
+        self.pinger = _Pinger(server.ping_interval)
+        self._connections = connections
+
+    def authenticated(self, session: "_Session") -> None:
+        """`session` authenticated: it is a client, no longer pending, needs no deadline (but an
+        inspector's session's end), may send larger frames, and is pinged."""
+        if session.inspector:
+            self._watching.add(session)
+        self._connections.busy(session.connection)
+        session.connection.end_by(math.inf)
+        session.allow_frames(MAX_CLIENT_FRAME)
+        self.pinger.add(session)
+
+    def writing(self, session: "_Session", under_way: bool) -> None:
+        (self._writing.add if under_way else self._writing.discard)(session)
+
+    def ended(self, session: "_Session") -> None:
+        """`session` is closing: no more pings, expiry or stalls."""
+        self.pinger.discard(session)
+        self._watching.discard(session)
+        self._writing.discard(session)
+
+    def sweep(self, now: float, send_timeout: float) -> None:
+        """Close inspectors' sessions past their end; cut off sockets whose write got no
+        _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
+        for session in [session for session in self._watching if session.expires <= _wall_time()]:
+            session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
+        for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
+            session.stalled(send_timeout)
+
+
+class _Services:
+    """A running relay's parts, as the adapters use them. `config` is the config in force."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = _Metrics()
+        self.throttle = _Throttle()  # warnings a stranger could repeat at will
+        self.core = _Core(config, self.metrics)
+        self.credentials = _Credentials(config, lambda: self.core.session_key, self.throttle)
+        self.ingest = _Ingest(config, self.core, self.metrics, self.throttle)
+        self.connections = _Connections(config.server, self.throttle)
+        self.sockets = _Sockets(config.server, self.connections)
+        self.loaded_at = _wall_time()  # when the config in force was loaded: the buckets API's created_at
+        self.stopping = trio.Event()  # set by Relay.shutdown
+
+    def reloaded(self, config: Config, credentials: "_Credentials") -> None:
+        """The parts a reload changes, changed together (the core's buckets changed before)."""
+        self.config, self.credentials = config, credentials
+        self.ingest.reload(config)
+        self.loaded_at = _wall_time()
+
+    def current_token(self, token: TokenConfig | None) -> TokenConfig | None:
+        """`token`, as the config in force has it: None if a reload removed or changed it while
+        its secret was being checked."""
+        return next((current for current in self.config.tokens if current == token), None)
+
+    async def authenticate(self, address: str, key: str, secret: str, *, inspector: bool = False) -> _Grant:
+        """Who a REST API request's key and secret (from `address`) belong to; Unauthorized, or
+        TooManyFailures, if nobody. An inspector's session passes only where `inspector` says
+        the inspector may go."""
+        try:
+            grant = await self.credentials.check(address, key, secret) if key else None
+        except TooManyFailures as error:
+            if not isinstance(error, HashingBusy):
+                self.metrics.auth_failures["locked_out"] += 1
+            raise
+        token = self.current_token(grant.token if grant else None)
+        if grant is None or token is None:
+            if key:
+                self.metrics.auth_failures["api"] += 1
+                self.throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
+            raise Unauthorized("authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
+        if grant.inspector and not inspector:
+            raise Forbidden("an inspector's session may read the log and resend, no more: use the token's secret")
+        return dataclasses.replace(grant, token=token)
+
+
+class _Reply(typing.NamedTuple):
+    """What a webhook's sender is answered: an input's own answer, or a client's, with its
+    headers; or, with `headers` None, the relay's refusal: a line saying why."""
+
+    status: int
+    body: bytes | str
+    headers: list[tuple[str, str]] | None = None
+
+
+class _Ingest:
+    """Receiving a webhook, every rule of it, without HTTP: the input it is for (not on the
+    inspector's host name), its path, its signature, a replay of one accepted before, the log
+    failing, a sender held for a client's answer, and the metrics of each. The HTTP route hands
+    it the request and answers what it returns."""
+
+    def __init__(self, config: Config, core: _Core, metrics: _Metrics, throttle: _Throttle) -> None:
+        self._core, self._metrics, self._throttle = core, metrics, throttle
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """Take the config in force: the inspector's host name, and each input's own answer to
+        its senders, built once."""
+        self._inspector_host = config.inspector.host
+        self._answers = {input_.id: _Reply(input_.status_code, input_.body, _answer_headers(
+            (name, [value]) for name, value in input_.headers.items()))
+            for bucket in config.buckets for input_ in bucket.inputs}
+
+    async def receive(self, target: str, method: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                      sender: str, host: str, holding: Callable[[], None] = lambda: None) -> _Reply:
+        """A webhook: `method` to `target` (the request's path as sent, /v1/webhooks/<input id>
+        and what follows) with `query`, `headers` and `body`, from `sender`, for `host`; what to
+        answer it. `holding` is called when the sender is to wait for a client's answer."""
+        started = trio.current_time()
+        input_id, slash, extra = target[len(WEBHOOK_PREFIX):].partition("/")
+        if self._inspector_host and host == self._inspector_host:
+            return _Reply(404, "webhooks are not taken on the inspector's host name ([inspector] host)")
+        found = self._core.find_input(input_id)
+        if found is None:
+            self._metrics.rejected["unknown_input"] += 1
+            return _Reply(404, f"no input with id {input_id[:64]!r}")
+        own = self._answers[input_id]  # as it is now: a reload may come while the sender is held
+        if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
+            self._metrics.rejected["bad_path"] += 1
+            return _Reply(400, "the path after the input's URL must not have . or .. segments")
+        webhook = Webhook.from_request(method, slash + extra, query, headers, body, sender)
+        bucket, input_ = found
+        problem, nonce = verified(input_.verify, webhook.headers, body, _wall_time()) if input_.verify else ("", None)
+        if problem:
+            self._throttle.warning(f"verify {input_.id}", "input %r of bucket %r refused a webhook from %s: %s",
+                                   input_.name, bucket.config.name, sender, problem)
+            if len(body) > _REJECTED_BODY_KEPT:
+                webhook = Webhook.from_request(method, slash + extra, query, headers, body[:_REJECTED_BODY_KEPT],
+                                               sender)
+            self._core.reject(bucket, input_, webhook, problem)
+            self._metrics.rejected["signature"] += 1
+            return _Reply(401, f"signature check failed: {problem}")
+        hold = _Hold(input_.response_from_output) if input_.response_from_output else None
+        try:
+            entries = await self._core.accept(bucket, input_, webhook, hold, nonce)
+        except StorageError as error:
+            self._metrics.rejected["storage"] += 1
+            return _Reply(503, f"{error}; try again")
+        except _Replayed:
+            self._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook it "
+                                   "had accepted, from %s", input_.name, bucket.config.name, sender)
+            self._metrics.rejected["replay"] += 1
+            return own  # as the first time
+        self._metrics.received[bucket.config.name] += 1
+        self._metrics.ingest_seconds.observe(trio.current_time() - started)
+        if hold is not None and entries:
+            holding()
+            answer = await self._core.wait_for_answer(hold, entries, input_.response_timeout)
+            if answer is not None:
+                return _Reply(answer.status_code, answer.body, _answer_headers(answer.headers.items()))
+        return own
+
+
 # ============================================================================ socket session
 
 
@@ -4112,13 +4290,13 @@ class _Session:
     `send_queue_size` frames, or `send_queue_bytes` of them, unread is cut off.
     """
 
-    def __init__(self, relay: "Relay", ws: trio_websocket.WebSocketConnection, connection: "_Connection") -> None:
-        self._relay = relay
-        self._core = relay._core
+    def __init__(self, services: _Services, ws: trio_websocket.WebSocketConnection, connection: "_Connection") -> None:
+        self._services = services
+        self._core = services.core
         self._ws = ws
         self._connection = connection
         self.peer = connection.peer
-        self._outbox = _Outbox(relay.config.server.send_queue_size, relay.config.server.send_queue_bytes)
+        self._outbox = _Outbox(services.config.server.send_queue_size, services.config.server.send_queue_bytes)
         self._more = trio.Event()  # set when a frame is queued, or the outbox closed: the writer waits on it
         self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
@@ -4141,7 +4319,7 @@ class _Session:
             self._more.set()
 
     def _cut_off(self, kind: str, why: str) -> None:
-        self._relay.metrics.cutoffs[kind] += 1
+        self._services.metrics.cutoffs[kind] += 1
         self.close(CLOSE_POLICY, f"too slow: {why}; reconnect and read faster", drain=False)
 
     @property
@@ -4198,9 +4376,9 @@ class _Session:
                         batch = self._outbox.take()
                         self._writing = True
                         self.progress_at = trio.current_time()
-                        self._relay._sockets_writing.add(self)  # see Relay._sweep: a write may not stall
+                        self._services.sockets.writing(self, True)  # see _Sockets.sweep: a write may not stall
                         await _write(self._ws, batch, self._progressed)
-                        self._relay._sockets_writing.discard(self)
+                        self._services.sockets.writing(self, False)
                         self._writing = False
                         self.frames_sent += len(batch)
                         if self._replay is not None:
@@ -4209,9 +4387,7 @@ class _Session:
         except* trio_websocket.ConnectionClosed:
             pass  # the client went away; nothing to tell it
         finally:
-            self._relay._pinger.discard(self)
-            self._relay._watching.discard(self)
-            self._relay._sockets_writing.discard(self)
+            self._services.sockets.ended(self)
             self._core.unsubscribe(self, self.buckets)
             with trio.CancelScope(shield=True):
                 if self._writing:
@@ -4224,16 +4400,15 @@ class _Session:
                         await self._ws.aclose(*(self.close_reason or (1000, "")))
 
     async def _receive_frames(self) -> None:
-        server = self._relay.config.server
+        server = self._services.config.server
         with trio.move_on_after(server.auth_timeout):
             self.token = await self._authenticate()
         if self.token is None:
             if self.close_reason is None:
-                self._relay.metrics.cutoffs["auth_timeout"] += 1
+                self._services.metrics.cutoffs["auth_timeout"] += 1
             self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
             return
-        self._relay._authenticated(self)
-        self._relay._pinger.add(self)
+        self._services.sockets.authenticated(self)
         while True:
             await self._handle(await self._ws.get_message())
 
@@ -4252,32 +4427,32 @@ class _Session:
                 self._status("error", 'not authenticated: send {"action":"auth","key":...,"secret":...} first')
                 continue
             try:
-                grant = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
-                token = self._relay._current_token(grant.token if grant else None)
+                grant = await self._services.credentials.check(self._connection.client, frame.key, frame.secret)
+                token = self._services.current_token(grant.token if grant else None)
             except TooManyFailures as error:  # or HashingBusy
                 self._status("unauthorized", str(error))
                 if isinstance(error, HashingBusy):
-                    self._relay.metrics.cutoffs["busy"] += 1
+                    self._services.metrics.cutoffs["busy"] += 1
                     self.close(error.close_code, "busy; try again later")
                 else:
-                    self._relay.metrics.auth_failures["locked_out"] += 1
-                    self._relay.metrics.cutoffs["auth_failures"] += 1
+                    self._services.metrics.auth_failures["locked_out"] += 1
+                    self._services.metrics.cutoffs["auth_failures"] += 1
                     self.close(error.close_code, "too many failed authentications from this address")
                 return None
             if grant is not None and token is not None:
                 self.inspector, self.expires = grant.inspector, grant.expires
                 self.deliver(_AUTHENTICATED_FRAME)
                 return token
-            self._relay._throttle.warning("auth", "failed authentication from %s (key %s)", self.peer,
+            self._services.throttle.warning("auth", "failed authentication from %s (key %s)", self.peer,
                                           _shown(frame.key, 64))
             failures += 1
-            self._relay.metrics.auth_failures["socket"] += 1
+            self._services.metrics.auth_failures["socket"] += 1
             self._status("unauthorized", "invalid key or secret")
             if failures >= MAX_AUTH_ATTEMPTS:
-                self._relay.metrics.cutoffs["auth_failures"] += 1
+                self._services.metrics.cutoffs["auth_failures"] += 1
                 self.close(CLOSE_POLICY, f"{failures} failed authentication attempts")
                 return None
-        self._relay.metrics.cutoffs["no_auth"] += 1
+        self._services.metrics.cutoffs["no_auth"] += 1
         self.close(CLOSE_POLICY, f"{MAX_FRAMES_BEFORE_AUTH} frames without authenticating")
         return None
 
@@ -4288,7 +4463,7 @@ class _Session:
             if isinstance(frame, _Subscribe):
                 self._subscribe(frame)
             elif isinstance(frame, _Auth):
-                grant = await self._relay._credentials.check(self._connection.client, frame.key, frame.secret)
+                grant = await self._services.credentials.check(self._connection.client, frame.key, frame.secret)
                 if grant is None or grant.token is not self.token:
                     raise ProtocolError("already authenticated with another key")
                 if self.inspector:  # a renewed session (or the secret) keeps its watch going
@@ -4348,7 +4523,7 @@ class _Session:
                 return  # enough queued; this one goes after the next write
             room_bytes -= len(frame)
             self.deliver(frame)
-            self._relay.metrics.frames[entry.bucket.name] += 1
+            self._services.metrics.frames[entry.bucket.name] += 1
             if not self.observer:
                 core.sent(entry)
             replay.cursor, replay.sent = entry.id, replay.sent + 1
@@ -4647,8 +4822,8 @@ class _Forwarder:
     log itself: entries still "received" are due, so a slow or dead destination costs nothing but
     the history it keeps, and with storage a restart, or a kill -9, delivers what was pending."""
 
-    def __init__(self, relay: "Relay", bucket: _Bucket, output: OutputConfig) -> None:
-        self._relay = relay
+    def __init__(self, services: _Services, bucket: _Bucket, output: OutputConfig) -> None:
+        self._services = services
         self._bucket = bucket
         self._output = output
         self._delivery = _Delivery.of(output)
@@ -4670,7 +4845,7 @@ class _Forwarder:
         """Deliver while this relay leads the output's deliveries (always, but in a cluster)."""
         with self.scope:
             while True:
-                async with self._relay._core.leading(f"{self._bucket.config.id}:{self._output.name}") as lead:
+                async with self._services.core.leading(f"{self._bucket.config.id}:{self._output.name}") as lead:
                     with lead:
                         await self._run(client)
 
@@ -4685,7 +4860,7 @@ class _Forwarder:
                     logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
                                    "could be delivered (see history_size)", self._output.name,
                                    self._bucket.config.name, gap_told)
-                entries = self._relay._core.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
+                entries = self._services.core.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
                 if not entries:
                     await self._wakeup.wait()
                     continue
@@ -4700,13 +4875,13 @@ class _Forwarder:
         try:
             request = _outbound(entry.webhook, entry.destination, forwarded_for=entry.webhook.sender)
             answer = await _deliver(client, request, self._delivery)
-            self._relay.metrics.delivery_seconds.observe(trio.current_time() - started)
+            self._services.metrics.delivery_seconds.observe(trio.current_time() - started)
         except Exception as error:  # a bug, but not one that may stop the relay or this output
-            _unexpected(self._relay._throttle, "delivering a webhook to a public output", error)
+            _unexpected(self._services.throttle, "delivering a webhook to a public output", error)
             answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
         finally:
             in_flight.release()
-        self._relay._core.delivered(entry, answer)
+        self._services.core.delivered(entry, answer)
 
 
 # ============================================================================ HTTP app (Quart-Trio)
@@ -4739,13 +4914,6 @@ _RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "
                                      "history_ttl", "history_bytes"})
 
 
-def _own_answers(config: Config) -> dict[str, tuple[str, int, list[tuple[str, str]]]]:
-    """Each input's own answer to its senders, built once (and again at a reload)."""
-    return {input_.id: (input_.body, input_.status_code, _answer_headers(
-        (name, [value]) for name, value in input_.headers.items()))
-        for bucket in config.buckets for input_ in bucket.inputs}
-
-
 class _App(QuartTrio):
     """The Quart app: a handler's bug is answered 500 and logged in one rate-limited line (see
     _unexpected), not a traceback a stranger could repeat at will."""
@@ -4759,68 +4927,40 @@ class _App(QuartTrio):
             _unexpected(self.throttle, "answering a request", error)
 
 
-def _make_app(relay: "Relay") -> QuartTrio:
-    core = relay._core
+def _make_app(services: _Services) -> QuartTrio:
+    """The HTTP routes: each reads its request, calls the services, and answers."""
+    core = services.core
     app = _App("relay_lite")
-    app.throttle = relay._throttle
-    app.config["MAX_CONTENT_LENGTH"] = relay.config.server.max_body_size
+    app.throttle = services.throttle
+    app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_size
+
+    async def grant(*, inspector: bool = False) -> _Grant:
+        """Who the REST API request being served comes from (see _Services.authenticate)."""
+        return await services.authenticate(_address_key(_request_client()), *_request_credentials(),
+                                           inspector=inspector)
+
+    async def api_token(*, inspector: bool = False) -> TokenConfig:
+        return (await grant(inspector=inspector)).token
 
     @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
     async def receive_webhook(_rest: str) -> Response:
-        started = time.monotonic()
-        raw_path = _text(request.scope["raw_path"])
-        if not raw_path.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
-            raw_path = urllib.parse.urlsplit(raw_path).path
-        input_id, slash, extra = raw_path[len(WEBHOOK_PREFIX):].partition("/")
-        if relay.config.inspector.host and _request_host() == relay.config.inspector.host:
-            return _plain(404, "webhooks are not taken on the inspector's host name ([inspector] host)")
-        found = core.find_input(input_id)
-        if found is None:
-            relay.metrics.rejected["unknown_input"] += 1
-            return _plain(404, f"no input with id {input_id[:64]!r}")
-        own_body, own_status, own_headers = relay._own_answers[input_id]  # as it is now: a reload may come
-        if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
-            relay.metrics.rejected["bad_path"] += 1
-            return _plain(400, "the path after the input's URL must not have . or .. segments")
-        body = _request_body()
-        webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
-                                       request.scope["headers"], body, relay._client())
-        bucket, input_ = found
-        problem, nonce = verified(input_.verify, webhook.headers, body, time.time()) if input_.verify else ("", None)
-        if problem:
-            relay._throttle.warning(f"verify {input_.id}", "input %r of bucket %r refused a webhook from %s: %s",
-                                    input_.name, bucket.config.name, webhook.sender, problem)
-            if len(body) > _REJECTED_BODY_KEPT:
-                webhook = Webhook.from_request(request.method, slash + extra, request.scope["query_string"],
-                                               request.scope["headers"], body[:_REJECTED_BODY_KEPT], webhook.sender)
-            core.reject(bucket, input_, webhook, problem)
-            relay.metrics.rejected["signature"] += 1
-            return _plain(401, f"signature check failed: {problem}")
-        hold = _Hold(input_.response_from_output) if input_.response_from_output else None
-        try:
-            entries = await core.accept(bucket, input_, webhook, hold, nonce)
-        except StorageError as error:
-            relay.metrics.rejected["storage"] += 1
-            return _plain(503, f"{error}; try again")
-        except _Replayed:
-            relay._throttle.warning(f"replay {input_.id}", "input %r of bucket %r ignored a replay of a webhook "
-                                    "it had accepted, from %s", input_.name, bucket.config.name, webhook.sender)
-            relay.metrics.rejected["replay"] += 1
-            return _sender_answer(own_body, own_status, own_headers)  # as the first time
-        relay.metrics.received[bucket.config.name] += 1
-        relay.metrics.ingest_seconds.observe(time.monotonic() - started)
-        if hold is not None and entries:  # a held sender counts as pending: anyone may post to a holding input
-            relay._connections.idle(typing.cast(dict, request.scope)[_CONNECTION])
-            answer = await core.wait_for_answer(hold, entries, input_.response_timeout)
-            if answer is not None:
-                return _sender_answer(answer.body, answer.status_code, _answer_headers(answer.headers.items()))
-        return _sender_answer(own_body, own_status, own_headers)
+        scope = typing.cast(dict, request.scope)
+        target = _text(scope["raw_path"])
+        if not target.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
+            target = urllib.parse.urlsplit(target).path
+        # a held sender counts as pending: anyone may post to a holding input
+        reply = await services.ingest.receive(target, request.method, scope["query_string"], scope["headers"],
+                                              _request_body(), scope[_CLIENT], _request_host(),
+                                              lambda: services.connections.idle(scope[_CONNECTION]))
+        if reply.headers is None:
+            return _plain(reply.status, typing.cast(str, reply.body))
+        return _sender_answer(reply.body, reply.status, reply.headers)
 
     @app.route(LOGS_PATH, methods=["GET"])
     async def list_logs() -> Response:
         """Newest first, by pages: `offset` and `limit`, or `cursor` and `next_cursor`, which
         stay put while webhooks arrive (a page goes on below the last id of the one before)."""
-        token = await relay._api_token(inspector=True)  # the inspector's reads
+        token = await api_token(inspector=True)  # the inspector's reads
         params = query_parameters(request.args.items(multi=True), LOGS_PARAMETERS)
         filters = ("bucket", "status", "from", "to")
         before = ""
@@ -4862,7 +5002,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
     async def one_log(log_id: str) -> Response:
-        token = await relay._api_token(inspector=request.method == "GET")  # no answers from it
+        token = await api_token(inspector=request.method == "GET")  # no answers from it
         entry = core.entry(token, log_id)
         if request.method == "GET":
             return _json(200, entry.as_log())
@@ -4882,7 +5022,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
         """{"action": "resend"}: deliver a logged webhook again (to sockets, or by the relay to a
         public output) as a new entry naming the one it repeats; "output" (an id or name) sends
         it along another output of its bucket."""
-        token = await relay._api_token(inspector=True)  # the inspector's Resend
+        token = await api_token(inspector=True)  # the inspector's Resend
         entry = core.entry(token, log_id)
         try:
             data = json.loads(_request_body())
@@ -4898,7 +5038,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def poll_events() -> Response:
         """The pull queue (the SDK's webhooks.poll): a bucket's webhooks, or one output's, handed
         out in order, each once, to whichever poller asks first (see the README)."""
-        token = await relay._api_token()
+        token = await api_token()
         params = query_parameters(request.args.items(multi=True), EVENTS_PARAMETERS)
         scope, after = decode_cursor(params["cursor"], "events", 2) if "cursor" in params else (None, "")
         limit = _int_arg(params, "limit", _EVENTS_LIMIT, 1, _EVENTS_LIMIT)
@@ -4925,7 +5065,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def readyz() -> Response:
         """Ready for traffic: listening and not shutting down, and the webhook log writable when
         it is stored. For a balancer's readiness check. Never a webhook."""
-        if relay._shutdown.is_set():
+        if services.stopping.is_set():
             return _plain(503, "shutting down")
         if core.failing:  # why is in the relay's log, not for strangers
             return _plain(503, "the webhook log cannot be written")
@@ -4933,29 +5073,29 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(METRICS_PATH, methods=["GET"])
     async def metrics() -> Response:
-        if not relay.config.metrics.enabled:  # said, not Werkzeug's "the requested URL was not found"
+        if not services.config.metrics.enabled:  # said, not Werkzeug's "the requested URL was not found"
             raise NotFound("metrics are off: set [metrics] enabled = true, and a token beyond loopback, in the "
                            "relay's config (they need the Prometheus client too), then restart it")
-        expected = relay.config.metrics.token
+        expected = services.config.metrics.token
         if expected:
-            address = _address_key(relay._client())
+            address = _address_key(_request_client())
             scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
             try:
-                right = scheme.lower() == "bearer" and relay._credentials.check_other(address, given.strip(),
-                                                                                      expected)
+                right = scheme.lower() == "bearer" and services.credentials.check_other(address, given.strip(),
+                                                                                         expected)
             except TooManyFailures:
-                relay.metrics.auth_failures["locked_out"] += 1
+                services.metrics.auth_failures["locked_out"] += 1
                 raise
             if not right:
-                relay.metrics.auth_failures["metrics"] += 1
+                services.metrics.auth_failures["metrics"] += 1
                 raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
                                    'Bearer realm="relay_lite metrics"')
-        text, content_type = _metrics_text(relay)
+        text, content_type = _metrics_text(services)
         return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
 
     def inspector_here() -> None:
         """NotFound unless the inspector is served for this request: on, and this its host if it has one."""
-        inspector = relay.config.inspector
+        inspector = services.config.inspector
         if not inspector.enabled or (inspector.host and _request_host() != inspector.host):
             raise NotFound("no inspector here" + (" (see [inspector] host)" if inspector.enabled else ""))
 
@@ -4980,9 +5120,9 @@ def _make_app(relay: "Relay") -> QuartTrio:
         (see _Credentials), which stands in for the secret from then on; or its session, for a
         new one that lasts longer (until _SESSION_MOST after the sign-in)."""
         inspector_here()
-        grant = await relay._api_grant(inspector=True)
-        session, expires = relay._credentials.issue(grant.token, grant.signed_in if grant.inspector else None)
-        response = _json(200, {"key": grant.token.key, "session": session, "expires_at": expires})
+        signed = await grant(inspector=True)
+        session, expires = services.credentials.issue(signed.token, signed.signed_in if signed.inspector else None)
+        response = _json(200, {"key": signed.token.key, "session": session, "expires_at": expires})
         response.headers["Cache-Control"] = "no-store"
         return response
 
@@ -4992,18 +5132,18 @@ def _make_app(relay: "Relay") -> QuartTrio:
 
     @app.route(BUCKETS_PATH, methods=["GET"])
     async def list_buckets() -> Response:
-        token = await relay._api_token(inspector=True)
-        return _json_list([_bucket_json(bucket.config, relay._loaded_at) for bucket in core.visible(token)])
+        token = await api_token(inspector=True)
+        return _json_list([_bucket_json(bucket.config, services.loaded_at) for bucket in core.visible(token)])
 
     @app.route(BUCKETS_PATH + "/<ref>", methods=["GET"])
     @app.route(BUCKETS_PATH + "/<ref>/<part>", methods=["GET"])
     async def one_bucket(ref: str, part: str = "") -> Response:
-        token = await relay._api_token(inspector=True)
+        token = await api_token(inspector=True)
         try:
             [bucket] = core.resolve(token, (ref,))
         except NotFound:
             raise NotFound(f"no bucket {_shown(ref, 64)!r} for this token") from None
-        document = _bucket_json(bucket.config, relay._loaded_at)
+        document = _bucket_json(bucket.config, services.loaded_at)
         if part in ("inputs", "outputs"):
             return _json_list(document[part])
         if part:
@@ -5026,7 +5166,7 @@ def _make_app(relay: "Relay") -> QuartTrio:
     async def http_error(error: HTTPException) -> Response:
         description = error.description
         if error.code == 413:
-            description = _too_large(relay.config.server)
+            description = _too_large(services.config.server)
         elif error.code == 404 and _is_api_path(request.path):  # the hosted API's clients read JSON errors
             description = f"relay_lite does not serve {_shown(request.path, 100)} (see its README)"
         return _error(error.code or 500, description or error.name)
@@ -5038,6 +5178,11 @@ def _request_body() -> bytes:
     """The body of the request being served: read whole before the app was called (see
     Relay._receive_body), and handed over as it is (Quart's own body would be two copies more)."""
     return typing.cast(bytes, typing.cast(dict, request.scope)[_BODY])
+
+
+def _request_client() -> str:
+    """The address the request being served came from (see trusted_proxies), as _Port.asgi found it."""
+    return typing.cast(str, typing.cast(dict, request.scope)[_CLIENT])
 
 
 def _request_credentials() -> tuple[str, str]:
@@ -6585,122 +6730,34 @@ def _shut_down(stream: trio.SocketStream) -> None:
             pass  # the peer is gone already
 
 
-class Relay:
-    """A relay: its config, and once serving, where it listens.
+class _Port:
+    """The relay's one port: each connection's deadlines, its TLS handshake, then, by its first
+    request's head, a socket session or Hypercorn serving the HTTP app; and every request's
+    body read here, whole and bounded, before the app sees it."""
 
-    Made and run by `serve_relay` or `open_relay`; `shutdown()` ends it gracefully.
-    """
+    def __init__(self, services: _Services) -> None:
+        self._services = services
+        config = services.config
+        assert config.server.max_body_bytes_in_flight  # filled in by _checked
+        self._inflows = _Inflows(config.server.max_body_bytes_in_flight, services.throttle)
+        self._app = _make_app(services)
+        self._told_proxy = False  # see _forwarded
+        self.requests = 0  # HTTP requests in flight
+        self.quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
+        self.reload(config, _tls_for(config.server))
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
-        self.port = 0
-        self.url = ""  # http://HOST:PORT, or https://
-        self._tls = _tls_for(config.server)
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    def reload(self, config: Config, tls: ssl.SSLContext | None) -> None:
+        """Take the config in force, and its TLS context."""
+        self._tls = tls
         self._trusted = _trusted_networks(config.server)
         self._loopback_only = bool(_weak_secrets(config))  # see _from_beyond
-        self.metrics = _Metrics()
-        self._core = _Core(config, self.metrics)
-        self._throttle = _Throttle()  # warnings a stranger could repeat at will
-        self._credentials = _Credentials(config, lambda: self._core.session_key, self._throttle)
-        for bucket in self._core.buckets:
-            bucket.forwarders = [_Forwarder(self, bucket, output) for output in _public_outputs(bucket.config)]
-        self._sessions: set[_Session] = set()
-        self._watching: set[_Session] = set()  # sockets of inspectors' sessions, which expire (see _sweep)
-        self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
-        self._overrides: dict[str, Any] = {}  # [server] keys serve_relay was given, over every config's
-        self._announce = True  # log "listening on" once it is (see serve_relay)
-        self._loaded_at = time.time()  # when the config in force was loaded: the buckets API's created_at
-        self._own_answers = _own_answers(config)
-        self._sockets_writing: set[_Session] = set()  # with a write under way: see _sweep
-        self._pinger = _Pinger(config.server.ping_interval)
-        self._connections = _Connections(config.server, self._throttle)
-        self._told_proxy = False  # see _forwarded
-        assert config.server.max_body_bytes_in_flight  # filled in by _checked
-        self._inflows = _Inflows(config.server.max_body_bytes_in_flight, self._throttle)
         self._answer_time = _answer_time(config)
-        self._requests = 0  # HTTP requests in flight
-        self._quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
-        self._shutdown = trio.Event()
-        self._app = _make_app(self)
 
-    @property
-    def socket_url(self) -> str:
-        return "ws" + self.url.removeprefix("http") + SOCKET_PATH
-
-    @property
-    def public_url(self) -> str:
-        return self.config.server.public_url.rstrip("/") or self.url
-
-    def input_url(self, ref: str, *, public: bool = False) -> str:
-        """The webhook URL of an input, by input id, or of a bucket's first input, by name or id."""
-        bucket = self._core.find_bucket(ref)
-        input_id = bucket.inputs[0].id if bucket else ref
-        if self._core.find_input(input_id) is None:
-            raise KeyError(f"no input or bucket {ref!r}")
-        return (self.public_url if public else self.url) + WEBHOOK_PREFIX + input_id
-
-    def shutdown(self) -> None:
-        """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
-        self._shutdown.set()
-
-    def reload(self, source: "Config | Mapping[str, Any] | str | Path") -> None:
-        """Apply a changed config (a file, as load_config takes), without dropping a connection
-        or losing a webhook: new and changed buckets, inputs, outputs, tokens and TLS files take
-        effect; sockets of a token that is gone or changed close with 1008 and a reason; a removed
-        bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
-        changing nothing, if the config is not good, or changes what only a restart can."""
-        new = _load(source, **self._overrides)  # what serve_relay was given stays in force
-        _reloadable(self.config, new)
-        tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
-        credentials = _Credentials(new, lambda: self._core.session_key, self._throttle)
-        credentials.carry_failures(self._credentials)
-        buckets, removed = self._core.reload(new)  # from here on nothing fails
-
-        tokens = {token.key: token for token in new.tokens}
-        for session in list(self._sessions):
-            if session.token is None:
-                continue
-            token = tokens.get(session.token.key)
-            if token is None:
-                session.close(CLOSE_POLICY, "this token was removed from the relay's config")
-            elif token != session.token:
-                session.close(CLOSE_POLICY, "this token changed in the relay's config: connect again")
-            else:
-                session.token = token
-        for bucket in removed:
-            for session in list(bucket.subscribers) + [s for s in self._sessions if bucket in s.buckets]:
-                session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
-            for forwarder in bucket.forwarders:
-                forwarder.scope.cancel()
-        for bucket in buckets:
-            wanted = {output.name: output for output in _public_outputs(bucket.config)}
-            forwarders = []
-            for forwarder in bucket.forwarders:
-                if wanted.get(forwarder.output.name) == forwarder.output:
-                    forwarders.append(forwarder)
-                    del wanted[forwarder.output.name]
-                else:
-                    forwarder.scope.cancel()  # a delivery under way is made again by its successor
-            for output in wanted.values():
-                forwarder = _Forwarder(self, bucket, output)
-                forwarders.append(forwarder)
-                if self._forwarding is not None:
-                    self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
-            bucket.forwarders = forwarders
-
-        self.config, self._credentials, self._tls = new, credentials, tls
-        self._trusted = _trusted_networks(new.server)
-        self._loopback_only = bool(_weak_secrets(new))
-        self._own_answers = _own_answers(new)
-        self._answer_time = _answer_time(new)
-        self._loaded_at = time.time()
-        logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
-                    sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
-        for problem in _advice(new):
-            logger.warning("%s", problem)
-
-    async def _asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
+    async def asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
         """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
         and timed: its head and body within request_timeout (408), its answer within its own time
         after that, and the next request's head within idle_timeout. Its body is read here, whole,
@@ -6717,8 +6774,8 @@ class Relay:
             # pushing back: 8 connections held 2.9 GB. Senders and clients speak HTTP/1.1.
             connection.scope.cancel()
             return
-        server = self.config.server
-        self._requests += 1
+        server = self._services.config.server
+        self.requests += 1
         connection.requests += 1
         scope[_CONNECTION] = connection
         deadline = connection.head_start + server.request_timeout  # for its head and body
@@ -6753,14 +6810,14 @@ class Relay:
         except* _ClientLeft:
             pass  # before its answer: nothing to tell it
         except* Exception as failure:  # a bug: Hypercorn answers 500 if nothing was sent
-            _unexpected(self._throttle, "answering a request", failure)
+            _unexpected(self._services.throttle, "answering a request", failure)
         finally:
             self._inflows.release(inflow)
-            self._requests -= 1
-            self._quiet.unpark_all()
+            self.requests -= 1
+            self.quiet.unpark_all()
             connection.answered()
             if not connection.requests:  # else Hypercorn started the next one: its own times hold
-                self._connections.idle(connection)
+                self._services.connections.idle(connection)
                 connection.head_start = trio.current_time()
                 connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
 
@@ -6769,7 +6826,7 @@ class Relay:
         """The request's whole body (it declared `declared` bytes); or None once the request is
         answered with why not (413 past max_body_size, 408 past its deadline, 503 when the bodies
         in flight leave it no room: see _Inflows), or its client left."""
-        server = self.config.server
+        server = self._services.config.server
         refusal: tuple[int, str, tuple[tuple[str, str], ...]] | None = None
         if declared > server.max_body_size:  # refused before any of it is read
             refusal = 413, _too_large(server), ()
@@ -6790,17 +6847,17 @@ class Relay:
                             break
                         chunks.append(chunk)
                     if not message.get("more_body"):
-                        self._connections.busy(connection)  # all of it is in: being answered, not pending
+                        self._services.connections.busy(connection)  # all of it is in: being answered, not pending
                         self._inflows.release(inflow)  # no longer being received: the request's, or the log's
                         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if timer.cancelled_caught:
                 refusal = 408, f"the request's head and body took over {server.request_timeout:g} s (request_timeout)", ()
             elif refusal is None:  # no room for it, or its room was given to an address holding less
-                self.metrics.rejected["no_room"] += scope["path"].startswith(WEBHOOK_PREFIX)
+                self._services.metrics.rejected["no_room"] += scope["path"].startswith(WEBHOOK_PREFIX)
                 refusal = 503, ("the relay is receiving too many request bodies at once (max_body_bytes_in_flight): "
                                 "try again shortly"), (("retry-after", str(_BODY_RETRY_AFTER)),)
         if refusal[0] == 413:
-            self.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
+            self._services.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
         self._inflows.release(inflow)  # before the answer, which may be slow to go: what it read is dropped
         await _refuse(receive, send, scope, *refusal)
         return None
@@ -6815,112 +6872,10 @@ class Relay:
                        "stranger's wrong secrets lock out all of them); if it is your reverse proxy, add it to "
                        "trusted_proxies", connection.address, connection.address)
 
-    def _current_token(self, token: TokenConfig | None) -> TokenConfig | None:
-        """`token`, as the config in force has it: None if a reload removed or changed it while
-        its secret was being checked."""
-        return next((current for current in self.config.tokens if current == token), None)
-
-    def _client(self) -> str:
-        """The address the HTTP request being served came from (see trusted_proxies), as _asgi found it."""
-        return typing.cast(str, typing.cast(dict, request.scope)[_CLIENT])
-
-    async def _api_token(self, *, inspector: bool = False) -> TokenConfig:
-        """The token of the REST API request being served (HTTP Basic key:secret, or Bearer
-        <secret>); Unauthorized, or TooManyFailures, for a request without one. An inspector's
-        session (see _Credentials) passes only where `inspector` says the inspector may go."""
-        return (await self._api_grant(inspector=inspector)).token
-
-    async def _api_grant(self, *, inspector: bool = False) -> _Grant:
-        """_api_token, and whether it came by an inspector's session."""
-        address = _address_key(self._client())
-        key, secret = _request_credentials()
-        try:
-            grant = await self._credentials.check(address, key, secret) if key else None
-        except TooManyFailures as error:
-            if not isinstance(error, HashingBusy):
-                self.metrics.auth_failures["locked_out"] += 1
-            raise
-        token = self._current_token(grant.token if grant else None)
-        if grant is None or token is None:
-            if key:
-                self.metrics.auth_failures["api"] += 1
-                self._throttle.warning("auth", "failed authentication from %s (key %s)", address, _shown(key, 64))
-            raise Unauthorized("authenticate with HTTP Basic key:secret, or Authorization: Bearer <secret>")
-        if grant.inspector and not inspector:
-            raise Forbidden("an inspector's session may read the log and resend, no more: use the token's secret")
-        return dataclasses.replace(grant, token=token)
-
-    async def _sweep(self) -> None:
-        """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
-        got no _WRITE_STEP out for send_timeout or whose inspector's session expired, and end
-        connections still open past their deadline (one timer for all, not a cancel scope per
-        write)."""
-        timeout = self.config.server.send_timeout
-        while True:
-            await trio.sleep(_SWEEP_INTERVAL)
-            self._core.expire(time.time())
-            for session in [session for session in self._watching if session.expires <= time.time()]:
-                session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
-            now = trio.current_time()
-            for session in [session for session in self._sockets_writing if session.progress_at < now - timeout]:
-                session.stalled(timeout)
-            self._connections.end_overdue(now)
-
-    async def _serve(self, task_status: trio.TaskStatus["Relay"]) -> None:
-        server = self.config.server
-        hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(self._asgi, None))
-        await self._core.load()
-        async with trio.open_nursery() as lifespan_nursery:
-            lifespan_nursery.start_soon(self._core.run)  # outlives the connections, to keep what they asked for
-            await lifespan_nursery.start(lifespan.handle_lifespan)
-            await lifespan.wait_for_startup()
-            listeners = await _listen(server.host, server.port, reuse_port=server.reuse_port)
-            host, self.port = listeners[0].socket.getsockname()[:2]
-            self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-            scheme = "https" if self._tls else "http"
-            self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
-            if self._announce:
-                logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
-            for problem in _advice(self.config):
-                logger.warning("%s", problem)
-
-            handle = functools.partial(self._handle_connection, config=hypercorn_config, context=context)
-            async with trio.open_nursery() as connections:
-                accepting = trio.CancelScope()
-                connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, self._throttle)
-                connections.start_soon(self._pinger.run)
-                connections.start_soon(self._sweep)
-                self._forwarding = connections, _http_client()
-                for bucket in self._core.buckets:
-                    for forwarder in bucket.forwarders:
-                        connections.start_soon(forwarder.run, self._forwarding[1])
-                task_status.started(self)
-                await self._shutdown.wait()
-
-                logger.info("shutting down: %d socket(s), %d request(s) in flight",
-                            len(self._sessions), self._requests)
-                accepting.cancel()
-                await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
-                self._connections.end_idle()
-                for session in self._sessions:
-                    session.close(CLOSE_GOING_AWAY, "server shutting down")
-                self._core.release_holds()
-                with trio.move_on_after(server.shutdown_timeout):
-                    while self._requests or self._sessions:
-                        await self._quiet.park()
-                self._connections.end_all()  # what is left is idle, or out of time
-                connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
-            client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-            await self._core.aclose()
-            await lifespan.wait_for_shutdown()
-            lifespan_nursery.cancel_scope.cancel()
-
-    async def _handle_connection(
+    async def handle(
         self, stream: trio.SocketStream, *, config: _HypercornConfig, context: _WorkerContext
     ) -> None:
-        connection = self._connections.open(stream)
+        connection = self._services.connections.open(stream)
         if connection is None:
             await stream.aclose()
             return
@@ -6929,7 +6884,7 @@ class Relay:
                 # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
                 # (a little after send_timeout, so that the relay's own cut-off, which says why, comes first)
                 stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                  min(int((self.config.server.send_timeout + 5) * 1000), 2**31 - 1))  # a C int of ms
+                                  min(int((self._services.config.server.send_timeout + 5) * 1000), 2**31 - 1))  # a C int of ms
             with connection.scope:  # every phase has a deadline; see _Connection.end_by
                 await self._route(stream, connection, config, context)
             if not connection.scope.cancelled_caught:
@@ -6941,9 +6896,9 @@ class Relay:
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # a peer that went away, also from inside a nursery of the libraries serving it
         except* Exception as failure:
-            _unexpected(self._throttle, "serving a connection", failure)
+            _unexpected(self._services.throttle, "serving a connection", failure)
         finally:
-            self._connections.closed(connection)
+            self._services.connections.closed(connection)
             await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
 
     async def _route(self, stream: trio.SocketStream, connection: _Connection, config: _HypercornConfig,
@@ -6956,7 +6911,7 @@ class Relay:
             if tls is None:
                 return
             messages = tls
-        head = await _read_request_head(messages, self.config.server.max_header_bytes)
+        head = await _read_request_head(messages, self._services.config.server.max_header_bytes)
         if not head or head.startswith(_HTTP2_PREFACE):
             return  # HTTP/1.1 only: see _asgi
         connection.http = not _is_socket_upgrade(head)
@@ -6975,7 +6930,7 @@ class Relay:
                   if isinstance(messages, trio.SSLStream) else _ConnectionStream(messages, head, connection, stream, inflows))
         del head  # the replay holds it until it is received, no longer
         if connection.http:
-            await _serve_http(functools.partial(self._asgi, connection), config, context, replay)
+            await _serve_http(functools.partial(self.asgi, connection), config, context, replay)
         else:
             await self._serve_socket(replay, connection)
 
@@ -7002,8 +6957,8 @@ class Relay:
     async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
         try:
             async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-                session = _Session(self, await _websocket_handshake(nursery, stream), connection)
-                if self._shutdown.is_set():  # too late
+                session = _Session(self._services, await _websocket_handshake(nursery, stream), connection)
+                if self._services.stopping.is_set():  # too late
                     nursery.cancel_scope.cancel()
                     return
                 # Linux grows a socket's send buffer up to 4 MB: a client that never reads would
@@ -7011,13 +6966,13 @@ class Relay:
                 # fills and it is cut off. 256 KiB still carries 100 Mbit/s at 20 ms round trips.
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
                 # authenticated in time, or closed (see _Session): the deadline is a backstop
-                connection.end_by(trio.current_time() + self.config.server.auth_timeout + _CLOSE_TIMEOUT + _GRACE)
-                self._sessions.add(session)
+                connection.end_by(trio.current_time() + self._services.config.server.auth_timeout + _CLOSE_TIMEOUT + _GRACE)
+                self._services.sockets.open.add(session)
                 try:
                     await session.run()
                 finally:
-                    self._sessions.discard(session)
-                    self._quiet.unpark_all()
+                    self._services.sockets.open.discard(session)
+                    self.quiet.unpark_all()
                     nursery.cancel_scope.cancel()  # trio-websocket's reader: what comes now is lingering
                     # one line per client; one per stranger's attempt only when debugging
                     logger.log(logging.INFO if session.token else logging.DEBUG,
@@ -7029,14 +6984,169 @@ class Relay:
             # oversized one, say) that arrived after this side began to close: either way it ends
             logger.debug("socket from %s ended during its handshake or close", connection.peer)
 
-    def _authenticated(self, session: _Session) -> None:
-        """A socket authenticated: it is a client, no longer pending, needs no deadline (but an
-        inspector's session's end), and may send larger frames."""
-        if session.inspector:
-            self._watching.add(session)
-        self._connections.busy(session.connection)
-        session.connection.end_by(math.inf)
-        session.allow_frames(MAX_CLIENT_FRAME)
+
+class Relay:
+    """A relay: its config, and once serving, where it listens.
+
+    Made and run by `serve_relay` or `open_relay`; `shutdown()` ends it gracefully. It wires the
+    parts together (`services`, the port, the forwarders), starts and stops them, and reloads.
+    """
+
+    def __init__(self, config: Config, *, overrides: Mapping[str, Any] | None = None, announce: bool = True) -> None:
+        self.config = config
+        self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
+        self.port = 0
+        self.url = ""  # http://HOST:PORT, or https://
+        self.services = _Services(config)  # internal: what relay_lite's own parts and tests work through
+        self.metrics = self.services.metrics
+        self._port = _Port(self.services)
+        for bucket in self.services.core.buckets:
+            bucket.forwarders = [_Forwarder(self.services, bucket, output) for output in _public_outputs(bucket.config)]
+        self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
+        self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
+        self._announce = announce  # log "listening on" once it is (see serve_relay)
+
+    @property
+    def socket_url(self) -> str:
+        return "ws" + self.url.removeprefix("http") + SOCKET_PATH
+
+    @property
+    def public_url(self) -> str:
+        return self.config.server.public_url.rstrip("/") or self.url
+
+    def input_url(self, ref: str, *, public: bool = False) -> str:
+        """The webhook URL of an input, by input id, or of a bucket's first input, by name or id."""
+        core = self.services.core
+        bucket = core.find_bucket(ref)
+        input_id = bucket.inputs[0].id if bucket else ref
+        if core.find_input(input_id) is None:
+            raise KeyError(f"no input or bucket {ref!r}")
+        return (self.public_url if public else self.url) + WEBHOOK_PREFIX + input_id
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
+        self.services.stopping.set()
+
+    def reload(self, source: "Config | Mapping[str, Any] | str | Path") -> None:
+        """Apply a changed config (a file, as load_config takes), without dropping a connection
+        or losing a webhook: new and changed buckets, inputs, outputs, tokens and TLS files take
+        effect; sockets of a token that is gone or changed close with 1008 and a reason; a removed
+        bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
+        changing nothing, if the config is not good, or changes what only a restart can."""
+        services = self.services
+        new = _load(source, **self._overrides)  # what serve_relay was given stays in force
+        _reloadable(self.config, new)
+        tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
+        credentials = _Credentials(new, lambda: services.core.session_key, services.throttle)
+        credentials.carry_failures(services.credentials)
+        buckets, removed = services.core.reload(new)  # from here on nothing fails
+
+        tokens = {token.key: token for token in new.tokens}
+        for session in list(services.sockets.open):
+            if session.token is None:
+                continue
+            token = tokens.get(session.token.key)
+            if token is None:
+                session.close(CLOSE_POLICY, "this token was removed from the relay's config")
+            elif token != session.token:
+                session.close(CLOSE_POLICY, "this token changed in the relay's config: connect again")
+            else:
+                session.token = token
+        for bucket in removed:
+            for session in list(bucket.subscribers) + [s for s in services.sockets.open if bucket in s.buckets]:
+                session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
+            for forwarder in bucket.forwarders:
+                forwarder.scope.cancel()
+        for bucket in buckets:
+            wanted = {output.name: output for output in _public_outputs(bucket.config)}
+            forwarders = []
+            for forwarder in bucket.forwarders:
+                if wanted.get(forwarder.output.name) == forwarder.output:
+                    forwarders.append(forwarder)
+                    del wanted[forwarder.output.name]
+                else:
+                    forwarder.scope.cancel()  # a delivery under way is made again by its successor
+            for output in wanted.values():
+                forwarder = _Forwarder(services, bucket, output)
+                forwarders.append(forwarder)
+                if self._forwarding is not None:
+                    self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
+            bucket.forwarders = forwarders
+
+        self.config = new
+        services.reloaded(new, credentials)
+        self._port.reload(new, tls)
+        logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
+                    sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
+        for problem in _advice(new):
+            logger.warning("%s", problem)
+
+    async def _sweep(self) -> None:
+        """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
+        got no _WRITE_STEP out for send_timeout or whose inspector's session expired, and end
+        connections still open past their deadline (one timer for all, not a cancel scope per
+        write)."""
+        services = self.services
+        while True:
+            await trio.sleep(_SWEEP_INTERVAL)
+            services.core.expire(_wall_time())
+            now = trio.current_time()
+            services.sockets.sweep(now, self.config.server.send_timeout)
+            services.connections.end_overdue(now)
+
+    async def serve(self, *, task_status: trio.TaskStatus["Relay"] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until shutdown() or cancellation (serve_relay is the way in: it reports errors
+        as themselves)."""
+        services, port = self.services, self._port
+        server = self.config.server
+        hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(port.asgi, None))
+        await services.core.load()
+        async with trio.open_nursery() as lifespan_nursery:
+            lifespan_nursery.start_soon(services.core.run)  # outlives the connections, to keep what they asked for
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            listeners = await _listen(server.host, server.port, reuse_port=server.reuse_port)
+            host, self.port = listeners[0].socket.getsockname()[:2]
+            self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+            scheme = "https" if port.tls else "http"
+            self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
+            if self._announce:
+                logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+            for problem in _advice(self.config):
+                logger.warning("%s", problem)
+
+            handle = functools.partial(port.handle, config=hypercorn_config, context=context)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, services.throttle)
+                connections.start_soon(services.sockets.pinger.run)
+                connections.start_soon(self._sweep)
+                self._forwarding = connections, _http_client()
+                for bucket in services.core.buckets:
+                    for forwarder in bucket.forwarders:
+                        connections.start_soon(forwarder.run, self._forwarding[1])
+                task_status.started(self)
+                await services.stopping.wait()
+
+                logger.info("shutting down: %d socket(s), %d request(s) in flight",
+                            len(services.sockets.open), port.requests)
+                accepting.cancel()
+                await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
+                services.connections.end_idle()
+                for session in services.sockets.open:
+                    session.close(CLOSE_GOING_AWAY, "server shutting down")
+                services.core.release_holds()
+                with trio.move_on_after(server.shutdown_timeout):
+                    while port.requests or services.sockets.open:
+                        await port.quiet.park()
+                services.connections.end_all()  # what is left is idle, or out of time
+                connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
+            client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            await services.core.aclose()
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
 
 
 async def _listen(host: str, port: int, *, reuse_port: bool = False) -> list[trio.SocketListener]:
@@ -7115,11 +7225,9 @@ async def serve_relay(
     `[storage]`, OSError for its port.
     """
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
-    relay = Relay(_load(config, **overrides))
-    relay._overrides = overrides
-    relay._announce = announce
+    relay = Relay(_load(config, **overrides), overrides=overrides, announce=announce)
     try:
-        await relay._serve(task_status)
+        await relay.serve(task_status=task_status)
     except BaseExceptionGroup as group:
         sole = _sole(group)
         if relay.url or isinstance(sole, BaseExceptionGroup):  # it was serving: what ended it may be several
@@ -8546,7 +8654,7 @@ async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | 
         except ConfigError as error:
             logger.error("reload refused, the config in force stays: %s", error)
         except Exception as error:  # a bug; the relay goes on with the config in force
-            _unexpected(relay._throttle, "reloading the config (the config in force stays)", error)
+            _unexpected(relay.services.throttle, "reloading the config (the config in force stays)", error)
 
     await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
                            lambda relay: print(_banner(relay, demo=reload is None, json_line=_JsonLines.chosen()),

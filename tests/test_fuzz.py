@@ -768,13 +768,13 @@ async def fuzz_running_relay(caplog, run_case, cases: list[Case], concurrency: i
                 problems.append(f"the good subscriber got {len(traffic.received)} of {len(traffic.posted)} good "
                                 f"webhooks (in order: {traffic.received == traffic.posted[:len(traffic.received)]})")
             # every fuzz connection (and every sender's) is gone: only the subscriber is left
-            if not await settles(lambda: relay._connections.count == 1, timeout=HTTP_BOUND):
-                problems.append(f"{relay._connections.count} connections open, not 1 (the good subscriber)")
-            if relay._connections._pending or len(relay._sessions) != 1 or relay._requests:
-                problems.append(f"left behind: pending {relay._connections._pending}, sessions "
-                                f"{len(relay._sessions)}, requests {relay._requests}")
-        if not await settles(lambda: relay._connections.count == 0, timeout=5):
-            problems.append(f"{relay._connections.count} connections open after the subscriber left")
+            if not await settles(lambda: relay.services.connections.count == 1, timeout=HTTP_BOUND):
+                problems.append(f"{relay.services.connections.count} connections open, not 1 (the good subscriber)")
+            if relay.services.connections._pending or len(relay.services.sockets.open) != 1 or relay._port.requests:
+                problems.append(f"left behind: pending {relay.services.connections._pending}, sessions "
+                                f"{len(relay.services.sockets.open)}, requests {relay._port.requests}")
+        if not await settles(lambda: relay.services.connections.count == 0, timeout=5):
+            problems.append(f"{relay.services.connections.count} connections open after the subscriber left")
     logged = log_problems(caplog)
     if logged:
         problems.append("logged:\n  " + "\n  ".join(logged[:20]))

@@ -69,7 +69,7 @@ async def test_2_partial_bodies_are_bounded_across_connections_and_a_good_sender
 
             async def watch():
                 while True:
-                    most[0] = max(most[0], relay._inflows.used)
+                    most[0] = max(most[0], relay._port._inflows.used)
                     await trio.sleep(0.005)
             nursery.start_soon(watch)
             await trio.sleep(0.3)  # the room is taken, and the rest wait for some
@@ -85,7 +85,7 @@ async def test_2_partial_bodies_are_bounded_across_connections_and_a_good_sender
         assert all(b"retry-after: 5" in answer.lower() and b"max_body_bytes_in_flight" in answer for answer in refused)
         assert 2**20 < most[0] <= 2 * 2**20
         with trio.fail_after(5):
-            while relay._inflows.used:  # every body's room given back once its connection ended
+            while relay._port._inflows.used:  # every body's room given back once its connection ended
                 await trio.sleep(0.01)
 
 
@@ -96,7 +96,7 @@ async def test_2_an_address_under_its_share_ends_the_largest_body_of_the_one_ove
             for _ in range(2):
                 nursery.start_soon(partial_body, relay, "127.0.0.2", answers)
             with trio.fail_after(5):
-                while relay._inflows.used < 2 * (2**20 - 1):  # all the room, one address's
+                while relay._port._inflows.used < 2 * (2**20 - 1):  # all the room, one address's
                     await trio.sleep(0.01)
             assert (await post(relay, content=b"small")).status_code == 200  # from 127.0.0.1, under its share
             with trio.fail_after(5):
@@ -155,7 +155,7 @@ async def test_4_a_bug_is_one_rate_limited_line_in_the_log(caplog):
     async with relay_lite.open_relay(config) as relay:
         def broken(*args, **kwargs):
             raise ValueError("a bug\nwith a second line")
-        relay._core.find_input = broken  # the webhook route fails for every request
+        relay.services.core.find_input = broken  # the webhook route fails for every request
         caplog.clear()
         for _ in range(20):
             assert (await post(relay, content="x")).status_code == 500
@@ -292,7 +292,7 @@ async def test_5_a_replay_is_refused_when_storage_failed_to_keep_the_first(tmp_p
     """A webhook refused with 503 was not accepted: its sender's retry of it must pass."""
     config, headers = stored_stripe_config(tmp_path), signed_stripe_headers()
     async with relay_lite.open_relay(config) as relay:
-        storage = relay._core._backend
+        storage = relay.services.core._backend
         commit = storage._commit
 
         def failing(*args):
@@ -380,7 +380,7 @@ async def test_1_an_inspector_session_stands_in_for_the_secret_and_can_do_little
         forged = session.rsplit(".", 1)[0] + ".AAAA"
         assert (await http.get("/v1/buckets", auth=(KEY, forged))).status_code == 401
         token = relay.config.tokens[0]
-        expired, _ = relay._credentials.issue(token, signed_in=time.time() - 13 * 3600)  # past _SESSION_MOST
+        expired, _ = relay.services.credentials.issue(token, signed_in=time.time() - 13 * 3600)  # past _SESSION_MOST
         assert (await http.get("/v1/buckets", auth=(KEY, expired))).status_code == 401
         changed = dict(held_config, tokens=[{"key": KEY, "secret": "another-secret-0123456789"}])
         relay.reload(changed)
@@ -443,8 +443,8 @@ async def test_7_an_answers_body_is_kept_to_its_first_mib_as_a_deliverys_is(held
         assert got[0].content == big[:2**20]
         log = (await http.get(f"/v1/logs/{log_id}")).json()
         assert log["response_body"] == list(big[:2**20])
-        bucket = relay._core._store.find_bucket("github")
-        assert relay._core._store._by_ref[bucket.id].history_bytes < 2**20 + 10_000
+        bucket = relay.services.core._store.find_bucket("github")
+        assert relay.services.core._store._by_ref[bucket.id].history_bytes < 2**20 + 10_000
 
 
 # -------------------------------------------------------------------------- 9 and 10: strangers' failures
@@ -521,7 +521,7 @@ async def test_1_a_session_padded_in_its_times_is_no_session(held_config):
         renewed = (await http.post("/inspector/session", auth=(KEY, session))).json()["session"]
         assert renewed.split(".")[1] == signed_in  # the sign-in's time, not a later one
         token = relay.config.tokens[0]
-        future, _ = relay._credentials.issue(token, signed_in=time.time() + 10**6)
+        future, _ = relay.services.credentials.issue(token, signed_in=time.time() + 10**6)
         assert int(future.split(".")[1]) <= time.time()  # never after now
 
 
@@ -562,7 +562,7 @@ async def test_5_a_replay_that_comes_while_its_webhook_is_being_kept_gets_the_sa
     write failed, the first got 503, and its sender's retry was then a replay: lost."""
     config, headers = stored_stripe_config(tmp_path), signed_stripe_headers()
     async with relay_lite.open_relay(config) as relay:
-        storage = relay._core._backend
+        storage = relay.services.core._backend
         commit, writing, fail = storage._commit, threading.Event(), threading.Event()
 
         def failing_later(*args):
@@ -595,7 +595,7 @@ async def test_2_a_body_received_is_no_longer_in_flight_while_its_sender_is_held
         async with trio.open_nursery() as nursery:
             nursery.start_soon(functools.partial(post, relay, input_id="in-held", content=b"h" * 900_000))
             await client.webhook()  # its body is in: the sender is held for an answer
-            assert relay._inflows.used == 0
+            assert relay._port._inflows.used == 0
             assert (await post(relay, content=b"g" * 900_000)).status_code == 200  # room for another
             await client.webhook()
             nursery.cancel_scope.cancel()

@@ -415,7 +415,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
         sdk = Sdk(http)
         await posted(relay, *(f"e{n}" for n in range(6)))
         assert [log["body"] for log in (await events(http, bucket="github", limit=2)).json()["logs"]] == ["e0", "e1"]
-        commit, calls, release = relay._core._backend._commit, [], threading.Event()
+        commit, calls, release = relay.services.core._backend._commit, [], threading.Event()
 
         def failing_once(*args):
             calls.append(args)
@@ -424,7 +424,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
                 raise sqlite3.OperationalError("disk I/O error (made by the test)")
             return commit(*args)
 
-        relay._core._backend._commit = failing_once
+        relay.services.core._backend._commit = failing_once
         answers = {}
 
         async def poll(name):
@@ -434,7 +434,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
             nursery.start_soon(poll, "first")
             await eventually(lambda: calls)  # its commit is under way
             nursery.start_soon(poll, "second")
-            [bucket] = relay._core._store.resolve(relay.config.tokens[0], ("github",))
+            [bucket] = relay.services.core._store.resolve(relay.config.tokens[0], ("github",))
             await eventually(lambda: bucket.queue_lock("").statistics().tasks_waiting == 1)
             release.set()
         assert answers["first"].status_code == 503
@@ -471,7 +471,7 @@ async def test_a_resend_and_a_poll_the_log_cannot_keep_are_503s_saying_try_again
         def failing(*args):
             raise sqlite3.OperationalError("disk I/O error (made by the test)")
 
-        relay._core._backend._commit = failing
+        relay.services.core._backend._commit = failing
         resend = await http.post(f"/v1/logs/{log['id']}/action", json={"action": "resend"})
         poll = await events(http, bucket="github")
     for answer in (resend, poll):

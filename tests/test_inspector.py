@@ -288,7 +288,7 @@ def test_a_sign_in_the_relay_is_too_busy_to_check_says_so_and_is_retried(page, r
     import relay_lite
     driver, shot = page
     relay = relay_factory({**config(), "tokens": [{"key": KEY, "secret_hash": str(relay_lite._SecretHash.of(SECRET))}]})
-    hashing = relay.relay._credentials._hashing
+    hashing = relay.relay.services.credentials._hashing
     checked, busy = hashing.run, [2]
 
     async def busy_at_first(clean, check, secret):
@@ -315,10 +315,10 @@ def test_the_page_renews_its_session_and_its_socket_goes_on_with_it(page, relay_
     relay = relay_factory(config())
     sign_in(driver, relay)
     wait(driver, lambda: state_line(driver) == "connected: live")
-    (socket,) = relay.relay._sessions
+    (socket,) = relay.relay.services.sockets.open
     first = driver.execute_script("return sessionStorage.getItem('relay_lite.session')")
     time.sleep(3.5)  # the first session expired 1.5 s ago, and the relay looks each second
-    assert relay.relay._sessions == {socket} and socket.close_reason is None  # the same socket, open
+    assert relay.relay.services.sockets.open == {socket} and socket.close_reason is None  # the same socket, open
     assert driver.execute_script("return sessionStorage.getItem('relay_lite.session')") != first
     httpx.post(relay.relay.input_url("in-github"), content="after the first session")
     wait(driver, lambda: len(rows(driver)) == 1)

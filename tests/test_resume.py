@@ -225,7 +225,7 @@ async def test_a_second_resume_while_one_runs_is_refused(relay):
 async def test_resumed_webhooks_are_logged_as_sent(relay):
     since = await last_seen(relay)
     await post(relay, content="missed")
-    (entry,) = relay._core._log.after(relay._core._store.buckets[:1], since, 10)
+    (entry,) = relay.services.core._log.after(relay.services.core._store.buckets[:1], since, 10)
     assert entry.status == "received"
     async with connect(relay) as client:
         await resume(client, since)
@@ -255,7 +255,7 @@ async def test_a_resume_of_large_webhooks_queues_about_one_write_at_a_time(relay
     async with connect(relay) as client:
         await client.send(action="auth", key=KEY, secret=SECRET)
         await client.expect("authenticated")
-        (session,) = relay._sessions
+        (session,) = relay.services.sockets.open
         queued, deliver = [], session.deliver
 
         def counting_deliver(frame):

@@ -296,8 +296,8 @@ async def test_2_headers_path_and_query_count_against_history_bytes(bounded_conf
             for n in range(100):
                 url = relay.input_url("github") + "/" + "p" * 1000 + "?" + "q" * 1000
                 assert (await http.post(url, headers=headers)).status_code == 200
-        bucket = relay._core._store.find_bucket("github")
-        history = relay._core._store._by_ref[bucket.id].history
+        bucket = relay.services.core._store.find_bucket("github")
+        history = relay.services.core._store._by_ref[bucket.id].history
         assert 10 <= len(history) <= 25, len(history)  # 500 KB of 25 KB entries: 20; it was all 100
 
 
@@ -312,7 +312,7 @@ async def test_11_answers_count_against_history_bytes(bounded_config):
                 body = base64.b64encode(b"a" * 100_000).decode()
                 assert (await http.put(f"/v1/logs/{log_id}", json={"status_code": 200, "response_body": body})
                         ).status_code == 200
-        bucket = relay._core._store._by_ref[relay._core._store.find_bucket("github").id]
+        bucket = relay.services.core._store._by_ref[relay.services.core._store.find_bucket("github").id]
         assert 3 <= len(bucket.history) <= 5, len(bucket.history)  # 100 KB answers in 500 KB; it was all 20
         assert bucket.history_bytes <= 500_000
 
@@ -536,7 +536,7 @@ async def test_7_a_secret_hash_authenticates_like_a_secret(guarded_config):
             assert (await http.get("/v1/logs", auth=("hashed", "hashed-secret-0123456789"))).status_code == 200
             bearer = {"Authorization": "Bearer hashed-secret-0123456789"}
             assert (await http.get("/v1/logs", headers=bearer)).status_code == 200
-        assert len(relay._credentials._proven) == 1  # scrypt ran once for the right secret, then remembered
+        assert len(relay.services.credentials._proven) == 1  # scrypt ran once for the right secret, then remembered
 
 
 def test_7_hash_secret_prints_a_hash_of_the_secret_given_or_of_a_new_one():
@@ -564,11 +564,11 @@ async def test_10_a_socket_that_reads_nothing_is_cut_off_by_time_too():
     """A socket that never read was cut off only once 1,000 frames (or 64 MiB) waited for it."""
     async with relay_lite.open_relay(relay_config(send_timeout=1)) as relay, subscriber(relay, ["github"]) as good:
         stuck = await never_reading_client(relay, ["github"])
-        await eventually(lambda: len(relay._sessions) == 2)
+        await eventually(lambda: len(relay.services.sockets.open) == 2)
         for n in range(40):  # 1.3 MB: the kernel's buffers fill, the outbox holds the rest (40 frames)
             assert (await post(relay, content=f"{n:02}" + "x" * 32_000)).status_code == 200
             assert (await good.webhook())["body"][:2] == f"{n:02}"
-        await eventually(lambda: len(relay._sessions) == 1, timeout=10)
+        await eventually(lambda: len(relay.services.sockets.open) == 1, timeout=10)
         stuck.close()
 
 
@@ -582,8 +582,8 @@ async def test_10_resuming_sockets_share_their_frames(tmp_path):
         try:
             before = tracemalloc.get_traced_memory()[0]
             stuck = [await never_reading_client(relay, ["github"], since=since) for _ in range(20)]
-            await eventually(lambda: len(relay._sessions) == 20 and all(
-                session._outbox.bytes or session._writing for session in relay._sessions))
+            await eventually(lambda: len(relay.services.sockets.open) == 20 and all(
+                session._outbox.bytes or session._writing for session in relay.services.sockets.open))
             held = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
@@ -606,7 +606,7 @@ async def test_http2_is_not_served(relay):
                            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
     answer = await closed_by_relay(upgrade, timeout=5)
     assert b"HTTP/1.1 200" not in answer and b"HTTP/1.1 401" not in answer  # no request was served over h2
-    await eventually(lambda: relay._requests == 0 and relay._connections.count == 0)
+    await eventually(lambda: relay._port.requests == 0 and relay.services.connections.count == 0)
 
 
 async def test_7_attempts_made_at_once_cannot_outrun_the_limit(guarded_config):
@@ -679,7 +679,7 @@ async def test_a_peer_that_never_reads_its_answers_cannot_outlast_the_deadlines(
         await sock.bind(("127.0.0.2", 0))
         await sock.connect((relay.host, relay.port))
         await sock.send(b"GET /v1/socket HTTP/1.1\r\nHost: x\r\n\r\n" * 1700)  # 426 answers, never read
-        await eventually(lambda: relay._connections.count == 0, timeout=8)
+        await eventually(lambda: relay.services.connections.count == 0, timeout=8)
         stuck = trio.socket.socket()  # and another, when the relay shuts down
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await stuck.connect((relay.host, relay.port))
@@ -738,7 +738,7 @@ async def test_an_evicted_socket_is_told_why_at_once():
                 protocol.receive_data(data)
                 close = next((event for event in protocol.events() if isinstance(event, CloseConnection)), None)
         assert close is not None and close.code == 1013
-        await eventually(lambda: relay._connections.count == 3, timeout=2)
+        await eventually(lambda: relay.services.connections.count == 3, timeout=2)
         assert trio.current_time() - started < 2
         for stream, _ in sockets:
             await stream.aclose()
@@ -757,8 +757,8 @@ async def test_held_senders_count_against_their_address(config):
         held = []
         for n in range(4):  # one at a time: each held, or refused, before the next
             held.append(await hold())
-            await eventually(lambda: len(relay._core._holds) == n + 1 or not still_open(held[-1]))
-        assert len(relay._core._holds) == 2
+            await eventually(lambda: len(relay.services.core._holds) == n + 1 or not still_open(held[-1]))
+        assert len(relay.services.core._holds) == 2
         assert [still_open(stream) for stream in held] == [True, True, False, False]
         assert (await post(relay, content="another address")).status_code == 200
         for stream in held:
@@ -780,7 +780,7 @@ async def test_a_client_reading_slowly_but_steadily_is_not_cut_off():
     KiB/s was cut off as having read nothing for send_timeout."""
     async with relay_lite.open_relay(relay_config(send_timeout=2)) as relay:
         sock = await never_reading_client(relay, ["github"], receive_buffer=8192)
-        await eventually(lambda: len(relay._sessions) == 1)
+        await eventually(lambda: len(relay.services.sockets.open) == 1)
 
         async def read_slowly():  # 8 KiB every 50 ms, from the start
             read = 0
@@ -795,7 +795,7 @@ async def test_a_client_reading_slowly_but_steadily_is_not_cut_off():
                 nursery.start_soon(read_slowly)
                 for n in range(20):  # 1.2 MB queued at once: writes of up to 1 MiB, joined
                     assert (await post(relay, content=f"{n:02}" + "x" * 60_000)).status_code == 200
-        assert len(relay._sessions) == 1
+        assert len(relay.services.sockets.open) == 1
         sock.close()
 
 
