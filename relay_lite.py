@@ -2074,15 +2074,23 @@ _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float
 # change happens between two checkpoints, so no lock is needed.
 
 
+class _Subscriber(typing.Protocol):
+    """A bucket's subscriber (a socket session), as the core sends to it."""
+
+    observer: bool  # what it is sent is not "sent" for the log (an inspector watching)
+
+    def deliver(self, frame: bytes) -> None: ...
+
+
 class _Bucket:
-    __slots__ = ("config", "routes", "subscribers", "forwarders", "history", "history_bytes", "trimmed", "dropped",
+    __slots__ = ("config", "routes", "subscribers", "_logged", "history", "history_bytes", "trimmed", "dropped",
                  "rejected", "positions", "_queue_locks")
 
     def __init__(self, config: BucketConfig) -> None:
         self.config = config
         self.routes = _routes(config)
-        self.subscribers: set[_Session] = set()
-        self.forwarders: list[_Forwarder] = []  # one per public output, delivering its entries
+        self.subscribers: set[_Subscriber] = set()
+        self._logged: trio.Event | None = None  # see logged()
         self.history: deque[_Entry] = deque()  # its log, oldest first; see _Log
         self.history_bytes = 0
         self.trimmed = ""  # entries up to this id may be gone: a resume from before it may miss some...
@@ -2092,6 +2100,18 @@ class _Bucket:
         # internal one) -> the id of the last entry handed out
         self._queue_locks: dict[str, trio.Lock] = {}
 
+    def logged(self) -> trio.Event:
+        """An event set once entries are next logged in this bucket (what its forwarders wait for)."""
+        if self._logged is None:
+            self._logged = trio.Event()
+        return self._logged
+
+    def wake(self) -> None:
+        """Entries were logged: wake whoever waits for them."""
+        if self._logged is not None:
+            self._logged.set()
+            self._logged = None
+
     def queue_lock(self, output: str) -> trio.Lock:
         """Held by a pull queue's call from reading its position until the new one is stored."""
         return self._queue_locks.setdefault(output, trio.Lock())
@@ -2099,8 +2119,8 @@ class _Bucket:
 
 class _Store:
     def __init__(self, config: Config, kept: Mapping[str, _Bucket] = {}) -> None:
-        """The buckets of `config`; those in `kept` (by id: a reload) keep their log, subscribers
-        and forwarders, and take their new config."""
+        """The buckets of `config`; those in `kept` (by id: a reload) keep their log and
+        subscribers, and take their new config."""
         pairs = [(kept.get(bucket_config.id) or _Bucket(bucket_config), bucket_config)
                  for bucket_config in config.buckets]
         self._buckets = [bucket for bucket, _ in pairs]
@@ -2329,6 +2349,38 @@ class _Insert:
         self.behind: _Batch | None = None  # a replay's: the batch keeping the webhook it repeats, if not kept yet
 
 
+class _Backend(typing.Protocol):
+    """Where the log is kept (see above): what the core calls, and all it calls."""
+
+    session_key: bytes  # the key inspectors' sessions are signed with, as the backend keeps it
+    failing: str  # why it cannot keep what it is given now, or ""
+    shared: bool  # kept by a cluster: another relay may have given a log id a moment before this one saw it
+
+    async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept: ...
+    async def run(self) -> None: ...
+    async def aclose(self) -> None: ...
+    def insert(self, insert: _Insert) -> None: ...
+    def update(self, entry: _Entry) -> None: ...
+    def trim(self, bucket: _Bucket) -> None: ...
+    async def committed(self) -> None: ...
+    async def move(self, bucket: _Bucket, output: str) -> None: ...
+    async def claim_answer(self, entry: _Entry, answer: _Answer, status: str) -> bool: ...
+    def queue(self, bucket: _Bucket, output: str) -> contextlib.AbstractAsyncContextManager[None]: ...
+    def leading(self, name: str) -> contextlib.AbstractAsyncContextManager[trio.CancelScope]: ...
+    def reloaded(self, buckets: list[_Bucket], added: list[_Bucket]) -> None: ...
+
+
+class _Owner(typing.Protocol):
+    """What a backend hands back to the log's owner (the core): its new entries once they are
+    kept; and, a cluster's, what the other relays did."""
+
+    def publish(self, bucket: _Bucket, entries: list[_Entry]) -> None: ...
+    def bucket_by_id(self, bucket_id: str) -> _Bucket | None: ...
+    def apply_change(self, bucket: _Bucket, row: Mapping[str, Any]) -> None: ...
+    def adopt(self, bucket: _Bucket, entries: list[_Entry], trimmed: str) -> None: ...
+    def missed(self, mark: str, count: int) -> None: ...
+
+
 class _Replays:
     """The nonces (see _Nonce) of the webhooks a relay alone accepted, each until it is past
     (the signature check refuses a replay then anyway): the newest _NONCES_KEPT of each input,
@@ -2358,6 +2410,7 @@ class _Alone:
     """What a backend of one relay alone need not share with other relays: the first answer to
     an entry, a pull queue's lock, the lead of a public output's deliveries, the nonces taken."""
 
+    shared = False
     _replays: _Replays
 
     def claim(self, insert: _Insert) -> bool:
@@ -2751,8 +2804,9 @@ class _Redis(_Batching):
     """The log in a Redis Stream, shared by every relay configured with the same Redis (see above)."""
 
     _failed = "the webhook log could not be written to Redis"
+    shared = True
 
-    def __init__(self, cluster: ClusterConfig, core: "_Core") -> None:
+    def __init__(self, cluster: ClusterConfig, owner: _Owner) -> None:
         import redis  # the optional extra, relay-lite[redis]: imported only when configured
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -2773,7 +2827,7 @@ class _Redis(_Batching):
         self._no_script = redis.exceptions.NoScriptError
         self._prefix = cluster.prefix
         self._journal, self._counter = f"{cluster.prefix}:journal", f"{cluster.prefix}:count"
-        self._core = core
+        self._core = owner
         self._origin = uuid.uuid4().hex  # this relay, in the events it appends
         self._numbers = itertools.count()
         self._mine: dict[str, _Entry] = {}  # number -> an entry this relay appended, not yet read back
@@ -3339,7 +3393,7 @@ class _Metrics:
 _REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
 
 
-def _metrics_text(services: "_Services") -> tuple[bytes, str]:
+def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, str]:
     """The relay's metrics in the Prometheus text format, and its content type."""
     import prometheus_client
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -3364,11 +3418,11 @@ def _metrics_text(services: "_Services") -> tuple[bytes, str]:
                           metrics.cutoffs)
             yield counter("relay_lite_auth_failures", "Failed authentications", "kind", _AUTH_FAILURES,
                           metrics.auth_failures)
-            sockets = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
-            authenticated = sum(session.token is not None for session in services.sockets.open)
-            sockets.add_metric(["connecting"], len(services.sockets.open) - authenticated)
-            sockets.add_metric(["authenticated"], authenticated)
-            yield sockets
+            gauge = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
+            authenticated = sum(session.token is not None for session in sockets.open)
+            gauge.add_metric(["connecting"], len(sockets.open) - authenticated)
+            gauge.add_metric(["authenticated"], authenticated)
+            yield gauge
             entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
                                         labels=["bucket"])
             size = GaugeMetricFamily("relay_lite_history_bytes", "Webhook log bytes kept", labels=["bucket"])
@@ -3690,7 +3744,7 @@ class _Core:
     def __init__(self, config: Config, metrics: _Metrics) -> None:
         self._store = _Store(config)
         self._log = _Log()  # replaced by the one loaded from the backend in load()
-        self._backend: _Memory | _Storage | _Redis
+        self._backend: _Backend
         if config.cluster.redis_url:
             self._backend = _Redis(config.cluster, self)
         elif config.storage.path:
@@ -3757,7 +3811,7 @@ class _Core:
         (in a cluster, another relay may have given it a moment before this one read it)."""
         if since <= self.newest_id(buckets) or since == NIL_LOG_ID:
             return True
-        return isinstance(self._backend, _Redis) and uuid.UUID(since).int >> 80 <= (time.time() + _CLOCKS_APART) * 1000
+        return self._backend.shared and uuid.UUID(since).int >> 80 <= (time.time() + _CLOCKS_APART) * 1000
 
     @staticmethod
     def newest_id(buckets: Iterable[_Bucket]) -> str:
@@ -3851,7 +3905,7 @@ class _Core:
                        count, mark)
         frame = wire_frame(status_frame("history_gap", f"this relay fell behind the cluster and may have missed "
                                                        f"webhooks up to {mark}; other relays have them"))
-        sessions: set[_Session] = set()
+        sessions: set[_Subscriber] = set()
         for bucket in self._store.buckets:
             bucket.trimmed = bucket.dropped = max(bucket.trimmed, mark)
             sessions.update(bucket.subscribers)
@@ -3875,8 +3929,7 @@ class _Core:
             if any(not session.observer for session in bucket.subscribers):
                 self.sent(entry)
         if frames < len(entries):
-            for forwarder in bucket.forwarders:
-                forwarder.wake()
+            bucket.wake()  # its forwarders
         webhook = entries[0].webhook
         logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s), %d to deliver", entries[0].id,
                     webhook.method, _shown(webhook.path), bucket.config.name, frames, len(bucket.subscribers),
@@ -3884,12 +3937,12 @@ class _Core:
 
     # ---------------------------------------------------------------- webhooks out
 
-    def subscribe(self, session: "_Session", buckets: Iterable[_Bucket]) -> None:
+    def subscribe(self, session: _Subscriber, buckets: Iterable[_Bucket]) -> None:
         """Send `session` every webhook of `buckets` published from now on."""
         for bucket in buckets:
             bucket.subscribers.add(session)
 
-    def unsubscribe(self, session: "_Session", buckets: Iterable[_Bucket]) -> None:
+    def unsubscribe(self, session: _Subscriber, buckets: Iterable[_Bucket]) -> None:
         for bucket in buckets:
             bucket.subscribers.discard(session)
 
@@ -4033,7 +4086,7 @@ class _Core:
     def reload(self, config: Config) -> tuple[list[_Bucket], list[_Bucket]]:
         """Take `config`'s buckets: those it keeps (by id) keep their log, subscribers and
         forwarders; a new one starts its log now. Return the buckets now, and those removed
-        (their log is gone; their subscribers and forwarders are the caller's to end)."""
+        (their log is gone; their subscribers, and what delivers their outputs, are the caller's to end)."""
         old = {bucket.config.id: bucket for bucket in self._store.buckets}
         store = _Store(config, kept={bucket.id: old[bucket.id] for bucket in config.buckets if bucket.id in old})
         for bucket in store.buckets:
@@ -4053,48 +4106,8 @@ class _Core:
 #
 # What the adapters (socket sessions, HTTP routes, forwarders, metrics) use of a running relay,
 # in one object that Relay builds and passes to each of them: the core, credentials, the
-# ingest pipeline, the open sockets and connections, metrics and the warnings' throttle. An
-# adapter's dependencies are its services; only Relay changes them (at a reload).
-
-
-class _Sockets:
-    """The relay's open sockets, for those that act on all of them: the sweep (an inspector's
-    session that expired, a write that stalled), the pinger, a reload, a shutdown, metrics.
-    Each session says here when it authenticates, writes, and ends."""
-
-    def __init__(self, server: ServerConfig, connections: "_Connections") -> None:
-        self.open: set[_Session] = set()
-        self._watching: set[_Session] = set()  # inspectors' sessions, which expire
-        self._writing: set[_Session] = set()  # with a write under way, which may not stall
-        self.pinger = _Pinger(server.ping_interval)
-        self._connections = connections
-
-    def authenticated(self, session: "_Session") -> None:
-        """`session` authenticated: it is a client, no longer pending, needs no deadline (but an
-        inspector's session's end), may send larger frames, and is pinged."""
-        if session.inspector:
-            self._watching.add(session)
-        self._connections.busy(session.connection)
-        session.connection.end_by(math.inf)
-        session.allow_frames(MAX_CLIENT_FRAME)
-        self.pinger.add(session)
-
-    def writing(self, session: "_Session", under_way: bool) -> None:
-        (self._writing.add if under_way else self._writing.discard)(session)
-
-    def ended(self, session: "_Session") -> None:
-        """`session` is closing: no more pings, expiry or stalls."""
-        self.pinger.discard(session)
-        self._watching.discard(session)
-        self._writing.discard(session)
-
-    def sweep(self, now: float, send_timeout: float) -> None:
-        """Close inspectors' sessions past their end; cut off sockets whose write got no
-        _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
-        for session in [session for session in self._watching if session.expires <= _wall_time()]:
-            session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
-        for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
-            session.stalled(send_timeout)
+# ingest pipeline, the connections, metrics and the warnings' throttle. An adapter's
+# dependencies are its services; only Relay changes them (at a reload).
 
 
 class _Services:
@@ -4108,7 +4121,6 @@ class _Services:
         self.credentials = _Credentials(config, lambda: self.core.session_key, self.throttle)
         self.ingest = _Ingest(config, self.core, self.metrics, self.throttle)
         self.connections = _Connections(config.server, self.throttle)
-        self.sockets = _Sockets(config.server, self.connections)
         self.loaded_at = _wall_time()  # when the config in force was loaded: the buckets API's created_at
         self.stopping = trio.Event()  # set by Relay.shutdown
 
@@ -4290,8 +4302,10 @@ class _Session:
     `send_queue_size` frames, or `send_queue_bytes` of them, unread is cut off.
     """
 
-    def __init__(self, services: _Services, ws: trio_websocket.WebSocketConnection, connection: "_Connection") -> None:
+    def __init__(self, services: _Services, sockets: "_Sockets", ws: trio_websocket.WebSocketConnection,
+                 connection: "_Connection") -> None:
         self._services = services
+        self._sockets = sockets
         self._core = services.core
         self._ws = ws
         self._connection = connection
@@ -4376,9 +4390,9 @@ class _Session:
                         batch = self._outbox.take()
                         self._writing = True
                         self.progress_at = trio.current_time()
-                        self._services.sockets.writing(self, True)  # see _Sockets.sweep: a write may not stall
+                        self._sockets.writing(self, True)  # see _Sockets.sweep: a write may not stall
                         await _write(self._ws, batch, self._progressed)
-                        self._services.sockets.writing(self, False)
+                        self._sockets.writing(self, False)
                         self._writing = False
                         self.frames_sent += len(batch)
                         if self._replay is not None:
@@ -4387,7 +4401,7 @@ class _Session:
         except* trio_websocket.ConnectionClosed:
             pass  # the client went away; nothing to tell it
         finally:
-            self._services.sockets.ended(self)
+            self._sockets.ended(self)
             self._core.unsubscribe(self, self.buckets)
             with trio.CancelScope(shield=True):
                 if self._writing:
@@ -4408,7 +4422,7 @@ class _Session:
                 self._services.metrics.cutoffs["auth_timeout"] += 1
             self.close(CLOSE_POLICY, f"not authenticated within {server.auth_timeout:g} s")
             return
-        self._services.sockets.authenticated(self)
+        self._sockets.authenticated(self)
         while True:
             await self._handle(await self._ws.get_message())
 
@@ -4606,6 +4620,46 @@ class _Pinger:
             for session in self._slots[self._due]:
                 session.deliver(_PING_FRAME)
             self._due = (self._due + 1) % _PING_SLOTS
+
+
+class _Sockets:
+    """The relay's open sockets, for those that act on all of them: the sweep (an inspector's
+    session that expired, a write that stalled), the pinger, a reload, a shutdown, metrics.
+    Each session says here when it authenticates, writes, and ends."""
+
+    def __init__(self, server: ServerConfig, connections: "_Connections") -> None:
+        self.open: set[_Session] = set()
+        self._watching: set[_Session] = set()  # inspectors' sessions, which expire
+        self._writing: set[_Session] = set()  # with a write under way, which may not stall
+        self.pinger = _Pinger(server.ping_interval)
+        self._connections = connections
+
+    def authenticated(self, session: "_Session") -> None:
+        """`session` authenticated: it is a client, no longer pending, needs no deadline (but an
+        inspector's session's end), may send larger frames, and is pinged."""
+        if session.inspector:
+            self._watching.add(session)
+        self._connections.busy(session.connection)
+        session.connection.end_by(math.inf)
+        session.allow_frames(MAX_CLIENT_FRAME)
+        self.pinger.add(session)
+
+    def writing(self, session: "_Session", under_way: bool) -> None:
+        (self._writing.add if under_way else self._writing.discard)(session)
+
+    def ended(self, session: "_Session") -> None:
+        """`session` is closing: no more pings, expiry or stalls."""
+        self.pinger.discard(session)
+        self._watching.discard(session)
+        self._writing.discard(session)
+
+    def sweep(self, now: float, send_timeout: float) -> None:
+        """Close inspectors' sessions past their end; cut off sockets whose write got no
+        _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
+        for session in [session for session in self._watching if session.expires <= _wall_time()]:
+            session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
+        for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
+            session.stalled(send_timeout)
 
 
 # ============================================================================ delivery
@@ -4827,16 +4881,11 @@ class _Forwarder:
         self._bucket = bucket
         self._output = output
         self._delivery = _Delivery.of(output)
-        self._wakeup = trio.Event()
         self.scope = trio.CancelScope()  # cancelled when a reload removes or changes its output
 
     @property
     def output(self) -> OutputConfig:
         return self._output
-
-    def wake(self) -> None:
-        """New entries were logged."""
-        self._wakeup.set()
 
     def _due(self, entry: _Entry) -> bool:
         return entry.output_name == self._output.name and not entry.internal
@@ -4854,7 +4903,7 @@ class _Forwarder:
         in_flight = trio.Semaphore(self._output.concurrency)
         async with trio.open_nursery() as nursery:
             while True:
-                self._wakeup = trio.Event()  # before looking: a webhook logged meanwhile wakes it again
+                logged = self._bucket.logged()  # before looking: a webhook logged meanwhile sets it
                 if self._bucket.dropped > cursor and cursor and self._bucket.dropped != gap_told:
                     gap_told = self._bucket.dropped
                     logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
@@ -4862,7 +4911,7 @@ class _Forwarder:
                                    self._bucket.config.name, gap_told)
                 entries = self._services.core.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
                 if not entries:
-                    await self._wakeup.wait()
+                    await logged.wait()
                     continue
                 for entry in entries:
                     cursor = entry.id
@@ -4927,7 +4976,7 @@ class _App(QuartTrio):
             _unexpected(self.throttle, "answering a request", error)
 
 
-def _make_app(services: _Services) -> QuartTrio:
+def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
     """The HTTP routes: each reads its request, calls the services, and answers."""
     core = services.core
     app = _App("relay_lite")
@@ -5090,7 +5139,7 @@ def _make_app(services: _Services) -> QuartTrio:
                 services.metrics.auth_failures["metrics"] += 1
                 raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
                                    'Bearer realm="relay_lite metrics"')
-        text, content_type = _metrics_text(services)
+        text, content_type = _metrics_text(services, sockets)
         return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
 
     def inspector_here() -> None:
@@ -6735,12 +6784,13 @@ class _Port:
     request's head, a socket session or Hypercorn serving the HTTP app; and every request's
     body read here, whole and bounded, before the app sees it."""
 
-    def __init__(self, services: _Services) -> None:
+    def __init__(self, services: _Services, sockets: _Sockets) -> None:
         self._services = services
+        self._sockets = sockets
         config = services.config
         assert config.server.max_body_bytes_in_flight  # filled in by _checked
         self._inflows = _Inflows(config.server.max_body_bytes_in_flight, services.throttle)
-        self._app = _make_app(services)
+        self._app = _make_app(services, sockets)
         self._told_proxy = False  # see _forwarded
         self.requests = 0  # HTTP requests in flight
         self.quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
@@ -6957,7 +7007,8 @@ class _Port:
     async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
         try:
             async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-                session = _Session(self._services, await _websocket_handshake(nursery, stream), connection)
+                session = _Session(self._services, self._sockets, await _websocket_handshake(nursery, stream),
+                                   connection)
                 if self._services.stopping.is_set():  # too late
                     nursery.cancel_scope.cancel()
                     return
@@ -6967,11 +7018,11 @@ class _Port:
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
                 # authenticated in time, or closed (see _Session): the deadline is a backstop
                 connection.end_by(trio.current_time() + self._services.config.server.auth_timeout + _CLOSE_TIMEOUT + _GRACE)
-                self._services.sockets.open.add(session)
+                self._sockets.open.add(session)
                 try:
                     await session.run()
                 finally:
-                    self._services.sockets.open.discard(session)
+                    self._sockets.open.discard(session)
                     self.quiet.unpark_all()
                     nursery.cancel_scope.cancel()  # trio-websocket's reader: what comes now is lingering
                     # one line per client; one per stranger's attempt only when debugging
@@ -6988,7 +7039,7 @@ class _Port:
 class Relay:
     """A relay: its config, and once serving, where it listens.
 
-    Made and run by `serve_relay` or `open_relay`; `shutdown()` ends it gracefully. It wires the
+    Made and run by the functions below; `shutdown()` ends it gracefully. It wires the
     parts together (`services`, the port, the forwarders), starts and stops them, and reloads.
     """
 
@@ -6999,9 +7050,10 @@ class Relay:
         self.url = ""  # http://HOST:PORT, or https://
         self.services = _Services(config)  # internal: what relay_lite's own parts and tests work through
         self.metrics = self.services.metrics
-        self._port = _Port(self.services)
-        for bucket in self.services.core.buckets:
-            bucket.forwarders = [_Forwarder(self.services, bucket, output) for output in _public_outputs(bucket.config)]
+        self.sockets = _Sockets(config.server, self.services.connections)  # internal, as services is
+        self._port = _Port(self.services, self.sockets)
+        self._forwarders = {bucket: [_Forwarder(self.services, bucket, output) for output in
+                                     _public_outputs(bucket.config)] for bucket in self.services.core.buckets}
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
         self._announce = announce  # log "listening on" once it is (see serve_relay)
@@ -7042,7 +7094,7 @@ class Relay:
         buckets, removed = services.core.reload(new)  # from here on nothing fails
 
         tokens = {token.key: token for token in new.tokens}
-        for session in list(services.sockets.open):
+        for session in list(self.sockets.open):
             if session.token is None:
                 continue
             token = tokens.get(session.token.key)
@@ -7053,14 +7105,14 @@ class Relay:
             else:
                 session.token = token
         for bucket in removed:
-            for session in list(bucket.subscribers) + [s for s in services.sockets.open if bucket in s.buckets]:
+            for session in [s for s in self.sockets.open if bucket in s.buckets or s in bucket.subscribers]:
                 session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
-            for forwarder in bucket.forwarders:
+            for forwarder in self._forwarders.pop(bucket, ()):
                 forwarder.scope.cancel()
         for bucket in buckets:
             wanted = {output.name: output for output in _public_outputs(bucket.config)}
             forwarders = []
-            for forwarder in bucket.forwarders:
+            for forwarder in self._forwarders.get(bucket, ()):
                 if wanted.get(forwarder.output.name) == forwarder.output:
                     forwarders.append(forwarder)
                     del wanted[forwarder.output.name]
@@ -7071,7 +7123,7 @@ class Relay:
                 forwarders.append(forwarder)
                 if self._forwarding is not None:
                     self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
-            bucket.forwarders = forwarders
+            self._forwarders[bucket] = forwarders
 
         self.config = new
         services.reloaded(new, credentials)
@@ -7091,7 +7143,7 @@ class Relay:
             await trio.sleep(_SWEEP_INTERVAL)
             services.core.expire(_wall_time())
             now = trio.current_time()
-            services.sockets.sweep(now, self.config.server.send_timeout)
+            self.sockets.sweep(now, self.config.server.send_timeout)
             services.connections.end_overdue(now)
 
     async def serve(self, *, task_status: trio.TaskStatus["Relay"] = trio.TASK_STATUS_IGNORED) -> None:
@@ -7119,25 +7171,24 @@ class Relay:
             async with trio.open_nursery() as connections:
                 accepting = trio.CancelScope()
                 connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, services.throttle)
-                connections.start_soon(services.sockets.pinger.run)
+                connections.start_soon(self.sockets.pinger.run)
                 connections.start_soon(self._sweep)
                 self._forwarding = connections, _http_client()
-                for bucket in services.core.buckets:
-                    for forwarder in bucket.forwarders:
-                        connections.start_soon(forwarder.run, self._forwarding[1])
+                for forwarder in itertools.chain.from_iterable(self._forwarders.values()):
+                    connections.start_soon(forwarder.run, self._forwarding[1])
                 task_status.started(self)
                 await services.stopping.wait()
 
                 logger.info("shutting down: %d socket(s), %d request(s) in flight",
-                            len(services.sockets.open), port.requests)
+                            len(self.sockets.open), port.requests)
                 accepting.cancel()
                 await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
                 services.connections.end_idle()
-                for session in services.sockets.open:
+                for session in self.sockets.open:
                     session.close(CLOSE_GOING_AWAY, "server shutting down")
                 services.core.release_holds()
                 with trio.move_on_after(server.shutdown_timeout):
-                    while port.requests or services.sockets.open:
+                    while port.requests or self.sockets.open:
                         await port.quiet.park()
                 services.connections.end_all()  # what is left is idle, or out of time
                 connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart

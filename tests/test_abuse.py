@@ -107,7 +107,7 @@ async def test_bad_inputs_cost_a_good_client_nothing(relay, caplog):
         assert [body[:4] for body in received] == [f"{n:04}" for n in range(WEBHOOKS)]
 
         # the stuck client was cut off; only the good one is left
-        await eventually(lambda: len(relay.services.sockets.open) == 1, timeout=10)
+        await eventually(lambda: len(relay.sockets.open) == 1, timeout=10)
     stuck.close()
     async with subscriber(relay, ["github"]) as late:
         await post(relay, content="server still fine")

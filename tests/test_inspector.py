@@ -315,10 +315,10 @@ def test_the_page_renews_its_session_and_its_socket_goes_on_with_it(page, relay_
     relay = relay_factory(config())
     sign_in(driver, relay)
     wait(driver, lambda: state_line(driver) == "connected: live")
-    (socket,) = relay.relay.services.sockets.open
+    (socket,) = relay.relay.sockets.open
     first = driver.execute_script("return sessionStorage.getItem('relay_lite.session')")
     time.sleep(3.5)  # the first session expired 1.5 s ago, and the relay looks each second
-    assert relay.relay.services.sockets.open == {socket} and socket.close_reason is None  # the same socket, open
+    assert relay.relay.sockets.open == {socket} and socket.close_reason is None  # the same socket, open
     assert driver.execute_script("return sessionStorage.getItem('relay_lite.session')") != first
     httpx.post(relay.relay.input_url("in-github"), content="after the first session")
     wait(driver, lambda: len(rows(driver)) == 1)

@@ -121,7 +121,7 @@ async def test_seed_client_on_todays_ws_receives_the_webhook(relay):
     try:
         await client.wait_for(lambda line: line.startswith("connected"))
         # it prints Buffers; the relay's side shows it subscribed
-        await eventually(lambda: any(session.buckets for session in relay.services.sockets.open), timeout=15)
+        await eventually(lambda: any(session.buckets for session in relay.sockets.open), timeout=15)
         await post(relay, content="x" * 10)
         # ws@8 prints '<Buffer 7b 22 74 79 70 65 22 3a 22 77 65 62 68 6f 6f 6b ...': '{"type":"webhook'
         await client.wait_for(lambda line: line.startswith("<Buffer 7b 22 74 79 70 65 22 3a 22 77 65 62"))

@@ -255,7 +255,7 @@ async def test_a_resume_of_large_webhooks_queues_about_one_write_at_a_time(relay
     async with connect(relay) as client:
         await client.send(action="auth", key=KEY, secret=SECRET)
         await client.expect("authenticated")
-        (session,) = relay.services.sockets.open
+        (session,) = relay.sockets.open
         queued, deliver = [], session.deliver
 
         def counting_deliver(frame):

@@ -564,11 +564,11 @@ async def test_10_a_socket_that_reads_nothing_is_cut_off_by_time_too():
     """A socket that never read was cut off only once 1,000 frames (or 64 MiB) waited for it."""
     async with relay_lite.open_relay(relay_config(send_timeout=1)) as relay, subscriber(relay, ["github"]) as good:
         stuck = await never_reading_client(relay, ["github"])
-        await eventually(lambda: len(relay.services.sockets.open) == 2)
+        await eventually(lambda: len(relay.sockets.open) == 2)
         for n in range(40):  # 1.3 MB: the kernel's buffers fill, the outbox holds the rest (40 frames)
             assert (await post(relay, content=f"{n:02}" + "x" * 32_000)).status_code == 200
             assert (await good.webhook())["body"][:2] == f"{n:02}"
-        await eventually(lambda: len(relay.services.sockets.open) == 1, timeout=10)
+        await eventually(lambda: len(relay.sockets.open) == 1, timeout=10)
         stuck.close()
 
 
@@ -582,8 +582,8 @@ async def test_10_resuming_sockets_share_their_frames(tmp_path):
         try:
             before = tracemalloc.get_traced_memory()[0]
             stuck = [await never_reading_client(relay, ["github"], since=since) for _ in range(20)]
-            await eventually(lambda: len(relay.services.sockets.open) == 20 and all(
-                session._outbox.bytes or session._writing for session in relay.services.sockets.open))
+            await eventually(lambda: len(relay.sockets.open) == 20 and all(
+                session._outbox.bytes or session._writing for session in relay.sockets.open))
             held = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
@@ -780,7 +780,7 @@ async def test_a_client_reading_slowly_but_steadily_is_not_cut_off():
     KiB/s was cut off as having read nothing for send_timeout."""
     async with relay_lite.open_relay(relay_config(send_timeout=2)) as relay:
         sock = await never_reading_client(relay, ["github"], receive_buffer=8192)
-        await eventually(lambda: len(relay.services.sockets.open) == 1)
+        await eventually(lambda: len(relay.sockets.open) == 1)
 
         async def read_slowly():  # 8 KiB every 50 ms, from the start
             read = 0
@@ -795,7 +795,7 @@ async def test_a_client_reading_slowly_but_steadily_is_not_cut_off():
                 nursery.start_soon(read_slowly)
                 for n in range(20):  # 1.2 MB queued at once: writes of up to 1 MiB, joined
                     assert (await post(relay, content=f"{n:02}" + "x" * 60_000)).status_code == 200
-        assert len(relay.services.sockets.open) == 1
+        assert len(relay.sockets.open) == 1
         sock.close()
 
 

@@ -222,7 +222,7 @@ async def test_client_disconnect_unsubscribes(relay):
         assert (await client.webhook())["body"] == "x"
     bucket = relay.services.core._store._by_ref["github"]
     await eventually(lambda: not bucket.subscribers)
-    assert not relay.services.sockets.open
+    assert not relay.sockets.open
 
 
 # ---------------------------------------------------------------------------- slow clients
@@ -251,7 +251,7 @@ async def test_a_client_that_reads_too_slowly_is_cut_off_with_a_reason(slow_conf
     async with relay_lite.open_relay(slow_config) as relay:
         async with subscriber(relay, ["github"]) as good, subscriber(relay, ["github"]) as slow:
             # `slow` reads nothing meanwhile; it is cut off as soon as its queue overflows
-            cut = lambda: any(session.close_reason for session in relay.services.sockets.open)
+            cut = lambda: any(session.close_reason for session in relay.sockets.open)
             assert await _post_in_step_with(relay, good, until=cut) < 60
             reason = await slow.closed(timeout=10)
             assert reason.code == 1008
@@ -263,9 +263,9 @@ async def test_a_client_that_leaves_too_many_bytes_unread_is_cut_off_before_its_
     would be gigabytes, so send_queue_bytes bounds the outbox too."""
     async with relay_lite.open_relay(relay_config(send_queue_bytes=2**20)) as relay:
         async with subscriber(relay, ["github"]) as good, subscriber(relay, ["github"]) as slow:
-            cut = lambda: any(session.close_reason for session in relay.services.sockets.open)
+            cut = lambda: any(session.close_reason for session in relay.sockets.open)
             assert await _post_in_step_with(relay, good, until=cut) < 60  # far from 1,000 frames
-            (session,) = [session for session in relay.services.sockets.open if session.close_reason]
+            (session,) = [session for session in relay.sockets.open if session.close_reason]
             assert session._outbox.bytes <= 2**20
             reason = await slow.closed(timeout=10)
             assert reason.code == 1008
@@ -276,13 +276,13 @@ async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
     """A raw TCP client with a tiny receive buffer that never reads: it is cut off and disconnected."""
     async with relay_lite.open_relay(slow_config) as relay:
         stuck = await never_reading_client(relay, ["github"])
-        await eventually(lambda: any(session.buckets for session in relay.services.sockets.open))
-        (session,) = relay.services.sockets.open  # its kernel send buffer is capped (Linux reports it doubled)
+        await eventually(lambda: any(session.buckets for session in relay.sockets.open))
+        (session,) = relay.sockets.open  # its kernel send buffer is capped (Linux reports it doubled)
         assert session._ws._stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * 256 * 1024
 
         async with subscriber(relay, ["github"]) as good:
             await _post_in_step_with(relay, good)
-            await eventually(lambda: len(relay.services.sockets.open) == 1, timeout=10)  # the stuck one is gone
+            await eventually(lambda: len(relay.sockets.open) == 1, timeout=10)  # the stuck one is gone
         stuck.close()
 
 
@@ -315,7 +315,7 @@ async def test_a_client_that_reads_everything_keeps_up_with_a_burst(small_queue_
                 for sender in range(20):
                     senders.start_soon(send, sender, http)
         assert sorted(received) == sorted(f"{s}:{n}" for s in range(20) for n in range(20))
-        assert not any(session.close_reason for session in relay.services.sockets.open)
+        assert not any(session.close_reason for session in relay.sockets.open)
 
 
 async def test_a_webhook_to_more_internal_outputs_than_send_queue_size_reaches_an_idle_client():
@@ -323,7 +323,7 @@ async def test_a_webhook_to_more_internal_outputs_than_send_queue_size_reaches_a
     2 takes a webhook's 3 frames in one go, as it always did."""
     async with relay_lite.open_relay(relay_config(send_queue_size=2)) as relay:
         async with subscriber(relay, ["two-outputs"]) as client:
-            [session] = relay.services.sockets.open
+            [session] = relay.sockets.open
             await eventually(lambda: session._outbox.writer_waiting)
             assert (await post(relay, input_id="in-two", content="x")).status_code == 200
             frames = [await client.webhook() for _ in range(3)]
