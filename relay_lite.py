@@ -23,6 +23,24 @@ Embed it (tests, programs)::
         print(relay.socket_url, relay.input_url("github"))
 
 or, in a nursery, ``relay = await nursery.start(relay_lite.serve_relay, config)``.
+
+The module, top to bottom; each layer calls only those above it (a layer called back from
+below declares what it is called as, as a typing.Protocol: _Subscriber, _Backend, _Owner):
+
+    1. Constants, errors and helpers    every layer's vocabulary
+    2. Configuration                    the TOML file, parsed and checked: pure; _preflight
+                                        checks what the system must provide
+    3. The model and the protocol       webhooks, log entries, answers, frames, queries,
+                                        cursors, client addresses, signatures: sans-IO
+    4. State                            the store, the log, the backends that keep it
+    5. Services                         the throttle, metrics, connections' bounds,
+                                        credentials, the core, ingest: all through _Services
+    6. Adapters                         the socket session, the HTTP routes, deliveries
+    7. Transport                        library glue, the one port, Relay (which wires,
+                                        serves, stops and reloads), serve_relay, open_relay
+    8. The agent                        `relay_lite.py forward`
+    9. The pytest plugin and the command line
+    Appendix                            the web inspector's page, script and style
 """
 
 import argparse
@@ -166,7 +184,14 @@ __version__ = "0.1.0"
 
 logger = logging.getLogger("relay_lite")
 
-# ============================================================================ constants and defaults
+
+# ==== 1. Constants, errors and helpers ========================================================
+#
+# What a reader meets everywhere: defaults (the config's and the protocol's), limits with the
+# figures that chose them, the errors (each knows its HTTP status), and the helpers for the log
+# and the clock. Constants used by one function alone sit just above it instead.
+
+# ---- constants and defaults ------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -289,7 +314,11 @@ _ID_NAMESPACE = uuid.UUID("33eac5c9-178f-4eaa-8b1a-dbfae32f7081")
 
 AUTHENTICATED_MESSAGE = "connected successfully, subscribe to buckets"
 
-# ============================================================================ errors
+INSPECTOR_PATH = "/inspector/"
+INSPECTOR_SESSION_PATH = INSPECTOR_PATH + "session"
+
+
+# ---- errors ----------------------------------------------------------------------------------
 
 
 class RelayError(Exception):
@@ -380,10 +409,11 @@ class AgentError(RelayError):
     not its own. The message says which, in one line."""
 
 
-# ============================================================================ log lines
+# ---- helpers ---------------------------------------------------------------------------------
 #
 # Whatever a client controls reaches the log only through _shown, and what a stranger can make
-# the relay say over and over only through _Throttle: an SD card must not fill with log.
+# the relay say over and over only through _Throttle (see Services): an SD card must not fill
+# with log. Wall time comes from _wall_time; durations and deadlines from trio.current_time().
 
 
 def _wall_time() -> float:
@@ -397,41 +427,6 @@ def _shown(text: str, limit: int = 80) -> str:
     anything unprintable escaped (a terminal's escape sequences, newlines, lone surrogates)."""
     shown = repr(text[:limit])[1:-1]
     return shown + f"... ({len(text) - limit} more)" if len(text) > limit else shown
-
-
-class _Throttle:
-    """Warnings a stranger could repeat at will: the first of a kind is logged, then at most one
-    each `interval`, saying how many like it were held back."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self._interval = interval
-        self._next: dict[str, float] = {}  # kind -> when the next may be logged; kinds are the relay's own
-        self._held: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
-        """Log it, unless one of its kind was lately; whether it was."""
-        now = time.monotonic()
-        if now < self._next.get(kind, 0.0):
-            self._held[kind] = self._held.get(kind, 0) + 1
-            return False
-        self._next[kind] = now + self._interval
-        held = self._held.pop(kind, 0)
-        if held:
-            message += f" ({held} more like it since the last such line)"
-        logger.log(level, message, *args)
-        return True
-
-
-def _unexpected(throttle: _Throttle, what: str, error: BaseException) -> None:
-    """A bug met while doing `what`, as one ERROR line, rate-limited like a stranger's warnings
-    (a stranger may be the one triggering it): the error and where it was raised. The whole
-    traceback goes to DEBUG."""
-    error = _innermost(error)
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" (at {Path(frames[-1].filename or '?').name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-    throttle.warning(f"unexpected {what}", "unexpected error while %s: %s: %s%s; the relay goes on", what,
-                     type(error).__name__, _shown(str(error), 200), where, level=logging.ERROR)
-    logger.debug("the unexpected error while %s", what, exc_info=error)
 
 
 def _sole(error: BaseException) -> BaseException:
@@ -449,10 +444,12 @@ def _innermost(error: BaseException) -> BaseException:
     return error
 
 
-# ============================================================================ configuration
+# ==== 2. Configuration ========================================================================
 #
 # The TOML file maps one to one onto these frozen dataclasses: a table per class, a key per field.
-# `_build` walks the type hints, so a new key is a new field, with its type and default.
+# `_build` walks the type hints, so a new key is a new field, with its type and default. Parsing
+# and checking only; what must also hold on this machine (storage, certificates, descriptors,
+# optional extras) is _preflight's, which a start, `check` and a reload call.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1213,9 +1210,32 @@ name = "github"
 """
 
 
-# ============================================================================ protocol (sans-IO)
+def _reloadable(old: Config, new: Config) -> None:
+    """Raise ConfigError if going from `old` to `new` needs a restart."""
+    for key in (field.name for field in dataclasses.fields(ServerConfig)):
+        if key not in _RELOADABLE_SERVER_KEYS and getattr(old.server, key) != getattr(new.server, key):
+            raise ConfigError(f"server.{key}: changing it needs a restart, not a reload")
+    if bool(old.server.certfile) != bool(new.server.certfile):
+        raise ConfigError("server.certfile: turning TLS on or off needs a restart, not a reload")
+    if old.storage != new.storage:
+        raise ConfigError("storage.path: changing it needs a restart, not a reload")
+    if old.cluster != new.cluster:
+        raise ConfigError("cluster.redis_url: changing it needs a restart, not a reload")
+    if old.metrics.enabled != new.metrics.enabled:
+        raise ConfigError("metrics.enabled: changing it needs a restart, not a reload")
+
+
+_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "inspector", "history_size",
+                                     "history_ttl", "history_bytes"})
+
+
+# ==== 3. The model and the protocol (sans-IO) =================================================
 #
-# Client frames in, server frames out, as PROTOCOL.md describes them; no I/O here.
+# Client frames in, server frames out, as PROTOCOL.md describes them; webhooks, log entries and
+# answers; the REST API's queries and cursors; who a request comes from; signatures. Pure
+# functions and plain data: no I/O, no clock but the `now` they are given.
+
+# ---- frames ----------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1637,7 +1657,106 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
     return _Answer(status_code, headers, body, now, retries), status
 
 
-# ---------------------------------------------------------------------------- REST API queries
+@dataclasses.dataclass(frozen=True)
+class _StatusFrame:
+    status: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _WebhookFrame:
+    """A webhook as a socket client receives it."""
+
+    id: str  # meta.id: its log entry, where its outcome is reported
+    bucket: str  # meta.bucket_name
+    output_destination: str
+    webhook: Webhook
+
+    @property
+    def size(self) -> int:
+        return self.webhook.size
+
+
+def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
+    """Parse one frame a relay sent a client (the forward agent reads them); raise ProtocolError
+    saying what is wrong with it. A webhook's method and headers must be ones HTTP can carry."""
+    frame = _json_object(message)
+    kind = frame.get("type")
+    if kind == "status":
+        status, text = frame.get("status"), frame.get("message")
+        if not isinstance(status, str):
+            raise ProtocolError('a status frame needs a "status" string')
+        return _StatusFrame(status, text if isinstance(text, str) else "")
+    if kind != "webhook":
+        raise ProtocolError(f"unknown frame type {_shown(str(kind), 64)!r}")
+    meta = frame.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str) or not _FRAME_ID.fullmatch(meta["id"]):
+        raise ProtocolError('a webhook frame needs "meta" with an "id" (letters, digits, "-", "_", ".", ":")')
+    method, query, body = frame.get("method"), frame.get("query") or "", frame.get("body") or ""
+    encoding = frame.get("body_encoding") or ""
+    if not isinstance(method, str) or not _is_header_name(method):
+        raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"method\" must be an HTTP method")
+    if not (isinstance(query, str) and isinstance(body, str) and _is_unicode(query) and _is_unicode(body)
+            and encoding in ("", "base64")):
+        raise ProtocolError(f'webhook {_shown(meta["id"], 64)}: "query" and "body" must be Unicode strings, '
+                            '"body_encoding" "base64" or none')
+    if encoding:
+        try:
+            base64.b64decode(body, validate=True)
+        except ValueError:
+            raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: its body is not base64") from None
+    headers: dict[str, list[str]] = {}
+    raw_headers = frame.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"headers\" must map names to values")
+    for name, values in raw_headers.items():
+        values = [values] if isinstance(values, str) else values
+        if not (_is_header_name(name) and isinstance(values, list)
+                and all(isinstance(value, str) and _is_header_value(value) and _is_unicode(value)
+                        for value in values)):
+            raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: header '{_shown(name, 64)}' is not one HTTP "
+                                "can carry")
+        headers[name] = values
+    texts = {key: value for key, value in meta.items() if isinstance(value, str)}
+    return _WebhookFrame(meta["id"], texts.get("bucket_name") or texts.get("bucked_id") or texts.get("bucket_id", ""),
+                         texts.get("output_destination", ""), Webhook(method.upper(), "/", query, headers, body, encoding))
+
+
+_FRAME_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a relay's log id, which goes into a URL path
+
+
+def _is_header_value(value: str) -> bool:
+    """A value HTTP can carry: no control characters (tab inside it aside), no space around it."""
+    return _HEADER_VALUE.fullmatch(value) is not None
+
+
+_HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(urllib.parse.unquote(segment) in (".", "..") for segment in path.split("/"))
+
+
+def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str, str]]:
+    """The headers of an answer a webhook's sender gets (an input's own, or a client's), less
+    what Hypercorn writes itself."""
+    return [(name, value) for name, values in headers if name.lower() not in _SERVERS_HEADERS for value in values]
+
+
+def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
+    """Up to `limit` of `entries`, stopping short at about _LOGS_PAGE_BYTES of them (never at the
+    first), an answer's body counted as the numbers JSON writes for its bytes."""
+    page: list[_Entry] = []
+    size = 0
+    for entry in itertools.islice(entries, limit):
+        size += entry.size + 3 * len(entry.answer.body if entry.answer else b"")
+        if page and size > _LOGS_PAGE_BYTES:
+            break
+        page.append(entry)
+    return page
+
+
+# ---- REST API queries and cursors ------------------------------------------------------------
 #
 # GET /v1/logs and GET /v1/events take their parameters as the hosted API does. A parameter the
 # relay does not know, or one given twice, is refused by name: never silently ignored.
@@ -1723,80 +1842,10 @@ def decode_cursor(text: str, kind: str, size: int) -> tuple[list[str], str]:
     return fields[1:-1], fields[-1]
 
 
-@dataclasses.dataclass(frozen=True)
-class _StatusFrame:
-    status: str
-    message: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _WebhookFrame:
-    """A webhook as a socket client receives it."""
-
-    id: str  # meta.id: its log entry, where its outcome is reported
-    bucket: str  # meta.bucket_name
-    output_destination: str
-    webhook: Webhook
-
-    @property
-    def size(self) -> int:
-        return self.webhook.size
-
-
-def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
-    """Parse one frame a relay sent a client (the forward agent reads them); raise ProtocolError
-    saying what is wrong with it. A webhook's method and headers must be ones HTTP can carry."""
-    frame = _json_object(message)
-    kind = frame.get("type")
-    if kind == "status":
-        status, text = frame.get("status"), frame.get("message")
-        if not isinstance(status, str):
-            raise ProtocolError('a status frame needs a "status" string')
-        return _StatusFrame(status, text if isinstance(text, str) else "")
-    if kind != "webhook":
-        raise ProtocolError(f"unknown frame type {_shown(str(kind), 64)!r}")
-    meta = frame.get("meta")
-    if not isinstance(meta, dict) or not isinstance(meta.get("id"), str) or not _FRAME_ID.fullmatch(meta["id"]):
-        raise ProtocolError('a webhook frame needs "meta" with an "id" (letters, digits, "-", "_", ".", ":")')
-    method, query, body = frame.get("method"), frame.get("query") or "", frame.get("body") or ""
-    encoding = frame.get("body_encoding") or ""
-    if not isinstance(method, str) or not _is_header_name(method):
-        raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"method\" must be an HTTP method")
-    if not (isinstance(query, str) and isinstance(body, str) and _is_unicode(query) and _is_unicode(body)
-            and encoding in ("", "base64")):
-        raise ProtocolError(f'webhook {_shown(meta["id"], 64)}: "query" and "body" must be Unicode strings, '
-                            '"body_encoding" "base64" or none')
-    if encoding:
-        try:
-            base64.b64decode(body, validate=True)
-        except ValueError:
-            raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: its body is not base64") from None
-    headers: dict[str, list[str]] = {}
-    raw_headers = frame.get("headers") or {}
-    if not isinstance(raw_headers, dict):
-        raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: \"headers\" must map names to values")
-    for name, values in raw_headers.items():
-        values = [values] if isinstance(values, str) else values
-        if not (_is_header_name(name) and isinstance(values, list)
-                and all(isinstance(value, str) and _is_header_value(value) and _is_unicode(value)
-                        for value in values)):
-            raise ProtocolError(f"webhook {_shown(meta['id'], 64)}: header '{_shown(name, 64)}' is not one HTTP "
-                                "can carry")
-        headers[name] = values
-    texts = {key: value for key, value in meta.items() if isinstance(value, str)}
-    return _WebhookFrame(meta["id"], texts.get("bucket_name") or texts.get("bucked_id") or texts.get("bucket_id", ""),
-                         texts.get("output_destination", ""), Webhook(method.upper(), "/", query, headers, body, encoding))
-
-
-_FRAME_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a relay's log id, which goes into a URL path
-
-
-def _is_header_value(value: str) -> bool:
-    """A value HTTP can carry: no control characters (tab inside it aside), no space around it."""
-    return _HEADER_VALUE.fullmatch(value) is not None
-
-
-_HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
+# ---- client addresses ------------------------------------------------------------------------
+#
+# Who a request comes from: its peer, or, behind a trusted proxy, the X-Forwarded-For address
+# before it; an IPv6 /64 counts as one address.
 
 
 def client_address(peer: str, forwarded_for: Iterable[str], trusted: Iterable["_IPNetwork"]) -> str:
@@ -1847,7 +1896,19 @@ def _head_values(head: bytes, name: bytes) -> list[str]:
     return values
 
 
-# ---------------------------------------------------------------------------- signatures
+def _address_key(host: str) -> str:
+    """What connections and failed authentications are counted by: an IPv4 address, or an IPv6
+    /64, the share of a network one host is usually given."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    return str(address.ipv4_mapped or ipaddress.IPv6Network((address, 64), strict=False))
+
+
+# ---- signatures ------------------------------------------------------------------------------
 #
 # An input with `verify` relays only webhooks whose signature one of its secrets made. Each scheme
 # is the sender's own (GitHub, Stripe, Slack, Shopify, Standard Webhooks and Svix), plus a
@@ -2068,10 +2129,16 @@ _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float
 }
 
 
-# ============================================================================ store
+# ==== 4. State: the store, the log, and the backends that keep it =============================
 #
-# Buckets, inputs and tokens from the config, and who is subscribed to what. Synchronous: every
-# change happens between two checkpoints, so no lock is needed.
+# Synchronous where it can be: every change to the store and the log happens between two
+# checkpoints, so no lock is needed. The core (below) makes every change; they call back only
+# through the Protocols declared here (_Subscriber, _Owner).
+
+# ---- the store and the log -------------------------------------------------------------------
+#
+# Buckets, inputs and tokens from the config, who is subscribed to what, and the webhook log,
+# indexed in memory per bucket.
 
 
 class _Subscriber(typing.Protocol):
@@ -2312,15 +2379,15 @@ class _Log:
                            *(reversed(bucket.rejected) for bucket in buckets), key=_entry_id, reverse=True)
 
 
-# ============================================================================ backends: where the log is kept
+# ---- backends --------------------------------------------------------------------------------
 #
 # The _Log indexes the webhook log in memory; a backend keeps it. Every backend takes the same
-# calls: `insert` a webhook's new entries (published, by the `publish` it was made with, once they
-# are kept, in id order; not kept at all if the webhook's nonce was taken: a replay), `update` a
-# changed one, `trim` a bucket, `committed()` to wait until all that is kept, `move` a pull queue
-# (and wait until that is kept); `load` at start, `run` while serving, `aclose` at the end. The
-# nonces of signed webhooks (see _Nonce) are kept where the log is: a replay is refused across a
-# restart, and across a cluster.
+# calls (_Backend): `insert` a webhook's new entries (published, by the owner it was made with,
+# once they are kept, in id order; not kept at all if the webhook's nonce was taken: a replay),
+# `update` a changed one, `trim` a bucket, `committed()` to wait until all that is kept, `move` a
+# pull queue (and wait until that is kept); `load` at start, `run` while serving, `aclose` at the
+# end. The nonces of signed webhooks (see _Nonce) are kept where the log is: a replay is refused
+# across a restart, and across a cluster.
 #
 # _Memory keeps nothing past the process, and publishes at once. _Storage (`[storage] path`)
 # keeps it in SQLite: one task gathers what the event loop asked for into one transaction, runs
@@ -3350,7 +3417,50 @@ def _entry_from_row(row: "sqlite3.Row | Mapping[str, Any]", bucket: BucketConfig
                   request_headers=json.loads(row["request_headers"]) if row["request_headers"] else None)
 
 
-# ============================================================================ metrics
+# ==== 5. Services =============================================================================
+#
+# What the adapters call, and nothing else reaches into; each takes what it needs in its
+# constructor. _Services holds them for a running relay, and only Relay changes it (a reload).
+
+# ---- the throttle ----------------------------------------------------------------------------
+
+
+class _Throttle:
+    """Warnings a stranger could repeat at will: the first of a kind is logged, then at most one
+    each `interval`, saying how many like it were held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next: dict[str, float] = {}  # kind -> when the next may be logged; kinds are the relay's own
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
+        """Log it, unless one of its kind was lately; whether it was."""
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return False
+        self._next[kind] = now + self._interval
+        held = self._held.pop(kind, 0)
+        if held:
+            message += f" ({held} more like it since the last such line)"
+        logger.log(level, message, *args)
+        return True
+
+
+def _unexpected(throttle: _Throttle, what: str, error: BaseException) -> None:
+    """A bug met while doing `what`, as one ERROR line, rate-limited like a stranger's warnings
+    (a stranger may be the one triggering it): the error and where it was raised. The whole
+    traceback goes to DEBUG."""
+    error = _innermost(error)
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename or '?').name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    throttle.warning(f"unexpected {what}", "unexpected error while %s: %s: %s%s; the relay goes on", what,
+                     type(error).__name__, _shown(str(error), 200), where, level=logging.ERROR)
+    logger.debug("the unexpected error while %s", what, exc_info=error)
+
+
+# ---- metrics ---------------------------------------------------------------------------------
 #
 # Counts kept as plain numbers wherever things happen (a dict increment: cheap enough to keep
 # always), and gauges read from the relay when /metrics is asked; the Prometheus client only
@@ -3392,74 +3502,269 @@ class _Metrics:
 
 _REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
 
-
-def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, str]:
-    """The relay's metrics in the Prometheus text format, and its content type."""
-    import prometheus_client
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-    metrics, buckets = services.metrics, services.core.buckets
-
-    names = [bucket.config.name for bucket in buckets]
-
-    def counter(name: str, text: str, label: str, keys: Iterable[str], counts: Counter[str]) -> Any:
-        family = CounterMetricFamily(name, text, labels=[label])
-        for key in keys:
-            family.add_metric([key], counts[key])
-        return family
-
-    class Collector(prometheus_client.registry.Collector):
-        def collect(self) -> Iterator[Any]:
-            yield counter("relay_lite_webhooks_received", "Webhooks accepted", "bucket", names, metrics.received)
-            yield counter("relay_lite_webhooks_rejected", "Webhooks refused", "reason", _REJECTIONS, metrics.rejected)
-            yield counter("relay_lite_frames_sent", "Webhook frames queued to sockets", "bucket", names,
-                          metrics.frames)
-            yield counter("relay_lite_socket_cutoffs", "Sockets the relay closed", "reason", _CUTOFFS,
-                          metrics.cutoffs)
-            yield counter("relay_lite_auth_failures", "Failed authentications", "kind", _AUTH_FAILURES,
-                          metrics.auth_failures)
-            gauge = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
-            authenticated = sum(session.token is not None for session in sockets.open)
-            gauge.add_metric(["connecting"], len(sockets.open) - authenticated)
-            gauge.add_metric(["authenticated"], authenticated)
-            yield gauge
-            entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
-                                        labels=["bucket"])
-            size = GaugeMetricFamily("relay_lite_history_bytes", "Webhook log bytes kept", labels=["bucket"])
-            for bucket in buckets:
-                entries.add_metric([bucket.config.name], len(bucket.history))
-                size.add_metric([bucket.config.name], bucket.history_bytes)
-            yield entries
-            yield size
-            deliveries = CounterMetricFamily("relay_lite_deliveries", "Deliveries to public outputs, ended",
-                                             labels=["bucket", "output", "outcome"])
-            for bucket in buckets:
-                for output in bucket.config.outputs:
-                    if not output.internal:
-                        for outcome in ("sent", "failed"):
-                            deliveries.add_metric([bucket.config.name, output.name, outcome],
-                                                  metrics.deliveries[bucket.config.name, output.name, outcome])
-            yield deliveries
-            for name, text, histogram in (
-                    ("relay_lite_delivery_duration_seconds", "A public output's delivery, retries included",
-                     metrics.delivery_seconds),
-                    ("relay_lite_ingest_duration_seconds", "A webhook's request, from its head to its acceptance",
-                     metrics.ingest_seconds)):
-                yield HistogramMetricFamily(name, text, buckets=histogram.buckets(), sum_value=histogram.sum)
-            build = GaugeMetricFamily("relay_lite_build_info", "The relay_lite version", labels=["version"])
-            build.add_metric([__version__], 1)
-            yield build
-
-    registry = prometheus_client.CollectorRegistry()
-    registry.register(Collector())
-    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
-
-
 _CUTOFFS = ("too_slow", "send_timeout", "auth_timeout", "auth_failures", "busy", "no_auth")
 _AUTH_FAILURES = ("socket", "api", "metrics", "locked_out")
 
 
-# ============================================================================ credentials
+# ---- connections -----------------------------------------------------------------------------
+#
+# Every TCP connection, from accept to close, is a _Connection: the relay knows who it is from,
+# whether it is pending, and the one deadline that ends it, whatever state the library serving it
+# (Hypercorn, trio-websocket) has left it in. _Connections holds them all and keeps the bounds a
+# stranger could otherwise exhaust: file descriptors, and (_Inflows) the memory behind them.
+
+
+class _Connection:
+    """One connection: its peer, its deadline (a cancel scope around all of its serving), and
+    whether it is pending: neither an authenticated socket nor a request being answered."""
+
+    __slots__ = ("stream", "address", "peer", "client", "scope", "head_start", "pending", "requests", "is_closing",
+                 "ended_by", "http", "linger_left")
+
+    def __init__(self, stream: trio.SocketStream, address: str, peer: str, deadline: float) -> None:
+        self.stream = stream
+        self.address = address  # what max_pending_per_ip counts by: an IPv4 address or an IPv6 /64
+        self.peer = peer  # host:port, for log lines
+        self.client = address  # what failed authentications count by: `address`, or behind a trusted proxy its client's
+        self.scope = trio.CancelScope(deadline=deadline)
+        self.head_start = trio.current_time()  # when its next request's head began, at the latest
+        self.pending = False
+        self.requests = 0  # HTTP requests the app is answering on it (Hypercorn may start the next first)
+        self.is_closing = False
+        self.ended_by: tuple[int, str] = (CLOSE_POLICY, "out of time")  # what a socket is told when it ends
+        self.http = False  # served by Hypercorn (else a socket, or not yet routed)
+        self.linger_left = _LINGER_BYTES  # what it may still read, once closing
+
+    def end_by(self, deadline: float) -> None:
+        """From now on, serve it until `deadline` at most (a closing connection keeps its own)."""
+        if not self.is_closing:
+            self.scope.deadline = deadline
+
+    def end(self, code: int, reason: str) -> None:
+        """End it now, whatever it is doing: a socket is told `code` and `reason`; an HTTP
+        connection's socket is shut down, which also ends a write Hypercorn shields."""
+        self.ended_by = (code, reason)
+        self.scope.cancel()
+        if self.http:
+            try:
+                self.stream.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # gone already
+
+    def closing(self) -> None:
+        """Its library closed it: end what the relay sends, once the answer being written is
+        whole, and give the peer _LINGER seconds (and _LINGER_BYTES) to read it and leave.
+        (Hypercorn closes at once when a pipelined request follows an answer that said
+        "Connection: close".)"""
+        if not self.requests:
+            _shut_down(self.stream)
+        if not self.is_closing:
+            self.is_closing = True
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + _LINGER)
+
+    def answered(self) -> None:
+        """An HTTP request on it has had its answer; its last one may let a close go ahead."""
+        self.requests -= 1
+        if self.is_closing and not self.requests:
+            _shut_down(self.stream)
+
+
+class _Connections:
+    """Every open connection, within max_connections and max_pending_per_ip.
+
+    Pending connections (idle keep-alive ones, requests still arriving or holding their sender
+    for a client's answer, sockets not yet authenticated) cost a stranger nothing to open and
+    hold, so one address may hold only
+    max_pending_per_ip of them. At max_connections, a new connection takes the place of the
+    oldest pending one of the address that holds the most, if that is more than its own would
+    then hold; else it is refused. So an address with few connections (a webhook sender, a
+    client reconnecting) gets in while others hold many, and those others cannot churn each
+    other's connections. Authenticated sockets never count: 10,000 clients behind one NAT work.
+    """
+
+    def __init__(self, server: ServerConfig, throttle: _Throttle) -> None:
+        assert server.max_connections and server.max_pending_per_ip  # filled in by _checked
+        self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
+        self._head_time = server.idle_timeout + _GRACE  # a new connection's first head must be in by then
+        self.count = 0
+        self._open: set[_Connection] = set()
+        self._pending: dict[str, dict[_Connection, None]] = {}  # address -> its pending ones, oldest first
+        self._throttle = throttle
+
+    def open(self, stream: trio.SocketStream) -> _Connection | None:
+        """A newly accepted connection, or None if it must be refused."""
+        peer, address = _peer(stream.socket)
+        held = len(self._pending.get(address, ()))
+        if held >= self._most_pending:
+            self._throttle.warning("pending", "refused connections from %s: it holds %d pending (max_pending_per_ip)",
+                                   address, held)
+            return None
+        if self.count >= self._most:
+            crowd = max(self._pending.values(), key=len, default={})  # scanned only at the cap
+            if len(crowd) <= held + 1:
+                self._throttle.warning("full", "refused connections: %d open (max_connections), none to close for "
+                                       "them", self.count)
+                return None
+            oldest = next(iter(crowd))
+            self.busy(oldest)  # no longer pending: the next one to make room is another
+            oldest.end(_CLOSE_TRY_AGAIN, "too many connections; try again later")
+            self._throttle.warning("evicted", "closed a pending connection from %s, which held %d, to make room "
+                                   "for one from %s (max_connections: %d)", oldest.address, len(crowd) + 1,
+                                   address, self._most)
+        connection = _Connection(stream, address, peer, trio.current_time() + self._head_time)
+        self.count += 1
+        self._open.add(connection)
+        self.idle(connection)
+        return connection
+
+    def closed(self, connection: _Connection) -> None:
+        self.count -= 1
+        self._open.discard(connection)
+        self.busy(connection)
+
+    def busy(self, connection: _Connection) -> None:
+        """It is being answered, or authenticated: not pending."""
+        if connection.pending:
+            connection.pending = False
+            held = self._pending[connection.address]
+            del held[connection]
+            if not held:
+                del self._pending[connection.address]
+
+    def idle(self, connection: _Connection) -> None:
+        """It waits for its peer: pending."""
+        if not connection.pending:
+            connection.pending = True
+            self._pending.setdefault(connection.address, {})[connection] = None
+
+    def end_idle(self) -> None:
+        """End every pending connection with no request on it now (a shutdown)."""
+        for held in self._pending.values():
+            for connection in list(held):
+                if not connection.requests:
+                    connection.end(CLOSE_GOING_AWAY, "server shutting down")
+
+    def end_overdue(self, now: float) -> None:
+        """End the HTTP connections still open past their deadline: Hypercorn writes under a
+        shielded cancel scope, so a peer that reads a segment now and then would otherwise keep
+        its connection past every deadline (1,700 pipelined requests whose answers it never read)."""
+        for connection in [connection for connection in self._open
+                           if connection.http and connection.scope.deadline < now - _GRACE]:
+            connection.end(CLOSE_POLICY, "out of time")
+
+    def end_all(self) -> None:
+        """End every connection now (a shutdown that ran out of time)."""
+        for connection in list(self._open):
+            connection.end(CLOSE_GOING_AWAY, "server shutting down")
+
+
+class _Inflow:
+    """A request body being received: the address it is counted by, and the bytes it holds."""
+
+    __slots__ = ("address", "held", "scope")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.held = 0
+        self.scope = trio.CancelScope()  # cancelled when its room is given to another (see _Inflows)
+
+
+class _Inflows:
+    """Every request body being received, within max_body_bytes_in_flight bytes together.
+
+    A body is read whole before it is acted on (a signature covers all of it), so a stranger who
+    declares 10 MiB and sends all but its last byte holds 10 MiB until request_timeout: 240 such
+    connections from 4 addresses took a relay from 65 MB to 2.4 GB. A chunk that finds no room
+    takes it, if its address holds under half of a fair share (the room over the addresses holding
+    some), from the address holding the most, if that is over its share: that address's largest
+    body is ended (503 and Retry-After). Else it waits up to _BODY_ROOM_WAIT for room (at most
+    _BODY_WAITERS requests wait at once), then its request gets 503. So an address sending little
+    gets in while others hold partial bodies, and those others cannot take room from each other.
+    An address is what max_pending_per_ip counts by (behind trusted_proxies, the client's).
+    """
+
+    def __init__(self, capacity: int, throttle: _Throttle) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._held: dict[str, int] = {}  # address -> the bytes its bodies hold
+        self._bodies: dict[str, set[_Inflow]] = {}  # address -> its bodies holding bytes
+        self._freed = trio.Event()  # set, and replaced, when bytes are released
+        self._waiting = 0
+        self._throttle = throttle
+
+    @property
+    def crowded(self) -> bool:
+        """An eighth of the room is taken: connections read less at a time (see _ConnectionStream)."""
+        return 8 * self.used > self.capacity
+
+    async def take(self, inflow: _Inflow, size: int) -> bool:
+        """Room for `size` more bytes of `inflow`, at once, or after a short wait; False if none came."""
+        if self._take_nowait(inflow, size):
+            return True
+        if self._waiting >= _BODY_WAITERS:
+            return False
+        self._waiting += 1
+        try:
+            with trio.move_on_after(_BODY_ROOM_WAIT):
+                while True:
+                    await self._freed.wait()
+                    if self._take_nowait(inflow, size):
+                        return True
+        finally:
+            self._waiting -= 1
+        return False
+
+    def release(self, inflow: _Inflow) -> None:
+        """`inflow` holds nothing any more (its request ended, or it was evicted)."""
+        if not inflow.held:
+            return
+        address = inflow.address
+        self.used -= inflow.held
+        left = self._held[address] - inflow.held
+        inflow.held = 0
+        if left:
+            self._held[address] = left
+            self._bodies[address].discard(inflow)
+        else:
+            del self._held[address], self._bodies[address]
+        self._freed.set()
+        self._freed = trio.Event()
+
+    def _take_nowait(self, inflow: _Inflow, size: int) -> bool:
+        address = inflow.address
+        while self.used + size > self.capacity:
+            # A fair share is the room over the addresses holding some (this one too); an address
+            # well under its share takes room from the one most over it, and only then: strangers
+            # holding about their shares do not end each other's bodies over and over.
+            held = self._held.get(address, 0)
+            share = self.capacity / (len(self._held) + (0 if held else 1))
+            heaviest = max(self._held, key=self._held.__getitem__)  # scanned only when full
+            if held + size > share / 2 or self._held[heaviest] <= share:
+                return False
+            victim = max(self._bodies[heaviest], key=lambda body: body.held)
+            self._throttle.warning("inflow", "ended a request body of %d bytes from %s, whose bodies held %d, to "
+                                   "make room for one from %s (max_body_bytes_in_flight: %d)", victim.held,
+                                   heaviest, self._held[heaviest], address, self.capacity)
+            self.release(victim)
+            victim.scope.cancel()
+        if not inflow.held:
+            self._bodies.setdefault(address, set()).add(inflow)
+        inflow.held += size
+        self._held[address] = self._held.get(address, 0) + size
+        self.used += size
+        return True
+
+
+def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
+    """A connection's peer as host:port, and the address it is counted by (see _address_key)."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?", "?"
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), _address_key(host)
+
+
+# ---- credentials -----------------------------------------------------------------------------
 #
 # Who a key and secret belong to, and how often an address may be wrong about it.
 
@@ -3699,24 +4004,11 @@ class _HashQueue:
         self._running = False
 
 
-def _address_key(host: str) -> str:
-    """What connections and failed authentications are counted by: an IPv4 address, or an IPv6
-    /64, the share of a network one host is usually given."""
-    if ":" not in host:
-        return host
-    try:
-        address = ipaddress.IPv6Address(host.partition("%")[0])
-    except ValueError:
-        return host
-    return str(address.ipv4_mapped or ipaddress.IPv6Network((address, 64), strict=False))
-
-
-# ============================================================================ the core
+# ---- the core --------------------------------------------------------------------------------
 #
-# What the socket session, the HTTP app and the forwarders call, and nothing else reaches into:
-# the buckets and tokens (the store), the webhook log and the backend keeping it, who is
+# The buckets and tokens (the store), the webhook log and the backend keeping it, who is
 # subscribed to what, senders held for an answer, and answers. New webhooks come in through
-# `accept`; the backend hands them back to `_publish` once they are kept, which logs them and
+# `accept`; the backend hands them back to `publish` once they are kept, which logs them and
 # sends them out.
 
 
@@ -4102,12 +4394,10 @@ class _Core:
         return store.buckets, removed
 
 
-# ============================================================================ services
+# ---- the services, and ingest ----------------------------------------------------------------
 #
-# What the adapters (socket sessions, HTTP routes, forwarders, metrics) use of a running relay,
-# in one object that Relay builds and passes to each of them: the core, credentials, the
-# ingest pipeline, the connections, metrics and the warnings' throttle. An adapter's
-# dependencies are its services; only Relay changes them (at a reload).
+# _Services is what the adapters (socket sessions, HTTP routes, forwarders, metrics) are given
+# instead of the Relay. _Ingest is the way in of every webhook, every rule of it, without HTTP.
 
 
 class _Services:
@@ -4233,7 +4523,13 @@ class _Ingest:
         return own
 
 
-# ============================================================================ socket session
+# ==== 6. Adapters: the socket session, the HTTP routes, deliveries ============================
+#
+# Each turns what comes over the wire into calls to the services, and their answers into what
+# goes back: a socket's frames, an HTTP answer, a delivery to a destination. A route reads its
+# request, calls the services, and answers; the rules are the services'.
+
+# ---- socket session --------------------------------------------------------------------------
 
 
 class _Outbox:
@@ -4291,6 +4587,80 @@ class _Outbox:
         and never trips the outbox's own bound."""
         return (max(self.max_frames // 2, 1) - len(self._frames),
                 min(_WRITE_BATCH_BYTES, self.max_bytes // 2) - self.bytes)
+
+
+class _Pinger:
+    """Status pings for every authenticated socket, each `interval` seconds, from one task.
+
+    A timing wheel: each tick (interval / _PING_SLOTS) pings one slot, and a socket that
+    authenticates joins the slot the current round reaches last, a full interval away. Pings are
+    spread evenly over the interval and no socket needs a timer of its own.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self._tick = interval / _PING_SLOTS
+        self._slots: list[set[_Subscriber]] = [set() for _ in range(_PING_SLOTS)]
+        self._due = 0  # the slot the next tick pings
+        self._slot_of: dict[_Subscriber, int] = {}
+
+    def add(self, session: _Subscriber) -> None:
+        slot = (self._due - 1) % _PING_SLOTS  # pinged last in the round: a full interval from now
+        self._slots[slot].add(session)
+        self._slot_of[session] = slot
+
+    def discard(self, session: _Subscriber) -> None:
+        slot = self._slot_of.pop(session, None)
+        if slot is not None:
+            self._slots[slot].discard(session)
+
+    async def run(self) -> None:
+        next_tick = trio.current_time()
+        while True:
+            next_tick += self._tick
+            await trio.sleep_until(next_tick)
+            for session in self._slots[self._due]:
+                session.deliver(_PING_FRAME)
+            self._due = (self._due + 1) % _PING_SLOTS
+
+
+class _Sockets:
+    """The relay's open sockets, for those that act on all of them: the sweep (an inspector's
+    session that expired, a write that stalled), the pinger, a reload, a shutdown, metrics.
+    Each session says here when it authenticates, writes, and ends."""
+
+    def __init__(self, server: ServerConfig, connections: "_Connections") -> None:
+        self.open: set[_Session] = set()
+        self._watching: set[_Session] = set()  # inspectors' sessions, which expire
+        self._writing: set[_Session] = set()  # with a write under way, which may not stall
+        self.pinger = _Pinger(server.ping_interval)
+        self._connections = connections
+
+    def authenticated(self, session: "_Session") -> None:
+        """`session` authenticated: it is a client, no longer pending, needs no deadline (but an
+        inspector's session's end), may send larger frames, and is pinged."""
+        if session.inspector:
+            self._watching.add(session)
+        self._connections.busy(session.connection)
+        session.connection.end_by(math.inf)
+        session.allow_frames(MAX_CLIENT_FRAME)
+        self.pinger.add(session)
+
+    def writing(self, session: "_Session", under_way: bool) -> None:
+        (self._writing.add if under_way else self._writing.discard)(session)
+
+    def ended(self, session: "_Session") -> None:
+        """`session` is closing: no more pings, expiry or stalls."""
+        self.pinger.discard(session)
+        self._watching.discard(session)
+        self._writing.discard(session)
+
+    def sweep(self, now: float, send_timeout: float) -> None:
+        """Close inspectors' sessions past their end; cut off sockets whose write got no
+        _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
+        for session in [session for session in self._watching if session.expires <= _wall_time()]:
+            session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
+        for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
+            session.stalled(send_timeout)
 
 
 class _Session:
@@ -4588,379 +4958,7 @@ class _Replay:
     gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
 
 
-class _Pinger:
-    """Status pings for every authenticated socket, each `interval` seconds, from one task.
-
-    A timing wheel: each tick (interval / _PING_SLOTS) pings one slot, and a socket that
-    authenticates joins the slot the current round reaches last, a full interval away. Pings are
-    spread evenly over the interval and no socket needs a timer of its own.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self._tick = interval / _PING_SLOTS
-        self._slots: list[set[_Session]] = [set() for _ in range(_PING_SLOTS)]
-        self._due = 0  # the slot the next tick pings
-        self._slot_of: dict[_Session, int] = {}
-
-    def add(self, session: _Session) -> None:
-        slot = (self._due - 1) % _PING_SLOTS  # pinged last in the round: a full interval from now
-        self._slots[slot].add(session)
-        self._slot_of[session] = slot
-
-    def discard(self, session: _Session) -> None:
-        slot = self._slot_of.pop(session, None)
-        if slot is not None:
-            self._slots[slot].discard(session)
-
-    async def run(self) -> None:
-        next_tick = trio.current_time()
-        while True:
-            next_tick += self._tick
-            await trio.sleep_until(next_tick)
-            for session in self._slots[self._due]:
-                session.deliver(_PING_FRAME)
-            self._due = (self._due + 1) % _PING_SLOTS
-
-
-class _Sockets:
-    """The relay's open sockets, for those that act on all of them: the sweep (an inspector's
-    session that expired, a write that stalled), the pinger, a reload, a shutdown, metrics.
-    Each session says here when it authenticates, writes, and ends."""
-
-    def __init__(self, server: ServerConfig, connections: "_Connections") -> None:
-        self.open: set[_Session] = set()
-        self._watching: set[_Session] = set()  # inspectors' sessions, which expire
-        self._writing: set[_Session] = set()  # with a write under way, which may not stall
-        self.pinger = _Pinger(server.ping_interval)
-        self._connections = connections
-
-    def authenticated(self, session: "_Session") -> None:
-        """`session` authenticated: it is a client, no longer pending, needs no deadline (but an
-        inspector's session's end), may send larger frames, and is pinged."""
-        if session.inspector:
-            self._watching.add(session)
-        self._connections.busy(session.connection)
-        session.connection.end_by(math.inf)
-        session.allow_frames(MAX_CLIENT_FRAME)
-        self.pinger.add(session)
-
-    def writing(self, session: "_Session", under_way: bool) -> None:
-        (self._writing.add if under_way else self._writing.discard)(session)
-
-    def ended(self, session: "_Session") -> None:
-        """`session` is closing: no more pings, expiry or stalls."""
-        self.pinger.discard(session)
-        self._watching.discard(session)
-        self._writing.discard(session)
-
-    def sweep(self, now: float, send_timeout: float) -> None:
-        """Close inspectors' sessions past their end; cut off sockets whose write got no
-        _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
-        for session in [session for session in self._watching if session.expires <= _wall_time()]:
-            session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
-        for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
-            session.stalled(send_timeout)
-
-
-# ============================================================================ delivery
-#
-# One engine turns a logged webhook into an HTTP request to a destination, tries again what is
-# worth another try, and gives back the outcome. The relay delivers its public outputs with it
-# (_Forwarder); the agent, `relay_lite.py forward`, delivers internal ones to an app behind NAT.
-# Building the request and judging an answer are pure functions; only _deliver does I/O.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    """A delivery's HTTP request."""
-
-    method: str
-    url: str
-    headers: list[tuple[str, str]]  # every value, in order
-    body: bytes
-
-    @property
-    def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        """The headers as sent: a value that is not ASCII goes as UTF-8, as most senders sent it
-        (one that was not UTF-8 was logged as Latin-1, and goes as the UTF-8 of that)."""
-        return [(name.encode("ascii"), value.encode("utf-8")) for name, value in self.headers]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Delivery:
-    """How to deliver: an output's timeouts and retries."""
-
-    timeout: float = DEFAULT_DELIVERY_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    retries: int = DEFAULT_RETRIES
-
-    @classmethod
-    def of(cls, output: OutputConfig) -> "_Delivery":
-        return cls(output.timeout, output.connect_timeout, output.retries)
-
-
-def _outbound(webhook: Webhook, destination: str, forwarded_for: str = "") -> _Request:
-    """The request that delivers `webhook` to `destination` (a URL, the extra path appended as
-    its route says): the sender's method; the raw query after the destination's own; every
-    header with all its values, in order, but those that describe the sender's connection (the
-    destination's Host and framing are its own); the body byte-exact, so signatures verify.
-    `forwarded_for`, the sender's address, is added to X-Forwarded-For."""
-    url = destination
-    if webhook.query:
-        url += ("&" if urllib.parse.urlsplit(destination).query else "?") + webhook.query
-    connection_headers = {token.strip().lower() for values in (webhook.headers.get("Connection") or [])
-                          for token in values.split(",")}
-    headers = [(name, value) for name, values in webhook.headers.items()
-               if not _is_connection_header(name, connection_headers) for value in values]
-    if forwarded_for:
-        prior = ", ".join(webhook.headers.get("X-Forwarded-For", []))
-        if prior.rpartition(",")[2].strip() != forwarded_for:  # else a trusted proxy added the sender already
-            prior = f"{prior}, {forwarded_for}" if prior else forwarded_for
-        headers = [(name, value) for name, value in headers if name != "X-Forwarded-For"]
-        headers.append(("X-Forwarded-For", prior))
-    return _Request(webhook.method, _quoted_target(url), headers, webhook.body_bytes)
-
-
-def _has_dot_segment(path: str) -> bool:
-    return any(urllib.parse.unquote(segment) in (".", "..") for segment in path.split("/"))
-
-
-def _quoted_target(url: str) -> str:
-    """`url` with what may not stand in a URL's path and query percent-encoded (a sender's raw
-    `"`, `<`, `#`, space or control character), as httpx would encode it, and the rest, escapes
-    included, left as the sender sent it; so the destination's target is the sender's wherever
-    a URL can carry it."""
-    scheme, separator, rest = url.partition("://")
-    ends = [index for index in (rest.find("/"), rest.find("?")) if index >= 0]
-    start = min(ends, default=len(rest))
-    return scheme + separator + rest[:start] + urllib.parse.quote(rest[start:], safe=_URL_SAFE)
-
-
-_URL_SAFE = "/?:@!$&'()*+,;=%"  # with the unreserved characters, which quote() never encodes
-
-
-def _public_outputs(bucket: BucketConfig) -> list[OutputConfig]:
-    """The outputs of `bucket` the relay delivers to itself: public and enabled."""
-    return [output for output in bucket.outputs if not output.internal and not output.disabled]
-
-
-def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
-    lowered = name.lower()
-    return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
-
-
-_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                                 "trailer", "upgrade"})
-
-
-def _worth_retrying(status_code: int) -> bool:
-    """An answer another try may change: a timeout, too early, too many, a server's trouble."""
-    return status_code in (408, 425, 429) or (status_code >= 500 and status_code != 501)
-
-
-def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
-    """Seconds before try `retry` (1 for the first retry): what the destination's Retry-After
-    says (seconds, or an HTTP date), else 1 s doubling to _BACKOFF_MOST; `jitter` (0 to 1)
-    spreads retries that would otherwise come at once."""
-    if retry_after:
-        try:
-            delay = float(retry_after)
-        except ValueError:
-            try:
-                delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
-            except (TypeError, ValueError):
-                delay = -1.0
-        if delay >= 0:
-            return min(delay, _RETRY_AFTER_MOST)
-    return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
-
-
-async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _Delivery,
-                   on_retry: Callable[[_Answer, float], None] | None = None) -> _Answer:
-    """Deliver `request` with `client`, trying again what is worth it; the last answer, with
-    status_code 0 and the error as its body when none came. Its `retries` says how many more
-    tries it took. `on_retry` hears of each answer tried again, and the seconds until then."""
-    retry = 0
-    timeouts = httpx.Timeout(None, connect=delivery.connect_timeout).as_dict()
-    while True:
-        retry_after = None
-        try:
-            deadline = trio.current_time() + delivery.timeout
-            with trio.fail_at(deadline):
-                response = await client.send(httpx.Request(request.method, request.url, headers=request.raw_headers,
-                                                           content=request.body, extensions={"timeout": timeouts}),
-                                             stream=True)
-            body = bytearray()
-            try:  # the status has come, and decides: an answer slow to end is kept as far as it came
-                with trio.move_on_at(deadline):
-                    async for chunk in response.aiter_raw():
-                        body += chunk[:_DELIVERY_BODY_KEPT - len(body)]  # the rest is read, and dropped
-            except httpx.HTTPError:
-                pass  # the connection broke while the answer's body came: what came is the answer
-            finally:
-                with trio.CancelScope(shield=True):
-                    await response.aclose()
-            headers: dict[str, list[str]] = {}
-            for name, value in response.headers.multi_items():
-                headers.setdefault(_canonical_header(name), []).append(value)
-            answer = _Answer(response.status_code, headers, bytes(body), time.time(), retry)
-            if not _worth_retrying(response.status_code):
-                return answer
-            retry_after = response.headers.get("Retry-After")
-        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError, OSError) as error:
-            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time(), retry)
-            if isinstance(error, _UNSENDABLE) or _refused_certificate(error):
-                return answer
-        if retry >= delivery.retries:
-            return answer
-        retry += 1
-        delay = _retry_delay(retry, retry_after, random.random())
-        if on_retry is not None:
-            on_retry(answer, delay)
-        await trio.sleep(delay)
-
-
-_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
-
-
-def _delivery_error(error: BaseException) -> str:
-    if isinstance(error, trio.TooSlowError):
-        return "no answer in time"
-    cause = error.__cause__ or error.__context__
-    return f"{type(error).__name__}: {_shown(str(error) or str(cause or ''), 200)}"
-
-
-def _refused_certificate(error: BaseException) -> bool:
-    """A TLS certificate the destination's name did not verify against: no retry will fix it."""
-    while error is not None:
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return True
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    return False
-
-
-def _http_client(*, verify: bool | str = True) -> "httpx.AsyncClient":
-    """An HTTP client for deliveries: proxies (HTTP(S)_PROXY, NO_PROXY) and CA bundles
-    (SSL_CERT_FILE) from the environment, no redirects followed, no cookies kept."""
-    context = (_trusted_cas() if verify is True else verify if isinstance(verify, bool)
-               else ssl.create_default_context(cafile=verify))
-    return httpx.AsyncClient(verify=context, trust_env=True, follow_redirects=False,
-                             timeout=httpx.Timeout(None), cookies=_NoCookies())
-
-
-def _trusted_cas() -> ssl.SSLContext:
-    """The TLS context httpx would make for verify=True (SSL_CERT_FILE or SSL_CERT_DIR, else
-    certifi's CAs), made once for each of those: loading the CAs takes 36 ms, which every
-    relay's start and every agent's paid."""
-    return _trusted_cas_from(os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
-
-
-@functools.cache
-def _trusted_cas_from(cafile: str, capath: str) -> ssl.SSLContext:
-    return httpx.create_ssl_context(verify=True)  # reads the same variables, set as they are now
-
-
-class _NoCookies(http.cookiejar.CookieJar):
-    """A cookie jar that keeps nothing: destinations' cookies are not the relay's to send back."""
-
-    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
-        pass
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        pass
-
-
-class _Forwarder:
-    """The relay's deliveries to one public output: every log entry of its bucket for that output,
-    in order (or `concurrency` at a time), each once its webhook is stored. The pending work is the
-    log itself: entries still "received" are due, so a slow or dead destination costs nothing but
-    the history it keeps, and with storage a restart, or a kill -9, delivers what was pending."""
-
-    def __init__(self, services: _Services, bucket: _Bucket, output: OutputConfig) -> None:
-        self._services = services
-        self._bucket = bucket
-        self._output = output
-        self._delivery = _Delivery.of(output)
-        self.scope = trio.CancelScope()  # cancelled when a reload removes or changes its output
-
-    @property
-    def output(self) -> OutputConfig:
-        return self._output
-
-    def _due(self, entry: _Entry) -> bool:
-        return entry.output_name == self._output.name and not entry.internal
-
-    async def run(self, client: httpx.AsyncClient) -> None:
-        """Deliver while this relay leads the output's deliveries (always, but in a cluster)."""
-        with self.scope:
-            while True:
-                async with self._services.core.leading(f"{self._bucket.config.id}:{self._output.name}") as lead:
-                    with lead:
-                        await self._run(client)
-
-    async def _run(self, client: httpx.AsyncClient) -> None:
-        cursor, gap_told = "", ""
-        in_flight = trio.Semaphore(self._output.concurrency)
-        async with trio.open_nursery() as nursery:
-            while True:
-                logged = self._bucket.logged()  # before looking: a webhook logged meanwhile sets it
-                if self._bucket.dropped > cursor and cursor and self._bucket.dropped != gap_told:
-                    gap_told = self._bucket.dropped
-                    logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
-                                   "could be delivered (see history_size)", self._output.name,
-                                   self._bucket.config.name, gap_told)
-                entries = self._services.core.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
-                if not entries:
-                    await logged.wait()
-                    continue
-                for entry in entries:
-                    cursor = entry.id
-                    if entry.status == "received":  # else delivered before a restart
-                        await in_flight.acquire()
-                        nursery.start_soon(self._deliver, client, entry, in_flight)
-
-    async def _deliver(self, client: httpx.AsyncClient, entry: _Entry, in_flight: trio.Semaphore) -> None:
-        started = trio.current_time()
-        try:
-            request = _outbound(entry.webhook, entry.destination, forwarded_for=entry.webhook.sender)
-            answer = await _deliver(client, request, self._delivery)
-            self._services.metrics.delivery_seconds.observe(trio.current_time() - started)
-        except Exception as error:  # a bug, but not one that may stop the relay or this output
-            _unexpected(self._services.throttle, "delivering a webhook to a public output", error)
-            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
-        finally:
-            in_flight.release()
-        self._services.core.delivered(entry, answer)
-
-
-# ============================================================================ HTTP app (Quart-Trio)
-
-
-def _answer_time(config: Config) -> float:
-    """What the relay may take to answer once a request's body is in: request_timeout, and the
-    longest an input may hold its sender for a client's answer."""
-    return config.server.request_timeout + max(
-        (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
-         if input_.response_from_output), default=0.0)
-
-
-def _reloadable(old: Config, new: Config) -> None:
-    """Raise ConfigError if going from `old` to `new` needs a restart."""
-    for key in (field.name for field in dataclasses.fields(ServerConfig)):
-        if key not in _RELOADABLE_SERVER_KEYS and getattr(old.server, key) != getattr(new.server, key):
-            raise ConfigError(f"server.{key}: changing it needs a restart, not a reload")
-    if bool(old.server.certfile) != bool(new.server.certfile):
-        raise ConfigError("server.certfile: turning TLS on or off needs a restart, not a reload")
-    if old.storage != new.storage:
-        raise ConfigError("storage.path: changing it needs a restart, not a reload")
-    if old.cluster != new.cluster:
-        raise ConfigError("cluster.redis_url: changing it needs a restart, not a reload")
-    if old.metrics.enabled != new.metrics.enabled:
-        raise ConfigError("metrics.enabled: changing it needs a restart, not a reload")
-
-
-_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "inspector", "history_size",
-                                     "history_ttl", "history_bytes"})
+# ---- HTTP routes (Quart-Trio) ----------------------------------------------------------------
 
 
 class _App(QuartTrio):
@@ -5223,6 +5221,68 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
     return app
 
 
+def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, str]:
+    """The relay's metrics in the Prometheus text format, and its content type."""
+    import prometheus_client
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    metrics, buckets = services.metrics, services.core.buckets
+
+    names = [bucket.config.name for bucket in buckets]
+
+    def counter(name: str, text: str, label: str, keys: Iterable[str], counts: Counter[str]) -> Any:
+        family = CounterMetricFamily(name, text, labels=[label])
+        for key in keys:
+            family.add_metric([key], counts[key])
+        return family
+
+    class Collector(prometheus_client.registry.Collector):
+        def collect(self) -> Iterator[Any]:
+            yield counter("relay_lite_webhooks_received", "Webhooks accepted", "bucket", names, metrics.received)
+            yield counter("relay_lite_webhooks_rejected", "Webhooks refused", "reason", _REJECTIONS, metrics.rejected)
+            yield counter("relay_lite_frames_sent", "Webhook frames queued to sockets", "bucket", names,
+                          metrics.frames)
+            yield counter("relay_lite_socket_cutoffs", "Sockets the relay closed", "reason", _CUTOFFS,
+                          metrics.cutoffs)
+            yield counter("relay_lite_auth_failures", "Failed authentications", "kind", _AUTH_FAILURES,
+                          metrics.auth_failures)
+            gauge = GaugeMetricFamily("relay_lite_sockets", "Open sockets", labels=["state"])
+            authenticated = sum(session.token is not None for session in sockets.open)
+            gauge.add_metric(["connecting"], len(sockets.open) - authenticated)
+            gauge.add_metric(["authenticated"], authenticated)
+            yield gauge
+            entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
+                                        labels=["bucket"])
+            size = GaugeMetricFamily("relay_lite_history_bytes", "Webhook log bytes kept", labels=["bucket"])
+            for bucket in buckets:
+                entries.add_metric([bucket.config.name], len(bucket.history))
+                size.add_metric([bucket.config.name], bucket.history_bytes)
+            yield entries
+            yield size
+            deliveries = CounterMetricFamily("relay_lite_deliveries", "Deliveries to public outputs, ended",
+                                             labels=["bucket", "output", "outcome"])
+            for bucket in buckets:
+                for output in bucket.config.outputs:
+                    if not output.internal:
+                        for outcome in ("sent", "failed"):
+                            deliveries.add_metric([bucket.config.name, output.name, outcome],
+                                                  metrics.deliveries[bucket.config.name, output.name, outcome])
+            yield deliveries
+            for name, text, histogram in (
+                    ("relay_lite_delivery_duration_seconds", "A public output's delivery, retries included",
+                     metrics.delivery_seconds),
+                    ("relay_lite_ingest_duration_seconds", "A webhook's request, from its head to its acceptance",
+                     metrics.ingest_seconds)):
+                yield HistogramMetricFamily(name, text, buckets=histogram.buckets(), sum_value=histogram.sum)
+            build = GaugeMetricFamily("relay_lite_build_info", "The relay_lite version", labels=["version"])
+            build.add_metric([__version__], 1)
+            yield build
+
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(Collector())
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+
+
 def _request_body() -> bytes:
     """The body of the request being served: read whole before the app was called (see
     Relay._receive_body), and handed over as it is (Quart's own body would be two copies more)."""
@@ -5335,12 +5395,6 @@ def _too_large(server: ServerConfig) -> str:
     return f"request bodies are limited to {server.max_body_size} bytes (max_body_size)"
 
 
-def _answer_headers(headers: Iterable[tuple[str, list[str]]]) -> list[tuple[str, str]]:
-    """The headers of an answer a webhook's sender gets (an input's own, or a client's), less
-    what Hypercorn writes itself."""
-    return [(name, value) for name, values in headers if name.lower() not in _SERVERS_HEADERS for value in values]
-
-
 def _sender_answer(body: bytes | str, status: int, headers: list[tuple[str, str]]) -> Response:
     """An answer to a webhook's sender, with the headers it was given: no Content-Type unless
     they say one (Quart's default, text/html, would say what nobody meant); sandboxed, as every
@@ -5419,30 +5473,6 @@ def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: i
     return int(raw)
 
 
-def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
-    """Up to `limit` of `entries`, stopping short at about _LOGS_PAGE_BYTES of them (never at the
-    first), an answer's body counted as the numbers JSON writes for its bytes."""
-    page: list[_Entry] = []
-    size = 0
-    for entry in itertools.islice(entries, limit):
-        size += entry.size + 3 * len(entry.answer.body if entry.answer else b"")
-        if page and size > _LOGS_PAGE_BYTES:
-            break
-        page.append(entry)
-    return page
-
-
-# ---------------------------------------------------------------------------- the web inspector
-#
-# One page at / that shows a token's webhooks live, written into the module (no build step, no
-# CDN: it works offline on a Pi). It signs in over the relay's own socket protocol, as any client
-# does, and reads the REST API with the token; the key and secret stay in the tab's session
-# storage. Its script and style are files of their own, so the page runs under a strict
-# Content-Security-Policy: nothing inline, nothing from elsewhere, no frames. It builds every
-# element from text (textContent), never from markup, so a webhook's content cannot script it.
-
-INSPECTOR_PATH = "/inspector/"
-INSPECTOR_SESSION_PATH = INSPECTOR_PATH + "session"
 _INSPECTOR_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
                                "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -5455,6 +5485,2714 @@ _INSPECTOR_HEADERS = {
 def _inspector_file(text: str, content_type: str) -> Response:
     return Response(text, 200, headers=_INSPECTOR_HEADERS, content_type=content_type)
 
+
+# ---- deliveries ------------------------------------------------------------------------------
+#
+# One engine turns a logged webhook into an HTTP request to a destination, tries again what is
+# worth another try, and gives back the outcome. The relay delivers its public outputs with it
+# (_Forwarder); the agent, `relay_lite.py forward`, delivers internal ones to an app behind NAT.
+# Building the request and judging an answer are pure functions; only _deliver does I/O.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A delivery's HTTP request."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]  # every value, in order
+    body: bytes
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers as sent: a value that is not ASCII goes as UTF-8, as most senders sent it
+        (one that was not UTF-8 was logged as Latin-1, and goes as the UTF-8 of that)."""
+        return [(name.encode("ascii"), value.encode("utf-8")) for name, value in self.headers]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Delivery:
+    """How to deliver: an output's timeouts and retries."""
+
+    timeout: float = DEFAULT_DELIVERY_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+
+    @classmethod
+    def of(cls, output: OutputConfig) -> "_Delivery":
+        return cls(output.timeout, output.connect_timeout, output.retries)
+
+
+def _outbound(webhook: Webhook, destination: str, forwarded_for: str = "") -> _Request:
+    """The request that delivers `webhook` to `destination` (a URL, the extra path appended as
+    its route says): the sender's method; the raw query after the destination's own; every
+    header with all its values, in order, but those that describe the sender's connection (the
+    destination's Host and framing are its own); the body byte-exact, so signatures verify.
+    `forwarded_for`, the sender's address, is added to X-Forwarded-For."""
+    url = destination
+    if webhook.query:
+        url += ("&" if urllib.parse.urlsplit(destination).query else "?") + webhook.query
+    connection_headers = {token.strip().lower() for values in (webhook.headers.get("Connection") or [])
+                          for token in values.split(",")}
+    headers = [(name, value) for name, values in webhook.headers.items()
+               if not _is_connection_header(name, connection_headers) for value in values]
+    if forwarded_for:
+        prior = ", ".join(webhook.headers.get("X-Forwarded-For", []))
+        if prior.rpartition(",")[2].strip() != forwarded_for:  # else a trusted proxy added the sender already
+            prior = f"{prior}, {forwarded_for}" if prior else forwarded_for
+        headers = [(name, value) for name, value in headers if name != "X-Forwarded-For"]
+        headers.append(("X-Forwarded-For", prior))
+    return _Request(webhook.method, _quoted_target(url), headers, webhook.body_bytes)
+
+
+def _quoted_target(url: str) -> str:
+    """`url` with what may not stand in a URL's path and query percent-encoded (a sender's raw
+    `"`, `<`, `#`, space or control character), as httpx would encode it, and the rest, escapes
+    included, left as the sender sent it; so the destination's target is the sender's wherever
+    a URL can carry it."""
+    scheme, separator, rest = url.partition("://")
+    ends = [index for index in (rest.find("/"), rest.find("?")) if index >= 0]
+    start = min(ends, default=len(rest))
+    return scheme + separator + rest[:start] + urllib.parse.quote(rest[start:], safe=_URL_SAFE)
+
+
+_URL_SAFE = "/?:@!$&'()*+,;=%"  # with the unreserved characters, which quote() never encodes
+
+
+def _public_outputs(bucket: BucketConfig) -> list[OutputConfig]:
+    """The outputs of `bucket` the relay delivers to itself: public and enabled."""
+    return [output for output in bucket.outputs if not output.internal and not output.disabled]
+
+
+def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
+    lowered = name.lower()
+    return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
+
+
+_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                                 "trailer", "upgrade"})
+
+
+def _worth_retrying(status_code: int) -> bool:
+    """An answer another try may change: a timeout, too early, too many, a server's trouble."""
+    return status_code in (408, 425, 429) or (status_code >= 500 and status_code != 501)
+
+
+def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
+    """Seconds before try `retry` (1 for the first retry): what the destination's Retry-After
+    says (seconds, or an HTTP date), else 1 s doubling to _BACKOFF_MOST; `jitter` (0 to 1)
+    spreads retries that would otherwise come at once."""
+    if retry_after:
+        try:
+            delay = float(retry_after)
+        except ValueError:
+            try:
+                delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError):
+                delay = -1.0
+        if delay >= 0:
+            return min(delay, _RETRY_AFTER_MOST)
+    return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
+
+
+async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _Delivery,
+                   on_retry: Callable[[_Answer, float], None] | None = None) -> _Answer:
+    """Deliver `request` with `client`, trying again what is worth it; the last answer, with
+    status_code 0 and the error as its body when none came. Its `retries` says how many more
+    tries it took. `on_retry` hears of each answer tried again, and the seconds until then."""
+    retry = 0
+    timeouts = httpx.Timeout(None, connect=delivery.connect_timeout).as_dict()
+    while True:
+        retry_after = None
+        try:
+            deadline = trio.current_time() + delivery.timeout
+            with trio.fail_at(deadline):
+                response = await client.send(httpx.Request(request.method, request.url, headers=request.raw_headers,
+                                                           content=request.body, extensions={"timeout": timeouts}),
+                                             stream=True)
+            body = bytearray()
+            try:  # the status has come, and decides: an answer slow to end is kept as far as it came
+                with trio.move_on_at(deadline):
+                    async for chunk in response.aiter_raw():
+                        body += chunk[:_DELIVERY_BODY_KEPT - len(body)]  # the rest is read, and dropped
+            except httpx.HTTPError:
+                pass  # the connection broke while the answer's body came: what came is the answer
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
+            headers: dict[str, list[str]] = {}
+            for name, value in response.headers.multi_items():
+                headers.setdefault(_canonical_header(name), []).append(value)
+            answer = _Answer(response.status_code, headers, bytes(body), time.time(), retry)
+            if not _worth_retrying(response.status_code):
+                return answer
+            retry_after = response.headers.get("Retry-After")
+        except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError, OSError) as error:
+            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time(), retry)
+            if isinstance(error, _UNSENDABLE) or _refused_certificate(error):
+                return answer
+        if retry >= delivery.retries:
+            return answer
+        retry += 1
+        delay = _retry_delay(retry, retry_after, random.random())
+        if on_retry is not None:
+            on_retry(answer, delay)
+        await trio.sleep(delay)
+
+
+_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
+
+
+def _delivery_error(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "no answer in time"
+    cause = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {_shown(str(error) or str(cause or ''), 200)}"
+
+
+def _refused_certificate(error: BaseException) -> bool:
+    """A TLS certificate the destination's name did not verify against: no retry will fix it."""
+    while error is not None:
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return True
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return False
+
+
+def _http_client(*, verify: bool | str = True) -> "httpx.AsyncClient":
+    """An HTTP client for deliveries: proxies (HTTP(S)_PROXY, NO_PROXY) and CA bundles
+    (SSL_CERT_FILE) from the environment, no redirects followed, no cookies kept."""
+    context = (_trusted_cas() if verify is True else verify if isinstance(verify, bool)
+               else ssl.create_default_context(cafile=verify))
+    return httpx.AsyncClient(verify=context, trust_env=True, follow_redirects=False,
+                             timeout=httpx.Timeout(None), cookies=_NoCookies())
+
+
+def _trusted_cas() -> ssl.SSLContext:
+    """The TLS context httpx would make for verify=True (SSL_CERT_FILE or SSL_CERT_DIR, else
+    certifi's CAs), made once for each of those: loading the CAs takes 36 ms, which every
+    relay's start and every agent's paid."""
+    return _trusted_cas_from(os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+
+
+@functools.cache
+def _trusted_cas_from(cafile: str, capath: str) -> ssl.SSLContext:
+    return httpx.create_ssl_context(verify=True)  # reads the same variables, set as they are now
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: destinations' cookies are not the relay's to send back."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+class _Forwarder:
+    """The relay's deliveries to one public output: every log entry of its bucket for that output,
+    in order (or `concurrency` at a time), each once its webhook is stored. The pending work is the
+    log itself: entries still "received" are due, so a slow or dead destination costs nothing but
+    the history it keeps, and with storage a restart, or a kill -9, delivers what was pending."""
+
+    def __init__(self, services: _Services, bucket: _Bucket, output: OutputConfig) -> None:
+        self._services = services
+        self._bucket = bucket
+        self._output = output
+        self._delivery = _Delivery.of(output)
+        self.scope = trio.CancelScope()  # cancelled when a reload removes or changes its output
+
+    @property
+    def output(self) -> OutputConfig:
+        return self._output
+
+    def _due(self, entry: _Entry) -> bool:
+        return entry.output_name == self._output.name and not entry.internal
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        """Deliver while this relay leads the output's deliveries (always, but in a cluster)."""
+        with self.scope:
+            while True:
+                async with self._services.core.leading(f"{self._bucket.config.id}:{self._output.name}") as lead:
+                    with lead:
+                        await self._run(client)
+
+    async def _run(self, client: httpx.AsyncClient) -> None:
+        cursor, gap_told = "", ""
+        in_flight = trio.Semaphore(self._output.concurrency)
+        async with trio.open_nursery() as nursery:
+            while True:
+                logged = self._bucket.logged()  # before looking: a webhook logged meanwhile sets it
+                if self._bucket.dropped > cursor and cursor and self._bucket.dropped != gap_told:
+                    gap_told = self._bucket.dropped
+                    logger.warning("output %s of bucket %s: webhooks up to %s left the history before they "
+                                   "could be delivered (see history_size)", self._output.name,
+                                   self._bucket.config.name, gap_told)
+                entries = self._services.core.after([self._bucket], cursor, _FORWARD_BATCH, keep=self._due)
+                if not entries:
+                    await logged.wait()
+                    continue
+                for entry in entries:
+                    cursor = entry.id
+                    if entry.status == "received":  # else delivered before a restart
+                        await in_flight.acquire()
+                        nursery.start_soon(self._deliver, client, entry, in_flight)
+
+    async def _deliver(self, client: httpx.AsyncClient, entry: _Entry, in_flight: trio.Semaphore) -> None:
+        started = trio.current_time()
+        try:
+            request = _outbound(entry.webhook, entry.destination, forwarded_for=entry.webhook.sender)
+            answer = await _deliver(client, request, self._delivery)
+            self._services.metrics.delivery_seconds.observe(trio.current_time() - started)
+        except Exception as error:  # a bug, but not one that may stop the relay or this output
+            _unexpected(self._services.throttle, "delivering a webhook to a public output", error)
+            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
+        finally:
+            in_flight.release()
+        self._services.core.delivered(entry, answer)
+
+
+# ==== 7. Transport: library glue, the one port, and the Relay =================================
+#
+# Sockets, TLS and the libraries that serve them. Relay is where the parts are wired: it builds
+# the services, the port and the forwarders, serves them in one nursery, stops them, and reloads.
+
+# ---- library glue ----------------------------------------------------------------------------
+#
+# Everything that drives trio-websocket's or Hypercorn's internals, which are not their public
+# API, is here: pyproject pins the versions it was written for (_DEPENDENCIES checks them before
+# the import), and _missing_internals checks, at import, that each private name used here is
+# still there, so a version that renamed one fails at once, with one line, not mid-request.
+
+_MessageEvent = _BytesMessage | _TextMessage
+
+
+class _WebSocket(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
+
+    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
+    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
+    0.12 then ends the TCP connection without a close frame, and the client never learns why.
+    Overrides a private method of trio-websocket, pinned in pyproject.
+    """
+
+    async def _handle_message_event(self, event: _MessageEvent) -> None:
+        """A message's parts count the memory they hold, not their length: one million
+        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
+        holds 4 bytes a character."""
+        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
+        try:
+            await super()._handle_message_event(event)
+        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
+            self._reader_running = False  # go out, and nothing more the peer sends matters
+            self._close_handshake.set()
+
+    async def _send(self, event: Any) -> None:
+        """A close frame, once wsproto has made it, goes out even if the task sending it is being
+        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
+        peer got no close frame at all."""
+        if isinstance(event, _CloseConnection):
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
+                await super()._send(event)
+        else:
+            await super()._send(event)
+
+    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
+        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
+            await super()._handle_close_connection_event(event)
+            return
+        try:
+            await self._send(_CloseConnection(code=event.code, reason=event.reason))
+        except trio_websocket.ConnectionClosed:
+            pass  # gone already
+        await self._close_web_socket(event.code, event.reason or None)
+        self._close_handshake.set()
+        await self._close_stream()
+
+
+async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
+    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
+    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
+    nursery.start_soon(ws._reader_task)
+    request = await ws._get_request()
+    return typing.cast(_WebSocket, await request.accept())
+
+
+async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
+    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
+    if len(data) <= _WRITE_STEP:
+        await stream.send_all(data)
+    else:
+        view = memoryview(data)
+        for start in range(0, len(data), _WRITE_STEP):
+            await stream.send_all(view[start:start + _WRITE_STEP])
+            progressed()
+
+
+async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
+    peer's close frame, which nobody reads once the connection has been ended."""
+    if ws._wsproto.state == _WSState.OPEN:
+        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
+
+
+async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
+    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
+    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
+    calling `progressed` after each (see Relay._sweep: no step may take send_timeout).
+
+    trio-websocket frames each message anew for each connection (send_message), and each
+    send_message costs a whole trio scheduling round even when the socket has room, while a busy
+    relay completes several webhooks in one round: a writer sending a frame a round falls behind
+    a client that reads everything. So the relay frames a webhook once (no extension is ever
+    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
+    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
+    """
+    if ws._close_reason:
+        raise trio_websocket.ConnectionClosed(ws._close_reason)
+    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
+    try:
+        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
+            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
+        small: list[bytes] = []
+        for frame in frames:
+            if len(frame) < _JOIN_BELOW:
+                small.append(frame)
+                continue
+            if small:
+                await _send(ws._stream, b"".join(small), progressed)
+                small = []
+            await _send(ws._stream, frame, progressed)
+        if small:
+            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
+
+
+def _set_max_message_size(ws: trio_websocket.WebSocketConnection, size: int) -> None:
+    """Let `ws`'s peer send messages of up to `size` bytes (trio-websocket fixes it at creation)."""
+    ws._max_message_size = size
+
+
+def _hypercorn(server: ServerConfig, asgi: Callable[..., Awaitable[None]]) -> tuple[
+        _HypercornConfig, _WorkerContext, _Lifespan]:
+    """What serving HTTP with Hypercorn's trio worker, a connection at a time, takes: its config,
+    its worker context (shared by every connection), and the app's lifespan."""
+    config = _HypercornConfig()
+    config.include_server_header = False  # no version banner, and a client's answer may set one
+    config.keep_alive_timeout = server.idle_timeout
+    config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
+    # What Hypercorn reads ahead of the app, a chunk (up to 64 KiB) a message: while a body waits
+    # for room (see _Inflows), or after it was refused, that is memory outside the bodies' bound
+    config.max_app_queue_size = 1
+    return config, _WorkerContext(None), _Lifespan(ASGIWrapper(asgi), config, {})
+
+
+async def _serve_http(asgi: Callable[..., Awaitable[None]], config: _HypercornConfig, context: _WorkerContext,
+                      stream: trio.abc.Stream) -> None:
+    """Serve HTTP on one connection's `stream` (any trio Stream) with Hypercorn, until it ends."""
+    await _TCPServer(ASGIWrapper(asgi), config, context, {}, stream)  # type: ignore[arg-type]  # any Stream
+
+
+# The private names used above (methods, and attributes their __init__ sets), by library.
+_INTERNALS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
+    "trio-websocket": (trio_websocket.WebSocketConnection,
+                       ("_reader_task", "_get_request", "_handle_message_event", "_handle_close_connection_event",
+                        "_send", "_close_web_socket", "_close_stream", "_abort_web_socket"),
+                       ("_wsproto", "_stream", "_close_reason", "_stream_lock", "_message_size", "_reader_running",
+                        "_close_handshake", "_max_message_size")),
+    "hypercorn": (_Lifespan, ("handle_lifespan", "wait_for_startup", "wait_for_shutdown"), ()),
+}
+
+
+def _missing_internals() -> str | None:
+    """What of the libraries' internals relay_lite drives is gone, in one line, or None."""
+    for name, (cls, methods, attributes) in _INTERNALS.items():
+        missing = [method for method in methods if not callable(getattr(cls, method, None))]
+        missing += [attribute for attribute in attributes if attribute not in getattr(cls, "__init__").__code__.co_names]
+        if missing:
+            low, high = _DEPENDENCIES[name]
+            return (f"relay_lite drives internals of {name} that the installed {importlib.metadata.version(name)} "
+                    f"lacks ({', '.join(missing)}); it supports {name}>={low},<{high}")
+    if "terminated" not in _WorkerContext.__init__.__code__.co_names:
+        return "relay_lite drives internals of hypercorn that the installed one lacks (WorkerContext.terminated)"
+    return None
+
+
+if (_problem := _missing_internals()) is not None:
+    if __name__ == "__main__":
+        sys.exit(f"relay_lite: error: {_problem}")
+    raise ImportError(_problem)
+
+
+# ---- one port for both -----------------------------------------------------------------------
+#
+# Every connection's request head is read first. A WebSocket upgrade for /v1/socket goes to
+# trio-websocket; anything else goes to Hypercorn's per-connection TCPServer, which serves the
+# Quart app. Both get the stream with the head replayed. Hypercorn's trio TCPServer, Lifespan and
+# WorkerContext are not public API: pyproject pins the Hypercorn versions this was tested with.
+
+
+def _is_socket_upgrade(head: bytes) -> bool:
+    """True for `GET /v1/socket[?...] HTTP/1.1` with an `Upgrade: websocket` header."""
+    request_line = head.partition(b"\r\n")[0]
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return False
+    if parts[1].partition(b"?")[0].rstrip(b"/") != SOCKET_PATH.encode():
+        return False
+    return any("websocket" in value.lower() for value in _head_values(head, b"upgrade"))
+
+
+async def _read_request_head(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
+    """Read enough of a request to route it: its whole head (up to `limit` bytes) only if it may
+    be a socket upgrade."""
+    head = b""
+    while data := await stream.receive_some(limit):
+        head += data
+        if b"\r\n\r\n" in head or len(head) >= limit or not _may_be_socket_request(head):
+            break
+    return head
+
+
+def _may_be_socket_request(head: bytes) -> bool:
+    prefix = b"GET " + SOCKET_PATH.encode()
+    return head.startswith(prefix) or prefix.startswith(head)
+
+
+class _ConnectionStream(trio.abc.Stream):
+    """A connection's socket stream, as Hypercorn and trio-websocket use it.
+
+    Its first bytes, read to route the connection, are received again. Once they have been,
+    a socket's reads go straight to the socket stream's own method (an instance attribute
+    shadows this class's), as writes always do: no extra coroutine frame per call, on a
+    connection that may stay open for days. HTTP's take _READ_SIZE at most while the bodies in
+    flight take an eighth of their room (see _Inflows): Hypercorn reads a request's body ahead of
+    the app, a read a message, and holds up to three of them for a body that waits for room, or
+    that was refused; at 64 KiB a read that was 200 KiB a connection, outside every bound, under
+    a partial-body attack. Else 64 KiB: 16 KiB reads made 1 MiB webhooks 29 % slower.
+
+    Closing it is a half-close, done at once even in a task being cancelled: the peer sees the
+    end of what the relay sent, and the connection lingers (see _Connection.closing) so that a
+    request the relay answered before reading it all does not reset the answer away. Hypercorn
+    0.18 closes a connection from inside the app's send call after an early answer (a 404
+    before the body); quart-trio cancels that task at that moment, trio's send_eof checkpoints
+    before it shuts the socket down, so the close was cancelled and the connection stayed open
+    for good, in CLOSE-WAIT once its peer left.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, head: bytes, connection: "_Connection",
+                 raw: trio.SocketStream, inflows: "_Inflows | None" = None) -> None:
+        self._stream = stream  # the socket stream, or the TLS stream over it
+        self._head = head
+        self._connection = connection
+        self._inflows = inflows  # HTTP's: the bodies in flight
+        self._then = self._receive_at_most if inflows is not None else stream.receive_some  # once the head is in
+        self.socket = raw.socket  # Hypercorn reads the peer's address from it
+        self.send_all = stream.send_all  # type: ignore[method-assign, assignment]
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        size = len(self._head) if max_bytes is None else max_bytes
+        data, self._head = self._head[:size], self._head[size:]
+        if not self._head:
+            self.receive_some = self._then  # type: ignore[method-assign, assignment]
+        return data
+
+    async def _receive_at_most(self, max_bytes: int | None = None) -> bytes | bytearray:
+        assert self._inflows is not None
+        data = await self._stream.receive_some(_READ_SIZE if self._inflows.crowded else _RECEIVE_SIZE)
+        if self._connection.is_closing:  # lingering (see _Connection.closing): a little more, then an end
+            self._connection.linger_left -= len(data)
+            if self._connection.linger_left < 0:
+                return b""
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        self._connection.closing()
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        self._connection.closing()
+        await trio.lowlevel.checkpoint()
+
+
+class _TLSConnectionStream(_ConnectionStream):
+    """A connection's TLS stream, its handshake done, as Hypercorn tells one: it then gives the
+    app "https" as the scheme."""
+
+    def __init__(self, stream: trio.SSLStream, head: bytes, connection: "_Connection",
+                 raw: trio.SocketStream, inflows: "_Inflows | None" = None) -> None:
+        super().__init__(stream, head, connection, raw, inflows)
+        self.transport_stream = raw
+
+    async def do_handshake(self) -> None:
+        await trio.lowlevel.checkpoint()  # done already
+
+    def selected_alpn_protocol(self) -> str:
+        return "http/1.1"
+
+
+def _tls_for(server: ServerConfig) -> ssl.SSLContext | None:
+    """The relay's TLS context, None without certfile; ConfigError, naming the files, if they do
+    not load."""
+    if not server.certfile:
+        return None
+    try:
+        return _tls_context(server)
+    except (OSError, ssl.SSLError, ConfigError) as error:
+        raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def _trusted_networks(server: ServerConfig) -> tuple["_IPNetwork", ...]:
+    return tuple(network for network in map(_network, server.trusted_proxies) if network)
+
+
+def _tls_context(server: ServerConfig) -> ssl.SSLContext:
+    """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.certfile, server.keyfile, password=_no_password)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load, rather than ask for its passphrase on a terminal."""
+    raise ConfigError("the key is encrypted: give it unencrypted, readable by the relay's user only")
+
+
+def _from_beyond(hosts: list[str], forwarded: bool) -> bool:
+    """Whether a request shows it came from beyond loopback to a relay that takes weak secrets
+    because it listens there only: a Host that is not loopback (a tunnel's, ngrok's or
+    cloudflared's; a page's that rebinds DNS) or a proxy's forwarding headers. A raw TCP
+    forward can hide both: strong secrets are the way to serve anything but this machine."""
+    return forwarded or not hosts or not all(_is_loopback_host(host) for host in hosts)
+
+
+_FROM_BEYOND = ("this relay takes weak secrets because it listens on loopback only, and so serves only requests "
+                "to a loopback host (localhost, 127.0.0.1, [::1]) that no proxy forwarded: give its tokens strong "
+                "secrets to serve others")
+
+
+def _raw_answer(status: int, phrase: str, text: str) -> bytes:
+    """A whole HTTP/1.1 answer, plain text, closing the connection: for a request no library serves."""
+    body = (text + "\n").encode()
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+_TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
+_PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                      b"Content-Length: 45\r\n\r\nthis port speaks TLS: use https:// or wss://\n")
+
+
+def _shut_down(stream: trio.SocketStream) -> None:
+    """End what the relay sends on `stream` (a FIN): synchronous, so no cancellation can skip it."""
+    if not stream.socket.did_shutdown_SHUT_WR:
+        try:
+            stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already
+
+
+def _answer_time(config: Config) -> float:
+    """What the relay may take to answer once a request's body is in: request_timeout, and the
+    longest an input may hold its sender for a client's answer."""
+    return config.server.request_timeout + max(
+        (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
+         if input_.response_from_output), default=0.0)
+
+
+class _Port:
+    """The relay's one port: each connection's deadlines, its TLS handshake, then, by its first
+    request's head, a socket session or Hypercorn serving the HTTP app; and every request's
+    body read here, whole and bounded, before the app sees it."""
+
+    def __init__(self, services: _Services, sockets: _Sockets) -> None:
+        self._services = services
+        self._sockets = sockets
+        config = services.config
+        assert config.server.max_body_bytes_in_flight  # filled in by _checked
+        self._inflows = _Inflows(config.server.max_body_bytes_in_flight, services.throttle)
+        self._app = _make_app(services, sockets)
+        self._told_proxy = False  # see _forwarded
+        self.requests = 0  # HTTP requests in flight
+        self.quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
+        self.reload(config, _tls_for(config.server))
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    def reload(self, config: Config, tls: ssl.SSLContext | None) -> None:
+        """Take the config in force, and its TLS context."""
+        self._tls = tls
+        self._trusted = _trusted_networks(config.server)
+        self._loopback_only = bool(_weak_secrets(config))  # see _from_beyond
+        self._answer_time = _answer_time(config)
+
+    async def asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
+        """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
+        and timed: its head and body within request_timeout (408), its answer within its own time
+        after that, and the next request's head within idle_timeout. Its body is read here, whole,
+        before the app sees it (see _receive_body)."""
+        if scope["type"] == "lifespan":
+            return await self._app(scope, receive, send)
+        assert connection is not None
+        if scope["type"] != "http":  # a WebSocket upgrade of a path other than /v1/socket: Hypercorn's
+            await _refuse_upgrade(send)  # (the app has no WebSocket routes, and failed on it with a traceback)
+            return
+        if scope["http_version"] not in ("1.0", "1.1"):
+            # HTTP/2 (after an h2c upgrade, which Hypercorn grants by itself) multiplexes requests
+            # that the deadlines here cannot follow, and Hypercorn takes its bodies in without
+            # pushing back: 8 connections held 2.9 GB. Senders and clients speak HTTP/1.1.
+            connection.scope.cancel()
+            return
+        server = self._services.config.server
+        self.requests += 1
+        connection.requests += 1
+        scope[_CONNECTION] = connection
+        deadline = connection.head_start + server.request_timeout  # for its head and body
+        connection.end_by(deadline + self._answer_time + _GRACE)
+        head = _request_head(scope, server)
+        if head.forwarded_for and not self._trusted and not self._told_proxy:
+            self._forwarded(connection)
+        peer = (scope.get("client") or ("",))[0]
+        scope[_CLIENT] = client_address(peer, head.forwarded_for, self._trusted) if self._trusted else peer
+        inflow = _Inflow(_address_key(scope[_CLIENT]) if self._trusted else connection.address)
+        try:
+            if head.refusal is not None:
+                await _refuse(receive, send, scope, *head.refusal)
+                return
+            if self._loopback_only and _from_beyond([head.host], bool(head.forwarded_for) or head.forwarded):
+                await _refuse(receive, send, scope, 421, _FROM_BEYOND)
+                return
+            body = await self._receive_body(connection, scope, receive, send, head.length, deadline, inflow)
+            if body is None:
+                return
+            scope[_BODY] = body  # handed to the routes as it is (see _request_body); Quart's own stays empty
+            first: Any = {"type": "http.request", "body": b"", "more_body": False}
+
+            async def receive_read() -> Any:  # the body's end, at once; then whatever comes (the client leaving)
+                nonlocal first
+                if first is None:
+                    return await receive()
+                message, first = first, None
+                return message
+
+            await self._app(scope, receive_read, send)
+        except* _ClientLeft:
+            pass  # before its answer: nothing to tell it
+        except* Exception as failure:  # a bug: Hypercorn answers 500 if nothing was sent
+            _unexpected(self._services.throttle, "answering a request", failure)
+        finally:
+            self._inflows.release(inflow)
+            self.requests -= 1
+            self.quiet.unpark_all()
+            connection.answered()
+            if not connection.requests:  # else Hypercorn started the next one: its own times hold
+                self._services.connections.idle(connection)
+                connection.head_start = trio.current_time()
+                connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
+
+    async def _receive_body(self, connection: _Connection, scope: Any, receive: Any, send: Any, declared: int,
+                            deadline: float, inflow: _Inflow) -> bytes | None:
+        """The request's whole body (it declared `declared` bytes); or None once the request is
+        answered with why not (413 past max_body_size, 408 past its deadline, 503 when the bodies
+        in flight leave it no room: see _Inflows), or its client left."""
+        server = self._services.config.server
+        refusal: tuple[int, str, tuple[tuple[str, str], ...]] | None = None
+        if declared > server.max_body_size:  # refused before any of it is read
+            refusal = 413, _too_large(server), ()
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            with trio.move_on_at(deadline) as timer, inflow.scope:
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None  # the client left before all of it came: nobody to answer
+                    if chunk := message.get("body", b""):
+                        size += len(chunk)
+                        if size > server.max_body_size:
+                            refusal = 413, _too_large(server), ()
+                            break
+                        if not await self._inflows.take(inflow, len(chunk)):
+                            break
+                        chunks.append(chunk)
+                    if not message.get("more_body"):
+                        self._services.connections.busy(connection)  # all of it is in: being answered, not pending
+                        self._inflows.release(inflow)  # no longer being received: the request's, or the log's
+                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if timer.cancelled_caught:
+                refusal = 408, f"the request's head and body took over {server.request_timeout:g} s (request_timeout)", ()
+            elif refusal is None:  # no room for it, or its room was given to an address holding less
+                self._services.metrics.rejected["no_room"] += scope["path"].startswith(WEBHOOK_PREFIX)
+                refusal = 503, ("the relay is receiving too many request bodies at once (max_body_bytes_in_flight): "
+                                "try again shortly"), (("retry-after", str(_BODY_RETRY_AFTER)),)
+        if refusal[0] == 413:
+            self._services.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
+        self._inflows.release(inflow)  # before the answer, which may be slow to go: what it read is dropped
+        await _refuse(receive, send, scope, *refusal)
+        return None
+
+    def _forwarded(self, connection: _Connection) -> None:
+        """Say once that requests carry X-Forwarded-For while trusted_proxies names no proxy: a
+        reverse proxy's clients then all count as its one address, and one stranger's wrong
+        secrets lock every one of them out."""
+        self._told_proxy = True
+        logger.warning("requests from %s carry X-Forwarded-For, but [server] trusted_proxies names no proxy: every "
+                       "client behind it counts as %s (max_pending_per_ip, and failed authentications: one "
+                       "stranger's wrong secrets lock out all of them); if it is your reverse proxy, add it to "
+                       "trusted_proxies", connection.address, connection.address)
+
+    async def handle(
+        self, stream: trio.SocketStream, *, config: _HypercornConfig, context: _WorkerContext
+    ) -> None:
+        connection = self._services.connections.open(stream)
+        if connection is None:
+            await stream.aclose()
+            return
+        try:
+            if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
+                # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
+                # (a little after send_timeout, so that the relay's own cut-off, which says why, comes first)
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                  min(int((self._services.config.server.send_timeout + 5) * 1000), 2**31 - 1))  # a C int of ms
+            with connection.scope:  # every phase has a deadline; see _Connection.end_by
+                await self._route(stream, connection, config, context)
+            if not connection.scope.cancelled_caught:
+                _shut_down(stream)
+                with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
+                    while connection.linger_left > 0 and (data := await stream.receive_some(_READ_SIZE)):
+                        connection.linger_left -= len(data)  # what the peer still sends: dropped, while
+                        # it reads the relay's last words
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # a peer that went away, also from inside a nursery of the libraries serving it
+        except* Exception as failure:
+            _unexpected(self._services.throttle, "serving a connection", failure)
+        finally:
+            self._services.connections.closed(connection)
+            await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
+
+    async def _route(self, stream: trio.SocketStream, connection: _Connection, config: _HypercornConfig,
+                     context: _WorkerContext) -> None:
+        """Serve a connection: its TLS handshake, if the relay has TLS; then, by its first
+        request's head, a socket (trio-websocket) or HTTP (Hypercorn)."""
+        messages: trio.abc.Stream = stream
+        if self._tls is not None:
+            tls = await self._tls_handshake(stream, connection)
+            if tls is None:
+                return
+            messages = tls
+        head = await _read_request_head(messages, self._services.config.server.max_header_bytes)
+        if not head or head.startswith(_HTTP2_PREFACE):
+            return  # HTTP/1.1 only: see _asgi
+        connection.http = not _is_socket_upgrade(head)
+        if not connection.http and self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
+                _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
+            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))  # HTTP's: in _asgi
+            return
+        if not connection.http and not self._told_proxy and not self._trusted and _head_values(head, b"x-forwarded-for"):
+            self._forwarded(connection)
+        if not connection.http and self._trusted:
+            peer = (stream.socket.getpeername() or ("",))[0]
+            connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
+                                                            self._trusted))
+        inflows = self._inflows if connection.http else None
+        replay = (_TLSConnectionStream(messages, head, connection, stream, inflows)
+                  if isinstance(messages, trio.SSLStream) else _ConnectionStream(messages, head, connection, stream, inflows))
+        del head  # the replay holds it until it is received, no longer
+        if connection.http:
+            await _serve_http(functools.partial(self.asgi, connection), config, context, replay)
+        else:
+            await self._serve_socket(replay, connection)
+
+    async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
+        """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP
+        (which gets a 400 saying to use https)."""
+        assert self._tls is not None
+        first = await stream.receive_some(_RECEIVE_SIZE)
+        if not first:
+            return None
+        if first[0] != _TLS_HANDSHAKE_RECORD:
+            if first[:1].isalpha():  # a request line: http:// on a TLS port
+                await stream.send_all(_PLAIN_HTTP_ON_TLS)
+            return None
+        tls = trio.SSLStream(_ConnectionStream(stream, first, connection, stream), self._tls, server_side=True,
+                             https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as error:  # not TLS after all, or a certificate the client refused
+            logger.debug("TLS handshake with %s failed: %s", connection.peer, error.__cause__ or error)
+            return None
+        return tls
+
+    async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
+        try:
+            async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
+                session = _Session(self._services, self._sockets, await _websocket_handshake(nursery, stream),
+                                   connection)
+                if self._services.stopping.is_set():  # too late
+                    nursery.cancel_scope.cancel()
+                    return
+                # Linux grows a socket's send buffer up to 4 MB: a client that never reads would
+                # hold that much kernel memory and take seconds of deliveries before its outbox
+                # fills and it is cut off. 256 KiB still carries 100 Mbit/s at 20 ms round trips.
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
+                # authenticated in time, or closed (see _Session): the deadline is a backstop
+                connection.end_by(trio.current_time() + self._services.config.server.auth_timeout + _CLOSE_TIMEOUT + _GRACE)
+                self._sockets.open.add(session)
+                try:
+                    await session.run()
+                finally:
+                    self._sockets.open.discard(session)
+                    self.quiet.unpark_all()
+                    nursery.cancel_scope.cancel()  # trio-websocket's reader: what comes now is lingering
+                    # one line per client; one per stranger's attempt only when debugging
+                    logger.log(logging.INFO if session.token else logging.DEBUG,
+                               "socket %s (key %s) closed %s; %d frame(s) sent", connection.peer,
+                               session.token.key if session.token else "-", _shown(str(session.closed())),
+                               session.frames_sent)
+        except* (LocalProtocolError, trio_websocket.ConnectionClosed):
+            # a client gone during the handshake, or trio-websocket's reader answering a frame (an
+            # oversized one, say) that arrived after this side began to close: either way it ends
+            logger.debug("socket from %s ended during its handshake or close", connection.peer)
+
+
+async def _accept_loop(listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]],
+                       nursery: trio.Nursery, throttle: _Throttle) -> None:
+    """Accept connections for `handler`, in `nursery`, until cancelled. Out of file descriptors
+    or memory, wait a little and try again, with one rate-limited warning, no traceback (trio's
+    serve_listeners logs a traceback at ERROR each time)."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as error:
+            if error.errno not in _ACCEPT_CAPACITY_ERRORS:
+                raise
+            throttle.warning("accept", "cannot accept connections: %s; is max_connections above what "
+                             "`ulimit -n` allows?", error.strerror or error)
+            await trio.sleep(_ACCEPT_RETRY)
+        else:
+            nursery.start_soon(handler, stream)
+
+
+# ---- the relay -------------------------------------------------------------------------------
+
+
+class Relay:
+    """A relay: its config, and once serving, where it listens.
+
+    Made and run by the functions below; `shutdown()` ends it gracefully. It wires the
+    parts together (`services`, the port, the forwarders), starts and stops them, and reloads.
+    """
+
+    def __init__(self, config: Config, *, overrides: Mapping[str, Any] | None = None, announce: bool = True) -> None:
+        self.config = config
+        self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
+        self.port = 0
+        self.url = ""  # http://HOST:PORT, or https://
+        self.services = _Services(config)  # internal: what relay_lite's own parts and tests work through
+        self.metrics = self.services.metrics
+        self.sockets = _Sockets(config.server, self.services.connections)  # internal, as services is
+        self._port = _Port(self.services, self.sockets)
+        self._forwarders = {bucket: [_Forwarder(self.services, bucket, output) for output in
+                                     _public_outputs(bucket.config)] for bucket in self.services.core.buckets}
+        self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
+        self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
+        self._announce = announce  # log "listening on" once it is (see serve_relay)
+
+    @property
+    def socket_url(self) -> str:
+        return "ws" + self.url.removeprefix("http") + SOCKET_PATH
+
+    @property
+    def public_url(self) -> str:
+        return self.config.server.public_url.rstrip("/") or self.url
+
+    def input_url(self, ref: str, *, public: bool = False) -> str:
+        """The webhook URL of an input, by input id, or of a bucket's first input, by name or id."""
+        core = self.services.core
+        bucket = core.find_bucket(ref)
+        input_id = bucket.inputs[0].id if bucket else ref
+        if core.find_input(input_id) is None:
+            raise KeyError(f"no input or bucket {ref!r}")
+        return (self.public_url if public else self.url) + WEBHOOK_PREFIX + input_id
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
+        self.services.stopping.set()
+
+    def reload(self, source: "Config | Mapping[str, Any] | str | Path") -> None:
+        """Apply a changed config (a file, as load_config takes), without dropping a connection
+        or losing a webhook: new and changed buckets, inputs, outputs, tokens and TLS files take
+        effect; sockets of a token that is gone or changed close with 1008 and a reason; a removed
+        bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
+        changing nothing, if the config is not good, or changes what only a restart can."""
+        services = self.services
+        new = _load(source, **self._overrides)  # what serve_relay was given stays in force
+        _reloadable(self.config, new)
+        tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
+        credentials = _Credentials(new, lambda: services.core.session_key, services.throttle)
+        credentials.carry_failures(services.credentials)
+        buckets, removed = services.core.reload(new)  # from here on nothing fails
+
+        tokens = {token.key: token for token in new.tokens}
+        for session in list(self.sockets.open):
+            if session.token is None:
+                continue
+            token = tokens.get(session.token.key)
+            if token is None:
+                session.close(CLOSE_POLICY, "this token was removed from the relay's config")
+            elif token != session.token:
+                session.close(CLOSE_POLICY, "this token changed in the relay's config: connect again")
+            else:
+                session.token = token
+        for bucket in removed:
+            for session in [s for s in self.sockets.open if bucket in s.buckets or s in bucket.subscribers]:
+                session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
+            for forwarder in self._forwarders.pop(bucket, ()):
+                forwarder.scope.cancel()
+        for bucket in buckets:
+            wanted = {output.name: output for output in _public_outputs(bucket.config)}
+            forwarders = []
+            for forwarder in self._forwarders.get(bucket, ()):
+                if wanted.get(forwarder.output.name) == forwarder.output:
+                    forwarders.append(forwarder)
+                    del wanted[forwarder.output.name]
+                else:
+                    forwarder.scope.cancel()  # a delivery under way is made again by its successor
+            for output in wanted.values():
+                forwarder = _Forwarder(services, bucket, output)
+                forwarders.append(forwarder)
+                if self._forwarding is not None:
+                    self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
+            self._forwarders[bucket] = forwarders
+
+        self.config = new
+        services.reloaded(new, credentials)
+        self._port.reload(new, tls)
+        logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
+                    sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
+        for problem in _advice(new):
+            logger.warning("%s", problem)
+
+    async def _sweep(self) -> None:
+        """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
+        got no _WRITE_STEP out for send_timeout or whose inspector's session expired, and end
+        connections still open past their deadline (one timer for all, not a cancel scope per
+        write)."""
+        services = self.services
+        while True:
+            await trio.sleep(_SWEEP_INTERVAL)
+            services.core.expire(_wall_time())
+            now = trio.current_time()
+            self.sockets.sweep(now, self.config.server.send_timeout)
+            services.connections.end_overdue(now)
+
+    async def serve(self, *, task_status: trio.TaskStatus["Relay"] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until shutdown() or cancellation (serve_relay is the way in: it reports errors
+        as themselves)."""
+        services, port = self.services, self._port
+        server = self.config.server
+        hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(port.asgi, None))
+        await services.core.load()
+        async with trio.open_nursery() as lifespan_nursery:
+            lifespan_nursery.start_soon(services.core.run)  # outlives the connections, to keep what they asked for
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            listeners = await _listen(server.host, server.port, reuse_port=server.reuse_port)
+            host, self.port = listeners[0].socket.getsockname()[:2]
+            self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+            scheme = "https" if port.tls else "http"
+            self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
+            if self._announce:
+                logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
+            for problem in _advice(self.config):
+                logger.warning("%s", problem)
+
+            handle = functools.partial(port.handle, config=hypercorn_config, context=context)
+            async with trio.open_nursery() as connections:
+                accepting = trio.CancelScope()
+                connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, services.throttle)
+                connections.start_soon(self.sockets.pinger.run)
+                connections.start_soon(self._sweep)
+                self._forwarding = connections, _http_client()
+                for forwarder in itertools.chain.from_iterable(self._forwarders.values()):
+                    connections.start_soon(forwarder.run, self._forwarding[1])
+                task_status.started(self)
+                await services.stopping.wait()
+
+                logger.info("shutting down: %d socket(s), %d request(s) in flight",
+                            len(self.sockets.open), port.requests)
+                accepting.cancel()
+                await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
+                services.connections.end_idle()
+                for session in self.sockets.open:
+                    session.close(CLOSE_GOING_AWAY, "server shutting down")
+                services.core.release_holds()
+                with trio.move_on_after(server.shutdown_timeout):
+                    while port.requests or self.sockets.open:
+                        await port.quiet.park()
+                services.connections.end_all()  # what is left is idle, or out of time
+                connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
+            client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            await services.core.aclose()
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+
+async def _listen(host: str, port: int, *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    if reuse_port:
+        return await _listen_shared(host, port)
+    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    if port == 0:  # each address got its own port: keep the first, so one URL reaches everything
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    return listeners
+
+
+async def _listen_shared(host: str, port: int) -> list[trio.SocketListener]:
+    """trio.open_tcp_listeners, with SO_REUSEPORT on each socket before it binds; like it, an
+    address family the machine lacks (IPv6 turned off) is passed over, unless it is the only one."""
+    listeners: list[trio.SocketListener] = []
+    lacking: list[OSError] = []
+    try:
+        for family, kind, proto, _, address in await trio.socket.getaddrinfo(
+                host or None, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE):
+            try:
+                sock = trio.socket.socket(family, kind, proto)
+            except OSError as error:
+                if error.errno != errno.EAFNOSUPPORT:
+                    raise
+                lacking.append(error)
+                continue
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(socket.SOMAXCONN)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+        if not listeners and lacking:
+            raise lacking[0]
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+async def _serve_listeners(listeners: list[trio.SocketListener], handler: Callable[[trio.SocketStream], Awaitable[None]],
+                  nursery: trio.Nursery, scope: trio.CancelScope, throttle: _Throttle) -> None:
+    try:
+        with scope:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(_accept_loop, listener, handler, nursery, throttle)
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
+
+
+async def serve_relay(
+    config: "Config | Mapping[str, Any] | str | Path",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    announce: bool = True,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
+
+    Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
+    Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
+    is false (the command line prints its banner instead). A relay that cannot start raises
+    its reason itself, not in a group: ConfigError for the config, StorageError for its
+    `[storage]`, OSError for its port.
+    """
+    overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    relay = Relay(_load(config, **overrides), overrides=overrides, announce=announce)
+    try:
+        await relay.serve(task_status=task_status)
+    except BaseExceptionGroup as group:
+        sole = _sole(group)
+        if relay.url or isinstance(sole, BaseExceptionGroup):  # it was serving: what ended it may be several
+            raise
+    else:
+        return
+    raise sole  # it never started, for one reason: raised as it was, its cause and context kept
+
+
+@asynccontextmanager
+async def open_relay(
+    config: "Config | Mapping[str, Any] | str | Path", *, host: str | None = None, port: int | None = None
+) -> AsyncIterator[Relay]:
+    """``async with open_relay(config, port=0) as relay:`` a listening relay, shut down on exit.
+    A relay that cannot start raises as serve_relay does (ConfigError, StorageError, OSError),
+    and an error in the block comes out as itself, not in a group."""
+    started, raised = False, None
+    try:
+        async with trio.open_nursery() as nursery:
+            relay: Relay = await nursery.start(lambda task_status: serve_relay(
+                config, host=host, port=port, task_status=task_status))
+            started = True
+            try:
+                yield relay
+            except BaseException as error:
+                raised = error
+                raise
+            finally:
+                relay.shutdown()
+    except BaseExceptionGroup as group:  # the nursery's wrapping of one error: the error, as itself
+        sole = _sole(group)
+        if isinstance(sole, BaseExceptionGroup) or (started and sole is not raised):
+            raise
+    else:
+        return
+    raise sole  # outside the handler, so its cause and context stay as they were
+
+
+# ==== 8. The agent ============================================================================
+#
+# `python relay_lite.py forward` brings webhooks to an app behind NAT. It is a socket client of
+# the relay (this one, or the hosted service: it speaks only the protocol PROTOCOL.md describes)
+# and delivers each webhook with the engine above, in order. A checkpoint file names the last
+# webhook whose outcome is final, and every one before it; a reconnect or a restart subscribes
+# with "since" it, so nothing is lost. Each outcome goes back with PUT /v1/logs/<id>, as the
+# hosted agent reports it, so a sender held by response_from_output gets the app's answer.
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """What `relay_lite.py forward` was told."""
+
+    relay: str  # the relay's base URL, http(s)://host:port; its socket is at /v1/socket
+    key: str
+    secret: str
+    buckets: tuple[str, ...] = ()  # names or ids; none: every bucket the token may see
+    to: str = ""  # the app's URL, each webhook's path appended; "": each one's output_destination
+    allow: tuple[str, ...] = ()  # URL prefixes a delivery's URL must start with; none: any
+    state: Path | None = None  # the checkpoint file; None: one per relay and bucket set, under ~/.local/state
+    concurrency: int = 1  # deliveries in flight; above 1, order is not kept
+    verify: bool | str = True  # the app's TLS certificate: checked, not (--insecure), or against a CA file
+    delivery: _Delivery = _Delivery()
+    ping_timeout: float = 2.5 * DEFAULT_PING_INTERVAL  # seconds without a frame that mean a dead connection
+    lines: str = "text"  # a line per webhook on standard output: "text", "json" or "quiet"
+
+
+def _relay_urls(relay: str) -> tuple[str, str]:
+    """The relay's base URL (for the logs API) and socket URL, from either of them."""
+    split = urllib.parse.urlsplit(relay)
+    scheme = {"ws": "http", "wss": "https"}.get(split.scheme, split.scheme)
+    if scheme not in ("http", "https") or not split.hostname:
+        raise AgentError(f"--relay {_shown(relay)}: give the relay's URL, http(s)://host:port")
+    path = split.path.rstrip("/")
+    if path.endswith(SOCKET_PATH):
+        path = path[:-len(SOCKET_PATH)]
+    base = urllib.parse.urlunsplit((scheme, split.netloc, path, "", ""))
+    return base, base.replace("http", "ws", 1) + SOCKET_PATH
+
+
+def _agent_destination(output_destination: str, to: str) -> str | None:
+    """Where the agent delivers a webhook: `to` followed by the path of its output_destination
+    (for a bucket without outputs, that is the path the sender put after the input's URL); or,
+    without `to`, the output_destination itself. None when that is no URL to deliver to."""
+    split = urllib.parse.urlsplit(output_destination)
+    is_url = split.scheme in ("http", "https") and bool(split.hostname)
+    if not to:
+        return output_destination if is_url else None
+    path = urllib.parse.urlunsplit(("", "", split.path, split.query, "")) if is_url else output_destination
+    if _has_dot_segment(path.partition("?")[0]):  # it would climb out of `to`
+        return None
+    if path in ("", "/"):
+        return to
+    return to.rstrip("/") + (path if path.startswith("/") else "/" + path)
+
+
+def _allowed(url: str, prefixes: Iterable[str]) -> bool:
+    """Whether `url` is one of `prefixes` or below it: the same scheme, host and port (a default
+    one written or not), no user or password unless the prefix has them, and a path at or below
+    the prefix's, segment by segment, with no . or .. segment, plain or percent-encoded
+    (http://app:3000/hooks allows /hooks and /hooks/x, not /hooksx, /hooks/../admin, nor
+    http://app:30001)."""
+    split = urllib.parse.urlsplit(url)
+    segments = urllib.parse.unquote(split.path).replace("\\", "/").split("/")
+    if "." in segments or ".." in segments:  # /hooks/../admin, %2e%2e, ..%5c: an app may climb out
+        return False
+    for prefix in map(urllib.parse.urlsplit, prefixes):
+        try:
+            same_place = (split.scheme.lower(), split.hostname, split.port or _DEFAULT_PORTS.get(split.scheme.lower()),
+                          split.username, split.password) == (
+                prefix.scheme.lower(), prefix.hostname, prefix.port or _DEFAULT_PORTS.get(prefix.scheme.lower()),
+                prefix.username, prefix.password)
+        except ValueError:  # a port that is no number, or out of range
+            return False
+        below = prefix.path.rstrip("/")
+        if same_place and (split.path == below or split.path.startswith(below + "/") or not below):
+            return True
+    return False
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _default_state(relay: str, buckets: Iterable[str]) -> Path:
+    """The checkpoint file of an agent of `relay` for `buckets`: one per relay and bucket set."""
+    home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(json.dumps([relay, sorted(buckets)]).encode()).hexdigest()[:16]
+    return home / "relay_lite" / f"forward-{digest}.json"
+
+
+class _Checkpoint:
+    """The last webhook whose outcome is final, with every one taken before it: a low-water mark,
+    so with deliveries in parallel a restart goes back to the oldest one unfinished (at least
+    once). Saved by replacing the file (a temporary one written, synced and renamed over it),
+    so a crash leaves the old checkpoint or the new one, never half of one. A worker waits for
+    the save that holds its webhook before it takes the next, so a crash repeats at most the
+    webhook each worker had delivered, never a run of them."""
+
+    def __init__(self, path: Path, relay: str, buckets: tuple[str, ...], last: str = "") -> None:
+        self.path = path
+        self.last = last  # every webhook up to this one, in the order they came, is done
+        self._relay, self._buckets = relay, buckets
+        self._taken: deque[str] = deque()  # the ids taken after `last`, in order...
+        self._done: set[str] = set()  # ...and those of them done
+        self._saved = last
+        self._changed = trio.Event()
+        self._version = self._saved_version = 0  # advances of `last`: made, and saved (or tried)
+        self._flushed = trio.Event()  # set, and replaced, after each save
+        self._saving = True  # keep_saved runs: a wait for a save can end
+        self._throttle = _Throttle(60.0)
+
+    @classmethod
+    def load(cls, path: Path, relay: str, buckets: tuple[str, ...]) -> "_Checkpoint":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(path, relay, buckets)
+        except OSError as error:
+            raise AgentError(f"cannot read the state file {path}: {error.strerror or error}") from None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("last", ""), str):
+            raise AgentError(f"the state file {path} is not one relay_lite forward wrote; move it away")
+        if data.get("relay") != relay:
+            raise AgentError(f"the state file {path} belongs to the relay {_shown(str(data.get('relay')))}; "
+                             "give this one its own --state")
+        if not isinstance(data.get("buckets"), list) or sorted(map(str, data["buckets"])) != sorted(buckets):
+            raise AgentError(f"the state file {path} belongs to the buckets {_shown(str(data.get('buckets')))}; "
+                             "give these their own --state")
+        return cls(path, relay, buckets, data.get("last", ""))
+
+    def start_at(self, log_id: str) -> int:
+        """Begin after `log_id`; return the version of the checkpoint that holds it."""
+        self.last = log_id
+        self._version += 1
+        self._changed.set()
+        return self._version
+
+    def took(self, log_id: str) -> None:
+        self._taken.append(log_id)
+
+    def done(self, log_id: str) -> int:
+        """Record an outcome; return the version of the checkpoint that holds it (0: none will
+        until a webhook taken before it is done too, so a crash would repeat it anyway)."""
+        self._done.add(log_id)
+        advanced = False
+        while self._taken and self._taken[0] in self._done:
+            self.last = self._taken.popleft()
+            self._done.discard(self.last)
+            advanced = True
+        if not advanced:
+            return 0
+        self._version += 1
+        self._changed.set()
+        return self._version
+
+    async def saved(self, version: int) -> None:
+        """Wait until the checkpoint of `version` has been saved (or its save failed, and said so),
+        or nothing saves any more: the agent was stopped at once, and saves once, as it ends."""
+        while self._saved_version < version and self._saving:
+            await self._flushed.wait()
+
+    async def keep_saved(self) -> None:
+        """Save each new checkpoint, one write at a time (those that come meanwhile, together)."""
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                version = self._version
+                await trio.to_thread.run_sync(self.save)
+                self._saved_version = version
+                self._flushed.set()
+                self._flushed = trio.Event()
+        finally:  # cancelled: a worker waiting for a save (shielded, for its stop grace) waits no more
+            self._saving = False
+            self._flushed.set()
+
+    def save(self) -> None:
+        last = self.last
+        if last == self._saved:
+            return
+        data = {"relay": self._relay, "buckets": list(self._buckets), "last": last,
+                "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(data, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself
+            finally:
+                os.close(directory)
+        except OSError as error:  # delivery goes on: a restart would deliver some webhooks again
+            self._throttle.warning("state", "cannot save the checkpoint in %s: %s", self.path,
+                                   error.strerror or error)
+            return
+        self._saved = last
+
+
+class _Agent:
+    """The forward agent: one socket to the relay at a time, reconnecting for as long as it runs;
+    `concurrency` workers delivering what it brings, in the order it came; the checkpoint, and a
+    report of each outcome to the relay."""
+
+    def __init__(self, config: AgentConfig, checkpoint: _Checkpoint, out: typing.TextIO = sys.stdout) -> None:
+        self.config = config
+        self._base, self._socket_url = _relay_urls(config.relay)
+        self._checkpoint = checkpoint
+        self._out = out
+        self._taken, self._queue = trio.open_memory_channel[_WebhookFrame](math.inf)
+        self._queued_bytes = 0
+        self._room = trio.Event()  # set when the queue has room again after it was full
+        self._taken_up_to = checkpoint.last  # the newest webhook taken: a reconnect resumes after it
+        self._resumes = False  # the relay resumed with "since" (relay_lite does; the hosted service does not)
+        self._reports, self._to_report = trio.open_memory_channel[tuple[str, _Answer]](_AGENT_REPORTS_QUEUED)
+        self._delivering: set[trio.CancelScope] = set()
+        self._socket_scope = trio.CancelScope()
+        self._reading: trio.CancelScope | None = None  # the open socket's conversation, while there is one
+        self._stopping = False
+        self._subscribed = False  # the connection of the moment got as far as subscribing
+        self._destinations_known = False  # without --to: every bucket's outputs name a URL (_check_destinations)
+        self._throttle = _Throttle(60.0)
+        self._colour = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
+
+    def stop(self) -> None:
+        """Stop taking webhooks; those being delivered get _AGENT_STOP_GRACE to finish. A socket
+        that is open closes with a close frame (1001), so the relay knows the agent left."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+        else:
+            self._socket_scope.cancel()
+        for scope in self._delivering:
+            scope.deadline = min(scope.deadline, trio.current_time() + _AGENT_STOP_GRACE)
+
+    async def run(self) -> None:
+        """Forward until stop(); raise AgentError if the relay refuses the key or a bucket."""
+        try:
+            async with _http_client(verify=self.config.verify) as app, \
+                    httpx.AsyncClient(base_url=self._base, auth=(self.config.key, self.config.secret),
+                                      verify=_trusted_cas(), timeout=_AGENT_REPORT_TIMEOUT, trust_env=True) as relay, \
+                    trio.open_nursery() as nursery:
+                nursery.start_soon(self._checkpoint.keep_saved)
+                async with trio.open_nursery() as reporting:
+                    for _ in range(_AGENT_REPORTERS):
+                        reporting.start_soon(self._report, relay)
+                    async with trio.open_nursery() as workers:
+                        for _ in range(self.config.concurrency):
+                            workers.start_soon(self._work, app)
+                        with self._socket_scope:
+                            try:
+                                await self._connect_forever(relay)
+                            finally:  # however it ends, what is in flight gets its time, no more
+                                self.stop()
+                        workers.cancel_scope.cancel()  # those waiting for a webhook; the others are shielded
+                    await self._reports.aclose()  # the reporters end once what is queued is sent...
+                    reporting.cancel_scope.deadline = trio.current_time() + _AGENT_STOP_GRACE  # ...or in time
+                nursery.cancel_scope.cancel()
+        finally:
+            self._checkpoint.save()
+
+    # ---------------------------------------------------------------- the socket
+
+    async def _connect_forever(self, relay: httpx.AsyncClient) -> None:
+        failures = 0
+        while True:
+            self._subscribed = False
+            try:
+                if not self.config.to and not self._destinations_known:
+                    await self._check_destinations(relay)
+                if not self._taken_up_to:
+                    await self._start_after_newest(relay)
+                logger.info("connecting to %s", self._socket_url)
+                reason = await self._session()
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, _Refused, httpx.HTTPError,
+                    trio.BrokenResourceError, trio.TooSlowError, _WSProtocolError, h11.ProtocolError) as error:
+                reason = _connection_error(error)  # the logs API's, or the socket's: waited out alike
+            if reason == _STOPPED or self._stopping:
+                return
+            if reason == _PAUSED:
+                await self._room.wait()
+                continue
+            failures = 0 if self._subscribed else failures + 1
+            delay = min(_RECONNECT_FIRST * 2 ** failures, _RECONNECT_MOST) * (0.5 + random.random() / 2)
+            logger.warning("%s; retrying in %.0f s", reason, delay)
+            await trio.sleep(delay)
+
+    async def _session(self) -> str:
+        """One connection, until it ends: why it did (or it raises)."""
+        reason = ""
+        with trio.CancelScope() as dropped:
+            async with trio_websocket.open_websocket_url(self._socket_url, max_message_size=_AGENT_MAX_FRAME,
+                                                         connect_timeout=_AGENT_CONNECT_TIMEOUT,
+                                                         disconnect_timeout=_CLOSE_TIMEOUT) as ws:
+                try:
+                    with trio.CancelScope() as self._reading:
+                        if self._stopping:  # stop() came while this socket opened
+                            self._reading.cancel()
+                        reason = await self._converse(ws, dropped)
+                finally:
+                    self._reading = None
+                if self._stopping:  # a close frame, its answer awaited a while: the relay hears why
+                    with trio.move_on_after(_CLOSE_TIMEOUT):
+                        await ws.aclose(CLOSE_GOING_AWAY, "the agent is stopping")
+                    return _STOPPED
+                if reason == _PAUSED:
+                    await ws.aclose(CLOSE_GOING_AWAY, "catching up")
+                    logger.info("the app is %d webhooks behind; the relay keeps the rest until it catches up",
+                                self._queue.statistics().current_buffer_used)
+        return reason
+
+    async def _converse(self, ws: trio_websocket.WebSocketConnection, dropped: trio.CancelScope) -> str:
+        """Authenticate, subscribe, and take webhooks until the connection ends: why it did."""
+        await ws.send_message(_encode({"action": "auth", "key": self.config.key, "secret": self.config.secret}))
+        await self._expect(ws, "authenticated")
+        since = self._taken_up_to
+        await ws.send_message(self._subscribe_frame(since))
+        reply = await self._expect(ws, "subscribed", since=since)
+        self._subscribed = True
+        logger.info("%s%s", reply.message, f", resuming after {since}" if since not in ("", NIL_LOG_ID) else "")
+        reason = ""
+        while not reason:
+            while self._queued_bytes >= _AGENT_QUEUE_BYTES:  # and the relay cannot be asked to
+                await self._room.wait()  # pause: it waits, or cuts this socket off and it resumes
+            with trio.move_on_after(self.config.ping_timeout) as silent:
+                reason = await self._receive(ws)
+            if silent.cancelled_caught:
+                reason = f"disconnected: no frame for {self.config.ping_timeout:g} s"
+                dropped.cancel()  # no closing handshake on a dead connection: it is dropped
+        return reason
+
+    async def _receive(self, ws: trio_websocket.WebSocketConnection) -> str:
+        """Take the next frame; _PAUSED if the socket should pause for the app to catch up."""
+        frame = self._parse(await ws.get_message())
+        if isinstance(frame, _WebhookFrame):
+            return _PAUSED if self._take(frame) else ""
+        if frame is not None:
+            await self._on_status(ws, frame)
+        return ""
+
+    async def _check_destinations(self, relay: httpx.AsyncClient) -> None:
+        """Without --to, each webhook goes to its output's destination: AgentError, at start, if
+        a bucket's webhooks have none that is a URL (a bucket without outputs, as the demo's;
+        an internal output without a destination). It started, then failed every webhook."""
+        response = await relay.get(BUCKETS_PATH)
+        if response.status_code in (429, 503):
+            raise _Refused(f"refused for now: {_api_problem(response)}")
+        if response.status_code == 401:  # as the socket says it
+            raise AgentError(f"the relay refused the key {_shown(self.config.key)}: invalid key or secret")
+        try:
+            if response.status_code != 200:
+                raise ValueError
+            buckets = [bucket for bucket in response.json() if not self.config.buckets
+                       or bucket["name"] in self.config.buckets or bucket["id"] in self.config.buckets]
+            missing = [bucket["name"] for bucket in buckets if not bucket["outputs"] or any(
+                output["internal"] and not output["disabled"] and _agent_destination(output["destination"], "") is None
+                for output in bucket["outputs"])]
+        except (ValueError, TypeError, KeyError):
+            raise AgentError(f"{self._base}{BUCKETS_PATH} did not answer as a relay's buckets API: "
+                             f"{_api_problem(response)}") from None
+        if missing:
+            raise AgentError(f"bucket {_shown(', '.join(missing))} names no URL to deliver its webhooks to (an output's "
+                             "destination): pass --to with your app's URL, e.g. --to http://localhost:3000")
+        self._destinations_known = True
+
+    async def _start_after_newest(self, relay: httpx.AsyncClient) -> None:
+        """Without a checkpoint, begin after the newest webhook the buckets hold now (the logs
+        API says which), or before every one if they hold none: the first subscribe, and any
+        after it, resume from there, and lose none sent meanwhile. Saved before it subscribes,
+        so a crash before the first webhook loses nothing either.
+
+        Only an answer with the logs is an answer: a refusal (a wrong secret, an unknown
+        bucket) is final, a refusal for now (429, 503) is waited out, and neither is saved. A
+        wrong secret was read as "the relay holds none of these buckets", and the next run, with
+        the right one, delivered every webhook the relay held again."""
+        newest = ""
+        for bucket in self.config.buckets or ("",):
+            response = await relay.get(LOGS_PATH, params={"limit": 1, **({"bucket": bucket} if bucket else {})})
+            problem = _api_problem(response)
+            if response.status_code in (429, 503):
+                raise _Refused(f"refused for now: {problem}")
+            if response.status_code == 401:  # as the socket says it
+                raise AgentError(f"the relay refused the key {_shown(self.config.key)}: invalid key or secret")
+            if response.status_code in (403, 404) and bucket:
+                raise AgentError(f"the relay refused the subscription: {problem}")
+            try:
+                if response.status_code != 200:
+                    raise ValueError(problem)
+                logs = response.json()["data"]
+                newest = max([newest, *(log["id"] for log in logs[:1] if isinstance(log["id"], str))])
+            except (ValueError, TypeError, KeyError):
+                raise AgentError(f"{self._base}{LOGS_PATH} did not answer as a relay's logs API: {problem}") from None
+        self._taken_up_to = newest or NIL_LOG_ID
+        await self._checkpoint.saved(self._checkpoint.start_at(self._taken_up_to))
+        if newest:
+            logger.info("forwarding the webhooks after %s, the newest the relay holds", newest)
+        else:
+            logger.info("forwarding every webhook from now on: the relay holds none of these buckets yet")
+
+    def _subscribe_frame(self, since: str) -> str:
+        frame: dict[str, Any] = {"action": "subscribe", "buckets": list(self.config.buckets)}
+        if since:
+            frame["since"] = since
+        return _encode(frame)
+
+    async def _expect(self, ws: trio_websocket.WebSocketConnection, status: str, since: str = "") -> _StatusFrame:
+        """The next status frame, which must be `status` (pings answered on the way); raise
+        AgentError if the relay refused what the agent asked."""
+        with trio.fail_after(_AGENT_CONNECT_TIMEOUT):
+            while True:
+                frame = self._parse(await ws.get_message())
+                if not isinstance(frame, _StatusFrame):
+                    continue  # a webhook can only come once subscribed
+                if frame.status == "ping":
+                    await ws.send_message(_PONG)
+                elif frame.status == status:
+                    return frame
+                elif frame.status == "unauthorized" and "try again" in frame.message:  # too many failures here
+                    raise _Refused(f"refused for now: {_shown(frame.message, 200)}")
+                elif frame.status == "unauthorized":
+                    raise AgentError(f"the relay refused the key {_shown(self.config.key)}: {_shown(frame.message, 200)}")
+                elif frame.status == "error" and since and frame.message.startswith("unknown resume point"):
+                    if since != NIL_LOG_ID:
+                        logger.warning("the relay does not know the last webhook delivered (%s): it lost its log; "
+                                       "going on with every webhook it holds", since)
+                    since = "" if since == NIL_LOG_ID else NIL_LOG_ID  # "" for a relay that knows no nil id
+                    self._taken_up_to = since
+                    await ws.send_message(self._subscribe_frame(since))
+                elif frame.status == "error":
+                    raise AgentError(f"the relay refused the subscription: {_shown(frame.message, 200)}")
+
+    def _parse(self, message: str | bytes) -> _StatusFrame | _WebhookFrame | None:
+        try:
+            return parse_server_frame(message)
+        except ProtocolError as error:
+            self._throttle.warning("frame", "a frame from the relay was skipped: %s", error)
+            return None
+
+    async def _on_status(self, ws: trio_websocket.WebSocketConnection, frame: _StatusFrame) -> None:
+        if frame.status == "ping":
+            await ws.send_message(_PONG)
+        elif frame.status == "resumed":
+            self._resumes = True
+            if self._taken_up_to != NIL_LOG_ID:  # a fresh agent's resume from the start of an empty log says nothing
+                logger.info("resumed: %s", frame.message)
+        elif frame.status in ("history_gap", "error"):
+            logger.warning("the relay says: %s", _shown(frame.message, 300))
+
+    def _take(self, frame: _WebhookFrame) -> bool:
+        """Queue `frame` for the workers; True if the queue is full and the socket should pause."""
+        if self._resumes and frame.id <= self._taken_up_to:
+            return False  # taken before a reconnect: ids grow, and the resume repeated it
+        self._taken_up_to = frame.id
+        self._checkpoint.took(frame.id)
+        self._queued_bytes += frame.size
+        self._taken.send_nowait(frame)
+        if self._queued_bytes < _AGENT_QUEUE_BYTES:
+            return False
+        self._room = trio.Event()
+        if self._resumes:
+            return True
+        self._throttle.warning("behind", "the app is %d webhooks (%d MiB) behind; reading from the relay waits",
+                               self._queue.statistics().current_buffer_used, self._queued_bytes // 2**20)
+        return False
+
+    # ---------------------------------------------------------------- deliveries
+
+    async def _work(self, app: httpx.AsyncClient) -> None:
+        async for frame in self._queue:
+            self._queued_bytes -= frame.size
+            if self._queued_bytes < _AGENT_QUEUE_BYTES // 2:
+                self._room.set()
+            if self._stopping:
+                return  # not begun: it comes again after a restart
+            with trio.CancelScope(shield=True) as delivering:  # a stop lets it finish, for a while
+                self._delivering.add(delivering)
+                try:
+                    await self._deliver(app, frame)
+                finally:
+                    self._delivering.discard(delivering)
+            if delivering.cancelled_caught:  # stopped: it comes again after a restart
+                return
+
+    async def _deliver(self, app: httpx.AsyncClient, frame: _WebhookFrame) -> None:
+        destination = _agent_destination(frame.output_destination, self.config.to)
+        started = time.time()
+        if destination is None:
+            answer = _Answer(0, {}, f"no URL to deliver to: output_destination is {frame.output_destination!r}; "
+                                    "run the agent with --to URL".encode(), started)
+        elif self.config.allow and not _allowed(destination, self.config.allow):
+            self._throttle.warning("allow", "webhook %s names %s, which no --allow takes: not delivered", frame.id,
+                                   _shown(destination, 200))
+            answer = _Answer(0, {}, f"not delivered: {_shown(destination, 200)} is not under any --allow".encode(),
+                             started)
+        else:
+            try:
+                answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery,
+                                        functools.partial(self._print, frame, destination, started=started))
+            except Exception as error:  # a bug, but not one that may stop the agent, or repeat at each restart
+                _unexpected(self._throttle, "delivering a webhook", error)
+                answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
+        version = self._checkpoint.done(frame.id)
+        self._print(frame, destination, answer, started=started)
+        await self._reports.send((frame.id, answer))
+        await self._checkpoint.saved(version)  # before the next: a crash repeats this one at most
+
+    def _print(self, frame: _WebhookFrame, destination: str | None, answer: _Answer, retry_in: float | None = None,
+               *, started: float) -> None:
+        """A webhook's line: its outcome, or an attempt's that will be tried again in `retry_in`
+        seconds; a final failure says how to resend it. Coloured on a terminal, unless NO_COLOR."""
+        if self.config.lines == "quiet":
+            return
+        attempts = answer.retries + 1
+        resend = f"{self._base}{LOGS_PATH}/{frame.id}/action"
+        error = "" if answer.status_code else answer.body.decode(errors="replace")
+        status = "retrying" if retry_in is not None else _outcome(answer)
+        if self.config.lines == "json":
+            line = _encode({"time": _iso_time(answer.at), "id": frame.id, "bucket": frame.bucket,
+                            "method": frame.webhook.method, "url": destination, "status_code": answer.status_code,
+                            "status": status, "duration_ms": round((answer.at - started) * 1000),
+                            "attempts": attempts, **({"error": error} if error else {}),
+                            **({"retry_in_s": round(retry_in, 1)} if retry_in is not None else {}),
+                            **({"resend": f"POST {resend}"} if status == "failed" else {})})
+            self._write(line)
+            return
+        split = urllib.parse.urlsplit(destination or frame.output_destination)
+        target = split.path + ("?" + split.query if split.query else "")
+        outcome = self._coloured(str(answer.status_code) if answer.status_code else
+                                 _shown(error, 200) if retry_in is not None else f"failed: {_shown(error, 200)}", status)
+        if retry_in is not None:
+            said = f"{outcome}; attempt {attempts} of {self.config.delivery.retries + 1}, again in {retry_in:.0f} s"
+        else:
+            said = (f"{outcome} {round((answer.at - started) * 1000)} ms"
+                    + (f" ({attempts} attempts)" if attempts > 1 else ""))
+        line = f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {said}"
+        if status == "failed":  # one write with the outcome's line: a reader sees both or neither
+            line += (f"\n  resend {frame.id} once the cause is fixed: Resend in the relay's inspector, or "
+                     f"curl -u {shlex.quote(self.config.key + ':')}\"$RELAY_SECRET\" -d '{{\"action\":\"resend\"}}' "
+                     f"{resend}")
+        self._write(line)
+
+    def _write(self, lines: str) -> None:
+        """`lines` and their newline in one write: a reader of the file never sees half of them."""
+        self._out.write(lines + "\n")
+        self._out.flush()
+
+    def _coloured(self, text: str, status: str) -> str:
+        if not self._colour:
+            return text
+        return f"{_COLOURS[status]}{text}\033[0m"
+
+    async def _report(self, relay: httpx.AsyncClient) -> None:
+        """Report outcomes with PUT /v1/logs/<id>, as the hosted agent does."""
+        async for log_id, answer in self._to_report:
+            body = {"status_code": answer.status_code, "status": _outcome(answer), "retries": answer.retries,
+                    "response_body": base64.b64encode(answer.body).decode("ascii"),
+                    "response_headers": answer.headers}
+            try:
+                response = await relay.put(f"{LOGS_PATH}/{log_id}", json=body)
+            except httpx.HTTPError as error:
+                self._throttle.warning("report", "cannot report the outcome of %s to the relay: %s", log_id,
+                                       _delivery_error(error))
+                continue
+            if response.is_error:  # forgotten (404: past history_size), answered already (409), ...: said
+                self._throttle.warning("report", "the relay did not record the outcome of %s (%s): %s %s", log_id,
+                                       _outcome(answer), response.status_code, _shown(response.text, 200))
+
+
+class _Refused(Exception):
+    """The relay refused the agent for now (too many failed authentications from its address, or
+    busy), or cannot be reached: waited out, as a lost connection is."""
+
+
+def _api_problem(response: httpx.Response) -> str:
+    """What a REST API answer says is wrong, in a few words: its error, else its status."""
+    try:
+        error = response.json().get("error", "")
+    except (ValueError, AttributeError):
+        error = ""
+    return _shown(str(error), 200) if error else f"{response.status_code} {response.reason_phrase}"
+
+
+def _outcome(answer: _Answer) -> str:
+    """The log status a delivery's answer gives: a 2xx or 3xx is "sent"."""
+    return "sent" if 200 <= answer.status_code < 400 else "failed"
+
+
+def _iso_time(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at).astimezone().isoformat(timespec="seconds")
+
+
+def _connection_error(error: BaseException) -> str:
+    """Why the agent's connection to the relay ended, or never began, in a few words."""
+    if isinstance(error, trio_websocket.ConnectionClosed):
+        reason = error.reason
+        if reason is None or reason.code == 1006:
+            return "disconnected: the connection was lost"
+        if reason.code == 1009:  # the agent's own close: a relay sends it only to a client that sent too much
+            return (f"disconnected: a frame from the relay was over the {_AGENT_MAX_FRAME // 2**20} MiB the agent "
+                    "takes (is the relay's max_body_size above 64 MiB?)")
+        return f"disconnected: closed by the relay ({reason.code}{': ' + _shown(reason.reason) if reason.reason else ''})"
+    if isinstance(error, trio_websocket.ConnectionRejected):
+        return f"cannot connect: the relay answered {error.status_code} to the WebSocket upgrade"
+    if isinstance(error, trio.TooSlowError):
+        return "cannot connect: no answer in time"
+    if isinstance(error, _Refused):
+        return f"cannot connect: {error}"
+    if isinstance(error, (_WSProtocolError, h11.ProtocolError)):
+        return f"cannot connect: not a WebSocket answer ({_shown(str(error), 100)})"
+    while getattr(error, "strerror", None) is None:  # down to the OS's own words, if there are some
+        inner = error.exceptions[0] if isinstance(error, BaseExceptionGroup) else error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    return f"cannot connect: {getattr(error, 'strerror', None) or error or type(error).__name__}"
+
+
+_PONG = _encode({"action": "pong"})
+_PAUSED, _STOPPED = "paused", "stopped"
+_COLOURS = {"sent": "\033[32m", "retrying": "\033[33m", "failed": "\033[31m"}  # green, yellow, red
+
+
+async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the forward agent until it is stopped (`agent.stop()`, for the agent task_status gives);
+    raise AgentError when it cannot go on."""
+    base, _ = _relay_urls(config.relay)
+    checkpoint = _Checkpoint.load(config.state or _default_state(base, config.buckets), base, config.buckets)
+    agent = _Agent(config, checkpoint)
+    task_status.started(agent)
+    await agent.run()
+
+
+# ==== 9. The pytest plugin and the command line ===============================================
+
+# ---- pytest plugin ---------------------------------------------------------------------------
+#
+# Installing relay_lite gives a project's tests a `relay` fixture: a relay on a free port with a
+# bucket, an input and a token, its URLs and credentials, `send` for a webhook and `client` for a
+# socket that collects frames; and `relay_factory` for relays of other configs. pytest finds them
+# through the pytest11 entry point `relay_lite:pytest_plugin`, built by the module's __getattr__
+# on first use, so a relay that serves never imports pytest. In a Trio test (pytest-trio) the
+# relay runs in the test's own loop and the helpers are awaited; in any other test it runs in a
+# thread of its own, and they block.
+
+_FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
+
+
+def _fixture_config() -> Config:
+    """The `relay` fixture's config: bucket "test", one input, one token, made up for each test."""
+    return load_config(Config(
+        server=ServerConfig(host="127.0.0.1", port=0),
+        tokens=(TokenConfig(key=str(uuid.uuid4()), secret=secrets.token_urlsafe(24)),),
+        buckets=(BucketConfig(name="test", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),)),),
+    ))
+
+
+class _FixtureRelay:
+    """What both kinds of fixture relay give a test: the relay, its URLs and credentials."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.config = relay.config
+        token = self.config.tokens[0] if self.config.tokens else None
+        self.key = token.key if token else ""  # the config's first token
+        self.secret = token.secret if token else ""  # "" if it gives only a secret_hash
+        self.bucket = self.config.buckets[0].name if self.config.buckets else ""  # the config's first bucket
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+    @property
+    def socket_url(self) -> str:
+        return self.relay.socket_url
+
+    @property
+    def input_url(self) -> str:
+        """The webhook URL of the first bucket's first input; relay.input_url(ref) for others."""
+        return self.relay.input_url(self.bucket)
+
+    def reload(self, config: "Config | Mapping[str, Any] | str | Path") -> None:
+        """Apply a changed config, as SIGHUP does (see Relay.reload), its host and port aside."""
+        self._in_loop(self.relay.reload, _fixture_config_of(config))
+
+    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        return call(*args)
+
+    def _request(self, body: bytes | str, path: str, bucket: str | None,
+                 headers: Mapping[str, str] | None, method: str) -> httpx.Request:
+        return httpx.Request(method, self.relay.input_url(bucket or self.bucket) + path, headers=headers,
+                             content=body.encode() if isinstance(body, str) else body)
+
+
+class _FrameClient:
+    """A socket client of a fixture relay, authenticated and subscribed, in a Trio loop."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        self.frames: list[dict[str, Any]] = []  # every frame received, pings included
+
+    async def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next frame (a ping is answered, and returned too)."""
+        with trio.fail_after(timeout):
+            frame = json.loads(await self._ws.get_message())
+        self.frames.append(frame)
+        if frame.get("type") == "status" and frame.get("status") == "ping":
+            await self._ws.send_message(_encode({"action": "pong"}))
+        return frame
+
+    async def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next webhook frame, past any status frames."""
+        with trio.fail_after(timeout):
+            while (frame := await self.receive(math.inf))["type"] != "webhook":
+                pass
+        return frame
+
+    async def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        """The next status frame `status` (e.g. "resumed"), past any others; RuntimeError if
+        the relay refuses something first ("unauthorized", "error")."""
+        with trio.fail_after(timeout):
+            while (frame := await self.receive(math.inf))["type"] != "status" or frame.get("status") != status:
+                if frame["type"] == "status" and frame.get("status") in ("unauthorized", "error"):
+                    raise RuntimeError(f"the relay answered {frame['status']}: {frame.get('message', '')}")
+        return frame
+
+
+@asynccontextmanager
+async def _frame_client(fixture: _FixtureRelay, buckets: Sequence[str] | None,
+                        since: str | None) -> AsyncIterator[_FrameClient]:
+    async with trio_websocket.open_websocket_url(fixture.socket_url) as ws:
+        client = _FrameClient(ws)
+        await ws.send_message(_encode({"action": "auth", "key": fixture.key, "secret": fixture.secret}))
+        await client.status("authenticated")
+        subscribe: dict[str, Any] = {"action": "subscribe", "buckets": list(buckets or [fixture.bucket])}
+        if since is not None:
+            subscribe["since"] = since
+        await ws.send_message(_encode(subscribe))
+        await client.status("subscribed")
+        yield client
+
+
+class TrioRelayFixture(_FixtureRelay):
+    """The `relay` fixture in a Trio test: the relay runs in the test's loop; await the helpers."""
+
+    async def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
+                   headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
+        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
+        after its URL; return the relay's answer."""
+        async with httpx.AsyncClient(timeout=_FIXTURE_TIMEOUT) as http:
+            return await http.send(self._request(body, path, bucket, headers, method))
+
+    def client(self, buckets: Sequence[str] | None = None, *,
+               since: str | None = None) -> typing.AsyncContextManager[_FrameClient]:
+        """``async with relay.client() as client: frame = await client.webhook()``: a socket
+        authenticated with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        return _frame_client(self, buckets, since)
+
+
+class _ThreadClient:
+    """A _FrameClient living in a relay thread's loop, for a test without one: it blocks."""
+
+    def __init__(self, client: _FrameClient, token: trio.lowlevel.TrioToken) -> None:
+        self._client, self._token = client, token
+        self.frames = client.frames
+
+    def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.receive, timeout, trio_token=self._token)
+
+    def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.webhook, timeout, trio_token=self._token)
+
+    def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
+        return trio.from_thread.run(self._client.status, status, timeout, trio_token=self._token)
+
+
+class RelayFixture(_FixtureRelay):
+    """The `relay` fixture in a test without a Trio loop: the relay runs in a thread of its own;
+    the helpers block."""
+
+    def __init__(self, relay: Relay, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(relay)
+        self._nursery, self._token = nursery, token
+        self.clients_done: set[trio.Event] = set()  # set at the end: a client left open ends too
+
+    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        _not_in_trio()
+        return trio.from_thread.run_sync(call, *args, trio_token=self._token)
+
+    def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
+             headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
+        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
+        after its URL; return the relay's answer."""
+        _not_in_trio()
+        with httpx.Client(timeout=_FIXTURE_TIMEOUT) as http:
+            return http.send(self._request(body, path, bucket, headers, method))
+
+    @contextlib.contextmanager
+    def client(self, buckets: Sequence[str] | None = None, *, since: str | None = None) -> Iterator[_ThreadClient]:
+        """``with relay.client() as client: frame = client.webhook()``: a socket authenticated
+        with the fixture's token and subscribed to `buckets` (its bucket by default)."""
+        _not_in_trio()
+        done = trio.Event()
+
+        async def hold(task_status: trio.TaskStatus[_FrameClient]) -> None:
+            self.clients_done.add(done)
+            try:
+                async with _frame_client(self, buckets, since) as client:
+                    task_status.started(client)
+                    await done.wait()
+            finally:
+                self.clients_done.discard(done)
+        client = trio.from_thread.run(self._nursery.start, hold, trio_token=self._token)
+        try:
+            yield _ThreadClient(client, self._token)
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(done.set, trio_token=self._token)
+
+
+def _not_in_trio() -> None:
+    """Refuse a blocking helper inside a Trio loop, which it would block."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return
+    raise RuntimeError("this relay runs in a thread and its helpers block, but this test runs in a Trio loop "
+                       "that is not pytest-trio's (anyio's?): mark the test for pytest-trio, whose tests get a "
+                       "relay in their own loop, or use relay_lite.open_relay")
+
+
+class _RelayThread:
+    """A relay serving in a thread with its own Trio loop, until stop()."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._started = threading.Event()
+        self._fixture: RelayFixture | None = None
+        self._failure: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=self._run, name="relay_lite fixture", daemon=True)
+
+    def start(self) -> RelayFixture:
+        self._thread.start()
+        if not self._started.wait(_FIXTURE_TIMEOUT):
+            raise RuntimeError(f"the relay did not start within {_FIXTURE_TIMEOUT:g} s")
+        if self._failure is not None:
+            failure, self._failure = self._failure, None  # the test's now: not again at teardown
+            raise failure
+        assert self._fixture is not None
+        return self._fixture
+
+    def stop(self) -> BaseException | None:
+        """Stop it; what went wrong in it, if anything did."""
+        if self._stop is not None and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(_FIXTURE_TIMEOUT * 2)
+        if self._thread.is_alive():
+            return RuntimeError(f"the relay's thread did not stop within {_FIXTURE_TIMEOUT * 2:g} s")
+        return self._failure
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as error:  # a start that failed, or a crash: the test's to see, as itself
+            self._failure = _innermost(error) if isinstance(error, BaseExceptionGroup) and len(
+                error.exceptions) == 1 else error
+        finally:
+            self._started.set()
+
+    async def _serve(self) -> None:
+        self._stop, self._token = trio.Event(), trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            relay: Relay = await nursery.start(serve_relay, self._config)
+            self._fixture = RelayFixture(relay, nursery, self._token)
+            self._started.set()
+            await self._stop.wait()
+            for done in list(self._fixture.clients_done):  # a client the test left open
+                done.set()
+            relay.shutdown()
+
+
+def _fixture_config_of(config: "Config | Mapping[str, Any] | str | Path | None") -> Config:
+    """A config for relay_factory: the `relay` fixture's, or `config` with its host and port
+    giving way to a free loopback port (tests run side by side)."""
+    if config is None:
+        return _fixture_config()
+    return _load(config, host="127.0.0.1", port=0)
+
+
+def _pytest_plugin() -> types.ModuleType:
+    """The pytest plugin: the `relay` and `relay_factory` fixtures (see above)."""
+    import pytest
+
+    plugin = types.ModuleType("relay_lite.pytest_plugin", "relay_lite's fixtures: relay, relay_factory")
+
+    def in_trio_test(request: Any) -> bool:
+        return request.node.get_closest_marker("trio") is not None
+
+    @pytest.fixture
+    async def _relay_lite_trio_factory() -> AsyncIterator[Callable[..., Awaitable[TrioRelayFixture]]]:
+        async with trio.open_nursery() as nursery:
+            made: list[Relay] = []
+
+            async def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> TrioRelayFixture:
+                relay: Relay = await nursery.start(serve_relay, _fixture_config_of(config))
+                made.append(relay)
+                return TrioRelayFixture(relay)
+            yield make
+            for relay in made:
+                relay.shutdown()
+
+    @pytest.fixture
+    async def _relay_lite_trio_relay(_relay_lite_trio_factory: Callable[..., Awaitable[TrioRelayFixture]],
+                                     ) -> TrioRelayFixture:
+        return await _relay_lite_trio_factory()
+
+    @pytest.fixture
+    def relay_factory(request: Any) -> Iterator[Callable[..., Any]]:
+        """Start a relay of a config (a dict shaped like the TOML, a Config, or a file; none: the
+        `relay` fixture's): `relay_factory(config)` returns a RelayFixture, or in a Trio test
+        `await relay_factory(config)` a TrioRelayFixture. Each is stopped after the test."""
+        if in_trio_test(request):  # pytest-trio sets it up in the test's loop, as the test's argument
+            yield request.getfixturevalue("_relay_lite_trio_factory")
+            return
+        threads: list[_RelayThread] = []
+
+        def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> RelayFixture:
+            thread = _RelayThread(_fixture_config_of(config))
+            threads.append(thread)
+            return thread.start()
+        yield make
+        failures = [failure for thread in threads if (failure := thread.stop()) is not None]  # every one stopped
+        if failures:
+            raise failures[0]
+
+    @pytest.fixture
+    def relay(request: Any) -> Any:
+        """A relay on a free loopback port with bucket "test", an input and a token (see
+        RelayFixture, and TrioRelayFixture in a Trio test)."""
+        if in_trio_test(request):  # not through relay_factory: that would make this a Trio fixture
+            return request.getfixturevalue("_relay_lite_trio_relay")
+        return request.getfixturevalue("relay_factory")()
+
+    for fixture in (_relay_lite_trio_factory, _relay_lite_trio_relay, relay_factory, relay):
+        setattr(plugin, fixture.__name__, fixture)
+    return plugin
+
+
+def __getattr__(name: str) -> Any:
+    """`relay_lite.pytest_plugin`, built on first use (see above)."""
+    if name == "pytest_plugin":
+        plugin = globals()[name] = _pytest_plugin()
+        return plugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options] [COMMAND ...]",  # argparse's own shows COMMAND as if it were required
+        allow_abbrev=False,  # --worker 2 must not pass for --workers 2: see _without_workers
+        description="A self-hosted webhook relay: webhooks in at /v1/webhooks/<input id>, "
+                    "streamed live to WebSocket clients at /v1/socket, one port.",
+    )
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config; without it, a demo runs")
+    parser.add_argument("--host", help="address to listen on (overrides the file)")
+    parser.add_argument("--port", type=int, help="port to listen on, 0 for any (overrides the file)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run N relays on this machine, sharing the port and the log (needs [cluster])")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line: time, level, logger, message (and exception)")
+    parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)",
+                                     prog=parser.prog)  # not the usage above: "relay-lite check [-h] ..."
+    init = commands.add_parser(
+        "init", help="write a config file with fresh random ids and a token",
+        description="Write a config file to start from: a bucket \"github\" with one input, a token, fresh random "
+                    "ids and secrets, and the common settings with their defaults. Readable by its owner "
+                    "only (it holds the token's secret). Then: relay-lite --config FILE.")
+    init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    check = commands.add_parser(
+        "check", help="check a config file, as a start or a reload would: exit 0 if it is good, 2 with its error "
+                      "if not",
+        description="Check a config file as a start would, before a restart or a reload (SIGHUP) uses it: the "
+                    "TOML, every key and value, the TLS files, and that the [storage] database can be opened and "
+                    "written. Exit 0 with a summary (and any warning), or 2 with the one-line error naming the "
+                    "key.")
+    check.add_argument("--config", "-c", metavar="FILE", dest="check_config", help="the file (or give --config "
+                                                                                    "before the command; default: "
+                                                                                    "relay.toml)")
+    commands.add_parser(
+        "hash-secret", help="read a token's secret on standard input (none: make one), print the secret_hash "
+                            "that may replace it in the config",
+        description="Hash a token's secret for the config, so the file holds no secret: read it on standard input "
+                    "(at a terminal, without echo; Enter alone makes a new one, printed once), and print the "
+                    "line secret_hash = \"scrypt:...\" to put in its [[tokens]] table instead of secret.")
+    _forward_arguments(commands.add_parser(
+        "forward", help="deliver a relay's webhooks to an app, from behind NAT",
+        description="Deliver the webhooks of a relay's buckets to an app: in order, each once its "
+                    "predecessor's outcome is final, resuming after a reconnect or a restart where it stopped, "
+                    "and reporting each outcome to the relay (a sender held by response_from_output gets "
+                    "the app's answer). Key and secret come from RELAY_KEY and RELAY_SECRET, or --key and "
+                    "--secret. HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE apply to the app's requests."))
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLines() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.log_level != "debug":  # a line per request: the relay and the agent say what matters themselves
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    if args.command == "init":
+        return _init(Path(args.path), force=args.force)
+    if args.command == "hash-secret":
+        return _hash_secret()
+    if args.command == "check":
+        return _check(args.check_config or args.config, args)
+    if args.command == "forward":
+        return _forward(args)
+    try:
+        config = _with_overrides(args.config or _demo_config(ServerConfig()), args)
+        _preflight_file(config, args.config or "the demo")
+    except ConfigError as error:
+        _fail(str(error))
+        return 2
+    if args.workers != 1 and _WORKER not in os.environ:  # a worker runs one relay, whatever it was given
+        if not 1 <= args.workers <= _MOST_WORKERS:
+            _fail(f"--workers must be 1 to {_MOST_WORKERS}")
+            return 2
+        if not config.cluster.redis_url or not config.server.port:
+            _fail("--workers needs [cluster] redis_url (the workers share their log through "
+                  "Redis) and a port other than 0")
+            return 2
+        return _run_workers(args.workers, sys.argv[1:] if argv is None else argv)
+    reload = (lambda: _with_overrides(args.config, args)) if args.config else None
+    _tune_gc()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay listens for it: a reload too soon is no kill
+    failures: list[BaseException] = []
+    storage_failures: list[BaseException] = []
+    try:
+        trio.run(_serve_until_signalled, config, reload)
+    except* StorageError as group:
+        storage_failures.append(group)
+    except* OSError as group:  # nested as deep as the nurseries it crossed
+        failures.append(group)
+    if storage_failures:  # found only at start (its database, say, half written): named as config errors are
+        _fail(f"{args.config + ': ' if args.config else ''}{_innermost(storage_failures[0])}")
+        return 2
+    if failures:
+        failure = _innermost(failures[0])
+        _fail(f"cannot listen on {config.server.host}:{config.server.port}: "
+              f"{getattr(failure, 'strerror', None) or failure}")
+        return 1
+    return 0
+
+
+class _JsonLines(logging.Formatter):
+    """A log record as one JSON object on one line, for a log collector: "time" (RFC 3339, UTC,
+    milliseconds), "level" (lower case), "logger", "message", and "exception" when there is one;
+    a record made with extra={"fields": {...}} adds those."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                    timespec="milliseconds").replace("+00:00", "Z"),
+                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+                **getattr(record, "fields", {})}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+    @staticmethod
+    def chosen() -> bool:
+        """Whether the command line chose JSON lines (--log-format json)."""
+        return any(isinstance(handler.formatter, _JsonLines) for handler in logging.getLogger().handlers)
+
+    @classmethod
+    def line(cls, level: int, message: str, **fields: Any) -> str:
+        return cls().format(logging.makeLogRecord({"name": logger.name, "levelno": level, "created": time.time(),
+                                                   "levelname": logging.getLevelName(level), "msg": message,
+                                                   "fields": fields}))
+
+
+def _fail(message: str) -> None:
+    """A command's last word, on stderr: `relay_lite: error: <message>`, or with --log-format
+    json, one JSON object (level "error"), as every other line is then."""
+    print(_JsonLines.line(logging.ERROR, message) if _JsonLines.chosen() else f"relay_lite: error: {message}",
+          file=sys.stderr)
+
+
+def _check(path: str | None, args: argparse.Namespace) -> int:
+    """`python relay_lite.py [--host H] [--port P] check [--config FILE]`: without one,
+    relay.toml, as init writes it; checked with --host and --port as a start with them would."""
+    if not path:
+        if not Path("relay.toml").is_file():
+            _fail("no relay.toml here: give the config file, check --config FILE "
+                  "(`relay-lite init` writes one)")
+            return 2
+        path = "relay.toml"
+    try:
+        config = _with_overrides(path, args)
+        _preflight_file(config, path)
+    except ConfigError as error:
+        _fail(str(error))
+        return 2
+    inputs = sum(len(bucket.inputs) for bucket in config.buckets)
+    outputs = sum(len(bucket.outputs) for bucket in config.buckets)
+    summary = (f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
+               f"{len(config.tokens)} token(s)")
+    json_lines = _JsonLines.chosen()  # with --log-format json, each line one object, as everywhere
+    print(_JsonLines.line(logging.INFO, summary) if json_lines else summary)
+    for problem in _advice(config):
+        print(_JsonLines.line(logging.WARNING, problem) if json_lines else f"warning: {problem}")
+    return 0
+
+
+def _preflight_file(config: Config, path: str) -> None:
+    """_preflight(config), its error naming the config's file, as load_config's do."""
+    try:
+        _preflight(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def _tune_gc() -> None:
+    """Garbage collection for a long-running relay (the CLI's; an embedding program owns its own).
+
+    Every object a socket holds is tracked by the cyclic GC, about 150 per socket. With the
+    default first threshold (700 allocations) young collections catch the short-lived objects
+    of pings and deliveries alive and promote them, so full collections, which walk every
+    socket's objects, keep running: 4.3 % of a core while 10,000 sockets sat idle. Measured
+    (tests/bench) at 2,000 and 10,000: idle 1.8-1.9 % and 1.9 %; fan-out of one webhook to
+    1,000 sockets, p99 146-161 ms and 75-78 ms (its in-flight deliveries get promoted at 2,000);
+    p99 at 500 webhooks/s to 10 sockets, 3-4 ms and 3-9.5 ms (a longer young collection).
+    Objects made at start-up are frozen out of collections too.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def _init(path: Path, *, force: bool) -> int:
+    if path.exists() and not force:
+        _fail(f"{path} exists; pass --force to overwrite it")
+        return 2
+    # it holds a token's secret: the owner's only (the default, 0644, let every user of a Pi read it)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as file:
+        os.fchmod(file.fileno(), 0o600)  # an existing file, overwritten with --force, keeps its mode otherwise
+        file.write(_config_template())
+    print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
+          f"Run: {_command()} --config {shlex.quote(str(path))}")
+    return 0
+
+
+def _hash_secret() -> int:
+    """`python relay_lite.py hash-secret`: a secret from standard input, or a new one, hashed."""
+    if sys.stdin.isatty():
+        secret = getpass.getpass("secret (Enter alone makes a new one): ")
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    made = not secret
+    if made:
+        secret = secrets.token_urlsafe(24)
+    try:
+        _check_secret(secret, "the secret")
+    except ConfigError as error:
+        _fail(str(error))
+        return 2
+    if made:
+        print(f"# the token's secret, for its clients (the config keeps only its hash): {secret}")
+    print(f'secret_hash = "{_SecretHash.of(secret)}"')
+    return 0
+
+
+def _forward_arguments(forward: argparse.ArgumentParser) -> None:
+    forward.add_argument("--relay", required=True, metavar="URL", help="the relay, http(s)://host:port")
+    forward.add_argument("--bucket", "-b", action="append", default=[], metavar="NAME",
+                         help="a bucket to forward, by name or id; repeat for more (none: every bucket the "
+                              "token may see)")
+    forward.add_argument("--to", metavar="URL", default="",
+                         help="the app: each webhook goes to URL followed by the path the sender added "
+                              "after the input's URL (without --to: to each webhook's output destination)")
+    forward.add_argument("--allow", action="append", default=[], metavar="URL-PREFIX",
+                         help="deliver only to URLs at or below this one (scheme, host, port, path); repeat for "
+                              "more. Without --to the relay names each destination: --allow keeps a relay that "
+                              "was misconfigured or taken over from reaching the rest of this machine's network")
+    forward.add_argument("--key", default=os.environ.get("RELAY_KEY", ""), help="the token's key (env RELAY_KEY)")
+    forward.add_argument("--secret", default=os.environ.get("RELAY_SECRET", ""),
+                         help="the token's secret (env RELAY_SECRET, which other users cannot see)")
+    forward.add_argument("--state", metavar="FILE", type=Path,
+                         help="the checkpoint file (default: one per relay and bucket set, in "
+                              "$XDG_STATE_HOME/relay_lite or ~/.local/state/relay_lite)")
+    forward.add_argument("--concurrency", type=int, default=1, metavar="N",
+                         help="deliveries in flight (default 1, which keeps order)")
+    forward.add_argument("--timeout", type=float, default=DEFAULT_DELIVERY_TIMEOUT, metavar="SECONDS",
+                         help=f"a delivery attempt's time, the answer read (default {DEFAULT_DELIVERY_TIMEOUT:g})")
+    forward.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                         help=f"attempts after the first for a connection error, 408, 425, 429 or 5xx "
+                              f"(default {DEFAULT_RETRIES})")
+    forward.add_argument("--insecure", action="store_true", help="do not check the app's TLS certificate")
+    forward.add_argument("--cacert", metavar="FILE", help="check the app's TLS certificate against this CA file")
+    forward.add_argument("--ping-timeout", type=float, default=2.5 * DEFAULT_PING_INTERVAL, metavar="SECONDS",
+                         help="seconds without a frame from the relay that mean the connection is dead "
+                              f"(default {2.5 * DEFAULT_PING_INTERVAL:g})")
+    lines = forward.add_mutually_exclusive_group()
+    lines.add_argument("--quiet", "-q", action="store_true", help="no line per webhook")
+    lines.add_argument("--json", action="store_true",
+                       help="a JSON object per line: each webhook's outcome, and each attempt tried again")
+
+
+def _forward(args: argparse.Namespace) -> int:
+    """`python relay_lite.py forward --relay URL ...`: exit 0 when stopped, 2 for what it was
+    told, _REFUSED when the relay refused (1 stays Python's, for a crash, which a service
+    manager should restart; a refusal it should not)."""
+    try:
+        _relay_urls(args.relay)
+        if not args.key or not args.secret:
+            raise AgentError("give the token's key and secret: RELAY_KEY and RELAY_SECRET, or --key and --secret")
+        for option, url in [("--to", args.to)] * bool(args.to) + [("--allow", url) for url in args.allow]:
+            split = urllib.parse.urlsplit(url)
+            try:
+                split.port  # a number, in range
+            except ValueError:
+                split = split._replace(netloc="")
+            if split.scheme not in ("http", "https") or not split.hostname or (
+                    option == "--allow" and (split.query or split.fragment)):
+                raise AgentError(f"{option} {_shown(url)}: give the app's URL, http(s)://host:port/path")
+        if args.to and args.allow and not _allowed(args.to, args.allow):
+            raise AgentError(f"--to {_shown(args.to)} is not under any --allow")
+        if not 1 <= args.concurrency <= _MOST_CONCURRENCY:
+            raise AgentError(f"--concurrency must be 1 to {_MOST_CONCURRENCY}")
+        if not (args.timeout > 0 and args.ping_timeout > 0 and 0 <= args.retries <= 100):
+            raise AgentError("--timeout and --ping-timeout must be above 0, --retries 0 to 100")
+        if args.cacert and not Path(args.cacert).is_file():
+            raise AgentError(f"--cacert {args.cacert}: no such file")
+    except AgentError as error:
+        _fail(str(error))
+        return 2
+    config = AgentConfig(
+        relay=args.relay, key=args.key, secret=args.secret, buckets=tuple(args.bucket), to=args.to,
+        allow=tuple(args.allow),
+        state=args.state, concurrency=args.concurrency, verify=False if args.insecure else args.cacert or True,
+        delivery=_Delivery(args.timeout, min(args.timeout, DEFAULT_CONNECT_TIMEOUT), args.retries),
+        ping_timeout=args.ping_timeout, lines="quiet" if args.quiet else "json" if args.json else "text")
+    if not config.to and not config.allow:
+        logger.warning("no --to: each webhook goes where its relay names, anywhere this machine reaches; "
+                       "--allow URL-PREFIX limits that")
+    refusals: list[BaseException] = []
+    try:
+        trio.run(_until_signalled, functools.partial(forward, config), _Agent.stop)
+    except* AgentError as group:
+        refusals.append(group)
+    if refusals:
+        _fail(f"{_innermost(refusals[0])}")
+        return _REFUSED
+    return 0
+
+
+_REFUSED = 3  # forward's exit status when the relay refused its key or a bucket: final, no restart helps
+
+
+def _with_overrides(source: "Config | str", args: argparse.Namespace) -> Config:
+    """The config `source` (a file, or the demo's) with the command line's --host and --port in
+    place of its own (and, in a worker that --workers started, the port shared), checked so."""
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    return _load(source, **overrides, **({"reuse_port": True} if _WORKER in os.environ else {}))
+
+
+_WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
+_MOST_WORKERS = 64
+_WORKER_RESTART, _WORKER_RESTART_MOST = 1.0, 60.0  # seconds before a worker that died is started again
+
+
+def _run_workers(count: int, argv: list[str]) -> int:
+    """Run `count` relays (this command line, less --workers) sharing the port, and keep them
+    running: one that dies is started again. SIGINT and SIGTERM stop them all, gracefully;
+    SIGHUP reloads them all. Each is in a session of its own, so a terminal's Ctrl-C reaches
+    this process only, and each worker is told once."""
+    command = [sys.executable, str(Path(__file__).resolve()), *_without_workers(argv)]
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    started: dict[int, float] = {}
+    stopping = False
+
+    supervisor = os.getpid()
+
+    def start(number: int) -> None:
+        """Start worker `number`, with signals held meanwhile: one that came mid-start tells it too."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+        def in_the_worker() -> None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # it must not inherit the mask: it would hear no signal
+            _end_with_parent(supervisor)
+        try:
+            workers[number] = subprocess.Popen(command, env={**os.environ, _WORKER: str(number)},
+                                               start_new_session=True, preexec_fn=in_the_worker)
+            started[number] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def tell(signum: int, frame: object) -> None:
+        """Pass a signal on. Only os.wait() below learns that a worker ended (Popen.poll() here
+        would take an exit from under it); a pid not yet waited for is this process's still."""
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for worker in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, tell)
+    for number in range(count):
+        start(number)
+    logger.info("%d workers started (pids %s)", count, ", ".join(str(worker.pid) for worker in workers.values()))
+    status = 0
+    restarts = {number: 0 for number in range(count)}  # in a row, for each: the wait doubles with each
+    while workers:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:  # none left (someone else waited for them)
+            break
+        ended = next((number for number, worker in workers.items() if worker.pid == pid), None)
+        if ended is None:
+            continue
+        exit_code = os.waitstatus_to_exitcode(code)
+        workers.pop(ended).returncode = exit_code
+        if stopping:
+            continue
+        if exit_code == 2:  # the config, or the log's store: starting it again would not help
+            status = 2
+            tell(signal.SIGTERM, None)
+            continue
+        if time.monotonic() - started[ended] > _WORKER_RESTART_MOST:
+            restarts[ended] = 0  # it ran a good while: a new failure, not the same one again
+        wait = min(_WORKER_RESTART * 2 ** restarts[ended], _WORKER_RESTART_MOST)
+        restarts[ended] += 1
+        logger.warning("worker %d (pid %d) ended with %s; starting it again in %g s", ended, pid, exit_code, wait)
+        until = time.monotonic() + wait
+        while not stopping and (left := until - time.monotonic()) > 0:  # a signal cuts the wait short
+            time.sleep(min(left, 0.1))
+        if not stopping:
+            start(ended)
+    return status
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a worker, before it runs: be sent SIGTERM when the supervisor dies (Linux's
+    PR_SET_PDEATHSIG), so a supervisor killed with SIGKILL leaves no relay holding the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            kept.append(arg)
+    return kept
+
+
+async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | None) -> None:
+    """Serve until SIGINT or SIGTERM: the first stops gracefully, a second stops at once. SIGHUP
+    reloads the config file (`reload` reads it; None in the demo, which has none)."""
+
+    def hang_up(relay: Relay) -> None:
+        if reload is None:
+            logger.warning("SIGHUP: the demo has no config file to reload")
+            return
+        try:
+            relay.reload(reload())
+        except ConfigError as error:
+            logger.error("reload refused, the config in force stays: %s", error)
+        except Exception as error:  # a bug; the relay goes on with the config in force
+            _unexpected(relay.services.throttle, "reloading the config (the config in force stays)", error)
+
+    await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
+                           lambda relay: print(_banner(relay, demo=reload is None, json_line=_JsonLines.chosen()),
+                                               flush=True), hang_up)
+
+
+async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[Any], None],
+                           started: Callable[[Any], None] = lambda _: None,
+                           hang_up: Callable[[Any], None] | None = None) -> None:
+    """Run `run` until it returns; it is started with nursery.start, and what it reports is given
+    to `started`. The first SIGINT or SIGTERM asks it to stop (calls `stop` with that), a second
+    stops it at once; SIGHUP calls `hang_up`, if given."""
+    wanted = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hang_up is not None else ())
+    with trio.open_signal_receiver(*wanted) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def until_done(task_status: trio.TaskStatus[Any]) -> None:
+                await run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop listening for signals
+
+            running = await nursery.start(until_done)
+            started(running)
+            stopping = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if stopping:
+                        logger.info("SIGHUP received while stopping: not reloading")
+                    elif hang_up is not None:
+                        logger.info("SIGHUP received: reloading the config")
+                        hang_up(running)
+                elif stopping:
+                    logger.warning("%s again: stopping now, without waiting for what is in flight", name)
+                    nursery.cancel_scope.cancel()
+                else:
+                    logger.info("%s received: stopping once what is in flight is done (send it again to stop "
+                                "at once)", name)
+                    stop(running)
+                    stopping = True
+
+
+def _banner(relay: Relay, *, demo: bool, json_line: bool = False) -> str:
+    """What the command line prints once the relay listens: its URLs, the inputs' and, in the
+    demo, the token and commands to try it; as text, or as one JSON line (--log-format json)."""
+    config = relay.config
+    listening = f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)"
+    inspector = ""
+    if config.inspector.enabled:  # its own host name, if it has one, at the relay's port
+        inspector = (urllib.parse.urlsplit(relay.url)._replace(netloc=f"{config.inspector.host}:{relay.port}").geturl()
+                     if config.inspector.host else relay.public_url) + "/"
+    inputs = [(bucket.name, input_.name, relay.input_url(input_.id, public=True))
+              for bucket in config.buckets for input_ in bucket.inputs]
+    demo_lines: dict[str, str] = {}
+    if demo:
+        token, bucket, command = config.tokens[0], config.buckets[0], _command()
+        demo_lines = {
+            "key": token.key, "secret": token.secret,
+            "send": f"curl -X POST -H 'Content-Type: application/json' -d '{{\"hello\": \"relay\"}}' "
+                    f"{relay.input_url(bucket.inputs[0].id)}",
+            "auth": f'{{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
+            "subscribe": f'{{"action":"subscribe","buckets":["{bucket.name}"]}}',
+            "forward": f"RELAY_KEY={token.key} RELAY_SECRET={token.secret} {command} forward "
+                       f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
+            "init": f"{command} init relay.toml && {command} --config relay.toml"}
+    if json_line:
+        return _JsonLines.line(logging.INFO, listening, url=relay.url, socket_url=relay.socket_url,
+                               **({"inspector": inspector} if inspector else {}),
+                               inputs=[{"bucket": bucket, "input": name, "url": url} for bucket, name, url in inputs],
+                               **({"demo": demo_lines} if demo else {}))
+    lines = [listening, f"  socket URL: {relay.socket_url}"]
+    if inspector:
+        lines.append(f"  inspector:  {inspector} (sign in with a token's key and secret)")
+    lines += [f"  bucket {bucket!r}, input {name!r}: {url}" for bucket, name, url in inputs]
+    if demo:
+        lines += [
+            "",
+            "Demo mode (no --config): this bucket, input and token exist for this run only.",
+            f"  key:    {demo_lines['key']}",
+            f"  secret: {demo_lines['secret']}",
+            "",
+            "Send a webhook:",
+            f"  {demo_lines['send']}",
+            "Receive it: connect to the socket URL, send",
+            f"  {demo_lines['auth']}",
+            f"  {demo_lines['subscribe']}",
+            "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
+            f"  {demo_lines['forward']}",
+            f"For lasting ids: {demo_lines['init']}",
+        ]
+    lines += ["", "Ctrl-C to stop."]
+    return "\n".join(lines)
+
+
+def _command() -> str:
+    """How relay_lite was run, for the commands it prints: its console script, or a Python and
+    the module's file; each by its name if that is what PATH finds, else by its path."""
+    if Path(sys.argv[0]).name == "relay-lite":
+        return shlex.quote(_by_name(sys.argv[0]))
+    return f"{shlex.quote(_by_name(sys.executable))} {shlex.quote(_by_name(sys.argv[0], program=False))}"
+
+
+def _by_name(path: str, program: bool = True) -> str:
+    """`path` by its name if PATH finds it there; else relative to the working directory if
+    it is under it; else whole."""
+    if not path:
+        return "python3"
+    name, absolute = Path(path).name, os.path.abspath(path)
+    if (found := shutil.which(name)) is not None and os.path.abspath(found) == absolute:
+        return name
+    relative = os.path.relpath(absolute)
+    if relative.startswith(".."):
+        return absolute
+    if program and os.sep not in relative:
+        return os.path.join(".", relative)  # a bare name would be looked up on PATH
+    return relative
+
+
+# ==== Appendix: the web inspector's page, script and style ====================================
+#
+# One page at / that shows a token's webhooks live, written into the module (no build step, no
+# CDN: it works offline on a Pi). It signs in over the relay's own socket protocol, as any client
+# does, and reads the REST API with the token; the key and secret stay in the tab's session
+# storage. Its script and style are files of their own, so the page runs under a strict
+# Content-Security-Policy: nothing inline, nothing from elsewhere, no frames. It builds every
+# element from text (textContent), never from markup, so a webhook's content cannot script it.
 
 _INSPECTOR_PAGE = r"""<!doctype html>
 <html lang="en">
@@ -6148,2680 +8886,6 @@ table.pairs td { word-break: break-all; font-family: ui-monospace, Menlo, Consol
   #detail { position: fixed; inset: 0; top: 0; max-height: none; border-radius: 0; background: Canvas; z-index: 1; }
 }
 """
-
-
-# ============================================================================ library glue
-#
-# Everything that drives trio-websocket's or Hypercorn's internals, which are not their public
-# API, is here: pyproject pins the versions it was written for (_DEPENDENCIES checks them before
-# the import), and _missing_internals checks, at import, that each private name used here is
-# still there, so a version that renamed one fails at once, with one line, not mid-request.
-
-
-_MessageEvent = _BytesMessage | _TextMessage
-
-
-class _WebSocket(trio_websocket.WebSocketConnection):
-    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
-
-    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
-    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
-    0.12 then ends the TCP connection without a close frame, and the client never learns why.
-    Overrides a private method of trio-websocket, pinned in pyproject.
-    """
-
-    async def _handle_message_event(self, event: _MessageEvent) -> None:
-        """A message's parts count the memory they hold, not their length: one million
-        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
-        holds 4 bytes a character."""
-        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
-        try:
-            await super()._handle_message_event(event)
-        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
-            self._reader_running = False  # go out, and nothing more the peer sends matters
-            self._close_handshake.set()
-
-    async def _send(self, event: Any) -> None:
-        """A close frame, once wsproto has made it, goes out even if the task sending it is being
-        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
-        peer got no close frame at all."""
-        if isinstance(event, _CloseConnection):
-            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
-                await super()._send(event)
-        else:
-            await super()._send(event)
-
-    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
-        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
-            await super()._handle_close_connection_event(event)
-            return
-        try:
-            await self._send(_CloseConnection(code=event.code, reason=event.reason))
-        except trio_websocket.ConnectionClosed:
-            pass  # gone already
-        await self._close_web_socket(event.code, event.reason or None)
-        self._close_handshake.set()
-        await self._close_stream()
-
-
-async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
-    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
-    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
-    nursery.start_soon(ws._reader_task)
-    request = await ws._get_request()
-    return typing.cast(_WebSocket, await request.accept())
-
-
-async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
-    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
-    if len(data) <= _WRITE_STEP:
-        await stream.send_all(data)
-    else:
-        view = memoryview(data)
-        for start in range(0, len(data), _WRITE_STEP):
-            await stream.send_all(view[start:start + _WRITE_STEP])
-            progressed()
-
-
-async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
-    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
-    peer's close frame, which nobody reads once the connection has been ended."""
-    if ws._wsproto.state == _WSState.OPEN:
-        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
-
-
-async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
-    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
-    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
-    calling `progressed` after each (see Relay._sweep: no step may take send_timeout).
-
-    trio-websocket frames each message anew for each connection (send_message), and each
-    send_message costs a whole trio scheduling round even when the socket has room, while a busy
-    relay completes several webhooks in one round: a writer sending a frame a round falls behind
-    a client that reads everything. So the relay frames a webhook once (no extension is ever
-    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
-    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
-    """
-    if ws._close_reason:
-        raise trio_websocket.ConnectionClosed(ws._close_reason)
-    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
-    try:
-        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
-    except trio.WouldBlock:
-        await lock.acquire()
-    try:
-        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
-            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
-        small: list[bytes] = []
-        for frame in frames:
-            if len(frame) < _JOIN_BELOW:
-                small.append(frame)
-                continue
-            if small:
-                await _send(ws._stream, b"".join(small), progressed)
-                small = []
-            await _send(ws._stream, frame, progressed)
-        if small:
-            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await ws._abort_web_socket()
-        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
-    finally:
-        lock.release()
-
-
-def _set_max_message_size(ws: trio_websocket.WebSocketConnection, size: int) -> None:
-    """Let `ws`'s peer send messages of up to `size` bytes (trio-websocket fixes it at creation)."""
-    ws._max_message_size = size
-
-
-def _hypercorn(server: ServerConfig, asgi: Callable[..., Awaitable[None]]) -> tuple[
-        _HypercornConfig, _WorkerContext, _Lifespan]:
-    """What serving HTTP with Hypercorn's trio worker, a connection at a time, takes: its config,
-    its worker context (shared by every connection), and the app's lifespan."""
-    config = _HypercornConfig()
-    config.include_server_header = False  # no version banner, and a client's answer may set one
-    config.keep_alive_timeout = server.idle_timeout
-    config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
-    # What Hypercorn reads ahead of the app, a chunk (up to 64 KiB) a message: while a body waits
-    # for room (see _Inflows), or after it was refused, that is memory outside the bodies' bound
-    config.max_app_queue_size = 1
-    return config, _WorkerContext(None), _Lifespan(ASGIWrapper(asgi), config, {})
-
-
-async def _serve_http(asgi: Callable[..., Awaitable[None]], config: _HypercornConfig, context: _WorkerContext,
-                      stream: trio.abc.Stream) -> None:
-    """Serve HTTP on one connection's `stream` (any trio Stream) with Hypercorn, until it ends."""
-    await _TCPServer(ASGIWrapper(asgi), config, context, {}, stream)  # type: ignore[arg-type]  # any Stream
-
-
-# The private names used above (methods, and attributes their __init__ sets), by library.
-_INTERNALS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
-    "trio-websocket": (trio_websocket.WebSocketConnection,
-                       ("_reader_task", "_get_request", "_handle_message_event", "_handle_close_connection_event",
-                        "_send", "_close_web_socket", "_close_stream", "_abort_web_socket"),
-                       ("_wsproto", "_stream", "_close_reason", "_stream_lock", "_message_size", "_reader_running",
-                        "_close_handshake", "_max_message_size")),
-    "hypercorn": (_Lifespan, ("handle_lifespan", "wait_for_startup", "wait_for_shutdown"), ()),
-}
-
-
-def _missing_internals() -> str | None:
-    """What of the libraries' internals relay_lite drives is gone, in one line, or None."""
-    for name, (cls, methods, attributes) in _INTERNALS.items():
-        missing = [method for method in methods if not callable(getattr(cls, method, None))]
-        missing += [attribute for attribute in attributes if attribute not in getattr(cls, "__init__").__code__.co_names]
-        if missing:
-            low, high = _DEPENDENCIES[name]
-            return (f"relay_lite drives internals of {name} that the installed {importlib.metadata.version(name)} "
-                    f"lacks ({', '.join(missing)}); it supports {name}>={low},<{high}")
-    if "terminated" not in _WorkerContext.__init__.__code__.co_names:
-        return "relay_lite drives internals of hypercorn that the installed one lacks (WorkerContext.terminated)"
-    return None
-
-
-if (_problem := _missing_internals()) is not None:
-    if __name__ == "__main__":
-        sys.exit(f"relay_lite: error: {_problem}")
-    raise ImportError(_problem)
-
-
-# ============================================================================ connections
-#
-# Every TCP connection, from accept to close, is a _Connection: the relay knows who it is from,
-# whether it is pending, and the one deadline that ends it, whatever state the library serving it
-# (Hypercorn, trio-websocket) has left it in. _Connections holds them all and keeps the bounds a
-# stranger could otherwise exhaust: file descriptors and the memory behind them.
-
-
-class _Connection:
-    """One connection: its peer, its deadline (a cancel scope around all of its serving), and
-    whether it is pending: neither an authenticated socket nor a request being answered."""
-
-    __slots__ = ("stream", "address", "peer", "client", "scope", "head_start", "pending", "requests", "is_closing",
-                 "ended_by", "http", "linger_left")
-
-    def __init__(self, stream: trio.SocketStream, address: str, peer: str, deadline: float) -> None:
-        self.stream = stream
-        self.address = address  # what max_pending_per_ip counts by: an IPv4 address or an IPv6 /64
-        self.peer = peer  # host:port, for log lines
-        self.client = address  # what failed authentications count by: `address`, or behind a trusted proxy its client's
-        self.scope = trio.CancelScope(deadline=deadline)
-        self.head_start = trio.current_time()  # when its next request's head began, at the latest
-        self.pending = False
-        self.requests = 0  # HTTP requests the app is answering on it (Hypercorn may start the next first)
-        self.is_closing = False
-        self.ended_by: tuple[int, str] = (CLOSE_POLICY, "out of time")  # what a socket is told when it ends
-        self.http = False  # served by Hypercorn (else a socket, or not yet routed)
-        self.linger_left = _LINGER_BYTES  # what it may still read, once closing
-
-    def end_by(self, deadline: float) -> None:
-        """From now on, serve it until `deadline` at most (a closing connection keeps its own)."""
-        if not self.is_closing:
-            self.scope.deadline = deadline
-
-    def end(self, code: int, reason: str) -> None:
-        """End it now, whatever it is doing: a socket is told `code` and `reason`; an HTTP
-        connection's socket is shut down, which also ends a write Hypercorn shields."""
-        self.ended_by = (code, reason)
-        self.scope.cancel()
-        if self.http:
-            try:
-                self.stream.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # gone already
-
-    def closing(self) -> None:
-        """Its library closed it: end what the relay sends, once the answer being written is
-        whole, and give the peer _LINGER seconds (and _LINGER_BYTES) to read it and leave.
-        (Hypercorn closes at once when a pipelined request follows an answer that said
-        "Connection: close".)"""
-        if not self.requests:
-            _shut_down(self.stream)
-        if not self.is_closing:
-            self.is_closing = True
-            self.scope.deadline = min(self.scope.deadline, trio.current_time() + _LINGER)
-
-    def answered(self) -> None:
-        """An HTTP request on it has had its answer; its last one may let a close go ahead."""
-        self.requests -= 1
-        if self.is_closing and not self.requests:
-            _shut_down(self.stream)
-
-
-class _Connections:
-    """Every open connection, within max_connections and max_pending_per_ip.
-
-    Pending connections (idle keep-alive ones, requests still arriving or holding their sender
-    for a client's answer, sockets not yet authenticated) cost a stranger nothing to open and
-    hold, so one address may hold only
-    max_pending_per_ip of them. At max_connections, a new connection takes the place of the
-    oldest pending one of the address that holds the most, if that is more than its own would
-    then hold; else it is refused. So an address with few connections (a webhook sender, a
-    client reconnecting) gets in while others hold many, and those others cannot churn each
-    other's connections. Authenticated sockets never count: 10,000 clients behind one NAT work.
-    """
-
-    def __init__(self, server: ServerConfig, throttle: _Throttle) -> None:
-        assert server.max_connections and server.max_pending_per_ip  # filled in by _checked
-        self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
-        self._head_time = server.idle_timeout + _GRACE  # a new connection's first head must be in by then
-        self.count = 0
-        self._open: set[_Connection] = set()
-        self._pending: dict[str, dict[_Connection, None]] = {}  # address -> its pending ones, oldest first
-        self._throttle = throttle
-
-    def open(self, stream: trio.SocketStream) -> _Connection | None:
-        """A newly accepted connection, or None if it must be refused."""
-        peer, address = _peer(stream.socket)
-        held = len(self._pending.get(address, ()))
-        if held >= self._most_pending:
-            self._throttle.warning("pending", "refused connections from %s: it holds %d pending (max_pending_per_ip)",
-                                   address, held)
-            return None
-        if self.count >= self._most:
-            crowd = max(self._pending.values(), key=len, default={})  # scanned only at the cap
-            if len(crowd) <= held + 1:
-                self._throttle.warning("full", "refused connections: %d open (max_connections), none to close for "
-                                       "them", self.count)
-                return None
-            oldest = next(iter(crowd))
-            self.busy(oldest)  # no longer pending: the next one to make room is another
-            oldest.end(_CLOSE_TRY_AGAIN, "too many connections; try again later")
-            self._throttle.warning("evicted", "closed a pending connection from %s, which held %d, to make room "
-                                   "for one from %s (max_connections: %d)", oldest.address, len(crowd) + 1,
-                                   address, self._most)
-        connection = _Connection(stream, address, peer, trio.current_time() + self._head_time)
-        self.count += 1
-        self._open.add(connection)
-        self.idle(connection)
-        return connection
-
-    def closed(self, connection: _Connection) -> None:
-        self.count -= 1
-        self._open.discard(connection)
-        self.busy(connection)
-
-    def busy(self, connection: _Connection) -> None:
-        """It is being answered, or authenticated: not pending."""
-        if connection.pending:
-            connection.pending = False
-            held = self._pending[connection.address]
-            del held[connection]
-            if not held:
-                del self._pending[connection.address]
-
-    def idle(self, connection: _Connection) -> None:
-        """It waits for its peer: pending."""
-        if not connection.pending:
-            connection.pending = True
-            self._pending.setdefault(connection.address, {})[connection] = None
-
-    def end_idle(self) -> None:
-        """End every pending connection with no request on it now (a shutdown)."""
-        for held in self._pending.values():
-            for connection in list(held):
-                if not connection.requests:
-                    connection.end(CLOSE_GOING_AWAY, "server shutting down")
-
-    def end_overdue(self, now: float) -> None:
-        """End the HTTP connections still open past their deadline: Hypercorn writes under a
-        shielded cancel scope, so a peer that reads a segment now and then would otherwise keep
-        its connection past every deadline (1,700 pipelined requests whose answers it never read)."""
-        for connection in [connection for connection in self._open
-                           if connection.http and connection.scope.deadline < now - _GRACE]:
-            connection.end(CLOSE_POLICY, "out of time")
-
-    def end_all(self) -> None:
-        """End every connection now (a shutdown that ran out of time)."""
-        for connection in list(self._open):
-            connection.end(CLOSE_GOING_AWAY, "server shutting down")
-
-
-class _Inflow:
-    """A request body being received: the address it is counted by, and the bytes it holds."""
-
-    __slots__ = ("address", "held", "scope")
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.held = 0
-        self.scope = trio.CancelScope()  # cancelled when its room is given to another (see _Inflows)
-
-
-class _Inflows:
-    """Every request body being received, within max_body_bytes_in_flight bytes together.
-
-    A body is read whole before it is acted on (a signature covers all of it), so a stranger who
-    declares 10 MiB and sends all but its last byte holds 10 MiB until request_timeout: 240 such
-    connections from 4 addresses took a relay from 65 MB to 2.4 GB. A chunk that finds no room
-    takes it, if its address holds under half of a fair share (the room over the addresses holding
-    some), from the address holding the most, if that is over its share: that address's largest
-    body is ended (503 and Retry-After). Else it waits up to _BODY_ROOM_WAIT for room (at most
-    _BODY_WAITERS requests wait at once), then its request gets 503. So an address sending little
-    gets in while others hold partial bodies, and those others cannot take room from each other.
-    An address is what max_pending_per_ip counts by (behind trusted_proxies, the client's).
-    """
-
-    def __init__(self, capacity: int, throttle: _Throttle) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._held: dict[str, int] = {}  # address -> the bytes its bodies hold
-        self._bodies: dict[str, set[_Inflow]] = {}  # address -> its bodies holding bytes
-        self._freed = trio.Event()  # set, and replaced, when bytes are released
-        self._waiting = 0
-        self._throttle = throttle
-
-    @property
-    def crowded(self) -> bool:
-        """An eighth of the room is taken: connections read less at a time (see _ConnectionStream)."""
-        return 8 * self.used > self.capacity
-
-    async def take(self, inflow: _Inflow, size: int) -> bool:
-        """Room for `size` more bytes of `inflow`, at once, or after a short wait; False if none came."""
-        if self._take_nowait(inflow, size):
-            return True
-        if self._waiting >= _BODY_WAITERS:
-            return False
-        self._waiting += 1
-        try:
-            with trio.move_on_after(_BODY_ROOM_WAIT):
-                while True:
-                    await self._freed.wait()
-                    if self._take_nowait(inflow, size):
-                        return True
-        finally:
-            self._waiting -= 1
-        return False
-
-    def release(self, inflow: _Inflow) -> None:
-        """`inflow` holds nothing any more (its request ended, or it was evicted)."""
-        if not inflow.held:
-            return
-        address = inflow.address
-        self.used -= inflow.held
-        left = self._held[address] - inflow.held
-        inflow.held = 0
-        if left:
-            self._held[address] = left
-            self._bodies[address].discard(inflow)
-        else:
-            del self._held[address], self._bodies[address]
-        self._freed.set()
-        self._freed = trio.Event()
-
-    def _take_nowait(self, inflow: _Inflow, size: int) -> bool:
-        address = inflow.address
-        while self.used + size > self.capacity:
-            # A fair share is the room over the addresses holding some (this one too); an address
-            # well under its share takes room from the one most over it, and only then: strangers
-            # holding about their shares do not end each other's bodies over and over.
-            held = self._held.get(address, 0)
-            share = self.capacity / (len(self._held) + (0 if held else 1))
-            heaviest = max(self._held, key=self._held.__getitem__)  # scanned only when full
-            if held + size > share / 2 or self._held[heaviest] <= share:
-                return False
-            victim = max(self._bodies[heaviest], key=lambda body: body.held)
-            self._throttle.warning("inflow", "ended a request body of %d bytes from %s, whose bodies held %d, to "
-                                   "make room for one from %s (max_body_bytes_in_flight: %d)", victim.held,
-                                   heaviest, self._held[heaviest], address, self.capacity)
-            self.release(victim)
-            victim.scope.cancel()
-        if not inflow.held:
-            self._bodies.setdefault(address, set()).add(inflow)
-        inflow.held += size
-        self._held[address] = self._held.get(address, 0) + size
-        self.used += size
-        return True
-
-
-def _peer(sock: trio.socket.SocketType) -> tuple[str, str]:
-    """A connection's peer as host:port, and the address it is counted by (see _address_key)."""
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return "?", "?"
-    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), _address_key(host)
-
-
-async def _accept_loop(listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[None]],
-                       nursery: trio.Nursery, throttle: _Throttle) -> None:
-    """Accept connections for `handler`, in `nursery`, until cancelled. Out of file descriptors
-    or memory, wait a little and try again, with one rate-limited warning, no traceback (trio's
-    serve_listeners logs a traceback at ERROR each time)."""
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as error:
-            if error.errno not in _ACCEPT_CAPACITY_ERRORS:
-                raise
-            throttle.warning("accept", "cannot accept connections: %s; is max_connections above what "
-                             "`ulimit -n` allows?", error.strerror or error)
-            await trio.sleep(_ACCEPT_RETRY)
-        else:
-            nursery.start_soon(handler, stream)
-
-
-# ============================================================================ server: one port for both
-#
-# Every connection's request head is read first. A WebSocket upgrade for /v1/socket goes to
-# trio-websocket; anything else goes to Hypercorn's per-connection TCPServer, which serves the
-# Quart app. Both get the stream with the head replayed. Hypercorn's trio TCPServer, Lifespan and
-# WorkerContext are not public API: pyproject pins the Hypercorn versions this was tested with.
-
-
-def _is_socket_upgrade(head: bytes) -> bool:
-    """True for `GET /v1/socket[?...] HTTP/1.1` with an `Upgrade: websocket` header."""
-    request_line = head.partition(b"\r\n")[0]
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET":
-        return False
-    if parts[1].partition(b"?")[0].rstrip(b"/") != SOCKET_PATH.encode():
-        return False
-    return any("websocket" in value.lower() for value in _head_values(head, b"upgrade"))
-
-
-async def _read_request_head(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
-    """Read enough of a request to route it: its whole head (up to `limit` bytes) only if it may
-    be a socket upgrade."""
-    head = b""
-    while data := await stream.receive_some(limit):
-        head += data
-        if b"\r\n\r\n" in head or len(head) >= limit or not _may_be_socket_request(head):
-            break
-    return head
-
-
-def _may_be_socket_request(head: bytes) -> bool:
-    prefix = b"GET " + SOCKET_PATH.encode()
-    return head.startswith(prefix) or prefix.startswith(head)
-
-
-class _ConnectionStream(trio.abc.Stream):
-    """A connection's socket stream, as Hypercorn and trio-websocket use it.
-
-    Its first bytes, read to route the connection, are received again. Once they have been,
-    a socket's reads go straight to the socket stream's own method (an instance attribute
-    shadows this class's), as writes always do: no extra coroutine frame per call, on a
-    connection that may stay open for days. HTTP's take _READ_SIZE at most while the bodies in
-    flight take an eighth of their room (see _Inflows): Hypercorn reads a request's body ahead of
-    the app, a read a message, and holds up to three of them for a body that waits for room, or
-    that was refused; at 64 KiB a read that was 200 KiB a connection, outside every bound, under
-    a partial-body attack. Else 64 KiB: 16 KiB reads made 1 MiB webhooks 29 % slower.
-
-    Closing it is a half-close, done at once even in a task being cancelled: the peer sees the
-    end of what the relay sent, and the connection lingers (see _Connection.closing) so that a
-    request the relay answered before reading it all does not reset the answer away. Hypercorn
-    0.18 closes a connection from inside the app's send call after an early answer (a 404
-    before the body); quart-trio cancels that task at that moment, trio's send_eof checkpoints
-    before it shuts the socket down, so the close was cancelled and the connection stayed open
-    for good, in CLOSE-WAIT once its peer left.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, head: bytes, connection: "_Connection",
-                 raw: trio.SocketStream, inflows: "_Inflows | None" = None) -> None:
-        self._stream = stream  # the socket stream, or the TLS stream over it
-        self._head = head
-        self._connection = connection
-        self._inflows = inflows  # HTTP's: the bodies in flight
-        self._then = self._receive_at_most if inflows is not None else stream.receive_some  # once the head is in
-        self.socket = raw.socket  # Hypercorn reads the peer's address from it
-        self.send_all = stream.send_all  # type: ignore[method-assign, assignment]
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        await trio.lowlevel.checkpoint()
-        size = len(self._head) if max_bytes is None else max_bytes
-        data, self._head = self._head[:size], self._head[size:]
-        if not self._head:
-            self.receive_some = self._then  # type: ignore[method-assign, assignment]
-        return data
-
-    async def _receive_at_most(self, max_bytes: int | None = None) -> bytes | bytearray:
-        assert self._inflows is not None
-        data = await self._stream.receive_some(_READ_SIZE if self._inflows.crowded else _RECEIVE_SIZE)
-        if self._connection.is_closing:  # lingering (see _Connection.closing): a little more, then an end
-            self._connection.linger_left -= len(data)
-            if self._connection.linger_left < 0:
-                return b""
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # replaced in __init__
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        self._connection.closing()
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        self._connection.closing()
-        await trio.lowlevel.checkpoint()
-
-
-class _TLSConnectionStream(_ConnectionStream):
-    """A connection's TLS stream, its handshake done, as Hypercorn tells one: it then gives the
-    app "https" as the scheme."""
-
-    def __init__(self, stream: trio.SSLStream, head: bytes, connection: "_Connection",
-                 raw: trio.SocketStream, inflows: "_Inflows | None" = None) -> None:
-        super().__init__(stream, head, connection, raw, inflows)
-        self.transport_stream = raw
-
-    async def do_handshake(self) -> None:
-        await trio.lowlevel.checkpoint()  # done already
-
-    def selected_alpn_protocol(self) -> str:
-        return "http/1.1"
-
-
-def _tls_for(server: ServerConfig) -> ssl.SSLContext | None:
-    """The relay's TLS context, None without certfile; ConfigError, naming the files, if they do
-    not load."""
-    if not server.certfile:
-        return None
-    try:
-        return _tls_context(server)
-    except (OSError, ssl.SSLError, ConfigError) as error:
-        raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
-
-
-def _trusted_networks(server: ServerConfig) -> tuple["_IPNetwork", ...]:
-    return tuple(network for network in map(_network, server.trusted_proxies) if network)
-
-
-def _tls_context(server: ServerConfig) -> ssl.SSLContext:
-    """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server.certfile, server.keyfile, password=_no_password)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-def _no_password() -> bytes:
-    """An encrypted key fails to load, rather than ask for its passphrase on a terminal."""
-    raise ConfigError("the key is encrypted: give it unencrypted, readable by the relay's user only")
-
-
-def _from_beyond(hosts: list[str], forwarded: bool) -> bool:
-    """Whether a request shows it came from beyond loopback to a relay that takes weak secrets
-    because it listens there only: a Host that is not loopback (a tunnel's, ngrok's or
-    cloudflared's; a page's that rebinds DNS) or a proxy's forwarding headers. A raw TCP
-    forward can hide both: strong secrets are the way to serve anything but this machine."""
-    return forwarded or not hosts or not all(_is_loopback_host(host) for host in hosts)
-
-
-_FROM_BEYOND = ("this relay takes weak secrets because it listens on loopback only, and so serves only requests "
-                "to a loopback host (localhost, 127.0.0.1, [::1]) that no proxy forwarded: give its tokens strong "
-                "secrets to serve others")
-
-
-def _raw_answer(status: int, phrase: str, text: str) -> bytes:
-    """A whole HTTP/1.1 answer, plain text, closing the connection: for a request no library serves."""
-    body = (text + "\n").encode()
-    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-_TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
-_PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-                      b"Content-Length: 45\r\n\r\nthis port speaks TLS: use https:// or wss://\n")
-
-
-def _shut_down(stream: trio.SocketStream) -> None:
-    """End what the relay sends on `stream` (a FIN): synchronous, so no cancellation can skip it."""
-    if not stream.socket.did_shutdown_SHUT_WR:
-        try:
-            stream.socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is gone already
-
-
-class _Port:
-    """The relay's one port: each connection's deadlines, its TLS handshake, then, by its first
-    request's head, a socket session or Hypercorn serving the HTTP app; and every request's
-    body read here, whole and bounded, before the app sees it."""
-
-    def __init__(self, services: _Services, sockets: _Sockets) -> None:
-        self._services = services
-        self._sockets = sockets
-        config = services.config
-        assert config.server.max_body_bytes_in_flight  # filled in by _checked
-        self._inflows = _Inflows(config.server.max_body_bytes_in_flight, services.throttle)
-        self._app = _make_app(services, sockets)
-        self._told_proxy = False  # see _forwarded
-        self.requests = 0  # HTTP requests in flight
-        self.quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
-        self.reload(config, _tls_for(config.server))
-
-    @property
-    def tls(self) -> bool:
-        return self._tls is not None
-
-    def reload(self, config: Config, tls: ssl.SSLContext | None) -> None:
-        """Take the config in force, and its TLS context."""
-        self._tls = tls
-        self._trusted = _trusted_networks(config.server)
-        self._loopback_only = bool(_weak_secrets(config))  # see _from_beyond
-        self._answer_time = _answer_time(config)
-
-    async def asgi(self, connection: _Connection | None, scope: Any, receive: Any, send: Any) -> None:
-        """The Quart app, for one request of `connection`: counted, so a shutdown can wait for it,
-        and timed: its head and body within request_timeout (408), its answer within its own time
-        after that, and the next request's head within idle_timeout. Its body is read here, whole,
-        before the app sees it (see _receive_body)."""
-        if scope["type"] == "lifespan":
-            return await self._app(scope, receive, send)
-        assert connection is not None
-        if scope["type"] != "http":  # a WebSocket upgrade of a path other than /v1/socket: Hypercorn's
-            await _refuse_upgrade(send)  # (the app has no WebSocket routes, and failed on it with a traceback)
-            return
-        if scope["http_version"] not in ("1.0", "1.1"):
-            # HTTP/2 (after an h2c upgrade, which Hypercorn grants by itself) multiplexes requests
-            # that the deadlines here cannot follow, and Hypercorn takes its bodies in without
-            # pushing back: 8 connections held 2.9 GB. Senders and clients speak HTTP/1.1.
-            connection.scope.cancel()
-            return
-        server = self._services.config.server
-        self.requests += 1
-        connection.requests += 1
-        scope[_CONNECTION] = connection
-        deadline = connection.head_start + server.request_timeout  # for its head and body
-        connection.end_by(deadline + self._answer_time + _GRACE)
-        head = _request_head(scope, server)
-        if head.forwarded_for and not self._trusted and not self._told_proxy:
-            self._forwarded(connection)
-        peer = (scope.get("client") or ("",))[0]
-        scope[_CLIENT] = client_address(peer, head.forwarded_for, self._trusted) if self._trusted else peer
-        inflow = _Inflow(_address_key(scope[_CLIENT]) if self._trusted else connection.address)
-        try:
-            if head.refusal is not None:
-                await _refuse(receive, send, scope, *head.refusal)
-                return
-            if self._loopback_only and _from_beyond([head.host], bool(head.forwarded_for) or head.forwarded):
-                await _refuse(receive, send, scope, 421, _FROM_BEYOND)
-                return
-            body = await self._receive_body(connection, scope, receive, send, head.length, deadline, inflow)
-            if body is None:
-                return
-            scope[_BODY] = body  # handed to the routes as it is (see _request_body); Quart's own stays empty
-            first: Any = {"type": "http.request", "body": b"", "more_body": False}
-
-            async def receive_read() -> Any:  # the body's end, at once; then whatever comes (the client leaving)
-                nonlocal first
-                if first is None:
-                    return await receive()
-                message, first = first, None
-                return message
-
-            await self._app(scope, receive_read, send)
-        except* _ClientLeft:
-            pass  # before its answer: nothing to tell it
-        except* Exception as failure:  # a bug: Hypercorn answers 500 if nothing was sent
-            _unexpected(self._services.throttle, "answering a request", failure)
-        finally:
-            self._inflows.release(inflow)
-            self.requests -= 1
-            self.quiet.unpark_all()
-            connection.answered()
-            if not connection.requests:  # else Hypercorn started the next one: its own times hold
-                self._services.connections.idle(connection)
-                connection.head_start = trio.current_time()
-                connection.end_by(connection.head_start + server.idle_timeout + _GRACE)
-
-    async def _receive_body(self, connection: _Connection, scope: Any, receive: Any, send: Any, declared: int,
-                            deadline: float, inflow: _Inflow) -> bytes | None:
-        """The request's whole body (it declared `declared` bytes); or None once the request is
-        answered with why not (413 past max_body_size, 408 past its deadline, 503 when the bodies
-        in flight leave it no room: see _Inflows), or its client left."""
-        server = self._services.config.server
-        refusal: tuple[int, str, tuple[tuple[str, str], ...]] | None = None
-        if declared > server.max_body_size:  # refused before any of it is read
-            refusal = 413, _too_large(server), ()
-        else:
-            chunks: list[bytes] = []
-            size = 0
-            with trio.move_on_at(deadline) as timer, inflow.scope:
-                while True:
-                    message = await receive()
-                    if message["type"] != "http.request":
-                        return None  # the client left before all of it came: nobody to answer
-                    if chunk := message.get("body", b""):
-                        size += len(chunk)
-                        if size > server.max_body_size:
-                            refusal = 413, _too_large(server), ()
-                            break
-                        if not await self._inflows.take(inflow, len(chunk)):
-                            break
-                        chunks.append(chunk)
-                    if not message.get("more_body"):
-                        self._services.connections.busy(connection)  # all of it is in: being answered, not pending
-                        self._inflows.release(inflow)  # no longer being received: the request's, or the log's
-                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if timer.cancelled_caught:
-                refusal = 408, f"the request's head and body took over {server.request_timeout:g} s (request_timeout)", ()
-            elif refusal is None:  # no room for it, or its room was given to an address holding less
-                self._services.metrics.rejected["no_room"] += scope["path"].startswith(WEBHOOK_PREFIX)
-                refusal = 503, ("the relay is receiving too many request bodies at once (max_body_bytes_in_flight): "
-                                "try again shortly"), (("retry-after", str(_BODY_RETRY_AFTER)),)
-        if refusal[0] == 413:
-            self._services.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
-        self._inflows.release(inflow)  # before the answer, which may be slow to go: what it read is dropped
-        await _refuse(receive, send, scope, *refusal)
-        return None
-
-    def _forwarded(self, connection: _Connection) -> None:
-        """Say once that requests carry X-Forwarded-For while trusted_proxies names no proxy: a
-        reverse proxy's clients then all count as its one address, and one stranger's wrong
-        secrets lock every one of them out."""
-        self._told_proxy = True
-        logger.warning("requests from %s carry X-Forwarded-For, but [server] trusted_proxies names no proxy: every "
-                       "client behind it counts as %s (max_pending_per_ip, and failed authentications: one "
-                       "stranger's wrong secrets lock out all of them); if it is your reverse proxy, add it to "
-                       "trusted_proxies", connection.address, connection.address)
-
-    async def handle(
-        self, stream: trio.SocketStream, *, config: _HypercornConfig, context: _WorkerContext
-    ) -> None:
-        connection = self._services.connections.open(stream)
-        if connection is None:
-            await stream.aclose()
-            return
-        try:
-            if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: a peer that vanished (no FIN, no RST) while
-                # data was on its way to it is given up after send_timeout, not after 15 minutes of retries
-                # (a little after send_timeout, so that the relay's own cut-off, which says why, comes first)
-                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                  min(int((self._services.config.server.send_timeout + 5) * 1000), 2**31 - 1))  # a C int of ms
-            with connection.scope:  # every phase has a deadline; see _Connection.end_by
-                await self._route(stream, connection, config, context)
-            if not connection.scope.cancelled_caught:
-                _shut_down(stream)
-                with trio.move_on_at(min(connection.scope.deadline, trio.current_time() + _LINGER)):
-                    while connection.linger_left > 0 and (data := await stream.receive_some(_READ_SIZE)):
-                        connection.linger_left -= len(data)  # what the peer still sends: dropped, while
-                        # it reads the relay's last words
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # a peer that went away, also from inside a nursery of the libraries serving it
-        except* Exception as failure:
-            _unexpected(self._services.throttle, "serving a connection", failure)
-        finally:
-            self._services.connections.closed(connection)
-            await stream.aclose()  # closes the socket before its checkpoint: a cancellation cannot skip it
-
-    async def _route(self, stream: trio.SocketStream, connection: _Connection, config: _HypercornConfig,
-                     context: _WorkerContext) -> None:
-        """Serve a connection: its TLS handshake, if the relay has TLS; then, by its first
-        request's head, a socket (trio-websocket) or HTTP (Hypercorn)."""
-        messages: trio.abc.Stream = stream
-        if self._tls is not None:
-            tls = await self._tls_handshake(stream, connection)
-            if tls is None:
-                return
-            messages = tls
-        head = await _read_request_head(messages, self._services.config.server.max_header_bytes)
-        if not head or head.startswith(_HTTP2_PREFACE):
-            return  # HTTP/1.1 only: see _asgi
-        connection.http = not _is_socket_upgrade(head)
-        if not connection.http and self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
-                _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
-            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))  # HTTP's: in _asgi
-            return
-        if not connection.http and not self._told_proxy and not self._trusted and _head_values(head, b"x-forwarded-for"):
-            self._forwarded(connection)
-        if not connection.http and self._trusted:
-            peer = (stream.socket.getpeername() or ("",))[0]
-            connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
-                                                            self._trusted))
-        inflows = self._inflows if connection.http else None
-        replay = (_TLSConnectionStream(messages, head, connection, stream, inflows)
-                  if isinstance(messages, trio.SSLStream) else _ConnectionStream(messages, head, connection, stream, inflows))
-        del head  # the replay holds it until it is received, no longer
-        if connection.http:
-            await _serve_http(functools.partial(self.asgi, connection), config, context, replay)
-        else:
-            await self._serve_socket(replay, connection)
-
-    async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
-        """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP
-        (which gets a 400 saying to use https)."""
-        assert self._tls is not None
-        first = await stream.receive_some(_RECEIVE_SIZE)
-        if not first:
-            return None
-        if first[0] != _TLS_HANDSHAKE_RECORD:
-            if first[:1].isalpha():  # a request line: http:// on a TLS port
-                await stream.send_all(_PLAIN_HTTP_ON_TLS)
-            return None
-        tls = trio.SSLStream(_ConnectionStream(stream, first, connection, stream), self._tls, server_side=True,
-                             https_compatible=True)
-        try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as error:  # not TLS after all, or a certificate the client refused
-            logger.debug("TLS handshake with %s failed: %s", connection.peer, error.__cause__ or error)
-            return None
-        return tls
-
-    async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
-        try:
-            async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-                session = _Session(self._services, self._sockets, await _websocket_handshake(nursery, stream),
-                                   connection)
-                if self._services.stopping.is_set():  # too late
-                    nursery.cancel_scope.cancel()
-                    return
-                # Linux grows a socket's send buffer up to 4 MB: a client that never reads would
-                # hold that much kernel memory and take seconds of deliveries before its outbox
-                # fills and it is cut off. 256 KiB still carries 100 Mbit/s at 20 ms round trips.
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
-                # authenticated in time, or closed (see _Session): the deadline is a backstop
-                connection.end_by(trio.current_time() + self._services.config.server.auth_timeout + _CLOSE_TIMEOUT + _GRACE)
-                self._sockets.open.add(session)
-                try:
-                    await session.run()
-                finally:
-                    self._sockets.open.discard(session)
-                    self.quiet.unpark_all()
-                    nursery.cancel_scope.cancel()  # trio-websocket's reader: what comes now is lingering
-                    # one line per client; one per stranger's attempt only when debugging
-                    logger.log(logging.INFO if session.token else logging.DEBUG,
-                               "socket %s (key %s) closed %s; %d frame(s) sent", connection.peer,
-                               session.token.key if session.token else "-", _shown(str(session.closed())),
-                               session.frames_sent)
-        except* (LocalProtocolError, trio_websocket.ConnectionClosed):
-            # a client gone during the handshake, or trio-websocket's reader answering a frame (an
-            # oversized one, say) that arrived after this side began to close: either way it ends
-            logger.debug("socket from %s ended during its handshake or close", connection.peer)
-
-
-class Relay:
-    """A relay: its config, and once serving, where it listens.
-
-    Made and run by the functions below; `shutdown()` ends it gracefully. It wires the
-    parts together (`services`, the port, the forwarders), starts and stops them, and reloads.
-    """
-
-    def __init__(self, config: Config, *, overrides: Mapping[str, Any] | None = None, announce: bool = True) -> None:
-        self.config = config
-        self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
-        self.port = 0
-        self.url = ""  # http://HOST:PORT, or https://
-        self.services = _Services(config)  # internal: what relay_lite's own parts and tests work through
-        self.metrics = self.services.metrics
-        self.sockets = _Sockets(config.server, self.services.connections)  # internal, as services is
-        self._port = _Port(self.services, self.sockets)
-        self._forwarders = {bucket: [_Forwarder(self.services, bucket, output) for output in
-                                     _public_outputs(bucket.config)] for bucket in self.services.core.buckets}
-        self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
-        self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
-        self._announce = announce  # log "listening on" once it is (see serve_relay)
-
-    @property
-    def socket_url(self) -> str:
-        return "ws" + self.url.removeprefix("http") + SOCKET_PATH
-
-    @property
-    def public_url(self) -> str:
-        return self.config.server.public_url.rstrip("/") or self.url
-
-    def input_url(self, ref: str, *, public: bool = False) -> str:
-        """The webhook URL of an input, by input id, or of a bucket's first input, by name or id."""
-        core = self.services.core
-        bucket = core.find_bucket(ref)
-        input_id = bucket.inputs[0].id if bucket else ref
-        if core.find_input(input_id) is None:
-            raise KeyError(f"no input or bucket {ref!r}")
-        return (self.public_url if public else self.url) + WEBHOOK_PREFIX + input_id
-
-    def shutdown(self) -> None:
-        """Start a graceful shutdown: sockets close with 1001, in-flight requests are answered."""
-        self.services.stopping.set()
-
-    def reload(self, source: "Config | Mapping[str, Any] | str | Path") -> None:
-        """Apply a changed config (a file, as load_config takes), without dropping a connection
-        or losing a webhook: new and changed buckets, inputs, outputs, tokens and TLS files take
-        effect; sockets of a token that is gone or changed close with 1008 and a reason; a removed
-        bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
-        changing nothing, if the config is not good, or changes what only a restart can."""
-        services = self.services
-        new = _load(source, **self._overrides)  # what serve_relay was given stays in force
-        _reloadable(self.config, new)
-        tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
-        credentials = _Credentials(new, lambda: services.core.session_key, services.throttle)
-        credentials.carry_failures(services.credentials)
-        buckets, removed = services.core.reload(new)  # from here on nothing fails
-
-        tokens = {token.key: token for token in new.tokens}
-        for session in list(self.sockets.open):
-            if session.token is None:
-                continue
-            token = tokens.get(session.token.key)
-            if token is None:
-                session.close(CLOSE_POLICY, "this token was removed from the relay's config")
-            elif token != session.token:
-                session.close(CLOSE_POLICY, "this token changed in the relay's config: connect again")
-            else:
-                session.token = token
-        for bucket in removed:
-            for session in [s for s in self.sockets.open if bucket in s.buckets or s in bucket.subscribers]:
-                session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
-            for forwarder in self._forwarders.pop(bucket, ()):
-                forwarder.scope.cancel()
-        for bucket in buckets:
-            wanted = {output.name: output for output in _public_outputs(bucket.config)}
-            forwarders = []
-            for forwarder in self._forwarders.get(bucket, ()):
-                if wanted.get(forwarder.output.name) == forwarder.output:
-                    forwarders.append(forwarder)
-                    del wanted[forwarder.output.name]
-                else:
-                    forwarder.scope.cancel()  # a delivery under way is made again by its successor
-            for output in wanted.values():
-                forwarder = _Forwarder(services, bucket, output)
-                forwarders.append(forwarder)
-                if self._forwarding is not None:
-                    self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
-            self._forwarders[bucket] = forwarders
-
-        self.config = new
-        services.reloaded(new, credentials)
-        self._port.reload(new, tls)
-        logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
-                    sum(len(bucket.inputs) for bucket in new.buckets), len(new.tokens))
-        for problem in _advice(new):
-            logger.warning("%s", problem)
-
-    async def _sweep(self) -> None:
-        """Once a second: drop log entries past their history_ttl, cut off sockets whose writes
-        got no _WRITE_STEP out for send_timeout or whose inspector's session expired, and end
-        connections still open past their deadline (one timer for all, not a cancel scope per
-        write)."""
-        services = self.services
-        while True:
-            await trio.sleep(_SWEEP_INTERVAL)
-            services.core.expire(_wall_time())
-            now = trio.current_time()
-            self.sockets.sweep(now, self.config.server.send_timeout)
-            services.connections.end_overdue(now)
-
-    async def serve(self, *, task_status: trio.TaskStatus["Relay"] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until shutdown() or cancellation (serve_relay is the way in: it reports errors
-        as themselves)."""
-        services, port = self.services, self._port
-        server = self.config.server
-        hypercorn_config, context, lifespan = _hypercorn(server, functools.partial(port.asgi, None))
-        await services.core.load()
-        async with trio.open_nursery() as lifespan_nursery:
-            lifespan_nursery.start_soon(services.core.run)  # outlives the connections, to keep what they asked for
-            await lifespan_nursery.start(lifespan.handle_lifespan)
-            await lifespan.wait_for_startup()
-            listeners = await _listen(server.host, server.port, reuse_port=server.reuse_port)
-            host, self.port = listeners[0].socket.getsockname()[:2]
-            self.host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-            scheme = "https" if port.tls else "http"
-            self.url = f"{scheme}://[{self.host}]:{self.port}" if ":" in self.host else f"{scheme}://{self.host}:{self.port}"
-            if self._announce:
-                logger.info("relay_lite %s listening on %s (webhooks and sockets)", __version__, self.url)
-            for problem in _advice(self.config):
-                logger.warning("%s", problem)
-
-            handle = functools.partial(port.handle, config=hypercorn_config, context=context)
-            async with trio.open_nursery() as connections:
-                accepting = trio.CancelScope()
-                connections.start_soon(_serve_listeners, listeners, handle, connections, accepting, services.throttle)
-                connections.start_soon(self.sockets.pinger.run)
-                connections.start_soon(self._sweep)
-                self._forwarding = connections, _http_client()
-                for forwarder in itertools.chain.from_iterable(self._forwarders.values()):
-                    connections.start_soon(forwarder.run, self._forwarding[1])
-                task_status.started(self)
-                await services.stopping.wait()
-
-                logger.info("shutting down: %d socket(s), %d request(s) in flight",
-                            len(self.sockets.open), port.requests)
-                accepting.cancel()
-                await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
-                services.connections.end_idle()
-                for session in self.sockets.open:
-                    session.close(CLOSE_GOING_AWAY, "server shutting down")
-                services.core.release_holds()
-                with trio.move_on_after(server.shutdown_timeout):
-                    while port.requests or self.sockets.open:
-                        await port.quiet.park()
-                services.connections.end_all()  # what is left is idle, or out of time
-                connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart
-            client, self._forwarding = self._forwarding[1], None  # a reload from now starts no forwarder
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-            await services.core.aclose()
-            await lifespan.wait_for_shutdown()
-            lifespan_nursery.cancel_scope.cancel()
-
-
-async def _listen(host: str, port: int, *, reuse_port: bool = False) -> list[trio.SocketListener]:
-    if reuse_port:
-        return await _listen_shared(host, port)
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
-    if port == 0:  # each address got its own port: keep the first, so one URL reaches everything
-        for extra in listeners[1:]:
-            await extra.aclose()
-        listeners = listeners[:1]
-    return listeners
-
-
-async def _listen_shared(host: str, port: int) -> list[trio.SocketListener]:
-    """trio.open_tcp_listeners, with SO_REUSEPORT on each socket before it binds; like it, an
-    address family the machine lacks (IPv6 turned off) is passed over, unless it is the only one."""
-    listeners: list[trio.SocketListener] = []
-    lacking: list[OSError] = []
-    try:
-        for family, kind, proto, _, address in await trio.socket.getaddrinfo(
-                host or None, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE):
-            try:
-                sock = trio.socket.socket(family, kind, proto)
-            except OSError as error:
-                if error.errno != errno.EAFNOSUPPORT:
-                    raise
-                lacking.append(error)
-                continue
-            try:
-                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
-                if family == trio.socket.AF_INET6:
-                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
-                await sock.bind(address)
-                sock.listen(socket.SOMAXCONN)
-            except BaseException:
-                sock.close()
-                raise
-            listeners.append(trio.SocketListener(sock))
-        if not listeners and lacking:
-            raise lacking[0]
-    except BaseException:
-        for listener in listeners:
-            listener.socket.close()
-        raise
-    return listeners
-
-
-async def _serve_listeners(listeners: list[trio.SocketListener], handler: Callable[[trio.SocketStream], Awaitable[None]],
-                  nursery: trio.Nursery, scope: trio.CancelScope, throttle: _Throttle) -> None:
-    try:
-        with scope:
-            async with trio.open_nursery() as accepting:
-                for listener in listeners:
-                    accepting.start_soon(_accept_loop, listener, handler, nursery, throttle)
-    finally:
-        with trio.CancelScope(shield=True):
-            for listener in listeners:
-                await listener.aclose()
-
-
-async def serve_relay(
-    config: "Config | Mapping[str, Any] | str | Path",
-    *,
-    host: str | None = None,
-    port: int | None = None,
-    announce: bool = True,
-    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
-
-    Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
-    Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
-    is false (the command line prints its banner instead). A relay that cannot start raises
-    its reason itself, not in a group: ConfigError for the config, StorageError for its
-    `[storage]`, OSError for its port.
-    """
-    overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
-    relay = Relay(_load(config, **overrides), overrides=overrides, announce=announce)
-    try:
-        await relay.serve(task_status=task_status)
-    except BaseExceptionGroup as group:
-        sole = _sole(group)
-        if relay.url or isinstance(sole, BaseExceptionGroup):  # it was serving: what ended it may be several
-            raise
-    else:
-        return
-    raise sole  # it never started, for one reason: raised as it was, its cause and context kept
-
-
-@asynccontextmanager
-async def open_relay(
-    config: "Config | Mapping[str, Any] | str | Path", *, host: str | None = None, port: int | None = None
-) -> AsyncIterator[Relay]:
-    """``async with open_relay(config, port=0) as relay:`` a listening relay, shut down on exit.
-    A relay that cannot start raises as serve_relay does (ConfigError, StorageError, OSError),
-    and an error in the block comes out as itself, not in a group."""
-    started, raised = False, None
-    try:
-        async with trio.open_nursery() as nursery:
-            relay: Relay = await nursery.start(lambda task_status: serve_relay(
-                config, host=host, port=port, task_status=task_status))
-            started = True
-            try:
-                yield relay
-            except BaseException as error:
-                raised = error
-                raise
-            finally:
-                relay.shutdown()
-    except BaseExceptionGroup as group:  # the nursery's wrapping of one error: the error, as itself
-        sole = _sole(group)
-        if isinstance(sole, BaseExceptionGroup) or (started and sole is not raised):
-            raise
-    else:
-        return
-    raise sole  # outside the handler, so its cause and context stay as they were
-
-
-# ============================================================================ agent
-#
-# `python relay_lite.py forward` brings webhooks to an app behind NAT. It is a socket client of
-# the relay (this one, or the hosted service: it speaks only the protocol PROTOCOL.md describes)
-# and delivers each webhook with the engine above, in order. A checkpoint file names the last
-# webhook whose outcome is final, and every one before it; a reconnect or a restart subscribes
-# with "since" it, so nothing is lost. Each outcome goes back with PUT /v1/logs/<id>, as the
-# hosted agent reports it, so a sender held by response_from_output gets the app's answer.
-
-
-@dataclasses.dataclass(frozen=True)
-class AgentConfig:
-    """What `relay_lite.py forward` was told."""
-
-    relay: str  # the relay's base URL, http(s)://host:port; its socket is at /v1/socket
-    key: str
-    secret: str
-    buckets: tuple[str, ...] = ()  # names or ids; none: every bucket the token may see
-    to: str = ""  # the app's URL, each webhook's path appended; "": each one's output_destination
-    allow: tuple[str, ...] = ()  # URL prefixes a delivery's URL must start with; none: any
-    state: Path | None = None  # the checkpoint file; None: one per relay and bucket set, under ~/.local/state
-    concurrency: int = 1  # deliveries in flight; above 1, order is not kept
-    verify: bool | str = True  # the app's TLS certificate: checked, not (--insecure), or against a CA file
-    delivery: _Delivery = _Delivery()
-    ping_timeout: float = 2.5 * DEFAULT_PING_INTERVAL  # seconds without a frame that mean a dead connection
-    lines: str = "text"  # a line per webhook on standard output: "text", "json" or "quiet"
-
-
-def _relay_urls(relay: str) -> tuple[str, str]:
-    """The relay's base URL (for the logs API) and socket URL, from either of them."""
-    split = urllib.parse.urlsplit(relay)
-    scheme = {"ws": "http", "wss": "https"}.get(split.scheme, split.scheme)
-    if scheme not in ("http", "https") or not split.hostname:
-        raise AgentError(f"--relay {_shown(relay)}: give the relay's URL, http(s)://host:port")
-    path = split.path.rstrip("/")
-    if path.endswith(SOCKET_PATH):
-        path = path[:-len(SOCKET_PATH)]
-    base = urllib.parse.urlunsplit((scheme, split.netloc, path, "", ""))
-    return base, base.replace("http", "ws", 1) + SOCKET_PATH
-
-
-def _agent_destination(output_destination: str, to: str) -> str | None:
-    """Where the agent delivers a webhook: `to` followed by the path of its output_destination
-    (for a bucket without outputs, that is the path the sender put after the input's URL); or,
-    without `to`, the output_destination itself. None when that is no URL to deliver to."""
-    split = urllib.parse.urlsplit(output_destination)
-    is_url = split.scheme in ("http", "https") and bool(split.hostname)
-    if not to:
-        return output_destination if is_url else None
-    path = urllib.parse.urlunsplit(("", "", split.path, split.query, "")) if is_url else output_destination
-    if _has_dot_segment(path.partition("?")[0]):  # it would climb out of `to`
-        return None
-    if path in ("", "/"):
-        return to
-    return to.rstrip("/") + (path if path.startswith("/") else "/" + path)
-
-
-def _allowed(url: str, prefixes: Iterable[str]) -> bool:
-    """Whether `url` is one of `prefixes` or below it: the same scheme, host and port (a default
-    one written or not), no user or password unless the prefix has them, and a path at or below
-    the prefix's, segment by segment, with no . or .. segment, plain or percent-encoded
-    (http://app:3000/hooks allows /hooks and /hooks/x, not /hooksx, /hooks/../admin, nor
-    http://app:30001)."""
-    split = urllib.parse.urlsplit(url)
-    segments = urllib.parse.unquote(split.path).replace("\\", "/").split("/")
-    if "." in segments or ".." in segments:  # /hooks/../admin, %2e%2e, ..%5c: an app may climb out
-        return False
-    for prefix in map(urllib.parse.urlsplit, prefixes):
-        try:
-            same_place = (split.scheme.lower(), split.hostname, split.port or _DEFAULT_PORTS.get(split.scheme.lower()),
-                          split.username, split.password) == (
-                prefix.scheme.lower(), prefix.hostname, prefix.port or _DEFAULT_PORTS.get(prefix.scheme.lower()),
-                prefix.username, prefix.password)
-        except ValueError:  # a port that is no number, or out of range
-            return False
-        below = prefix.path.rstrip("/")
-        if same_place and (split.path == below or split.path.startswith(below + "/") or not below):
-            return True
-    return False
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _default_state(relay: str, buckets: Iterable[str]) -> Path:
-    """The checkpoint file of an agent of `relay` for `buckets`: one per relay and bucket set."""
-    home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    digest = hashlib.sha256(json.dumps([relay, sorted(buckets)]).encode()).hexdigest()[:16]
-    return home / "relay_lite" / f"forward-{digest}.json"
-
-
-class _Checkpoint:
-    """The last webhook whose outcome is final, with every one taken before it: a low-water mark,
-    so with deliveries in parallel a restart goes back to the oldest one unfinished (at least
-    once). Saved by replacing the file (a temporary one written, synced and renamed over it),
-    so a crash leaves the old checkpoint or the new one, never half of one. A worker waits for
-    the save that holds its webhook before it takes the next, so a crash repeats at most the
-    webhook each worker had delivered, never a run of them."""
-
-    def __init__(self, path: Path, relay: str, buckets: tuple[str, ...], last: str = "") -> None:
-        self.path = path
-        self.last = last  # every webhook up to this one, in the order they came, is done
-        self._relay, self._buckets = relay, buckets
-        self._taken: deque[str] = deque()  # the ids taken after `last`, in order...
-        self._done: set[str] = set()  # ...and those of them done
-        self._saved = last
-        self._changed = trio.Event()
-        self._version = self._saved_version = 0  # advances of `last`: made, and saved (or tried)
-        self._flushed = trio.Event()  # set, and replaced, after each save
-        self._saving = True  # keep_saved runs: a wait for a save can end
-        self._throttle = _Throttle(60.0)
-
-    @classmethod
-    def load(cls, path: Path, relay: str, buckets: tuple[str, ...]) -> "_Checkpoint":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return cls(path, relay, buckets)
-        except OSError as error:
-            raise AgentError(f"cannot read the state file {path}: {error.strerror or error}") from None
-        except ValueError:
-            data = None
-        if not isinstance(data, dict) or not isinstance(data.get("last", ""), str):
-            raise AgentError(f"the state file {path} is not one relay_lite forward wrote; move it away")
-        if data.get("relay") != relay:
-            raise AgentError(f"the state file {path} belongs to the relay {_shown(str(data.get('relay')))}; "
-                             "give this one its own --state")
-        if not isinstance(data.get("buckets"), list) or sorted(map(str, data["buckets"])) != sorted(buckets):
-            raise AgentError(f"the state file {path} belongs to the buckets {_shown(str(data.get('buckets')))}; "
-                             "give these their own --state")
-        return cls(path, relay, buckets, data.get("last", ""))
-
-    def start_at(self, log_id: str) -> int:
-        """Begin after `log_id`; return the version of the checkpoint that holds it."""
-        self.last = log_id
-        self._version += 1
-        self._changed.set()
-        return self._version
-
-    def took(self, log_id: str) -> None:
-        self._taken.append(log_id)
-
-    def done(self, log_id: str) -> int:
-        """Record an outcome; return the version of the checkpoint that holds it (0: none will
-        until a webhook taken before it is done too, so a crash would repeat it anyway)."""
-        self._done.add(log_id)
-        advanced = False
-        while self._taken and self._taken[0] in self._done:
-            self.last = self._taken.popleft()
-            self._done.discard(self.last)
-            advanced = True
-        if not advanced:
-            return 0
-        self._version += 1
-        self._changed.set()
-        return self._version
-
-    async def saved(self, version: int) -> None:
-        """Wait until the checkpoint of `version` has been saved (or its save failed, and said so),
-        or nothing saves any more: the agent was stopped at once, and saves once, as it ends."""
-        while self._saved_version < version and self._saving:
-            await self._flushed.wait()
-
-    async def keep_saved(self) -> None:
-        """Save each new checkpoint, one write at a time (those that come meanwhile, together)."""
-        try:
-            while True:
-                await self._changed.wait()
-                self._changed = trio.Event()
-                version = self._version
-                await trio.to_thread.run_sync(self.save)
-                self._saved_version = version
-                self._flushed.set()
-                self._flushed = trio.Event()
-        finally:  # cancelled: a worker waiting for a save (shielded, for its stop grace) waits no more
-            self._saving = False
-            self._flushed.set()
-
-    def save(self) -> None:
-        last = self.last
-        if last == self._saved:
-            return
-        data = {"relay": self._relay, "buckets": list(self._buckets), "last": last,
-                "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "w", encoding="utf-8") as file:
-                json.dump(data, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-            directory = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)  # the rename itself
-            finally:
-                os.close(directory)
-        except OSError as error:  # delivery goes on: a restart would deliver some webhooks again
-            self._throttle.warning("state", "cannot save the checkpoint in %s: %s", self.path,
-                                   error.strerror or error)
-            return
-        self._saved = last
-
-
-class _Agent:
-    """The forward agent: one socket to the relay at a time, reconnecting for as long as it runs;
-    `concurrency` workers delivering what it brings, in the order it came; the checkpoint, and a
-    report of each outcome to the relay."""
-
-    def __init__(self, config: AgentConfig, checkpoint: _Checkpoint, out: typing.TextIO = sys.stdout) -> None:
-        self.config = config
-        self._base, self._socket_url = _relay_urls(config.relay)
-        self._checkpoint = checkpoint
-        self._out = out
-        self._taken, self._queue = trio.open_memory_channel[_WebhookFrame](math.inf)
-        self._queued_bytes = 0
-        self._room = trio.Event()  # set when the queue has room again after it was full
-        self._taken_up_to = checkpoint.last  # the newest webhook taken: a reconnect resumes after it
-        self._resumes = False  # the relay resumed with "since" (relay_lite does; the hosted service does not)
-        self._reports, self._to_report = trio.open_memory_channel[tuple[str, _Answer]](_AGENT_REPORTS_QUEUED)
-        self._delivering: set[trio.CancelScope] = set()
-        self._socket_scope = trio.CancelScope()
-        self._reading: trio.CancelScope | None = None  # the open socket's conversation, while there is one
-        self._stopping = False
-        self._subscribed = False  # the connection of the moment got as far as subscribing
-        self._destinations_known = False  # without --to: every bucket's outputs name a URL (_check_destinations)
-        self._throttle = _Throttle(60.0)
-        self._colour = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
-
-    def stop(self) -> None:
-        """Stop taking webhooks; those being delivered get _AGENT_STOP_GRACE to finish. A socket
-        that is open closes with a close frame (1001), so the relay knows the agent left."""
-        self._stopping = True
-        if self._reading is not None:
-            self._reading.cancel()
-        else:
-            self._socket_scope.cancel()
-        for scope in self._delivering:
-            scope.deadline = min(scope.deadline, trio.current_time() + _AGENT_STOP_GRACE)
-
-    async def run(self) -> None:
-        """Forward until stop(); raise AgentError if the relay refuses the key or a bucket."""
-        try:
-            async with _http_client(verify=self.config.verify) as app, \
-                    httpx.AsyncClient(base_url=self._base, auth=(self.config.key, self.config.secret),
-                                      verify=_trusted_cas(), timeout=_AGENT_REPORT_TIMEOUT, trust_env=True) as relay, \
-                    trio.open_nursery() as nursery:
-                nursery.start_soon(self._checkpoint.keep_saved)
-                async with trio.open_nursery() as reporting:
-                    for _ in range(_AGENT_REPORTERS):
-                        reporting.start_soon(self._report, relay)
-                    async with trio.open_nursery() as workers:
-                        for _ in range(self.config.concurrency):
-                            workers.start_soon(self._work, app)
-                        with self._socket_scope:
-                            try:
-                                await self._connect_forever(relay)
-                            finally:  # however it ends, what is in flight gets its time, no more
-                                self.stop()
-                        workers.cancel_scope.cancel()  # those waiting for a webhook; the others are shielded
-                    await self._reports.aclose()  # the reporters end once what is queued is sent...
-                    reporting.cancel_scope.deadline = trio.current_time() + _AGENT_STOP_GRACE  # ...or in time
-                nursery.cancel_scope.cancel()
-        finally:
-            self._checkpoint.save()
-
-    # ---------------------------------------------------------------- the socket
-
-    async def _connect_forever(self, relay: httpx.AsyncClient) -> None:
-        failures = 0
-        while True:
-            self._subscribed = False
-            try:
-                if not self.config.to and not self._destinations_known:
-                    await self._check_destinations(relay)
-                if not self._taken_up_to:
-                    await self._start_after_newest(relay)
-                logger.info("connecting to %s", self._socket_url)
-                reason = await self._session()
-            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, _Refused, httpx.HTTPError,
-                    trio.BrokenResourceError, trio.TooSlowError, _WSProtocolError, h11.ProtocolError) as error:
-                reason = _connection_error(error)  # the logs API's, or the socket's: waited out alike
-            if reason == _STOPPED or self._stopping:
-                return
-            if reason == _PAUSED:
-                await self._room.wait()
-                continue
-            failures = 0 if self._subscribed else failures + 1
-            delay = min(_RECONNECT_FIRST * 2 ** failures, _RECONNECT_MOST) * (0.5 + random.random() / 2)
-            logger.warning("%s; retrying in %.0f s", reason, delay)
-            await trio.sleep(delay)
-
-    async def _session(self) -> str:
-        """One connection, until it ends: why it did (or it raises)."""
-        reason = ""
-        with trio.CancelScope() as dropped:
-            async with trio_websocket.open_websocket_url(self._socket_url, max_message_size=_AGENT_MAX_FRAME,
-                                                         connect_timeout=_AGENT_CONNECT_TIMEOUT,
-                                                         disconnect_timeout=_CLOSE_TIMEOUT) as ws:
-                try:
-                    with trio.CancelScope() as self._reading:
-                        if self._stopping:  # stop() came while this socket opened
-                            self._reading.cancel()
-                        reason = await self._converse(ws, dropped)
-                finally:
-                    self._reading = None
-                if self._stopping:  # a close frame, its answer awaited a while: the relay hears why
-                    with trio.move_on_after(_CLOSE_TIMEOUT):
-                        await ws.aclose(CLOSE_GOING_AWAY, "the agent is stopping")
-                    return _STOPPED
-                if reason == _PAUSED:
-                    await ws.aclose(CLOSE_GOING_AWAY, "catching up")
-                    logger.info("the app is %d webhooks behind; the relay keeps the rest until it catches up",
-                                self._queue.statistics().current_buffer_used)
-        return reason
-
-    async def _converse(self, ws: trio_websocket.WebSocketConnection, dropped: trio.CancelScope) -> str:
-        """Authenticate, subscribe, and take webhooks until the connection ends: why it did."""
-        await ws.send_message(_encode({"action": "auth", "key": self.config.key, "secret": self.config.secret}))
-        await self._expect(ws, "authenticated")
-        since = self._taken_up_to
-        await ws.send_message(self._subscribe_frame(since))
-        reply = await self._expect(ws, "subscribed", since=since)
-        self._subscribed = True
-        logger.info("%s%s", reply.message, f", resuming after {since}" if since not in ("", NIL_LOG_ID) else "")
-        reason = ""
-        while not reason:
-            while self._queued_bytes >= _AGENT_QUEUE_BYTES:  # and the relay cannot be asked to
-                await self._room.wait()  # pause: it waits, or cuts this socket off and it resumes
-            with trio.move_on_after(self.config.ping_timeout) as silent:
-                reason = await self._receive(ws)
-            if silent.cancelled_caught:
-                reason = f"disconnected: no frame for {self.config.ping_timeout:g} s"
-                dropped.cancel()  # no closing handshake on a dead connection: it is dropped
-        return reason
-
-    async def _receive(self, ws: trio_websocket.WebSocketConnection) -> str:
-        """Take the next frame; _PAUSED if the socket should pause for the app to catch up."""
-        frame = self._parse(await ws.get_message())
-        if isinstance(frame, _WebhookFrame):
-            return _PAUSED if self._take(frame) else ""
-        if frame is not None:
-            await self._on_status(ws, frame)
-        return ""
-
-    async def _check_destinations(self, relay: httpx.AsyncClient) -> None:
-        """Without --to, each webhook goes to its output's destination: AgentError, at start, if
-        a bucket's webhooks have none that is a URL (a bucket without outputs, as the demo's;
-        an internal output without a destination). It started, then failed every webhook."""
-        response = await relay.get(BUCKETS_PATH)
-        if response.status_code in (429, 503):
-            raise _Refused(f"refused for now: {_api_problem(response)}")
-        if response.status_code == 401:  # as the socket says it
-            raise AgentError(f"the relay refused the key {_shown(self.config.key)}: invalid key or secret")
-        try:
-            if response.status_code != 200:
-                raise ValueError
-            buckets = [bucket for bucket in response.json() if not self.config.buckets
-                       or bucket["name"] in self.config.buckets or bucket["id"] in self.config.buckets]
-            missing = [bucket["name"] for bucket in buckets if not bucket["outputs"] or any(
-                output["internal"] and not output["disabled"] and _agent_destination(output["destination"], "") is None
-                for output in bucket["outputs"])]
-        except (ValueError, TypeError, KeyError):
-            raise AgentError(f"{self._base}{BUCKETS_PATH} did not answer as a relay's buckets API: "
-                             f"{_api_problem(response)}") from None
-        if missing:
-            raise AgentError(f"bucket {_shown(', '.join(missing))} names no URL to deliver its webhooks to (an output's "
-                             "destination): pass --to with your app's URL, e.g. --to http://localhost:3000")
-        self._destinations_known = True
-
-    async def _start_after_newest(self, relay: httpx.AsyncClient) -> None:
-        """Without a checkpoint, begin after the newest webhook the buckets hold now (the logs
-        API says which), or before every one if they hold none: the first subscribe, and any
-        after it, resume from there, and lose none sent meanwhile. Saved before it subscribes,
-        so a crash before the first webhook loses nothing either.
-
-        Only an answer with the logs is an answer: a refusal (a wrong secret, an unknown
-        bucket) is final, a refusal for now (429, 503) is waited out, and neither is saved. A
-        wrong secret was read as "the relay holds none of these buckets", and the next run, with
-        the right one, delivered every webhook the relay held again."""
-        newest = ""
-        for bucket in self.config.buckets or ("",):
-            response = await relay.get(LOGS_PATH, params={"limit": 1, **({"bucket": bucket} if bucket else {})})
-            problem = _api_problem(response)
-            if response.status_code in (429, 503):
-                raise _Refused(f"refused for now: {problem}")
-            if response.status_code == 401:  # as the socket says it
-                raise AgentError(f"the relay refused the key {_shown(self.config.key)}: invalid key or secret")
-            if response.status_code in (403, 404) and bucket:
-                raise AgentError(f"the relay refused the subscription: {problem}")
-            try:
-                if response.status_code != 200:
-                    raise ValueError(problem)
-                logs = response.json()["data"]
-                newest = max([newest, *(log["id"] for log in logs[:1] if isinstance(log["id"], str))])
-            except (ValueError, TypeError, KeyError):
-                raise AgentError(f"{self._base}{LOGS_PATH} did not answer as a relay's logs API: {problem}") from None
-        self._taken_up_to = newest or NIL_LOG_ID
-        await self._checkpoint.saved(self._checkpoint.start_at(self._taken_up_to))
-        if newest:
-            logger.info("forwarding the webhooks after %s, the newest the relay holds", newest)
-        else:
-            logger.info("forwarding every webhook from now on: the relay holds none of these buckets yet")
-
-    def _subscribe_frame(self, since: str) -> str:
-        frame: dict[str, Any] = {"action": "subscribe", "buckets": list(self.config.buckets)}
-        if since:
-            frame["since"] = since
-        return _encode(frame)
-
-    async def _expect(self, ws: trio_websocket.WebSocketConnection, status: str, since: str = "") -> _StatusFrame:
-        """The next status frame, which must be `status` (pings answered on the way); raise
-        AgentError if the relay refused what the agent asked."""
-        with trio.fail_after(_AGENT_CONNECT_TIMEOUT):
-            while True:
-                frame = self._parse(await ws.get_message())
-                if not isinstance(frame, _StatusFrame):
-                    continue  # a webhook can only come once subscribed
-                if frame.status == "ping":
-                    await ws.send_message(_PONG)
-                elif frame.status == status:
-                    return frame
-                elif frame.status == "unauthorized" and "try again" in frame.message:  # too many failures here
-                    raise _Refused(f"refused for now: {_shown(frame.message, 200)}")
-                elif frame.status == "unauthorized":
-                    raise AgentError(f"the relay refused the key {_shown(self.config.key)}: {_shown(frame.message, 200)}")
-                elif frame.status == "error" and since and frame.message.startswith("unknown resume point"):
-                    if since != NIL_LOG_ID:
-                        logger.warning("the relay does not know the last webhook delivered (%s): it lost its log; "
-                                       "going on with every webhook it holds", since)
-                    since = "" if since == NIL_LOG_ID else NIL_LOG_ID  # "" for a relay that knows no nil id
-                    self._taken_up_to = since
-                    await ws.send_message(self._subscribe_frame(since))
-                elif frame.status == "error":
-                    raise AgentError(f"the relay refused the subscription: {_shown(frame.message, 200)}")
-
-    def _parse(self, message: str | bytes) -> _StatusFrame | _WebhookFrame | None:
-        try:
-            return parse_server_frame(message)
-        except ProtocolError as error:
-            self._throttle.warning("frame", "a frame from the relay was skipped: %s", error)
-            return None
-
-    async def _on_status(self, ws: trio_websocket.WebSocketConnection, frame: _StatusFrame) -> None:
-        if frame.status == "ping":
-            await ws.send_message(_PONG)
-        elif frame.status == "resumed":
-            self._resumes = True
-            if self._taken_up_to != NIL_LOG_ID:  # a fresh agent's resume from the start of an empty log says nothing
-                logger.info("resumed: %s", frame.message)
-        elif frame.status in ("history_gap", "error"):
-            logger.warning("the relay says: %s", _shown(frame.message, 300))
-
-    def _take(self, frame: _WebhookFrame) -> bool:
-        """Queue `frame` for the workers; True if the queue is full and the socket should pause."""
-        if self._resumes and frame.id <= self._taken_up_to:
-            return False  # taken before a reconnect: ids grow, and the resume repeated it
-        self._taken_up_to = frame.id
-        self._checkpoint.took(frame.id)
-        self._queued_bytes += frame.size
-        self._taken.send_nowait(frame)
-        if self._queued_bytes < _AGENT_QUEUE_BYTES:
-            return False
-        self._room = trio.Event()
-        if self._resumes:
-            return True
-        self._throttle.warning("behind", "the app is %d webhooks (%d MiB) behind; reading from the relay waits",
-                               self._queue.statistics().current_buffer_used, self._queued_bytes // 2**20)
-        return False
-
-    # ---------------------------------------------------------------- deliveries
-
-    async def _work(self, app: httpx.AsyncClient) -> None:
-        async for frame in self._queue:
-            self._queued_bytes -= frame.size
-            if self._queued_bytes < _AGENT_QUEUE_BYTES // 2:
-                self._room.set()
-            if self._stopping:
-                return  # not begun: it comes again after a restart
-            with trio.CancelScope(shield=True) as delivering:  # a stop lets it finish, for a while
-                self._delivering.add(delivering)
-                try:
-                    await self._deliver(app, frame)
-                finally:
-                    self._delivering.discard(delivering)
-            if delivering.cancelled_caught:  # stopped: it comes again after a restart
-                return
-
-    async def _deliver(self, app: httpx.AsyncClient, frame: _WebhookFrame) -> None:
-        destination = _agent_destination(frame.output_destination, self.config.to)
-        started = time.time()
-        if destination is None:
-            answer = _Answer(0, {}, f"no URL to deliver to: output_destination is {frame.output_destination!r}; "
-                                    "run the agent with --to URL".encode(), started)
-        elif self.config.allow and not _allowed(destination, self.config.allow):
-            self._throttle.warning("allow", "webhook %s names %s, which no --allow takes: not delivered", frame.id,
-                                   _shown(destination, 200))
-            answer = _Answer(0, {}, f"not delivered: {_shown(destination, 200)} is not under any --allow".encode(),
-                             started)
-        else:
-            try:
-                answer = await _deliver(app, _outbound(frame.webhook, destination), self.config.delivery,
-                                        functools.partial(self._print, frame, destination, started=started))
-            except Exception as error:  # a bug, but not one that may stop the agent, or repeat at each restart
-                _unexpected(self._throttle, "delivering a webhook", error)
-                answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
-        version = self._checkpoint.done(frame.id)
-        self._print(frame, destination, answer, started=started)
-        await self._reports.send((frame.id, answer))
-        await self._checkpoint.saved(version)  # before the next: a crash repeats this one at most
-
-    def _print(self, frame: _WebhookFrame, destination: str | None, answer: _Answer, retry_in: float | None = None,
-               *, started: float) -> None:
-        """A webhook's line: its outcome, or an attempt's that will be tried again in `retry_in`
-        seconds; a final failure says how to resend it. Coloured on a terminal, unless NO_COLOR."""
-        if self.config.lines == "quiet":
-            return
-        attempts = answer.retries + 1
-        resend = f"{self._base}{LOGS_PATH}/{frame.id}/action"
-        error = "" if answer.status_code else answer.body.decode(errors="replace")
-        status = "retrying" if retry_in is not None else _outcome(answer)
-        if self.config.lines == "json":
-            line = _encode({"time": _iso_time(answer.at), "id": frame.id, "bucket": frame.bucket,
-                            "method": frame.webhook.method, "url": destination, "status_code": answer.status_code,
-                            "status": status, "duration_ms": round((answer.at - started) * 1000),
-                            "attempts": attempts, **({"error": error} if error else {}),
-                            **({"retry_in_s": round(retry_in, 1)} if retry_in is not None else {}),
-                            **({"resend": f"POST {resend}"} if status == "failed" else {})})
-            self._write(line)
-            return
-        split = urllib.parse.urlsplit(destination or frame.output_destination)
-        target = split.path + ("?" + split.query if split.query else "")
-        outcome = self._coloured(str(answer.status_code) if answer.status_code else
-                                 _shown(error, 200) if retry_in is not None else f"failed: {_shown(error, 200)}", status)
-        if retry_in is not None:
-            said = f"{outcome}; attempt {attempts} of {self.config.delivery.retries + 1}, again in {retry_in:.0f} s"
-        else:
-            said = (f"{outcome} {round((answer.at - started) * 1000)} ms"
-                    + (f" ({attempts} attempts)" if attempts > 1 else ""))
-        line = f"{_iso_time(answer.at)} {frame.webhook.method} {_shown(target or '/', 200)} {said}"
-        if status == "failed":  # one write with the outcome's line: a reader sees both or neither
-            line += (f"\n  resend {frame.id} once the cause is fixed: Resend in the relay's inspector, or "
-                     f"curl -u {shlex.quote(self.config.key + ':')}\"$RELAY_SECRET\" -d '{{\"action\":\"resend\"}}' "
-                     f"{resend}")
-        self._write(line)
-
-    def _write(self, lines: str) -> None:
-        """`lines` and their newline in one write: a reader of the file never sees half of them."""
-        self._out.write(lines + "\n")
-        self._out.flush()
-
-    def _coloured(self, text: str, status: str) -> str:
-        if not self._colour:
-            return text
-        return f"{_COLOURS[status]}{text}\033[0m"
-
-    async def _report(self, relay: httpx.AsyncClient) -> None:
-        """Report outcomes with PUT /v1/logs/<id>, as the hosted agent does."""
-        async for log_id, answer in self._to_report:
-            body = {"status_code": answer.status_code, "status": _outcome(answer), "retries": answer.retries,
-                    "response_body": base64.b64encode(answer.body).decode("ascii"),
-                    "response_headers": answer.headers}
-            try:
-                response = await relay.put(f"{LOGS_PATH}/{log_id}", json=body)
-            except httpx.HTTPError as error:
-                self._throttle.warning("report", "cannot report the outcome of %s to the relay: %s", log_id,
-                                       _delivery_error(error))
-                continue
-            if response.is_error:  # forgotten (404: past history_size), answered already (409), ...: said
-                self._throttle.warning("report", "the relay did not record the outcome of %s (%s): %s %s", log_id,
-                                       _outcome(answer), response.status_code, _shown(response.text, 200))
-
-
-class _Refused(Exception):
-    """The relay refused the agent for now (too many failed authentications from its address, or
-    busy), or cannot be reached: waited out, as a lost connection is."""
-
-
-def _api_problem(response: httpx.Response) -> str:
-    """What a REST API answer says is wrong, in a few words: its error, else its status."""
-    try:
-        error = response.json().get("error", "")
-    except (ValueError, AttributeError):
-        error = ""
-    return _shown(str(error), 200) if error else f"{response.status_code} {response.reason_phrase}"
-
-
-def _outcome(answer: _Answer) -> str:
-    """The log status a delivery's answer gives: a 2xx or 3xx is "sent"."""
-    return "sent" if 200 <= answer.status_code < 400 else "failed"
-
-
-def _iso_time(at: float) -> str:
-    return datetime.datetime.fromtimestamp(at).astimezone().isoformat(timespec="seconds")
-
-
-def _connection_error(error: BaseException) -> str:
-    """Why the agent's connection to the relay ended, or never began, in a few words."""
-    if isinstance(error, trio_websocket.ConnectionClosed):
-        reason = error.reason
-        if reason is None or reason.code == 1006:
-            return "disconnected: the connection was lost"
-        if reason.code == 1009:  # the agent's own close: a relay sends it only to a client that sent too much
-            return (f"disconnected: a frame from the relay was over the {_AGENT_MAX_FRAME // 2**20} MiB the agent "
-                    "takes (is the relay's max_body_size above 64 MiB?)")
-        return f"disconnected: closed by the relay ({reason.code}{': ' + _shown(reason.reason) if reason.reason else ''})"
-    if isinstance(error, trio_websocket.ConnectionRejected):
-        return f"cannot connect: the relay answered {error.status_code} to the WebSocket upgrade"
-    if isinstance(error, trio.TooSlowError):
-        return "cannot connect: no answer in time"
-    if isinstance(error, _Refused):
-        return f"cannot connect: {error}"
-    if isinstance(error, (_WSProtocolError, h11.ProtocolError)):
-        return f"cannot connect: not a WebSocket answer ({_shown(str(error), 100)})"
-    while getattr(error, "strerror", None) is None:  # down to the OS's own words, if there are some
-        inner = error.exceptions[0] if isinstance(error, BaseExceptionGroup) else error.__cause__ or error.__context__
-        if inner is None:
-            break
-        error = inner
-    return f"cannot connect: {getattr(error, 'strerror', None) or error or type(error).__name__}"
-
-
-_PONG = _encode({"action": "pong"})
-_PAUSED, _STOPPED = "paused", "stopped"
-_COLOURS = {"sent": "\033[32m", "retrying": "\033[33m", "failed": "\033[31m"}  # green, yellow, red
-
-
-async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the forward agent until it is stopped (`agent.stop()`, for the agent task_status gives);
-    raise AgentError when it cannot go on."""
-    base, _ = _relay_urls(config.relay)
-    checkpoint = _Checkpoint.load(config.state or _default_state(base, config.buckets), base, config.buckets)
-    agent = _Agent(config, checkpoint)
-    task_status.started(agent)
-    await agent.run()
-
-
-# ============================================================================ pytest plugin
-#
-# Installing relay_lite gives a project's tests a `relay` fixture: a relay on a free port with a
-# bucket, an input and a token, its URLs and credentials, `send` for a webhook and `client` for a
-# socket that collects frames; and `relay_factory` for relays of other configs. pytest finds them
-# through the pytest11 entry point `relay_lite:pytest_plugin`, built by the module's __getattr__
-# on first use, so a relay that serves never imports pytest. In a Trio test (pytest-trio) the
-# relay runs in the test's own loop and the helpers are awaited; in any other test it runs in a
-# thread of its own, and they block.
-
-_FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
-
-
-def _fixture_config() -> Config:
-    """The `relay` fixture's config: bucket "test", one input, one token, made up for each test."""
-    return load_config(Config(
-        server=ServerConfig(host="127.0.0.1", port=0),
-        tokens=(TokenConfig(key=str(uuid.uuid4()), secret=secrets.token_urlsafe(24)),),
-        buckets=(BucketConfig(name="test", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),)),),
-    ))
-
-
-class _FixtureRelay:
-    """What both kinds of fixture relay give a test: the relay, its URLs and credentials."""
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.config = relay.config
-        token = self.config.tokens[0] if self.config.tokens else None
-        self.key = token.key if token else ""  # the config's first token
-        self.secret = token.secret if token else ""  # "" if it gives only a secret_hash
-        self.bucket = self.config.buckets[0].name if self.config.buckets else ""  # the config's first bucket
-
-    @property
-    def url(self) -> str:
-        return self.relay.url
-
-    @property
-    def socket_url(self) -> str:
-        return self.relay.socket_url
-
-    @property
-    def input_url(self) -> str:
-        """The webhook URL of the first bucket's first input; relay.input_url(ref) for others."""
-        return self.relay.input_url(self.bucket)
-
-    def reload(self, config: "Config | Mapping[str, Any] | str | Path") -> None:
-        """Apply a changed config, as SIGHUP does (see Relay.reload), its host and port aside."""
-        self._in_loop(self.relay.reload, _fixture_config_of(config))
-
-    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
-        return call(*args)
-
-    def _request(self, body: bytes | str, path: str, bucket: str | None,
-                 headers: Mapping[str, str] | None, method: str) -> httpx.Request:
-        return httpx.Request(method, self.relay.input_url(bucket or self.bucket) + path, headers=headers,
-                             content=body.encode() if isinstance(body, str) else body)
-
-
-class _FrameClient:
-    """A socket client of a fixture relay, authenticated and subscribed, in a Trio loop."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self._ws = ws
-        self.frames: list[dict[str, Any]] = []  # every frame received, pings included
-
-    async def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        """The next frame (a ping is answered, and returned too)."""
-        with trio.fail_after(timeout):
-            frame = json.loads(await self._ws.get_message())
-        self.frames.append(frame)
-        if frame.get("type") == "status" and frame.get("status") == "ping":
-            await self._ws.send_message(_encode({"action": "pong"}))
-        return frame
-
-    async def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        """The next webhook frame, past any status frames."""
-        with trio.fail_after(timeout):
-            while (frame := await self.receive(math.inf))["type"] != "webhook":
-                pass
-        return frame
-
-    async def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        """The next status frame `status` (e.g. "resumed"), past any others; RuntimeError if
-        the relay refuses something first ("unauthorized", "error")."""
-        with trio.fail_after(timeout):
-            while (frame := await self.receive(math.inf))["type"] != "status" or frame.get("status") != status:
-                if frame["type"] == "status" and frame.get("status") in ("unauthorized", "error"):
-                    raise RuntimeError(f"the relay answered {frame['status']}: {frame.get('message', '')}")
-        return frame
-
-
-@asynccontextmanager
-async def _frame_client(fixture: _FixtureRelay, buckets: Sequence[str] | None,
-                        since: str | None) -> AsyncIterator[_FrameClient]:
-    async with trio_websocket.open_websocket_url(fixture.socket_url) as ws:
-        client = _FrameClient(ws)
-        await ws.send_message(_encode({"action": "auth", "key": fixture.key, "secret": fixture.secret}))
-        await client.status("authenticated")
-        subscribe: dict[str, Any] = {"action": "subscribe", "buckets": list(buckets or [fixture.bucket])}
-        if since is not None:
-            subscribe["since"] = since
-        await ws.send_message(_encode(subscribe))
-        await client.status("subscribed")
-        yield client
-
-
-class TrioRelayFixture(_FixtureRelay):
-    """The `relay` fixture in a Trio test: the relay runs in the test's loop; await the helpers."""
-
-    async def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
-                   headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
-        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
-        after its URL; return the relay's answer."""
-        async with httpx.AsyncClient(timeout=_FIXTURE_TIMEOUT) as http:
-            return await http.send(self._request(body, path, bucket, headers, method))
-
-    def client(self, buckets: Sequence[str] | None = None, *,
-               since: str | None = None) -> typing.AsyncContextManager[_FrameClient]:
-        """``async with relay.client() as client: frame = await client.webhook()``: a socket
-        authenticated with the fixture's token and subscribed to `buckets` (its bucket by default)."""
-        return _frame_client(self, buckets, since)
-
-
-class _ThreadClient:
-    """A _FrameClient living in a relay thread's loop, for a test without one: it blocks."""
-
-    def __init__(self, client: _FrameClient, token: trio.lowlevel.TrioToken) -> None:
-        self._client, self._token = client, token
-        self.frames = client.frames
-
-    def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        return trio.from_thread.run(self._client.receive, timeout, trio_token=self._token)
-
-    def webhook(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        return trio.from_thread.run(self._client.webhook, timeout, trio_token=self._token)
-
-    def status(self, status: str, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
-        return trio.from_thread.run(self._client.status, status, timeout, trio_token=self._token)
-
-
-class RelayFixture(_FixtureRelay):
-    """The `relay` fixture in a test without a Trio loop: the relay runs in a thread of its own;
-    the helpers block."""
-
-    def __init__(self, relay: Relay, nursery: trio.Nursery, token: trio.lowlevel.TrioToken) -> None:
-        super().__init__(relay)
-        self._nursery, self._token = nursery, token
-        self.clients_done: set[trio.Event] = set()  # set at the end: a client left open ends too
-
-    def _in_loop(self, call: Callable[..., Any], *args: Any) -> Any:
-        _not_in_trio()
-        return trio.from_thread.run_sync(call, *args, trio_token=self._token)
-
-    def send(self, body: bytes | str = b"", path: str = "", *, bucket: str | None = None,
-             headers: Mapping[str, str] | None = None, method: str = "POST") -> httpx.Response:
-        """Send a webhook to a bucket's first input (the fixture's bucket by default), `path`
-        after its URL; return the relay's answer."""
-        _not_in_trio()
-        with httpx.Client(timeout=_FIXTURE_TIMEOUT) as http:
-            return http.send(self._request(body, path, bucket, headers, method))
-
-    @contextlib.contextmanager
-    def client(self, buckets: Sequence[str] | None = None, *, since: str | None = None) -> Iterator[_ThreadClient]:
-        """``with relay.client() as client: frame = client.webhook()``: a socket authenticated
-        with the fixture's token and subscribed to `buckets` (its bucket by default)."""
-        _not_in_trio()
-        done = trio.Event()
-
-        async def hold(task_status: trio.TaskStatus[_FrameClient]) -> None:
-            self.clients_done.add(done)
-            try:
-                async with _frame_client(self, buckets, since) as client:
-                    task_status.started(client)
-                    await done.wait()
-            finally:
-                self.clients_done.discard(done)
-        client = trio.from_thread.run(self._nursery.start, hold, trio_token=self._token)
-        try:
-            yield _ThreadClient(client, self._token)
-        finally:
-            with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(done.set, trio_token=self._token)
-
-
-def _not_in_trio() -> None:
-    """Refuse a blocking helper inside a Trio loop, which it would block."""
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return
-    raise RuntimeError("this relay runs in a thread and its helpers block, but this test runs in a Trio loop "
-                       "that is not pytest-trio's (anyio's?): mark the test for pytest-trio, whose tests get a "
-                       "relay in their own loop, or use relay_lite.open_relay")
-
-
-class _RelayThread:
-    """A relay serving in a thread with its own Trio loop, until stop()."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self._started = threading.Event()
-        self._fixture: RelayFixture | None = None
-        self._failure: BaseException | None = None
-        self._stop: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread = threading.Thread(target=self._run, name="relay_lite fixture", daemon=True)
-
-    def start(self) -> RelayFixture:
-        self._thread.start()
-        if not self._started.wait(_FIXTURE_TIMEOUT):
-            raise RuntimeError(f"the relay did not start within {_FIXTURE_TIMEOUT:g} s")
-        if self._failure is not None:
-            failure, self._failure = self._failure, None  # the test's now: not again at teardown
-            raise failure
-        assert self._fixture is not None
-        return self._fixture
-
-    def stop(self) -> BaseException | None:
-        """Stop it; what went wrong in it, if anything did."""
-        if self._stop is not None and self._token is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(_FIXTURE_TIMEOUT * 2)
-        if self._thread.is_alive():
-            return RuntimeError(f"the relay's thread did not stop within {_FIXTURE_TIMEOUT * 2:g} s")
-        return self._failure
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._serve)
-        except BaseException as error:  # a start that failed, or a crash: the test's to see, as itself
-            self._failure = _innermost(error) if isinstance(error, BaseExceptionGroup) and len(
-                error.exceptions) == 1 else error
-        finally:
-            self._started.set()
-
-    async def _serve(self) -> None:
-        self._stop, self._token = trio.Event(), trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            relay: Relay = await nursery.start(serve_relay, self._config)
-            self._fixture = RelayFixture(relay, nursery, self._token)
-            self._started.set()
-            await self._stop.wait()
-            for done in list(self._fixture.clients_done):  # a client the test left open
-                done.set()
-            relay.shutdown()
-
-
-def _fixture_config_of(config: "Config | Mapping[str, Any] | str | Path | None") -> Config:
-    """A config for relay_factory: the `relay` fixture's, or `config` with its host and port
-    giving way to a free loopback port (tests run side by side)."""
-    if config is None:
-        return _fixture_config()
-    return _load(config, host="127.0.0.1", port=0)
-
-
-def _pytest_plugin() -> types.ModuleType:
-    """The pytest plugin: the `relay` and `relay_factory` fixtures (see above)."""
-    import pytest
-
-    plugin = types.ModuleType("relay_lite.pytest_plugin", "relay_lite's fixtures: relay, relay_factory")
-
-    def in_trio_test(request: Any) -> bool:
-        return request.node.get_closest_marker("trio") is not None
-
-    @pytest.fixture
-    async def _relay_lite_trio_factory() -> AsyncIterator[Callable[..., Awaitable[TrioRelayFixture]]]:
-        async with trio.open_nursery() as nursery:
-            made: list[Relay] = []
-
-            async def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> TrioRelayFixture:
-                relay: Relay = await nursery.start(serve_relay, _fixture_config_of(config))
-                made.append(relay)
-                return TrioRelayFixture(relay)
-            yield make
-            for relay in made:
-                relay.shutdown()
-
-    @pytest.fixture
-    async def _relay_lite_trio_relay(_relay_lite_trio_factory: Callable[..., Awaitable[TrioRelayFixture]],
-                                     ) -> TrioRelayFixture:
-        return await _relay_lite_trio_factory()
-
-    @pytest.fixture
-    def relay_factory(request: Any) -> Iterator[Callable[..., Any]]:
-        """Start a relay of a config (a dict shaped like the TOML, a Config, or a file; none: the
-        `relay` fixture's): `relay_factory(config)` returns a RelayFixture, or in a Trio test
-        `await relay_factory(config)` a TrioRelayFixture. Each is stopped after the test."""
-        if in_trio_test(request):  # pytest-trio sets it up in the test's loop, as the test's argument
-            yield request.getfixturevalue("_relay_lite_trio_factory")
-            return
-        threads: list[_RelayThread] = []
-
-        def make(config: "Config | Mapping[str, Any] | str | Path | None" = None) -> RelayFixture:
-            thread = _RelayThread(_fixture_config_of(config))
-            threads.append(thread)
-            return thread.start()
-        yield make
-        failures = [failure for thread in threads if (failure := thread.stop()) is not None]  # every one stopped
-        if failures:
-            raise failures[0]
-
-    @pytest.fixture
-    def relay(request: Any) -> Any:
-        """A relay on a free loopback port with bucket "test", an input and a token (see
-        RelayFixture, and TrioRelayFixture in a Trio test)."""
-        if in_trio_test(request):  # not through relay_factory: that would make this a Trio fixture
-            return request.getfixturevalue("_relay_lite_trio_relay")
-        return request.getfixturevalue("relay_factory")()
-
-    for fixture in (_relay_lite_trio_factory, _relay_lite_trio_relay, relay_factory, relay):
-        setattr(plugin, fixture.__name__, fixture)
-    return plugin
-
-
-def __getattr__(name: str) -> Any:
-    """`relay_lite.pytest_plugin`, built on first use (see above)."""
-    if name == "pytest_plugin":
-        plugin = globals()[name] = _pytest_plugin()
-        return plugin
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ============================================================================ command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
-    parser = argparse.ArgumentParser(
-        usage="%(prog)s [options] [COMMAND ...]",  # argparse's own shows COMMAND as if it were required
-        allow_abbrev=False,  # --worker 2 must not pass for --workers 2: see _without_workers
-        description="A self-hosted webhook relay: webhooks in at /v1/webhooks/<input id>, "
-                    "streamed live to WebSocket clients at /v1/socket, one port.",
-    )
-    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config; without it, a demo runs")
-    parser.add_argument("--host", help="address to listen on (overrides the file)")
-    parser.add_argument("--port", type=int, help="port to listen on, 0 for any (overrides the file)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="run N relays on this machine, sharing the port and the log (needs [cluster])")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="json: one object per line: time, level, logger, message (and exception)")
-    parser.add_argument("--version", action="version", version=f"relay_lite {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands (none: serve)",
-                                     prog=parser.prog)  # not the usage above: "relay-lite check [-h] ..."
-    init = commands.add_parser(
-        "init", help="write a config file with fresh random ids and a token",
-        description="Write a config file to start from: a bucket \"github\" with one input, a token, fresh random "
-                    "ids and secrets, and the common settings with their defaults. Readable by its owner "
-                    "only (it holds the token's secret). Then: relay-lite --config FILE.")
-    init.add_argument("path", nargs="?", default="relay.toml", help="where to write it (default: relay.toml)")
-    init.add_argument("--force", action="store_true", help="overwrite an existing file")
-    check = commands.add_parser(
-        "check", help="check a config file, as a start or a reload would: exit 0 if it is good, 2 with its error "
-                      "if not",
-        description="Check a config file as a start would, before a restart or a reload (SIGHUP) uses it: the "
-                    "TOML, every key and value, the TLS files, and that the [storage] database can be opened and "
-                    "written. Exit 0 with a summary (and any warning), or 2 with the one-line error naming the "
-                    "key.")
-    check.add_argument("--config", "-c", metavar="FILE", dest="check_config", help="the file (or give --config "
-                                                                                    "before the command; default: "
-                                                                                    "relay.toml)")
-    commands.add_parser(
-        "hash-secret", help="read a token's secret on standard input (none: make one), print the secret_hash "
-                            "that may replace it in the config",
-        description="Hash a token's secret for the config, so the file holds no secret: read it on standard input "
-                    "(at a terminal, without echo; Enter alone makes a new one, printed once), and print the "
-                    "line secret_hash = \"scrypt:...\" to put in its [[tokens]] table instead of secret.")
-    _forward_arguments(commands.add_parser(
-        "forward", help="deliver a relay's webhooks to an app, from behind NAT",
-        description="Deliver the webhooks of a relay's buckets to an app: in order, each once its "
-                    "predecessor's outcome is final, resuming after a reconnect or a restart where it stopped, "
-                    "and reporting each outcome to the relay (a sender held by response_from_output gets "
-                    "the app's answer). Key and secret come from RELAY_KEY and RELAY_SECRET, or --key and "
-                    "--secret. HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE apply to the app's requests."))
-    args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(_JsonLines() if args.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    if args.log_level != "debug":  # a line per request: the relay and the agent say what matters themselves
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    if args.command == "init":
-        return _init(Path(args.path), force=args.force)
-    if args.command == "hash-secret":
-        return _hash_secret()
-    if args.command == "check":
-        return _check(args.check_config or args.config, args)
-    if args.command == "forward":
-        return _forward(args)
-    try:
-        config = _with_overrides(args.config or _demo_config(ServerConfig()), args)
-        _preflight_file(config, args.config or "the demo")
-    except ConfigError as error:
-        _fail(str(error))
-        return 2
-    if args.workers != 1 and _WORKER not in os.environ:  # a worker runs one relay, whatever it was given
-        if not 1 <= args.workers <= _MOST_WORKERS:
-            _fail(f"--workers must be 1 to {_MOST_WORKERS}")
-            return 2
-        if not config.cluster.redis_url or not config.server.port:
-            _fail("--workers needs [cluster] redis_url (the workers share their log through "
-                  "Redis) and a port other than 0")
-            return 2
-        return _run_workers(args.workers, sys.argv[1:] if argv is None else argv)
-    reload = (lambda: _with_overrides(args.config, args)) if args.config else None
-    _tune_gc()
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay listens for it: a reload too soon is no kill
-    failures: list[BaseException] = []
-    storage_failures: list[BaseException] = []
-    try:
-        trio.run(_serve_until_signalled, config, reload)
-    except* StorageError as group:
-        storage_failures.append(group)
-    except* OSError as group:  # nested as deep as the nurseries it crossed
-        failures.append(group)
-    if storage_failures:  # found only at start (its database, say, half written): named as config errors are
-        _fail(f"{args.config + ': ' if args.config else ''}{_innermost(storage_failures[0])}")
-        return 2
-    if failures:
-        failure = _innermost(failures[0])
-        _fail(f"cannot listen on {config.server.host}:{config.server.port}: "
-              f"{getattr(failure, 'strerror', None) or failure}")
-        return 1
-    return 0
-
-
-class _JsonLines(logging.Formatter):
-    """A log record as one JSON object on one line, for a log collector: "time" (RFC 3339, UTC,
-    milliseconds), "level" (lower case), "logger", "message", and "exception" when there is one;
-    a record made with extra={"fields": {...}} adds those."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                    timespec="milliseconds").replace("+00:00", "Z"),
-                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
-                **getattr(record, "fields", {})}
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False)
-
-    @staticmethod
-    def chosen() -> bool:
-        """Whether the command line chose JSON lines (--log-format json)."""
-        return any(isinstance(handler.formatter, _JsonLines) for handler in logging.getLogger().handlers)
-
-    @classmethod
-    def line(cls, level: int, message: str, **fields: Any) -> str:
-        return cls().format(logging.makeLogRecord({"name": logger.name, "levelno": level, "created": time.time(),
-                                                   "levelname": logging.getLevelName(level), "msg": message,
-                                                   "fields": fields}))
-
-
-def _fail(message: str) -> None:
-    """A command's last word, on stderr: `relay_lite: error: <message>`, or with --log-format
-    json, one JSON object (level "error"), as every other line is then."""
-    print(_JsonLines.line(logging.ERROR, message) if _JsonLines.chosen() else f"relay_lite: error: {message}",
-          file=sys.stderr)
-
-
-def _check(path: str | None, args: argparse.Namespace) -> int:
-    """`python relay_lite.py [--host H] [--port P] check [--config FILE]`: without one,
-    relay.toml, as init writes it; checked with --host and --port as a start with them would."""
-    if not path:
-        if not Path("relay.toml").is_file():
-            _fail("no relay.toml here: give the config file, check --config FILE "
-                  "(`relay-lite init` writes one)")
-            return 2
-        path = "relay.toml"
-    try:
-        config = _with_overrides(path, args)
-        _preflight_file(config, path)
-    except ConfigError as error:
-        _fail(str(error))
-        return 2
-    inputs = sum(len(bucket.inputs) for bucket in config.buckets)
-    outputs = sum(len(bucket.outputs) for bucket in config.buckets)
-    summary = (f"{path}: good: {len(config.buckets)} bucket(s), {inputs} input(s), {outputs} output(s), "
-               f"{len(config.tokens)} token(s)")
-    json_lines = _JsonLines.chosen()  # with --log-format json, each line one object, as everywhere
-    print(_JsonLines.line(logging.INFO, summary) if json_lines else summary)
-    for problem in _advice(config):
-        print(_JsonLines.line(logging.WARNING, problem) if json_lines else f"warning: {problem}")
-    return 0
-
-
-def _preflight_file(config: Config, path: str) -> None:
-    """_preflight(config), its error naming the config's file, as load_config's do."""
-    try:
-        _preflight(config)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-
-
-def _tune_gc() -> None:
-    """Garbage collection for a long-running relay (the CLI's; an embedding program owns its own).
-
-    Every object a socket holds is tracked by the cyclic GC, about 150 per socket. With the
-    default first threshold (700 allocations) young collections catch the short-lived objects
-    of pings and deliveries alive and promote them, so full collections, which walk every
-    socket's objects, keep running: 4.3 % of a core while 10,000 sockets sat idle. Measured
-    (tests/bench) at 2,000 and 10,000: idle 1.8-1.9 % and 1.9 %; fan-out of one webhook to
-    1,000 sockets, p99 146-161 ms and 75-78 ms (its in-flight deliveries get promoted at 2,000);
-    p99 at 500 webhooks/s to 10 sockets, 3-4 ms and 3-9.5 ms (a longer young collection).
-    Objects made at start-up are frozen out of collections too.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(_GC_THRESHOLD, *gc.get_threshold()[1:])
-
-
-def _init(path: Path, *, force: bool) -> int:
-    if path.exists() and not force:
-        _fail(f"{path} exists; pass --force to overwrite it")
-        return 2
-    # it holds a token's secret: the owner's only (the default, 0644, let every user of a Pi read it)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as file:
-        os.fchmod(file.fileno(), 0o600)  # an existing file, overwritten with --force, keeps its mode otherwise
-        file.write(_config_template())
-    print(f"wrote {path}: a bucket \"github\", its input and a token, with fresh random ids.\n"
-          f"Run: {_command()} --config {shlex.quote(str(path))}")
-    return 0
-
-
-def _hash_secret() -> int:
-    """`python relay_lite.py hash-secret`: a secret from standard input, or a new one, hashed."""
-    if sys.stdin.isatty():
-        secret = getpass.getpass("secret (Enter alone makes a new one): ")
-    else:
-        secret = sys.stdin.readline().rstrip("\r\n")
-    made = not secret
-    if made:
-        secret = secrets.token_urlsafe(24)
-    try:
-        _check_secret(secret, "the secret")
-    except ConfigError as error:
-        _fail(str(error))
-        return 2
-    if made:
-        print(f"# the token's secret, for its clients (the config keeps only its hash): {secret}")
-    print(f'secret_hash = "{_SecretHash.of(secret)}"')
-    return 0
-
-
-def _forward_arguments(forward: argparse.ArgumentParser) -> None:
-    forward.add_argument("--relay", required=True, metavar="URL", help="the relay, http(s)://host:port")
-    forward.add_argument("--bucket", "-b", action="append", default=[], metavar="NAME",
-                         help="a bucket to forward, by name or id; repeat for more (none: every bucket the "
-                              "token may see)")
-    forward.add_argument("--to", metavar="URL", default="",
-                         help="the app: each webhook goes to URL followed by the path the sender added "
-                              "after the input's URL (without --to: to each webhook's output destination)")
-    forward.add_argument("--allow", action="append", default=[], metavar="URL-PREFIX",
-                         help="deliver only to URLs at or below this one (scheme, host, port, path); repeat for "
-                              "more. Without --to the relay names each destination: --allow keeps a relay that "
-                              "was misconfigured or taken over from reaching the rest of this machine's network")
-    forward.add_argument("--key", default=os.environ.get("RELAY_KEY", ""), help="the token's key (env RELAY_KEY)")
-    forward.add_argument("--secret", default=os.environ.get("RELAY_SECRET", ""),
-                         help="the token's secret (env RELAY_SECRET, which other users cannot see)")
-    forward.add_argument("--state", metavar="FILE", type=Path,
-                         help="the checkpoint file (default: one per relay and bucket set, in "
-                              "$XDG_STATE_HOME/relay_lite or ~/.local/state/relay_lite)")
-    forward.add_argument("--concurrency", type=int, default=1, metavar="N",
-                         help="deliveries in flight (default 1, which keeps order)")
-    forward.add_argument("--timeout", type=float, default=DEFAULT_DELIVERY_TIMEOUT, metavar="SECONDS",
-                         help=f"a delivery attempt's time, the answer read (default {DEFAULT_DELIVERY_TIMEOUT:g})")
-    forward.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
-                         help=f"attempts after the first for a connection error, 408, 425, 429 or 5xx "
-                              f"(default {DEFAULT_RETRIES})")
-    forward.add_argument("--insecure", action="store_true", help="do not check the app's TLS certificate")
-    forward.add_argument("--cacert", metavar="FILE", help="check the app's TLS certificate against this CA file")
-    forward.add_argument("--ping-timeout", type=float, default=2.5 * DEFAULT_PING_INTERVAL, metavar="SECONDS",
-                         help="seconds without a frame from the relay that mean the connection is dead "
-                              f"(default {2.5 * DEFAULT_PING_INTERVAL:g})")
-    lines = forward.add_mutually_exclusive_group()
-    lines.add_argument("--quiet", "-q", action="store_true", help="no line per webhook")
-    lines.add_argument("--json", action="store_true",
-                       help="a JSON object per line: each webhook's outcome, and each attempt tried again")
-
-
-def _forward(args: argparse.Namespace) -> int:
-    """`python relay_lite.py forward --relay URL ...`: exit 0 when stopped, 2 for what it was
-    told, _REFUSED when the relay refused (1 stays Python's, for a crash, which a service
-    manager should restart; a refusal it should not)."""
-    try:
-        _relay_urls(args.relay)
-        if not args.key or not args.secret:
-            raise AgentError("give the token's key and secret: RELAY_KEY and RELAY_SECRET, or --key and --secret")
-        for option, url in [("--to", args.to)] * bool(args.to) + [("--allow", url) for url in args.allow]:
-            split = urllib.parse.urlsplit(url)
-            try:
-                split.port  # a number, in range
-            except ValueError:
-                split = split._replace(netloc="")
-            if split.scheme not in ("http", "https") or not split.hostname or (
-                    option == "--allow" and (split.query or split.fragment)):
-                raise AgentError(f"{option} {_shown(url)}: give the app's URL, http(s)://host:port/path")
-        if args.to and args.allow and not _allowed(args.to, args.allow):
-            raise AgentError(f"--to {_shown(args.to)} is not under any --allow")
-        if not 1 <= args.concurrency <= _MOST_CONCURRENCY:
-            raise AgentError(f"--concurrency must be 1 to {_MOST_CONCURRENCY}")
-        if not (args.timeout > 0 and args.ping_timeout > 0 and 0 <= args.retries <= 100):
-            raise AgentError("--timeout and --ping-timeout must be above 0, --retries 0 to 100")
-        if args.cacert and not Path(args.cacert).is_file():
-            raise AgentError(f"--cacert {args.cacert}: no such file")
-    except AgentError as error:
-        _fail(str(error))
-        return 2
-    config = AgentConfig(
-        relay=args.relay, key=args.key, secret=args.secret, buckets=tuple(args.bucket), to=args.to,
-        allow=tuple(args.allow),
-        state=args.state, concurrency=args.concurrency, verify=False if args.insecure else args.cacert or True,
-        delivery=_Delivery(args.timeout, min(args.timeout, DEFAULT_CONNECT_TIMEOUT), args.retries),
-        ping_timeout=args.ping_timeout, lines="quiet" if args.quiet else "json" if args.json else "text")
-    if not config.to and not config.allow:
-        logger.warning("no --to: each webhook goes where its relay names, anywhere this machine reaches; "
-                       "--allow URL-PREFIX limits that")
-    refusals: list[BaseException] = []
-    try:
-        trio.run(_until_signalled, functools.partial(forward, config), _Agent.stop)
-    except* AgentError as group:
-        refusals.append(group)
-    if refusals:
-        _fail(f"{_innermost(refusals[0])}")
-        return _REFUSED
-    return 0
-
-
-_REFUSED = 3  # forward's exit status when the relay refused its key or a bucket: final, no restart helps
-
-
-def _with_overrides(source: "Config | str", args: argparse.Namespace) -> Config:
-    """The config `source` (a file, or the demo's) with the command line's --host and --port in
-    place of its own (and, in a worker that --workers started, the port shared), checked so."""
-    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
-    return _load(source, **overrides, **({"reuse_port": True} if _WORKER in os.environ else {}))
-
-
-_WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
-_MOST_WORKERS = 64
-_WORKER_RESTART, _WORKER_RESTART_MOST = 1.0, 60.0  # seconds before a worker that died is started again
-
-
-def _run_workers(count: int, argv: list[str]) -> int:
-    """Run `count` relays (this command line, less --workers) sharing the port, and keep them
-    running: one that dies is started again. SIGINT and SIGTERM stop them all, gracefully;
-    SIGHUP reloads them all. Each is in a session of its own, so a terminal's Ctrl-C reaches
-    this process only, and each worker is told once."""
-    command = [sys.executable, str(Path(__file__).resolve()), *_without_workers(argv)]
-    workers: dict[int, subprocess.Popen[bytes]] = {}
-    started: dict[int, float] = {}
-    stopping = False
-
-    supervisor = os.getpid()
-
-    def start(number: int) -> None:
-        """Start worker `number`, with signals held meanwhile: one that came mid-start tells it too."""
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-
-        def in_the_worker() -> None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # it must not inherit the mask: it would hear no signal
-            _end_with_parent(supervisor)
-        try:
-            workers[number] = subprocess.Popen(command, env={**os.environ, _WORKER: str(number)},
-                                               start_new_session=True, preexec_fn=in_the_worker)
-            started[number] = time.monotonic()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-    def tell(signum: int, frame: object) -> None:
-        """Pass a signal on. Only os.wait() below learns that a worker ended (Popen.poll() here
-        would take an exit from under it); a pid not yet waited for is this process's still."""
-        nonlocal stopping
-        stopping = stopping or signum != signal.SIGHUP
-        for worker in workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, tell)
-    for number in range(count):
-        start(number)
-    logger.info("%d workers started (pids %s)", count, ", ".join(str(worker.pid) for worker in workers.values()))
-    status = 0
-    restarts = {number: 0 for number in range(count)}  # in a row, for each: the wait doubles with each
-    while workers:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:  # none left (someone else waited for them)
-            break
-        ended = next((number for number, worker in workers.items() if worker.pid == pid), None)
-        if ended is None:
-            continue
-        exit_code = os.waitstatus_to_exitcode(code)
-        workers.pop(ended).returncode = exit_code
-        if stopping:
-            continue
-        if exit_code == 2:  # the config, or the log's store: starting it again would not help
-            status = 2
-            tell(signal.SIGTERM, None)
-            continue
-        if time.monotonic() - started[ended] > _WORKER_RESTART_MOST:
-            restarts[ended] = 0  # it ran a good while: a new failure, not the same one again
-        wait = min(_WORKER_RESTART * 2 ** restarts[ended], _WORKER_RESTART_MOST)
-        restarts[ended] += 1
-        logger.warning("worker %d (pid %d) ended with %s; starting it again in %g s", ended, pid, exit_code, wait)
-        until = time.monotonic() + wait
-        while not stopping and (left := until - time.monotonic()) > 0:  # a signal cuts the wait short
-            time.sleep(min(left, 0.1))
-        if not stopping:
-            start(ended)
-    return status
-
-
-def _end_with_parent(parent: int) -> None:
-    """In a worker, before it runs: be sent SIGTERM when the supervisor dies (Linux's
-    PR_SET_PDEATHSIG), so a supervisor killed with SIGKILL leaves no relay holding the port."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before that took effect
-        os._exit(1)
-
-
-def _without_workers(argv: list[str]) -> list[str]:
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--workers":
-            skip = True
-        elif not arg.startswith("--workers="):
-            kept.append(arg)
-    return kept
-
-
-async def _serve_until_signalled(config: Config, reload: Callable[[], Config] | None) -> None:
-    """Serve until SIGINT or SIGTERM: the first stops gracefully, a second stops at once. SIGHUP
-    reloads the config file (`reload` reads it; None in the demo, which has none)."""
-
-    def hang_up(relay: Relay) -> None:
-        if reload is None:
-            logger.warning("SIGHUP: the demo has no config file to reload")
-            return
-        try:
-            relay.reload(reload())
-        except ConfigError as error:
-            logger.error("reload refused, the config in force stays: %s", error)
-        except Exception as error:  # a bug; the relay goes on with the config in force
-            _unexpected(relay.services.throttle, "reloading the config (the config in force stays)", error)
-
-    await _until_signalled(functools.partial(serve_relay, config, announce=False), Relay.shutdown,
-                           lambda relay: print(_banner(relay, demo=reload is None, json_line=_JsonLines.chosen()),
-                                               flush=True), hang_up)
-
-
-async def _until_signalled(run: Callable[..., Awaitable[None]], stop: Callable[[Any], None],
-                           started: Callable[[Any], None] = lambda _: None,
-                           hang_up: Callable[[Any], None] | None = None) -> None:
-    """Run `run` until it returns; it is started with nursery.start, and what it reports is given
-    to `started`. The first SIGINT or SIGTERM asks it to stop (calls `stop` with that), a second
-    stops it at once; SIGHUP calls `hang_up`, if given."""
-    wanted = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hang_up is not None else ())
-    with trio.open_signal_receiver(*wanted) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def until_done(task_status: trio.TaskStatus[Any]) -> None:
-                await run(task_status=task_status)
-                nursery.cancel_scope.cancel()  # done: stop listening for signals
-
-            running = await nursery.start(until_done)
-            started(running)
-            stopping = False
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if signum == signal.SIGHUP:
-                    if stopping:
-                        logger.info("SIGHUP received while stopping: not reloading")
-                    elif hang_up is not None:
-                        logger.info("SIGHUP received: reloading the config")
-                        hang_up(running)
-                elif stopping:
-                    logger.warning("%s again: stopping now, without waiting for what is in flight", name)
-                    nursery.cancel_scope.cancel()
-                else:
-                    logger.info("%s received: stopping once what is in flight is done (send it again to stop "
-                                "at once)", name)
-                    stop(running)
-                    stopping = True
-
-
-def _banner(relay: Relay, *, demo: bool, json_line: bool = False) -> str:
-    """What the command line prints once the relay listens: its URLs, the inputs' and, in the
-    demo, the token and commands to try it; as text, or as one JSON line (--log-format json)."""
-    config = relay.config
-    listening = f"relay_lite {__version__} listening on {relay.url} (webhooks and sockets, one port)"
-    inspector = ""
-    if config.inspector.enabled:  # its own host name, if it has one, at the relay's port
-        inspector = (urllib.parse.urlsplit(relay.url)._replace(netloc=f"{config.inspector.host}:{relay.port}").geturl()
-                     if config.inspector.host else relay.public_url) + "/"
-    inputs = [(bucket.name, input_.name, relay.input_url(input_.id, public=True))
-              for bucket in config.buckets for input_ in bucket.inputs]
-    demo_lines: dict[str, str] = {}
-    if demo:
-        token, bucket, command = config.tokens[0], config.buckets[0], _command()
-        demo_lines = {
-            "key": token.key, "secret": token.secret,
-            "send": f"curl -X POST -H 'Content-Type: application/json' -d '{{\"hello\": \"relay\"}}' "
-                    f"{relay.input_url(bucket.inputs[0].id)}",
-            "auth": f'{{"action":"auth","key":"{token.key}","secret":"{token.secret}"}}',
-            "subscribe": f'{{"action":"subscribe","buckets":["{bucket.name}"]}}',
-            "forward": f"RELAY_KEY={token.key} RELAY_SECRET={token.secret} {command} forward "
-                       f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
-            "init": f"{command} init relay.toml && {command} --config relay.toml"}
-    if json_line:
-        return _JsonLines.line(logging.INFO, listening, url=relay.url, socket_url=relay.socket_url,
-                               **({"inspector": inspector} if inspector else {}),
-                               inputs=[{"bucket": bucket, "input": name, "url": url} for bucket, name, url in inputs],
-                               **({"demo": demo_lines} if demo else {}))
-    lines = [listening, f"  socket URL: {relay.socket_url}"]
-    if inspector:
-        lines.append(f"  inspector:  {inspector} (sign in with a token's key and secret)")
-    lines += [f"  bucket {bucket!r}, input {name!r}: {url}" for bucket, name, url in inputs]
-    if demo:
-        lines += [
-            "",
-            "Demo mode (no --config): this bucket, input and token exist for this run only.",
-            f"  key:    {demo_lines['key']}",
-            f"  secret: {demo_lines['secret']}",
-            "",
-            "Send a webhook:",
-            f"  {demo_lines['send']}",
-            "Receive it: connect to the socket URL, send",
-            f"  {demo_lines['auth']}",
-            f"  {demo_lines['subscribe']}",
-            "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
-            f"  {demo_lines['forward']}",
-            f"For lasting ids: {demo_lines['init']}",
-        ]
-    lines += ["", "Ctrl-C to stop."]
-    return "\n".join(lines)
-
-
-def _command() -> str:
-    """How relay_lite was run, for the commands it prints: its console script, or a Python and
-    the module's file; each by its name if that is what PATH finds, else by its path."""
-    if Path(sys.argv[0]).name == "relay-lite":
-        return shlex.quote(_by_name(sys.argv[0]))
-    return f"{shlex.quote(_by_name(sys.executable))} {shlex.quote(_by_name(sys.argv[0], program=False))}"
-
-
-def _by_name(path: str, program: bool = True) -> str:
-    """`path` by its name if PATH finds it there; else relative to the working directory if
-    it is under it; else whole."""
-    if not path:
-        return "python3"
-    name, absolute = Path(path).name, os.path.abspath(path)
-    if (found := shutil.which(name)) is not None and os.path.abspath(found) == absolute:
-        return name
-    relative = os.path.relpath(absolute)
-    if relative.startswith(".."):
-        return absolute
-    if program and os.sep not in relative:
-        return os.path.join(".", relative)  # a bare name would be looked up on PATH
-    return relative
-
 
 if __name__ == "__main__":
     sys.exit(main())
