@@ -317,6 +317,24 @@ AUTHENTICATED_MESSAGE = "connected successfully, subscribe to buckets"
 INSPECTOR_PATH = "/inspector/"
 INSPECTOR_SESSION_PATH = INSPECTOR_PATH + "session"
 
+SIGNATURE_SCHEMES = ("github", "stripe", "slack", "shopify", "standard-webhooks", "hmac", "basic", "bearer", "token")
+_BODILESS_STATUSES = (204, 304)
+
+LOGS_PARAMETERS = frozenset({"bucket", "status", "from", "to", "limit", "offset", "cursor"})
+EVENTS_PARAMETERS = frozenset({"bucket", "output", "limit", "max_age", "cursor"})
+
+# Every answer of the relay's but the inspector's files is served as content from nowhere: a
+# sandbox (no script runs, its origin is no origin), nothing loaded, no type guessed. Answers to
+# webhooks carry what a sender's input or a client gave (a text/html answer set with PUT
+# /v1/logs/<id>, an app echoing a request): on the inspector's origin it could read the
+# inspector's session and call the API as its user.
+_SANDBOXED = (("Content-Security-Policy", "sandbox; default-src 'none'"), ("X-Content-Type-Options", "nosniff"))
+_OWN_ANSWER_HEADERS = tuple((name.lower().encode(), value.encode()) for name, value in _SANDBOXED)
+
+_WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
+
+_FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
+
 
 # ---- errors ----------------------------------------------------------------------------------
 
@@ -766,6 +784,10 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+_REPR = reprlib.Repr()  # what _describe shows of a value: a little of it, however large or deep
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+
+
 def _describe(value: object) -> str:
     kind = {
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
@@ -778,16 +800,12 @@ def _describe(value: object) -> str:
     return f"{kind} ({_shown(_REPR.repr(value), 40)})"
 
 
-_REPR = reprlib.Repr()  # what _describe shows of a value: a little of it, however large or deep
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _key_path(where: str, key: str) -> str:
     shown = key if _BARE_KEY.fullmatch(key) else f'"{_shown(key, 40)}"'  # as TOML would quote it
     return f"{where}.{shown}" if where else shown
-
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _derived_id(*names: str) -> str:
@@ -797,6 +815,11 @@ def _derived_id(*names: str) -> str:
 def _output_id(bucket_id: str, name: str) -> str:
     """An output's id in the hosted API (outputs have none in the config)."""
     return _derived_id("output", bucket_id, name)
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]+\]")
+_HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
+_MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
 
 
 def _checked(config: Config) -> Config:
@@ -928,12 +951,7 @@ def _checked(config: Config) -> Config:
     return dataclasses.replace(config, server=server, buckets=tuple(buckets), inspector=inspector)
 
 
-_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]+\]")
-_HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
-_RESERVED_FILES = 64  # open files the relay needs besides connections: listeners, storage, logs, trio's own
-_MOST_CONNECTIONS = 20_000  # the default max_connections at most: about 600 MB of idle sockets
-_MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
-_PLACEHOLDERS = ("...", "\u2026", "changeme", "change-me", "change_me", "your-secret", "your_secret", "placeholder")
+_EXTRAS = {"metrics": "prometheus-client>=0.17", "redis": "redis>=5,<9"}  # as pyproject.toml's extras say
 
 
 def _install(extra: str) -> str:
@@ -944,7 +962,8 @@ def _install(extra: str) -> str:
     return f"{shlex.quote(sys.executable)} -m pip install {shlex.quote(_EXTRAS[extra])}"
 
 
-_EXTRAS = {"metrics": "prometheus-client>=0.17", "redis": "redis>=5,<9"}  # as pyproject.toml's extras say
+_RESERVED_FILES = 64  # open files the relay needs besides connections: listeners, storage, logs, trio's own
+_MOST_CONNECTIONS = 20_000  # the default max_connections at most: about 600 MB of idle sockets
 
 
 def _default_max_connections() -> int:
@@ -965,6 +984,9 @@ def _check_secret(secret: str, where: str, *, strong: bool = True) -> None:
     _require(not _is_placeholder(secret), where, f"looks like a placeholder from an example; {how}")
     _require(not strong or _is_strong(secret), where,
              f"too easy to guess: use at least {MIN_SECRET_LENGTH} varied characters; {how}")
+
+
+_PLACEHOLDERS = ("...", "\u2026", "changeme", "change-me", "change_me", "your-secret", "your_secret", "placeholder")
 
 
 def _is_placeholder(text: str) -> bool:
@@ -1115,13 +1137,12 @@ def _parse_secret_hash(text: str, where: str) -> _SecretHash:
     return parsed
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _is_header_name(name: str) -> bool:
     """An RFC 9110 token: what HTTP allows as a field name."""
     return _HEADER_NAME.fullmatch(name) is not None
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BODILESS_STATUSES = (204, 304)
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -1210,6 +1231,10 @@ name = "github"
 """
 
 
+_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "inspector", "history_size",
+                                     "history_ttl", "history_bytes"})
+
+
 def _reloadable(old: Config, new: Config) -> None:
     """Raise ConfigError if going from `old` to `new` needs a restart."""
     for key in (field.name for field in dataclasses.fields(ServerConfig)):
@@ -1223,10 +1248,6 @@ def _reloadable(old: Config, new: Config) -> None:
         raise ConfigError("cluster.redis_url: changing it needs a restart, not a reload")
     if old.metrics.enabled != new.metrics.enabled:
         raise ConfigError("metrics.enabled: changing it needs a restart, not a reload")
-
-
-_RELOADABLE_SERVER_KEYS = frozenset({"certfile", "keyfile", "trusted_proxies", "public_url", "inspector", "history_size",
-                                     "history_ttl", "history_bytes"})
 
 
 # ==== 3. The model and the protocol (sans-IO) =================================================
@@ -1338,10 +1359,6 @@ def wire_frame(text: str) -> bytes:
     return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
 
 
-_AUTHENTICATED_FRAME = wire_frame(status_frame("authenticated", AUTHENTICATED_MESSAGE))
-_PING_FRAME = wire_frame(status_frame("ping", "ping"))
-
-
 @dataclasses.dataclass(frozen=True)
 class Webhook:
     """One accepted HTTP request, as sockets will see it."""
@@ -1390,6 +1407,9 @@ def _headers_size(headers: Mapping[str, list[str]]) -> int:
     return size
 
 
+_NOT_CONTROL = bytes(range(0x20, 0x100))
+
+
 def _body_text(body: bytes) -> str | None:
     """`body` as text, if it is UTF-8 that a JSON frame carries in at most twice its size; else
     None, and it goes base64 (4/3 of its size). JSON writes most control characters in six
@@ -1404,9 +1424,6 @@ def _body_text(body: bytes) -> str | None:
         if body.count(b'"') + body.count(b"\\") + short + 5 * (len(controls) - short) > len(body):
             return None
     return text
-
-
-_NOT_CONTROL = bytes(range(0x20, 0x100))
 
 
 @functools.lru_cache(maxsize=1024)  # senders send the same few names over and over
@@ -1677,6 +1694,9 @@ class _WebhookFrame:
         return self.webhook.size
 
 
+_FRAME_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a relay's log id, which goes into a URL path
+
+
 def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
     """Parse one frame a relay sent a client (the forward agent reads them); raise ProtocolError
     saying what is wrong with it. A webhook's method and headers must be ones HTTP can carry."""
@@ -1722,15 +1742,12 @@ def parse_server_frame(message: str | bytes) -> _StatusFrame | _WebhookFrame:
                          texts.get("output_destination", ""), Webhook(method.upper(), "/", query, headers, body, encoding))
 
 
-_FRAME_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a relay's log id, which goes into a URL path
+_HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
 
 
 def _is_header_value(value: str) -> bool:
     """A value HTTP can carry: no control characters (tab inside it aside), no space around it."""
     return _HEADER_VALUE.fullmatch(value) is not None
-
-
-_HEADER_VALUE = re.compile(r"(?:[^\x00-\x20\x7f](?:[ \t]*[^\x00-\x20\x7f])*)?")
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -1760,9 +1777,6 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
 #
 # GET /v1/logs and GET /v1/events take their parameters as the hosted API does. A parameter the
 # relay does not know, or one given twice, is refused by name: never silently ignored.
-
-LOGS_PARAMETERS = frozenset({"bucket", "status", "from", "to", "limit", "offset", "cursor"})
-EVENTS_PARAMETERS = frozenset({"bucket", "output", "limit", "max_age", "cursor"})
 
 
 def query_parameters(pairs: Iterable[tuple[str, str]], known: frozenset[str]) -> dict[str, str]:
@@ -1914,24 +1928,6 @@ def _address_key(host: str) -> str:
 # is the sender's own (GitHub, Stripe, Slack, Shopify, Standard Webhooks and Svix), plus a
 # configurable HMAC and HTTP Basic or Bearer for senders that only do that. Every comparison is
 # constant-time (hmac.compare_digest), and every secret is tried, matched or not.
-
-SIGNATURE_SCHEMES = ("github", "stripe", "slack", "shopify", "standard-webhooks", "hmac", "basic", "bearer", "token")
-
-
-def check_signature(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes, now: float) -> str:
-    """Why `body` with `headers` does not prove it came from the sender `verify` names, in a few
-    words; "" when it does. `now` is the time signed timestamps are held against."""
-    return verified(verify, headers, body, now)[0]
-
-
-def verified(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes,
-             now: float) -> tuple[str, "_Nonce | None"]:
-    """check_signature's answer, and, for a webhook that passed a scheme whose signature covers
-    a timestamp (which a replay would pass within its tolerance), what tells it from a replay
-    (see _Nonce)."""
-    check = _SIGNATURE_CHECKS[verify.scheme]
-    problem, key, stamp = check(verify, _HeaderLookup(headers), body, now)
-    return problem, (_Nonce(key, stamp + verify.tolerance) if key and not problem else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2127,6 +2123,22 @@ _SIGNATURE_CHECKS: dict[str, Callable[[VerifyConfig, _HeaderLookup, bytes, float
     "standard-webhooks": _check_standard_webhooks, "hmac": _check_hmac, "basic": _check_basic,
     "bearer": _check_bearer, "token": _check_token,
 }
+
+
+def check_signature(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes, now: float) -> str:
+    """Why `body` with `headers` does not prove it came from the sender `verify` names, in a few
+    words; "" when it does. `now` is the time signed timestamps are held against."""
+    return verified(verify, headers, body, now)[0]
+
+
+def verified(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes,
+             now: float) -> tuple[str, "_Nonce | None"]:
+    """check_signature's answer, and, for a webhook that passed a scheme whose signature covers
+    a timestamp (which a replay would pass within its tolerance), what tells it from a replay
+    (see _Nonce)."""
+    check = _SIGNATURE_CHECKS[verify.scheme]
+    problem, key, stamp = check(verify, _HeaderLookup(headers), body, now)
+    return problem, (_Nonce(key, stamp + verify.tolerance) if key and not problem else None)
 
 
 # ==== 4. State: the store, the log, and the backends that keep it =============================
@@ -2797,7 +2809,6 @@ _LEASE_SECONDS = 10.0  # the lead of a public output passes on this long after i
 _LEASE_MARGIN = 2.0  # seconds before its lease could pass on that a relay stops leading if it could not renew
 _APPEND_TRIES = 3  # times an append is asked for before its webhook's sender gets 503
 _APPENDED_KEPT = 120  # seconds Redis remembers an event's journal id, so asking again appends it once
-_CLOCKS_APART = 5.0  # seconds a relay's clock may be behind Redis's (log ids carry Redis's time)
 _JOURNAL_PER_ENTRY = 4  # journal events kept per entry a history holds (its entry and its changes)
 # Appends a webhook's events (or a change's one), once however often asked, and none if the
 # webhook's nonce (see _Nonce) is taken: then "replayed". KEYS: the journal, the counter, the
@@ -3500,12 +3511,6 @@ class _Metrics:
         self.ingest_seconds = _Histogram()  # a webhook's request, from its head to its acceptance
 
 
-_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
-
-_CUTOFFS = ("too_slow", "send_timeout", "auth_timeout", "auth_failures", "busy", "no_auth")
-_AUTH_FAILURES = ("socket", "api", "metrics", "locked_out")
-
-
 # ---- connections -----------------------------------------------------------------------------
 #
 # Every TCP connection, from accept to close, is a _Connection: the relay knows who it is from,
@@ -4027,6 +4032,9 @@ class _Hold:
         if self.open and self.answer is None and answer.status_code and self.output in (ANY_OUTPUT, entry.output_name):
             self.answer = answer
             self.answered.set()
+
+
+_CLOCKS_APART = 5.0  # seconds a relay's clock may be behind Redis's (log ids carry Redis's time)
 
 
 class _Core:
@@ -4589,6 +4597,9 @@ class _Outbox:
                 min(_WRITE_BATCH_BYTES, self.max_bytes // 2) - self.bytes)
 
 
+_PING_FRAME = wire_frame(status_frame("ping", "ping"))
+
+
 class _Pinger:
     """Status pings for every authenticated socket, each `interval` seconds, from one task.
 
@@ -4661,6 +4672,9 @@ class _Sockets:
             session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
         for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
             session.stalled(send_timeout)
+
+
+_AUTHENTICATED_FRAME = wire_frame(status_frame("authenticated", AUTHENTICATED_MESSAGE))
 
 
 class _Session:
@@ -5221,6 +5235,12 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
     return app
 
 
+_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
+
+_CUTOFFS = ("too_slow", "send_timeout", "auth_timeout", "auth_failures", "busy", "no_auth")
+_AUTH_FAILURES = ("socket", "api", "metrics", "locked_out")
+
+
 def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, str]:
     """The relay's metrics in the Prometheus text format, and its content type."""
     import prometheus_client
@@ -5406,15 +5426,6 @@ def _sender_answer(body: bytes | str, status: int, headers: list[tuple[str, str]
     return response
 
 
-# Every answer of the relay's but the inspector's files is served as content from nowhere: a
-# sandbox (no script runs, its origin is no origin), nothing loaded, no type guessed. Answers to
-# webhooks carry what a sender's input or a client gave (a text/html answer set with PUT
-# /v1/logs/<id>, an app echoing a request): on the inspector's origin it could read the
-# inspector's session and call the API as its user.
-_SANDBOXED = (("Content-Security-Policy", "sandbox; default-src 'none'"), ("X-Content-Type-Options", "nosniff"))
-_OWN_ANSWER_HEADERS = tuple((name.lower().encode(), value.encode()) for name, value in _SANDBOXED)
-
-
 def _plain(status: int, message: str) -> Response:
     return Response(message + "\n", status, _SANDBOXED, content_type="text/plain; charset=utf-8")  # type: ignore[arg-type]
 
@@ -5545,6 +5556,9 @@ def _outbound(webhook: Webhook, destination: str, forwarded_for: str = "") -> _R
     return _Request(webhook.method, _quoted_target(url), headers, webhook.body_bytes)
 
 
+_URL_SAFE = "/?:@!$&'()*+,;=%"  # with the unreserved characters, which quote() never encodes
+
+
 def _quoted_target(url: str) -> str:
     """`url` with what may not stand in a URL's path and query percent-encoded (a sender's raw
     `"`, `<`, `#`, space or control character), as httpx would encode it, and the rest, escapes
@@ -5556,21 +5570,18 @@ def _quoted_target(url: str) -> str:
     return scheme + separator + rest[:start] + urllib.parse.quote(rest[start:], safe=_URL_SAFE)
 
 
-_URL_SAFE = "/?:@!$&'()*+,;=%"  # with the unreserved characters, which quote() never encodes
-
-
 def _public_outputs(bucket: BucketConfig) -> list[OutputConfig]:
     """The outputs of `bucket` the relay delivers to itself: public and enabled."""
     return [output for output in bucket.outputs if not output.internal and not output.disabled]
 
 
+_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                                 "trailer", "upgrade"})
+
+
 def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
     lowered = name.lower()
     return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
-
-
-_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                                 "trailer", "upgrade"})
 
 
 def _worth_retrying(status_code: int) -> bool:
@@ -5593,6 +5604,9 @@ def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
         if delay >= 0:
             return min(delay, _RETRY_AFTER_MOST)
     return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
+
+
+_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
 
 
 async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _Delivery,
@@ -5638,9 +5652,6 @@ async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _De
         if on_retry is not None:
             on_retry(answer, delay)
         await trio.sleep(delay)
-
-
-_UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
 
 
 def _delivery_error(error: BaseException) -> str:
@@ -6084,21 +6095,11 @@ def _from_beyond(hosts: list[str], forwarded: bool) -> bool:
     return forwarded or not hosts or not all(_is_loopback_host(host) for host in hosts)
 
 
-_FROM_BEYOND = ("this relay takes weak secrets because it listens on loopback only, and so serves only requests "
-                "to a loopback host (localhost, 127.0.0.1, [::1]) that no proxy forwarded: give its tokens strong "
-                "secrets to serve others")
-
-
 def _raw_answer(status: int, phrase: str, text: str) -> bytes:
     """A whole HTTP/1.1 answer, plain text, closing the connection: for a request no library serves."""
     body = (text + "\n").encode()
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-_TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
-_PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-                      b"Content-Length: 45\r\n\r\nthis port speaks TLS: use https:// or wss://\n")
 
 
 def _shut_down(stream: trio.SocketStream) -> None:
@@ -6116,6 +6117,15 @@ def _answer_time(config: Config) -> float:
     return config.server.request_timeout + max(
         (input_.response_timeout for bucket in config.buckets for input_ in bucket.inputs
          if input_.response_from_output), default=0.0)
+
+
+_FROM_BEYOND = ("this relay takes weak secrets because it listens on loopback only, and so serves only requests "
+                "to a loopback host (localhost, 127.0.0.1, [::1]) that no proxy forwarded: give its tokens strong "
+                "secrets to serve others")
+
+_TLS_HANDSHAKE_RECORD = 0x16  # a TLS connection's first byte: a handshake record, its ClientHello
+_PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                      b"Content-Length: 45\r\n\r\nthis port speaks TLS: use https:// or wss://\n")
 
 
 class _Port:
@@ -6734,6 +6744,9 @@ def _agent_destination(output_destination: str, to: str) -> str | None:
     return to.rstrip("/") + (path if path.startswith("/") else "/" + path)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _allowed(url: str, prefixes: Iterable[str]) -> bool:
     """Whether `url` is one of `prefixes` or below it: the same scheme, host and port (a default
     one written or not), no user or password unless the prefix has them, and a path at or below
@@ -6756,9 +6769,6 @@ def _allowed(url: str, prefixes: Iterable[str]) -> bool:
         if same_place and (split.path == below or split.path.startswith(below + "/") or not below):
             return True
     return False
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _default_state(relay: str, buckets: Iterable[str]) -> Path:
@@ -6879,6 +6889,11 @@ class _Checkpoint:
                                    error.strerror or error)
             return
         self._saved = last
+
+
+_PONG = _encode({"action": "pong"})
+_PAUSED, _STOPPED = "paused", "stopped"
+_COLOURS = {"sent": "\033[32m", "retrying": "\033[33m", "failed": "\033[31m"}  # green, yellow, red
 
 
 class _Agent:
@@ -7299,11 +7314,6 @@ def _connection_error(error: BaseException) -> str:
     return f"cannot connect: {getattr(error, 'strerror', None) or error or type(error).__name__}"
 
 
-_PONG = _encode({"action": "pong"})
-_PAUSED, _STOPPED = "paused", "stopped"
-_COLOURS = {"sent": "\033[32m", "retrying": "\033[33m", "failed": "\033[31m"}  # green, yellow, red
-
-
 async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the forward agent until it is stopped (`agent.stop()`, for the agent task_status gives);
     raise AgentError when it cannot go on."""
@@ -7325,8 +7335,6 @@ async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"]
 # on first use, so a relay that serves never imports pytest. In a Trio test (pytest-trio) the
 # relay runs in the test's own loop and the helpers are awaited; in any other test it runs in a
 # thread of its own, and they block.
-
-_FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
 
 
 def _fixture_config() -> Config:
@@ -7641,6 +7649,7 @@ def __getattr__(name: str) -> Any:
 
 
 # ---- command line ----------------------------------------------------------------------------
+_MOST_WORKERS = 64
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7898,6 +7907,9 @@ def _forward_arguments(forward: argparse.ArgumentParser) -> None:
                        help="a JSON object per line: each webhook's outcome, and each attempt tried again")
 
 
+_REFUSED = 3  # forward's exit status when the relay refused its key or a bucket: final, no restart helps
+
+
 def _forward(args: argparse.Namespace) -> int:
     """`python relay_lite.py forward --relay URL ...`: exit 0 when stopped, 2 for what it was
     told, _REFUSED when the relay refused (1 stays Python's, for a crash, which a service
@@ -7946,9 +7958,6 @@ def _forward(args: argparse.Namespace) -> int:
     return 0
 
 
-_REFUSED = 3  # forward's exit status when the relay refused its key or a bucket: final, no restart helps
-
-
 def _with_overrides(source: "Config | str", args: argparse.Namespace) -> Config:
     """The config `source` (a file, or the demo's) with the command line's --host and --port in
     place of its own (and, in a worker that --workers started, the port shared), checked so."""
@@ -7956,8 +7965,6 @@ def _with_overrides(source: "Config | str", args: argparse.Namespace) -> Config:
     return _load(source, **overrides, **({"reuse_port": True} if _WORKER in os.environ else {}))
 
 
-_WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
-_MOST_WORKERS = 64
 _WORKER_RESTART, _WORKER_RESTART_MOST = 1.0, 60.0  # seconds before a worker that died is started again
 
 
