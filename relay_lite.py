@@ -465,9 +465,10 @@ def _innermost(error: BaseException) -> BaseException:
 # ==== 2. Configuration ========================================================================
 #
 # The TOML file maps one to one onto these frozen dataclasses: a table per class, a key per field.
-# `_build` walks the type hints, so a new key is a new field, with its type and default. Parsing
-# and checking only; what must also hold on this machine (storage, certificates, descriptors,
-# optional extras) is _preflight's, which a start, `check` and a reload call.
+# `_build` walks the type hints, so a new key is a new field, with its type and default. _load
+# parses and checks, the config alone; what must also hold on this machine (the TLS files, the
+# open-file limit, the optional extras) is _preflight's, asked once by a start, a reload and
+# load_config; the command line's start and `check` also try the log's database (_check_storage).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -635,11 +636,12 @@ class Config:
 
 
 def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
-    """Return a checked Config from a TOML file path, a dict shaped like the TOML, or a Config.
+    """Return a checked Config from a TOML file path, a dict shaped like the TOML, or a Config,
+    as this machine would serve it (see _preflight: its defaults filled in from the machine).
 
     Raises ConfigError with a message naming the file, the key and what is wrong.
     """
-    return _load(source)
+    return _preflight(_load(source))[0]
 
 
 def _load(source: "Config | Mapping[str, Any] | str | Path", **server: Any) -> Config:
@@ -683,46 +685,6 @@ def _files_beside(config: Config, folder: Path) -> Config:
                                  keyfile=beside(config.server.keyfile))
     return dataclasses.replace(config, server=server,
                                storage=dataclasses.replace(config.storage, path=beside(config.storage.path)))
-
-
-def _preflight(config: Config) -> None:
-    """Check what a config needs of this machine that load_config does not: that its log's
-    database can be opened and written. Raise ConfigError naming the key if not. A start from
-    the command line and `check` call it; a relay's start meets the same problems anyway."""
-    if config.storage.path:
-        _check_storage(config.storage.path)
-
-
-def _check_storage(path: str) -> None:
-    """That the SQLite file at `path` can be the log's database, writing nothing into it: an
-    existing one is a database this relay_lite can read, in a folder it may write (its journal
-    lives beside it); a new one's folder exists and may be written. As the user who runs it:
-    check as the service's user what the service will open."""
-    target = Path(path)
-    try:
-        if target.exists():
-            _require(os.access(target, os.R_OK | os.W_OK) and os.access(target.parent, os.W_OK | os.X_OK),
-                     "storage.path", f"cannot use {path!r} as the log's database: this user may not write it, "
-                     "or its folder")
-            db = sqlite3.connect(f"{target.absolute().as_uri()}?mode=ro", uri=True)
-            try:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            finally:
-                db.close()
-            _check_schema(version, path)
-        else:
-            _require(target.parent.is_dir(), "storage.path",
-                     f"cannot use {path!r} as the log's database: its folder {str(target.parent)!r} does not exist")
-            _require(os.access(target.parent, os.W_OK | os.X_OK), "storage.path",
-                     f"cannot use {path!r} as the log's database: this user may not write its folder")
-    except (sqlite3.Error, OSError) as error:  # OSError: a folder on the way this user may not enter
-        raise ConfigError(f"storage.path: cannot use {path!r} as the log's database: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
-
-
-def _check_schema(version: int, path: str) -> None:
-    _require(version <= len(_MIGRATIONS), "storage.path", f"{path!r} was written by a newer relay_lite (schema {version})")
 
 
 def _build(cls: type, raw: object, where: str) -> Any:
@@ -819,7 +781,6 @@ def _output_id(bucket_id: str, name: str) -> str:
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]+\]")
 _HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
-_MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
 
 
 def _checked(config: Config) -> Config:
@@ -831,25 +792,21 @@ def _checked(config: Config) -> Config:
                 "shutdown_timeout", "request_timeout", "idle_timeout", "send_timeout", "max_header_bytes",
                 "max_headers", "auth_failures_per_minute", *_HISTORY_KEYS):
         _require_positive(getattr(server, key), f"server.{key}")
-    max_connections = _default_max_connections() if server.max_connections is None else server.max_connections
-    _require_positive(max_connections, "server.max_connections")
-    max_pending = (min(max(max_connections // 8, 1), _MOST_PENDING_PER_IP) if server.max_pending_per_ip is None
-                   else server.max_pending_per_ip)
-    _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
-             f"must be 1 to max_connections ({max_connections}), got {max_pending}")
+    if server.max_connections is not None:  # else the machine's (see _preflight)
+        _require_positive(server.max_connections, "server.max_connections")
+    if server.max_pending_per_ip is not None:
+        _check_pending(server.max_pending_per_ip, server.max_connections)
     in_flight = (max(DEFAULT_BODY_BYTES_IN_FLIGHT, 4 * server.max_body_size) if server.max_body_bytes_in_flight is None
                  else server.max_body_bytes_in_flight)
     _require(in_flight >= server.max_body_size, "server.max_body_bytes_in_flight",
              f"must be at least max_body_size ({server.max_body_size}), got {in_flight}: else no body that large "
              "could ever be received")
-    server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending,
-                                 max_body_bytes_in_flight=in_flight)
+    server = dataclasses.replace(server, max_body_bytes_in_flight=in_flight)
     for n, proxy in enumerate(server.trusted_proxies):
         _require(_network(proxy) is not None, f"server.trusted_proxies[{n}]",
                  f"must be an IP address or network, got {_shown(proxy, 60)!r}")
     _require(bool(server.certfile) == bool(server.keyfile), "server.certfile" if server.keyfile else "server.keyfile",
              "TLS needs both certfile and keyfile")
-    _tls_for(server)
     _require(
         not server.public_url or server.public_url.startswith(("http://", "https://")),
         "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
@@ -934,21 +891,70 @@ def _checked(config: Config) -> Config:
                  f"required when other machines can reach the relay (host {server.host!r}, or a proxy's way in: "
                  "trusted_proxies, public_url, [inspector] host): /metrics names every bucket and output; give "
                  "one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
-    _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
-             "metrics.enabled", f"needs the Prometheus client: {_install('metrics')}")
     if config.cluster.redis_url:
         _require(urllib.parse.urlsplit(config.cluster.redis_url).scheme in ("redis", "rediss", "unix"),
                  "cluster.redis_url", "must be a redis://, rediss:// or unix:// URL")
         _require(not config.storage.path, "cluster.redis_url",
                  "the cluster keeps the log in Redis: leave out [storage] (Redis's own persistence keeps it)")
-        _require(importlib.util.find_spec("redis") is not None, "cluster.redis_url",
-                 f"needs the Redis client: {_install('redis')}")
     inspector = config.inspector
     _require(inspector.host == "" or _HOST_NAME.fullmatch(inspector.host) is not None, "inspector.host",
              f"must be a host name (no scheme, no port), got {_shown(inspector.host, 60)!r}")
     inspector = dataclasses.replace(inspector, enabled=inspector.enabled and server.inspector,
                                     host=inspector.host.lower().rstrip("."))
     return dataclasses.replace(config, server=server, buckets=tuple(buckets), inspector=inspector)
+
+
+_MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
+
+
+def _check_pending(max_pending: int, max_connections: int | None) -> None:
+    _require(0 < max_pending <= (max_connections or max_pending), "server.max_pending_per_ip",
+             f"must be 1 to max_connections ({max_connections}), got {max_pending}")
+
+
+def _preflight(config: Config) -> tuple[Config, ssl.SSLContext | None]:
+    """What serving `config` needs of this machine, which _load's checks (of the config alone)
+    leave: the defaults taken from it (max_connections from the open-file limit, and
+    max_pending_per_ip from that), the optional extras the config names, its TLS files. Return
+    the config with those defaults in, and its TLS context; raise ConfigError naming the key.
+    A start, a reload and load_config call it once (a reload loaded the certificate three
+    times); the command line checks the log's database too (_check_storage)."""
+    server = config.server
+    max_connections = _default_max_connections() if server.max_connections is None else server.max_connections
+    max_pending = (min(max(max_connections // 8, 1), _MOST_PENDING_PER_IP) if server.max_pending_per_ip is None
+                   else server.max_pending_per_ip)
+    _check_pending(max_pending, max_connections)
+    _require(not config.metrics.enabled or importlib.util.find_spec("prometheus_client") is not None,
+             "metrics.enabled", f"needs the Prometheus client: {_install('metrics')}")
+    _require(not config.cluster.redis_url or importlib.util.find_spec("redis") is not None, "cluster.redis_url",
+             f"needs the Redis client: {_install('redis')}")
+    server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
+    return dataclasses.replace(config, server=server), _tls_for(server)
+
+
+def _tls_for(server: ServerConfig) -> ssl.SSLContext | None:
+    """The relay's TLS context, None without certfile; ConfigError, naming the files, if they do
+    not load."""
+    if not server.certfile:
+        return None
+    try:
+        return _tls_context(server)
+    except (OSError, ssl.SSLError, ConfigError) as error:
+        raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def _tls_context(server: ServerConfig) -> ssl.SSLContext:
+    """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.certfile, server.keyfile, password=_no_password)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load, rather than ask for its passphrase on a terminal."""
+    raise ConfigError("the key is encrypted: give it unencrypted, readable by the relay's user only")
 
 
 _EXTRAS = {"metrics": "prometheus-client>=0.17", "redis": "redis>=5,<9"}  # as pyproject.toml's extras say
@@ -2584,6 +2590,38 @@ _INSERT = f"INSERT INTO logs ({', '.join(_COLUMNS)}) VALUES ({', '.join(f':{colu
 _UPDATE = f"UPDATE logs SET {', '.join(f'{column} = :{column}' for column in _UPDATED)} WHERE id = :id"
 
 
+def _check_storage(path: str) -> None:
+    """That the SQLite file at `path` can be the log's database, writing nothing into it: an
+    existing one is a database this relay_lite can read, in a folder it may write (its journal
+    lives beside it); a new one's folder exists and may be written. As the user who runs it:
+    check as the service's user what the service will open."""
+    target = Path(path)
+    try:
+        if target.exists():
+            _require(os.access(target, os.R_OK | os.W_OK) and os.access(target.parent, os.W_OK | os.X_OK),
+                     "storage.path", f"cannot use {path!r} as the log's database: this user may not write it, "
+                     "or its folder")
+            db = sqlite3.connect(f"{target.absolute().as_uri()}?mode=ro", uri=True)
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                db.close()
+            _check_schema(version, path)
+        else:
+            _require(target.parent.is_dir(), "storage.path",
+                     f"cannot use {path!r} as the log's database: its folder {str(target.parent)!r} does not exist")
+            _require(os.access(target.parent, os.W_OK | os.X_OK), "storage.path",
+                     f"cannot use {path!r} as the log's database: this user may not write its folder")
+    except (sqlite3.Error, OSError) as error:  # OSError: a folder on the way this user may not enter
+        raise ConfigError(f"storage.path: cannot use {path!r} as the log's database: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def _check_schema(version: int, path: str) -> None:
+    _require(version <= len(_MIGRATIONS), "storage.path", f"{path!r} was written by a newer relay_lite (schema {version})")
+
+
 class _Batch:
     """What one transaction carries; callers wait for it to commit."""
 
@@ -3588,7 +3626,7 @@ class _Connections:
     """
 
     def __init__(self, server: ServerConfig, throttle: _Throttle) -> None:
-        assert server.max_connections and server.max_pending_per_ip  # filled in by _checked
+        assert server.max_connections and server.max_pending_per_ip  # filled in by _preflight
         self._most, self._most_pending = server.max_connections, server.max_pending_per_ip
         self._head_time = server.idle_timeout + _GRACE  # a new connection's first head must be in by then
         self.count = 0
@@ -6058,33 +6096,8 @@ class _TLSConnectionStream(_ConnectionStream):
         return "http/1.1"
 
 
-def _tls_for(server: ServerConfig) -> ssl.SSLContext | None:
-    """The relay's TLS context, None without certfile; ConfigError, naming the files, if they do
-    not load."""
-    if not server.certfile:
-        return None
-    try:
-        return _tls_context(server)
-    except (OSError, ssl.SSLError, ConfigError) as error:
-        raise ConfigError(f"server.certfile: cannot load {server.certfile} with {server.keyfile}: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
-
-
 def _trusted_networks(server: ServerConfig) -> tuple["_IPNetwork", ...]:
     return tuple(network for network in map(_network, server.trusted_proxies) if network)
-
-
-def _tls_context(server: ServerConfig) -> ssl.SSLContext:
-    """The relay's TLS: its certificate and key, HTTP/1.1 by ALPN, TLS 1.2 at least."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server.certfile, server.keyfile, password=_no_password)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-def _no_password() -> bytes:
-    """An encrypted key fails to load, rather than ask for its passphrase on a terminal."""
-    raise ConfigError("the key is encrypted: give it unencrypted, readable by the relay's user only")
 
 
 def _from_beyond(hosts: list[str], forwarded: bool) -> bool:
@@ -6133,7 +6146,7 @@ class _Port:
     request's head, a socket session or Hypercorn serving the HTTP app; and every request's
     body read here, whole and bounded, before the app sees it."""
 
-    def __init__(self, services: _Services, sockets: _Sockets) -> None:
+    def __init__(self, services: _Services, sockets: _Sockets, tls: ssl.SSLContext | None) -> None:
         self._services = services
         self._sockets = sockets
         config = services.config
@@ -6143,7 +6156,7 @@ class _Port:
         self._told_proxy = False  # see _forwarded
         self.requests = 0  # HTTP requests in flight
         self.quiet = trio.lowlevel.ParkingLot()  # unparked when a request or a socket ends
-        self.reload(config, _tls_for(config.server))
+        self.reload(config, tls)
 
     @property
     def tls(self) -> bool:
@@ -6414,6 +6427,7 @@ class Relay:
     """
 
     def __init__(self, config: Config, *, overrides: Mapping[str, Any] | None = None, announce: bool = True) -> None:
+        config, tls = _preflight(config)
         self.config = config
         self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
         self.port = 0
@@ -6421,7 +6435,7 @@ class Relay:
         self.services = _Services(config)  # internal: what relay_lite's own parts and tests work through
         self.metrics = self.services.metrics
         self.sockets = _Sockets(config.server, self.services.connections)  # internal, as services is
-        self._port = _Port(self.services, self.sockets)
+        self._port = _Port(self.services, self.sockets, tls)
         self._forwarders = {bucket: [_Forwarder(self.services, bucket, output) for output in
                                      _public_outputs(bucket.config)] for bucket in self.services.core.buckets}
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
@@ -6456,9 +6470,8 @@ class Relay:
         bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
         changing nothing, if the config is not good, or changes what only a restart can."""
         services = self.services
-        new = _load(source, **self._overrides)  # what serve_relay was given stays in force
+        new, tls = _preflight(_load(source, **self._overrides))  # what serve_relay was given stays in force
         _reloadable(self.config, new)
-        tls = _tls_for(new.server)  # again: the files may have changed on disk since load_config read them
         credentials = _Credentials(new, lambda: services.core.session_key, services.throttle)
         credentials.carry_failures(services.credentials)
         buckets, removed = services.core.reload(new)  # from here on nothing fails
@@ -7814,9 +7827,12 @@ def _check(path: str | None, args: argparse.Namespace) -> int:
 
 
 def _preflight_file(config: Config, path: str) -> None:
-    """_preflight(config), its error naming the config's file, as load_config's do."""
+    """_preflight(config), and whether its log's database can be used (_check_storage), their
+    error naming the config's file, as load_config's do."""
     try:
         _preflight(config)
+        if config.storage.path:
+            _check_storage(config.storage.path)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 

@@ -128,3 +128,20 @@ async def test_a_reload_puts_new_certificates_in_force_for_new_connections(tls_c
         async with httpx.AsyncClient(verify=client_tls) as old:
             with pytest.raises(httpx.ConnectError):  # the old certificate is no longer served
                 await old.get(f"{relay.url}/healthz")
+
+
+async def test_a_start_and_a_reload_each_load_the_certificate_once_and_checking_a_config_loads_none(
+        tls_config, monkeypatch):
+    """Checking a config loaded its TLS files, and a reload loaded them three times (issue 22):
+    the checks are of the config alone, and what the machine must provide is asked once, by
+    _preflight."""
+    loaded = []
+    tls_context = relay_lite._tls_context
+    monkeypatch.setattr(relay_lite, "_tls_context", lambda server: loaded.append(server.certfile) or tls_context(server))
+    checked = relay_lite._load(tls_config)
+    assert loaded == [] and checked.server.max_connections is None  # the open-file limit is not asked either
+    async with relay_lite.open_relay(tls_config) as relay:
+        assert loaded == [tls_config["server"]["certfile"]]
+        assert relay.config.server.max_connections  # from the machine, at the start
+        relay.reload(tls_config)
+        assert loaded == [tls_config["server"]["certfile"]] * 2
