@@ -158,27 +158,23 @@ from wsproto.events import CloseConnection as _CloseConnection
 from wsproto.events import TextMessage as _TextMessage
 from wsproto.utilities import LocalProtocolError
 
-__all__ = [
-    "BucketConfig",
-    "Config",
-    "ConfigError",
-    "InputConfig",
-    "OutputConfig",
-    "ProtocolError",
-    "RelayError",
-    "Relay",
-    "ServerConfig",
-    "StorageConfig",
-    "StorageError",
-    "TokenConfig",
-    "Webhook",
-    "load_config",
-    "main",
-    "open_relay",
-    "parse_client_frame",
-    "serve_relay",
-    "status_frame",
-    "wire_frame",
+__all__ = [  # the public API, as the README's Embedding section names it
+    # serving
+    "Relay", "serve_relay", "open_relay", "main",
+    # configuration
+    "load_config", "Config", "ServerConfig", "StorageConfig", "ClusterConfig", "MetricsConfig", "InspectorConfig",
+    "BucketConfig", "InputConfig", "OutputConfig", "VerifyConfig", "TokenConfig",
+    # errors
+    "RelayError", "ConfigError", "StorageError", "ProtocolError", "NotFound", "Forbidden", "Conflict",
+    "Unauthorized", "TooManyFailures", "HashingBusy", "AgentError",
+    # the protocol, sans-IO
+    "Webhook", "parse_client_frame", "parse_server_frame", "status_frame", "wire_frame", "query_parameters",
+    "parse_time", "parse_go_duration", "encode_cursor", "decode_cursor", "client_address", "check_signature",
+    "verified",
+    # the agent
+    "AgentConfig", "forward",
+    # the pytest plugin's fixtures
+    "RelayFixture", "TrioRelayFixture",
 ]
 __version__ = "0.1.0"
 

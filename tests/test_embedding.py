@@ -1,6 +1,8 @@
 """The embedding API: open_relay and serve_relay with every kind of config, and graceful shutdown."""
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 import trio
@@ -118,3 +120,14 @@ async def test_an_error_in_open_relays_block_keeps_its_cause():
         async with relay_lite.open_relay(relay_config(), port=0):
             raise ValueError("mine") from KeyError("why")
     assert isinstance(caught.value.__cause__, KeyError) and caught.value.__suppress_context__
+
+
+def test_every_public_name_is_in_all_and_the_readme_names_each():
+    """__all__ missed 24 public names, and the README named a few (issue 22)."""
+    tree = ast.parse(Path(relay_lite.__file__).read_text())
+    public = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+              and not node.name.startswith("_")}
+    assert public == set(relay_lite.__all__)
+    readme = (Path(relay_lite.__file__).parent / "README.md").read_text()
+    embedding = readme.partition("\n## Embedding\n")[2].partition("\n## ")[0]
+    assert [name for name in relay_lite.__all__ if f"`{name}`" not in embedding] == []
