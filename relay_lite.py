@@ -2307,7 +2307,7 @@ class _Log:
     def record(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook) -> list[_Entry]:
         """New entries for `webhook`, with ids, not yet in the history (see `add`)."""
         ids = [self.ids.next() for _ in bucket.routes]
-        return _entries(ids, bucket.config, input_.id, input_.name, webhook, bucket.routes, time.time())
+        return _entries(ids, bucket.config, input_.id, input_.name, webhook, bucket.routes, _wall_time())
 
     def resend(self, bucket: _Bucket, entry: _Entry, route: _Route) -> _Entry:
         """A new entry that delivers `entry`'s webhook again, along `route`, and names the one it
@@ -2315,7 +2315,7 @@ class _Log:
         webhook = entry.webhook if entry.request_headers is None else dataclasses.replace(
             entry.webhook, headers=entry.request_headers)  # as its sender sent it: the route sets its own headers
         [resent] = _entries([self.ids.next()], bucket.config, entry.input_id, entry.input_name, webhook, [route],
-                            time.time(), resent_from=entry.id)
+                            _wall_time(), resent_from=entry.id)
         return resent
 
     def add(self, bucket: _Bucket, entries: Iterable[_Entry]) -> None:
@@ -2323,14 +2323,14 @@ class _Log:
             bucket.history.append(entry)
             bucket.history_bytes += entry.size
             self._entries[entry.id] = entry
-        self._trim(bucket, time.time())
+        self._trim(bucket, _wall_time())
 
     def reject(self, bucket: _Bucket, input_: InputConfig, webhook: Webhook, reason: str) -> _Entry:
         """Keep a webhook its input's signature check refused, for the logs API (status
         "rejected", its 401 as the answer): the last _REJECTED_KEPT of each bucket, in a list of
         their own, so a stranger's forgeries never push an accepted webhook out of the history.
         No socket or output sees them, and storage does not keep them."""
-        entry = _Entry(self.ids.next(), bucket.config, input_.id, input_.name, "", "", webhook, time.time(),
+        entry = _Entry(self.ids.next(), bucket.config, input_.id, input_.name, "", "", webhook, _wall_time(),
                        status="rejected", internal=False)
         entry.answer = _Answer(401, {}, f"signature check failed: {reason}".encode(), entry.received_at)
         bucket.rejected.append(entry)
@@ -2353,7 +2353,7 @@ class _Log:
         entry.size += answer.size
         if bucket is not None and entry.id in self._entries:  # else trimmed already, or its bucket removed
             bucket.history_bytes += answer.size
-            self._trim(bucket, time.time())
+            self._trim(bucket, _wall_time())
 
     def expire(self, buckets: Iterable[_Bucket], now: float) -> None:
         """Drop entries older than their bucket's history_ttl."""
@@ -2496,7 +2496,7 @@ class _Alone:
 
     def claim(self, insert: _Insert) -> bool:
         """Take `insert`'s nonce, if it has one; False, and `insert.replayed`, if it was taken."""
-        if insert.nonce is not None and not self._replays.claim(insert.input_id, insert.nonce, time.time()):
+        if insert.nonce is not None and not self._replays.claim(insert.input_id, insert.nonce, _wall_time()):
             insert.replayed = True
         return not insert.replayed
 
@@ -2701,7 +2701,7 @@ class _Storage(_Alone, _Batching):
             rows = reading.execute(f"SELECT {', '.join(_COLUMNS)} FROM logs ORDER BY id").fetchall()
             positions = db.execute("SELECT bucket_id, output, last FROM positions").fetchall()
             nonces = db.execute("SELECT input_id, nonce, until FROM nonces WHERE until >= ? ORDER BY until",
-                                (time.time(),)).fetchall()
+                                (_wall_time(),)).fetchall()
             db.execute("INSERT OR IGNORE INTO keys VALUES ('inspector sessions', ?)", (secrets.token_bytes(32),))
             self.session_key = db.execute("SELECT value FROM keys WHERE name = 'inspector sessions'").fetchone()[0]
         except (sqlite3.Error, OSError, ConfigError) as error:
@@ -2715,7 +2715,7 @@ class _Storage(_Alone, _Batching):
     async def load(self, buckets: Mapping[str, BucketConfig]) -> _Kept:
         """Open the file, and read what it holds of `buckets` (by id)."""
         last, trimmed, rows, positions, nonces = await trio.to_thread.run_sync(self.open)
-        now = time.time()
+        now = _wall_time()
         for input_id, key, until in nonces:
             self._replays.claim(input_id, _Nonce(key, until), now)
         entries: dict[str, list[_Entry]] = {}
@@ -2806,7 +2806,7 @@ class _Storage(_Alone, _Batching):
         try:
             db.executemany(_INSERT, inserts)
             if nonces:  # those past are no use: the signature check refuses a replay of them
-                db.execute("DELETE FROM nonces WHERE until < ?", (time.time(),))
+                db.execute("DELETE FROM nonces WHERE until < ?", (_wall_time(),))
                 db.executemany("INSERT OR REPLACE INTO nonces VALUES (?, ?, ?)", nonces)
             db.executemany(_UPDATE, updates)
             for bucket_id, trimmed in trims:
@@ -3233,7 +3233,7 @@ class _Redis(_Batching):
         if insert is not None and insert.nonce is not None:
             digest = hashlib.sha256(_utf8(insert.nonce.key)).hexdigest()[:32]
             keys.append(f"{self._prefix}:nonce:{insert.input_id}:{digest}")
-            nonce_kept = max(math.ceil(insert.nonce.until - time.time()), 1)
+            nonce_kept = max(math.ceil(insert.nonce.until - _wall_time()), 1)
         return keys, [self._journal_size, _APPENDED_KEPT, nonce_kept, 2 * len(group[0]),
                       *itertools.chain.from_iterable(itertools.chain(*fields.items()) for fields in group)]
 
@@ -3481,7 +3481,7 @@ class _Throttle:
 
     def warning(self, kind: str, message: str, *args: object, level: int = logging.WARNING) -> bool:
         """Log it, unless one of its kind was lately; whether it was."""
-        now = time.monotonic()
+        now = trio.current_time()
         if now < self._next.get(kind, 0.0):
             self._held[kind] = self._held.get(kind, 0) + 1
             return False
@@ -3863,7 +3863,7 @@ class _Credentials:
         if secret.startswith(_SESSION_PREFIX) and (session := self._session(key, secret)) is not None:
             self._charge(address, -1.0)  # a session signed here: no failure, even once expired
             owner, signed_in, expires = session
-            return _Grant(owner, inspector=True, signed_in=signed_in, expires=expires) if time.time() < expires \
+            return _Grant(owner, inspector=True, signed_in=signed_in, expires=expires) if _wall_time() < expires \
                 else None
         token: TokenConfig | None
         try:
@@ -3883,7 +3883,7 @@ class _Credentials:
     def issue(self, token: TokenConfig, signed_in: float | None = None) -> tuple[str, int]:
         """A session of `token` for the inspector, and when it expires (Unix seconds); a renewal
         carries the time its first sign-in was (`signed_in`, a session's: see `check`)."""
-        now = time.time()
+        now = _wall_time()
         signed_in = int(now if signed_in is None else min(signed_in, now))
         expires = int(min(now + _SESSION_SECONDS, signed_in + _SESSION_MOST))
         return f"{_SESSION_PREFIX}{signed_in}.{expires}.{self._session_mac(token, signed_in, expires)}", expires
@@ -3927,7 +3927,7 @@ class _Credentials:
     def _fresh(self, address: str) -> bool:
         """Count an attempt of `address`; whether it is among its first _FRESH_ATTEMPTS in
         _FRESH_WINDOW seconds, refused ones (busy) included."""
-        now = time.monotonic()
+        now = trio.current_time()
         count, since = self._attempts.pop(address, (0, now))  # re-inserted last: oldest first
         if now - since > _FRESH_WINDOW:
             count, since = 0, now
@@ -3939,7 +3939,7 @@ class _Credentials:
     def _charge(self, address: str, failures: float = 1.0) -> None:
         """Count `failures` against `address` (negative: forgive them); raise TooManyFailures,
         counting nothing, if it has none left to spend."""
-        now = time.monotonic()
+        now = trio.current_time()
         allowed, at, told = self._failures.pop(address, (self._burst, now, False))  # re-inserted last: oldest first
         allowed = min(self._burst, allowed + (now - at) * self._refill)
         if failures > 0 and allowed < 1:
@@ -4145,7 +4145,7 @@ class _Core:
         (in a cluster, another relay may have given it a moment before this one read it)."""
         if since <= self.newest_id(buckets) or since == NIL_LOG_ID:
             return True
-        return self._backend.shared and uuid.UUID(since).int >> 80 <= (time.time() + _CLOCKS_APART) * 1000
+        return self._backend.shared and uuid.UUID(since).int >> 80 <= (_wall_time() + _CLOCKS_APART) * 1000
 
     @staticmethod
     def newest_id(buckets: Iterable[_Bucket]) -> str:
@@ -4295,7 +4295,7 @@ class _Core:
         async with bucket.queue_lock(output), self._backend.queue(bucket, output):
             position = bucket.positions.get(output)
             start = cursor or position  # a cursor reads from where it says, the queue from where it is
-            oldest = time.time() - max_age if start is None else -math.inf
+            oldest = _wall_time() - max_age if start is None else -math.inf
             found = self._log.after([bucket], start or "", limit + 1, lambda entry: entry.received_at >= oldest and (
                 entry.output_name == output if output else entry.internal))
             page = _listed(found, limit)
@@ -5108,7 +5108,7 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
         except (ValueError, RecursionError):
             raise ProtocolError("the body must be JSON: "
                                 '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}') from None
-        answer, status = _parse_answer(data, time.time())
+        answer, status = _parse_answer(data, _wall_time())
         await core.answer(entry, answer, status)
         return _json(200, entry.as_log())
 
@@ -5632,7 +5632,7 @@ def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
             delay = float(retry_after)
         except ValueError:
             try:
-                delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+                delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - _wall_time()
             except (TypeError, ValueError):
                 delay = -1.0
         if delay >= 0:
@@ -5671,12 +5671,12 @@ async def _deliver(client: "httpx.AsyncClient", request: _Request, delivery: _De
             headers: dict[str, list[str]] = {}
             for name, value in response.headers.multi_items():
                 headers.setdefault(_canonical_header(name), []).append(value)
-            answer = _Answer(response.status_code, headers, bytes(body), time.time(), retry)
+            answer = _Answer(response.status_code, headers, bytes(body), _wall_time(), retry)
             if not _worth_retrying(response.status_code):
                 return answer
             retry_after = response.headers.get("Retry-After")
         except (httpx.HTTPError, httpx.InvalidURL, trio.TooSlowError, OSError) as error:
-            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time(), retry)
+            answer = _Answer(0, {}, _delivery_error(error).encode(), _wall_time(), retry)
             if isinstance(error, _UNSENDABLE) or _refused_certificate(error):
                 return answer
         if retry >= delivery.retries:
@@ -5792,7 +5792,7 @@ class _Forwarder:
             self._services.metrics.delivery_seconds.observe(trio.current_time() - started)
         except Exception as error:  # a bug, but not one that may stop the relay or this output
             _unexpected(self._services.throttle, "delivering a webhook to a public output", error)
-            answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
+            answer = _Answer(0, {}, _delivery_error(error).encode(), _wall_time())
         finally:
             in_flight.release()
         self._services.core.delivered(entry, answer)
@@ -7191,7 +7191,7 @@ class _Agent:
 
     async def _deliver(self, app: httpx.AsyncClient, frame: _WebhookFrame) -> None:
         destination = _agent_destination(frame.output_destination, self.config.to)
-        started = time.time()
+        started = _wall_time()
         if destination is None:
             answer = _Answer(0, {}, f"no URL to deliver to: output_destination is {frame.output_destination!r}; "
                                     "run the agent with --to URL".encode(), started)
@@ -7206,7 +7206,7 @@ class _Agent:
                                         functools.partial(self._print, frame, destination, started=started))
             except Exception as error:  # a bug, but not one that may stop the agent, or repeat at each restart
                 _unexpected(self._throttle, "delivering a webhook", error)
-                answer = _Answer(0, {}, _delivery_error(error).encode(), time.time())
+                answer = _Answer(0, {}, _delivery_error(error).encode(), _wall_time())
         version = self._checkpoint.done(frame.id)
         self._print(frame, destination, answer, started=started)
         await self._reports.send((frame.id, answer))
@@ -7784,7 +7784,7 @@ class _JsonLines(logging.Formatter):
 
     @classmethod
     def line(cls, level: int, message: str, **fields: Any) -> str:
-        return cls().format(logging.makeLogRecord({"name": logger.name, "levelno": level, "created": time.time(),
+        return cls().format(logging.makeLogRecord({"name": logger.name, "levelno": level, "created": _wall_time(),
                                                    "levelname": logging.getLevelName(level), "msg": message,
                                                    "fields": fields}))
 
@@ -8002,7 +8002,7 @@ def _run_workers(count: int, argv: list[str]) -> int:
         try:
             workers[number] = subprocess.Popen(command, env={**os.environ, _WORKER: str(number)},
                                                start_new_session=True, preexec_fn=in_the_worker)
-            started[number] = time.monotonic()
+            started[number] = time.monotonic()  # the supervisor runs no Trio loop: its own clock
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
