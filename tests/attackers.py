@@ -9,8 +9,9 @@ import sys
 import httpx
 import trio
 
+from helpers import tcp_from, closed_by_relay
+
 sys.path.insert(0, __file__.rpartition("/")[0])
-from test_security import closed_by_relay, tcp_from  # noqa: E402
 
 ATTACKERS = [f"127.0.0.{n}" for n in range(2, 10)]
 

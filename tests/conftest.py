@@ -58,8 +58,17 @@ def config():
 
 @pytest.fixture
 async def relay(config):
+    """The suite's relay: a relay_lite.Relay serving `config` in the test's Trio loop. Not the
+    plugin's `relay` (a RelayFixture): the plugin is off in this suite (pyproject's addopts), and
+    tests/test_pytest_plugin.py tries it in projects of its own."""
     async with relay_lite.open_relay(config) as relay:
         yield relay
+
+
+# the plugin's relay_factory (a relay in a thread of its own: the browser tests'), as a project's
+# tests get it
+relay_factory = relay_lite.pytest_plugin.relay_factory
+_relay_lite_trio_factory = relay_lite.pytest_plugin._relay_lite_trio_factory
 
 
 @pytest.fixture

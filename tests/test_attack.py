@@ -23,7 +23,8 @@ import pytest
 import trio
 import trio_websocket
 
-from test_cli import start
+from helpers import start
+
 
 ATTACKERS = str(Path(__file__).with_name("attackers.py"))
 

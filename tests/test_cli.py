@@ -6,7 +6,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,35 +18,7 @@ import trio_websocket
 
 import relay_lite
 
-SCRIPT = str(Path(relay_lite.__file__))
-
-
-def run(*args, timeout=20):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout)
-
-
-async def start(*args, **options):
-    """Start the server; return the process and its banner, which ends with "Ctrl-C to stop".
-
-    Its log goes to this process's stderr, which pytest captures (a pipe nobody read would fill
-    up, 64 KiB, a few hundred webhooks' INFO lines, and stall the server), unless `options`
-    (for subprocess.Popen) say otherwise.
-    """
-    process = await trio.lowlevel.open_process([sys.executable, "-u", SCRIPT, *args], stdout=subprocess.PIPE,
-                                               **options)
-    banner = b""
-    with trio.fail_after(20):
-        while b"Ctrl-C to stop" not in banner:
-            chunk = await process.stdout.receive_some()
-            assert chunk, f"server exited: {banner!r}"
-            banner += chunk
-    return process, banner.decode()
-
-
-async def stop(process):
-    process.send_signal(signal.SIGTERM)
-    with trio.fail_after(15):
-        return await process.wait()
+from helpers import SCRIPT, run, start, stop
 
 
 async def test_demo_mode_prints_what_to_use_and_relays():

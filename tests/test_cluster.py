@@ -4,7 +4,6 @@ an answer comes to. Needs redis-server (.ci/run installs Debian's package) and r
 import functools
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,56 +16,11 @@ import relay_lite
 
 from app_server import running_app
 from conftest import KEY, SECRET, connect, post, relay_config, subscriber
+from helpers import BODY, stripe_config, signed_stripe_headers, logged, free_port, RedisServer
 
 pytest.importorskip("redis")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed (.ci/run installs Debian's package)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, directory) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                trio_sleep_blocking(0.025)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    async def hang(self, seconds: float) -> None:
-        """Stop Redis (SIGSTOP) for `seconds`: requests in its hands get no answer, no error; then it goes on."""
-        self.process.send_signal(signal.SIGSTOP)
-        try:
-            await trio.sleep(seconds)
-        finally:
-            self.process.send_signal(signal.SIGCONT)
 
 
 @asynccontextmanager
@@ -86,11 +40,6 @@ async def tail_held(relay):
     finally:
         released.set()
         reader.xread = xread
-
-
-def trio_sleep_blocking(seconds: float) -> None:
-    import time
-    time.sleep(seconds)
 
 
 @pytest.fixture
@@ -629,7 +578,6 @@ def test_workers_end_when_their_supervisor_is_killed(redis_server, tmp_path):
 async def test_a_signed_webhook_replayed_to_another_relay_is_not_relayed_again(redis_server):
     """The replay memory was each relay's own (issue 20, finding 5): a replay into another
     relay of the cluster, or into a worker of --workers, was relayed once per relay."""
-    from test_hardening import BODY, logged, signed_stripe_headers, stripe_config
     config = stripe_config()
     config["cluster"] = {"redis_url": redis_server.url}
     headers = signed_stripe_headers()

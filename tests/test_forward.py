@@ -15,7 +15,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -33,7 +32,7 @@ import relay_lite
 
 from app_server import Answer, running_app
 from conftest import FAILED, SENT, GITHUB_INPUT, KEY, SECRET, eventually, log_of, post, relay_config
-from test_cli import SCRIPT, start, stop
+from helpers import SCRIPT, start, stop
 
 
 # ---------------------------------------------------------------------------- the agent, as a process

@@ -45,7 +45,7 @@ import relay_lite
 from relay_lite import ConfigError, ProtocolError, Webhook, parse_client_frame, status_frame, wire_frame
 
 from conftest import GITHUB_ID, GITHUB_INPUT, KEY, SECRET, post, relay_config, subscriber
-from test_security import closed_by_relay, tcp_from
+from helpers import closed_by_relay, tcp_from
 
 # Fast and repeatable: no example database, no deadline (a busy machine must not turn a slow
 # example into a failure).
@@ -792,16 +792,6 @@ async def run_bounded(relay, traffic, run_case, case: Case, limiter, failures: l
             failures.append(f"{problem}: {case}")
 
 
-async def read_until_closed(stream: trio.SocketStream) -> bytes:
-    received = b""
-    try:
-        while chunk := await stream.receive_some(65536):
-            received += chunk
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    return received
-
-
 async def send_chunks(stream: trio.SocketStream, chunks: list[bytes], log_id: bytes) -> bool:
     """Send each chunk (a checkpoint between them); False if the relay closed first."""
     try:
@@ -1025,7 +1015,7 @@ async def run_http_case(relay, traffic: GoodTraffic, case: Case) -> str | None:
                     await stream.send_eof()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-            answer = await read_until_closed(stream)
+            answer = await closed_by_relay(stream)
     finally:
         await stream.aclose()
     for status in answer.split(b"HTTP/1.1 ")[1:]:

@@ -21,11 +21,8 @@ import trio
 import relay_lite
 
 from conftest import GITHUB_INPUT, KEY, SECRET, post, relay_config, subscriber
-from test_security import closed_by_relay, tcp_from
-
-
-def errors_logged(caplog):
-    return [record for record in caplog.records if record.levelno >= logging.ERROR]
+from helpers import (tcp_from, closed_by_relay, errors_logged, BODY, STRIPE_SECRET, stripe_signature,
+                     stripe_config, signed_stripe_headers, logged)
 
 
 async def read_answer(stream: trio.SocketStream, timeout: float = 5) -> bytes:
@@ -159,7 +156,7 @@ async def test_4_a_bug_is_one_rate_limited_line_in_the_log(caplog):
         caplog.clear()
         for _ in range(20):
             assert (await post(relay, content="x")).status_code == 500
-    lines = [record.getMessage() for record in errors_logged(caplog)]
+    lines = errors_logged(caplog)
     assert len(lines) == 1, lines  # then at most one each 10 s, with a count
     assert lines[0].startswith("unexpected error while answering a request: ValueError: a bug\\nwith a second line")
     assert "(at relay_lite.py:" not in lines[0] and "test_hardening.py:" in lines[0]  # where it was raised
@@ -211,32 +208,11 @@ async def test_6_half_a_tls_client_hello_is_closed_at_idle_timeout(tmp_path):
 # -------------------------------------------------------------------------- 3 and 5: replays
 
 
-STRIPE_SECRET = "whsec_stripe_one"
-BODY = b'{"id": "evt_1", "type": "charge.succeeded"}'
-
-
-def stripe_signature(body: bytes = BODY, at: float | None = None) -> tuple[str, str]:
-    """Stripe's t= and v1= for `body`, signed as Stripe signs."""
-    stamp = str(int(time.time() if at is None else at))
-    return stamp, hmac.new(STRIPE_SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def stripe_config(**server):
-    config = relay_config(**server)
-    config["buckets"][1]["inputs"][0]["verify"] = {"scheme": "stripe", "secrets": [STRIPE_SECRET]}
-    return config
-
-
 def edited_stripe_headers(stamp: str, signature: str) -> list[str]:
     """The same signed webhook's Stripe-Signature, written eight ways that all pass its check."""
     return [f"t={stamp},v1={signature}", f"t={stamp},v1={signature},v1=00", f"t={stamp}, v1={signature}",
             f"v1={signature},t={stamp}", f"t={stamp},v1={signature},", f"t={stamp},v0=ab,v1={signature}",
             f"t={stamp} , v1={signature}", f"t={stamp},v1=00,v1={signature}"]
-
-
-async def logged(relay, bucket: str) -> int:
-    async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
-        return (await http.get("/v1/logs", params={"bucket": bucket})).json()["total"]
 
 
 def test_3_a_replay_is_known_by_what_was_verified_not_by_the_headers_text():
@@ -267,11 +243,6 @@ def stored_stripe_config(tmp_path):
     config = stripe_config()
     config["storage"] = {"path": str(tmp_path / "relay.db")}
     return config
-
-
-def signed_stripe_headers(at: float | None = None) -> dict[str, str]:
-    stamp, signature = stripe_signature(at=at)
-    return {"Stripe-Signature": f"t={stamp},v1={signature}"}
 
 
 async def test_5_a_replay_is_refused_across_a_restart_with_storage(tmp_path):

@@ -4,7 +4,6 @@ them), driven by Selenium. Each test saves a screenshot of every state it reache
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from hypothesis import given, strategies as st
 
 import relay_lite
 from conftest import GITHUB_INPUT, KEY, SECRET, relay_config
+from helpers import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -168,12 +168,6 @@ def nginx_conf(tmp_path):
         return conf
 
     return write, ca
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_the_nginx_recipe_carries_webhooks_and_sockets_and_the_clients_address(nginx_conf, tmp_path):

@@ -13,7 +13,7 @@ import relay_lite
 
 from app_server import running_app
 from conftest import GITHUB_INPUT, KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, eventually, post, relay_config, subscriber
-from test_cli import start, stop
+from helpers import start, stop
 
 
 def reloaded_config(app_url: str) -> dict:

@@ -1,48 +1,12 @@
 """Resume: a client that subscribes with "since" gets every later webhook, in order, then live ones."""
 
-import httpx
 import pytest
 import trio
 
 import relay_lite
 
 from conftest import GITHUB_INPUT, KEY, SECRET, connect, eventually, post, relay_config, subscriber
-
-
-async def post_many(relay, bodies, input_id=GITHUB_INPUT):
-    async with httpx.AsyncClient(timeout=10) as http:
-        for body in bodies:
-            response = await http.post(f"{relay.url}/v1/webhooks/{input_id}", content=body)
-            assert response.status_code == 200
-
-
-async def last_seen(relay, body="before"):
-    """The meta.id of a webhook a client processed before it went away."""
-    async with subscriber(relay, ["github"]) as client:
-        await post(relay, content=body)
-        return (await client.webhook())["meta"]["id"]
-
-
-async def resume(client, since, buckets=("github",)):
-    await client.send(action="auth", key=KEY, secret=SECRET)
-    await client.expect("authenticated")
-    await client.send(action="subscribe", buckets=list(buckets), since=since)
-    await client.expect("subscribed")
-
-
-async def receive_until_resumed(client, timeout=20):
-    """The webhooks a resume sends, up to its "resumed" status."""
-    frames = []
-    with trio.fail_after(timeout):
-        while (frame := await client.receive()).get("type") == "webhook":
-            frames.append(frame)
-    assert frame["status"] == "resumed", frame
-    return frames
-
-
-def assert_in_id_order(frames):
-    ids = [frame["meta"]["id"] for frame in frames]
-    assert ids == sorted(set(ids)), "ids out of order, or one twice"
+from helpers import post_many, last_seen, resume, receive_until_resumed, assert_in_id_order
 
 
 async def test_a_client_that_missed_1000_webhooks_gets_them_all_in_order_then_live(relay):

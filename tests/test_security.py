@@ -23,8 +23,7 @@ import relay_lite
 
 from conftest import (KEY, SCOPED_KEY, SCOPED_SECRET, SECRET, connect, eventually, never_reading_client, post,
                       relay_config, subscriber)
-from test_resume import last_seen
-from test_cli import start
+from helpers import SCRIPT, closed_by_relay, errors_logged, last_seen, start, tcp_from
 
 
 @pytest.fixture
@@ -32,10 +31,6 @@ def config():
     config = relay_config()
     config["buckets"][0]["inputs"].append({"id": "in-held", "name": "held", "response_from_output": "anyOutput"})
     return config
-
-
-def errors_logged(caplog):
-    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def raw_exchange(relay, data: bytes, *, timeout: float = 5) -> bytes:
@@ -342,26 +337,6 @@ def close_wait_sockets(port: int) -> int:
     return count
 
 
-async def tcp_from(relay, source: str = "127.0.0.1") -> trio.SocketStream:
-    """A TCP connection to the relay from `source`, another loopback address standing in for another host."""
-    sock = trio.socket.socket()
-    await sock.bind((source, 0))
-    await sock.connect((relay.host, relay.port))
-    return trio.SocketStream(sock)
-
-
-async def closed_by_relay(stream: trio.SocketStream, timeout: float) -> bytes:
-    """Read until the relay closes the connection; what it sent before."""
-    received = b""
-    with trio.fail_after(timeout):
-        try:
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-        except trio.BrokenResourceError:
-            pass
-    return received
-
-
 def still_open(stream: trio.SocketStream) -> bool:
     """The relay has not closed `stream` (and sent nothing on it), seen without waiting."""
     with socket.fromfd(stream.socket.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:  # a duplicate
@@ -538,7 +513,6 @@ async def test_7_a_secret_hash_authenticates_like_a_secret(guarded_config):
 
 
 def test_7_hash_secret_prints_a_hash_of_the_secret_given_or_of_a_new_one():
-    from test_cli import SCRIPT
     import sys
     import subprocess
     given = subprocess.run([sys.executable, SCRIPT, "hash-secret"], input="my-own-secret-0123456789\n",
@@ -660,7 +634,6 @@ async def test_a_logs_page_is_bounded_in_bytes(relay):
     page = response.json()
     assert 4 <= len(page["data"]) < 12 and page["limit"] == len(page["data"]) and page["total"] == 12
     assert len(response.content) < 12_000_000
-
 
 
 # -------------------------------------------------------------------------- found by reviewing the change

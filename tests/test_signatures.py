@@ -195,7 +195,6 @@ async def test_a_webhook_that_fails_its_check_gets_401_and_is_relayed_to_nobody(
     assert refusals and "X-Hub-Signature-256 does not match" in refusals[0]
 
 
-
 async def test_forgeries_never_push_an_accepted_webhook_out_of_the_history():
     """They are kept in a short list of their own (the last 50 of a bucket, 16 KiB of each body)."""
     config = relay_config()

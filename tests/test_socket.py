@@ -286,7 +286,6 @@ async def test_a_client_that_never_reads_costs_others_nothing(slow_config):
         stuck.close()
 
 
-
 @pytest.fixture
 def small_queue_config():
     return relay_config(send_queue_size=8)

@@ -12,8 +12,7 @@ import trio
 import relay_lite
 
 from conftest import FAILED, GITHUB_ID, GITHUB_INPUT, RECEIVED, KEY, SECRET, connect, post, relay_config, subscriber
-from test_cli import run, start, stop
-from test_resume import assert_in_id_order, last_seen, post_many, receive_until_resumed, resume
+from helpers import run, start, stop, post_many, last_seen, resume, receive_until_resumed, assert_in_id_order
 
 
 @pytest.fixture

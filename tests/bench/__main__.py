@@ -27,6 +27,9 @@ from pathlib import Path
 
 from tests.bench.peers import BUCKET, INPUT_ID, KEY, SECRET, webhook_body
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' own helpers, as pytest finds them
+from helpers import RedisServer, free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FRAME_BYTES = 1600  # a relay frame for a 1 KiB body, headers and meta: about 1.6 KB
@@ -355,6 +358,7 @@ class Bench:
         subscriber on one of them getting every webhook through Redis, each against one relay
         without [cluster] in the same round (A B B A); and the latency Redis adds at 100/s and 500/s (A B B A)."""
         redis_server = RedisServer(self.workdir)
+        redis_server.start()
         try:
             duration, rounds = (1, 1) if self.quick else (3, 2)
             for workers in ((2,) if self.quick else (1, 2, 3)):
@@ -404,7 +408,7 @@ class Bench:
                         count: int) -> dict:
         """Webhooks one at a time to `clients` subscribers (spread over the workers by the kernel)."""
         redis_server.flush()
-        options = {"cluster": redis_server.url, "workers": workers, "port": _free_port(),
+        options = {"cluster": redis_server.url, "workers": workers, "port": free_port(),
                    "host": "127.0.0.1"} if clustered else {}
         relay = Relay(self.workdir, **options)
         try:
@@ -417,7 +421,7 @@ class Bench:
 
     def _cluster_ingest(self, redis_server: "RedisServer", clustered: bool, workers: int, duration: float) -> dict:
         redis_server.flush()
-        options = {"cluster": redis_server.url, "workers": workers, "port": _free_port(),
+        options = {"cluster": redis_server.url, "workers": workers, "port": free_port(),
                    "host": "127.0.0.1"} if clustered else {}
         relay = Relay(self.workdir, **options)
         try:
@@ -692,42 +696,6 @@ class Bench:
                      machine=True)
             self.row(f"idle, {clients} authenticated subscribers", "connections dropped", got["closed"], "0",
                      got["closed"] == 0)
-
-
-class RedisServer:
-    """A redis-server of the bench's own, on a free loopback port, persisting every write."""
-
-    def __init__(self, workdir: Path) -> None:
-        import redis  # relay-lite[redis]
-
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.popen = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                                       str(workdir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-                                       "--maxmemory-policy", "noeviction"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(port=self.port)
-        if not _until(lambda: self._answers(), 10):
-            raise RuntimeError("redis-server did not start")
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except Exception:
-            return False
-
-    def flush(self) -> None:
-        self.client.flushall()
-
-    def stop(self) -> None:
-        self.popen.terminate()
-        self.popen.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _output(name: str, destination: str, public: bool = False) -> str:
