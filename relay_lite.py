@@ -330,6 +330,7 @@ _OWN_ANSWER_HEADERS = tuple((name.lower().encode(), value.encode()) for name, va
 _WORKER = "RELAY_LITE_WORKER"  # in a worker's environment: its number
 
 _FIXTURE_TIMEOUT = 10.0  # seconds a fixture relay may take to start or stop, and a helper to get a frame
+_HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -776,13 +777,35 @@ def _output_id(bucket_id: str, name: str) -> str:
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]+\]")
-_HISTORY_KEYS = ("history_size", "history_ttl", "history_bytes")
 
 
 def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
-    server = config.server
+    server = _checked_server(config.server)
     reachable = _reachable(config)  # from other machines: secrets must be strong
+    buckets, bucket_refs = _checked_buckets(config.buckets, server)
+    _check_tokens(config.tokens, bucket_refs, reachable)
+    if config.metrics.token:
+        _check_secret(config.metrics.token, "metrics.token", strong=reachable)
+    else:  # /metrics names every bucket and output: a stranger must not read them
+        _require(not config.metrics.enabled or not reachable, "metrics.token",
+                 f"required when other machines can reach the relay (host {server.host!r}, or a proxy's way in: "
+                 "trusted_proxies, public_url, [inspector] host): /metrics names every bucket and output; give "
+                 "one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+    if config.cluster.redis_url:
+        _require(urllib.parse.urlsplit(config.cluster.redis_url).scheme in ("redis", "rediss", "unix"),
+                 "cluster.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        _require(not config.storage.path, "cluster.redis_url",
+                 "the cluster keeps the log in Redis: leave out [storage] (Redis's own persistence keeps it)")
+    inspector = config.inspector
+    _require(inspector.host == "" or _HOST_NAME.fullmatch(inspector.host) is not None, "inspector.host",
+             f"must be a host name (no scheme, no port), got {_shown(inspector.host, 60)!r}")
+    inspector = dataclasses.replace(inspector, enabled=inspector.enabled and server.inspector,
+                                    host=inspector.host.lower().rstrip("."))
+    return dataclasses.replace(config, server=server, buckets=tuple(buckets), inspector=inspector)
+
+
+def _checked_server(server: ServerConfig) -> ServerConfig:
     _require(0 <= server.port <= 65535, "server.port", f"must be 0 to 65535, got {server.port}")
     for key in ("ping_interval", "auth_timeout", "max_body_size", "send_queue_size", "send_queue_bytes",
                 "shutdown_timeout", "request_timeout", "idle_timeout", "send_timeout", "max_header_bytes",
@@ -807,11 +830,17 @@ def _checked(config: Config) -> Config:
         not server.public_url or server.public_url.startswith(("http://", "https://")),
         "server.public_url", f"must start with http:// or https://, got {server.public_url!r}",
     )
+    return server
 
+
+def _checked_buckets(buckets_given: tuple[BucketConfig, ...], server: ServerConfig,
+                     ) -> tuple[list[BucketConfig], dict[str, str]]:
+    """The buckets with their ids, inputs and history bounds filled in, and where each name and id
+    was first seen."""
     buckets = []
     bucket_refs: dict[str, str] = {}  # name or id -> where it was first seen
     input_ids: dict[str, str] = {}
-    for b, bucket in enumerate(config.buckets):
+    for b, bucket in enumerate(buckets_given):
         where = f"buckets[{b}]"
         _require(bucket.name != "", f"{where}.name", "must not be empty")
         bucket_id = bucket.id or _derived_id("bucket", bucket.name)
@@ -856,10 +885,13 @@ def _checked(config: Config) -> Config:
             output_names.add(output.name)
             _check_output(output, f"{where}.outputs[{o}]")
         buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs), **history))
+    return buckets, bucket_refs
 
+
+def _check_tokens(tokens: tuple[TokenConfig, ...], bucket_refs: Mapping[str, str], reachable: bool) -> None:
     keys: dict[str, str] = {}
     secrets_seen: dict[str, str] = {}
-    for t, token in enumerate(config.tokens):
+    for t, token in enumerate(tokens):
         where = f"tokens[{t}]"
         _require(token.key != "", f"{where}.key", "must not be empty")
         if token.key in keys:
@@ -880,24 +912,6 @@ def _checked(config: Config) -> Config:
                      "is empty: name the buckets this token may see, or leave the key out for all")
             for n, ref in enumerate(token.buckets):
                 _require(ref in bucket_refs, f"{where}.buckets[{n}]", f"no bucket is named or has the id {ref!r}")
-    if config.metrics.token:
-        _check_secret(config.metrics.token, "metrics.token", strong=reachable)
-    else:  # /metrics names every bucket and output: a stranger must not read them
-        _require(not config.metrics.enabled or not reachable, "metrics.token",
-                 f"required when other machines can reach the relay (host {server.host!r}, or a proxy's way in: "
-                 "trusted_proxies, public_url, [inspector] host): /metrics names every bucket and output; give "
-                 "one: python -c 'import secrets; print(secrets.token_urlsafe(24))'")
-    if config.cluster.redis_url:
-        _require(urllib.parse.urlsplit(config.cluster.redis_url).scheme in ("redis", "rediss", "unix"),
-                 "cluster.redis_url", "must be a redis://, rediss:// or unix:// URL")
-        _require(not config.storage.path, "cluster.redis_url",
-                 "the cluster keeps the log in Redis: leave out [storage] (Redis's own persistence keeps it)")
-    inspector = config.inspector
-    _require(inspector.host == "" or _HOST_NAME.fullmatch(inspector.host) is not None, "inspector.host",
-             f"must be a host name (no scheme, no port), got {_shown(inspector.host, 60)!r}")
-    inspector = dataclasses.replace(inspector, enabled=inspector.enabled and server.inspector,
-                                    host=inspector.host.lower().rstrip("."))
-    return dataclasses.replace(config, server=server, buckets=tuple(buckets), inspector=inspector)
 
 
 _MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
@@ -1856,6 +1870,77 @@ def decode_cursor(text: str, kind: str, size: int) -> tuple[list[str], str]:
             and all(isinstance(field, str) for field in fields) and _canonical_log_id(fields[-1]) == fields[-1]):
         raise ProtocolError("cursor is not one this relay gave: pass next_cursor as it came")
     return fields[1:-1], fields[-1]
+
+
+def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = args.get(name) or ""
+    if raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
+        raise ProtocolError(f"{name} must be a whole number from {low} to {high}")
+    return int(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LogsQuery:
+    """GET /v1/logs's query, checked: newest first, by pages, with `offset` and `limit`, or
+    `cursor` and `next_cursor`, which stay put while webhooks arrive (a page goes on below the
+    last id of the one before). A cursor carries the query's filters and its token's tag: a
+    filter given again with it must be the same."""
+
+    tag: str  # the token's (see _token_tag)
+    filters: dict[str, str]  # bucket, status, from and to, as given ("": none)
+    status: str | None
+    since: float
+    until: float
+    limit: int
+    offset: int
+    before: str  # the cursor's: the page starts below this id
+
+    FILTERS: typing.ClassVar = ("bucket", "status", "from", "to")
+
+    @classmethod
+    def parse(cls, pairs: Iterable[tuple[str, str]], tag: str) -> "_LogsQuery":
+        params = query_parameters(pairs, LOGS_PARAMETERS)
+        before = ""
+        if "cursor" in params:
+            kept, before = decode_cursor(params["cursor"], "logs", 1 + len(cls.FILTERS))
+            if kept[0] != tag:
+                raise ProtocolError("cursor belongs to another token")
+            for name, value in zip(cls.FILTERS, kept[1:]):
+                if params.get(name, value) != value:
+                    raise ProtocolError(f"cursor belongs to another query: its {name} is {_shown(value, 64)!r}")
+                if value:
+                    params[name] = value
+            if params.get("offset", "0") != "0":
+                raise ProtocolError("offset and cursor cannot go together: a cursor says where the page starts")
+        status = params.get("status")
+        if status is not None:
+            status = LOG_STATUSES[int(status)] if status in ("0", "1", "2", "3", "4", "5") else status
+            if status not in LOG_STATUSES:
+                raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)} (or 0 to 5)")
+        since = parse_time(params["from"], "from") if "from" in params else -math.inf
+        until = parse_time(params["to"], "to", end=True) if "to" in params else math.inf
+        if since >= until:
+            raise ProtocolError("from must come before to")
+        return cls(tag, {name: params.get(name, "") for name in cls.FILTERS}, status, since, until,
+                   _int_arg(params, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT), _int_arg(params, "offset", 0, 0, 2**31),
+                   before)
+
+    def page(self, newest: Iterable[_Entry]) -> dict[str, Any]:
+        """The page of `newest` (its buckets' entries, newest first) this query asks for, as the
+        hosted API writes it."""
+        matching = [entry for entry in newest if (self.status is None or entry.status == self.status)
+                    and self.since <= entry.received_at < self.until]
+        start = self.offset + (next((n for n, entry in enumerate(matching) if entry.id < self.before), len(matching))
+                               if self.before else 0)
+        page = _listed(itertools.islice(matching, start, None), self.limit)
+        more = start + len(page) < len(matching)
+        limit = len(page) if more and len(page) < self.limit else self.limit  # stopped short at _LOGS_PAGE_BYTES:
+        # "limit" says how many it holds
+        cursor = encode_cursor("logs", [self.tag, *self.filters.values()], page[-1].id) if page and more else ""
+        return {"data": [entry.as_log() for entry in page], "total": len(matching), "limit": limit,
+                "offset": self.offset, "next_cursor": cursor}
 
 
 # ---- client addresses ------------------------------------------------------------------------
@@ -4487,6 +4572,23 @@ class _Services:
             raise Forbidden("an inspector's session may read the log and resend, no more: use the token's secret")
         return dataclasses.replace(grant, token=token)
 
+    def authenticate_metrics(self, address: str, authorization: str) -> None:
+        """Unauthorized (or TooManyFailures) unless a request for /metrics from `address`, with
+        the Authorization header `authorization`, gives Bearer <[metrics] token>, if one is set."""
+        expected = self.config.metrics.token
+        if not expected:
+            return
+        scheme, _, given = authorization.strip().partition(" ")
+        try:
+            right = scheme.lower() == "bearer" and self.credentials.check_other(address, given.strip(), expected)
+        except TooManyFailures:
+            self.metrics.auth_failures["locked_out"] += 1
+            raise
+        if not right:
+            self.metrics.auth_failures["metrics"] += 1
+            raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
+                               'Bearer realm="relay_lite metrics"')
+
 
 class _Reply(typing.NamedTuple):
     """What a webhook's sender is answered: an input's own answer, or a client's, with its
@@ -5022,83 +5124,46 @@ class _App(QuartTrio):
             _unexpected(self.throttle, "answering a request", error)
 
 
-def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
-    """The HTTP routes: each reads its request, calls the services, and answers."""
-    core = services.core
-    app = _App("relay_lite")
-    app.throttle = services.throttle
-    app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_size
+class _Routes:
+    """The HTTP routes (see _make_app for their paths): each reads its request, calls the
+    services, and answers."""
 
-    async def grant(*, inspector: bool = False) -> _Grant:
+    def __init__(self, services: _Services, sockets: "_Sockets") -> None:
+        self._services = services
+        self._core = services.core
+        self._sockets = sockets
+
+    async def _grant(self, *, inspector: bool = False) -> _Grant:
         """Who the REST API request being served comes from (see _Services.authenticate)."""
-        return await services.authenticate(_address_key(_request_client()), *_request_credentials(),
+        return await self._services.authenticate(_address_key(_request_client()), *_request_credentials(),
                                            inspector=inspector)
 
-    async def api_token(*, inspector: bool = False) -> TokenConfig:
-        return (await grant(inspector=inspector)).token
+    async def _api_token(self, *, inspector: bool = False) -> TokenConfig:
+        return (await self._grant(inspector=inspector)).token
 
-    @app.route(WEBHOOK_PREFIX + "<path:_rest>", methods=list(WEBHOOK_METHODS))
-    async def receive_webhook(_rest: str) -> Response:
+    async def receive_webhook(self, _rest: str) -> Response:
         scope = typing.cast(dict, request.scope)
         target = _text(scope["raw_path"])
         if not target.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
             target = urllib.parse.urlsplit(target).path
         # a held sender counts as pending: anyone may post to a holding input
-        reply = await services.ingest.receive(target, request.method, scope["query_string"], scope["headers"],
+        reply = await self._services.ingest.receive(target, request.method, scope["query_string"], scope["headers"],
                                               _request_body(), scope[_CLIENT], _request_host(),
-                                              lambda: services.connections.idle(scope[_CONNECTION]))
+                                              lambda: self._services.connections.idle(scope[_CONNECTION]))
         if reply.headers is None:
             return _plain(reply.status, typing.cast(str, reply.body))
         return _sender_answer(reply.body, reply.status, reply.headers)
 
-    @app.route(LOGS_PATH, methods=["GET"])
-    async def list_logs() -> Response:
-        """Newest first, by pages: `offset` and `limit`, or `cursor` and `next_cursor`, which
-        stay put while webhooks arrive (a page goes on below the last id of the one before)."""
-        token = await api_token(inspector=True)  # the inspector's reads
-        params = query_parameters(request.args.items(multi=True), LOGS_PARAMETERS)
-        filters = ("bucket", "status", "from", "to")
-        before = ""
-        if "cursor" in params:  # it carries the query's filters: any given again must be the same
-            kept, before = decode_cursor(params["cursor"], "logs", 1 + len(filters))
-            if kept[0] != _token_tag(token):
-                raise ProtocolError("cursor belongs to another token")
-            for name, value in zip(filters, kept[1:]):
-                if params.get(name, value) != value:
-                    raise ProtocolError(f"cursor belongs to another query: its {name} is {_shown(value, 64)!r}")
-                if value:
-                    params[name] = value
-            if params.get("offset", "0") != "0":
-                raise ProtocolError("offset and cursor cannot go together: a cursor says where the page starts")
-        status = params.get("status")
-        if status is not None:
-            status = LOG_STATUSES[int(status)] if status in ("0", "1", "2", "3", "4", "5") else status
-            if status not in LOG_STATUSES:
-                raise ProtocolError(f"status must be one of {', '.join(LOG_STATUSES)} (or 0 to 5)")
-        since = parse_time(params["from"], "from") if "from" in params else -math.inf
-        until = parse_time(params["to"], "to", end=True) if "to" in params else math.inf
-        if since >= until:
-            raise ProtocolError("from must come before to")
-        limit = _int_arg(params, "limit", _LOGS_LIMIT, 1, _LOGS_MAX_LIMIT)
-        offset = _int_arg(params, "offset", 0, 0, 2**31)
-        buckets = core.resolve(token, (params["bucket"],) if "bucket" in params else ())
-        matching = [entry for entry in core.newest(buckets) if (status is None or entry.status == status)
-                    and since <= entry.received_at < until]
-        start = offset + (next((n for n, entry in enumerate(matching) if entry.id < before), len(matching))
-                          if before else 0)
-        page = _listed(itertools.islice(matching, start, None), limit)
-        more = start + len(page) < len(matching)
-        if more and len(page) < limit:  # stopped short at _LOGS_PAGE_BYTES: "limit" says how many it holds
-            limit = len(page)
-        cursor = encode_cursor("logs", [_token_tag(token), *(params.get(name, "") for name in filters)],
-                               page[-1].id) if page and more else ""
-        return _json(200, {"data": [entry.as_log() for entry in page], "total": len(matching), "limit": limit,
-                           "offset": offset, "next_cursor": cursor})
+    async def list_logs(self) -> Response:
+        """Newest first, by pages (see _LogsQuery)."""
+        token = await self._api_token(inspector=True)  # the inspector's reads
+        query = _LogsQuery.parse(request.args.items(multi=True), _token_tag(token))
+        buckets = self._core.resolve(token, (query.filters["bucket"],) if query.filters["bucket"] else ())
+        return _json(200, query.page(self._core.newest(buckets)))
 
-    @app.route(LOGS_PATH + "/<log_id>", methods=["GET", "PUT"])
-    async def one_log(log_id: str) -> Response:
-        token = await api_token(inspector=request.method == "GET")  # no answers from it
-        entry = core.entry(token, log_id)
+    async def one_log(self, log_id: str) -> Response:
+        token = await self._api_token(inspector=request.method == "GET")  # no answers from it
+        entry = self._core.entry(token, log_id)
         if request.method == "GET":
             return _json(200, entry.as_log())
         if entry.status == "rejected":  # whatever the body says: before it is read
@@ -5109,16 +5174,15 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
             raise ProtocolError("the body must be JSON: "
                                 '{"status_code": 200, "response_body": "<base64>", "response_headers": {...}}') from None
         answer, status = _parse_answer(data, _wall_time())
-        await core.answer(entry, answer, status)
+        await self._core.answer(entry, answer, status)
         return _json(200, entry.as_log())
 
-    @app.route(LOGS_PATH + "/<log_id>/action", methods=["POST"])
-    async def log_action(log_id: str) -> Response:
-        """{"action": "resend"}: deliver a logged webhook again (to sockets, or by the relay to a
+    async def log_action(self, log_id: str) -> Response:
+        """{"action": "resend"}: deliver a logged webhook again (to self._sockets, or by the relay to a
         public output) as a new entry naming the one it repeats; "output" (an id or name) sends
         it along another output of its bucket."""
-        token = await api_token(inspector=True)  # the inspector's Resend
-        entry = core.entry(token, log_id)
+        token = await self._api_token(inspector=True)  # the inspector's Resend
+        entry = self._core.entry(token, log_id)
         try:
             data = json.loads(_request_body())
         except (ValueError, RecursionError):
@@ -5126,14 +5190,13 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
         if not (isinstance(data, dict) and data.get("action") == "resend" and isinstance(data.get("output", ""), str)):
             raise ProtocolError('the body must be {"action": "resend"}, with "output" (an id or name) to send it '
                                 "along another output")
-        resent = await core.resend(entry, data.get("output") or "")
+        resent = await self._core.resend(entry, data.get("output") or "")
         return _json(200, resent.as_log())
 
-    @app.route(EVENTS_PATH, methods=["GET"])
-    async def poll_events() -> Response:
+    async def poll_events(self) -> Response:
         """The pull queue (the SDK's webhooks.poll): a bucket's webhooks, or one output's, handed
         out in order, each once, to whichever poller asks first (see the README)."""
-        token = await api_token()
+        token = await self._api_token()
         params = query_parameters(request.args.items(multi=True), EVENTS_PARAMETERS)
         scope, after = decode_cursor(params["cursor"], "events", 2) if "cursor" in params else (None, "")
         limit = _int_arg(params, "limit", _EVENTS_LIMIT, 1, _EVENTS_LIMIT)
@@ -5141,131 +5204,134 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
         ref = params.get("bucket") or (scope[0] if scope else "")
         if not ref:
             raise ProtocolError("bucket is required: a pull queue is a bucket's (or one of its outputs')")
-        [bucket] = core.resolve(token, (ref,))
-        # "": every internal output's entries (or the bucket's, without outputs), as sockets get them
+        [bucket] = self._core.resolve(token, (ref,))
+        # "": every internal output's entries (or the bucket's, without outputs), as self._sockets get them
         output_ref = params.get("output") or (scope[1] if scope else "")
-        output = core.output_named(bucket, output_ref) if output_ref else ""
+        output = self._core.output_named(bucket, output_ref) if output_ref else ""
         if scope is not None and scope != [bucket.config.id, output]:
             raise ProtocolError("cursor belongs to another query: another bucket or output")
-        page, more, reached = await core.poll(bucket, output, after, limit, max_age)
+        page, more, reached = await self._core.poll(bucket, output, after, limit, max_age)
         return _json(200, {"logs": [entry.as_log() for entry in page], "has_more": more,
                            "next_cursor": encode_cursor("events", [bucket.config.id, output], reached)})
 
-    @app.route(HEALTH_PATH, methods=["GET", "HEAD"])
-    async def healthz() -> Response:
+    async def healthz(self) -> Response:
         """The process serves: for a supervisor's liveness check. Never a webhook."""
         return _plain(200, "ok")
 
-    @app.route(READY_PATH, methods=["GET", "HEAD"])
-    async def readyz() -> Response:
+    async def readyz(self) -> Response:
         """Ready for traffic: listening and not shutting down, and the webhook log writable when
         it is stored. For a balancer's readiness check. Never a webhook."""
-        if services.stopping.is_set():
+        if self._services.stopping.is_set():
             return _plain(503, "shutting down")
-        if core.failing:  # why is in the relay's log, not for strangers
+        if self._core.failing:  # why is in the relay's log, not for strangers
             return _plain(503, "the webhook log cannot be written")
         return _plain(200, "ready")
 
-    @app.route(METRICS_PATH, methods=["GET"])
-    async def metrics() -> Response:
-        if not services.config.metrics.enabled:  # said, not Werkzeug's "the requested URL was not found"
+    async def metrics(self) -> Response:
+        if not self._services.config.metrics.enabled:  # said, not Werkzeug's "the requested URL was not found"
             raise NotFound("metrics are off: set [metrics] enabled = true, and a token beyond loopback, in the "
                            "relay's config (they need the Prometheus client too), then restart it")
-        expected = services.config.metrics.token
-        if expected:
-            address = _address_key(_request_client())
-            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
-            try:
-                right = scheme.lower() == "bearer" and services.credentials.check_other(address, given.strip(),
-                                                                                         expected)
-            except TooManyFailures:
-                services.metrics.auth_failures["locked_out"] += 1
-                raise
-            if not right:
-                services.metrics.auth_failures["metrics"] += 1
-                raise Unauthorized("the metrics need Authorization: Bearer <[metrics] token>",
-                                   'Bearer realm="relay_lite metrics"')
-        text, content_type = _metrics_text(services, sockets)
+        self._services.authenticate_metrics(_address_key(_request_client()), request.headers.get("Authorization", ""))
+        text, content_type = _metrics_text(self._services, self._sockets)
         return Response(text, 200, _SANDBOXED, content_type=content_type)  # type: ignore[arg-type]
 
-    def inspector_here() -> None:
+    def _inspector_here(self) -> None:
         """NotFound unless the inspector is served for this request: on, and this its host if it has one."""
-        inspector = services.config.inspector
+        inspector = self._services.config.inspector
         if not inspector.enabled or (inspector.host and _request_host() != inspector.host):
             raise NotFound("no inspector here" + (" (see [inspector] host)" if inspector.enabled else ""))
 
-    @app.route("/", methods=["GET"])
-    async def inspector() -> Response:
-        inspector_here()
+    async def inspector(self) -> Response:
+        self._inspector_here()
         return _inspector_file(_INSPECTOR_PAGE, "text/html; charset=utf-8")
 
-    @app.route(INSPECTOR_PATH + "app.js", methods=["GET"])
-    async def inspector_script() -> Response:
-        inspector_here()
+    async def inspector_script(self) -> Response:
+        self._inspector_here()
         return _inspector_file(_INSPECTOR_SCRIPT, "text/javascript; charset=utf-8")
 
-    @app.route(INSPECTOR_PATH + "app.css", methods=["GET"])
-    async def inspector_style() -> Response:
-        inspector_here()
+    async def inspector_style(self) -> Response:
+        self._inspector_here()
         return _inspector_file(_INSPECTOR_STYLE, "text/css; charset=utf-8")
 
-    @app.route(INSPECTOR_SESSION_PATH, methods=["POST"])
-    async def inspector_session() -> Response:
+    async def inspector_session(self) -> Response:
         """The inspector signs in: a key and secret (HTTP Basic) for a session of their token
         (see _Credentials), which stands in for the secret from then on; or its session, for a
         new one that lasts longer (until _SESSION_MOST after the sign-in)."""
-        inspector_here()
-        signed = await grant(inspector=True)
-        session, expires = services.credentials.issue(signed.token, signed.signed_in if signed.inspector else None)
+        self._inspector_here()
+        signed = await self._grant(inspector=True)
+        session, expires = self._services.credentials.issue(signed.token, signed.signed_in if signed.inspector else None)
         response = _json(200, {"key": signed.token.key, "session": session, "expires_at": expires})
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    @app.route(SOCKET_PATH)
-    async def socket_without_upgrade() -> Response:
+    async def socket_without_upgrade(self) -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
 
-    @app.route(BUCKETS_PATH, methods=["GET"])
-    async def list_buckets() -> Response:
-        token = await api_token(inspector=True)
-        return _json_list([_bucket_json(bucket.config, services.loaded_at) for bucket in core.visible(token)])
+    async def list_buckets(self) -> Response:
+        token = await self._api_token(inspector=True)
+        return _json_list([_bucket_json(bucket.config, self._services.loaded_at) for bucket in self._core.visible(token)])
 
-    @app.route(BUCKETS_PATH + "/<ref>", methods=["GET"])
-    @app.route(BUCKETS_PATH + "/<ref>/<part>", methods=["GET"])
-    async def one_bucket(ref: str, part: str = "") -> Response:
-        token = await api_token(inspector=True)
+    async def one_bucket(self, ref: str, part: str = "") -> Response:
+        token = await self._api_token(inspector=True)
         try:
-            [bucket] = core.resolve(token, (ref,))
+            [bucket] = self._core.resolve(token, (ref,))
         except NotFound:
             raise NotFound(f"no bucket {_shown(ref, 64)!r} for this token") from None
-        document = _bucket_json(bucket.config, services.loaded_at)
+        document = _bucket_json(bucket.config, self._services.loaded_at)
         if part in ("inputs", "outputs"):
             return _json_list(document[part])
         if part:
             raise NotFound(f"relay_lite does not serve {_shown(request.path, 100)}")
         return _json(200, document)
 
-    @app.route(BUCKETS_PATH, methods=["POST", "PUT", "PATCH", "DELETE"])
-    @app.route(BUCKETS_PATH + "/<path:_rest>", methods=["POST", "PUT", "PATCH", "DELETE"])
-    async def change_bucket(_rest: str = "") -> Response:
+    async def change_bucket(self, _rest: str = "") -> Response:
         return _error(405, "buckets, inputs and outputs come from the relay's config file: edit it, then reload "
                            "(SIGHUP)")
 
-    @app.errorhandler(RelayError)
-    async def relay_error(error: RelayError) -> Response:
+    async def relay_error(self, error: RelayError) -> Response:
         response = _error(error.status, str(error))
         response.headers.update(error.headers)
         return response
 
-    @app.errorhandler(HTTPException)
-    async def http_error(error: HTTPException) -> Response:
+    async def http_error(self, error: HTTPException) -> Response:
         description = error.description
         if error.code == 413:
-            description = _too_large(services.config.server)
+            description = _too_large(self._services.config.server)
         elif error.code == 404 and _is_api_path(request.path):  # the hosted API's clients read JSON errors
             description = f"relay_lite does not serve {_shown(request.path, 100)} (see its README)"
         return _error(error.code or 500, description or error.name)
 
+
+def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
+    """The Quart app: the relay's paths, each served by a method of _Routes."""
+    routes = _Routes(services, sockets)
+    app = _App("relay_lite")
+    app.throttle = services.throttle
+    app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_size
+    paths: list[tuple[str, Callable[..., Awaitable[Response]], list[str] | None]] = [
+        (WEBHOOK_PREFIX + "<path:_rest>", routes.receive_webhook, list(WEBHOOK_METHODS)),
+        (LOGS_PATH, routes.list_logs, ["GET"]),
+        (LOGS_PATH + "/<log_id>", routes.one_log, ["GET", "PUT"]),
+        (LOGS_PATH + "/<log_id>/action", routes.log_action, ["POST"]),
+        (EVENTS_PATH, routes.poll_events, ["GET"]),
+        (HEALTH_PATH, routes.healthz, ["GET", "HEAD"]),
+        (READY_PATH, routes.readyz, ["GET", "HEAD"]),
+        (METRICS_PATH, routes.metrics, ["GET"]),
+        ("/", routes.inspector, ["GET"]),
+        (INSPECTOR_PATH + "app.js", routes.inspector_script, ["GET"]),
+        (INSPECTOR_PATH + "app.css", routes.inspector_style, ["GET"]),
+        (INSPECTOR_SESSION_PATH, routes.inspector_session, ["POST"]),
+        (SOCKET_PATH, routes.socket_without_upgrade, None),
+        (BUCKETS_PATH, routes.list_buckets, ["GET"]),
+        (BUCKETS_PATH + "/<ref>", routes.one_bucket, ["GET"]),
+        (BUCKETS_PATH + "/<ref>/<part>", routes.one_bucket, ["GET"]),
+        (BUCKETS_PATH, routes.change_bucket, ["POST", "PUT", "PATCH", "DELETE"]),
+        (BUCKETS_PATH + "/<path:_rest>", routes.change_bucket, ["POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    for path, view, methods in paths:
+        app.add_url_rule(path, view_func=view, methods=methods)
+    app.register_error_handler(RelayError, routes.relay_error)
+    app.register_error_handler(HTTPException, routes.http_error)
     return app
 
 
@@ -5507,15 +5573,6 @@ def _bucket_json(bucket: BucketConfig, at: float) -> dict[str, Any]:
 def _token_tag(token: TokenConfig) -> str:
     """What a cursor says of the token it was given to: not its key."""
     return hashlib.sha256(_utf8(token.key)).hexdigest()[:16]
-
-
-def _int_arg(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = args.get(name) or ""
-    if raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or not low <= int(raw) <= high:
-        raise ProtocolError(f"{name} must be a whole number from {low} to {high}")
-    return int(raw)
 
 
 _INSPECTOR_HEADERS = {
@@ -7661,8 +7718,8 @@ def __getattr__(name: str) -> Any:
 _MOST_WORKERS = 64
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line's arguments and commands, as --help shows them."""
     parser = argparse.ArgumentParser(
         usage="%(prog)s [options] [COMMAND ...]",  # argparse's own shows COMMAND as if it were required
         allow_abbrev=False,  # --worker 2 must not pass for --workers 2: see _without_workers
@@ -7710,7 +7767,12 @@ def main(argv: list[str] | None = None) -> int:
                     "and reporting each outcome to the relay (a sender held by response_from_output gets "
                     "the app's answer). Key and secret come from RELAY_KEY and RELAY_SECRET, or --key and "
                     "--secret. HTTP(S)_PROXY, NO_PROXY and SSL_CERT_FILE apply to the app's requests."))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python relay_lite.py [--config FILE] [--host H] [--port P]`, or `... init [FILE]`."""
+    args = _parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonLines() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -81,6 +81,9 @@ async def test_a_client_moves_from_one_relay_to_another_with_since_and_loses_not
             last = (await on_b.webhook())["meta"]["id"]
         for n in range(5):
             await post(a, content=f"missed {n}")
+        with trio.fail_after(10):  # c learns of them from the journal a moment after a's senders get 2xx
+            while await logged(c, "github") < 6:
+                await trio.sleep(0.01)
         async with connect(c) as on_c:
             await on_c.send(action="auth", key=KEY, secret=SECRET)
             await on_c.expect("authenticated")
