@@ -6695,35 +6695,6 @@ async def _serve_listeners(listeners: list[trio.SocketListener], handler: Callab
                 await listener.aclose()
 
 
-async def serve_relay(
-    config: "Config | Mapping[str, Any] | str | Path",
-    *,
-    host: str | None = None,
-    port: int | None = None,
-    announce: bool = True,
-    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
-
-    Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
-    Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
-    is false (the command line prints its banner instead). A relay that cannot start raises
-    its reason itself, not in a group: ConfigError for the config, StorageError for its
-    `[storage]`, OSError for its port.
-    """
-    overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
-    relay = Relay(_load(config, **overrides), overrides=overrides, announce=announce)
-    try:
-        await relay.serve(task_status=task_status)
-    except BaseExceptionGroup as group:
-        sole = _sole(group)
-        if relay.url or isinstance(sole, BaseExceptionGroup):  # it was serving: what ended it may be several
-            raise
-    else:
-        return
-    raise sole  # it never started, for one reason: raised as it was, its cause and context kept
-
-
 @asynccontextmanager
 async def open_relay(
     config: "Config | Mapping[str, Any] | str | Path", *, host: str | None = None, port: int | None = None
@@ -6751,6 +6722,35 @@ async def open_relay(
     else:
         return
     raise sole  # outside the handler, so its cause and context stay as they were
+
+
+async def serve_relay(
+    config: "Config | Mapping[str, Any] | str | Path",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    announce: bool = True,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve a relay until `relay.shutdown()` (graceful) or cancellation.
+
+    Use as ``relay = await nursery.start(serve_relay, config, port=0)``: start() returns the
+    Relay once it is listening, with its real URL; it logs a line saying so unless `announce`
+    is false (the command line prints its banner instead). A relay that cannot start raises
+    its reason itself, not in a group: ConfigError for the config, StorageError for its
+    `[storage]`, OSError for its port.
+    """
+    overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    relay = Relay(_load(config, **overrides), overrides=overrides, announce=announce)
+    try:
+        await relay.serve(task_status=task_status)
+    except BaseExceptionGroup as group:
+        sole = _sole(group)
+        if relay.url or isinstance(sole, BaseExceptionGroup):  # it was serving: what ended it may be several
+            raise
+    else:
+        return
+    raise sole  # it never started, for one reason: raised as it was, its cause and context kept
 
 
 # ==== 8. The agent ============================================================================
