@@ -25,21 +25,23 @@ Embed it (tests, programs)::
 or, in a nursery, ``relay = await nursery.start(relay_lite.serve_relay, config)``.
 
 The module, top to bottom; each layer calls only those above it (a layer called back from
-below declares what it is called as, as a typing.Protocol: _Subscriber, _Backend, _Owner):
+below declares what it is called as, as a typing.Protocol: _Subscriber, _Backend, _Owner;
+tests/test_structure.py holds the module to it):
 
     1. Constants, errors and helpers    every layer's vocabulary
     2. Configuration                    the TOML file, parsed and checked: pure; _preflight
-                                        checks what the system must provide
+                                        asks what the machine must provide
     3. The model and the protocol       webhooks, log entries, answers, frames, queries,
                                         cursors, client addresses, signatures: sans-IO
     4. State                            the store, the log, the backends that keep it
     5. Services                         the throttle, metrics, connections' bounds,
                                         credentials, the core, ingest: all through _Services
-    6. Adapters                         the socket session, the HTTP routes, deliveries
-    7. Transport                        library glue, the one port, Relay (which wires,
-                                        serves, stops and reloads), serve_relay, open_relay
-    8. The agent                        `relay_lite.py forward`
-    9. The pytest plugin and the command line
+    6. Library glue                     trio-websocket's and Hypercorn's internals, checked
+    7. Adapters                         the socket session, the HTTP routes, deliveries
+    8. Transport                        the one port, Relay (which wires, serves, stops and
+                                        reloads), open_relay, serve_relay
+    9. The agent                        `relay_lite.py forward`
+    10. The pytest plugin and the command line
     Appendix                            the web inspector's page, script and style
 """
 
@@ -249,7 +251,7 @@ _RECEIVE_SIZE = 2**16
 _READ_SIZE = 16 * 2**10  # an HTTP connection's reads, at most, while the bodies in flight crowd: see _ConnectionStream
 _CONNECTION = "relay_lite.connection"  # in a request's ASGI scope: its _Connection
 _BODY = "relay_lite.body"  # in a request's ASGI scope: its body, read whole (see _request_body)
-_CLIENT = "relay_lite.client"  # in a request's ASGI scope: the address it came from (see Relay._client)
+_CLIENT = "relay_lite.client"  # in a request's ASGI scope: the address it came from (see _request_client)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0"
 _LINGER = 2.0  # seconds a connection the relay closed may still read (and drop) what its peer sends,
 # so an answer sent before the request was read is not lost to a reset (Apache's lingering close)
@@ -429,11 +431,15 @@ class AgentError(RelayError):
 # Whatever a client controls reaches the log only through _shown, and what a stranger can make
 # the relay say over and over only through _Throttle (see Services): an SD card must not fill
 # with log. Wall time comes from _wall_time; durations and deadlines from trio.current_time().
+# Addresses and networks are parsed here too (_ip, _network): the config checks them, and the
+# model reads requests' with them.
 
 
 def _wall_time() -> float:
-    """Unix seconds: the one wall clock (when a webhook came, when a session expires). Durations
-    and deadlines come from trio.current_time(), which Trio's autojump clock drives in tests."""
+    """Unix seconds, for every time the relay keeps or compares (when a webhook came, when a
+    session expires); log ids take their milliseconds from time_ns (_LogIds), and the agent's
+    checkpoint is stamped by datetime. Durations and deadlines come from trio.current_time(),
+    which Trio's autojump clock drives in tests."""
     return time.time()
 
 
@@ -457,6 +463,35 @@ def _innermost(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
     return error
+
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.removeprefix("[").removesuffix("]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _network(text: str) -> "_IPNetwork | None":
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(_utf8(secret)).digest()
+
+
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, lone surrogates too (JSON's "\\ud800" makes one): they never match a secret."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 # ==== 2. Configuration ========================================================================
@@ -638,7 +673,7 @@ def load_config(source: "Config | Mapping[str, Any] | str | Path") -> Config:
 
     Raises ConfigError with a message naming the file, the key and what is wrong.
     """
-    return _preflight(_load(source))[0]
+    return _prepare(source)[0]
 
 
 def _load(source: "Config | Mapping[str, Any] | str | Path", **server: Any) -> Config:
@@ -813,7 +848,7 @@ def _checked_server(server: ServerConfig) -> ServerConfig:
         _require_positive(getattr(server, key), f"server.{key}")
     if server.max_connections is not None:  # else the machine's (see _preflight)
         _require_positive(server.max_connections, "server.max_connections")
-    if server.max_pending_per_ip is not None:
+    if server.max_pending_per_ip is not None and server.max_connections is not None:  # else by _preflight
         _check_pending(server.max_pending_per_ip, server.max_connections)
     in_flight = (max(DEFAULT_BODY_BYTES_IN_FLIGHT, 4 * server.max_body_size) if server.max_body_bytes_in_flight is None
                  else server.max_body_bytes_in_flight)
@@ -857,7 +892,6 @@ def _checked_buckets(buckets_given: tuple[BucketConfig, ...], server: ServerConf
                 value = getattr(server, key)
             _require_positive(value, f"{where}.{key}")
             history[key] = value
-        routes = _routes(bucket)
 
         inputs = bucket.inputs or (InputConfig(),)
         filled_inputs = []
@@ -873,7 +907,7 @@ def _checked_buckets(buckets_given: tuple[BucketConfig, ...], server: ServerConf
             if input_id in input_ids:
                 raise ConfigError(f"{input_where}.id: {input_id!r} is already used by {input_ids[input_id]}")
             input_ids[input_id] = f"{input_where}.id"
-            _check_answer(input_, input_where, routes)
+            _check_answer(input_, input_where, bucket)
             if input_.verify is not None:
                 _check_verify(input_.verify, f"{input_where}.verify")
             filled_inputs.append(dataclasses.replace(input_, id=input_id))
@@ -917,8 +951,8 @@ def _check_tokens(tokens: tuple[TokenConfig, ...], bucket_refs: Mapping[str, str
 _MOST_PENDING_PER_IP = 256  # the default max_pending_per_ip at most
 
 
-def _check_pending(max_pending: int, max_connections: int | None) -> None:
-    _require(0 < max_pending <= (max_connections or max_pending), "server.max_pending_per_ip",
+def _check_pending(max_pending: int, max_connections: int) -> None:
+    _require(0 < max_pending <= max_connections, "server.max_pending_per_ip",
              f"must be 1 to max_connections ({max_connections}), got {max_pending}")
 
 
@@ -927,8 +961,9 @@ def _preflight(config: Config) -> tuple[Config, ssl.SSLContext | None]:
     leave: the defaults taken from it (max_connections from the open-file limit, and
     max_pending_per_ip from that), the optional extras the config names, its TLS files. Return
     the config with those defaults in, and its TLS context; raise ConfigError naming the key.
-    A start, a reload and load_config call it once (a reload loaded the certificate three
-    times); the command line checks the log's database too (_check_storage)."""
+    A start, a reload and load_config call it once, through _prepare (a reload loaded the
+    certificate three times); the command line's start and `check` also try the log's database
+    (_check_storage), and its start asks first, so a relay it starts loads the certificate twice."""
     server = config.server
     max_connections = _default_max_connections() if server.max_connections is None else server.max_connections
     max_pending = (min(max(max_connections // 8, 1), _MOST_PENDING_PER_IP) if server.max_pending_per_ip is None
@@ -940,6 +975,18 @@ def _preflight(config: Config) -> tuple[Config, ssl.SSLContext | None]:
              f"needs the Redis client: {_install('redis')}")
     server = dataclasses.replace(server, max_connections=max_connections, max_pending_per_ip=max_pending)
     return dataclasses.replace(config, server=server), _tls_for(server)
+
+
+def _prepare(source: "Config | Mapping[str, Any] | str | Path", **server: Any) -> tuple[Config, ssl.SSLContext | None]:
+    """_load(source, **server), then _preflight: the config as this machine will serve it, and
+    its TLS context. A file's errors name it, _preflight's as _load's do."""
+    config = _load(source, **server)
+    try:
+        return _preflight(config)
+    except ConfigError as error:
+        if isinstance(source, (str, Path)):
+            raise ConfigError(f"{source}: {error}") from None
+        raise
 
 
 def _tls_for(server: ServerConfig) -> ssl.SSLContext | None:
@@ -1045,6 +1092,14 @@ _SCHEME_KEYS = {"header": ("hmac", "token"), "algorithm": ("hmac",), "encoding":
 # the schemes that take them
 
 
+def _webhook_key(secret: str) -> bytes | None:
+    """A Standard Webhooks secret's key: the base64 after "whsec_"."""
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True) or None
+    except ValueError:
+        return None
+
+
 def _check_verify(verify: VerifyConfig, where: str) -> None:
     _require(verify.scheme in SIGNATURE_SCHEMES, f"{where}.scheme",
              f"must be one of {', '.join(SIGNATURE_SCHEMES)}, got {_shown(verify.scheme, 40)!r}")
@@ -1091,7 +1146,7 @@ def _check_headers(headers: Mapping[str, str], where: str) -> None:
         _require(value.isprintable(), f"{where}.{name}", "must be printable text on one line")
 
 
-def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]") -> None:
+def _check_answer(input_: InputConfig, where: str, bucket: BucketConfig) -> None:
     """An input's answer to senders: a real status, headers HTTP can carry, an output that answers."""
     _require(200 <= input_.status_code <= 599, f"{where}.status_code", f"must be 200 to 599, got {input_.status_code}")
     _require(not input_.body or input_.status_code not in _BODILESS_STATUSES, f"{where}.body",
@@ -1100,7 +1155,7 @@ def _check_answer(input_: InputConfig, where: str, routes: "tuple[_Route, ...]")
     _require_positive(input_.response_timeout, f"{where}.response_timeout")
     wanted = input_.response_from_output
     if wanted:
-        answering = [route.output_name for route in routes]
+        answering = [output.name for output in bucket.outputs if not output.disabled] if bucket.outputs else [""]
         if wanted == ANY_OUTPUT:
             _require(bool(answering), f"{where}.response_from_output",
                      "the bucket has no enabled output, so none can answer")
@@ -1270,7 +1325,8 @@ def _reloadable(old: Config, new: Config) -> None:
 #
 # Client frames in, server frames out, as PROTOCOL.md describes them; webhooks, log entries and
 # answers; the REST API's queries and cursors; who a request comes from; signatures. Pure
-# functions and plain data: no I/O, no clock but the `now` they are given.
+# functions and plain data: no I/O, no clock but the `now` they are given (and the log ids',
+# which are made of the time: _LogIds).
 
 # ---- frames ----------------------------------------------------------------------------------
 
@@ -1690,6 +1746,23 @@ def _parse_answer(data: object, now: float) -> tuple[_Answer, str]:
     return _Answer(status_code, headers, body, now, retries), status
 
 
+class _Hold:
+    """A webhook's sender, held until a socket client answers it (an input's response_from_output)."""
+
+    __slots__ = ("output", "answer", "answered", "open")
+
+    def __init__(self, output: str) -> None:
+        self.output = output  # the output whose answer counts, or ANY_OUTPUT
+        self.answer: _Answer | None = None
+        self.answered = trio.Event()  # set by the answer, or by a shutdown
+        self.open = True  # False once the sender has been answered
+
+    def offer(self, entry: _Entry, answer: _Answer) -> None:
+        if self.open and self.answer is None and answer.status_code and self.output in (ANY_OUTPUT, entry.output_name):
+            self.answer = answer
+            self.answered.set()
+
+
 @dataclasses.dataclass(frozen=True)
 class _StatusFrame:
     status: str
@@ -1967,26 +2040,6 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: Iterable["_
     return nearest
 
 
-_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.removeprefix("[").removesuffix("]").partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def _network(text: str) -> "_IPNetwork | None":
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return None
-
-
 def _head_values(head: bytes, name: bytes) -> list[str]:
     """The values of header `name` (lower case) in a request's raw head."""
     values = []
@@ -2152,14 +2205,6 @@ def _check_standard_webhooks(verify: VerifyConfig, headers: _HeaderLookup, body:
     keys = [key for key in map(_webhook_key, verify.secrets) if key is not None]
     expected = (base64.b64encode(_hmac_of(key, signed)) for key in keys)
     return _timed(_matched(given, expected), f"{name} does not match", stamp, _utf8(message_id))
-
-
-def _webhook_key(secret: str) -> bytes | None:
-    """A Standard Webhooks secret's key: the base64 after "whsec_"."""
-    try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True) or None
-    except ValueError:
-        return None
 
 
 def _check_hmac(verify: VerifyConfig, headers: _HeaderLookup, body: bytes, now: float) -> _Checked:
@@ -2341,15 +2386,6 @@ class _Store:
     def by_id(self, bucket_id: str) -> _Bucket | None:
         bucket = self._by_ref.get(bucket_id)
         return bucket if bucket is not None and bucket.config.id == bucket_id else None  # not a bucket so named
-
-
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(_utf8(secret)).digest()
-
-
-def _utf8(text: str) -> bytes:
-    """`text` as UTF-8, lone surrogates too (JSON's "\\ud800" makes one): they never match a secret."""
-    return text.encode("utf-8", "surrogatepass")
 
 
 def _entry_id(entry: _Entry) -> str:
@@ -3638,6 +3674,15 @@ class _Metrics:
 # stranger could otherwise exhaust: file descriptors, and (_Inflows) the memory behind them.
 
 
+def _shut_down(stream: trio.SocketStream) -> None:
+    """End what the relay sends on `stream` (a FIN): synchronous, so no cancellation can skip it."""
+    if not stream.socket.did_shutdown_SHUT_WR:
+        try:
+            stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already
+
+
 class _Connection:
     """One connection: its peer, its deadline (a cancel scope around all of its serving), and
     whether it is pending: neither an authenticated socket nor a request being answered."""
@@ -4136,23 +4181,6 @@ class _HashQueue:
 # sends them out.
 
 
-class _Hold:
-    """A webhook's sender, held until a socket client answers it (an input's response_from_output)."""
-
-    __slots__ = ("output", "answer", "answered", "open")
-
-    def __init__(self, output: str) -> None:
-        self.output = output  # the output whose answer counts, or ANY_OUTPUT
-        self.answer: _Answer | None = None
-        self.answered = trio.Event()  # set by the answer, or by a shutdown
-        self.open = True  # False once the sender has been answered
-
-    def offer(self, entry: _Entry, answer: _Answer) -> None:
-        if self.open and self.answer is None and answer.status_code and self.output in (ANY_OUTPUT, entry.output_name):
-            self.answer = answer
-            self.answered.set()
-
-
 _CLOCKS_APART = 5.0  # seconds a relay's clock may be behind Redis's (log ids carry Redis's time)
 
 
@@ -4503,8 +4531,8 @@ class _Core:
         self._log.expire(self._store.buckets, now)
 
     def reload(self, config: Config) -> tuple[list[_Bucket], list[_Bucket]]:
-        """Take `config`'s buckets: those it keeps (by id) keep their log, subscribers and
-        forwarders; a new one starts its log now. Return the buckets now, and those removed
+        """Take `config`'s buckets: those it keeps (by id) keep their log, subscribers and pull
+        queues; a new one starts its log now. Return the buckets now, and those removed
         (their log is gone; their subscribers, and what delivers their outputs, are the caller's to end)."""
         old = {bucket.config.id: bucket for bucket in self._store.buckets}
         store = _Store(config, kept={bucket.id: old[bucket.id] for bucket in config.buckets if bucket.id in old})
@@ -4667,7 +4695,182 @@ class _Ingest:
         return own
 
 
-# ==== 6. Adapters: the socket session, the HTTP routes, deliveries ============================
+# ==== 6. Library glue =========================================================================
+#
+# Everything that drives trio-websocket's or Hypercorn's internals, which are not their public
+# API, is here: pyproject pins the versions it was written for (_DEPENDENCIES checks them before
+# the import), and _missing_internals checks, at import, that each private name used here is
+# still there, so a version that renamed one fails at once, with one line, not mid-request.
+
+_MessageEvent = _BytesMessage | _TextMessage
+
+
+class _WebSocket(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
+
+    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
+    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
+    0.12 then ends the TCP connection without a close frame, and the client never learns why.
+    Overrides a private method of trio-websocket, pinned in pyproject.
+    """
+
+    async def _handle_message_event(self, event: _MessageEvent) -> None:
+        """A message's parts count the memory they hold, not their length: one million
+        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
+        holds 4 bytes a character."""
+        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
+        try:
+            await super()._handle_message_event(event)
+        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
+            self._reader_running = False  # go out, and nothing more the peer sends matters
+            self._close_handshake.set()
+
+    async def _send(self, event: Any) -> None:
+        """A close frame, once wsproto has made it, goes out even if the task sending it is being
+        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
+        peer got no close frame at all."""
+        if isinstance(event, _CloseConnection):
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
+                await super()._send(event)
+        else:
+            await super()._send(event)
+
+    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
+        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
+            await super()._handle_close_connection_event(event)
+            return
+        try:
+            await self._send(_CloseConnection(code=event.code, reason=event.reason))
+        except trio_websocket.ConnectionClosed:
+            pass  # gone already
+        await self._close_web_socket(event.code, event.reason or None)
+        self._close_handshake.set()
+        await self._close_stream()
+
+
+async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
+    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
+    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
+    nursery.start_soon(ws._reader_task)
+    request = await ws._get_request()
+    return typing.cast(_WebSocket, await request.accept())
+
+
+async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
+    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
+    if len(data) <= _WRITE_STEP:
+        await stream.send_all(data)
+    else:
+        view = memoryview(data)
+        for start in range(0, len(data), _WRITE_STEP):
+            await stream.send_all(view[start:start + _WRITE_STEP])
+            progressed()
+
+
+async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
+    peer's close frame, which nobody reads once the connection has been ended."""
+    if ws._wsproto.state == _WSState.OPEN:
+        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
+
+
+async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
+    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
+    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
+    calling `progressed` after each (see _Sockets.sweep: no step may take send_timeout).
+
+    trio-websocket frames each message anew for each connection (send_message), and each
+    send_message costs a whole trio scheduling round even when the socket has room, while a busy
+    relay completes several webhooks in one round: a writer sending a frame a round falls behind
+    a client that reads everything. So the relay frames a webhook once (no extension is ever
+    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
+    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
+    """
+    if ws._close_reason:
+        raise trio_websocket.ConnectionClosed(ws._close_reason)
+    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
+    try:
+        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
+            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
+        small: list[bytes] = []
+        for frame in frames:
+            if len(frame) < _JOIN_BELOW:
+                small.append(frame)
+                continue
+            if small:
+                await _send(ws._stream, b"".join(small), progressed)
+                small = []
+            await _send(ws._stream, frame, progressed)
+        if small:
+            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
+
+
+def _set_max_message_size(ws: trio_websocket.WebSocketConnection, size: int) -> None:
+    """Let `ws`'s peer send messages of up to `size` bytes (trio-websocket fixes it at creation)."""
+    ws._max_message_size = size
+
+
+def _hypercorn(server: ServerConfig, asgi: Callable[..., Awaitable[None]]) -> tuple[
+        _HypercornConfig, _WorkerContext, _Lifespan]:
+    """What serving HTTP with Hypercorn's trio worker, a connection at a time, takes: its config,
+    its worker context (shared by every connection), and the app's lifespan."""
+    config = _HypercornConfig()
+    config.include_server_header = False  # no version banner, and a client's answer may set one
+    config.keep_alive_timeout = server.idle_timeout
+    config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
+    # What Hypercorn reads ahead of the app, a chunk (up to 64 KiB) a message: while a body waits
+    # for room (see _Inflows), or after it was refused, that is memory outside the bodies' bound
+    config.max_app_queue_size = 1
+    return config, _WorkerContext(None), _Lifespan(ASGIWrapper(asgi), config, {})
+
+
+async def _serve_http(asgi: Callable[..., Awaitable[None]], config: _HypercornConfig, context: _WorkerContext,
+                      stream: trio.abc.Stream) -> None:
+    """Serve HTTP on one connection's `stream` (any trio Stream) with Hypercorn, until it ends."""
+    await _TCPServer(ASGIWrapper(asgi), config, context, {}, stream)  # type: ignore[arg-type]  # any Stream
+
+
+# The private names used above (methods, and attributes their __init__ sets), by library.
+_INTERNALS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
+    "trio-websocket": (trio_websocket.WebSocketConnection,
+                       ("_reader_task", "_get_request", "_handle_message_event", "_handle_close_connection_event",
+                        "_send", "_close_web_socket", "_close_stream", "_abort_web_socket"),
+                       ("_wsproto", "_stream", "_close_reason", "_stream_lock", "_message_size", "_reader_running",
+                        "_close_handshake", "_max_message_size")),
+    "hypercorn": (_Lifespan, ("handle_lifespan", "wait_for_startup", "wait_for_shutdown"), ()),
+}
+
+
+def _missing_internals() -> str | None:
+    """What of the libraries' internals relay_lite drives is gone, in one line, or None."""
+    for name, (cls, methods, attributes) in _INTERNALS.items():
+        missing = [method for method in methods if not callable(getattr(cls, method, None))]
+        missing += [attribute for attribute in attributes if attribute not in getattr(cls, "__init__").__code__.co_names]
+        if missing:
+            low, high = _DEPENDENCIES[name]
+            return (f"relay_lite drives internals of {name} that the installed {importlib.metadata.version(name)} "
+                    f"lacks ({', '.join(missing)}); it supports {name}>={low},<{high}")
+    if "terminated" not in _WorkerContext.__init__.__code__.co_names:
+        return "relay_lite drives internals of hypercorn that the installed one lacks (WorkerContext.terminated)"
+    return None
+
+
+if (_problem := _missing_internals()) is not None:
+    if __name__ == "__main__":
+        sys.exit(f"relay_lite: error: {_problem}")
+    raise ImportError(_problem)
+
+
+# ==== 7. Adapters: the socket session, the HTTP routes, deliveries ============================
 #
 # Each turns what comes over the wire into calls to the services, and their answers into what
 # goes back: a socket's frames, an HTTP answer, a delivery to a destination. A route reads its
@@ -5405,7 +5608,7 @@ def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, st
 
 def _request_body() -> bytes:
     """The body of the request being served: read whole before the app was called (see
-    Relay._receive_body), and handed over as it is (Quart's own body would be two copies more)."""
+    _Port._receive_body), and handed over as it is (Quart's own body would be two copies more)."""
     return typing.cast(bytes, typing.cast(dict, request.scope)[_BODY])
 
 
@@ -5855,185 +6058,11 @@ class _Forwarder:
         self._services.core.delivered(entry, answer)
 
 
-# ==== 7. Transport: library glue, the one port, and the Relay =================================
+# ==== 8. Transport: the one port, and the Relay ===============================================
 #
-# Sockets, TLS and the libraries that serve them. Relay is where the parts are wired: it builds
-# the services, the port and the forwarders, serves them in one nursery, stops them, and reloads.
-
-# ---- library glue ----------------------------------------------------------------------------
-#
-# Everything that drives trio-websocket's or Hypercorn's internals, which are not their public
-# API, is here: pyproject pins the versions it was written for (_DEPENDENCIES checks them before
-# the import), and _missing_internals checks, at import, that each private name used here is
-# still there, so a version that renamed one fails at once, with one line, not mid-request.
-
-_MessageEvent = _BytesMessage | _TextMessage
-
-
-class _WebSocket(trio_websocket.WebSocketConnection):
-    """trio-websocket's connection, failing a connection as RFC 6455 asks: with a close frame.
-
-    wsproto reports a frame it cannot accept (not UTF-8: 1007; a reserved bit, no mask: 1002)
-    as a CloseConnection event, its state still OPEN, as if the peer had sent one; trio-websocket
-    0.12 then ends the TCP connection without a close frame, and the client never learns why.
-    Overrides a private method of trio-websocket, pinned in pyproject.
-    """
-
-    async def _handle_message_event(self, event: _MessageEvent) -> None:
-        """A message's parts count the memory they hold, not their length: one million
-        one-character fragments held 82 MiB within a 1 MiB max_message_size, and text of emoji
-        holds 4 bytes a character."""
-        self._message_size += sys.getsizeof(event.data) - len(event.data) + 8  # and its list slot
-        try:
-            await super()._handle_message_event(event)
-        except LocalProtocolError:  # too big, while this side was closing: no second close frame can
-            self._reader_running = False  # go out, and nothing more the peer sends matters
-            self._close_handshake.set()
-
-    async def _send(self, event: Any) -> None:
-        """A close frame, once wsproto has made it, goes out even if the task sending it is being
-        cancelled (the session ending for its own reason), for _CLOSE_AT_ONCE at most: else the
-        peer got no close frame at all."""
-        if isinstance(event, _CloseConnection):
-            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
-                await super()._send(event)
-        else:
-            await super()._send(event)
-
-    async def _handle_close_connection_event(self, event: _CloseConnection) -> None:
-        if self._wsproto.state != _WSState.OPEN:  # the peer's own close frame
-            await super()._handle_close_connection_event(event)
-            return
-        try:
-            await self._send(_CloseConnection(code=event.code, reason=event.reason))
-        except trio_websocket.ConnectionClosed:
-            pass  # gone already
-        await self._close_web_socket(event.code, event.reason or None)
-        self._close_handshake.set()
-        await self._close_stream()
-
-
-async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -> _WebSocket:
-    """trio_websocket.wrap_server_stream and accept(), with the _WebSocket class."""
-    ws = _WebSocket(stream, _WSConnection(_WSConnectionType.SERVER), max_message_size=MAX_FRAME_BEFORE_AUTH)
-    nursery.start_soon(ws._reader_task)
-    request = await ws._get_request()
-    return typing.cast(_WebSocket, await request.accept())
-
-
-async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
-    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
-    if len(data) <= _WRITE_STEP:
-        await stream.send_all(data)
-    else:
-        view = memoryview(data)
-        for start in range(0, len(data), _WRITE_STEP):
-            await stream.send_all(view[start:start + _WRITE_STEP])
-            progressed()
-
-
-async def _close_at_once(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
-    """Send a close frame and wait for nothing: trio-websocket's aclose() would wait for the
-    peer's close frame, which nobody reads once the connection has been ended."""
-    if ws._wsproto.state == _WSState.OPEN:
-        await ws._stream.send_all(ws._wsproto.send(_CloseConnection(code=code, reason=reason)))
-
-
-async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], progressed: Callable[[], None]) -> None:
-    """Send frames built by wire_frame on `ws`: small ones joined into one write, large ones as
-    they are (they may be shared with other sockets: no copy), _WRITE_STEP bytes at a time,
-    calling `progressed` after each (see Relay._sweep: no step may take send_timeout).
-
-    trio-websocket frames each message anew for each connection (send_message), and each
-    send_message costs a whole trio scheduling round even when the socket has room, while a busy
-    relay completes several webhooks in one round: a writer sending a frame a round falls behind
-    a client that reads everything. So the relay frames a webhook once (no extension is ever
-    negotiated, so a frame is just RFC 6455 framing) and writes queued frames together, doing
-    what send_message and _send do in trio-websocket 0.12 (pinned in pyproject).
-    """
-    if ws._close_reason:
-        raise trio_websocket.ConnectionClosed(ws._close_reason)
-    lock = ws._stream_lock  # shared with trio-websocket's reader, which sends pongs and closes
-    try:
-        lock.acquire_nowait()  # acquire() would spend a scheduling round even when it is free
-    except trio.WouldBlock:
-        await lock.acquire()
-    try:
-        if ws._wsproto.state in (_WSState.LOCAL_CLOSING, _WSState.CLOSED):  # a close frame went out while
-            raise trio_websocket.ConnectionClosed(ws._close_reason)  # this waited: nothing may follow it
-        small: list[bytes] = []
-        for frame in frames:
-            if len(frame) < _JOIN_BELOW:
-                small.append(frame)
-                continue
-            if small:
-                await _send(ws._stream, b"".join(small), progressed)
-                small = []
-            await _send(ws._stream, frame, progressed)
-        if small:
-            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await ws._abort_web_socket()
-        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
-    finally:
-        lock.release()
-
-
-def _set_max_message_size(ws: trio_websocket.WebSocketConnection, size: int) -> None:
-    """Let `ws`'s peer send messages of up to `size` bytes (trio-websocket fixes it at creation)."""
-    ws._max_message_size = size
-
-
-def _hypercorn(server: ServerConfig, asgi: Callable[..., Awaitable[None]]) -> tuple[
-        _HypercornConfig, _WorkerContext, _Lifespan]:
-    """What serving HTTP with Hypercorn's trio worker, a connection at a time, takes: its config,
-    its worker context (shared by every connection), and the app's lifespan."""
-    config = _HypercornConfig()
-    config.include_server_header = False  # no version banner, and a client's answer may set one
-    config.keep_alive_timeout = server.idle_timeout
-    config.h11_max_incomplete_size = server.max_header_bytes  # a head that arrives in parts
-    # What Hypercorn reads ahead of the app, a chunk (up to 64 KiB) a message: while a body waits
-    # for room (see _Inflows), or after it was refused, that is memory outside the bodies' bound
-    config.max_app_queue_size = 1
-    return config, _WorkerContext(None), _Lifespan(ASGIWrapper(asgi), config, {})
-
-
-async def _serve_http(asgi: Callable[..., Awaitable[None]], config: _HypercornConfig, context: _WorkerContext,
-                      stream: trio.abc.Stream) -> None:
-    """Serve HTTP on one connection's `stream` (any trio Stream) with Hypercorn, until it ends."""
-    await _TCPServer(ASGIWrapper(asgi), config, context, {}, stream)  # type: ignore[arg-type]  # any Stream
-
-
-# The private names used above (methods, and attributes their __init__ sets), by library.
-_INTERNALS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
-    "trio-websocket": (trio_websocket.WebSocketConnection,
-                       ("_reader_task", "_get_request", "_handle_message_event", "_handle_close_connection_event",
-                        "_send", "_close_web_socket", "_close_stream", "_abort_web_socket"),
-                       ("_wsproto", "_stream", "_close_reason", "_stream_lock", "_message_size", "_reader_running",
-                        "_close_handshake", "_max_message_size")),
-    "hypercorn": (_Lifespan, ("handle_lifespan", "wait_for_startup", "wait_for_shutdown"), ()),
-}
-
-
-def _missing_internals() -> str | None:
-    """What of the libraries' internals relay_lite drives is gone, in one line, or None."""
-    for name, (cls, methods, attributes) in _INTERNALS.items():
-        missing = [method for method in methods if not callable(getattr(cls, method, None))]
-        missing += [attribute for attribute in attributes if attribute not in getattr(cls, "__init__").__code__.co_names]
-        if missing:
-            low, high = _DEPENDENCIES[name]
-            return (f"relay_lite drives internals of {name} that the installed {importlib.metadata.version(name)} "
-                    f"lacks ({', '.join(missing)}); it supports {name}>={low},<{high}")
-    if "terminated" not in _WorkerContext.__init__.__code__.co_names:
-        return "relay_lite drives internals of hypercorn that the installed one lacks (WorkerContext.terminated)"
-    return None
-
-
-if (_problem := _missing_internals()) is not None:
-    if __name__ == "__main__":
-        sys.exit(f"relay_lite: error: {_problem}")
-    raise ImportError(_problem)
-
+# Sockets and TLS, and the libraries that serve them (through the glue above). Relay is where
+# the parts are wired: it builds the services, the port and the forwarders, serves them in one
+# nursery, stops them, and reloads.
 
 # ---- one port for both -----------------------------------------------------------------------
 #
@@ -6166,15 +6195,6 @@ def _raw_answer(status: int, phrase: str, text: str) -> bytes:
     body = (text + "\n").encode()
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-def _shut_down(stream: trio.SocketStream) -> None:
-    """End what the relay sends on `stream` (a FIN): synchronous, so no cancellation can skip it."""
-    if not stream.socket.did_shutdown_SHUT_WR:
-        try:
-            stream.socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the peer is gone already
 
 
 def _answer_time(config: Config) -> float:
@@ -6378,11 +6398,11 @@ class _Port:
             messages = tls
         head = await _read_request_head(messages, self._services.config.server.max_header_bytes)
         if not head or head.startswith(_HTTP2_PREFACE):
-            return  # HTTP/1.1 only: see _asgi
+            return  # HTTP/1.1 only: see asgi
         connection.http = not _is_socket_upgrade(head)
         if not connection.http and self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
                 _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
-            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))  # HTTP's: in _asgi
+            await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))  # HTTP's: in asgi
             return
         if not connection.http and not self._told_proxy and not self._trusted and _head_values(head, b"x-forwarded-for"):
             self._forwarded(connection)
@@ -6479,8 +6499,12 @@ class Relay:
     parts together (`services`, the port, the forwarders), starts and stops them, and reloads.
     """
 
-    def __init__(self, config: Config, *, overrides: Mapping[str, Any] | None = None, announce: bool = True) -> None:
-        config, tls = _preflight(config)
+    def __init__(self, source: "Config | Mapping[str, Any] | str | Path", *, overrides: Mapping[str, Any] | None = None,
+                 announce: bool = True) -> None:
+        """Load `source` (as load_config does) with `overrides` over its [server] keys; ConfigError if
+        it is not good, or not for this machine."""
+        self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
+        config, tls = _prepare(source, **self._overrides)
         self.config = config
         self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
         self.port = 0
@@ -6492,7 +6516,6 @@ class Relay:
         self._forwarders = {bucket: [_Forwarder(self.services, bucket, output) for output in
                                      _public_outputs(bucket.config)] for bucket in self.services.core.buckets}
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
-        self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
         self._announce = announce  # log "listening on" once it is (see serve_relay)
 
     @property
@@ -6523,7 +6546,7 @@ class Relay:
         bucket's subscribers get a status "unsubscribed", and its log goes. Raise ConfigError,
         changing nothing, if the config is not good, or changes what only a restart can."""
         services = self.services
-        new, tls = _preflight(_load(source, **self._overrides))  # what serve_relay was given stays in force
+        new, tls = _prepare(source, **self._overrides)  # what serve_relay was given stays in force
         _reloadable(self.config, new)
         credentials = _Credentials(new, lambda: services.core.session_key, services.throttle)
         credentials.carry_failures(services.credentials)
@@ -6741,7 +6764,7 @@ async def serve_relay(
     `[storage]`, OSError for its port.
     """
     overrides: dict[str, Any] = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
-    relay = Relay(_load(config, **overrides), overrides=overrides, announce=announce)
+    relay = Relay(config, overrides=overrides, announce=announce)
     try:
         await relay.serve(task_status=task_status)
     except BaseExceptionGroup as group:
@@ -6753,7 +6776,7 @@ async def serve_relay(
     raise sole  # it never started, for one reason: raised as it was, its cause and context kept
 
 
-# ==== 8. The agent ============================================================================
+# ==== 9. The agent ============================================================================
 #
 # `python relay_lite.py forward` brings webhooks to an app behind NAT. It is a socket client of
 # the relay (this one, or the hosted service: it speaks only the protocol PROTOCOL.md describes)
@@ -6923,7 +6946,7 @@ class _Checkpoint:
                 await self._changed.wait()
                 self._changed = trio.Event()
                 version = self._version
-                await trio.to_thread.run_sync(self.save)
+                self.failed(await trio.to_thread.run_sync(self.save))
                 self._saved_version = version
                 self._flushed.set()
                 self._flushed = trio.Event()
@@ -6931,10 +6954,13 @@ class _Checkpoint:
             self._saving = False
             self._flushed.set()
 
-    def save(self) -> None:
+    def save(self) -> OSError | None:
+        """Write the checkpoint (in a worker thread, or as the agent ends); the error that kept it
+        from being written, if one, for the caller to say (see failed): the throttle runs on the
+        event loop's clock."""
         last = self.last
         if last == self._saved:
-            return
+            return None
         data = {"relay": self._relay, "buckets": list(self._buckets), "last": last,
                 "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         temporary = self.path.with_name(self.path.name + ".tmp")
@@ -6951,10 +6977,14 @@ class _Checkpoint:
             finally:
                 os.close(directory)
         except OSError as error:  # delivery goes on: a restart would deliver some webhooks again
-            self._throttle.warning("state", "cannot save the checkpoint in %s: %s", self.path,
-                                   error.strerror or error)
-            return
+            return error
         self._saved = last
+        return None
+
+    def failed(self, error: OSError | None) -> None:
+        """Say why a save failed, if it did: once a minute at most."""
+        if error is not None:
+            self._throttle.warning("state", "cannot save the checkpoint in %s: %s", self.path, error.strerror or error)
 
 
 _PONG = _encode({"action": "pong"})
@@ -7022,7 +7052,7 @@ class _Agent:
                     reporting.cancel_scope.deadline = trio.current_time() + _AGENT_STOP_GRACE  # ...or in time
                 nursery.cancel_scope.cancel()
         finally:
-            self._checkpoint.save()
+            self._checkpoint.failed(self._checkpoint.save())
 
     # ---------------------------------------------------------------- the socket
 
@@ -7390,7 +7420,7 @@ async def forward(config: AgentConfig, *, task_status: trio.TaskStatus["_Agent"]
     await agent.run()
 
 
-# ==== 9. The pytest plugin and the command line ===============================================
+# ==== 10. The pytest plugin and the command line ==============================================
 
 # ---- pytest plugin ---------------------------------------------------------------------------
 #
