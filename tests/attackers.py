@@ -9,15 +9,14 @@ import sys
 import httpx
 import trio
 
-from helpers import tcp_from, closed_by_relay
-
 sys.path.insert(0, __file__.rpartition("/")[0])
+from helpers import closed_by_relay, tcp_from  # noqa: E402
 
 ATTACKERS = [f"127.0.0.{n}" for n in range(2, 10)]
 
 
 class Relay:
-    """What the attack helpers of test_security need: where the relay listens."""
+    """What the helpers of tests/helpers.py need of a relay: where it listens."""
 
     def __init__(self, port):
         self.host, self.port = "127.0.0.1", port

@@ -153,17 +153,19 @@ class RedisServer:
         self.port = free_port()
         self.directory = directory
         self.process: subprocess.Popen | None = None
+        self.started = False  # once: a restart keeps the port
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start it and wait until it answers; on another free port if another process took this
-        one meanwhile (the suite runs in parallel)."""
+        """Start it and wait until it answers. At its first start, on another free port if another
+        process took this one meanwhile (the suite runs in parallel); a restart keeps its port,
+        which relays already hold, or fails."""
         import redis  # relay-lite[redis]
 
-        for _ in range(3):
+        for _ in range(1 if self.started else 3):
             self.process = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
                  "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
@@ -172,13 +174,16 @@ class RedisServer:
             deadline = time.monotonic() + 10
             while self.process.poll() is None and time.monotonic() < deadline:
                 try:
-                    client.ping()
-                    return
+                    if client.info("server")["process_id"] == self.process.pid:  # ours, not another's
+                        self.started = True
+                        return
                 except redis.ConnectionError:
-                    time.sleep(0.025)
+                    pass
+                time.sleep(0.025)
             self.stop()
-            self.port = free_port()
-        raise RuntimeError("redis-server did not start")
+            if not self.started:
+                self.port = free_port()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def flush(self) -> None:
         import redis

@@ -314,6 +314,8 @@ def test_connection_bounds_default_from_the_open_file_limit(files, bounds):
 @pytest.mark.parametrize("server, complaint", [
     ({"max_connections": 0}, "server.max_connections: must be positive"),
     ({"max_connections": 10, "max_pending_per_ip": 11}, "server.max_pending_per_ip: must be 1 to max_connections (10)"),
+    ({"max_pending_per_ip": 0}, "server.max_pending_per_ip: must be 1 to max_connections "  # the machine's
+                                f"({min(resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64, 20_000)}), got 0"),
     ({"request_timeout": 0}, "server.request_timeout: must be positive"),
     ({"max_headers": -1}, "server.max_headers: must be positive"),
 ])

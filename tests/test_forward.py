@@ -815,6 +815,22 @@ def test_the_checkpoint_is_a_low_water_mark_saved_whole(tmp_path):
         relay_lite._Checkpoint.load(path, "http://relay", ("github",))
 
 
+async def test_a_checkpoint_that_cannot_be_saved_is_warned_of_and_saving_goes_on(tmp_path, caplog):
+    """The save runs in a worker thread, and its warning asked the event loop's clock there: a
+    RuntimeError ended the agent where it should warn and go on delivering (issue 22's review)."""
+    (tmp_path / "file").write_text("")  # a file where the state's folder should be
+    checkpoint = relay_lite._Checkpoint(tmp_path / "file" / "state.json", "http://relay", ("github",))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(checkpoint.keep_saved)
+        for log_id in "ab":
+            checkpoint.took(log_id)
+            with trio.fail_after(10):
+                await checkpoint.saved(checkpoint.done(log_id))  # tried, and failed: not waited for again
+        nursery.cancel_scope.cancel()
+    assert [record.getMessage().partition(":")[0] for record in caplog.records] == [
+        f"cannot save the checkpoint in {tmp_path / 'file' / 'state.json'}"]  # once: the throttle holds the next
+
+
 async def test_a_worker_waits_for_the_save_that_holds_its_webhook(tmp_path):
     """So that a crash repeats at most the webhook each worker had delivered."""
     path = tmp_path / "state.json"

@@ -145,3 +145,21 @@ async def test_a_start_and_a_reload_each_load_the_certificate_once_and_checking_
         assert relay.config.server.max_connections  # from the machine, at the start
         relay.reload(tls_config)
         assert loaded == [tls_config["server"]["certfile"]] * 2
+
+
+async def test_a_files_certificate_that_does_not_load_is_named_with_the_file_at_load_start_and_reload(
+        tls_config, tmp_path):
+    """Once TLS was loaded by _preflight, after the file's checks, its error no longer named the
+    file (issue 22's review)."""
+    path = tmp_path / "relay.toml"
+    path.write_text('[server]\ncertfile = "/nonexistent/cert.pem"\nkeyfile = "/nonexistent/key.pem"\n')
+    expected = f"{path}: server.certfile: cannot load /nonexistent/cert.pem with /nonexistent/key.pem"
+    with pytest.raises(relay_lite.ConfigError) as loaded:
+        relay_lite.load_config(path)
+    with pytest.raises(relay_lite.ConfigError) as started:
+        async with relay_lite.open_relay(path):
+            pass  # pragma: no cover
+    async with relay_lite.open_relay(tls_config) as relay:
+        with pytest.raises(relay_lite.ConfigError) as reloaded:
+            relay.reload(path)
+    assert [str(error.value).partition(": No such")[0] for error in (loaded, started, reloaded)] == [expected] * 3
