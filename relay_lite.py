@@ -151,7 +151,7 @@ try:  # Quart 0.23 raises it when a client left before its answer, and quart-tri
 except ImportError:  # Quart 0.22 (Python 3.11 and 3.12) has none
     class _ClientLeft(Exception):  # type: ignore[no-redef]
         pass
-from wsproto import ConnectionState as _WSState
+from wsproto.connection import ConnectionState as _WSState
 from wsproto import WSConnection as _WSConnection
 from wsproto.connection import ConnectionType as _WSConnectionType
 from wsproto.events import BytesMessage as _BytesMessage
@@ -3027,7 +3027,7 @@ def _event(kind: str, bucket_id: str, row: dict[str, Any], origin: str, number: 
 
 
 def _row_of(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
-    row = json.loads(fields[b"row"])
+    row: dict[str, Any] = json.loads(fields[b"row"])
     if row.get("response_body") is not None:
         row["response_body"] = base64.b64decode(row["response_body"])
     return row
@@ -3375,7 +3375,7 @@ class _Redis(_Batching):
             for keys, args in calls:
                 pipeline.evalsha(script.sha, len(keys), *keys, *args)
             try:
-                return pipeline.execute()
+                return typing.cast(list[Any], pipeline.execute())
             except self._no_script:
                 if attempt:
                     raise
@@ -5345,7 +5345,7 @@ class _Routes:
         return (await self._grant(inspector=inspector)).token
 
     async def receive_webhook(self, _rest: str) -> Response:
-        scope = typing.cast(dict, request.scope)
+        scope = typing.cast(dict[str, Any], request.scope)
         target = _text(scope["raw_path"])
         if not target.startswith("/"):  # an absolute-form target, http://host/v1/webhooks/... (RFC 9112, 3.2.2)
             target = urllib.parse.urlsplit(target).path
@@ -5609,12 +5609,12 @@ def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, st
 def _request_body() -> bytes:
     """The body of the request being served: read whole before the app was called (see
     _Port._receive_body), and handed over as it is (Quart's own body would be two copies more)."""
-    return typing.cast(bytes, typing.cast(dict, request.scope)[_BODY])
+    return typing.cast(bytes, typing.cast(dict[str, Any], request.scope)[_BODY])
 
 
 def _request_client() -> str:
     """The address the request being served came from (see trusted_proxies), as _Port.asgi found it."""
-    return typing.cast(str, typing.cast(dict, request.scope)[_CLIENT])
+    return typing.cast(str, typing.cast(dict[str, Any], request.scope)[_CLIENT])
 
 
 def _request_credentials() -> tuple[str, str]:
@@ -5681,7 +5681,7 @@ def _request_head(scope: Mapping[str, Any], server: ServerConfig) -> _Head:
     return _Head(refusal, length, forwarded_for, host, forwarded)
 
 
-async def _refuse(receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]],
+async def _refuse(receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[[dict[str, Any]], Awaitable[None]],
                   scope: Mapping[str, Any], status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
     """Answer a request whose body was not read (not all of it) with `status` (JSON on the REST
     API, as _error does), and close the connection. What Hypercorn hands on of the body meanwhile
@@ -5705,7 +5705,7 @@ async def _refuse(receive: Callable[[], Awaitable[dict]], send: Callable[[dict],
         nursery.cancel_scope.cancel()
 
 
-async def _refuse_upgrade(send: Callable[[dict], Awaitable[None]]) -> None:
+async def _refuse_upgrade(send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
     """Answer a WebSocket upgrade Hypercorn took (any path but SOCKET_PATH, which the relay
     routes itself) with a plain 404, as the ASGI WebSocket denial response."""
     await send({"type": "websocket.http.response.start", "status": 404, "headers": [
@@ -5897,7 +5897,7 @@ def _retry_delay(retry: int, retry_after: str | None, jitter: float) -> float:
                 delay = -1.0
         if delay >= 0:
             return min(delay, _RETRY_AFTER_MOST)
-    return min(_BACKOFF_FIRST * 2 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
+    return min(_BACKOFF_FIRST * 2.0 ** (retry - 1), _BACKOFF_MOST) * (0.5 + jitter / 2)
 
 
 _UNSENDABLE = (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError)  # no retry will send it
@@ -6166,7 +6166,7 @@ class _TLSConnectionStream(_ConnectionStream):
     """A connection's TLS stream, its handshake done, as Hypercorn tells one: it then gives the
     app "https" as the scheme."""
 
-    def __init__(self, stream: trio.SSLStream, head: bytes, connection: "_Connection",
+    def __init__(self, stream: "trio.SSLStream[_ConnectionStream]", head: bytes, connection: "_Connection",
                  raw: trio.SocketStream, inflows: "_Inflows | None" = None) -> None:
         super().__init__(stream, head, connection, raw, inflows)
         self.transport_stream = raw
@@ -6419,7 +6419,7 @@ class _Port:
         else:
             await self._serve_socket(replay, connection)
 
-    async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> trio.SSLStream | None:
+    async def _tls_handshake(self, stream: trio.SocketStream, connection: _Connection) -> "trio.SSLStream[_ConnectionStream] | None":
         """`stream` once its TLS handshake is done; None if it ended first, or spoke plain HTTP
         (which gets a 400 saying to use https)."""
         assert self._tls is not None
@@ -7489,7 +7489,7 @@ class _FrameClient:
     async def receive(self, timeout: float = _FIXTURE_TIMEOUT) -> dict[str, Any]:
         """The next frame (a ping is answered, and returned too)."""
         with trio.fail_after(timeout):
-            frame = json.loads(await self._ws.get_message())
+            frame: dict[str, Any] = json.loads(await self._ws.get_message())
         self.frames.append(frame)
         if frame.get("type") == "status" and frame.get("status") == "ping":
             await self._ws.send_message(_encode({"action": "pong"}))

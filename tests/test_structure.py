@@ -4,7 +4,11 @@ that names them, and no object reading another's private attributes."""
 import ast
 import functools
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import relay_lite
 
@@ -90,3 +94,13 @@ def test_no_object_reads_another_objects_private_attributes():
                 continue
             reads.add(f"{owner}: {ast.unparse(attribute)}")
     assert sorted(reads) == []
+
+
+@pytest.mark.timeout(300)
+def test_mypy_strict_finds_nothing(tmp_path):
+    """The seams are types (_Services, _Backend, _Owner, _Subscriber): mypy checks every call
+    across them, strict, as pyproject's [tool.mypy] says."""
+    root = Path(relay_lite.__file__).parent
+    result = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "relay_lite.py"], cwd=root,
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout + result.stderr
