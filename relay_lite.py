@@ -963,7 +963,8 @@ def _preflight(config: Config) -> tuple[Config, ssl.SSLContext | None]:
     the config with those defaults in, and its TLS context; raise ConfigError naming the key.
     A start, a reload and load_config call it once, through _prepare (a reload loaded the
     certificate three times); the command line's start and `check` also try the log's database
-    (_check_storage), and its start asks first, so a relay it starts loads the certificate twice."""
+    (_check_storage). The command line and the pytest plugin prepare a file's config to name it
+    in its errors, then hand the relay the Config: their relays load the certificate twice."""
     server = config.server
     max_connections = _default_max_connections() if server.max_connections is None else server.max_connections
     max_pending = (min(max(max_connections // 8, 1), _MOST_PENDING_PER_IP) if server.max_pending_per_ip is None
@@ -985,7 +986,7 @@ def _prepare(source: "Config | Mapping[str, Any] | str | Path", **server: Any) -
         return _preflight(config)
     except ConfigError as error:
         if isinstance(source, (str, Path)):
-            raise ConfigError(f"{source}: {error}") from None
+            raise ConfigError(f"{Path(source)}: {error}") from None
         raise
 
 
@@ -1325,8 +1326,8 @@ def _reloadable(old: Config, new: Config) -> None:
 #
 # Client frames in, server frames out, as PROTOCOL.md describes them; webhooks, log entries and
 # answers; the REST API's queries and cursors; who a request comes from; signatures. Pure
-# functions and plain data: no I/O, no clock but the `now` they are given (and the log ids',
-# which are made of the time: _LogIds).
+# functions and plain data (a held sender's event aside): no I/O, no clock but the `now` they are
+# given (and the log ids', which are made of the time: _LogIds).
 
 # ---- frames ----------------------------------------------------------------------------------
 
@@ -7674,7 +7675,7 @@ def _fixture_config_of(config: "Config | Mapping[str, Any] | str | Path | None")
     giving way to a free loopback port (tests run side by side)."""
     if config is None:
         return _fixture_config()
-    return _load(config, host="127.0.0.1", port=0)
+    return _prepare(config, host="127.0.0.1", port=0)[0]  # a file's errors, the machine's too, name it
 
 
 def _pytest_plugin() -> types.ModuleType:
@@ -7915,10 +7916,9 @@ def _check(path: str | None, args: argparse.Namespace) -> int:
 
 
 def _preflight_file(config: Config, path: str) -> None:
-    """_preflight(config), and whether its log's database can be used (_check_storage), their
-    error naming the config's file, as load_config's do."""
+    """Whether `config`'s log's database can be used (_check_storage: what the command line asks
+    beyond _prepare, which _with_overrides ran), its error naming the config's file."""
     try:
-        _preflight(config)
         if config.storage.path:
             _check_storage(config.storage.path)
     except ConfigError as error:
@@ -8064,9 +8064,10 @@ def _forward(args: argparse.Namespace) -> int:
 
 def _with_overrides(source: "Config | str", args: argparse.Namespace) -> Config:
     """The config `source` (a file, or the demo's) with the command line's --host and --port in
-    place of its own (and, in a worker that --workers started, the port shared), checked so."""
+    place of its own (and, in a worker that --workers started, the port shared), checked so, and
+    for this machine (_prepare: its errors name the file)."""
     overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
-    return _load(source, **overrides, **({"reuse_port": True} if _WORKER in os.environ else {}))
+    return _prepare(source, **overrides, **({"reuse_port": True} if _WORKER in os.environ else {}))[0]
 
 
 _WORKER_RESTART, _WORKER_RESTART_MOST = 1.0, 60.0  # seconds before a worker that died is started again

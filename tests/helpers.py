@@ -174,10 +174,10 @@ class RedisServer:
             deadline = time.monotonic() + 10
             while self.process.poll() is None and time.monotonic() < deadline:
                 try:
-                    if client.info("server")["process_id"] == self.process.pid:  # ours, not another's
-                        self.started = True
+                    if client.info("server")["process_id"] == self.process.pid and client.ping():  # ours, not
+                        self.started = True  # another's; and its data loaded (INFO answers while it loads)
                         return
-                except redis.ConnectionError:
+                except redis.ConnectionError:  # and BusyLoadingError
                     pass
                 time.sleep(0.025)
             self.stop()

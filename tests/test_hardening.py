@@ -506,8 +506,8 @@ async def test_1_an_inspectors_socket_ends_with_its_session_unless_renewed(held_
         async with subscriber(relay, ["github"], secret=first) as lapsing, \
                 subscriber(relay, ["github"], secret=first) as renewing:
             await trio.sleep(1)
-            monkeypatch.setattr(relay_lite, "_SESSION_SECONDS", 60)  # the renewal outlives the test: its
-            # 2 s, counted in whole seconds, could end while the webhook below was on its way (a CI flake)
+            monkeypatch.setattr(relay_lite, "_SESSION_SECONDS", 60)  # the renewal outlives the test: 4 s,
+            # counted in whole seconds, could end while the webhook below was on its way
             renewed = (await http.post("/inspector/session", auth=(KEY, first))).json()["session"]
             await renewing.send(action="auth", key=KEY, secret=renewed)
             await renewing.expect("authenticated")

@@ -107,10 +107,16 @@ async def test_sighup_reloads_the_file_and_a_bad_file_is_refused_in_one_line(tmp
             process.send_signal(signal.SIGHUP)
             await eventually(lambda: "reload refused" in err.read_text(), 10)
             assert (await http.post("/v1/webhooks/in-two", content="x")).status_code == 200  # still in force
+            # what the machine refuses (a certificate that does not load) names the file too (issue 22)
+            path.write_text('server = {port = 0, certfile = "/nonexistent/c.pem", keyfile = "/nonexistent/k.pem"}\n'
+                            + first.partition("\n")[2])
+            process.send_signal(signal.SIGHUP)
+            await eventually(lambda: err.read_text().count("reload refused") == 2, 10)
     finally:
         assert await stop(process) == 0
-    refusal = next(line for line in err.read_text().splitlines() if "reload refused" in line)
-    assert "not valid TOML" in refusal and "Traceback" not in err.read_text()
+    broken, uncertified = [line for line in err.read_text().splitlines() if "reload refused" in line]
+    assert "not valid TOML" in broken and "Traceback" not in err.read_text()
+    assert f"{path}: server.certfile: cannot load /nonexistent/c.pem" in uncertified
 
 
 async def test_a_sender_held_by_an_input_a_reload_removes_gets_its_answer_not_a_500():

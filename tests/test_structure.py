@@ -52,10 +52,15 @@ def test_the_layers_are_numbered_in_order_and_the_map_names_each():
     found = layers()
     assert [layer for _, _, layer in found] == [*range(1, len(found)), 99]
     docstring = ast.get_docstring(TREE)
+    at = []
     for _, title, layer in found:
         short = title.partition(":")[0].partition(" (")[0]
         entry = f"{layer}. {short}" if layer != 99 else "Appendix"
-        assert re.search(rf"^    {re.escape(entry)}", docstring, re.M), entry
+        match = re.search(rf"^    {re.escape(entry)}", docstring, re.M)
+        assert match, entry
+        at.append(match.start())
+    assert at == sorted(at)  # in the banners' order
+    assert len(re.findall(r"^    (?:\d+\.|Appendix) ", docstring, re.M)) == len(found)  # and no layer that is not one
 
 
 def test_each_layer_calls_only_those_above_it():
@@ -101,6 +106,6 @@ def test_mypy_strict_finds_nothing(tmp_path):
     """The seams are types (_Services, _Backend, _Owner, _Subscriber): mypy checks every call
     across them, strict, as pyproject's [tool.mypy] says."""
     root = Path(relay_lite.__file__).parent
-    result = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "relay_lite.py"], cwd=root,
-                            capture_output=True, text=True, timeout=280)
+    result = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(root / "pyproject.toml"), "--cache-dir",
+                             str(tmp_path), "relay_lite.py"], cwd=root, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout + result.stderr

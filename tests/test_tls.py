@@ -148,7 +148,7 @@ async def test_a_start_and_a_reload_each_load_the_certificate_once_and_checking_
 
 
 async def test_a_files_certificate_that_does_not_load_is_named_with_the_file_at_load_start_and_reload(
-        tls_config, tmp_path):
+        tls_config, tmp_path, relay_factory):
     """Once TLS was loaded by _preflight, after the file's checks, its error no longer named the
     file (issue 22's review)."""
     path = tmp_path / "relay.toml"
@@ -162,4 +162,7 @@ async def test_a_files_certificate_that_does_not_load_is_named_with_the_file_at_
     async with relay_lite.open_relay(tls_config) as relay:
         with pytest.raises(relay_lite.ConfigError) as reloaded:
             relay.reload(path)
-    assert [str(error.value).partition(": No such")[0] for error in (loaded, started, reloaded)] == [expected] * 3
+    with pytest.raises(relay_lite.ConfigError) as fixture:  # the plugin's relay_factory, as a project uses it
+        await relay_factory(path)
+    assert [str(error.value).partition(": No such")[0] for error in (loaded, started, reloaded, fixture)] == [
+        expected] * 4
