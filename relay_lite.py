@@ -2791,6 +2791,9 @@ class _Storage(_Alone, _Batching):
         self._replays = _Replays()
         self._pending: dict[tuple[str, str], _Batch] = {}  # nonces taken, not yet kept: (input id, key) -> batch
         self.session_key = b""  # kept in the file: a restart keeps inspectors signed in
+        # the one fault hook, for tests: called in the writer's thread before each transaction;
+        # what it raises, the transaction raises (a disk that fails, or fails once, slowly)
+        self.fault: Callable[[], None] | None = None
         _Batching.__init__(self)
 
     def open(self) -> tuple[str, dict[str, str], list[sqlite3.Row], list[tuple[str, str, str]],
@@ -2923,6 +2926,8 @@ class _Storage(_Alone, _Batching):
     def _commit(self, inserts: list[dict[str, Any]], updates: list[dict[str, Any]], trims: list[tuple[str, str]],
                 positions: list[tuple[str, str, str]], nonces: list[tuple[str, str, float]]) -> None:
         assert self._db is not None
+        if self.fault is not None:
+            self.fault()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -3787,6 +3792,11 @@ class _Connections:
         self.idle(connection)
         return connection
 
+    @property
+    def pending(self) -> int:
+        """How many addresses hold pending connections (an address goes with its last one)."""
+        return len(self._pending)
+
     def closed(self, connection: _Connection) -> None:
         self.count -= 1
         self._open.discard(connection)
@@ -4202,6 +4212,17 @@ class _Core:
         self._holds: set[_Hold] = set()  # senders waiting for an answer
         self._metrics = metrics
 
+    @property
+    def backend(self) -> _Backend:
+        """The backend keeping the log: what a test waits for (committed), or makes fail (see
+        _Storage.fault)."""
+        return self._backend
+
+    @property
+    def held(self) -> int:
+        """How many senders wait for a client's answer."""
+        return len(self._holds)
+
     # ---------------------------------------------------------------- buckets and tokens
 
     @property
@@ -4567,6 +4588,8 @@ class _Services:
         self.credentials = _Credentials(config, lambda: self.core.session_key, self.throttle)
         self.ingest = _Ingest(config, self.core, self.metrics, self.throttle)
         self.connections = _Connections(config.server, self.throttle)
+        assert config.server.max_body_bytes_in_flight  # filled in by _checked
+        self.inflows = _Inflows(config.server.max_body_bytes_in_flight, self.throttle)  # request bodies in flight
         self.loaded_at = _wall_time()  # when the config in force was loaded: the buckets API's created_at
         self.stopping = trio.Event()  # set by Relay.shutdown
 
@@ -6224,8 +6247,7 @@ class _Port:
         self._services = services
         self._sockets = sockets
         config = services.config
-        assert config.server.max_body_bytes_in_flight  # filled in by _checked
-        self._inflows = _Inflows(config.server.max_body_bytes_in_flight, services.throttle)
+        self._inflows = services.inflows
         self._app = _make_app(services, sockets)
         self._told_proxy = False  # see _forwarded
         self.requests = 0  # HTTP requests in flight

@@ -26,7 +26,7 @@ if shutil.which("redis-server") is None:
 @asynccontextmanager
 async def tail_held(relay):
     """Within the block, `relay`'s tail reads nothing: its next XREAD waits for the block's end."""
-    reader = relay.services.core._backend._reader
+    reader = relay.services.core.backend._reader
     xread, held, released = reader.xread, threading.Event(), threading.Event()
 
     def held_xread(*args, **kwargs):
@@ -299,7 +299,7 @@ async def test_an_answer_is_claimed_and_journaled_in_one_step(redis_server):
 
 async def test_a_relay_that_cannot_renew_its_lead_stops_leading_before_the_lease_could_pass_on(redis_server):
     async with relays(cluster_config(redis_server), 1) as (a,):
-        backend = a.services.core._backend
+        backend = a.services.core.backend
         began = trio.current_time()
         async with backend.leading("test-output") as lead:
             redis_server.process.send_signal(signal.SIGSTOP)  # Redis hangs: no answer, no error
@@ -398,7 +398,7 @@ async def test_a_pull_queue_call_that_lost_its_lock_moves_nothing(redis_server):
     client = redis.Redis(port=redis_server.port)
     async with relays(cluster_config(redis_server), 1) as (a,):
         bucket = a.services.core.buckets[0]
-        backend = a.services.core._backend
+        backend = a.services.core.backend
         positions = f"relay_lite:positions:{bucket.config.id}"
         async with backend.queue(bucket, ""):
             bucket.positions[""] = "mine"
@@ -452,12 +452,12 @@ async def test_a_change_that_failed_to_be_journaled_is_journaled_once_redis_is_b
         async with subscriber(a, ["github"]) as on_a:
             await post(a, content="x")
             log_id = (await on_a.webhook())["meta"]["id"]
-        entry = a.services.core._log.get(log_id)
+        entry = a.services.core.entry(a.config.tokens[0], log_id)
         redis_server.stop()
         entry.status = "stalled"
-        a.services.core._backend.update(entry)
+        a.services.core.backend.update(entry)
         with pytest.raises(relay_lite.StorageError):
-            await a.services.core._backend.committed()
+            await a.services.core.backend.committed()
         redis_server.start()
         async with httpx.AsyncClient(base_url=b.url, auth=(KEY, SECRET)) as http:
             with trio.fail_after(20):
@@ -473,7 +473,7 @@ async def test_a_relay_started_without_buckets_takes_them_at_a_reload(redis_serv
     async with relays(empty, 1) as (a,), relays(cluster_config(redis_server), 1) as (b,):
         a.reload(cluster_config(redis_server))
         with trio.fail_after(10):
-            while not a.services.core.buckets or a.services.core.buckets[0].config.id in a.services.core._backend._loading:
+            while not a.services.core.buckets or a.services.core.buckets[0].config.id in a.services.core.backend._loading:
                 await trio.sleep(0.02)
         async with subscriber(a, ["github"]) as on_a:
             assert (await post(b, content="to a")).status_code == 200
@@ -517,7 +517,7 @@ async def test_a_short_redis_restart_does_not_take_the_lead_away(redis_server):
     """Review finding 7: the first failed renewal gave the lead up, cancelling deliveries under
     way (and making them again), with most of the lease left."""
     async with relays(cluster_config(redis_server), 1) as (a,):
-        async with a.services.core._backend.leading("test-output") as lead:
+        async with a.services.core.backend.leading("test-output") as lead:
             redis_server.stop()
             await trio.sleep(3)
             redis_server.start()  # appendfsync always: the lease is still there

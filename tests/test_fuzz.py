@@ -770,8 +770,8 @@ async def fuzz_running_relay(caplog, run_case, cases: list[Case], concurrency: i
             # every fuzz connection (and every sender's) is gone: only the subscriber is left
             if not await settles(lambda: relay.services.connections.count == 1, timeout=HTTP_BOUND):
                 problems.append(f"{relay.services.connections.count} connections open, not 1 (the good subscriber)")
-            if relay.services.connections._pending or len(relay.sockets.open) != 1 or relay._port.requests:
-                problems.append(f"left behind: pending {relay.services.connections._pending}, sessions "
+            if relay.services.connections.pending or len(relay.sockets.open) != 1 or relay._port.requests:
+                problems.append(f"left behind: pending {relay.services.connections.pending}, sessions "
                                 f"{len(relay.sockets.open)}, requests {relay._port.requests}")
         if not await settles(lambda: relay.services.connections.count == 0, timeout=5):
             problems.append(f"{relay.services.connections.count} connections open after the subscriber left")

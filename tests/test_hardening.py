@@ -66,7 +66,7 @@ async def test_2_partial_bodies_are_bounded_across_connections_and_a_good_sender
 
             async def watch():
                 while True:
-                    most[0] = max(most[0], relay._port._inflows.used)
+                    most[0] = max(most[0], relay.services.inflows.used)
                     await trio.sleep(0.005)
             nursery.start_soon(watch)
             await trio.sleep(0.3)  # the room is taken, and the rest wait for some
@@ -82,7 +82,7 @@ async def test_2_partial_bodies_are_bounded_across_connections_and_a_good_sender
         assert all(b"retry-after: 5" in answer.lower() and b"max_body_bytes_in_flight" in answer for answer in refused)
         assert 2**20 < most[0] <= 2 * 2**20
         with trio.fail_after(5):
-            while relay._port._inflows.used:  # every body's room given back once its connection ended
+            while relay.services.inflows.used:  # every body's room given back once its connection ended
                 await trio.sleep(0.01)
 
 
@@ -93,7 +93,7 @@ async def test_2_an_address_under_its_share_ends_the_largest_body_of_the_one_ove
             for _ in range(2):
                 nursery.start_soon(partial_body, relay, "127.0.0.2", answers)
             with trio.fail_after(5):
-                while relay._port._inflows.used < 2 * (2**20 - 1):  # all the room, one address's
+                while relay.services.inflows.used < 2 * (2**20 - 1):  # all the room, one address's
                     await trio.sleep(0.01)
             assert (await post(relay, content=b"small")).status_code == 200  # from 127.0.0.1, under its share
             with trio.fail_after(5):
@@ -263,14 +263,13 @@ async def test_5_a_replay_is_refused_when_storage_failed_to_keep_the_first(tmp_p
     """A webhook refused with 503 was not accepted: its sender's retry of it must pass."""
     config, headers = stored_stripe_config(tmp_path), signed_stripe_headers()
     async with relay_lite.open_relay(config) as relay:
-        storage = relay.services.core._backend
-        commit = storage._commit
+        storage = relay.services.core.backend
 
-        def failing(*args):
+        def failing():
             raise sqlite3.OperationalError("disk I/O error")
-        storage._commit = failing
+        storage.fault = failing
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 503
-        storage._commit = commit
+        storage.fault = None
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
         assert await logged(relay, "stripe") == 1
 
@@ -414,8 +413,8 @@ async def test_7_an_answers_body_is_kept_to_its_first_mib_as_a_deliverys_is(held
         assert got[0].content == big[:2**20]
         log = (await http.get(f"/v1/logs/{log_id}")).json()
         assert log["response_body"] == list(big[:2**20])
-        bucket = relay.services.core._store.find_bucket("github")
-        assert relay.services.core._store._by_ref[bucket.id].history_bytes < 2**20 + 10_000
+        core = relay.services.core
+        assert core.bucket_by_id(core.find_bucket("github").id).history_bytes < 2**20 + 10_000
 
 
 # -------------------------------------------------------------------------- 9 and 10: strangers' failures
@@ -534,14 +533,14 @@ async def test_5_a_replay_that_comes_while_its_webhook_is_being_kept_gets_the_sa
     write failed, the first got 503, and its sender's retry was then a replay: lost."""
     config, headers = stored_stripe_config(tmp_path), signed_stripe_headers()
     async with relay_lite.open_relay(config) as relay:
-        storage = relay.services.core._backend
-        commit, writing, fail = storage._commit, threading.Event(), threading.Event()
+        storage = relay.services.core.backend
+        writing, fail = threading.Event(), threading.Event()
 
-        def failing_later(*args):
+        def failing_later():
             writing.set()
             fail.wait(10)
             raise sqlite3.OperationalError("disk I/O error")
-        storage._commit = failing_later
+        storage.fault = failing_later
         answers = []
         async with trio.open_nursery() as nursery:
             async def send():
@@ -550,7 +549,7 @@ async def test_5_a_replay_that_comes_while_its_webhook_is_being_kept_gets_the_sa
             await trio.to_thread.run_sync(writing.wait, 10)
             nursery.start_soon(send)  # the same webhook, while the first is being written
             await trio.sleep(0.2)
-            storage._commit = commit
+            storage.fault = None
             fail.set()
         assert answers == [503, 503]
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 200
@@ -567,7 +566,7 @@ async def test_2_a_body_received_is_no_longer_in_flight_while_its_sender_is_held
         async with trio.open_nursery() as nursery:
             nursery.start_soon(functools.partial(post, relay, input_id="in-held", content=b"h" * 900_000))
             await client.webhook()  # its body is in: the sender is held for an answer
-            assert relay._port._inflows.used == 0
+            assert relay.services.inflows.used == 0
             assert (await post(relay, content=b"g" * 900_000)).status_code == 200  # room for another
             await client.webhook()
             nursery.cancel_scope.cancel()

@@ -415,16 +415,15 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
         sdk = Sdk(http)
         await posted(relay, *(f"e{n}" for n in range(6)))
         assert [log["body"] for log in (await events(http, bucket="github", limit=2)).json()["logs"]] == ["e0", "e1"]
-        commit, calls, release = relay.services.core._backend._commit, [], threading.Event()
+        calls, release = [], threading.Event()
 
-        def failing_once(*args):
-            calls.append(args)
+        def failing_once():
+            calls.append(None)
             if len(calls) == 1:
                 release.wait(10)
                 raise sqlite3.OperationalError("disk I/O error (made by the test)")
-            return commit(*args)
 
-        relay.services.core._backend._commit = failing_once
+        relay.services.core.backend.fault = failing_once
         answers = {}
 
         async def poll(name):
@@ -434,7 +433,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
             nursery.start_soon(poll, "first")
             await eventually(lambda: calls)  # its commit is under way
             nursery.start_soon(poll, "second")
-            [bucket] = relay.services.core._store.resolve(relay.config.tokens[0], ("github",))
+            [bucket] = relay.services.core.resolve(relay.config.tokens[0], ("github",))
             await eventually(lambda: bucket.queue_lock("").statistics().tasks_waiting == 1)
             release.set()
         assert answers["first"].status_code == 503
@@ -468,10 +467,10 @@ async def test_a_resend_and_a_poll_the_log_cannot_keep_are_503s_saying_try_again
         await posted(relay, "one")
         [log] = (await Sdk(http).list(bucket="github"))["data"]
 
-        def failing(*args):
+        def failing():
             raise sqlite3.OperationalError("disk I/O error (made by the test)")
 
-        relay.services.core._backend._commit = failing
+        relay.services.core.backend.fault = failing
         resend = await http.post(f"/v1/logs/{log['id']}/action", json={"action": "resend"})
         poll = await events(http, bucket="github")
     for answer in (resend, poll):

@@ -163,8 +163,8 @@ async def test_readiness_fails_while_the_webhook_log_cannot_be_written(tmp_path)
     config = relay_config()
     config["storage"] = {"path": str(tmp_path / "relay.db")}
     async with relay_lite.open_relay(config) as relay, httpx.AsyncClient(base_url=relay.url) as http:
-        await relay.services.core._backend.committed()  # what it writes at start is written
-        relay.services.core._backend.failing = "database or disk is full"  # what a failed transaction leaves; see test_disk_full
+        await relay.services.core.backend.committed()  # what it writes at start is written
+        relay.services.core.backend.failing = "database or disk is full"  # what a failed transaction leaves; see test_disk_full
         response = await http.get("/readyz")
         assert (response.status_code, response.text) == (503, "the webhook log cannot be written\n")  # why: in the log
         assert (await post(relay, content="written")).status_code == 200  # a write that succeeds clears it

@@ -131,7 +131,7 @@ async def test_a_sender_held_by_an_input_a_reload_removes_gets_its_answer_not_a_
                 answers.append(await http.post("/v1/webhooks/in-stripe", content="held"))
 
             nursery.start_soon(held)
-            await eventually(lambda: relay.services.core._holds, 5)
+            await eventually(lambda: relay.services.core.held, 5)
             without_stripe = relay_config()
             without_stripe["buckets"] = [bucket for bucket in without_stripe["buckets"] if bucket["name"] != "stripe"]
             relay.reload(without_stripe)

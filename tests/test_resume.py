@@ -189,7 +189,7 @@ async def test_a_second_resume_while_one_runs_is_refused(relay):
 async def test_resumed_webhooks_are_logged_as_sent(relay):
     since = await last_seen(relay)
     await post(relay, content="missed")
-    (entry,) = relay.services.core._log.after(relay.services.core._store.buckets[:1], since, 10)
+    (entry,) = relay.services.core.after(relay.services.core.buckets[:1], since, 10)
     assert entry.status == "received"
     async with connect(relay) as client:
         await resume(client, since)

@@ -289,8 +289,8 @@ async def test_2_headers_path_and_query_count_against_history_bytes(bounded_conf
             for n in range(100):
                 url = relay.input_url("github") + "/" + "p" * 1000 + "?" + "q" * 1000
                 assert (await http.post(url, headers=headers)).status_code == 200
-        bucket = relay.services.core._store.find_bucket("github")
-        history = relay.services.core._store._by_ref[bucket.id].history
+        core = relay.services.core
+        history = core.bucket_by_id(core.find_bucket("github").id).history
         assert 10 <= len(history) <= 25, len(history)  # 500 KB of 25 KB entries: 20; it was all 100
 
 
@@ -305,7 +305,7 @@ async def test_11_answers_count_against_history_bytes(bounded_config):
                 body = base64.b64encode(b"a" * 100_000).decode()
                 assert (await http.put(f"/v1/logs/{log_id}", json={"status_code": 200, "response_body": body})
                         ).status_code == 200
-        bucket = relay.services.core._store._by_ref[relay.services.core._store.find_bucket("github").id]
+        bucket = relay.services.core.bucket_by_id(relay.services.core.find_bucket("github").id)
         assert 3 <= len(bucket.history) <= 5, len(bucket.history)  # 100 KB answers in 500 KB; it was all 20
         assert bucket.history_bytes <= 500_000
 
@@ -728,8 +728,8 @@ async def test_held_senders_count_against_their_address(config):
         held = []
         for n in range(4):  # one at a time: each held, or refused, before the next
             held.append(await hold())
-            await eventually(lambda: len(relay.services.core._holds) == n + 1 or not still_open(held[-1]))
-        assert len(relay.services.core._holds) == 2
+            await eventually(lambda: relay.services.core.held == n + 1 or not still_open(held[-1]))
+        assert relay.services.core.held == 2
         assert [still_open(stream) for stream in held] == [True, True, False, False]
         assert (await post(relay, content="another address")).status_code == 200
         for stream in held:

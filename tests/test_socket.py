@@ -220,7 +220,7 @@ async def test_client_disconnect_unsubscribes(relay):
     async with subscriber(relay, ["github"]) as client:
         await post(relay, content="x")
         assert (await client.webhook())["body"] == "x"
-    bucket = relay.services.core._store._by_ref["github"]
+    bucket = relay.services.core.bucket_by_id(relay.services.core.find_bucket("github").id)
     await eventually(lambda: not bucket.subscribers)
     assert not relay.sockets.open
 

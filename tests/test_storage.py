@@ -64,16 +64,14 @@ async def test_retention_bounds_the_file_too(config):
 
 async def test_a_failed_write_answers_503_and_delivers_nothing(config):
     async with relay_lite.open_relay(config) as relay, subscriber(relay, ["github"]) as client:
-        commit = relay.services.core._backend._commit
-
-        def failing_commit(*args):
+        def failing_commit():
             raise sqlite3.OperationalError("disk I/O error")
 
-        relay.services.core._backend._commit = failing_commit
+        relay.services.core.backend.fault = failing_commit
         response = await post(relay, content="lost?")
         assert response.status_code == 503
         assert response.text == "the webhook log could not be written: disk I/O error; try again\n"
-        relay.services.core._backend._commit = commit
+        relay.services.core.backend.fault = None
         assert (await post(relay, content="stored")).status_code == 200
         assert (await client.webhook())["body"] == "stored"  # never the one that was refused
 
@@ -82,16 +80,14 @@ async def test_a_change_that_failed_to_be_written_goes_with_the_next_write(confi
     async with relay_lite.open_relay(config) as relay, subscriber(relay, ["github"]) as client:
         await post(relay, content="answered")
         answered = (await client.webhook())["meta"]["id"]
-        commit = relay.services.core._backend._commit
-
-        def failing_commit(*args):
+        def failing_commit():
             raise sqlite3.OperationalError("database or disk is full")
 
-        relay.services.core._backend._commit = failing_commit
+        relay.services.core.backend.fault = failing_commit
         async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
             response = await http.put(f"/v1/logs/{answered}", json={"status_code": 201, "status": "failed"})
         assert response.status_code == 503 and "recorded in memory only" in response.text
-        relay.services.core._backend._commit = commit
+        relay.services.core.backend.fault = None
         assert (await post(relay, content="next")).status_code == 200
     with sqlite3.connect(config["storage"]["path"]) as db:
         assert db.execute("SELECT status, status_code FROM logs WHERE id = ?", (answered,)).fetchone() == ("failed", 201)
