@@ -267,6 +267,7 @@ async def test_5_a_replay_is_refused_when_storage_failed_to_keep_the_first(tmp_p
 
         def failing():
             raise sqlite3.OperationalError("disk I/O error")
+        await storage.committed()  # what it wrote before is written: the fault is the next write's
         storage.fault = failing
         assert (await post(relay, input_id="in-stripe", content=BODY, headers=headers)).status_code == 503
         storage.fault = None
@@ -540,6 +541,7 @@ async def test_5_a_replay_that_comes_while_its_webhook_is_being_kept_gets_the_sa
             writing.set()
             fail.wait(10)
             raise sqlite3.OperationalError("disk I/O error")
+        await storage.committed()  # what it wrote before is written: the fault is the next write's
         storage.fault = failing_later
         answers = []
         async with trio.open_nursery() as nursery:

@@ -423,6 +423,7 @@ async def test_a_failed_commit_hands_its_page_out_again_while_another_poll_waits
                 release.wait(10)
                 raise sqlite3.OperationalError("disk I/O error (made by the test)")
 
+        await relay.services.core.backend.committed()  # what it wrote before is written: the fault is the next write's
         relay.services.core.backend.fault = failing_once
         answers = {}
 
@@ -470,6 +471,7 @@ async def test_a_resend_and_a_poll_the_log_cannot_keep_are_503s_saying_try_again
         def failing():
             raise sqlite3.OperationalError("disk I/O error (made by the test)")
 
+        await relay.services.core.backend.committed()  # what it wrote before is written: the fault is the next write's
         relay.services.core.backend.fault = failing
         resend = await http.post(f"/v1/logs/{log['id']}/action", json={"action": "resend"})
         poll = await events(http, bucket="github")

@@ -67,6 +67,7 @@ async def test_a_failed_write_answers_503_and_delivers_nothing(config):
         def failing_commit():
             raise sqlite3.OperationalError("disk I/O error")
 
+        await relay.services.core.backend.committed()  # what it wrote before is written: the fault is the next write's
         relay.services.core.backend.fault = failing_commit
         response = await post(relay, content="lost?")
         assert response.status_code == 503
@@ -83,6 +84,7 @@ async def test_a_change_that_failed_to_be_written_goes_with_the_next_write(confi
         def failing_commit():
             raise sqlite3.OperationalError("database or disk is full")
 
+        await relay.services.core.backend.committed()  # what it wrote before is written: the fault is the next write's
         relay.services.core.backend.fault = failing_commit
         async with httpx.AsyncClient(base_url=relay.url, auth=(KEY, SECRET)) as http:
             response = await http.put(f"/v1/logs/{answered}", json={"status_code": 201, "status": "failed"})
