@@ -5031,7 +5031,8 @@ class _Sockets:
     def sweep(self, now: float, send_timeout: float) -> None:
         """Close inspectors' sessions past their end; cut off sockets whose write got no
         _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
-        for session in [session for session in self._watching if session.expires <= _wall_time()]:
+        wall = _wall_time()
+        for session in [session for session in self._watching if session.expires <= wall]:
             session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
         for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
             session.stalled(send_timeout)
@@ -6528,7 +6529,6 @@ class Relay:
         it is not good, or not for this machine."""
         self._overrides = dict(overrides or {})  # [server] keys serve_relay was given, over every config's
         config, tls = _prepare(source, **self._overrides)
-        self.config = config
         self.host = ""  # where it listens, once listening: a reachable address for 0.0.0.0 and ::
         self.port = 0
         self.url = ""  # http://HOST:PORT, or https://
@@ -6540,6 +6540,11 @@ class Relay:
                                      _public_outputs(bucket.config)] for bucket in self.services.core.buckets}
         self._forwarding: tuple[trio.Nursery, httpx.AsyncClient] | None = None  # where forwarders run, once serving
         self._announce = announce  # log "listening on" once it is (see serve_relay)
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the services', which a reload changes)."""
+        return self.services.config
 
     @property
     def socket_url(self) -> str:
@@ -6607,7 +6612,6 @@ class Relay:
                     self._forwarding[0].start_soon(forwarder.run, self._forwarding[1])
             self._forwarders[bucket] = forwarders
 
-        self.config = new
         services.reloaded(new, credentials)
         self._port.reload(new, tls)
         logger.info("reloaded the config: %d bucket(s), %d input(s), %d token(s)", len(new.buckets),
