@@ -36,14 +36,9 @@ def config():
 async def raw_exchange(relay, data: bytes, *, timeout: float = 5) -> bytes:
     """Send `data` on a new connection and read until the relay closes it."""
     stream = await trio.open_tcp_stream(relay.host, relay.port)
-    received = b""
     with trio.fail_after(timeout):
         await stream.send_all(data)
-        try:
-            while chunk := await stream.receive_some(65536):
-                received += chunk
-        except trio.BrokenResourceError:
-            pass
+        received = await closed_by_relay(stream)
     await stream.aclose()
     return received
 
