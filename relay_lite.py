@@ -231,6 +231,12 @@ BUCKETS_PATH = "/v1/buckets"
 HEALTH_PATH, READY_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
 NIL_LOG_ID = "00000000-0000-0000-0000-000000000000"  # a resume point before every webhook
 WEBHOOK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# A bucket's smee channel (smee_channel): webhooks in at SMEE_PREFIX + name, and out to smee-client
+# (a GET of the same URL that accepts text/event-stream) and to gosmee's client (SMEE_EVENTS_PREFIX)
+SMEE_PREFIX = "/smee/"
+SMEE_EVENTS_PREFIX = SMEE_PREFIX + "events/"
+SMEE_VERSION_PATHS = ("/version", SMEE_PREFIX + "version")  # gosmee's client asks its server's root
+SMEE_INPUT_NAME = "smee"  # the input a channel's webhooks are logged as coming from, without smee_input
 
 MAX_CLIENT_FRAME = 2**20  # 1 MiB of memory a client message may hold; more closes the socket with 1009
 MAX_FRAME_BEFORE_AUTH = 64 * 2**10  # the same before it authenticates (an auth frame needs under 1 KiB)
@@ -652,6 +658,12 @@ class BucketConfig:
     history_size: int | None = None  # None: the [server] value
     history_ttl: float | None = None
     history_bytes: int | None = None
+    # A smee channel: /smee/<smee_channel> takes webhooks as an input does, and streams the
+    # bucket's webhooks to smee-client and gosmee's client. The name is the only credential, as a
+    # smee.io URL's is: as hard to guess as a secret. Its webhooks are an input's, by smee_input's
+    # name (its verify, its answer); without one they answer 200, as smee.io does.
+    smee_channel: str = ""
+    smee_input: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -818,7 +830,7 @@ def _checked(config: Config) -> Config:
     """Fill in derived ids and default inputs, then check what one table cannot check alone."""
     server = _checked_server(config.server)
     reachable = _reachable(config)  # from other machines: secrets must be strong
-    buckets, bucket_refs = _checked_buckets(config.buckets, server)
+    buckets, bucket_refs = _checked_buckets(config.buckets, server, reachable)
     _check_tokens(config.tokens, bucket_refs, reachable)
     if config.metrics.token:
         _check_secret(config.metrics.token, "metrics.token", strong=reachable)
@@ -868,13 +880,14 @@ def _checked_server(server: ServerConfig) -> ServerConfig:
     return server
 
 
-def _checked_buckets(buckets_given: tuple[BucketConfig, ...], server: ServerConfig,
+def _checked_buckets(buckets_given: tuple[BucketConfig, ...], server: ServerConfig, reachable: bool,
                      ) -> tuple[list[BucketConfig], dict[str, str]]:
     """The buckets with their ids, inputs and history bounds filled in, and where each name and id
     was first seen."""
     buckets = []
     bucket_refs: dict[str, str] = {}  # name or id -> where it was first seen
     input_ids: dict[str, str] = {}
+    channels: dict[str, str] = {}  # smee channel -> where it was first seen
     for b, bucket in enumerate(buckets_given):
         where = f"buckets[{b}]"
         _require(bucket.name != "", f"{where}.name", "must not be empty")
@@ -918,8 +931,39 @@ def _checked_buckets(buckets_given: tuple[BucketConfig, ...], server: ServerConf
                      f"{output.name!r} is already used in this bucket")
             output_names.add(output.name)
             _check_output(output, f"{where}.outputs[{o}]")
+        _check_channel(bucket, where, input_names, channels, reachable)
         buckets.append(dataclasses.replace(bucket, id=bucket_id, inputs=tuple(filled_inputs), **history))
     return buckets, bucket_refs
+
+
+_SMEE_CHANNEL = re.compile(r"[A-Za-z0-9_-]{1,128}")  # smee.io's names: one URL path segment, unescaped
+
+
+def _check_channel(bucket: BucketConfig, where: str, input_names: set[str], channels: dict[str, str],
+                   reachable: bool) -> None:
+    """A bucket's smee channel: a name as smee.io's are, as hard to guess as a secret (it is the
+    only credential its stream asks for), used once; and the input it names, if any."""
+    if not bucket.smee_channel:
+        _require(not bucket.smee_input, f"{where}.smee_input", "needs smee_channel: the channel whose input it names")
+        return
+    name, at = bucket.smee_channel, f"{where}.smee_channel"
+    _require(_SMEE_CHANNEL.fullmatch(name) is not None, at,
+             "must be 1 to 128 letters, digits, - or _ (one URL path segment, as smee.io's channels are)")
+    _check_secret(name, at, strong=reachable)
+    if name in channels:
+        raise ConfigError(f"{at}: already used by {channels[name]}")
+    channels[name] = at
+    _require(not bucket.smee_input or bucket.smee_input in input_names, f"{where}.smee_input",
+             f"this bucket has no input named {bucket.smee_input!r}")
+
+
+def _channel_input(bucket: BucketConfig) -> InputConfig | None:
+    """The input a bucket's smee channel takes webhooks as: the one smee_input names, else one of
+    its own that answers 200 (not a public input: its id has no URL); None without a channel."""
+    if not bucket.smee_channel:
+        return None
+    named = next((input_ for input_ in bucket.inputs if input_.name == bucket.smee_input), None)
+    return named or InputConfig(id=_derived_id("smee", bucket.id), name=SMEE_INPUT_NAME)
 
 
 def _check_tokens(tokens: tuple[TokenConfig, ...], bucket_refs: Mapping[str, str], reachable: bool) -> None:
@@ -1086,6 +1130,8 @@ def _weak_secrets(config: "Config") -> list[str]:
     if _reachable(config):
         return []
     weak = [f"tokens[{t}].secret" for t, token in enumerate(config.tokens) if token.secret and not _is_strong(token.secret)]
+    weak += [f"buckets[{b}].smee_channel" for b, bucket in enumerate(config.buckets)
+             if bucket.smee_channel and not _is_strong(bucket.smee_channel)]
     return weak + ["metrics.token"] * bool(config.metrics.token and not _is_strong(config.metrics.token))
 
 
@@ -1254,7 +1300,8 @@ def _demo_config(server: ServerConfig) -> Config:
     return load_config(Config(
         server=server,
         tokens=(TokenConfig(key=str(uuid.uuid4()), secret=secrets.token_urlsafe(24)),),
-        buckets=(BucketConfig(name="demo", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),)),),
+        buckets=(BucketConfig(name="demo", id=str(uuid.uuid4()), inputs=(InputConfig(id=str(uuid.uuid4())),),
+                              smee_channel=secrets.token_urlsafe(18)),),
     ))
 
 
@@ -1290,6 +1337,7 @@ secret = "{secrets.token_urlsafe(24)}"
 [[buckets]]
 id = "{uuid.uuid4()}"
 name = "github"
+# smee_channel = "{secrets.token_urlsafe(18)}"   # /smee/<it>: for smee-client and gosmee (README)
   [[buckets.inputs]]
   id = "{uuid.uuid4()}"    # the URL is /v1/webhooks/<id>
   name = "{DEFAULT_INPUT_NAME}"
@@ -1863,6 +1911,169 @@ def _listed(entries: Iterable[_Entry], limit: int) -> list[_Entry]:
     return page
 
 
+# ---- wires: how a subscriber's client is sent webhooks ---------------------------------------
+#
+# A bucket's subscribers are sent each webhook framed for their client: a socket frame in the
+# relay's own protocol, or an event of a smee channel's stream (text/event-stream), as smee.io's
+# server writes them for smee-client or as gosmee's server writes them for gosmee's client. Each
+# wire frames a webhook once for all its subscribers.
+#
+# smee-client turns every field of an event but `body` and `query` into a header of the request
+# it makes, re-encodes `body` as JSON, and sets Content-Type: application/json; gosmee's client
+# takes the raw body from `bodyB` (base64), and would take `body` instead if both came. Both send
+# the last event id they saw as Last-Event-ID when they reconnect; gosmee keeps only ids shaped
+# as Redis stream ids, "<milliseconds>-<sequence>", in its --resume-state-file, so every event's
+# id is its log entry's place in that shape (see _smee_id).
+
+_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                                 "trailer", "upgrade"})
+
+
+def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
+    lowered = name.lower()
+    return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
+
+
+class _Wire:
+    """The relay's own socket protocol: a WebSocket frame per webhook and status."""
+
+    name = "socket"
+    ping = wire_frame(status_frame("ping", "ping"))
+    opening = b""  # what a client is sent first
+
+    def webhook(self, entry: _Entry, shared: bool) -> bytes:
+        return wire_frame(entry.frame())
+
+    def status(self, status: str, message: str) -> bytes:
+        """A status for the client; b"" if it has no word for it."""
+        return wire_frame(status_frame(status, message))
+
+
+_SOCKET_WIRE = _Wire()
+
+
+class _SmeeWire(_Wire):
+    """A smee channel's stream as smee.io writes it, for smee-client: a "ready" event, "ping"
+    events, and a message per webhook: its headers (lower-cased), `body` (the JSON itself when it
+    is JSON), `query` and `timestamp`. Named events other than messages are ones smee-client
+    ignores, such as "history_gap"."""
+
+    name = "smee"
+    ping = b"event: ping\ndata: {}\n\n"
+    opening = b"event: ready\ndata: {}\n\n"
+
+    def webhook(self, entry: _Entry, shared: bool) -> bytes:
+        webhook = entry.webhook
+        fields: dict[str, Any] = _smee_headers(webhook)
+        fields["query"] = _smee_query(webhook.query)
+        fields["timestamp"] = round(entry.received_at * 1000)
+        body = None if webhook.body_encoding else _json_text(webhook.body)
+        if body is None:  # smee-client can carry JSON only: text goes as a JSON string (base64 if not UTF-8)
+            fields["body"] = webhook.body or {}
+            return _sse_event(_smee_id(entry.id, shared), _encode(fields))
+        return _sse_event(_smee_id(entry.id, shared), _encode(fields)[:-1] + ',"body":' + body + "}")
+
+    def status(self, status: str, message: str) -> bytes:
+        return _sse_event("", _encode({"message": message}), status) if status == "history_gap" else b""
+
+
+class _GosmeeWire(_Wire):
+    """A channel's stream as gosmee's server writes it, for gosmee's client: "ready" and
+    comments to keep it alive as control, a message per webhook with its headers, `timestamp`
+    and the body, byte for byte, in `bodyB`; and the "gosmee-gap" event where history is gone.
+    Anything else with data would be taken for a webhook and forwarded, so nothing else goes."""
+
+    name = "gosmee"
+    ping = b": keepalive\n\n"
+    opening = b'data: {"message":"ready"}\n\n'
+
+    def webhook(self, entry: _Entry, shared: bool) -> bytes:
+        webhook = entry.webhook
+        fields: dict[str, Any] = _smee_headers(webhook)
+        fields["timestamp"] = str(round(entry.received_at * 1000))
+        fields["bodyB"] = webhook.body if webhook.body_encoding else base64.b64encode(webhook.body.encode()).decode()
+        return _sse_event(_smee_id(entry.id, shared), _encode(fields))
+
+    def status(self, status: str, message: str) -> bytes:
+        if status != "history_gap":
+            return b""
+        return _sse_event("", _encode({"error": "missed_history", "message": message}), "gosmee-gap")
+
+
+_SMEE_FIELDS = frozenset({"body", "bodyb", "query", "timestamp"})  # an event's own, not a header's
+
+
+def _smee_headers(webhook: Webhook) -> dict[str, Any]:
+    """A webhook's headers as smee.io's events carry them: lower-cased names, values joined as
+    Node joins a repeated header; not those of the sender's connection (smee-client's fetch
+    refuses a request with Connection or Transfer-Encoding), nor any named as an event's own field."""
+    named = {name.strip().lower() for value in webhook.headers.get("Connection", ()) for name in value.split(",")}
+    return {name.lower(): ", ".join(values) for name, values in webhook.headers.items()
+            if not _is_connection_header(name, named) and name.lower() not in _SMEE_FIELDS}
+
+
+def _smee_query(query: str) -> dict[str, str | list[str]]:
+    """A query string as Node's querystring parses it (smee.io's req.query): a repeated name's values in a list."""
+    parsed: dict[str, str | list[str]] = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        before = parsed.get(name)
+        parsed[name] = value if before is None else [*before, value] if isinstance(before, list) else [before, value]
+    return parsed
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python reads NaN and Infinity; JavaScript's JSON.parse refuses them
+
+
+def _json_text(text: str) -> str | None:
+    """`text` itself, stripped, if it is one JSON value that JavaScript's JSON.parse reads; else None."""
+    try:
+        json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # nested deeper than Python's stack: not for smee-client either
+        return None
+    return text.strip()
+
+
+def _sse_event(event_id: str, data: str, event: str = "") -> bytes:
+    """One event of a text/event-stream; `data` of several lines goes as a data field each."""
+    head = (f"id: {event_id}\n" if event_id else "") + (f"event: {event}\n" if event else "")
+    if "\n" in data or "\r" in data:  # JSON whitespace: the client joins the lines with "\n"
+        data = "\ndata: ".join(data.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    return f"{head}data: {data}\n\n".encode()
+
+
+def _smee_id(log_id: str, shared: bool) -> str:
+    """A log entry's place as a stream event's id, shaped as a Redis stream id: the
+    milliseconds of its UUIDv7 and, of a cluster's ids (see _stream_log_id), the journal's
+    sequence in them; of one relay's, the counter that orders ids within a millisecond (see
+    _LogIds): the rest of such an id is random."""
+    value = uuid.UUID(log_id).int
+    return f"{value >> 80}-{value & (2**62 - 1) if shared else value >> 64 & 0xFFF}"
+
+
+_STREAM_ID = re.compile(r"([0-9]{1,15})-([0-9]{1,19})")
+
+
+def _smee_place(event_id: str, shared: bool) -> tuple[str, str] | None:
+    """The log ids an event id _smee_id gave (a Last-Event-ID) stands for: the least and the
+    greatest of its place, so a resume after the greatest sends every later entry and none
+    before. None if `event_id` is not one."""
+    match = _STREAM_ID.fullmatch(event_id.strip())
+    if match is None:
+        return None
+    millis, sequence = int(match[1]), int(match[2])
+    if millis >= 2**48 or sequence > (2**62 - 1 if shared else 0xFFF):
+        return None
+    if shared:
+        exact = str(uuid.UUID(int=millis << 80 | 0x7 << 76 | 0b10 << 62 | sequence))
+        return exact, exact
+    least = millis << 80 | 0x7 << 76 | sequence << 64 | 0b10 << 62
+    return str(uuid.UUID(int=least)), str(uuid.UUID(int=least | (2**62 - 1)))
+
+
+_SMEE_WIRE, _GOSMEE_WIRE = _SmeeWire(), _GosmeeWire()
+
+
 # ---- REST API queries and cursors ------------------------------------------------------------
 #
 # GET /v1/logs and GET /v1/events take their parameters as the hosted API does. A parameter the
@@ -2039,6 +2250,14 @@ def client_address(peer: str, forwarded_for: Iterable[str], trusted: Iterable["_
         if not any(address in network for network in trusted):
             return nearest
     return nearest
+
+
+def _host_name(host: str) -> str:
+    """The host name a Host header names, in lower case, without its port."""
+    host = host.lower().rstrip(".")
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0].rstrip(".")
 
 
 def _head_values(head: bytes, name: bytes) -> list[str]:
@@ -2287,9 +2506,10 @@ def verified(verify: VerifyConfig, headers: Mapping[str, list[str]], body: bytes
 
 
 class _Subscriber(typing.Protocol):
-    """A bucket's subscriber (a socket session), as the core sends to it."""
+    """A bucket's subscriber (a socket session, a smee channel's stream), as the core sends to it."""
 
     observer: bool  # what it is sent is not "sent" for the log (an inspector watching)
+    wire: _Wire  # how its client is sent webhooks and statuses
 
     def deliver(self, frame: bytes) -> None: ...
 
@@ -2342,6 +2562,8 @@ class _Store:
             self._by_ref[bucket_config.name] = bucket
             self._by_ref.setdefault(bucket_config.id, bucket)
         self._inputs = {input_.id: (bucket, input_) for bucket, bucket_config in pairs for input_ in bucket_config.inputs}
+        self._channels = {bucket_config.smee_channel: (bucket, channel_input) for bucket, bucket_config in pairs
+                          if (channel_input := _channel_input(bucket_config)) is not None}
         self._visible: dict[str, tuple[_Bucket, ...]] = {
             token.key: tuple(self._buckets) if token.buckets is None
             else tuple(dict.fromkeys(self._by_ref[ref] for ref in token.buckets))
@@ -2376,6 +2598,10 @@ class _Store:
 
     def find_input(self, input_id: str) -> tuple[_Bucket, InputConfig] | None:
         return self._inputs.get(input_id)
+
+    def find_channel(self, name: str) -> tuple[_Bucket, InputConfig] | None:
+        """The bucket whose smee channel `name` is, and the input its webhooks come in as."""
+        return self._channels.get(name)
 
     def find_bucket(self, ref: str) -> BucketConfig | None:
         bucket = self._by_ref.get(ref)
@@ -4065,6 +4291,13 @@ class _Credentials:
             return True
         return False
 
+    def attempt(self, address: str, right: bool) -> None:
+        """Count an attempt of `address` with a credential that is no secret's (a smee channel's
+        name), a failure unless `right`, limited per address as tokens' secrets are."""
+        self._charge(address)
+        if right:
+            self._charge(address, -1.0)
+
     def _fresh(self, address: str) -> bool:
         """Count an attempt of `address`; whether it is among its first _FRESH_ATTEMPTS in
         _FRESH_WINDOW seconds, refused ones (busy) included."""
@@ -4239,6 +4472,9 @@ class _Core:
     def find_input(self, input_id: str) -> tuple[_Bucket, InputConfig] | None:
         return self._store.find_input(input_id)
 
+    def find_channel(self, name: str) -> tuple[_Bucket, InputConfig] | None:
+        return self._store.find_channel(name)
+
     def find_bucket(self, ref: str) -> BucketConfig | None:
         return self._store.find_bucket(ref)
 
@@ -4263,9 +4499,9 @@ class _Core:
         """Up to `limit` entries of `buckets` after `cursor`, oldest first: those sockets get, or those `keep` says."""
         return self._log.after(buckets, cursor, limit, keep)
 
-    def frame(self, entry: _Entry) -> bytes:
-        """`entry`'s wire frame, shared by the sessions resuming through it."""
-        return self._log.frame(entry)
+    def frame(self, entry: _Entry, wire: _Wire = _SOCKET_WIRE) -> bytes:
+        """`entry` framed for `wire`: a socket's frame is shared by the sessions resuming through it."""
+        return self._log.frame(entry) if wire is _SOCKET_WIRE else wire.webhook(entry, self._backend.shared)
 
     @staticmethod
     def output_named(bucket: _Bucket, ref: str) -> str:
@@ -4372,14 +4608,14 @@ class _Core:
         logger.warning("fell %d events behind the cluster's journal in Redis, which dropped them unread: webhooks "
                        "before %s may be missing on this relay (the journal keeps 4 x the buckets' history_size)",
                        count, mark)
-        frame = wire_frame(status_frame("history_gap", f"this relay fell behind the cluster and may have missed "
-                                                       f"webhooks up to {mark}; other relays have them"))
+        message = f"this relay fell behind the cluster and may have missed webhooks up to {mark}; other relays have them"
         sessions: set[_Subscriber] = set()
         for bucket in self._store.buckets:
             bucket.trimmed = bucket.dropped = max(bucket.trimmed, mark)
             sessions.update(bucket.subscribers)
         for session in sessions:
-            session.deliver(frame)
+            if frame := session.wire.status("history_gap", message):
+                session.deliver(frame)
 
     def publish(self, bucket: _Bucket, entries: list[_Entry]) -> None:
         """Log `entries`, kept by the backend, and send them out: to sockets, or a forwarder."""
@@ -4387,12 +4623,16 @@ class _Core:
             return
         self._log.add(bucket, entries)
         frames = 0
+        shared = self._backend.shared
         for entry in entries:
             if not entry.internal:
                 continue  # the relay delivers it: see _Forwarder
             frames += 1
-            frame = wire_frame(entry.frame())  # framed once, for every subscriber
+            framed: dict[_Wire, bytes] = {}  # framed once for each wire, for all its subscribers
             for session in bucket.subscribers:
+                frame = framed.get(session.wire)
+                if frame is None:
+                    frame = framed[session.wire] = session.wire.webhook(entry, shared)
                 session.deliver(frame)
             self._metrics.frames[bucket.config.name] += len(bucket.subscribers)
             if any(not session.observer for session in bucket.subscribers):
@@ -4586,7 +4826,7 @@ class _Services:
         self.throttle = _Throttle()  # warnings a stranger could repeat at will
         self.core = _Core(config, self.metrics)
         self.credentials = _Credentials(config, lambda: self.core.session_key, self.throttle)
-        self.ingest = _Ingest(config, self.core, self.metrics, self.throttle)
+        self.ingest = _Ingest(config, self.core, self.metrics, self.throttle, self.find_channel)
         self.connections = _Connections(config.server, self.throttle)
         assert config.server.max_body_bytes_in_flight  # filled in by _checked
         self.inflows = _Inflows(config.server.max_body_bytes_in_flight, self.throttle)  # request bodies in flight
@@ -4624,6 +4864,21 @@ class _Services:
             raise Forbidden("an inspector's session may read the log and resend, no more: use the token's secret")
         return dataclasses.replace(grant, token=token)
 
+    def find_channel(self, address: str, name: str) -> tuple[_Bucket, InputConfig] | None:
+        """The bucket whose smee channel `name` is, and the input its webhooks come in as; None if
+        no bucket's is. The name is the channel's only credential, so each one asked for is an
+        attempt of `address`'s (TooManyFailures past its allowance), as a secret's is."""
+        found = self.core.find_channel(name)
+        try:
+            self.credentials.attempt(address, found is not None)
+        except TooManyFailures:
+            self.metrics.auth_failures["locked_out"] += 1
+            raise
+        if found is None:
+            self.metrics.auth_failures["smee"] += 1
+            self.throttle.warning("smee", "%s asked for a smee channel no bucket has", address)
+        return found
+
     def authenticate_metrics(self, address: str, authorization: str) -> None:
         """Unauthorized (or TooManyFailures) unless a request for /metrics from `address`, with
         the Authorization header `authorization`, gives Bearer <[metrics] token>, if one is set."""
@@ -4657,32 +4912,43 @@ class _Ingest:
     failing, a sender held for a client's answer, and the metrics of each. The HTTP route hands
     it the request and answers what it returns."""
 
-    def __init__(self, config: Config, core: _Core, metrics: _Metrics, throttle: _Throttle) -> None:
+    def __init__(self, config: Config, core: _Core, metrics: _Metrics, throttle: _Throttle,
+                 find_channel: Callable[[str, str], tuple[_Bucket, InputConfig] | None]) -> None:
         self._core, self._metrics, self._throttle = core, metrics, throttle
+        self._find_channel = find_channel  # see _Services.find_channel
         self.reload(config)
 
     def reload(self, config: Config) -> None:
         """Take the config in force: the inspector's host name, and each input's own answer to
-        its senders, built once."""
+        its senders (a smee channel's own input's too), built once."""
         self._inspector_host = config.inspector.host
+        inputs = [*(input_ for bucket in config.buckets for input_ in bucket.inputs),
+                  *filter(None, map(_channel_input, config.buckets))]
         self._answers = {input_.id: _Reply(input_.status_code, input_.body, _answer_headers(
-            (name, [value]) for name, value in input_.headers.items()))
-            for bucket in config.buckets for input_ in bucket.inputs}
+            (name, [value]) for name, value in input_.headers.items())) for input_ in inputs}
 
     async def receive(self, target: str, method: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                       sender: str, host: str, holding: Callable[[], None] = lambda: None) -> _Reply:
         """A webhook: `method` to `target` (the request's path as sent, /v1/webhooks/<input id>
-        and what follows) with `query`, `headers` and `body`, from `sender`, for `host`; what to
-        answer it. `holding` is called when the sender is to wait for a client's answer."""
+        or /smee/<channel>, and what follows) with `query`, `headers` and `body`, from `sender`,
+        for `host`; what to answer it. `holding` is called when the sender is to wait for a
+        client's answer. TooManyFailures if `sender` may not try another smee channel now."""
         started = trio.current_time()
-        input_id, slash, extra = target[len(WEBHOOK_PREFIX):].partition("/")
         if self._inspector_host and host == self._inspector_host:
             return _Reply(404, "webhooks are not taken on the inspector's host name ([inspector] host)")
-        found = self._core.find_input(input_id)
-        if found is None:
-            self._metrics.rejected["unknown_input"] += 1
-            return _Reply(404, f"no input with id {input_id[:64]!r}")
-        own = self._answers[input_id]  # as it is now: a reload may come while the sender is held
+        if target.startswith(SMEE_PREFIX):
+            name, slash, extra = target[len(SMEE_PREFIX):].partition("/")
+            found = self._find_channel(_address_key(sender), name)
+            if found is None:
+                self._metrics.rejected["unknown_channel"] += 1
+                return _Reply(404, "no such smee channel")
+        else:
+            input_id, slash, extra = target[len(WEBHOOK_PREFIX):].partition("/")
+            found = self._core.find_input(input_id)
+            if found is None:
+                self._metrics.rejected["unknown_input"] += 1
+                return _Reply(404, f"no input with id {input_id[:64]!r}")
+        own = self._answers[found[1].id]  # as it is now: a reload may come while the sender is held
         if _has_dot_segment(extra):  # a client joining it to a URL would climb out of its destination
             self._metrics.rejected["bad_path"] += 1
             return _Reply(400, "the path after the input's URL must not have . or .. segments")
@@ -4960,9 +5226,6 @@ class _Outbox:
                 min(_WRITE_BATCH_BYTES, self.max_bytes // 2) - self.bytes)
 
 
-_PING_FRAME = wire_frame(status_frame("ping", "ping"))
-
-
 class _Pinger:
     """Status pings for every authenticated socket, each `interval` seconds, from one task.
 
@@ -4993,19 +5256,20 @@ class _Pinger:
             next_tick += self._tick
             await trio.sleep_until(next_tick)
             for session in self._slots[self._due]:
-                session.deliver(_PING_FRAME)
+                session.deliver(session.wire.ping)
             self._due = (self._due + 1) % _PING_SLOTS
 
 
 class _Sockets:
-    """The relay's open sockets, for those that act on all of them: the sweep (an inspector's
-    session that expired, a write that stalled), the pinger, a reload, a shutdown, metrics.
-    Each session says here when it authenticates, writes, and ends."""
+    """The relay's open sockets and smee channels' streams, for those that act on all of them:
+    the sweep (an inspector's session that expired, a write that stalled), the pinger, a reload,
+    a shutdown, metrics. Each says here when it authenticates (or starts), writes, and ends."""
 
     def __init__(self, server: ServerConfig, connections: "_Connections") -> None:
         self.open: set[_Session] = set()
+        self.streams: set[_EventStream] = set()
         self._watching: set[_Session] = set()  # inspectors' sessions, which expire
-        self._writing: set[_Session] = set()  # with a write under way, which may not stall
+        self._writing: set[_Outgoing] = set()  # with a write under way, which may not stall
         self.pinger = _Pinger(server.ping_interval)
         self._connections = connections
 
@@ -5014,66 +5278,104 @@ class _Sockets:
         inspector's session's end), may send larger frames, and is pinged."""
         if session.inspector:
             self._watching.add(session)
-        self._connections.busy(session.connection)
-        session.connection.end_by(math.inf)
+        self._client(session)
         session.allow_frames(MAX_CLIENT_FRAME)
-        self.pinger.add(session)
 
-    def writing(self, session: "_Session", under_way: bool) -> None:
-        (self._writing.add if under_way else self._writing.discard)(session)
+    def started(self, stream: "_EventStream") -> None:
+        """`stream` named its channel: a client, as an authenticated socket is."""
+        self.streams.add(stream)
+        self._client(stream)
 
-    def ended(self, session: "_Session") -> None:
-        """`session` is closing: no more pings, expiry or stalls."""
-        self.pinger.discard(session)
-        self._watching.discard(session)
-        self._writing.discard(session)
+    def _client(self, client: "_Outgoing") -> None:
+        self._connections.busy(client.connection)
+        client.connection.end_by(math.inf)
+        self.pinger.add(client)
+
+    def writing(self, client: "_Outgoing", under_way: bool) -> None:
+        (self._writing.add if under_way else self._writing.discard)(client)
+
+    def ended(self, client: "_Outgoing") -> None:
+        """`client` is closing: no more pings, expiry or stalls."""
+        self.pinger.discard(client)
+        self._writing.discard(client)
+        if isinstance(client, _Session):
+            self._watching.discard(client)
+        else:
+            self.streams.discard(client)
+
+    def everyone(self) -> list["_Outgoing"]:
+        """Every socket session and stream open now."""
+        return [*self.open, *self.streams]
 
     def sweep(self, now: float, send_timeout: float) -> None:
-        """Close inspectors' sessions past their end; cut off sockets whose write got no
-        _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
+        """Close inspectors' sessions past their end; cut off sockets and streams whose write got
+        no _WRITE_STEP out for `send_timeout` (`now` by trio.current_time())."""
         wall = _wall_time()
         for session in [session for session in self._watching if session.expires <= wall]:
             session.close(CLOSE_POLICY, "this inspector session expired: sign in again")
-        for session in [session for session in self._writing if session.progress_at < now - send_timeout]:
-            session.stalled(send_timeout)
+        for client in [client for client in self._writing if client.progress_at < now - send_timeout]:
+            client.stalled(send_timeout)
 
 
-_AUTHENTICATED_FRAME = wire_frame(status_frame("authenticated", AUTHENTICATED_MESSAGE))
+def _history_gap(bucket: _Bucket, cursor: str, since: str) -> str:
+    """What a resume from `cursor` (it began at `since`) must be told of what `bucket` no longer
+    holds after it, naming the cause; "" if nothing. A client that resumes from before every
+    webhook (NIL_LOG_ID: it has seen none) is told only of webhooks the relay dropped: the mark
+    where a relay's log begins (its start, without storage; the bucket's adding) was told to a
+    fresh agent of a fresh demo as a loss, and blamed on history_size."""
+    config = bucket.config
+    if bucket.dropped > cursor:
+        return (f"bucket {config.name} no longer holds every webhook after {cursor}: those up to {bucket.dropped} are "
+                f"gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); sending those it still "
+                "holds")
+    if bucket.trimmed > cursor and since != NIL_LOG_ID:
+        return (f"bucket {config.name}'s log begins at {bucket.trimmed}: the relay started then (without [storage], "
+                f"what it held before is gone), or the bucket was added then; webhooks after {cursor} from before that "
+                "may be missing; sending those it holds")
+    return ""
 
 
-class _Session:
-    """One socket client: authentication, subscriptions, its outbox, and how it ends.
+@dataclasses.dataclass
+class _Replay:
+    """A resume in progress: the buckets it covers and the last id sent."""
 
-    Its nursery holds the reader (auth under `auth_timeout`, then subscribe and pong) and, in the
-    nursery's own body, the one writer. Everything the client is sent, pings from the relay's
-    _Pinger included, goes through the bounded outbox as framed bytes; a client that leaves
-    `send_queue_size` frames, or `send_queue_bytes` of them, unread is cut off.
+    buckets: tuple[_Bucket, ...]
+    since: str
+    cursor: str  # the last id sent, since at first
+    sent: int = 0
+    gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
+
+
+class _Outgoing:
+    """What the relay sends one client of a bucket's webhooks (a socket session, a smee
+    channel's stream): its outbox, the one writer that empties it, a resume, and how it ends.
+
+    Everything the client is sent, pings from the relay's _Pinger included, goes through the
+    bounded outbox as bytes framed for its `wire`; a client that leaves `send_queue_size` frames,
+    or `send_queue_bytes` of them, unread is cut off, and one whose write gets nothing out for
+    `send_timeout` too (see _Sockets.sweep).
     """
 
-    def __init__(self, services: _Services, sockets: "_Sockets", ws: trio_websocket.WebSocketConnection,
-                 connection: "_Connection") -> None:
+    def __init__(self, services: _Services, sockets: _Sockets, connection: "_Connection", wire: _Wire) -> None:
         self._services = services
         self._sockets = sockets
         self._core = services.core
-        self._ws = ws
         self._connection = connection
         self.peer = connection.peer
+        self.wire = wire
         self._outbox = _Outbox(services.config.server.send_queue_size, services.config.server.send_queue_bytes)
         self._more = trio.Event()  # set when a frame is queued, or the outbox closed: the writer waits on it
-        self.token: TokenConfig | None = None
         self.buckets: set[_Bucket] = set()
-        self.observer = False  # it subscribed with "observe": what it is sent is not "sent" for that
-        self.inspector = False  # it signed in with an inspector's session: it only watches...
-        self.expires = math.inf  # ...until the session expires (Unix seconds), unless renewed in a new auth frame
+        self.observer = False  # what it is sent is not "sent" for that (an inspector's watch)
         self.close_reason: tuple[int, str] | None = None
         self._writer = trio.CancelScope()
-        self._writing = False  # a frame is on its way to the socket
+        self._writing = False  # a frame is on its way to the client
         self.progress_at = 0.0  # when the write under way began, or last got _WRITE_STEP bytes out
         self._replay: _Replay | None = None  # a resume in progress
         self.frames_sent = 0
 
     def deliver(self, frame: bytes) -> None:
-        """Queue `frame` (wire_frame bytes) for the client, or cut it off if it has fallen too far behind."""
+        """Queue `frame` (framed for its wire) for the client, or cut it off if it has fallen too far behind."""
         too_slow = self._outbox.put(frame)
         if too_slow:
             self._cut_off("too_slow", too_slow)
@@ -5088,10 +5390,6 @@ class _Session:
     def connection(self) -> "_Connection":
         return self._connection
 
-    def allow_frames(self, size: int) -> None:
-        """Let the client send messages of up to `size` bytes (see _WebSocket)."""
-        _set_max_message_size(self._ws, size)
-
     def stalled(self, timeout: float) -> None:
         """Its write got no _WRITE_STEP out for `timeout` seconds: cut it off now, mid-frame (no
         close frame can follow half a frame)."""
@@ -5101,14 +5399,8 @@ class _Session:
     def _progressed(self) -> None:
         self.progress_at = trio.current_time()
 
-    def closed(self) -> tuple[int, str | None] | None:
-        """How the socket ended: the reason close() was given, else the client's close frame."""
-        if self.close_reason:
-            return self.close_reason
-        return (int(self._ws.closed.code), self._ws.closed.reason) if self._ws.closed else None
-
     def close(self, code: int, reason: str, *, drain: bool = True) -> None:
-        """End the session with `code` and `reason`; the first reason given wins.
+        """End it with `code` and `reason`; the first reason given wins.
 
         With `drain`, frames already queued (an error, "unauthorized") go out first; without, they
         are dropped. Either way the writer gets _CLOSE_TIMEOUT to finish, then is cancelled.
@@ -5119,32 +5411,122 @@ class _Session:
         self._outbox.close(drop=not drain)
         self._more.set()
         self._writer.deadline = min(self._writer.deadline, trio.current_time() + _CLOSE_TIMEOUT)
-        if not drain and not self._writing:  # else let the frame on the wire finish: a close frame can follow it
+        if not drain and not self._writing:  # else let the frame on the wire finish: a close can follow it
             self._writer.cancel()
 
+    async def _send(self, frames: list[bytes]) -> None:
+        """Write `frames` to the client, calling _progressed after each _WRITE_STEP."""
+        raise NotImplementedError
+
+    async def _write_queued(self) -> None:
+        """The writer: send queued frames, all that are waiting in one write, until the outbox is
+        closed and empty (or the writer is cancelled)."""
+        with self._writer:
+            while self._outbox or not self._outbox.closed:
+                if not self._outbox:
+                    self._more = trio.Event()
+                    self._outbox.writer_waiting = True
+                    await self._more.wait()
+                    continue
+                batch = self._outbox.take()
+                self._writing = True
+                self.progress_at = trio.current_time()
+                self._sockets.writing(self, True)  # see _Sockets.sweep: a write may not stall
+                await self._send(batch)
+                self._sockets.writing(self, False)
+                self._writing = False
+                self.frames_sent += len(batch)
+                if self._replay is not None:
+                    self._resume()
+
+    def _resume(self) -> None:
+        """Queue more of the history a resume asked for, or, once it is all sent, go live.
+
+        Called when the resume begins and after each write while it runs. History frames take at most
+        half the outbox, so pings and live frames of other buckets still fit, and at most one write's
+        bytes (_WRITE_BATCH_BYTES) or half of send_queue_bytes, so a resume of large webhooks holds
+        little and never trips the outbox's own bound (a frame larger than that goes alone). Once no entry is left
+        after the cursor, the client joins its buckets' subscribers in the same step: the next
+        webhook reaches it live, none is missed and none comes twice.
+        """
+        replay, core = self._replay, self._core
+        assert replay is not None
+        if self.close_reason is not None:
+            return
+        room, room_bytes = self._outbox.replay_room()
+        if room <= 0 or room_bytes <= 0:
+            return  # the outbox holds enough: the writer calls again after its next write
+        for bucket in replay.buckets:
+            if replay.gaps.get(bucket) != bucket.trimmed and (gap := _history_gap(bucket, replay.cursor, replay.since)):
+                replay.gaps[bucket] = bucket.trimmed
+                self._status("history_gap", gap)
+        entries = core.after(replay.buckets, replay.cursor, int(room))
+        for entry in entries:
+            frame = core.frame(entry, self.wire)  # a socket's shared with other sessions resuming from here
+            if len(frame) > room_bytes and len(self._outbox):
+                return  # enough queued; this one goes after the next write
+            room_bytes -= len(frame)
+            self.deliver(frame)
+            self._services.metrics.frames[entry.bucket.name] += 1
+            if not self.observer:
+                core.sent(entry)
+            replay.cursor, replay.sent = entry.id, replay.sent + 1
+        if len(entries) < room:  # caught up: live from here
+            core.subscribe(self, replay.buckets)
+            self._replay = None
+            self._status("resumed", f"sent {replay.sent} webhook(s) after {replay.since}; now live")
+
+    def unsubscribe(self, bucket: _Bucket, why: str) -> None:
+        """Stop sending `bucket`'s webhooks (a reload removed it), and say so."""
+        self._core.unsubscribe(self, [bucket])
+        if self._replay is not None and bucket in self._replay.buckets:  # else it would join at the end
+            self._replay.buckets = tuple(other for other in self._replay.buckets if other is not bucket)
+        if bucket in self.buckets:
+            self.buckets.discard(bucket)
+            self._status("unsubscribed", why)
+
+    def _status(self, status: str, message: str) -> None:
+        if frame := self.wire.status(status, message):
+            self.deliver(frame)
+
+
+_AUTHENTICATED_FRAME = wire_frame(status_frame("authenticated", AUTHENTICATED_MESSAGE))
+
+
+class _Session(_Outgoing):
+    """One socket client: authentication, subscriptions, and how it ends.
+
+    Its nursery holds the reader (auth under `auth_timeout`, then subscribe and pong) and, in the
+    nursery's own body, the one writer.
+    """
+
+    def __init__(self, services: _Services, sockets: _Sockets, ws: trio_websocket.WebSocketConnection,
+                 connection: "_Connection") -> None:
+        super().__init__(services, sockets, connection, _SOCKET_WIRE)
+        self._ws = ws
+        self.token: TokenConfig | None = None
+        self.inspector = False  # it signed in with an inspector's session: it only watches...
+        self.expires = math.inf  # ...until the session expires (Unix seconds), unless renewed in a new auth frame
+
+    def allow_frames(self, size: int) -> None:
+        """Let the client send messages of up to `size` bytes (see _WebSocket)."""
+        _set_max_message_size(self._ws, size)
+
+    def closed(self) -> tuple[int, str | None] | None:
+        """How the socket ended: the reason close() was given, else the client's close frame."""
+        if self.close_reason:
+            return self.close_reason
+        return (int(self._ws.closed.code), self._ws.closed.reason) if self._ws.closed else None
+
+    async def _send(self, frames: list[bytes]) -> None:
+        await _write(self._ws, frames, self._progressed)
+
     async def run(self) -> None:
-        """Serve the client until it leaves or close() is called; the nursery body is the writer:
-        it sends queued frames, all that are waiting in one write."""
+        """Serve the client until it leaves or close() is called; the nursery body is the writer."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_frames)
-                with self._writer:
-                    while self._outbox or not self._outbox.closed:
-                        if not self._outbox:
-                            self._more = trio.Event()
-                            self._outbox.writer_waiting = True
-                            await self._more.wait()
-                            continue
-                        batch = self._outbox.take()
-                        self._writing = True
-                        self.progress_at = trio.current_time()
-                        self._sockets.writing(self, True)  # see _Sockets.sweep: a write may not stall
-                        await _write(self._ws, batch, self._progressed)
-                        self._sockets.writing(self, False)
-                        self._writing = False
-                        self.frames_sent += len(batch)
-                        if self._replay is not None:
-                            self._resume()
+                await self._write_queued()
                 nursery.cancel_scope.cancel()
         except* trio_websocket.ConnectionClosed:
             pass  # the client went away; nothing to tell it
@@ -5257,83 +5639,77 @@ class _Session:
             self._replay = _Replay(tuple(new), frame.since, frame.since)
             self._resume()
 
-    def _resume(self) -> None:
-        """Queue more of the history a resume asked for, or, once it is all sent, go live.
 
-        Called at subscribe and after each write while a resume runs. History frames take at most
-        half the outbox, so pings and live frames of other buckets still fit, and at most one write's
-        bytes (_WRITE_BATCH_BYTES) or half of send_queue_bytes, so a resume of large webhooks holds
-        little and never trips the outbox's own bound (a frame larger than that goes alone). Once no entry is left
-        after the cursor, the session joins its buckets' subscribers in the same step: the next
-        webhook reaches it live, none is missed and none comes twice.
-        """
-        replay, core = self._replay, self._core
-        assert replay is not None
-        if self.close_reason is not None:
+_EVENT_STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                      b"X-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\n")
+
+
+class _EventStream(_Outgoing):
+    """One client of a smee channel's stream (smee-client, gosmee's client): an answer of
+    text/event-stream that lasts until either side ends it. The channel's name was its only
+    credential. It is sent the bucket's webhooks as a socket subscribed to the bucket is, as
+    events of its wire, after its Last-Event-ID first, if it sent one; and the wire's pings.
+
+    Its nursery holds a reader, which only notices the client leaving, and, in its body, the
+    writer, which writes the answer's head, then the outbox's frames, each write a chunk.
+    """
+
+    def __init__(self, services: _Services, sockets: _Sockets, stream: trio.abc.Stream, connection: "_Connection",
+                 bucket: _Bucket, channel: str, wire: _Wire, chunked: bool) -> None:
+        super().__init__(services, sockets, connection, wire)
+        self._stream = stream
+        self.bucket = bucket
+        self.channel = channel  # its name: a reload that renames it ends the stream
+        self._chunked = chunked  # HTTP/1.1: chunked; 1.0: the body ends when the connection does
+
+    async def _send(self, frames: list[bytes]) -> None:
+        data = b"".join(frames)
+        await _send(self._stream, b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data, self._progressed)
+
+    async def run(self, last_event_id: str) -> None:
+        """Serve the client until it leaves or close() is called."""
+        self.deliver(self.wire.opening)
+        self._start(last_event_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._notice_leaving)
+                self._writing = True
+                await _send(self._stream, _EVENT_STREAM_HEAD + (b"Transfer-Encoding: chunked\r\n\r\n" if self._chunked
+                                                               else b"Connection: close\r\n\r\n"), self._progressed)
+                self._writing = False
+                await self._write_queued()
+                nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; nothing to tell it
+        finally:
+            self._sockets.ended(self)
+            self._core.unsubscribe(self, self.buckets)
+            if self._chunked and not self._writing and not self._connection.scope.cancel_called:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._stream.send_all(b"0\r\n\r\n")  # the answer's end: the client reconnects
+
+    def _start(self, last_event_id: str) -> None:
+        """Subscribe to the bucket; from after `last_event_id` first, if it names a place in the log."""
+        self.buckets.add(self.bucket)
+        if not last_event_id:
+            self._core.subscribe(self, [self.bucket])
             return
-        room, room_bytes = self._outbox.replay_room()
-        if room <= 0 or room_bytes <= 0:
-            return  # the outbox holds enough: the writer calls again after its next write
-        for bucket in replay.buckets:
-            if replay.gaps.get(bucket) != bucket.trimmed and (gap := _history_gap(bucket, replay.cursor, replay.since)):
-                replay.gaps[bucket] = bucket.trimmed
-                self._status("history_gap", gap)
-        entries = core.after(replay.buckets, replay.cursor, int(room))
-        for entry in entries:
-            frame = core.frame(entry)  # shared with other sessions resuming from here
-            if len(frame) > room_bytes and len(self._outbox):
-                return  # enough queued; this one goes after the next write
-            room_bytes -= len(frame)
-            self.deliver(frame)
-            self._services.metrics.frames[entry.bucket.name] += 1
-            if not self.observer:
-                core.sent(entry)
-            replay.cursor, replay.sent = entry.id, replay.sent + 1
-        if len(entries) < room:  # caught up: live from here
-            core.subscribe(self, replay.buckets)
-            self._replay = None
-            self._status("resumed", f"sent {replay.sent} webhook(s) after {replay.since}; now live")
+        place = _smee_place(last_event_id, self._core.backend.shared)
+        if place is None or not self._core.known_point(place[0], [self.bucket]):
+            self._status("history_gap", f"Last-Event-ID {_shown(last_event_id, 64)} is no place in this channel's log "
+                                        "(not an id this relay gave, or newer than any): sending webhooks from now on")
+            self._core.subscribe(self, [self.bucket])
+            return
+        self._replay = _Replay((self.bucket,), place[1], place[1])
+        self._resume()
 
-    def unsubscribe(self, bucket: _Bucket, why: str) -> None:
-        """Stop sending `bucket`'s webhooks (a reload removed it), and say so."""
-        self._core.unsubscribe(self, [bucket])
-        if self._replay is not None and bucket in self._replay.buckets:  # else it would join at the end
-            self._replay.buckets = tuple(other for other in self._replay.buckets if other is not bucket)
-        if bucket in self.buckets:
-            self.buckets.discard(bucket)
-            self._status("unsubscribed", why)
-
-    def _status(self, status: str, message: str) -> None:
-        self.deliver(wire_frame(status_frame(status, message)))
-
-
-def _history_gap(bucket: _Bucket, cursor: str, since: str) -> str:
-    """What a resume from `cursor` (it began at `since`) must be told of what `bucket` no longer
-    holds after it, naming the cause; "" if nothing. A client that resumes from before every
-    webhook (NIL_LOG_ID: it has seen none) is told only of webhooks the relay dropped: the mark
-    where a relay's log begins (its start, without storage; the bucket's adding) was told to a
-    fresh agent of a fresh demo as a loss, and blamed on history_size."""
-    config = bucket.config
-    if bucket.dropped > cursor:
-        return (f"bucket {config.name} no longer holds every webhook after {cursor}: those up to {bucket.dropped} are "
-                f"gone (it keeps {config.history_size} webhooks for {config.history_ttl:g} s); sending those it still "
-                "holds")
-    if bucket.trimmed > cursor and since != NIL_LOG_ID:
-        return (f"bucket {config.name}'s log begins at {bucket.trimmed}: the relay started then (without [storage], "
-                f"what it held before is gone), or the bucket was added then; webhooks after {cursor} from before that "
-                "may be missing; sending those it holds")
-    return ""
-
-
-@dataclasses.dataclass
-class _Replay:
-    """A resume in progress: the buckets it covers and the last id sent."""
-
-    buckets: tuple[_Bucket, ...]
-    since: str
-    cursor: str  # the last id sent, since at first
-    sent: int = 0
-    gaps: dict[_Bucket, str] = dataclasses.field(default_factory=dict)  # history_gap notices given
+    async def _notice_leaving(self) -> None:
+        """Read what the client sends after its request (usually nothing; dropped) until it leaves."""
+        left = _LINGER_BYTES
+        while left > 0 and (data := await self._stream.receive_some(_READ_SIZE)):
+            left -= len(data)
+        self.close(1000, "the client left" if left > 0 else "the client sent more than a request", drain=False)
 
 
 # ---- HTTP routes (Quart-Trio) ----------------------------------------------------------------
@@ -5492,6 +5868,11 @@ class _Routes:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    async def smee_version(self) -> Response:
+        """What gosmee's client asks of its server before it connects: a version that is neither
+        newer than its own, which would make it call itself too old, nor one to compare ("dev")."""
+        return _json(200, {"version": "dev", "server": f"relay_lite {__version__}"})
+
     async def socket_without_upgrade(self) -> Response:
         return _plain(426, f"{SOCKET_PATH} is a WebSocket endpoint: connect with a WebSocket client")
 
@@ -5538,6 +5919,8 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = services.config.server.max_body_size
     paths: list[tuple[str, Callable[..., Awaitable[Response]], list[str] | None]] = [
         (WEBHOOK_PREFIX + "<path:_rest>", routes.receive_webhook, list(WEBHOOK_METHODS)),
+        (SMEE_PREFIX + "<path:_rest>", routes.receive_webhook, list(WEBHOOK_METHODS)),  # see _Ingest.receive
+        *((path, routes.smee_version, ["GET"]) for path in SMEE_VERSION_PATHS),
         (LOGS_PATH, routes.list_logs, ["GET"]),
         (LOGS_PATH + "/<log_id>", routes.one_log, ["GET", "PUT"]),
         (LOGS_PATH + "/<log_id>/action", routes.log_action, ["POST"]),
@@ -5563,10 +5946,11 @@ def _make_app(services: _Services, sockets: "_Sockets") -> QuartTrio:
     return app
 
 
-_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "bad_path", "storage", "no_room")
+_REJECTIONS = ("signature", "replay", "too_large", "unknown_input", "unknown_channel", "bad_path", "storage",
+               "no_room")
 
 _CUTOFFS = ("too_slow", "send_timeout", "auth_timeout", "auth_failures", "busy", "no_auth")
-_AUTH_FAILURES = ("socket", "api", "metrics", "locked_out")
+_AUTH_FAILURES = ("socket", "api", "metrics", "smee", "locked_out")
 
 
 def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, str]:
@@ -5599,6 +5983,14 @@ def _metrics_text(services: "_Services", sockets: "_Sockets") -> tuple[bytes, st
             gauge.add_metric(["connecting"], len(sockets.open) - authenticated)
             gauge.add_metric(["authenticated"], authenticated)
             yield gauge
+            streams = GaugeMetricFamily("relay_lite_smee_streams", "Open streams of smee channels",
+                                        labels=["bucket", "client"])
+            opened = Counter((stream.bucket.config.name, stream.wire.name) for stream in sockets.streams)
+            for bucket in buckets:
+                if bucket.config.smee_channel:
+                    for wire in (_SMEE_WIRE, _GOSMEE_WIRE):
+                        streams.add_metric([bucket.config.name, wire.name], opened[bucket.config.name, wire.name])
+            yield streams
             entries = GaugeMetricFamily("relay_lite_history_entries", "Webhook log entries kept",
                                         labels=["bucket"])
             size = GaugeMetricFamily("relay_lite_history_bytes", "Webhook log bytes kept", labels=["bucket"])
@@ -5658,11 +6050,8 @@ def _request_credentials() -> tuple[str, str]:
 
 
 def _request_host() -> str:
-    """The host name the request being served is for (its Host header, less the port), in lower case."""
-    host = request.headers.get("Host", "").lower().rstrip(".")
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.partition(":")[0].rstrip(".")
+    """The host name the request being served is for (see _host_name)."""
+    return _host_name(request.headers.get("Host", ""))
 
 
 class _Head(typing.NamedTuple):
@@ -5894,15 +6283,6 @@ def _public_outputs(bucket: BucketConfig) -> list[OutputConfig]:
     return [output for output in bucket.outputs if not output.internal and not output.disabled]
 
 
-_CONNECTION_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                                 "trailer", "upgrade"})
-
-
-def _is_connection_header(name: str, named_by_connection: set[str]) -> bool:
-    lowered = name.lower()
-    return lowered in _CONNECTION_HEADERS or lowered.startswith("proxy-") or lowered in named_by_connection
-
-
 def _worth_retrying(status_code: int) -> bool:
     """An answer another try may change: a timeout, too early, too many, a server's trouble."""
     return status_code in (408, 425, 429) or (status_code >= 500 and status_code != 501)
@@ -6108,20 +6488,40 @@ def _is_socket_upgrade(head: bytes) -> bool:
     return any("websocket" in value.lower() for value in _head_values(head, b"upgrade"))
 
 
+def _event_stream_request(head: bytes) -> tuple[_Wire, str] | None:
+    """For a request for a smee channel's stream, its wire and the channel's name: `GET
+    /smee/<name>` that accepts text/event-stream (smee-client), or `GET /smee/events/<name>`
+    (gosmee's client); else None."""
+    parts = head.partition(b"\r\n")[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or not parts[1].startswith(SMEE_PREFIX.encode()):
+        return None
+    path = parts[1].partition(b"?")[0].decode("latin-1")
+    wire: _Wire
+    if path.startswith(SMEE_EVENTS_PREFIX):
+        wire, name = _GOSMEE_WIRE, path[len(SMEE_EVENTS_PREFIX):]
+    elif any("text/event-stream" in value.lower() for value in _head_values(head, b"accept")):
+        wire, name = _SMEE_WIRE, path[len(SMEE_PREFIX):]
+    else:
+        return None  # a webhook sent with GET
+    return (wire, name) if name and "/" not in name else None
+
+
 async def _read_request_head(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
     """Read enough of a request to route it: its whole head (up to `limit` bytes) only if it may
-    be a socket upgrade."""
+    be a socket upgrade, or a smee channel's stream."""
     head = b""
     while data := await stream.receive_some(limit):
         head += data
-        if b"\r\n\r\n" in head or len(head) >= limit or not _may_be_socket_request(head):
+        if b"\r\n\r\n" in head or len(head) >= limit or not _may_be_read_here(head):
             break
     return head
 
 
-def _may_be_socket_request(head: bytes) -> bool:
-    prefix = b"GET " + SOCKET_PATH.encode()
-    return head.startswith(prefix) or prefix.startswith(head)
+_READ_HERE = (b"GET " + SOCKET_PATH.encode(), b"GET " + SMEE_PREFIX.encode())  # what the port serves itself
+
+
+def _may_be_read_here(head: bytes) -> bool:
+    return any(head.startswith(prefix) or prefix.startswith(head) for prefix in _READ_HERE)
 
 
 class _ConnectionStream(trio.abc.Stream):
@@ -6215,11 +6615,14 @@ def _from_beyond(hosts: list[str], forwarded: bool) -> bool:
     return forwarded or not hosts or not all(_is_loopback_host(host) for host in hosts)
 
 
-def _raw_answer(status: int, phrase: str, text: str) -> bytes:
+def _raw_answer(status: int, phrase: str, text: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A whole HTTP/1.1 answer, plain text, closing the connection: for a request no library serves."""
     body = (text + "\n").encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 
 
 def _answer_time(config: Config) -> float:
@@ -6362,11 +6765,11 @@ class _Port:
             if timer.cancelled_caught:
                 refusal = 408, f"the request's head and body took over {server.request_timeout:g} s (request_timeout)", ()
             elif refusal is None:  # no room for it, or its room was given to an address holding less
-                self._services.metrics.rejected["no_room"] += scope["path"].startswith(WEBHOOK_PREFIX)
+                self._services.metrics.rejected["no_room"] += scope["path"].startswith((WEBHOOK_PREFIX, SMEE_PREFIX))
                 refusal = 503, ("the relay is receiving too many request bodies at once (max_body_bytes_in_flight): "
                                 "try again shortly"), (("retry-after", str(_BODY_RETRY_AFTER)),)
         if refusal[0] == 413:
-            self._services.metrics.rejected["too_large"] += scope["path"].startswith(WEBHOOK_PREFIX)
+            self._services.metrics.rejected["too_large"] += scope["path"].startswith((WEBHOOK_PREFIX, SMEE_PREFIX))
         self._inflows.release(inflow)  # before the answer, which may be slow to go: what it read is dropped
         await _refuse(receive, send, scope, *refusal)
         return None
@@ -6413,7 +6816,7 @@ class _Port:
     async def _route(self, stream: trio.SocketStream, connection: _Connection, config: _HypercornConfig,
                      context: _WorkerContext) -> None:
         """Serve a connection: its TLS handshake, if the relay has TLS; then, by its first
-        request's head, a socket (trio-websocket) or HTTP (Hypercorn)."""
+        request's head, a socket (trio-websocket), a smee channel's stream, or HTTP (Hypercorn)."""
         messages: trio.abc.Stream = stream
         if self._tls is not None:
             tls = await self._tls_handshake(stream, connection)
@@ -6423,7 +6826,8 @@ class _Port:
         head = await _read_request_head(messages, self._services.config.server.max_header_bytes)
         if not head or head.startswith(_HTTP2_PREFACE):
             return  # HTTP/1.1 only: see asgi
-        connection.http = not _is_socket_upgrade(head)
+        events = _event_stream_request(head)
+        connection.http = events is None and not _is_socket_upgrade(head)
         if not connection.http and self._loopback_only and _from_beyond(_head_values(head, b"host"), bool(
                 _head_values(head, b"x-forwarded-for") or _head_values(head, b"forwarded"))):
             await messages.send_all(_raw_answer(421, "Misdirected Request", _FROM_BEYOND))  # HTTP's: in asgi
@@ -6434,6 +6838,9 @@ class _Port:
             peer = (stream.socket.getpeername() or ("",))[0]
             connection.client = _address_key(client_address(peer, _head_values(head, b"x-forwarded-for"),
                                                             self._trusted))
+        if events is not None:
+            await self._serve_events(messages, stream, connection, head, *events)
+            return
         inflows = self._inflows if connection.http else None
         replay = (_TLSConnectionStream(messages, head, connection, stream, inflows)
                   if isinstance(messages, trio.SSLStream) else _ConnectionStream(messages, head, connection, stream, inflows))
@@ -6462,6 +6869,43 @@ class _Port:
             logger.debug("TLS handshake with %s failed: %s", connection.peer, error.__cause__ or error)
             return None
         return tls
+
+    async def _serve_events(self, stream: trio.abc.Stream, raw: trio.SocketStream, connection: _Connection,
+                            head: bytes, wire: _Wire, name: str) -> None:
+        """Serve a smee channel's stream on `stream` (`raw`, or TLS over it; its request's `head`
+        read whole), if the request names a channel and may have it (see _EventStream)."""
+        services = self._services
+        request_line = head.partition(b"\r\n")[0]
+        host = _host_name((_head_values(head, b"host") or [""])[0])
+        answer: bytes | None = None
+        found = None
+        if b"\r\n\r\n" not in head:
+            answer = _raw_answer(431, "Request Header Fields Too Large", "the request's head is too large")
+        elif services.config.inspector.host and host == services.config.inspector.host:
+            answer = _raw_answer(404, "Not Found", "smee channels are not served on the inspector's host name")
+        else:
+            try:
+                found = services.find_channel(connection.client, name)
+            except TooManyFailures as error:
+                answer = _raw_answer(429, "Too Many Requests", str(error), (("Retry-After", str(math.ceil(error.wait))),))
+            if found is None and answer is None:
+                answer = _raw_answer(404, "Not Found", "no such smee channel")
+        if found is None:
+            await stream.send_all(answer or b"")
+            return
+        bucket = found[0]
+        since = (_head_values(head, b"last-event-id") or [""])[-1]
+        client = _EventStream(services, self._sockets, stream, connection, bucket, name, wire,
+                              chunked=request_line.endswith(b"HTTP/1.1"))
+        raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)  # see _serve_socket
+        self._sockets.started(client)
+        try:
+            await client.run(since)
+        finally:
+            self._sockets.ended(client)
+            self.quiet.unpark_all()
+            logger.info("smee channel stream of bucket %s to %s (%s) closed %s; %d frame(s) sent", bucket.config.name,
+                        connection.peer, wire.name, _shown(str(client.close_reason)), client.frames_sent)
 
     async def _serve_socket(self, stream: _ConnectionStream, connection: _Connection) -> None:
         try:
@@ -6594,6 +7038,9 @@ class Relay:
         for bucket in removed:
             for session in [s for s in self.sockets.open if bucket in s.buckets or s in bucket.subscribers]:
                 session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
+        for stream in list(self.sockets.streams):  # a channel renamed: its old name no longer opens it
+            if stream.bucket in removed or stream.bucket.config.smee_channel != stream.channel:
+                stream.close(CLOSE_POLICY, "its smee channel was removed or renamed in the relay's config", drain=False)
             for forwarder in self._forwarders.pop(bucket, ()):
                 forwarder.scope.cancel()
         for bucket in buckets:
@@ -6665,16 +7112,16 @@ class Relay:
                 task_status.started(self)
                 await services.stopping.wait()
 
-                logger.info("shutting down: %d socket(s), %d request(s) in flight",
-                            len(self.sockets.open), port.requests)
+                logger.info("shutting down: %d socket(s), %d smee stream(s), %d request(s) in flight",
+                            len(self.sockets.open), len(self.sockets.streams), port.requests)
                 accepting.cancel()
                 await context.terminated.set()  # Hypercorn: no new request on kept-alive connections
                 services.connections.end_idle()
-                for session in self.sockets.open:
-                    session.close(CLOSE_GOING_AWAY, "server shutting down")
+                for subscriber in self.sockets.everyone():
+                    subscriber.close(CLOSE_GOING_AWAY, "server shutting down")
                 services.core.release_holds()
                 with trio.move_on_after(server.shutdown_timeout):
-                    while port.requests or self.sockets.open:
+                    while port.requests or self.sockets.everyone():
                         await port.quiet.park()
                 services.connections.end_all()  # what is left is idle, or out of time
                 connections.cancel_scope.cancel()  # deliveries under way too: with storage, made after a restart

@@ -6,6 +6,8 @@ import relay_lite
 
 
 class Recorder:
+    wire = relay_lite._SOCKET_WIRE
+
     def __init__(self) -> None:
         self.pings: list[float] = []
 
