@@ -4,7 +4,9 @@ Webhook senders (GitHub, Stripe, Slack, CI) call a public input URL,
 ``http://HOST:PORT/v1/webhooks/<input id>``. Code behind NAT connects to
 ``ws://HOST:PORT/v1/socket`` on the same port, authenticates with a token's key and secret,
 subscribes to buckets and receives every webhook live, as JSON frames in the hosted service's
-schema, so the hosted service's existing clients work with nothing changed but the URL.
+schema, so the hosted service's existing clients work with nothing changed but the URL. A
+bucket's smee channel, ``http://HOST:PORT/smee/<name>``, serves smee-client and gosmee's
+client the same way, as smee.io's and gosmee's servers do.
 
 Nothing is lost: every webhook is logged per bucket (optionally in SQLite, before its sender
 gets a 2xx), a client that was away subscribes with ``"since": <the last meta.id it processed>``
@@ -31,13 +33,15 @@ tests/test_structure.py holds the module to it):
     1. Constants, errors and helpers    every layer's vocabulary
     2. Configuration                    the TOML file, parsed and checked: pure; _preflight
                                         asks what the machine must provide
-    3. The model and the protocol       webhooks, log entries, answers, frames, queries,
-                                        cursors, client addresses, signatures: sans-IO
+    3. The model and the protocol       webhooks, log entries, answers, frames, wires (the
+                                        socket's, smee's, gosmee's), queries, cursors, client
+                                        addresses, signatures: sans-IO
     4. State                            the store, the log, the backends that keep it
     5. Services                         the throttle, metrics, connections' bounds,
                                         credentials, the core, ingest: all through _Services
     6. Library glue                     trio-websocket's and Hypercorn's internals, checked
-    7. Adapters                         the socket session, the HTTP routes, deliveries
+    7. Adapters                         what a subscriber is sent: the socket session, the
+                                        smee stream; the HTTP routes, deliveries
     8. Transport                        the one port, Relay (which wires, serves, stops and
                                         reloads), open_relay, serve_relay
     9. The agent                        `relay_lite.py forward`
@@ -947,7 +951,7 @@ def _check_channel(bucket: BucketConfig, where: str, input_names: set[str], chan
         _require(not bucket.smee_input, f"{where}.smee_input", "needs smee_channel: the channel whose input it names")
         return
     name, at = bucket.smee_channel, f"{where}.smee_channel"
-    _require(_SMEE_CHANNEL.fullmatch(name) is not None, at,
+    _require(_SMEE_CHANNEL.fullmatch(name) is not None or _is_placeholder(name), at,
              "must be 1 to 128 letters, digits, - or _ (one URL path segment, as smee.io's channels are)")
     _check_secret(name, at, strong=reachable)
     if name in channels:
@@ -2057,11 +2061,13 @@ _STREAM_ID = re.compile(r"([0-9]{1,15})-([0-9]{1,19})")
 def _smee_place(event_id: str, shared: bool) -> tuple[str, str] | None:
     """The log ids an event id _smee_id gave (a Last-Event-ID) stands for: the least and the
     greatest of its place, so a resume after the greatest sends every later entry and none
-    before. None if `event_id` is not one."""
+    before; "0-0" (Redis's, before every entry) is NIL_LOG_ID. None if `event_id` is not one."""
     match = _STREAM_ID.fullmatch(event_id.strip())
     if match is None:
         return None
     millis, sequence = int(match[1]), int(match[2])
+    if millis == sequence == 0:
+        return NIL_LOG_ID, NIL_LOG_ID
     if millis >= 2**48 or sequence > (2**62 - 1 if shared else 0xFFF):
         return None
     if shared:
@@ -4640,7 +4646,7 @@ class _Core:
         if frames < len(entries):
             bucket.wake()  # its forwarders
         webhook = entries[0].webhook
-        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d socket(s), %d to deliver", entries[0].id,
+        logger.info("webhook %s %s %s -> bucket %s: %d frame(s) to %d subscriber(s), %d to deliver", entries[0].id,
                     webhook.method, _shown(webhook.path), bucket.config.name, frames, len(bucket.subscribers),
                     len(entries) - frames)
 
@@ -5160,17 +5166,18 @@ if (_problem := _missing_internals()) is not None:
     raise ImportError(_problem)
 
 
-# ==== 7. Adapters: the socket session, the HTTP routes, deliveries ============================
+# ==== 7. Adapters: the socket session, the smee stream, the HTTP routes, deliveries ==========
 #
 # Each turns what comes over the wire into calls to the services, and their answers into what
-# goes back: a socket's frames, an HTTP answer, a delivery to a destination. A route reads its
-# request, calls the services, and answers; the rules are the services'.
+# goes back: a socket's frames, a smee stream's events, an HTTP answer, a delivery to a
+# destination. A route reads its request, calls the services, and answers; the rules are the
+# services'.
 
-# ---- socket session --------------------------------------------------------------------------
+# ---- what subscribers are sent: the socket session, the smee stream --------------------------
 
 
 class _Outbox:
-    """What a socket client is sent, waiting to be written, as wire-frame bytes: bounded by
+    """What a subscriber's client is sent, waiting to be written, as framed bytes: bounded by
     `max_frames` and `max_bytes`. Sans-IO: the session puts frames in, its writer takes them out
     a write's batch at a time, and a resume asks how much history may go in now."""
 
@@ -5227,7 +5234,7 @@ class _Outbox:
 
 
 class _Pinger:
-    """Status pings for every authenticated socket, each `interval` seconds, from one task.
+    """Pings (its wire's) for every authenticated socket and smee stream, each `interval` seconds, from one task.
 
     A timing wheel: each tick (interval / _PING_SLOTS) pings one slot, and a socket that
     authenticates joins the slot the current round reaches last, a full interval away. Pings are
@@ -6469,11 +6476,12 @@ class _Forwarder:
 # the parts are wired: it builds the services, the port and the forwarders, serves them in one
 # nursery, stops them, and reloads.
 
-# ---- one port for both -----------------------------------------------------------------------
+# ---- one port for all ------------------------------------------------------------------------
 #
 # Every connection's request head is read first. A WebSocket upgrade for /v1/socket goes to
-# trio-websocket; anything else goes to Hypercorn's per-connection TCPServer, which serves the
-# Quart app. Both get the stream with the head replayed. Hypercorn's trio TCPServer, Lifespan and
+# trio-websocket; a smee channel's stream is served here (see _EventStream); anything else goes
+# to Hypercorn's per-connection TCPServer, which serves the Quart app. Both libraries get the
+# stream with the head replayed. Hypercorn's trio TCPServer, Lifespan and
 # WorkerContext are not public API: pyproject pins the Hypercorn versions this was tested with.
 
 
@@ -7038,11 +7046,11 @@ class Relay:
         for bucket in removed:
             for session in [s for s in self.sockets.open if bucket in s.buckets or s in bucket.subscribers]:
                 session.unsubscribe(bucket, f"bucket {bucket.config.name} was removed from the relay's config")
+            for forwarder in self._forwarders.pop(bucket, ()):
+                forwarder.scope.cancel()
         for stream in list(self.sockets.streams):  # a channel renamed: its old name no longer opens it
             if stream.bucket in removed or stream.bucket.config.smee_channel != stream.channel:
                 stream.close(CLOSE_POLICY, "its smee channel was removed or renamed in the relay's config", drain=False)
-            for forwarder in self._forwarders.pop(bucket, ()):
-                forwarder.scope.cancel()
         for bucket in buckets:
             wanted = {output.name: output for output in _public_outputs(bucket.config)}
             forwarders = []
@@ -8705,6 +8713,8 @@ def _banner(relay: Relay, *, demo: bool, json_line: bool = False) -> str:
                      if config.inspector.host else relay.public_url) + "/"
     inputs = [(bucket.name, input_.name, relay.input_url(input_.id, public=True))
               for bucket in config.buckets for input_ in bucket.inputs]
+    channels = [(bucket.name, relay.public_url + SMEE_PREFIX + bucket.smee_channel)
+                for bucket in config.buckets if bucket.smee_channel]
     demo_lines: dict[str, str] = {}
     if demo:
         token, bucket, command = config.tokens[0], config.buckets[0], _command()
@@ -8717,15 +8727,21 @@ def _banner(relay: Relay, *, demo: bool, json_line: bool = False) -> str:
             "forward": f"RELAY_KEY={token.key} RELAY_SECRET={token.secret} {command} forward "
                        f"--relay {relay.url} --bucket {bucket.name} --to http://localhost:3000",
             "init": f"{command} init relay.toml && {command} --config relay.toml"}
+        if bucket.smee_channel:
+            demo_lines["smee"] = f"npx smee-client --url {relay.url}{SMEE_PREFIX}{bucket.smee_channel} --target " \
+                                 "http://localhost:3000"
     if json_line:
         return _JsonLines.line(logging.INFO, listening, url=relay.url, socket_url=relay.socket_url,
                                **({"inspector": inspector} if inspector else {}),
                                inputs=[{"bucket": bucket, "input": name, "url": url} for bucket, name, url in inputs],
+                               **({"smee_channels": [{"bucket": bucket, "url": url} for bucket, url in channels]}
+                                  if channels else {}),
                                **({"demo": demo_lines} if demo else {}))
     lines = [listening, f"  socket URL: {relay.socket_url}"]
     if inspector:
         lines.append(f"  inspector:  {inspector} (sign in with a token's key and secret)")
     lines += [f"  bucket {bucket!r}, input {name!r}: {url}" for bucket, name, url in inputs]
+    lines += [f"  bucket {bucket!r}, smee channel (smee-client, gosmee): {url}" for bucket, url in channels]
     if demo:
         lines += [
             "",
@@ -8740,6 +8756,8 @@ def _banner(relay: Relay, *, demo: bool, json_line: bool = False) -> str:
             f"  {demo_lines['subscribe']}",
             "Or forward each webhook to your app on localhost:3000 (in a second terminal):",
             f"  {demo_lines['forward']}",
+            *(["Or with smee-client (it re-encodes JSON bodies: signatures no longer match them):",
+               f"  {demo_lines['smee']}"] if "smee" in demo_lines else []),
             f"For lasting ids: {demo_lines['init']}",
         ]
     lines += ["", "Ctrl-C to stop."]
@@ -9327,7 +9345,7 @@ _INSPECTOR_SCRIPT = r"""// relay_lite's inspector: signs in with a token over th
                                        : [['answer', 'none (yet)']]);
     pairs($('detail-answer-headers'), answered ? log.response_headers : {});
     $('detail-answer-body').textContent = answered ? bodyView(Uint8Array.from(log.response_body || []))[1] : '';
-    terms($('detail-delivery'), [['to', log.output_destination || (log.internal ? 'the sockets subscribed' : '')],
+    terms($('detail-delivery'), [['to', log.output_destination || (log.internal ? 'its subscribers: sockets, smee streams' : '')],
                                  ['attempts', answered ? (log.retries || 0) + 1 : log.retries || ''],
                                  ['outcome', statusName(log)],
                                  ['last update', new Date(log.updated_at * 1000).toISOString()]]);

@@ -1,9 +1,10 @@
-"""What the tests share: the server as a process, raw connections, resumes, signed webhooks, a
-Redis of their own. (conftest.py holds the fixtures and the config every test starts from.)"""
+"""What the tests share: the server as a process, raw connections, resumes, signed webhooks, smee
+channels' streams, a Redis of their own. (conftest.py holds the fixtures and the config every test starts from.)"""
 
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import signal
 import socket
@@ -17,7 +18,7 @@ import trio
 
 import relay_lite
 
-from conftest import GITHUB_INPUT, KEY, SECRET, post, relay_config, subscriber
+from conftest import GITHUB_INPUT, KEY, SECRET, TRUSTED_CAS, post, relay_config, subscriber
 
 
 SCRIPT = str(Path(relay_lite.__file__))
@@ -204,3 +205,98 @@ class RedisServer:
             await trio.sleep(seconds)
         finally:
             self.process.send_signal(signal.SIGCONT)
+
+
+# ---- smee channels --------------------------------------------------------------------------
+
+CHANNEL = "github-channel-0123456789abcdef"  # a smee channel's name, as strong as a secret
+
+
+class EventStream:
+    """A smee channel's stream over a raw connection: the answer's head, then its events, each
+    a dict of its fields ("comment" for a comment line), as an EventSource would read them."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.head = b""
+        self._raw = b""  # chunked, as received
+        self._text = ""  # de-chunked
+        self.ended = False  # the last chunk came
+
+    @classmethod
+    async def open(cls, relay, name=CHANNEL, *, gosmee=False, last_event_id=None, host="127.0.0.1",
+                   version="1.1") -> "EventStream":
+        stream = await trio.open_tcp_stream(relay.host, relay.port)
+        lines = [f"GET /smee/{'events/' if gosmee else ''}{name} HTTP/{version}", f"Host: {host}"]
+        lines += [] if gosmee else ["Accept: text/event-stream"]
+        lines += [f"Last-Event-ID: {last_event_id}"] if last_event_id else []
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self = cls(stream)
+        self._chunked = version == "1.1"
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in self._raw:
+                data = await stream.receive_some()
+                assert data, self._raw
+                self._raw += data
+        self.head, _, self._raw = self._raw.partition(b"\r\n\r\n")
+        self._dechunk()
+        return self
+
+    @property
+    def status(self) -> int:
+        return int(self.head.split(b" ")[1])
+
+    def _dechunk(self) -> None:
+        if not self._chunked:
+            self._text += self._raw.decode()
+            self._raw = b""
+            return
+        while b"\r\n" in self._raw:
+            size_line, _, rest = self._raw.partition(b"\r\n")
+            size = int(size_line, 16)
+            if len(rest) < size + 2:
+                return
+            self._text += rest[:size].decode()
+            self._raw = rest[size + 2:]
+            if size == 0:
+                self.ended = True
+                return
+
+    async def event(self, timeout: float = 5) -> dict:
+        with trio.fail_after(timeout):
+            while "\n\n" not in self._text:
+                data = await self.stream.receive_some()
+                assert data, f"the stream ended: {self._text!r}"
+                self._raw += data
+                self._dechunk()
+        block, _, self._text = self._text.partition("\n\n")
+        fields: dict = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ")
+            if name == "data" and "data" in fields:
+                fields["data"] += "\n" + value
+            else:
+                fields[name or "comment"] = value
+        return fields
+
+    async def message(self, timeout: float = 5) -> dict:
+        """The next webhook's event, its data decoded: pings and comments skipped."""
+        while True:
+            event = await self.event(timeout)
+            if "id" in event:
+                return {"id": event["id"], **json.loads(event["data"])}
+            assert event.get("event") in ("ping", None) or "comment" in event, event
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def to_channel(relay, body=b"{}", name=CHANNEL, path="", **kwargs) -> httpx.Response:
+    """Send a webhook to the smee channel `name` of `relay`."""
+    async with httpx.AsyncClient(timeout=10, verify=TRUSTED_CAS) as http:
+        return await http.post(f"{relay.url}/smee/{name}{path}", content=body, **kwargs)
+
+
+def place(event_id: str) -> tuple[int, int]:
+    """A smee event id's place, in order."""
+    return tuple(map(int, event_id.split("-")))

@@ -46,6 +46,15 @@ async def test_demo_mode_prints_what_to_use_and_relays():
             assert response.status_code == 200
             frame = json.loads(await ws.get_message())
             assert frame["body"] == '{"hello": "relay"}' and frame["meta"]["bucket_name"] == "demo"
+            channel = re.search(r"smee channel \(smee-client, gosmee\): (\S+)", banner).group(1)
+            assert f"npx smee-client --url {channel} --target http://localhost:3000" in banner
+            async with httpx.AsyncClient() as http, http.stream(  # the demo's channel streams what came
+                    "GET", channel, headers={"Accept": "text/event-stream", "Last-Event-ID": "0-0"}) as stream:
+                lines = stream.aiter_lines()
+                with trio.fail_after(10):
+                    while not (line := await anext(lines)).startswith("data: {\""):
+                        pass
+            assert json.loads(line.removeprefix("data: "))["body"] == {"hello": "relay"}
             assert await stop(process) == 0
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await ws.get_message()
@@ -179,7 +188,8 @@ async def test_log_format_json_writes_one_object_per_line(tmp_path):
         assert banner["inspector"] == banner["url"] + "/"
         assert [(line["bucket"], line["url"]) for line in banner["inputs"]] == [
             ("demo", banner["demo"]["send"].split()[-1])]
-        assert set(banner["demo"]) == {"key", "secret", "send", "auth", "subscribe", "forward", "init"}
+        assert set(banner["demo"]) == {"key", "secret", "send", "auth", "subscribe", "forward", "init", "smee"}
+        assert banner["smee_channels"] == [{"bucket": "demo", "url": banner["demo"]["smee"].split()[3]}]
         async with httpx.AsyncClient() as http:
             assert (await http.post(banner["demo"]["send"].split()[-1], content="line\nbreak \u2603")).status_code == 200
     finally:

@@ -1,6 +1,7 @@
 """Several relays sharing one Redis ([cluster]): one log, whichever relay a webhook, a client or
 an answer comes to. Needs redis-server (.ci/run installs Debian's package) and relay-lite[redis]."""
 
+import base64
 import functools
 import shutil
 import signal
@@ -16,7 +17,8 @@ import relay_lite
 
 from app_server import running_app
 from conftest import KEY, SECRET, connect, post, relay_config, subscriber
-from helpers import BODY, stripe_config, signed_stripe_headers, logged, free_port, RedisServer
+from helpers import (BODY, CHANNEL, EventStream, RedisServer, free_port, logged, signed_stripe_headers, stripe_config,
+                     to_channel)
 
 pytest.importorskip("redis")
 if shutil.which("redis-server") is None:
@@ -628,3 +630,23 @@ async def test_a_redis_that_lost_its_data_is_said_so_not_a_negative_gap(redis_se
             assert (await http.get(relay.url + "/v1/buckets", auth=(KEY, session))).status_code == 200
     said = caplog.text
     assert "began again (event 1, after 5)" in said and "fell -" not in said
+
+
+async def test_a_smee_stream_resumes_on_another_relay_by_its_last_event_id_in_order(redis_server):
+    """Its event ids are the journal's own stream ids, the same on every relay (issue 23)."""
+    config = cluster_config(redis_server)
+    config["buckets"][0]["smee_channel"] = CHANNEL
+    async with relays(config, 2) as (a, b):
+        stream = await EventStream.open(a, gosmee=True)
+        await stream.event()
+        await to_channel(b, b"one")
+        first = await stream.message()
+        await stream.aclose()
+        for n in range(3):
+            assert (await to_channel(a, b"after %d" % n)).status_code == 200
+        moved = await EventStream.open(b, gosmee=True, last_event_id=first["id"])
+        await moved.event()
+        got = [await moved.message() for _ in range(3)]
+    assert [base64.b64decode(message["bodyB"]) for message in got] == [b"after 0", b"after 1", b"after 2"]
+    assert [relay_lite._smee_id(relay_lite._stream_log_id(message["id"]), True) for message in got] == \
+        [message["id"] for message in got]  # each is its journal entry's id

@@ -55,6 +55,20 @@ async def test_webhooks_sockets_and_the_logs_api_over_tls(tls_config, client_tls
     assert logs["total"] == 1
 
 
+async def test_a_smee_channels_stream_over_tls_reads_as_any_http_client_reads_a_stream(tls_config, client_tls):
+    tls_config["buckets"][0]["smee_channel"] = "tls-channel-0123456789abcdef"
+    async with relay_lite.open_relay(tls_config) as relay:
+        async with httpx.AsyncClient(base_url=relay.url, verify=client_tls, timeout=10) as http:
+            async with http.stream("GET", "/smee/tls-channel-0123456789abcdef",
+                                   headers={"Accept": "text/event-stream"}) as stream:
+                lines = stream.aiter_lines()
+                with trio.fail_after(10):
+                    assert [await anext(lines) for _ in range(3)] == ["event: ready", "data: {}", ""]
+                    await http.post("/smee/tls-channel-0123456789abcdef", content=b'{"over": "tls"}')
+                    event_id, data = await anext(lines), await anext(lines)
+    assert event_id.startswith("id: ") and json.loads(data.removeprefix("data: "))["body"] == {"over": "tls"}
+
+
 async def test_plain_http_on_the_tls_port_gets_a_clear_400_not_a_hang(tls_config, client_tls):
     async with relay_lite.open_relay(tls_config) as relay:
         plain = relay.url.replace("https://", "http://")
