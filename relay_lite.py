@@ -6910,7 +6910,6 @@ class _Port:
         try:
             await client.run(since)
         finally:
-            self._sockets.ended(client)
             self.quiet.unpark_all()
             logger.info("smee channel stream of bucket %s to %s (%s) closed %s; %d frame(s) sent", bucket.config.name,
                         connection.peer, wire.name, _shown(str(client.close_reason)), client.frames_sent)
