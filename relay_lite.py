@@ -1960,7 +1960,10 @@ class _SmeeWire(_Wire):
     """A smee channel's stream as smee.io writes it, for smee-client: a "ready" event, "ping"
     events, and a message per webhook: its headers (lower-cased), `body` (the JSON itself when it
     is JSON), `query` and `timestamp`. Named events other than messages are ones smee-client
-    ignores, such as "history_gap"."""
+    ignores, such as "history_gap".
+
+    Header values are Node's: each byte a character (latin-1), as smee.io's req.headers has them
+    and as smee-client's fetch writes them back; a character past 255 makes it refuse the request."""
 
     name = "smee"
     ping = b"event: ping\ndata: {}\n\n"
@@ -1968,7 +1971,8 @@ class _SmeeWire(_Wire):
 
     def webhook(self, entry: _Entry, shared: bool) -> bytes:
         webhook = entry.webhook
-        fields: dict[str, Any] = _smee_headers(webhook)
+        fields: dict[str, Any] = {name: value.encode().decode("latin-1") if not value.isascii() else value
+                                  for name, value in _smee_headers(webhook).items()}  # see below
         fields["query"] = _smee_query(webhook.query)
         fields["timestamp"] = round(entry.received_at * 1000)
         body = None if webhook.body_encoding else _json_text(webhook.body)

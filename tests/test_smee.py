@@ -425,3 +425,13 @@ def test_bodies_that_python_reads_as_json_and_javascript_does_not_go_as_text(bod
     entry = entry_of(body)
     _, data = parsed(relay_lite._SMEE_WIRE.webhook(entry, False))
     assert json.loads(data)["body"] == entry.webhook.body
+
+
+def test_header_values_go_to_smee_client_as_node_has_them_and_to_gosmee_as_text():
+    """smee-client's fetch refuses a header value with a character past 255, and writes each
+    character as a byte: the UTF-8 bytes as characters reach the app as the sender sent them."""
+    entry = entry_of(b"{}", [(b"X-Name", "caf\u00e9 \u2603".encode())])
+    _, data = parsed(relay_lite._SMEE_WIRE.webhook(entry, False))
+    assert json.loads(data)["x-name"] == "caf\u00e9 \u2603".encode().decode("latin-1")
+    _, data = parsed(relay_lite._GOSMEE_WIRE.webhook(entry, False))
+    assert json.loads(data)["x-name"] == "caf\u00e9 \u2603"  # Go writes a string's UTF-8 bytes
