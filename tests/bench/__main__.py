@@ -4,7 +4,8 @@ Each scenario runs relay_lite (`python relay_lite.py --config ...`, a fresh proc
 its load in separate processes (tests/bench/peers.py; wrk for the ingest load when it is
 installed), and, where the figure depends on the machine, a ceiling measured in the same run on the
 same machine under the same load: a bare ASGI app on Hypercorn's trio worker for HTTP, a bare
-trio-websocket server sending one pre-encoded frame to every client for sockets. The ratio to the
+trio-websocket server sending one pre-encoded frame to every client for sockets, smee.io's own
+server for a smee channel (--smee-io DIR: set up by hand, see Bench.smee). The ratio to the
 ceiling is the result. It prints one table with every figure, its target and PASS or MISS.
 """
 
@@ -25,7 +26,20 @@ import threading
 import time
 from pathlib import Path
 
-from tests.bench.peers import BUCKET, INPUT_ID, KEY, SECRET, webhook_body
+from tests.bench.peers import BUCKET, INPUT_ID, KEY, SECRET, SEGMENT, webhook_body
+
+SMEE_CHANNEL = "bench-smee-channel-0123456789AbCdEf"  # a smee channel's name: 16 or more varied characters
+SMEE_FIGURES = {  # the smee scenario's figures of each run: label, digits shown
+    "accepted": ("webhooks/s accepted (200), closed loop, 20 connections", 0),
+    "delivered": ("webhooks/s delivered on the stream (load's start to last arrival)", 0),
+    "p50": ("latency p50 (ms), sent to streamed, closed loop (mostly queueing)", 1),
+    "p99": ("latency p99 (ms), sent to streamed, closed loop", 1),
+    "fixed_p50": ("latency p50 (ms), sent to streamed, fixed 500/s, 8 connections", 2),
+    "fixed_p99": ("latency p99 (ms), sent to streamed, fixed 500/s", 2),
+    "cpu_ms": ("server CPU ms per webhook, closed loop", 3),
+    "peers_cpu_ms": ("load generator + stream reader CPU ms per webhook, closed loop (the bench's own)", 3),
+    "rss_mb": ("server peak RSS (MB, VmHWM)", 1),
+}
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' own helpers, as pytest finds them
 from helpers import RedisServer, free_port  # noqa: E402
@@ -74,9 +88,10 @@ class Process:
         self.popen.stdin.flush()
         return self.event("count", timeout)["frames"]
 
-    def rss_kb(self) -> int:
+    def rss_kb(self, field: str = "VmRSS") -> int:
+        """Its resident memory now; with field "VmHWM", the most it has held since it started."""
         status = Path(f"/proc/{self.popen.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+        return int(re.search(field + r":\s+(\d+)", status).group(1))
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -94,10 +109,11 @@ class Process:
 
 class Relay(Process):
     def __init__(self, workdir: Path, storage: bool = False, script: Path = ROOT / "relay_lite.py",
-                 outputs: str = "", cluster: str = "", workers: int = 1, **server) -> None:
+                 outputs: str = "", cluster: str = "", workers: int = 1, bucket: str = "", **server) -> None:
         """A relay serving the bench bucket; with `storage`, its log in a new SQLite file; `script`
         another relay_lite.py to run (see --baseline); `outputs` the bucket's [[buckets.outputs]];
-        `cluster` a Redis URL, with `workers` relays on one port."""
+        `bucket` more of the bucket's own settings (TOML lines); `cluster` a Redis URL, with
+        `workers` relays on one port."""
         config = workdir / "relay.toml"
         server = {"port": 0, **server}
         settings = "\n".join(f"{key} = {json.dumps(value)}" for key, value in server.items())
@@ -105,13 +121,47 @@ class Relay(Process):
         for stale in workdir.glob("relay.db*"):
             stale.unlink()
         config.write_text(f'[server]\n{settings}\n[[tokens]]\nkey = "{KEY}"\nsecret = "{SECRET}"\n'
-                          f'[[buckets]]\nname = "{BUCKET}"\n[[buckets.inputs]]\nid = "{INPUT_ID}"\n{outputs}'
+                          f'[[buckets]]\nname = "{BUCKET}"\n{bucket}[[buckets.inputs]]\nid = "{INPUT_ID}"\n{outputs}'
                           + (f'[storage]\npath = "{database}"\n' if storage else "")
                           + (f'[cluster]\nredis_url = "{cluster}"\n' if cluster else ""))
         super().__init__(str(script), "--config", str(config), *(["--workers", str(workers)] if workers > 1 else []))
         for _ in range(workers):  # each worker's banner
             url = self.line(r"listening on http://([\d.]+):(\d+)", 30)
         self.host, self.port = url.group(1), int(url.group(2))
+
+
+class SmeeIO(Process):
+    """smee.io's own server (Node, fastify), `PORT=<port> node index.js` in its directory, without
+    REDIS_URL: one instance, its channels in memory. It listens on 0.0.0.0 (lib/server.js says so;
+    no setting changes it): the bench connects to it on 127.0.0.1 only. Its log (fastify's, a JSON
+    line per request and per answer) goes to a file in `workdir`."""
+
+    def __init__(self, directory: Path, workdir: Path) -> None:
+        self.port, self.host = free_port(), "127.0.0.1"
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in ("REDIS_URL", "NODE_ENV", "SENTRY_DSN", "FORCE_HTTPS", "BLOCKED_CHANNELS")}
+        log = workdir / "smee.io.log"
+        with log.open("w") as output:
+            self.popen = subprocess.Popen(["node", "index.js"], cwd=directory,
+                                          env={**environment, "PORT": str(self.port)}, stdin=subprocess.DEVNULL,
+                                          stdout=output, stderr=subprocess.STDOUT, preexec_fn=_more_files)
+        deadline = time.monotonic() + 30
+        while "Server listening at" not in log.read_text():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.end()
+                raise RuntimeError(f"smee.io did not start: {log.read_text()[-1000:]}")
+            time.sleep(0.05)
+
+
+def smee_io_missing(directory: Path) -> str:
+    """Why smee.io's server cannot be run from `directory` ("" if it can)."""
+    if not shutil.which("node"):
+        return "node is not installed"
+    for needed, why in (("lib/server.js", "no smee.io source"), ("node_modules/fastify", "npm install not run"),
+                        ("public/main.min.js", "npm run build not run")):
+        if not (directory / needed).exists():
+            return f"{directory / needed} is missing ({why})"
+    return ""
 
 
 def peer(*args) -> Process:
@@ -168,8 +218,9 @@ def load(host: str, port: int, duration: float, connections: int = 20) -> dict:
 
 
 class Bench:
-    def __init__(self, quick: bool, workdir: Path, against: Path | None = None) -> None:
+    def __init__(self, quick: bool, workdir: Path, against: Path | None = None, smee_io: Path | None = None) -> None:
         self.quick, self.workdir, self.rows, self.against = quick, workdir, [], against
+        self.smee_io = smee_io  # smee.io's server, set up by hand (see smee)
 
     def row(self, scenario: str, figure: str, value, target: str, passed: bool | None, ceiling=None, ratio=None,
             machine: bool = False):
@@ -523,6 +574,145 @@ class Bench:
                  f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
         self.row(scenario, "accepted but not delivered (this code)", lost, "0", lost == 0)
 
+    def smee(self) -> None:
+        """A smee channel's stream, end to end, against smee.io's own server: one subscriber reads
+        the channel's text/event-stream (peers.py stream-reader, as smee-client asks for it) while
+        20 connections POST 1 KiB JSON webhooks to the channel in a closed loop (peers.py load:
+        wrk cannot stamp each body with its number and send time), then 8 at a fixed 500/s, whose
+        latency is the server's own (the closed loop's is mostly its queue: 20 connections / rate).
+        Rounds of relay_lite, smee.io, smee.io, relay_lite (A B B A), a fresh server each run; each
+        round's ratios are taken within it. Lost: answered 200, never streamed; relay_lite may
+        lose none, smee.io may.
+
+        smee.io is set up by hand, outside this repository (nothing of it is committed):
+            mkdir -p /opt/smee.io
+            git --git-dir=<a clone of probot/smee.io>/.git archive HEAD | tar -x -C /opt/smee.io
+            cd /opt/smee.io && npm ci && npm run build    # node >= 18; build: the public/ files it reads at start
+        and named with --smee-io DIR (default /opt/smee.io). Without it, relay_lite runs alone."""
+        rounds, duration = (1, 1) if self.quick else (3, 4)
+        why = smee_io_missing(self.smee_io) if self.smee_io else "no --smee-io DIR"
+        if why:
+            print(f"  smee: smee.io skipped: {why}. To set it up by hand, outside the repo: mkdir -p {self.smee_io} "
+                  f"&& git --git-dir=<a clone of probot/smee.io>/.git archive HEAD | tar -x -C {self.smee_io} "
+                  f"&& cd {self.smee_io} && npm ci && npm run build; then --smee-io {self.smee_io}. "
+                  "Measuring relay_lite alone.", file=sys.stderr, flush=True)
+        systems = ("relay_lite",) if why else ("relay_lite", "smee.io")
+        runs: dict[str, list[dict]] = {name: [] for name in systems}
+        ratios: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            this_round: dict[str, list[dict]] = {name: [] for name in systems}
+            for name in self.order(systems):
+                run = self._smee_run(name, duration)
+                this_round[name].append(run)
+                runs[name].append(run)
+            if len(systems) == 2:
+                for figure in SMEE_FIGURES:
+                    ratios.setdefault(figure, []).append(
+                        statistics.fmean(r[figure] for r in this_round["relay_lite"])
+                        / max(statistics.fmean(r[figure] for r in this_round["smee.io"]), 1e-9))
+        order = " ".join(self.order("AB"[:len(systems)]))
+        scenario = (f"smee channel, 1 stream subscriber, 1 KiB JSON ({rounds} round(s) of {order}, {duration} s; "
+                    + ("smee.io skipped" if why else "ceiling: smee.io's server") + "; median (range) of runs"
+                    + ("" if why else "; ratio: of rounds' means") + ")")
+
+        def spread(values: list[float], digits: int) -> str:
+            show = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{round(v)}")
+            return show(statistics.median(values)) + (f" ({show(min(values))}-{show(max(values))})"
+                                                        if len(values) > 1 else "")
+
+        for figure, (label, digits) in SMEE_FIGURES.items():
+            self.row(scenario, label, spread([run[figure] for run in runs["relay_lite"]], digits), "-", None,
+                     spread([run[figure] for run in runs["smee.io"]], digits) if "smee.io" in runs else None,
+                     spread(ratios[figure], 2) if figure in ratios else None)
+
+        def losses(name: str) -> str | None:
+            if name not in runs:
+                return None
+            lost, accepted = (sum(run[key] for run in runs[name]) for key in ("lost", "ok"))
+            twice = sum(run["duplicates"] for run in runs[name])
+            ended = sorted({run["ended"] for run in runs[name] if run["ended"]})
+            return (f"{lost} of {accepted}" + (f", {twice} streamed twice" if twice else "")
+                    + (f", stream ended: {'; '.join(ended)}" if ended else ""))
+
+        mine = runs["relay_lite"]
+        self.row(scenario, "lost (answered 200, never streamed), all runs", losses("relay_lite"),
+                 "relay_lite: 0, none twice, stream open",
+                 not any(run["lost"] or run["duplicates"] or run["ended"] for run in mine), losses("smee.io"))
+        self.row(scenario, "errors (not 200), all runs", sum(run["errors"] for run in mine), "relay_lite: 0",
+                 not any(run["errors"] for run in mine),
+                 sum(run["errors"] for run in runs["smee.io"]) if "smee.io" in runs else None)
+
+    def _smee_run(self, name: str, duration: float) -> dict:
+        """One run of `smee`: a fresh server (relay_lite with a smee channel, its log in memory, or
+        smee.io's), the stream's reader, a warm-up (full run), the closed loop, the fixed rate."""
+        if name == "relay_lite":
+            server = Relay(self.workdir, bucket=f'smee_channel = "{SMEE_CHANNEL}"\n')
+            path = f"/smee/{SMEE_CHANNEL}"
+        else:
+            server = SmeeIO(self.smee_io, self.workdir)
+            path = f"/{SMEE_CHANNEL}"
+        reader = None
+        try:
+            reader = peer("stream-reader", server.host, server.port, path, "--first", SEGMENT)
+            reader.event("ready", timeout=60)
+
+            def streamed() -> int:
+                reader.popen.stdin.write("count\n")
+                reader.popen.stdin.flush()
+                return reader.event("count")["messages"]
+
+            def drained(expected: int) -> None:
+                """Wait until `expected` messages were streamed in all, or none came for 2 s."""
+                last, since = streamed(), time.monotonic()
+                while last < expected and time.monotonic() - since < 2:
+                    time.sleep(0.05)
+                    if (count := streamed()) != last:
+                        last, since = count, time.monotonic()
+
+            def send(*load: object) -> dict:
+                before = streamed()
+                result = peer("load", server.host, server.port, path, *load).event("result", timeout=duration + 60)
+                drained(before + result["ok"])
+                return result
+
+            if not self.quick:  # a fresh process's first second is slower (and Node's JIT warms up)
+                send("--connections", 20, "--duration", 1)
+            cpu, reader_cpu = server.cpu_seconds(), reader.cpu_seconds()
+            closed = send("--connections", 20, "--duration", duration, "--first", SEGMENT)
+            cpu, reader_cpu = server.cpu_seconds() - cpu, reader.cpu_seconds() - reader_cpu
+            rate, count = 500, 250 if self.quick else 1500
+            fixed = send("--connections", 8, "--rate", rate, "--count", count, "--first", 2 * SEGMENT)
+            peak = server.rss_kb("VmHWM")
+            got = reader.stop()
+        finally:
+            if reader is not None:
+                reader.end()
+            server.end()
+        lost = duplicates = 0
+        for load, segment in ((closed, "1"), (fixed, "2")):
+            figures = got["segments"].get(segment, {"received": [], "duplicates": 0})
+            received = set()
+            for low, high in figures["received"]:
+                received.update(range(low, high + 1))
+            failed = set(load["failed"])
+            numbers = range(load["first"], load["first"] + load["sent"])
+            lost += sum(n not in received and n not in failed for n in numbers)
+            duplicates += figures["duplicates"]
+        measured, steady = got["segments"].get("1"), got["segments"].get("2")
+        ok = max(closed["ok"], 1)
+
+        def ms(figures: dict | None, key: str) -> float:
+            return figures["latency"][key] * 1000 if figures else float("nan")
+
+        return {"ok": closed["ok"] + fixed["ok"], "errors": closed["errors"] + fixed["errors"], "lost": lost,
+                "duplicates": duplicates, "ended": got["ended"], "accepted": closed["rate"],
+                "delivered": (measured["webhooks"] / (measured["last_received"] - closed["started"])
+                              if measured else 0.0),
+                "p50": ms(measured, "p50"), "p99": ms(measured, "p99"),
+                "fixed_p50": ms(steady, "p50"), "fixed_p99": ms(steady, "p99"),
+                "cpu_ms": cpu * 1000 / ok, "peers_cpu_ms": (closed["cpu_seconds"] + reader_cpu) * 1000 / ok,
+                "rss_mb": peak / 1024}
+
     def _history_ingest(self, duration: float, **relay_options) -> dict:
         relay = Relay(self.workdir, **relay_options)
         try:
@@ -739,7 +929,7 @@ def table(rows: list[dict]) -> str:
 
 
 SCENARIOS = ["startup", "ingest", "latency", "fanout", "idle", "history", "forward", "dead_output", "baseline",
-             "cluster"]
+             "smee", "cluster"]
 NOT_QUICK = ["cluster"]  # --quick runs it only if --only names it: it starts a redis-server and relays on it
 
 
@@ -752,6 +942,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", choices=SCENARIOS)
     parser.add_argument("--baseline", metavar="FILE", type=Path,
                         help="another relay_lite.py to compare ingest against (the baseline scenario)")
+    parser.add_argument("--smee-io", metavar="DIR", type=Path, default=Path("/opt/smee.io"),
+                        help="smee.io's server, set up by hand (npm ci && npm run build), for the smee scenario "
+                             "to compare against (default: %(default)s); without it, relay_lite alone")
     args = parser.parse_args(argv)
     started, steal = time.monotonic(), _cpu_steal()
     machine = {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
@@ -759,7 +952,8 @@ def main(argv=None) -> int:
     print(f"relay_lite benchmarks on {machine['cores']} cores, Python {machine['python']}, "
           f"ingest load by {machine['load_tool']}{' (quick)' if args.quick else ''}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as workdir:
-        bench = Bench(args.quick, Path(workdir), args.baseline and args.baseline.resolve())
+        bench = Bench(args.quick, Path(workdir), args.baseline and args.baseline.resolve(),
+                      args.smee_io and args.smee_io.resolve())
         for scenario in args.only or [name for name in SCENARIOS if not (args.quick and name in NOT_QUICK)]:
             began = time.monotonic()
             getattr(bench, scenario)()

@@ -1,14 +1,16 @@
 """The processes a benchmark runs beside the server under test, one role each:
 
     python -m tests.bench.peers subscribers HOST PORT --clients N [--ceiling]
-    python -m tests.bench.peers load HOST PORT PATH (--duration S --connections C | --rate R --count N)
+    python -m tests.bench.peers load HOST PORT PATH (--duration S --connections C [--first N] | --rate R --count N)
+    python -m tests.bench.peers stream-reader HOST PORT PATH [--first N]
     python -m tests.bench.peers http-ceiling
     python -m tests.bench.peers socket-ceiling
     python -m tests.bench.peers app
 
 Each prints JSON lines on stdout: {"event": "ready", ...} once it is set up, then, after a line
-"stop" on stdin (subscribers, ceilings, app) or when its load is done, {"event": "result", ...}.
-Subscribers and the app also answer a line "count" with {"event": "count", ...}.
+"stop" on stdin (subscribers, stream reader, ceilings, app) or when its load is done, {"event":
+"result", ...}. Subscribers, the stream reader and the app also answer a line "count" with
+{"event": "count", ...}.
 Times are time.monotonic(), one clock for every process on the machine.
 """
 
@@ -245,35 +247,46 @@ class HTTPConnection:
         return int(response[0][9:12])
 
 
-async def closed_loop(host: str, port: int, path: str, connections: int, duration: float) -> None:
-    """As many webhooks as `connections` keep-alive connections can send in `duration` seconds."""
+async def closed_loop(host: str, port: int, path: str, connections: int, duration: float, first: int = 0) -> None:
+    """As many webhooks as `connections` keep-alive connections can send in `duration` seconds,
+    numbered from `first`. Every webhook numbered is answered before the load ends (a closed
+    loop), so those answered 200 are the numbers from `first` to `first + sent` but `failed`."""
     statuses: dict[int, int] = {}
+    failed: list[int] = []
     deadline = time.monotonic() + duration
-    counter = iter(range(10**9))
+    counter = iter(range(first, 10**12))
 
     async def worker() -> None:
         http = HTTPConnection(await trio.open_tcp_stream(host, port), host, path)
         while time.monotonic() < deadline:
-            status = await http.post(webhook_body(next(counter), time.monotonic()))
+            n = next(counter)
+            status = await http.post(webhook_body(n, time.monotonic()))
             statuses[status] = statuses.get(status, 0) + 1
+            if status != 200:
+                failed.append(n)
         await http.stream.aclose()
 
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     async with trio.open_nursery() as nursery:
         for _ in range(connections):
             nursery.start_soon(worker)
     elapsed = time.monotonic() - started
     ok = statuses.get(200, 0)
-    emit(event="result", ok=ok, errors=sum(statuses.values()) - ok, seconds=elapsed, rate=ok / elapsed)
+    emit(event="result", ok=ok, errors=sum(statuses.values()) - ok, seconds=elapsed, rate=ok / elapsed,
+         started=started, first=first, sent=next(counter) - first, failed=failed,
+         cpu_seconds=time.process_time() - cpu)
 
 
-async def open_loop(host: str, port: int, path: str, connections: int, rate: float, count: int) -> None:
-    """`count` webhooks at `rate` per second, each stamped with its scheduled time, so a stall
-    shows as latency instead of as a slower rate."""
+async def open_loop(host: str, port: int, path: str, connections: int, rate: float, count: int,
+                    first: int = 0) -> None:
+    """`count` webhooks at `rate` per second, numbered from `first`, each stamped with its
+    scheduled time, so a stall shows as latency instead of as a slower rate."""
     channels = [trio.open_memory_channel(count) for _ in range(connections)]
     statuses: dict[int, int] = {}
+    failed: list[int] = []
     late = []
     offset = time.monotonic() - trio.current_time()  # trio's clock is time.monotonic() shifted
+    cpu = time.process_time()
 
     async def worker(receive) -> None:
         http = HTTPConnection(await trio.open_tcp_stream(host, port), host, path)
@@ -282,6 +295,8 @@ async def open_loop(host: str, port: int, path: str, connections: int, rate: flo
             late.append(trio.current_time() - when)
             status = await http.post(webhook_body(n, when + offset))
             statuses[status] = statuses.get(status, 0) + 1
+            if status != 200:
+                failed.append(n)
         await http.stream.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -290,11 +305,163 @@ async def open_loop(host: str, port: int, path: str, connections: int, rate: flo
         await trio.sleep(0.2)  # let the connections open
         start = trio.current_time()
         for n in range(count):
-            channels[n % connections][0].send_nowait((n, start + n / rate))
+            channels[n % connections][0].send_nowait((first + n, start + n / rate))
         for send, _ in channels:
             send.close()
     ok = statuses.get(200, 0)
-    emit(event="result", ok=ok, errors=sum(statuses.values()) - ok, send_lag=percentiles(late))
+    emit(event="result", ok=ok, errors=sum(statuses.values()) - ok, send_lag=percentiles(late), first=first,
+         sent=count, failed=failed, cpu_seconds=time.process_time() - cpu)
+
+
+# ---------------------------------------------------------------------------- a smee channel's stream reader
+# One client of a text/event-stream as smee-client reads it (GET, Accept: text/event-stream):
+# it counts message events and times each webhook from the send time its body carries.
+
+# The body in a message event's data, as JSON: relay_lite passes the text on ({"n": 5, "t": ...),
+# smee.io re-encodes it ({"n":5,"t":...).
+_EVENT_STAMP = re.compile(rb'"body": ?\{"n": ?(\d+), ?"t": ?([0-9.e+-]+)')
+
+
+class Dechunker:
+    """An HTTP/1.1 chunked body, decoded as it comes."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.left = 0  # data bytes left in the current chunk
+        self.skip = 0  # bytes of the CRLF after a chunk's data left to drop
+        self.ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.buffer += data
+        out = bytearray()
+        while not self.ended:
+            if self.left:
+                take = min(self.left, len(self.buffer))
+                out += self.buffer[:take]
+                del self.buffer[:take]
+                self.left -= take
+                if self.left:
+                    break
+                self.skip = 2
+            if self.skip:
+                take = min(self.skip, len(self.buffer))
+                del self.buffer[:take]
+                self.skip -= take
+                if self.skip:
+                    break
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                break
+            size = int(bytes(self.buffer[:end]).split(b";")[0], 16)
+            del self.buffer[:end + 2]
+            if size == 0:
+                self.ended = True
+            self.left = size
+        return bytes(out)
+
+
+SEGMENT = 10**9  # a load's webhooks are numbered from a multiple of it, a segment each
+
+
+class StreamReader:
+    """One subscriber of a smee channel's stream. Webhooks numbered from `first` on are the
+    measured ones (those before warm the server up): for each, when it was sent and first
+    received, and how often it came; its result has their figures by segment (n // SEGMENT),
+    one for each load that numbered its webhooks from another multiple of SEGMENT."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.messages = 0  # message events (webhooks), measured or not
+        self.named: dict[str, int] = {}  # other events (ready, ping, ...) by name
+        self.arrivals: dict[int, list] = {}  # n -> [send time, first receive time, times received]
+        self.ended = ""  # why the stream ended, if it did
+        self.ended_at = None
+
+    def on_event(self, event: bytes, received: float) -> None:
+        name = re.search(rb"^event: ?(.*)$", event, re.MULTILINE)
+        if name is not None and name.group(1).strip() not in (b"", b"message"):
+            key = name.group(1).strip().decode(errors="replace")
+            self.named[key] = self.named.get(key, 0) + 1
+            return
+        if b"data:" not in event:
+            return  # a comment
+        self.messages += 1
+        stamp = _EVENT_STAMP.search(event)
+        if stamp is None:
+            self.named["unreadable message"] = self.named.get("unreadable message", 0) + 1
+            return
+        n = int(stamp.group(1))
+        if n < self.first:
+            return
+        arrival = self.arrivals.setdefault(n, [float(stamp.group(2)), received, 0])
+        arrival[2] += 1
+
+    async def read(self, host: str, port: int, path: str, ready: trio.Event) -> None:
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
+                              "Cache-Control: no-cache\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionError(f"the server closed the stream before answering: {head[:200]!r}")
+            head += data
+        head, rest = head.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(f"not a stream: {head[:300]!r}")
+        dechunker = Dechunker() if re.search(rb"(?im)^transfer-encoding: *chunked", head) else None
+        buffer = b""
+        data = rest
+        while True:
+            received = time.monotonic()
+            buffer += dechunker.feed(data) if dechunker else data
+            *events, buffer = buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+            for event in events:
+                self.on_event(event, received)
+            if not ready.is_set() and self.named.get("ready"):
+                ready.set()
+            if dechunker is not None and dechunker.ended:
+                self.ended = "the server ended the answer (last chunk)"
+                break
+            data = await stream.receive_some(262144)
+            if not data:
+                self.ended = "the server closed the connection"
+                break
+        self.ended_at = time.monotonic()
+        ready.set()
+        await stream.aclose()
+
+    async def run(self, host: str, port: int, path: str) -> None:
+        ready = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.read, host, port, path, ready)
+            await ready.wait()  # the server's "ready" event: subscribed
+            emit(event="ready", ended=self.ended)
+            while (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "count":
+                emit(event="count", messages=self.messages, measured=len(self.arrivals))
+            nursery.cancel_scope.cancel()
+        emit(event="result", **self.result())
+
+    def result(self) -> dict:
+        segments: dict[int, dict[int, list]] = {}
+        for n, arrival in self.arrivals.items():
+            segments.setdefault(n // SEGMENT, {})[n] = arrival
+        return {"messages": self.messages, "named": self.named, "ended": self.ended, "ended_at": self.ended_at,
+                "cpu_seconds": time.process_time(),
+                "segments": {str(segment): self._figures(arrivals) for segment, arrivals in segments.items()}}
+
+    @staticmethod
+    def _figures(arrivals: dict[int, list]) -> dict:
+        ranges: list[list[int]] = []  # the numbers received, as [from, to] runs
+        for n in sorted(arrivals):
+            if ranges and ranges[-1][1] == n - 1:
+                ranges[-1][1] = n
+            else:
+                ranges.append([n, n])
+        return {"webhooks": len(arrivals), "duplicates": sum(arrival[2] - 1 for arrival in arrivals.values()),
+                "latency": percentiles([arrival[1] - arrival[0] for arrival in arrivals.values()]),
+                "first_sent": min(arrival[0] for arrival in arrivals.values()),
+                "last_received": max(arrival[1] for arrival in arrivals.values()), "received": ranges[:10000]}
 
 
 # ---------------------------------------------------------------------------- the ceilings
@@ -396,7 +563,8 @@ async def app() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["subscribers", "load", "http-ceiling", "socket-ceiling", "app"])
+    parser.add_argument("role", choices=["subscribers", "load", "stream-reader", "http-ceiling", "socket-ceiling",
+                                         "app"])
     parser.add_argument("host", nargs="?")
     parser.add_argument("port", nargs="?", type=int)
     parser.add_argument("path", nargs="?", default=f"/v1/webhooks/{INPUT_ID}")
@@ -408,13 +576,17 @@ def main() -> None:
     parser.add_argument("--duration", type=float)
     parser.add_argument("--rate", type=float)
     parser.add_argument("--count", type=int)
+    parser.add_argument("--first", type=int, default=0,
+                        help="load: number webhooks from this; stream-reader: measure those numbered from it")
     args = parser.parse_args()
     if args.role == "subscribers":
         trio.run(Subscribers(args.clients, args.stuck, args.since).run, args.host, args.port, args.ceiling)
     elif args.role == "load" and args.rate:
-        trio.run(open_loop, args.host, args.port, args.path, args.connections, args.rate, args.count)
+        trio.run(open_loop, args.host, args.port, args.path, args.connections, args.rate, args.count, args.first)
     elif args.role == "load":
-        trio.run(closed_loop, args.host, args.port, args.path, args.connections, args.duration)
+        trio.run(closed_loop, args.host, args.port, args.path, args.connections, args.duration, args.first)
+    elif args.role == "stream-reader":
+        trio.run(StreamReader(args.first).run, args.host, args.port, args.path)
     elif args.role == "http-ceiling":
         trio.run(http_ceiling)
     elif args.role == "app":
