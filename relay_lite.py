@@ -1290,6 +1290,9 @@ def _advice(config: Config) -> list[str]:
                      "stable but guessable; give it an id (`relay-lite init` writes random ones)"
                      for bucket in config.buckets for input_ in bucket.inputs
                      if input_.id == _derived_id("input", bucket.id, input_.name)]
+    problems += [f"bucket {bucket.name!r} has a smee channel but no internal output: its streams get nothing (they "
+                 "get what sockets get)" for bucket in config.buckets
+                 if bucket.smee_channel and bucket.outputs and not _streamed_output(bucket)]
     if not config.buckets:
         problems.append("the config has no buckets, so no webhook can come in: add a [[buckets]] table "
                         "(`relay-lite init` writes a config with one)")
@@ -1970,9 +1973,12 @@ class _SmeeWire(_Wire):
     opening = b"event: ready\ndata: {}\n\n"
 
     def webhook(self, entry: _Entry, shared: bool) -> bytes:
+        if entry.output_name != _streamed_output(entry.bucket):
+            return b""
         webhook = entry.webhook
         fields: dict[str, Any] = {name: value.encode().decode("latin-1") if not value.isascii() else value
-                                  for name, value in _smee_headers(webhook).items()}  # see below
+                                  for name, value in _smee_headers(webhook).items()
+                                  if name not in _FETCH_REFUSES}  # see below
         fields["query"] = _smee_query(webhook.query)
         fields["timestamp"] = round(entry.received_at * 1000)
         body = None if webhook.body_encoding else _json_text(webhook.body)
@@ -1996,8 +2002,11 @@ class _GosmeeWire(_Wire):
     opening = b'data: {"message":"ready"}\n\n'
 
     def webhook(self, entry: _Entry, shared: bool) -> bytes:
+        if entry.output_name != _streamed_output(entry.bucket):
+            return b""
         webhook = entry.webhook
-        fields: dict[str, Any] = _smee_headers(webhook)
+        # gosmee's client gives up for good on an event with no header it keeps: one it would take
+        fields: dict[str, Any] = _smee_headers(webhook) or {"content-type": "application/octet-stream"}
         fields["timestamp"] = str(round(entry.received_at * 1000))
         fields["bodyB"] = webhook.body if webhook.body_encoding else base64.b64encode(webhook.body.encode()).decode()
         return _sse_event(_smee_id(entry.id, shared), _encode(fields))
@@ -2009,6 +2018,15 @@ class _GosmeeWire(_Wire):
 
 
 _SMEE_FIELDS = frozenset({"body", "bodyb", "query", "timestamp"})  # an event's own, not a header's
+# headers smee-client's fetch (undici) refuses to send, or to send with their values: the webhook would be lost
+_FETCH_REFUSES = frozenset({"expect", "sec-fetch-mode"})
+
+
+def _streamed_output(bucket: BucketConfig) -> str:
+    """The output whose entries a smee channel streams, one event a webhook: the first internal,
+    enabled one ("" without outputs). A smee client forwards to one target: an event per output
+    would deliver a webhook twice."""
+    return next((output.name for output in bucket.outputs if output.internal and not output.disabled), "")
 
 
 def _smee_headers(webhook: Webhook) -> dict[str, Any]:
@@ -4302,11 +4320,11 @@ class _Credentials:
         return False
 
     def attempt(self, address: str, right: bool) -> None:
-        """Count an attempt of `address` with a credential that is no secret's (a smee channel's
-        name), a failure unless `right`, limited per address as tokens' secrets are."""
-        self._charge(address)
-        if right:
-            self._charge(address, -1.0)
+        """Count a failed attempt of `address`, unless `right`, with a credential that is no
+        secret's (a smee channel's name, which every sender to it knows: a stranger guessing
+        names from a sender's address must not shut that sender out), limited as secrets are."""
+        if not right:
+            self._charge(address)
 
     def _fresh(self, address: str) -> bool:
         """Count an attempt of `address`; whether it is among its first _FRESH_ATTEMPTS in
@@ -4643,7 +4661,8 @@ class _Core:
                 frame = framed.get(session.wire)
                 if frame is None:
                     frame = framed[session.wire] = session.wire.webhook(entry, shared)
-                session.deliver(frame)
+                if frame:  # b"": not for this wire (see _streamed_output)
+                    session.deliver(frame)
             self._metrics.frames[bucket.config.name] += len(bucket.subscribers)
             if any(not session.observer for session in bucket.subscribers):
                 self.sent(entry)
@@ -5314,6 +5333,10 @@ class _Sockets:
         else:
             self.streams.discard(client)
 
+    def streams_from(self, address: str) -> int:
+        """How many streams `address` holds."""
+        return sum(stream.connection.client == address for stream in self.streams)
+
     def everyone(self) -> list["_Outgoing"]:
         """Every socket session and stream open now."""
         return [*self.open, *self.streams]
@@ -5474,6 +5497,9 @@ class _Outgoing:
         entries = core.after(replay.buckets, replay.cursor, int(room))
         for entry in entries:
             frame = core.frame(entry, self.wire)  # a socket's shared with other sessions resuming from here
+            if not frame:  # not for this wire (see _streamed_output)
+                replay.cursor = entry.id
+                continue
             if len(frame) > room_bytes and len(self._outbox):
                 return  # enough queued; this one goes after the next write
             room_bytes -= len(frame)
@@ -5651,8 +5677,70 @@ class _Session(_Outgoing):
             self._resume()
 
 
-_EVENT_STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                      b"X-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\n")
+_EVENT_STREAM_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"),
+                         ("X-Content-Type-Options", "nosniff"))
+
+
+class _RawEvents:
+    """A stream's answer written on the connection itself (its first request, read by the port):
+    chunked for HTTP/1.1, to the connection's end for 1.0."""
+
+    def __init__(self, stream: trio.abc.Stream, chunked: bool) -> None:
+        self._stream, self._chunked = stream, chunked
+
+    async def start(self, progressed: Callable[[], None]) -> None:
+        head = "".join(f"{name}: {value}\r\n" for name, value in _EVENT_STREAM_HEADERS)
+        end = "Transfer-Encoding: chunked" if self._chunked else "Connection: close"
+        await _send(self._stream, f"HTTP/1.1 200 OK\r\n{head}{end}\r\n\r\n".encode(), progressed)
+
+    async def write(self, frames: list[bytes], progressed: Callable[[], None]) -> None:
+        size = sum(map(len, frames))
+        if self._chunked:
+            await self._stream.send_all(b"%x\r\n" % size)
+        for frame in frames:  # each as it is: a frame is shared by every stream (no copy)
+            await _send(self._stream, frame, progressed)
+        if self._chunked:
+            await self._stream.send_all(b"\r\n")
+
+    async def left(self) -> str:
+        """Read what the client sends after its request (usually nothing; dropped) until it leaves."""
+        left = _LINGER_BYTES
+        while left > 0 and (data := await self._stream.receive_some(_READ_SIZE)):
+            left -= len(data)
+        return "the client left" if left > 0 else "the client sent more than a request"
+
+    async def end(self) -> None:
+        if self._chunked:
+            await self._stream.send_all(b"0\r\n\r\n")  # the answer's end: the client reconnects
+
+
+class _AsgiEvents:
+    """A stream's answer through Hypercorn: for a request that came after another on its
+    connection (a client's pool, gosmee's version check; a reverse proxy's)."""
+
+    def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]],
+                 send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._receive, self._send = receive, send
+
+    async def start(self, progressed: Callable[[], None]) -> None:
+        await self._send({"type": "http.response.start", "status": 200, "headers": [
+            (name.lower().encode(), value.encode()) for name, value in _EVENT_STREAM_HEADERS]})
+
+    async def write(self, frames: list[bytes], progressed: Callable[[], None]) -> None:
+        for frame in frames:
+            view = memoryview(frame)
+            for start in range(0, len(frame), _WRITE_STEP):
+                await self._send({"type": "http.response.body", "body": bytes(view[start:start + _WRITE_STEP]),
+                                  "more_body": True})
+                progressed()
+
+    async def left(self) -> str:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        return "the client left"
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _EventStream(_Outgoing):
@@ -5662,20 +5750,23 @@ class _EventStream(_Outgoing):
     events of its wire, after its Last-Event-ID first, if it sent one; and the wire's pings.
 
     Its nursery holds a reader, which only notices the client leaving, and, in its body, the
-    writer, which writes the answer's head, then the outbox's frames, each write a chunk.
+    writer, which writes the answer's head, then the outbox's frames. The answer is written on
+    the connection (_RawEvents) or through Hypercorn (_AsgiEvents).
     """
 
-    def __init__(self, services: _Services, sockets: _Sockets, stream: trio.abc.Stream, connection: "_Connection",
-                 bucket: _Bucket, channel: str, wire: _Wire, chunked: bool) -> None:
+    def __init__(self, services: _Services, sockets: _Sockets, answer: "_RawEvents | _AsgiEvents",
+                 connection: "_Connection", bucket: _Bucket, channel: str, wire: _Wire) -> None:
         super().__init__(services, sockets, connection, wire)
-        self._stream = stream
+        self._answer = answer
         self.bucket = bucket
         self.channel = channel  # its name: a reload that renames it ends the stream
-        self._chunked = chunked  # HTTP/1.1: chunked; 1.0: the body ends when the connection does
 
     async def _send(self, frames: list[bytes]) -> None:
-        data = b"".join(frames)
-        await _send(self._stream, b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data, self._progressed)
+        await self._answer.write(frames, self._progressed)
+
+    def stalled(self, timeout: float) -> None:
+        super().stalled(timeout)
+        self._connection.end(CLOSE_POLICY, "too slow")  # Hypercorn's writes are shielded: end the connection
 
     async def run(self, last_event_id: str) -> None:
         """Serve the client until it leaves or close() is called."""
@@ -5685,20 +5776,22 @@ class _EventStream(_Outgoing):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._notice_leaving)
                 self._writing = True
-                await _send(self._stream, _EVENT_STREAM_HEAD + (b"Transfer-Encoding: chunked\r\n\r\n" if self._chunked
-                                                               else b"Connection: close\r\n\r\n"), self._progressed)
+                await self._answer.start(self._progressed)
                 self._writing = False
                 await self._write_queued()
                 nursery.cancel_scope.cancel()
-        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client went away; nothing to tell it
         finally:
             self._sockets.ended(self)
             self._core.unsubscribe(self, self.buckets)
-            if self._chunked and not self._writing and not self._connection.scope.cancel_called:
+            if not self._writing and not self._connection.scope.cancel_called:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_AT_ONCE):
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await self._stream.send_all(b"0\r\n\r\n")  # the answer's end: the client reconnects
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        await self._answer.end()
+
+    async def _notice_leaving(self) -> None:
+        self.close(1000, await self._answer.left(), drain=False)
 
     def _start(self, last_event_id: str) -> None:
         """Subscribe to the bucket; from after `last_event_id` first, if it names a place in the log."""
@@ -5715,12 +5808,6 @@ class _EventStream(_Outgoing):
         self._replay = _Replay((self.bucket,), place[1], place[1])
         self._resume()
 
-    async def _notice_leaving(self) -> None:
-        """Read what the client sends after its request (usually nothing; dropped) until it leaves."""
-        left = _LINGER_BYTES
-        while left > 0 and (data := await self._stream.receive_some(_READ_SIZE)):
-            left -= len(data)
-        self.close(1000, "the client left" if left > 0 else "the client sent more than a request", drain=False)
 
 
 # ---- HTTP routes (Quart-Trio) ----------------------------------------------------------------
@@ -6501,17 +6588,24 @@ def _is_socket_upgrade(head: bytes) -> bool:
 
 
 def _event_stream_request(head: bytes) -> tuple[_Wire, str] | None:
+    """For a request head asking for a smee channel's stream, its wire and the channel's name (see _event_stream_of)."""
+    parts = head.partition(b"\r\n")[0].split(b" ")
+    if len(parts) != 3:
+        return None
+    return _event_stream_of(parts[0].decode("latin-1"), parts[1].decode("latin-1"), _head_values(head, b"accept"))
+
+
+def _event_stream_of(method: str, target: str, accepts: Iterable[str]) -> tuple[_Wire, str] | None:
     """For a request for a smee channel's stream, its wire and the channel's name: `GET
     /smee/<name>` that accepts text/event-stream (smee-client), or `GET /smee/events/<name>`
     (gosmee's client); else None."""
-    parts = head.partition(b"\r\n")[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET" or not parts[1].startswith(SMEE_PREFIX.encode()):
+    if method != "GET" or not target.startswith(SMEE_PREFIX):
         return None
-    path = parts[1].partition(b"?")[0].decode("latin-1")
+    path = target.partition("?")[0]
     wire: _Wire
     if path.startswith(SMEE_EVENTS_PREFIX):
         wire, name = _GOSMEE_WIRE, path[len(SMEE_EVENTS_PREFIX):]
-    elif any("text/event-stream" in value.lower() for value in _head_values(head, b"accept")):
+    elif any("text/event-stream" in value.lower() for value in accepts):
         wire, name = _SMEE_WIRE, path[len(SMEE_PREFIX):]
     else:
         return None  # a webhook sent with GET
@@ -6717,6 +6811,16 @@ class _Port:
             if self._loopback_only and _from_beyond([head.host], bool(head.forwarded_for) or head.forwarded):
                 await _refuse(receive, send, scope, 421, _FROM_BEYOND)
                 return
+            accepts = [value.decode("latin-1") for name, value in scope["headers"] if name == b"accept"]
+            if (events := _event_stream_of(scope["method"], _text(scope["raw_path"]), accepts)) is not None:
+                bucket, (status, _, why, headers) = self._channel_for(connection, _host_name(head.host), events[1])
+                if bucket is None:
+                    await _refuse(receive, send, scope, status, why, headers)
+                else:  # not its connection's first request, so Hypercorn's to answer
+                    since = next((value.decode("latin-1") for name, value in reversed(scope["headers"])
+                                  if name == b"last-event-id"), "")
+                    await self._stream_events(_AsgiEvents(receive, send), connection, bucket, events[1], events[0], since)
+                return
             body = await self._receive_body(connection, scope, receive, send, head.length, deadline, inflow)
             if body is None:
                 return
@@ -6882,34 +6986,47 @@ class _Port:
             return None
         return tls
 
+    def _channel_for(self, connection: _Connection, host: str, name: str) -> tuple[
+            _Bucket | None, tuple[int, str, str, tuple[tuple[str, str], ...]]]:
+        """The bucket whose smee channel a stream request names; else None and the refusal
+        (status, phrase, why, headers): not on the inspector's host name, not a channel's name,
+        and no more streams from one address than max_pending_per_ip."""
+        services = self._services
+        if services.config.inspector.host and host == services.config.inspector.host:
+            return None, (404, "Not Found", "smee channels are not served on the inspector's host name", ())
+        try:
+            found = services.find_channel(connection.client, name)
+        except TooManyFailures as error:
+            return None, (429, "Too Many Requests", str(error), (("Retry-After", str(math.ceil(error.wait))),))
+        if found is None:
+            return None, (404, "Not Found", "no such smee channel", ())
+        most = services.config.server.max_pending_per_ip
+        if self._sockets.streams_from(connection.client) >= typing.cast(int, most):
+            services.throttle.warning("streams", "refused a smee stream to %s: it holds %d (max_pending_per_ip)",
+                                      connection.client, most)
+            return None, (429, "Too Many Requests", f"this address holds {most} smee streams already",
+                          (("Retry-After", str(_BODY_RETRY_AFTER)),))
+        return found[0], (200, "OK", "", ())
+
     async def _serve_events(self, stream: trio.abc.Stream, raw: trio.SocketStream, connection: _Connection,
                             head: bytes, wire: _Wire, name: str) -> None:
-        """Serve a smee channel's stream on `stream` (`raw`, or TLS over it; its request's `head`
-        read whole), if the request names a channel and may have it (see _EventStream)."""
-        services = self._services
-        request_line = head.partition(b"\r\n")[0]
-        host = _host_name((_head_values(head, b"host") or [""])[0])
-        answer: bytes | None = None
-        found = None
+        """Serve a smee channel's stream asked for by a connection's first request, on `stream`
+        (`raw`, or TLS over it; the request's `head` read whole), if it may have it."""
         if b"\r\n\r\n" not in head:
-            answer = _raw_answer(431, "Request Header Fields Too Large", "the request's head is too large")
-        elif services.config.inspector.host and host == services.config.inspector.host:
-            answer = _raw_answer(404, "Not Found", "smee channels are not served on the inspector's host name")
-        else:
-            try:
-                found = services.find_channel(connection.client, name)
-            except TooManyFailures as error:
-                answer = _raw_answer(429, "Too Many Requests", str(error), (("Retry-After", str(math.ceil(error.wait))),))
-            if found is None and answer is None:
-                answer = _raw_answer(404, "Not Found", "no such smee channel")
-        if found is None:
-            await stream.send_all(answer or b"")
+            await stream.send_all(_raw_answer(431, "Request Header Fields Too Large", "the request's head is too large"))
             return
-        bucket = found[0]
-        since = (_head_values(head, b"last-event-id") or [""])[-1]
-        client = _EventStream(services, self._sockets, stream, connection, bucket, name, wire,
-                              chunked=request_line.endswith(b"HTTP/1.1"))
+        bucket, (status, phrase, why, headers) = self._channel_for(
+            connection, _host_name((_head_values(head, b"host") or [""])[0]), name)
+        if bucket is None:
+            await stream.send_all(_raw_answer(status, phrase, why, headers))
+            return
         raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)  # see _serve_socket
+        answer = _RawEvents(stream, chunked=head.partition(b"\r\n")[0].endswith(b"HTTP/1.1"))
+        await self._stream_events(answer, connection, bucket, name, wire, (_head_values(head, b"last-event-id") or [""])[-1])
+
+    async def _stream_events(self, answer: "_RawEvents | _AsgiEvents", connection: _Connection, bucket: _Bucket,
+                             name: str, wire: _Wire, since: str) -> None:
+        client = _EventStream(self._services, self._sockets, answer, connection, bucket, name, wire)
         self._sockets.started(client)
         try:
             await client.run(since)

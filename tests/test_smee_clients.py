@@ -53,17 +53,6 @@ def config():
     return smee_config()
 
 
-@pytest.fixture
-async def gosmee_relay():
-    """A relay for gosmee that closes an idle kept-alive connection after 1.5 s (idle_timeout and
-    its 1 s grace), not 6: gosmee sends its stream request on the connection its GET /version left
-    open, which the relay serves as HTTP (404; see the xfail test at the end), and retries 1 s
-    later on it (404 again), then 2 s later on a new one, which works: connected in ~3 s. With
-    the default idle_timeout each 404 keeps the connection 6 s more: connected after ~15 s."""
-    async with relay_lite.open_relay(smee_config(idle_timeout=0.5)) as relay:
-        yield relay
-
-
 def client_env(**extra: str) -> dict[str, str]:
     """The environment without proxies: smee-client's undici (EnvHttpProxyAgent) would send even
     127.0.0.1's traffic to one."""
@@ -227,8 +216,7 @@ async def test_smee_client_forwards_the_json_the_query_and_the_senders_headers_p
 
 
 @needs_gosmee
-async def test_gosmee_forwards_a_form_body_that_is_not_utf8_byte_for_byte(gosmee_relay, tmp_path):
-    relay = gosmee_relay
+async def test_gosmee_forwards_a_form_body_that_is_not_utf8_byte_for_byte(relay, tmp_path):
     form = b"payload=\xff\xfe%20x&n=1"
     async with running_app() as app:
         gosmee = await start_gosmee(relay, app, "--resume-state-file", str(tmp_path / "state"))
@@ -245,8 +233,8 @@ async def test_gosmee_forwards_a_form_body_that_is_not_utf8_byte_for_byte(gosmee
 
 
 @needs_gosmee
-async def test_gosmee_resumes_after_its_own_restart_with_what_it_missed_once_each_in_order(gosmee_relay, tmp_path):
-    relay, state = gosmee_relay, tmp_path / "state"
+async def test_gosmee_resumes_after_its_own_restart_with_what_it_missed_once_each_in_order(relay, tmp_path):
+    state = tmp_path / "state"
     first, missed, live = b"n=0", [b"n=1&missed=\xff", b"n=2&missed=yes", b"n=3&missed=%20"], b"n=4&live=1"
     headers = [("Content-Type", FORM_TYPE), ("X-GitHub-Event", "push")]
     async with running_app() as app:
@@ -282,12 +270,10 @@ async def test_gosmee_resumes_after_its_own_restart_with_what_it_missed_once_eac
 
 
 @needs_gosmee
-@pytest.mark.xfail(strict=True, reason=(
-    "relay-side: the relay routes a connection by its first request only, so gosmee's stream request "
-    "sent on the kept-alive connection of its GET /version is served as HTTP: 404 'no such smee channel', "
-    "counted as a failed channel guess; gosmee retries at 1, 2 and 4 s on that connection and connects "
-    "after ~15 s, and three starts within a minute lock its address out (429)"))
 async def test_gosmee_connects_on_its_first_stream_request(relay):
+    """Its stream request goes on the kept-alive connection of its GET /version: Hypercorn's
+    second request, served as a stream all the same (it was a 404, a failed guess, and gosmee
+    connected after ~15 s)."""
     async with running_app() as app:
         gosmee = await start_gosmee(relay, app)
         try:
