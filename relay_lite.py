@@ -970,6 +970,13 @@ def _channel_input(bucket: BucketConfig) -> InputConfig | None:
     return named or InputConfig(id=_derived_id("smee", bucket.id), name=SMEE_INPUT_NAME)
 
 
+def _streamed_output(bucket: BucketConfig) -> str:
+    """The output whose entries a smee channel streams, one event a webhook: the first internal,
+    enabled one ("" without outputs). A smee client forwards to one target: an event per output
+    would deliver a webhook twice."""
+    return next((output.name for output in bucket.outputs if output.internal and not output.disabled), "")
+
+
 def _check_tokens(tokens: tuple[TokenConfig, ...], bucket_refs: Mapping[str, str], reachable: bool) -> None:
     keys: dict[str, str] = {}
     secrets_seen: dict[str, str] = {}
@@ -2020,13 +2027,6 @@ class _GosmeeWire(_Wire):
 _SMEE_FIELDS = frozenset({"body", "bodyb", "query", "timestamp"})  # an event's own, not a header's
 # headers smee-client's fetch (undici) refuses to send, or to send with their values: the webhook would be lost
 _FETCH_REFUSES = frozenset({"expect", "sec-fetch-mode"})
-
-
-def _streamed_output(bucket: BucketConfig) -> str:
-    """The output whose entries a smee channel streams, one event a webhook: the first internal,
-    enabled one ("" without outputs). A smee client forwards to one target: an event per output
-    would deliver a webhook twice."""
-    return next((output.name for output in bucket.outputs if output.internal and not output.disabled), "")
 
 
 def _smee_headers(webhook: Webhook) -> dict[str, Any]:
