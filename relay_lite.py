@@ -5772,6 +5772,8 @@ class _EventStream(_Outgoing):
         """Serve the client until it leaves or close() is called."""
         self.deliver(self.wire.opening)
         self._start(last_event_id)
+        if self._services.stopping.is_set():  # too late for the shutdown's closing of every stream
+            self.close(CLOSE_GOING_AWAY, "server shutting down")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._notice_leaving)
