@@ -1966,7 +1966,20 @@ class _Wire:
 _SOCKET_WIRE = _Wire()
 
 
-class _SmeeWire(_Wire):
+class _EventWire(_Wire):
+    """A smee channel's stream (text/event-stream): an event a webhook (see _streamed_output), its
+    id the webhook's place in the log (see _smee_id), its data the client's own fields."""
+
+    def webhook(self, entry: _Entry, shared: bool) -> bytes:
+        if entry.output_name != _streamed_output(entry.bucket):
+            return b""
+        return _sse_event(_smee_id(entry.id, shared), self.data(entry))
+
+    def data(self, entry: _Entry) -> str:
+        raise NotImplementedError
+
+
+class _SmeeWire(_EventWire):
     """A smee channel's stream as smee.io writes it, for smee-client: a "ready" event, "ping"
     events, and a message per webhook: its headers (lower-cased), `body` (the JSON itself when it
     is JSON), `query` and `timestamp`. Named events other than messages are ones smee-client
@@ -1979,9 +1992,7 @@ class _SmeeWire(_Wire):
     ping = b"event: ping\ndata: {}\n\n"
     opening = b"event: ready\ndata: {}\n\n"
 
-    def webhook(self, entry: _Entry, shared: bool) -> bytes:
-        if entry.output_name != _streamed_output(entry.bucket):
-            return b""
+    def data(self, entry: _Entry) -> str:
         webhook = entry.webhook
         fields: dict[str, Any] = {name: value.encode().decode("latin-1") if not value.isascii() else value
                                   for name, value in _smee_headers(webhook).items()
@@ -1991,14 +2002,14 @@ class _SmeeWire(_Wire):
         body = None if webhook.body_encoding else _json_text(webhook.body)
         if body is None:  # smee-client can carry JSON only: text goes as a JSON string (base64 if not UTF-8)
             fields["body"] = webhook.body or {}
-            return _sse_event(_smee_id(entry.id, shared), _encode(fields))
-        return _sse_event(_smee_id(entry.id, shared), _encode(fields)[:-1] + ',"body":' + body + "}")
+            return _encode(fields)
+        return _encode(fields)[:-1] + ',"body":' + body + "}"
 
     def status(self, status: str, message: str) -> bytes:
         return _sse_event("", _encode({"message": message}), status) if status == "history_gap" else b""
 
 
-class _GosmeeWire(_Wire):
+class _GosmeeWire(_EventWire):
     """A channel's stream as gosmee's server writes it, for gosmee's client: "ready" and
     comments to keep it alive as control, a message per webhook with its headers, `timestamp`
     and the body, byte for byte, in `bodyB`; and the "gosmee-gap" event where history is gone.
@@ -2008,15 +2019,13 @@ class _GosmeeWire(_Wire):
     ping = b": keepalive\n\n"
     opening = b'data: {"message":"ready"}\n\n'
 
-    def webhook(self, entry: _Entry, shared: bool) -> bytes:
-        if entry.output_name != _streamed_output(entry.bucket):
-            return b""
+    def data(self, entry: _Entry) -> str:
         webhook = entry.webhook
         # gosmee's client gives up for good on an event with no header it keeps: one it would take
         fields: dict[str, Any] = _smee_headers(webhook) or {"content-type": "application/octet-stream"}
         fields["timestamp"] = str(round(entry.received_at * 1000))
         fields["bodyB"] = webhook.body if webhook.body_encoding else base64.b64encode(webhook.body.encode()).decode()
-        return _sse_event(_smee_id(entry.id, shared), _encode(fields))
+        return _encode(fields)
 
     def status(self, status: str, message: str) -> bytes:
         if status != "history_gap":
@@ -5075,14 +5084,16 @@ async def _websocket_handshake(nursery: trio.Nursery, stream: trio.abc.Stream) -
     return typing.cast(_WebSocket, await request.accept())
 
 
-async def _send(stream: trio.abc.SendStream, data: bytes, progressed: Callable[[], None]) -> None:
-    """`stream.send_all(data)`, _WRITE_STEP bytes at a time, calling `progressed` after each."""
+async def _send(send_all: Callable[[bytes | memoryview], Awaitable[None]], data: bytes,
+                progressed: Callable[[], None]) -> None:
+    """`send_all(data)` (a stream's, or what writes an ASGI answer's body), _WRITE_STEP bytes at
+    a time, calling `progressed` after each."""
     if len(data) <= _WRITE_STEP:
-        await stream.send_all(data)
+        await send_all(data)
     else:
         view = memoryview(data)
         for start in range(0, len(data), _WRITE_STEP):
-            await stream.send_all(view[start:start + _WRITE_STEP])
+            await send_all(view[start:start + _WRITE_STEP])
             progressed()
 
 
@@ -5121,11 +5132,11 @@ async def _write(ws: trio_websocket.WebSocketConnection, frames: list[bytes], pr
                 small.append(frame)
                 continue
             if small:
-                await _send(ws._stream, b"".join(small), progressed)
+                await _send(ws._stream.send_all, b"".join(small), progressed)
                 small = []
-            await _send(ws._stream, frame, progressed)
+            await _send(ws._stream.send_all, frame, progressed)
         if small:
-            await _send(ws._stream, small[0] if len(small) == 1 else b"".join(small), progressed)
+            await _send(ws._stream.send_all, small[0] if len(small) == 1 else b"".join(small), progressed)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await ws._abort_web_socket()
         raise trio_websocket.ConnectionClosed(ws._close_reason) from None
@@ -5691,14 +5702,14 @@ class _RawEvents:
     async def start(self, progressed: Callable[[], None]) -> None:
         head = "".join(f"{name}: {value}\r\n" for name, value in _EVENT_STREAM_HEADERS)
         end = "Transfer-Encoding: chunked" if self._chunked else "Connection: close"
-        await _send(self._stream, f"HTTP/1.1 200 OK\r\n{head}{end}\r\n\r\n".encode(), progressed)
+        await _send(self._stream.send_all, f"HTTP/1.1 200 OK\r\n{head}{end}\r\n\r\n".encode(), progressed)
 
     async def write(self, frames: list[bytes], progressed: Callable[[], None]) -> None:
         size = sum(map(len, frames))
         if self._chunked:
             await self._stream.send_all(b"%x\r\n" % size)
         for frame in frames:  # each as it is: a frame is shared by every stream (no copy)
-            await _send(self._stream, frame, progressed)
+            await _send(self._stream.send_all, frame, progressed)
         if self._chunked:
             await self._stream.send_all(b"\r\n")
 
@@ -5728,11 +5739,10 @@ class _AsgiEvents:
 
     async def write(self, frames: list[bytes], progressed: Callable[[], None]) -> None:
         for frame in frames:
-            view = memoryview(frame)
-            for start in range(0, len(frame), _WRITE_STEP):
-                await self._send({"type": "http.response.body", "body": bytes(view[start:start + _WRITE_STEP]),
-                                  "more_body": True})
-                progressed()
+            await _send(self._body, frame, progressed)
+
+    async def _body(self, data: bytes | memoryview) -> None:
+        await self._send({"type": "http.response.body", "body": bytes(data), "more_body": True})
 
     async def left(self) -> str:
         while (await self._receive())["type"] != "http.disconnect":
